@@ -1,0 +1,117 @@
+"""Shared plumbing of the benchmarks: environment description, timing, CSV rows.
+
+Every benchmark appends one CSV row per measurement with the device, the library versions, the
+date and the git commit, so numbers from different machines and days can be compared as data.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+CSV_FIELDS = [
+    "date", "commit", "device", "torch", "triton", "cuda", "benchmark", "case", "variant",
+    "pass", "median_ms", "p20_ms", "p80_ms", "throughput", "unit", "peak_mem_mb", "note",
+]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+            text=True, cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name(device: str | torch.device = "cuda") -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {cpu} ({torch.get_num_threads()} threads)"
+
+
+def environment(device: str | torch.device = "cuda") -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": git_commit(),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "none",
+    }
+
+
+def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Append ``rows`` (dicts keyed by :data:`CSV_FIELDS`) to the CSV at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="raise")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+
+
+def cuda_timing(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn()`` on the current CUDA device (events)."""
+    from triton.testing import do_bench
+
+    med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return med, p20, p80
+
+
+def cpu_timing(fn, *, repeats: int = 5, warmup: int = 1) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn()`` by wall clock (for CPU benchmarks)."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    t = torch.tensor(times, dtype=torch.float64)
+    return (float(t.median()), float(t.quantile(0.2)), float(t.quantile(0.8)))
+
+
+def peak_memory_mb(fn, device: str | torch.device = "cuda") -> float:
+    """Peak CUDA memory allocated while running ``fn()`` once, in MiB (0 on CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20

@@ -1,0 +1,56 @@
+"""The ``SSLAM_KERNELS`` switch: decide whether a call runs a Triton kernel or its reference.
+
+``SSLAM_KERNELS`` (environment variable):
+
+* unset or ``auto`` -- kernels for CUDA tensors when Triton is importable, references otherwise;
+* ``1`` -- always the kernels (on CPU tensors this needs ``TRITON_INTERPRET=1``, the Triton
+  interpreter, which is how the test-suite checks every kernel without a GPU);
+* ``0`` -- always the PyTorch references.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_VALUES = ("", "auto", "0", "1")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def mode() -> str:
+    value = os.environ.get("SSLAM_KERNELS", "auto").strip().lower()
+    if value not in _VALUES:
+        raise ValueError(f"SSLAM_KERNELS={value!r}: expected one of 'auto', '0' or '1'")
+    return value or "auto"
+
+
+def use_kernels(*tensors: torch.Tensor) -> bool:
+    """Whether an op given ``tensors`` should take its Triton path (see the module docstring)."""
+    value = mode()
+    if value == "0":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    if value == "1":
+        if not triton_available():
+            raise RuntimeError("SSLAM_KERNELS=1 but Triton is not installed")
+        if not on_cuda and not interpreting():
+            raise RuntimeError(
+                "SSLAM_KERNELS=1 with CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
+            )
+        return True
+    return on_cuda and triton_available()

@@ -1,0 +1,47 @@
+"""Shared fixtures: golden data of the official implementation, devices, seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+
+
+def load_golden(name: str):
+    """Load ``tests/data/golden/<name>`` (plain tensors and dicts; safe to load)."""
+    return torch.load(GOLDEN / name, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def golden_fbank():
+    return load_golden("fbank.pt")
+
+
+@pytest.fixture(scope="session")
+def golden_tiny_out():
+    return load_golden("tiny_out.pt")
+
+
+@pytest.fixture(scope="session")
+def golden_masked_forward():
+    return load_golden("masked_forward.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_path() -> Path:
+    return GOLDEN / "tiny_ckpt.pt"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
