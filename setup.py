@@ -41,10 +41,13 @@ def native_extensions():
     except ImportError:
         print("WARNING: pybind11 is not installed; sslam._native will not be built.", file=sys.stderr)
         return []
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    if not sources:
+        return []
     return [
         Pybind11Extension(
             "sslam._native",
-            sources=sorted(glob.glob("csrc/*.cpp")),
+            sources=sources,
             cxx_std=17,
             extra_compile_args=["-O3"],
         )

@@ -1,0 +1,275 @@
+"""The official input pipeline (SPEC section 1.1), batched: waveform -> normalised log-mel.
+
+Chain, per clip: resample to 16 kHz -> subtract the waveform mean -> Kaldi fbank (25 ms Hann
+frames every 10 ms, pre-emphasis 0.97, per-frame DC removal, 512-point power spectrum, 128 Kaldi
+mel bins from 20 Hz to 8 kHz, natural log floored at float32 epsilon) -> zero-pad in the log
+domain or crop to ``target_length`` frames -> ``(x - mean) / (2 * std)``.
+
+Everything here is plain PyTorch on any device; clips of different lengths share one call and
+each clip's result equals what ``torchaudio.compliance.kaldi.fbank`` gives for it alone. The
+fused Triton version of the same chain is :func:`sslam.kernels.fbank_patch`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .audio import AudioError
+from .resample import resample
+
+SAMPLE_RATE = 16000
+FRAME_LENGTH = 400  # 25 ms at 16 kHz
+FRAME_SHIFT = 160  # 10 ms
+FFT_SIZE = 512  # the frame length rounded up to a power of two
+NUM_MEL_BINS = 128
+LOW_FREQ = 20.0
+HIGH_FREQ = SAMPLE_RATE / 2
+PREEMPHASIS = 0.97
+LOG_FLOOR = torch.finfo(torch.float32).eps  # Kaldi floors mel energies at float epsilon
+PATCH = 16
+
+# (mean, std) of the log-mel features of each dataset, on the [-1, 1] waveform scale.
+NORM_STATS: dict[str, tuple[float, float]] = {
+    "audioset": (-4.268, 4.569),
+    "esc50": (-6.627, 5.359),
+    "spcv2": (-6.846, 5.565),
+    "spass": (-5.275, 3.268),
+}
+
+Norm = str | tuple[float, float] | None
+
+
+def norm_stats(norm: Norm) -> tuple[float, float] | None:
+    """Resolve a normalisation preset name, a custom ``(mean, std)`` pair, or ``None``."""
+    if norm is None:
+        return None
+    if isinstance(norm, str):
+        try:
+            return NORM_STATS[norm]
+        except KeyError:
+            raise ValueError(
+                f"norm={norm!r}: unknown preset; choose one of {sorted(NORM_STATS)} "
+                "or pass a (mean, std) pair"
+            ) from None
+    mean, std = (float(v) for v in norm)
+    if not std > 0 or not math.isfinite(mean) or not math.isfinite(std):
+        raise ValueError(f"norm=({mean}, {std}): std must be positive and both finite")
+    return mean, std
+
+
+def num_frames(num_samples: int | torch.Tensor) -> int | torch.Tensor:
+    """Kaldi frame count with ``snip_edges=True``: 1 + (N - 400) // 160 (0 if N < 400)."""
+    if isinstance(num_samples, torch.Tensor):
+        return torch.where(
+            num_samples >= FRAME_LENGTH, 1 + (num_samples - FRAME_LENGTH) // FRAME_SHIFT, 0
+        )
+    return 0 if num_samples < FRAME_LENGTH else 1 + (num_samples - FRAME_LENGTH) // FRAME_SHIFT
+
+
+def _kaldi_mel(freq: torch.Tensor) -> torch.Tensor:
+    return 1127.0 * torch.log1p(freq / 700.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_banks_cpu() -> torch.Tensor:
+    # Triangles spaced evenly on the Kaldi mel scale between 20 Hz and Nyquist; computed in
+    # float64 once. The Nyquist bin of the 257-bin spectrum gets weight 0, as in Kaldi.
+    fft_bin_hz = SAMPLE_RATE / FFT_SIZE
+    mel = _kaldi_mel(fft_bin_hz * torch.arange(FFT_SIZE // 2, dtype=torch.float64))
+    lo, hi = _kaldi_mel(torch.tensor(LOW_FREQ, dtype=torch.float64)), _kaldi_mel(
+        torch.tensor(HIGH_FREQ, dtype=torch.float64)
+    )
+    delta = (hi - lo) / (NUM_MEL_BINS + 1)
+    left = lo + delta * torch.arange(NUM_MEL_BINS, dtype=torch.float64)[:, None]
+    centre, right = left + delta, left + 2 * delta
+    up = (mel - left) / (centre - left)
+    down = (right - mel) / (right - centre)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0)
+    return F.pad(banks, (0, 1)).to(torch.float32)  # (128, 257)
+
+
+def mel_banks(device: torch.device | str = "cpu") -> torch.Tensor:
+    """Kaldi mel filterbank, float32 ``(128, 257)``: rows are mel bins, columns FFT bins."""
+    return _mel_banks_cpu().to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _window_cpu() -> torch.Tensor:
+    return torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float32)
+
+
+def frame_window(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The symmetric Hann window Kaldi calls 'hanning', float32 ``(400,)``."""
+    return _window_cpu().to(device)
+
+
+def _as_batch(
+    waveforms: torch.Tensor | np.ndarray | Sequence, lengths: torch.Tensor | Sequence[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack one clip, a list of clips or a (B, N) tensor into (B, N_max) float32 + lengths (B,)."""
+    if isinstance(waveforms, np.ndarray):
+        waveforms = torch.from_numpy(waveforms)
+    if isinstance(waveforms, torch.Tensor):
+        if waveforms.dim() == 1:
+            waveforms = waveforms[None]
+        if waveforms.dim() != 2:
+            raise ValueError(
+                f"waveforms: expected a 1-D clip or a (batch, samples) tensor, got shape "
+                f"{tuple(waveforms.shape)}"
+            )
+        batch = waveforms.to(torch.float32)
+        if lengths is None:
+            lens = torch.full((batch.shape[0],), batch.shape[1], dtype=torch.long)
+        else:
+            lens = torch.as_tensor(lengths, dtype=torch.long).cpu()
+            if lens.shape != (batch.shape[0],) or (lens < 0).any() or (lens > batch.shape[1]).any():
+                raise ValueError(
+                    f"lengths: expected {batch.shape[0]} values in [0, {batch.shape[1]}], "
+                    f"got {lens.tolist()}"
+                )
+        return batch, lens.to(batch.device)
+    clips = [torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w) for w in waveforms]
+    if not clips:
+        raise ValueError("waveforms: empty list")
+    for i, clip in enumerate(clips):
+        if clip.dim() != 1:
+            raise ValueError(f"waveforms[{i}]: expected a 1-D clip, got shape {tuple(clip.shape)}")
+    if lengths is not None:
+        raise ValueError("lengths: only meaningful with a padded (batch, samples) tensor")
+    lens = torch.tensor([c.numel() for c in clips], dtype=torch.long)
+    batch = torch.zeros(len(clips), int(lens.max()), dtype=torch.float32, device=clips[0].device)
+    for i, clip in enumerate(clips):
+        batch[i, : clip.numel()] = clip.to(batch)
+    return batch, lens.to(batch.device)
+
+
+def remove_dc(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Subtract each clip's mean over its own samples; padding stays zero. (B, N) -> (B, N)."""
+    valid = torch.arange(waveforms.shape[1], device=waveforms.device) < lengths[:, None]
+    total = torch.where(valid, waveforms, 0).sum(dim=1, keepdim=True)
+    mean = total / lengths.clamp(min=1)[:, None].to(waveforms.dtype)
+    return torch.where(valid, waveforms - mean, 0)
+
+
+def fbank(
+    waveforms: torch.Tensor, lengths: torch.Tensor | None = None, max_frames: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kaldi log-mel filterbank of 16 kHz clips, as ``torchaudio.compliance.kaldi.fbank`` with
+    the official arguments (SPEC 1.1), for a batch.
+
+    Args:
+        waveforms: (B, N) float32, 16 kHz, already mean-removed if the official chain is wanted.
+        lengths: (B,) number of valid samples per clip (default: all N).
+        max_frames: compute at most this many frames per clip (later ones would be cropped).
+
+    Returns:
+        features (B, F, 128) float32 with F = max frames over the batch (rows past a clip's own
+        frame count are 0), and frames (B,) int64, each clip's own frame count.
+    """
+    batch, n = waveforms.shape
+    if lengths is None:
+        lengths = torch.full((batch,), n, dtype=torch.long, device=waveforms.device)
+    frames = num_frames(lengths)
+    n_out = num_frames(n)
+    if max_frames is not None:
+        n_out = min(n_out, max_frames)
+        frames = frames.clamp(max=max_frames)
+    if n_out == 0:
+        return waveforms.new_zeros(batch, 0, NUM_MEL_BINS), frames
+    used = (n_out - 1) * FRAME_SHIFT + FRAME_LENGTH
+    x = waveforms[:, :used].unfold(1, FRAME_LENGTH, FRAME_SHIFT)  # (B, F, 400), a view
+    x = x - x.mean(dim=-1, keepdim=True)
+    # Pre-emphasis with the first sample repeated (Kaldi): y[0] = x[0] - 0.97 x[0].
+    previous = torch.cat([x[..., :1], x[..., :-1]], dim=-1)
+    x = (x - PREEMPHASIS * previous) * frame_window(x.device)
+    power = torch.fft.rfft(x, n=FFT_SIZE).abs().pow(2)  # (B, F, 257)
+    mel = torch.matmul(power, mel_banks(x.device).T)  # (B, F, 128)
+    logmel = mel.clamp(min=LOG_FLOOR).log()
+    valid = torch.arange(n_out, device=x.device) < frames[:, None]
+    return torch.where(valid[..., None], logmel, 0), frames
+
+
+def pad_or_crop(features: torch.Tensor, target_length: int) -> torch.Tensor:
+    """Zero-pad at the end (log domain) or keep the first ``target_length`` frames.
+    (B, F, C) -> (B, target_length, C)."""
+    have = features.shape[1]
+    if have >= target_length:
+        return features[:, :target_length]
+    return F.pad(features, (0, 0, 0, target_length - have))
+
+
+def normalize(features: torch.Tensor, norm: Norm = "audioset") -> torch.Tensor:
+    """``(x - mean) / (2 * std)`` with a preset name or a ``(mean, std)`` pair; None = identity."""
+    stats = norm_stats(norm)
+    if stats is None:
+        return features
+    mean, std = stats
+    return (features - mean) / (2 * std)
+
+
+def preprocess(
+    waveforms: torch.Tensor | np.ndarray | Sequence,
+    sample_rate: int = SAMPLE_RATE,
+    target_length: int = 1024,
+    norm: Norm = "audioset",
+    *,
+    lengths: torch.Tensor | Sequence[int] | None = None,
+    return_frames: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The official model input for a batch of clips (SPEC 1.1).
+
+    Args:
+        waveforms: one clip (N,), a list of clips of different lengths, or a (B, N) tensor
+            (with ``lengths`` if it is right-padded); float samples on the [-1, 1] scale.
+        sample_rate: rate of ``waveforms``; resampled to 16 kHz when different.
+        target_length: frames after padding/cropping (1024 = 10.24 s for AudioSet).
+        norm: 'audioset', 'esc50', 'spcv2', 'spass', a custom (mean, std), or None.
+        return_frames: also return each clip's number of real (unpadded) frames.
+
+    Returns:
+        (B, 1, target_length, 128) float32 on the input's device, and with ``return_frames``
+        also (B,) int64 real frame counts (capped at target_length).
+    """
+    batch, lens = _as_batch(waveforms, lengths)
+    if sample_rate != SAMPLE_RATE:
+        resampled = resample(batch, int(sample_rate), SAMPLE_RATE)
+        # Zero padding resamples to zeros, so each clip's own samples are the first ceil(...) ones.
+        lens = torch.ceil(lens.double() * SAMPLE_RATE / sample_rate).long()
+        batch = resampled
+    short = (lens < FRAME_LENGTH).nonzero().flatten().tolist()
+    if short:
+        raise AudioError(
+            f"clip(s) {short}: shorter than one 25 ms frame ({FRAME_LENGTH} samples at 16 kHz; "
+            f"got {[int(lens[i]) for i in short]})"
+        )
+    centred = remove_dc(batch, lens)
+    feats, frames = fbank(centred, lens, max_frames=target_length)
+    x = normalize(pad_or_crop(feats, target_length), norm)
+    # Padded rows are 0 in the log domain before normalisation, as in the official code.
+    x = x.unsqueeze(1)
+    return (x, frames) if return_frames else x
+
+
+def patchify(x: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
+    """(B, 1, T, 128) -> (B, T/16 * 8, 256): 16x16 patches, time-major token order
+    (token = t * 8 + f) and row-major pixels inside a patch (pixel = dt * 16 + df), the layout
+    of the patch-embedding convolution's weight viewed as (D, 256)."""
+    b, c, t, f = x.shape
+    if c != 1 or t % patch or f % patch:
+        raise ValueError(f"patchify: expected (B, 1, T, F) with T, F multiples of {patch}, got {tuple(x.shape)}")
+    x = x.reshape(b, t // patch, patch, f // patch, patch)
+    return x.permute(0, 1, 3, 2, 4).reshape(b, (t // patch) * (f // patch), patch * patch)
+
+
+def unpatchify(patches: torch.Tensor, num_freq_patches: int = NUM_MEL_BINS // PATCH, patch: int = PATCH) -> torch.Tensor:
+    """Inverse of :func:`patchify`: (B, N, 256) -> (B, 1, N / 8 * 16, 128)."""
+    b, n, _ = patches.shape
+    t = n // num_freq_patches
+    x = patches.reshape(b, t, num_freq_patches, patch, patch).permute(0, 1, 3, 2, 4)
+    return x.reshape(b, 1, t * patch, num_freq_patches * patch)

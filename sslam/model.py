@@ -1,0 +1,379 @@
+"""The EAT / SSLAM audio encoder (SPEC section 2): a post-LN ViT over 16x16 spectrogram patches.
+
+patch conv 16x16/16 -> + fixed 2-D sin-cos positions -> [keep the unmasked patches] -> prepend
+CLS (no position) -> LayerNorm -> depth x post-LN block -> (no final norm).
+
+A block is ``h = LN1(x + Attn(x)); m = MLP(h); x' = LN2(h + m)``; it also returns ``m``, the
+raw FFN output, from which the teacher builds its targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .features import NUM_MEL_BINS, PATCH
+
+ATTENTION_IMPLS = ("auto", "sdpa", "math", "triton")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Architecture of an encoder. The defaults are ViT-B, the released SSLAM model."""
+
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = PATCH
+    mel_bins: int = NUM_MEL_BINS
+    max_length: int = 768  # time patches in the position table (768 x 16 frames = 122.9 s)
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0  # 0 in pretraining; 0.1 when fine-tuning
+    num_classes: int = 0  # > 0 adds the fine-tuning head: Linear(LayerNorm(CLS))
+    head_norm_eps: float = 1e-6  # fairseq fine-tuning head; Hugging Face uses 1e-5
+
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.embed_dim % 4:
+            raise ValueError(f"embed_dim={self.embed_dim}: the 2-D sin-cos table needs a multiple of 4")
+        if self.mel_bins % self.patch_size:
+            raise ValueError(f"mel_bins={self.mel_bins} is not a multiple of patch_size={self.patch_size}")
+        for name in ("depth", "num_heads", "max_length", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def freq_patches(self) -> int:
+        return self.mel_bins // self.patch_size
+
+    def replace(self, **changes) -> EncoderConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> EncoderConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"EncoderConfig: unknown field(s) {unknown}")
+        return cls(**values)
+
+
+VARIANTS: dict[str, EncoderConfig] = {
+    "tiny": EncoderConfig(embed_dim=64, depth=2, num_heads=2),
+    "small": EncoderConfig(embed_dim=384, depth=12, num_heads=6),
+    "base": EncoderConfig(),
+    "large": EncoderConfig(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def sincos_positions(embed_dim: int, time_patches: int, freq_patches: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table (time_patches * freq_patches, D), float32, token n = t * F + f.
+
+    The first half of each row encodes the frequency index f and the second half the time
+    index t, each as [sin(i w_k), cos(i w_k)] with w_k = 10000^(-k / (D/4)), in float32 as the
+    official table was built."""
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+
+    def encode(index: torch.Tensor) -> torch.Tensor:
+        angles = index.to(torch.float32)[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (n, D/2)
+
+    t = torch.arange(time_patches).repeat_interleave(freq_patches)
+    f = torch.arange(freq_patches).repeat(time_patches)
+    return torch.cat([encode(f), encode(t)], dim=1)
+
+
+def attention_math(q, k, v, key_padding_mask=None):
+    """Explicit matmul-softmax attention as in the official code (softmax in float32).
+    q, k, v: (B, H, L, Dh); key_padding_mask: (B, L) bool, True = padded key."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    probs = scores.float().softmax(dim=-1).to(q.dtype)
+    return probs @ v
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, key_padding_mask=None, impl: str = "sdpa"):
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads)
+        if impl == "triton":
+            from .kernels.attention import attention
+
+            out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], key_padding_mask=key_padding_mask)
+            return self.proj(out.reshape(b, n, d))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, Dh)
+        if impl == "math":
+            out = attention_math(q, k, v, key_padding_mask)
+        else:
+            mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples with probability ``rate`` and rescale the rest."""
+    if rate == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - rate)
+    return x * keep / (1 - rate)
+
+
+class Block(nn.Module):
+    """Post-LN transformer block; returns (block output, FFN output before residual and LN2)."""
+
+    def __init__(self, cfg: EncoderConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.drop_path_rate = drop_path_rate
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg.embed_dim, cfg.mlp_dim)
+
+    def forward(self, x, key_padding_mask=None, impl: str = "sdpa"):
+        h = self.norm1(x + drop_path(self.attn(x, key_padding_mask, impl), self.drop_path_rate, self.training))
+        m = self.mlp(h)
+        return self.norm2(h + drop_path(m, self.drop_path_rate, self.training)), m
+
+
+@dataclass
+class EncoderOutput:
+    """x: (B', 1 + K, D) final block output, CLS at index 0. layer_results / block_outputs:
+    per block (B', 1 + K, D) FFN outputs / block outputs, when asked for."""
+
+    x: torch.Tensor
+    layer_results: list[torch.Tensor] = field(default_factory=list)
+    block_outputs: list[torch.Tensor] = field(default_factory=list)
+
+
+class Encoder(nn.Module):
+    """The ViT audio encoder. Build with :func:`create_model`; load weights with
+    :func:`sslam.load_encoder`."""
+
+    def __init__(self, cfg: EncoderConfig = EncoderConfig()):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.patch_embed = nn.Conv2d(1, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        # Fixed, not learned; a buffer so it is saved (official checkpoints store a rounded copy).
+        self.register_buffer(
+            "pos_embed",
+            sincos_positions(d, cfg.max_length, cfg.freq_patches)[None],
+            persistent=True,
+        )
+        self.pre_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        if cfg.num_classes > 0:
+            self.fc_norm = nn.LayerNorm(d, eps=cfg.head_norm_eps)
+            self.head = nn.Linear(d, cfg.num_classes)
+        self.attention_impl = "auto"
+        self.label_names: list[str] | None = None
+        self.preprocessing: dict = {"sample_rate": 16000, "target_length": 1024, "norm": "audioset"}
+        self.reset_parameters()
+
+    # ---- initialisation -------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Stage-1 initialisation: Linear N(0, 0.02) with zero bias, LayerNorm (1, 0), the patch
+        conv Xavier-uniform on its (D, 256) view, CLS N(0, 1); the classifier head
+        trunc-normal(0.02) with zero bias."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.cls_token)
+        if self.cfg.num_classes > 0:
+            nn.init.trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def set_attention(self, impl: str) -> Encoder:
+        """'auto' (Triton kernel on CUDA when enabled, else SDPA), 'sdpa', 'math' (explicit
+        matmul-softmax, the official computation) or 'triton'."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention={impl!r}: choose one of {ATTENTION_IMPLS}")
+        self.attention_impl = impl
+        return self
+
+    def _attention_impl(self, x: torch.Tensor) -> str:
+        if self.attention_impl != "auto":
+            return self.attention_impl
+        from .kernels.switch import use_kernels
+
+        return "triton" if use_kernels(x) else "sdpa"
+
+    # ---- forward pieces -------------------------------------------------------------------
+    def patchify_embed(self, spec: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, mel_bins) spectrogram -> (B, N, D) patch tokens with positions added,
+        N = T/16 * mel_bins/16, time-major (token = t * F + f)."""
+        if spec.dim() != 4 or spec.shape[1] != 1 or spec.shape[3] != self.cfg.mel_bins:
+            raise ValueError(
+                f"expected a (B, 1, T, {self.cfg.mel_bins}) spectrogram, got {tuple(spec.shape)}"
+            )
+        t = spec.shape[2]
+        if t % self.cfg.patch_size:
+            raise ValueError(f"T={t} frames is not a multiple of the patch size {self.cfg.patch_size}")
+        if t // self.cfg.patch_size > self.cfg.max_length:
+            raise ValueError(
+                f"T={t} frames exceeds the position table ({self.cfg.max_length} patch rows = "
+                f"{self.cfg.max_length * self.cfg.patch_size} frames); split the audio into windows"
+            )
+        x = self.patch_embed(spec).flatten(2).transpose(1, 2)  # (B, N, D)
+        return x + self.pos_embed[:, : x.shape[1]].to(x.dtype)
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, 256) patches (see :func:`sslam.features.patchify`) -> (B, N, D) tokens with
+        positions; the same result as :meth:`patchify_embed` on the unpatched spectrogram."""
+        w = self.patch_embed.weight.reshape(self.cfg.embed_dim, -1)
+        x = F.linear(patches, w.to(patches.dtype), self.patch_embed.bias.to(patches.dtype))
+        return x + self.pos_embed[:, : x.shape[1]].to(x.dtype)
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        clones: int = 1,
+        key_padding_mask: torch.Tensor | None = None,
+        layer_results: bool = False,
+        block_outputs: bool = False,
+    ) -> EncoderOutput:
+        """Run the transformer on patch tokens that already carry their positions.
+
+        Args:
+            tokens: (B, N, D).
+            keep: (B * clones, K) int64 indices of the patches each row keeps (the masked
+                student, or the teacher's partner pass); row r uses clip r // clones. None keeps
+                all N (then ``clones`` must be 1).
+            key_padding_mask: (B', N') bool, True = padded patch (excluded from attention);
+                over the kept tokens when ``keep`` is given.
+            layer_results / block_outputs: also return every FFN output / block output.
+
+        Returns:
+            :class:`EncoderOutput` with x of shape (B', 1 + K, D), B' = B * clones.
+        """
+        if keep is not None:
+            rows = torch.arange(keep.shape[0], device=keep.device) // clones
+            tokens = tokens[rows[:, None], keep]
+        elif clones != 1:
+            tokens = tokens.repeat_interleave(clones, dim=0)
+        cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        x = self.pre_norm(torch.cat([cls, tokens], dim=1))
+        if key_padding_mask is not None:
+            key_padding_mask = F.pad(key_padding_mask, (1, 0), value=False)  # CLS is never padding
+        impl = self._attention_impl(x)
+        out = EncoderOutput(x)
+        for block in self.blocks:
+            x, m = block(x, key_padding_mask, impl)
+            if layer_results:
+                out.layer_results.append(m)
+            if block_outputs:
+                out.block_outputs.append(x)
+        out.x = x
+        return out
+
+    def forward(
+        self,
+        spec: torch.Tensor,
+        *,
+        keep: torch.Tensor | None = None,
+        clones: int = 1,
+        key_padding_mask: torch.Tensor | None = None,
+        layer_results: bool = False,
+        block_outputs: bool = False,
+    ) -> EncoderOutput:
+        """(B, 1, T, mel_bins) normalised spectrogram -> :class:`EncoderOutput`; the arguments
+        are those of :meth:`forward_tokens`."""
+        return self.forward_tokens(
+            self.patchify_embed(spec),
+            keep=keep,
+            clones=clones,
+            key_padding_mask=key_padding_mask,
+            layer_results=layer_results,
+            block_outputs=block_outputs,
+        )
+
+    def classify(self, cls: torch.Tensor) -> torch.Tensor:
+        """Fine-tuned head: (B, D) CLS -> (B, num_classes) logits."""
+        if self.cfg.num_classes <= 0:
+            raise RuntimeError("this encoder has no classification head (num_classes=0)")
+        return self.head(self.fc_norm(cls))
+
+    def embed(self, audio, sample_rate: int | None = None, **kwargs):
+        """Embeddings of raw audio; see :func:`sslam.embed.embed`."""
+        from .embed import embed
+
+        return embed(self, audio, sample_rate, **kwargs)
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def create_model(
+    name_or_config: str | EncoderConfig = "base",
+    checkpoint: str | None = None,
+    **overrides,
+) -> Encoder:
+    """Build an encoder from a variant name in :data:`VARIANTS` or an :class:`EncoderConfig`,
+    with optional field overrides; with ``checkpoint``, load its encoder weights (any format
+    :func:`sslam.load_encoder` reads; every key and shape must match the built model)."""
+    if isinstance(name_or_config, str):
+        try:
+            cfg = VARIANTS[name_or_config]
+        except KeyError:
+            raise ValueError(
+                f"unknown variant {name_or_config!r}; choose one of {sorted(VARIANTS)} or pass "
+                "an EncoderConfig"
+            ) from None
+    else:
+        cfg = name_or_config
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    model = Encoder(cfg)
+    if checkpoint is not None:
+        from .checkpoint import load_weights_into
+
+        load_weights_into(model, checkpoint)
+    return model

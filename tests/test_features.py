@@ -1,0 +1,137 @@
+"""The batched preprocessing against the official pipeline (golden data) and torchaudio."""
+
+import pytest
+import torch
+
+from sslam.audio import AudioError
+from sslam.features import (
+    NORM_STATS,
+    fbank,
+    normalize,
+    num_frames,
+    patchify,
+    preprocess,
+    unpatchify,
+)
+
+torchaudio = pytest.importorskip("torchaudio")
+
+
+def official(wave: torch.Tensor, rate: int, target_length=1024, norm=(-4.268, 4.569)) -> torch.Tensor:
+    """The official chain with torchaudio, one clip (SPEC 1.1)."""
+    if rate != 16000:
+        wave = torchaudio.functional.resample(wave, rate, 16000)
+    wave = wave - wave.mean()
+    fb = torchaudio.compliance.kaldi.fbank(
+        wave[None], htk_compat=True, sample_frequency=16000, use_energy=False,
+        window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10,
+    )
+    if fb.shape[0] < target_length:
+        fb = torch.nn.functional.pad(fb, (0, 0, 0, target_length - fb.shape[0]))
+    fb = fb[:target_length]
+    return ((fb - norm[0]) / (2 * norm[1]))[None, None]
+
+
+def test_golden_model_input(golden_fbank):
+    for name, item in golden_fbank["items"].items():
+        x = preprocess(item["waveform"], item["wav_file_sample_rate"])
+        assert x.shape == (1, 1, 1024, 128)
+        err = (x - item["model_input"]).abs().max().item()
+        assert err < 1e-4, (name, err)
+
+
+def test_golden_batched_in_one_call(golden_fbank):
+    items = list(golden_fbank["items"].values())
+    waves = [it["waveform_16k"] if it["resampled"] else it["waveform"] for it in items]
+    x = preprocess(waves, 16000)
+    for i, it in enumerate(items):
+        assert (x[i] - it["model_input"][0]).abs().max() < 1e-4
+
+
+def test_golden_raw_fbank(golden_fbank):
+    for item in golden_fbank["items"].values():
+        fb, frames = fbank(item["waveform_16k_centered"][None])
+        assert int(frames[0]) == item["n_frames_raw"]
+        # log-domain error; normalisation divides it by 9.1
+        assert (fb[0] - item["fbank_raw"]).abs().max() < 5e-4
+
+
+@pytest.mark.parametrize("length", [400, 401, 559, 560, 7919, 16000, 43210, 170001])
+def test_matches_torchaudio_random_lengths(length):
+    wave = 0.3 * torch.randn(length) + 0.1  # a DC offset, as real recordings have
+    ours = preprocess(wave, 16000)
+    ref = official(wave, 16000)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 32000, 44100, 48000])
+def test_matches_torchaudio_other_rates(rate):
+    t = torch.arange(int(rate * 1.3)) / rate
+    wave = 0.5 * torch.sin(2 * torch.pi * 440 * t) + 0.02 * torch.randn(t.numel())
+    assert (preprocess(wave, rate) - official(wave, rate)).abs().max() < 1e-4
+
+
+def test_batch_of_different_lengths_equals_each_alone():
+    clips = [torch.randn(n) * s for n, s in [(16000, 0.1), (400, 1.0), (33333, 0.5), (12345, 0.01)]]
+    batched = preprocess(clips, 16000, target_length=256)
+    for i, clip in enumerate(clips):
+        alone = preprocess(clip, 16000, target_length=256)
+        assert (batched[i] - alone[0]).abs().max() < 1e-5
+        assert (alone - official(clip, 16000, target_length=256)).abs().max() < 1e-4
+
+
+def test_padded_tensor_with_lengths():
+    clips = [torch.randn(9000), torch.randn(20000)]
+    padded = torch.zeros(2, 20000)
+    padded[0, :9000], padded[1] = clips
+    x, frames = preprocess(padded, 16000, target_length=128, lengths=[9000, 20000], return_frames=True)
+    assert frames.tolist() == [num_frames(9000), min(128, num_frames(20000))]
+    assert (x - preprocess(clips, 16000, target_length=128)).abs().max() < 1e-6
+
+
+def test_padding_value_and_crop():
+    x = preprocess(torch.randn(16000), 16000, target_length=1024)
+    assert torch.allclose(x[0, 0, 98:], torch.full((926, 128), 4.268 / 9.138))
+    long = preprocess(torch.randn(16000 * 12), 16000, target_length=1024)
+    assert long.shape == (1, 1, 1024, 128)
+
+
+def test_shorter_than_one_frame_is_a_clear_error():
+    with pytest.raises(AudioError, match=r"clip\(s\) \[1\].*shorter than one 25 ms frame"):
+        preprocess([torch.randn(1000), torch.randn(399)], 16000)
+
+
+@pytest.mark.parametrize("norm", sorted(NORM_STATS))
+def test_presets(norm):
+    wave = torch.randn(8000)
+    mean, std = NORM_STATS[norm]
+    ref = official(wave, 16000, target_length=64, norm=(mean, std))
+    assert (preprocess(wave, 16000, target_length=64, norm=norm) - ref).abs().max() < 1e-4
+
+
+def test_custom_and_bad_norm():
+    wave = torch.randn(8000)
+    a = preprocess(wave, 16000, target_length=64, norm=(-5.0, 2.0))
+    b = preprocess(wave, 16000, target_length=64, norm=None)
+    assert torch.allclose(a, (b + 5.0) / 4.0, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown preset"):
+        preprocess(wave, 16000, norm="librispeech")
+    with pytest.raises(ValueError, match="std must be positive"):
+        normalize(torch.zeros(3), (0.0, 0.0))
+
+
+def test_patchify_layout_matches_the_patch_convolution():
+    x = torch.randn(2, 1, 64, 128)
+    conv = torch.nn.Conv2d(1, 8, 16, 16)
+    via_conv = conv(x).flatten(2).transpose(1, 2)
+    via_patches = patchify(x) @ conv.weight.reshape(8, -1).T + conv.bias
+    assert torch.allclose(via_conv, via_patches, atol=1e-5)
+    assert torch.equal(unpatchify(patchify(x)), x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(golden_fbank):
+    clips = [it["waveform"] for it in golden_fbank["items"].values() if not it["resampled"]]
+    cpu = preprocess(clips, 16000)
+    gpu = preprocess([c.cuda() for c in clips], 16000)
+    assert (gpu.cpu() - cpu).abs().max() < 1e-4

@@ -1,0 +1,154 @@
+"""The encoder: configuration, position table, attention paths, masked and padded forwards."""
+
+import pytest
+import torch
+
+from sslam.features import patchify
+from sslam.model import VARIANTS, Encoder, EncoderConfig, create_model, sincos_positions
+
+SMALL = EncoderConfig(embed_dim=48, depth=2, num_heads=3, max_length=16)
+
+
+def small_model(**kw) -> Encoder:
+    return Encoder(SMALL.replace(**kw)).eval()
+
+
+def test_position_table_matches_the_official_fp32_table(golden_masked_forward):
+    from conftest import load_golden
+
+    ckpt = load_golden("tiny_ckpt.pt")
+    official = ckpt["model"]["_ema"]["modality_encoders.IMAGE.fixed_positional_encoder.positions"][0]
+    ours = sincos_positions(64, 768, 8)
+    assert ours.shape == official.shape
+    assert (ours - official).abs().max() < 1e-6
+
+
+def test_position_layout_frequency_first():
+    table = sincos_positions(16, 3, 8)  # quarter = 4
+    # token (t=2, f=5): frequency sin/cos in the first half, time in the second
+    row = table[2 * 8 + 5]
+    omega = 1.0 / 10000 ** (torch.arange(4) / 4)
+    assert torch.allclose(row[:4], torch.sin(5 * omega))
+    assert torch.allclose(row[4:8], torch.cos(5 * omega))
+    assert torch.allclose(row[8:12], torch.sin(2 * omega))
+    assert torch.allclose(row[12:], torch.cos(2 * omega))
+
+
+@pytest.mark.parametrize(
+    "name,expected", [("base", 85_254_144), ("large", 302_575_616)]
+)
+def test_parameter_counts_of_the_official_sizes(name, expected):
+    with torch.device("meta"):
+        model = Encoder(VARIANTS[name])
+    assert model.num_parameters() == expected  # SPEC 2.1 / 2.3: without the fixed positions
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="not divisible"):
+        EncoderConfig(embed_dim=100, num_heads=3)
+    with pytest.raises(ValueError, match="unknown field"):
+        EncoderConfig.from_dict({"embed_dim": 64, "colour": "red"})
+    with pytest.raises(ValueError, match="unknown variant"):
+        create_model("huge")
+    assert create_model("tiny", depth=3).cfg.depth == 3
+
+
+def test_sdpa_and_math_attention_agree():
+    model = small_model()
+    x = torch.randn(3, 1, 64, 128)
+    with torch.no_grad():
+        a = model.set_attention("sdpa")(x, layer_results=True)
+        b = model.set_attention("math")(x, layer_results=True)
+    assert torch.allclose(a.x, b.x, atol=1e-5)
+    for la, lb in zip(a.layer_results, b.layer_results):
+        assert torch.allclose(la, lb, atol=1e-5)
+    with pytest.raises(ValueError, match="attention="):
+        model.set_attention("flash")
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_key_padding_mask_hides_padded_tokens(impl):
+    model = small_model().set_attention(impl)
+    tokens = model.patchify_embed(torch.randn(2, 1, 64, 128))
+    pad = torch.zeros(2, 32, dtype=torch.bool)
+    pad[0, 20:] = True
+    other = tokens.clone()
+    other[0, 20:] = torch.randn_like(other[0, 20:]) * 5
+    with torch.no_grad():
+        a = model.forward_tokens(tokens, key_padding_mask=pad).x
+        b = model.forward_tokens(other, key_padding_mask=pad).x
+        alone = model.forward_tokens(tokens[:1, :20]).x
+    assert torch.allclose(a[0, :21], b[0, :21], atol=1e-5)  # CLS + the 20 real tokens
+    assert torch.allclose(a[0, :21], alone[0], atol=1e-5)
+    assert torch.allclose(a[1], b[1])
+
+
+def test_masked_student_path_gathers_kept_tokens_per_clone():
+    model = small_model()
+    spec = torch.randn(2, 1, 64, 128)
+    clones = 3
+    keep = torch.stack([torch.randperm(32)[:7].sort().values for _ in range(2 * clones)])
+    with torch.no_grad():
+        out = model(spec, keep=keep, clones=clones, layer_results=True, block_outputs=True)
+        tokens = model.patchify_embed(spec)
+        for r in range(2 * clones):
+            alone = model.forward_tokens(tokens[r // clones][keep[r]][None]).x
+            assert torch.allclose(out.x[r], alone[0], atol=1e-5)
+    assert out.x.shape == (6, 8, 48)
+    assert len(out.layer_results) == len(out.block_outputs) == 2
+    assert torch.equal(out.block_outputs[-1], out.x)
+
+
+def test_layer_results_are_ffn_outputs():
+    model = small_model(depth=1)
+    x = torch.randn(1, 1, 32, 128)
+    with torch.no_grad():
+        out = model(x, layer_results=True)
+        tokens = model.patchify_embed(x)
+        h0 = model.pre_norm(torch.cat([model.cls_token, tokens], 1))
+        blk = model.blocks[0]
+        h = blk.norm1(h0 + blk.attn(h0))
+        m = blk.mlp(h)
+    assert torch.allclose(out.layer_results[0], m, atol=1e-6)
+    assert torch.allclose(out.x, blk.norm2(h + m), atol=1e-6)
+
+
+def test_embed_patches_equals_the_convolution():
+    model = small_model()
+    spec = torch.randn(2, 1, 48, 128)
+    assert torch.allclose(model.embed_patches(patchify(spec)), model.patchify_embed(spec), atol=1e-5)
+
+
+def test_input_validation():
+    model = small_model()
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model(torch.randn(1, 1, 40, 128))
+    with pytest.raises(ValueError, match="exceeds the position table"):
+        model(torch.randn(1, 1, 16 * 17, 128))
+    with pytest.raises(ValueError, match=r"\(B, 1, T, 128\)"):
+        model(torch.randn(1, 64, 128))
+
+
+def test_drop_path_only_in_training():
+    model = small_model(drop_path_rate=0.5)
+    x = torch.randn(4, 1, 32, 128)
+    with torch.no_grad():
+        assert torch.equal(model(x).x, model(x).x)
+        model.train()
+        assert not torch.equal(model(x).x, model(x).x)
+
+
+def test_classification_head():
+    model = small_model(num_classes=5)
+    assert model.classify(torch.randn(2, 48)).shape == (2, 5)
+    with pytest.raises(RuntimeError, match="no classification head"):
+        small_model().classify(torch.randn(2, 48))
+
+
+def test_initialisation():
+    model = Encoder(EncoderConfig(embed_dim=64, depth=2, num_heads=2))
+    w = model.blocks[0].mlp.fc1.weight
+    assert abs(w.std().item() - 0.02) < 0.003
+    assert torch.all(model.blocks[1].attn.qkv.bias == 0)
+    assert torch.all(model.pre_norm.weight == 1)
+    assert not any(n == "pos_embed" for n, _ in model.named_parameters())
