@@ -1,0 +1,144 @@
+"""The ``sslam`` command: ``extract``, ``convert``, ``info``, ``pretrain``, ``evaluate``, ``demo``.
+
+Each sub-command parses its arguments here and calls one library function; errors about the
+user's input are printed as one line (``sslam: error: ...``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device(name: str | None) -> str:
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_extract(args) -> int:
+    from .checkpoint import load_encoder
+    from .extract import run_extract
+
+    model = load_encoder(args.checkpoint, device=_device(args.device), weights=args.weights)
+    report = run_extract(
+        model,
+        args.inputs,
+        args.out,
+        granularity=args.granularity,
+        batch_size=args.batch_size,
+        padding=args.padding,
+        crop=args.crop,
+        autocast=AUTOCAST[args.autocast],
+        workers=args.workers,
+        manifest_root=args.manifest_root,
+        progress=not args.no_progress,
+    )
+    print(report.summary())
+    return 1 if report.failed and not args.skip_errors else 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import convert
+
+    out = convert(args.src, args.out, weights=args.weights, labels=args.labels)
+    print(f"wrote {out}/model.safetensors and {out}/config.json")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import describe
+
+    print(describe(args.file, weights=args.weights))
+    return 0
+
+
+def _add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="embeddings of audio files, folders and .tsv manifests")
+    p.add_argument("inputs", nargs="+", help="audio files, folders (recursive) or fairseq .tsv manifests")
+    p.add_argument("--checkpoint", required=True, help="official fairseq .pt, Hugging Face folder, or sslam folder")
+    p.add_argument("--out", required=True, help="a .npz file, or a folder for one .npz per input")
+    p.add_argument("--granularity", default="utterance", choices=["utterance", "mean", "frames", "timestamps", "all"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--weights", default="student", choices=["student", "teacher"])
+    p.add_argument("--padding", default="official", choices=["official", "mask"],
+                   help="official: pad each clip to the 10.24-s window; mask: pad to the batch and mask")
+    p.add_argument("--crop", action="store_true", help="keep only the first window (the official crop)")
+    p.add_argument("--autocast", default="none", choices=sorted(AUTOCAST), help="GPU autocast dtype")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--manifest-root", default=None, help="override the root line of .tsv manifests")
+    p.add_argument("--skip-errors", action="store_true", help="exit 0 even if some files failed")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_extract)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint to the sslam format (safetensors + JSON)")
+    p.add_argument("src")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--weights", default="student", choices=["student", "teacher"])
+    p.add_argument("--labels", default=None, help="class names of a fine-tuned model (index,mid,display_name CSV or one per line)")
+    p.set_defaults(func=cmd_convert)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="format, architecture and parameter count of a checkpoint")
+    p.add_argument("file")
+    p.add_argument("--weights", default="student", choices=["student", "teacher"])
+    p.set_defaults(func=cmd_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslam", description="SSLAM / EAT audio encoders")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_extract, _add_convert, _add_info, *_late_commands()):
+        add(sub)
+    return parser
+
+
+def _late_commands():
+    """Sub-commands whose modules are heavier to import register through their own adders."""
+    adders = []
+    for module, name in (("train", "add_pretrain_command"), ("evaluate", "add_evaluate_command"),
+                         ("demo", "add_demo_command")):
+        try:
+            mod = __import__(f"sslam.{module}", fromlist=[name])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"sslam.{module}":
+                raise
+            continue
+        adders.append(getattr(mod, name))
+    return adders
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .audio import AudioError
+    from .checkpoint import CheckpointError
+    from .train import StopTraining
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "overrides"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = extra  # pretrain's --section.key=value overrides
+    try:
+        return args.func(args)
+    except (AudioError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"sslam: error: {exc}", file=sys.stderr)
+        return 2
+    except StopTraining as exc:  # a run stopped for a reason it explains (bad files, NaN losses)
+        print(f"sslam: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sslam: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

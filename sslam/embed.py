@@ -1,0 +1,241 @@
+"""Embeddings of raw audio with an encoder: utterance (CLS), mean, frame and timestamp tokens.
+
+Contract (default, ``padding="official"``): each clip is resampled to 16 kHz, turned into the
+normalised log-mel of SPEC 1.1 and padded to ``target_length`` frames (1024 = 10.24 s), then
+encoded whole -- the official feature extraction, so the outputs equal the official code's.
+
+* Clips longer than the window are NOT silently cropped: the log-mel of the whole clip is cut
+  into windows of ``target_length`` frames with a hop of ``hop`` frames (default half a window,
+  a multiple of 16 so patch rows line up); the last window is padded like a short clip. Frame
+  tokens seen by several windows are averaged, the utterance embedding is the mean of the
+  windows' CLS tokens. ``crop=True`` instead keeps only the first window (the official crop).
+* ``padding="mask"``: windows are padded only to the longest clip of the batch (rounded up to a
+  patch row) and patch rows holding no real frame are excluded from attention and pooling, so a
+  clip's embeddings do not depend on what it is batched with.
+
+Token layout: patch token n = t * 8 + f (t = patch row, 16 frames = 160 ms; f = frequency band).
+A patch row is *real* when it holds at least one real frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .audio import check_waveform, load_audio
+from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE, normalize, norm_stats, preprocess
+
+PADDING_MODES = ("official", "mask")
+FRAME_SECONDS = FRAME_SHIFT / SAMPLE_RATE  # 10 ms
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of B clips (D = embedding size, P = patch tokens, R = patch rows = P / 8).
+
+    utterance: (B, D) CLS token (averaged over windows for long clips).
+    mean: (B, D) mean of the real patch tokens.
+    frames: (B, P, D) patch tokens, time-major; frame_mask (B, P) True where real.
+    timestamps: (B, R, D) per patch row, the mean over its frequency patches;
+        timestamp_mask (B, R) True where real; times (R,) centre of each row in seconds.
+    num_rows: (B,) patch rows produced per clip (the rest of the padded batch is zeros): the
+        whole window for a short clip with official padding, else its real rows.
+    logits / probabilities: (B, C) for fine-tuned models (sigmoid, multi-label), with
+        label_names; None otherwise.
+    """
+
+    utterance: torch.Tensor
+    mean: torch.Tensor
+    frames: torch.Tensor
+    frame_mask: torch.Tensor
+    timestamps: torch.Tensor
+    timestamp_mask: torch.Tensor
+    times: torch.Tensor
+    num_rows: torch.Tensor
+    logits: torch.Tensor | None = None
+    probabilities: torch.Tensor | None = None
+    label_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.utterance.shape[0]
+
+
+def row_times(num_rows: int, patch: int = 16) -> torch.Tensor:
+    """Centre time (s) of each patch row: frames 16r..16r+15, frame i centred at
+    i * 10 ms + 12.5 ms."""
+    centre_frame = torch.arange(num_rows, dtype=torch.float64) * patch + (patch - 1) / 2
+    return (centre_frame * FRAME_SECONDS + FRAME_LENGTH / SAMPLE_RATE / 2).float()
+
+
+def _as_clips(audio, sample_rate: int | None) -> tuple[list[torch.Tensor], int]:
+    """Normalise the accepted inputs into a list of 1-D float32 clips at one rate."""
+    if isinstance(audio, (str, os.PathLike)):
+        audio = [audio]
+    if isinstance(audio, (torch.Tensor, np.ndarray)) and audio.ndim == 2:
+        audio = list(audio)
+    elif isinstance(audio, (torch.Tensor, np.ndarray)):
+        audio = [audio]
+    if not isinstance(audio, Sequence) or len(audio) == 0:
+        raise ValueError("audio: expected a clip, a (B, N) tensor, a list of clips or paths")
+    clips, rate = [], sample_rate
+    for i, item in enumerate(audio):
+        if isinstance(item, (str, os.PathLike)):
+            wave, file_rate = load_audio(item, sample_rate=rate or SAMPLE_RATE)
+            rate = rate or SAMPLE_RATE
+        else:
+            if rate is None:
+                raise ValueError("sample_rate is required for waveforms given as arrays")
+            wave = check_waveform(item, rate, name=f"audio[{i}]")
+        clips.append(wave)
+    return clips, int(rate)
+
+
+def _windows(num_frames: int, window: int, hop: int, crop: bool) -> list[int]:
+    """Start frames of the windows that cover ``num_frames`` frames."""
+    if crop or num_frames <= window:
+        return [0]
+    starts = list(range(0, num_frames - window, hop))
+    starts.append(starts[-1] + hop)
+    return starts
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise ValueError(f"autocast dtype {dtype} is only supported on CUDA (device is {device})")
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _log_mel(clips: list[torch.Tensor], rate: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unnormalised log-mel of every clip in full: (B, F_max, 128) zero-padded, frames (B,)."""
+    longest = max(math.ceil(c.numel() * SAMPLE_RATE / rate) for c in clips)
+    max_frames = max(1, 1 + max(0, longest - FRAME_LENGTH) // FRAME_SHIFT)
+    clips = [c.to(device) for c in clips]
+    logmel, frames = preprocess(clips, rate, target_length=max_frames, norm=None, return_frames=True)
+    return logmel[:, 0], frames.cpu()
+
+
+def _plan(frames: torch.Tensor, window: int, hop: int, crop: bool) -> list[tuple[int, int, int]]:
+    """(clip, start frame, real frames) of every window to encode."""
+    plan = []
+    for b, n in enumerate(frames.tolist()):
+        for start in _windows(n, window, hop, crop):
+            plan.append((b, start, min(window, n - start)))
+    return plan
+
+
+def _window_batch(logmel, plan, length: int, norm, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised windows (W, 1, length, 128), padded with the official padding value, and
+    which patch rows hold a real frame (W, length / patch)."""
+    pad_value = normalize(torch.zeros(()), norm).item()
+    specs = torch.full((len(plan), 1, length, logmel.shape[-1]), pad_value, device=logmel.device)
+    for i, (b, start, real) in enumerate(plan):
+        specs[i, 0, :real] = normalize(logmel[b, start : start + real], norm)
+    real_rows = torch.tensor([math.ceil(real / patch) for _, _, real in plan], device=logmel.device)
+    return specs, torch.arange(length // patch, device=logmel.device)[None] < real_rows[:, None]
+
+
+@torch.inference_mode()
+def embed(
+    model,
+    audio,
+    sample_rate: int | None = None,
+    *,
+    padding: str = "official",
+    crop: bool = False,
+    hop: int | None = None,
+    batch_size: int = 16,
+    autocast: torch.dtype | None = None,
+) -> Embeddings:
+    """Embeddings of one clip, a list of clips (any lengths), a (B, N) tensor, or file paths.
+
+    Args:
+        model: a :class:`sslam.model.Encoder` (its ``preprocessing`` gives target_length/norm).
+        audio: samples on the [-1, 1] scale at ``sample_rate``, or paths (read and resampled).
+        padding: 'official' (pad every window to target_length) or 'mask' (see module doc).
+        crop: keep only the first ``target_length`` frames (the official behaviour).
+        hop: frames between window starts for long clips (default target_length // 2).
+        batch_size: windows encoded per forward pass.
+        autocast: torch.bfloat16 / torch.float16 to run the encoder under autocast on CUDA.
+    """
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding={padding!r}: choose one of {PADDING_MODES}")
+    prep = model.preprocessing
+    window, norm = int(prep.get("target_length", 1024)), norm_stats(prep.get("norm", "audioset"))
+    patch, freq = model.cfg.patch_size, model.cfg.freq_patches
+    hop = hop or max(patch, window // 2 // patch * patch)
+    if hop % patch or hop <= 0 or hop > window:
+        raise ValueError(f"hop={hop}: must be a positive multiple of {patch} frames, at most {window}")
+    param = next(model.parameters())
+
+    clips, rate = _as_clips(audio, sample_rate)
+    logmel, frames = _log_mel(clips, rate, param.device)
+    plan = _plan(frames, window, hop, crop)
+    if padding == "official":
+        length = window
+    else:
+        length = min(window, math.ceil(max(real for _, _, real in plan) / patch) * patch)
+    specs, row_valid = _window_batch(logmel, plan, length, norm, patch)
+
+    cls_out, tokens = [], []
+    with _autocast(param.device, autocast):
+        for i in range(0, len(plan), batch_size):
+            mask = None
+            if padding == "mask":
+                mask = ~row_valid[i : i + batch_size].repeat_interleave(freq, dim=1)
+            x = model(specs[i : i + batch_size].to(param.dtype), key_padding_mask=mask).x.float()
+            cls_out.append(x[:, 0])
+            tokens.append(x[:, 1:])
+    real_frames = frames.clamp(max=window) if crop else frames
+    real_rows = (real_frames + patch - 1) // patch
+    num_rows = real_rows.clamp(min=length // patch) if padding == "official" else real_rows
+    return _merge(model, torch.cat(cls_out), torch.cat(tokens), plan, real_frames, num_rows, patch, freq)
+
+
+def _merge(model, cls_out, tokens, plan, real_frames, num_rows, patch, freq) -> Embeddings:
+    """Per-clip embeddings from window outputs: overlapping rows averaged, CLS (and logits)
+    averaged over a clip's windows. A clip keeps ``num_rows`` rows: with official padding a
+    short clip keeps its padded rows too (the official 'frame' output), marked not real."""
+    num_clips, rows = len(real_frames), tokens.shape[1] // freq
+    grid = tokens.view(tokens.shape[0], rows, freq, -1)
+    total_rows = int(num_rows.max())
+    sums = grid.new_zeros(num_clips, total_rows, freq, grid.shape[-1])
+    counts = grid.new_zeros(num_clips, total_rows)
+    for w, (b, start, _) in enumerate(plan):
+        r0 = start // patch
+        take = min(rows, int(num_rows[b]) - r0)
+        sums[b, r0 : r0 + take] += grid[w, :take]
+        counts[b, r0 : r0 + take] += 1
+    owners = torch.tensor([b for b, _, _ in plan], device=grid.device)
+    per_window = torch.bincount(owners, minlength=num_clips).to(grid.dtype)[:, None]
+    utterance = grid.new_zeros(num_clips, grid.shape[-1]).index_add_(0, owners, cls_out) / per_window
+
+    frames_grid = sums / counts.clamp(min=1)[..., None, None]
+    real_rows = torch.arange(total_rows, device=grid.device)[None] * patch < real_frames.to(grid.device)[:, None]
+    frame_mask = real_rows[..., None].expand(-1, -1, freq).reshape(num_clips, -1)
+    flat = frames_grid.reshape(num_clips, total_rows * freq, -1)
+    mean = (flat * frame_mask[..., None]).sum(1) / frame_mask.sum(1, keepdim=True).clamp(min=1)
+    out = Embeddings(
+        utterance=utterance,
+        mean=mean,
+        frames=flat,
+        frame_mask=frame_mask,
+        timestamps=frames_grid.mean(dim=2),
+        timestamp_mask=real_rows,
+        times=row_times(total_rows, patch),
+        num_rows=num_rows.clone(),
+    )
+    if model.cfg.num_classes > 0:
+        dtype = next(model.parameters()).dtype
+        window_logits = model.classify(cls_out.to(dtype)).float()
+        out.logits = grid.new_zeros(num_clips, window_logits.shape[1]).index_add_(0, owners, window_logits) / per_window
+        out.probabilities = out.logits.sigmoid()
+        out.label_names = model.label_names
+    return out

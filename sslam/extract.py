@@ -1,0 +1,292 @@
+"""``sslam extract``: embeddings of many audio files, resumable, never half-written.
+
+Inputs are files, folders (searched recursively for audio files) and fairseq ``.tsv`` manifests
+(first line: root folder; then ``relative/path<TAB>size``). Output is either one ``.npz`` file
+(all inputs stacked, padded, with masks; flushed atomically every few batches) or a folder with
+one ``.npz`` per input (mirroring the inputs' relative paths). Re-running skips inputs already
+present in the output. Bad files are reported by name with the reason.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import AudioError, load_audio
+from .checkpoint import atomic_write
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf"}
+GRANULARITIES = ("utterance", "mean", "frames", "timestamps", "all")
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # identifier in the output (relative path without suffix games)
+    path: Path
+
+
+def read_manifest(path: Path, root: str | None = None) -> list[Item]:
+    """Items of a fairseq manifest: first line the root folder, then ``relpath<TAB>size``."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read manifest ({exc})") from exc
+    if not lines:
+        raise ValueError(f"{path}: empty manifest (the first line must be the root folder)")
+    base = Path(root if root is not None else lines[0].strip())
+    items = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        rel = line.split("\t")[0].strip()
+        if not rel:
+            raise ValueError(f"{path}:{number}: missing relative path")
+        items.append(Item(rel, base / rel))
+    return items
+
+
+def collect_inputs(inputs: list[str], manifest_root: str | None = None) -> list[Item]:
+    """Expand files, folders and manifests into items with unique keys, in a stable order."""
+    items: list[Item] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            items += [Item(str(p.relative_to(path)), p) for p in found]
+        elif path.suffix == ".tsv":
+            items += read_manifest(path, manifest_root)
+        else:
+            items.append(Item(path.name, path))
+    seen, unique = set(), []
+    for item in items:
+        key = item.key
+        if key in seen:  # same file name from different places: disambiguate by full path
+            key = str(item.path)
+        seen.add(key)
+        unique.append(Item(key, item.path))
+    return unique
+
+
+def arrays_of(emb, i: int, granularity: str) -> dict[str, np.ndarray]:
+    """The arrays stored for clip ``i`` of an :class:`sslam.embed.Embeddings`, cut to the rows
+    the encoder produced for it (``num_rows``)."""
+    want = GRANULARITIES[:-1] if granularity == "all" else (granularity,)
+    rows = int(emb.num_rows[i])
+    freq = emb.frames.shape[1] // emb.timestamps.shape[1]
+    out: dict[str, np.ndarray] = {"num_rows": np.int64(rows)}
+    if "utterance" in want:
+        out["utterance"] = emb.utterance[i].cpu().numpy()
+    if "mean" in want:
+        out["mean"] = emb.mean[i].cpu().numpy()
+    if "frames" in want:
+        out["frames"] = emb.frames[i, : rows * freq].cpu().numpy()
+        out["frame_mask"] = emb.frame_mask[i, : rows * freq].cpu().numpy()
+    if "timestamps" in want:
+        out["timestamps"] = emb.timestamps[i, :rows].cpu().numpy()
+        out["timestamp_mask"] = emb.timestamp_mask[i, :rows].cpu().numpy()
+        out["times"] = emb.times[:rows].cpu().numpy()
+    if emb.probabilities is not None:
+        out["probabilities"] = emb.probabilities[i].cpu().numpy()
+    return out
+
+
+@dataclass
+class Report:
+    done: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"{self.done} embedded, {self.skipped} already done, {len(self.failed)} failed"]
+        lines += [f"  FAILED {key}: {reason}" for key, reason in self.failed]
+        return "\n".join(lines)
+
+
+class FolderSink:
+    """One ``.npz`` per input under a folder; an input is done when its file exists."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def target(self, key: str) -> Path:
+        rel = Path(key)
+        if rel.is_absolute() or ".." in rel.parts:
+            rel = Path(*[p for p in rel.parts if p not in ("..", rel.anchor)])
+        return self.root / rel.with_name(rel.name + ".npz")
+
+    def done(self, key: str) -> bool:
+        return self.target(key).exists()
+
+    def add(self, key: str, arrays: dict, label_names) -> None:
+        if label_names:
+            arrays = {**arrays, "label_names": np.asarray(label_names)}
+        atomic_write(self.target(key), lambda tmp: _save_npz(tmp, arrays))
+
+    def flush(self) -> None:
+        pass
+
+
+class FileSink:
+    """All inputs in one ``.npz``: ``keys`` names the rows; per-row ragged arrays (frames,
+    timestamps and their masks) are zero-padded, ``num_rows`` gives each input's patch rows.
+    Rewritten atomically on every flush, so an interruption loses at most the unflushed batches."""
+
+    RAGGED_BY_ROW = {"timestamps", "timestamp_mask", "times"}
+    RAGGED_BY_TOKEN = {"frames", "frame_mask"}
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.items: dict[str, dict[str, np.ndarray]] = {}
+        self.label_names = None
+        if path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                stored = {name: data[name] for name in data.files}
+            keys, rows = [str(k) for k in stored.pop("keys")], stored.pop("num_rows")
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{self.path}: exists but is not an sslam embeddings file ({exc})") from exc
+        label_names = stored.pop("label_names", None)
+        self.label_names = None if label_names is None else [str(n) for n in label_names]
+        freq = int(stored.pop("freq_patches", 1))
+        for i, key in enumerate(keys):
+            item = {"num_rows": np.int64(rows[i])}
+            for name, value in stored.items():
+                if name == "times":
+                    item[name] = value[: rows[i]]
+                elif name in self.RAGGED_BY_ROW:
+                    item[name] = value[i, : rows[i]]
+                elif name in self.RAGGED_BY_TOKEN:
+                    item[name] = value[i, : rows[i] * freq]
+                else:
+                    item[name] = value[i]
+            self.items[key] = item
+
+    def done(self, key: str) -> bool:
+        return key in self.items
+
+    def add(self, key: str, arrays: dict, label_names) -> None:
+        self.items[key] = arrays
+        self.label_names = label_names
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        keys = list(self.items)
+        out: dict[str, np.ndarray] = {"keys": np.asarray(keys)}
+        for name in self.items[keys[0]]:
+            values = [self.items[k][name] for k in keys]
+            if name == "times":
+                out[name] = max(values, key=len)
+            elif name in self.RAGGED_BY_ROW or name in self.RAGGED_BY_TOKEN:
+                out[name] = _stack_padded(values)
+            else:
+                out[name] = np.stack(values)
+        if "frames" in out:
+            first = self.items[keys[0]]
+            out["freq_patches"] = np.int64(len(first["frames"]) // max(1, int(first["num_rows"])))
+        if self.label_names:
+            out["label_names"] = np.asarray(self.label_names)
+        atomic_write(self.path, lambda tmp: _save_npz(tmp, out))
+
+
+def _stack_padded(values: list[np.ndarray]) -> np.ndarray:
+    longest = max(len(v) for v in values)
+    out = np.zeros((len(values), longest) + values[0].shape[1:], dtype=values[0].dtype)
+    for i, v in enumerate(values):
+        out[i, : len(v)] = v
+    return out
+
+
+def _save_npz(path: str, arrays: dict) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _decode(item: Item) -> tuple[Item, torch.Tensor | None, str | None]:
+    try:
+        wave, _ = load_audio(item.path, sample_rate=16000)
+        return item, wave, None
+    except AudioError as exc:
+        return item, None, str(exc)
+
+
+def _prefetched(items: list[Item], workers: int) -> Iterator[tuple[Item, torch.Tensor | None, str | None]]:
+    """Decode in background threads (soundfile and the resampler release the GIL)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from pool.map(_decode, items)
+
+
+def run_extract(
+    model,
+    inputs: list[str],
+    out: str,
+    *,
+    granularity: str = "utterance",
+    batch_size: int = 16,
+    skip_errors: bool = False,
+    padding: str = "official",
+    crop: bool = False,
+    autocast: torch.dtype | None = None,
+    workers: int = 2,
+    manifest_root: str | None = None,
+    flush_every: int = 20,
+    progress: bool = True,
+) -> Report:
+    """Embed every input into ``out`` (a ``.npz`` file or a folder); see the module docstring."""
+    from tqdm import tqdm
+
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}: choose one of {GRANULARITIES}")
+    items = collect_inputs(inputs, manifest_root)
+    if not items:
+        raise ValueError(f"no audio files found in {inputs}")
+    out_path = Path(out)
+    sink = FileSink(out_path) if out_path.suffix == ".npz" else FolderSink(out_path)
+    report = Report()
+    todo = []
+    for item in items:
+        if sink.done(item.key):
+            report.skipped += 1
+        else:
+            todo.append(item)
+    batch: list[tuple[Item, torch.Tensor]] = []
+    batches = 0
+
+    def encode(batch):
+        nonlocal batches
+        emb = model.embed([w for _, w in batch], 16000, padding=padding, crop=crop, batch_size=batch_size, autocast=autocast)
+        for i, (item, _) in enumerate(batch):
+            sink.add(item.key, arrays_of(emb, i, granularity), emb.label_names)
+            report.done += 1
+        batches += 1
+        if batches % flush_every == 0:
+            sink.flush()
+
+    bar = tqdm(total=len(todo), disable=not progress, unit="clip", file=sys.stderr)
+    try:
+        for item, wave, error in _prefetched(todo, workers):
+            bar.update(1)
+            if error is not None:
+                report.failed.append((item.key, error))
+                bar.write(f"FAILED {error}")
+                continue
+            batch.append((item, wave))
+            if len(batch) == batch_size:
+                encode(batch)
+                batch = []
+        if batch:
+            encode(batch)
+    finally:
+        bar.close()
+        sink.flush()
+    return report

@@ -1,0 +1,67 @@
+"""The HEAR benchmark API (hearbenchmark.com): ``load_model``, ``get_scene_embeddings``,
+``get_timestamp_embeddings``.
+
+Scene embeddings are the utterance (CLS) embedding by default (``scene="cls"``; ``"mean"`` or
+``"cls+mean"`` on request). Timestamp embeddings are one per 16-frame patch row (160 ms), the
+mean over the frequency patches, at the row centres. Audio longer than the 10.24-s window is
+covered by overlapping windows (see :mod:`sslam.embed`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checkpoint import load_encoder
+from .model import Encoder
+
+SCENE_MODES = ("cls", "mean", "cls+mean")
+
+
+def load_model(model_file_path: str = "", *, device: str | None = None, weights: str = "student",
+               scene: str = "cls", batch_size: int = 16) -> Encoder:
+    """Load an encoder for HEAR. ``model_file_path``: any checkpoint :func:`sslam.load_encoder`
+    reads; when empty, the ``SSLAM_CHECKPOINT`` environment variable names it."""
+    path = model_file_path or os.environ.get("SSLAM_CHECKPOINT", "")
+    if not path:
+        raise ValueError(
+            "sslam.hear.load_model: give model_file_path (an SSLAM/EAT checkpoint) or set "
+            "SSLAM_CHECKPOINT; no weights are downloaded"
+        )
+    if scene not in SCENE_MODES:
+        raise ValueError(f"scene={scene!r}: choose one of {SCENE_MODES}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_encoder(path, device=device, weights=weights)
+    dim = model.cfg.embed_dim
+    model.sample_rate = model.preprocessing.get("sample_rate", 16000)
+    model.scene_embedding_size = 2 * dim if scene == "cls+mean" else dim
+    model.timestamp_embedding_size = dim
+    model.hear_scene = scene
+    model.hear_batch_size = batch_size
+    return model
+
+
+def _embed(audio: torch.Tensor, model: Encoder):
+    if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
+        raise ValueError(f"audio: expected a (n_sounds, n_samples) tensor, got {getattr(audio, 'shape', type(audio))}")
+    return model.embed(audio.float(), model.sample_rate, batch_size=model.hear_batch_size)
+
+
+def get_scene_embeddings(audio: torch.Tensor, model: Encoder) -> torch.Tensor:
+    """(n_sounds, n_samples) at ``model.sample_rate`` -> (n_sounds, scene_embedding_size)."""
+    emb = _embed(audio, model)
+    if model.hear_scene == "cls":
+        return emb.utterance
+    if model.hear_scene == "mean":
+        return emb.mean
+    return torch.cat([emb.utterance, emb.mean], dim=1)
+
+
+def get_timestamp_embeddings(audio: torch.Tensor, model: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_sounds, n_samples) -> embeddings (n_sounds, n_timestamps, timestamp_embedding_size)
+    and timestamps (n_sounds, n_timestamps) in milliseconds (centres of the real patch rows)."""
+    emb = _embed(audio, model)
+    rows = int(emb.timestamp_mask.sum(1).max())  # every sound has the same length in HEAR
+    times = (emb.times[:rows] * 1000).to(emb.timestamps.device)
+    return emb.timestamps[:, :rows], times.expand(len(emb), -1).contiguous()

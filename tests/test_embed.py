@@ -1,0 +1,116 @@
+"""The embeddings API: official contract, masked batching, long audio, fine-tuned heads, HEAR."""
+
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import GOLDEN
+from sslam import hear
+from sslam.checkpoint import load_encoder
+from sslam.model import Encoder, EncoderConfig
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_encoder(GOLDEN / "tiny_ckpt.pt")
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_official_contract_from_raw_files(tiny, golden_fbank, golden_tiny_out):
+    for name, ref in golden_tiny_out["items"].items():
+        item = golden_fbank["items"][name]
+        crop = item["n_frames_raw"] > 1024  # the official code crops; we window unless asked
+        emb = tiny.embed(item["waveform"], item["wav_file_sample_rate"], crop=crop)
+        assert rel_err(emb.utterance[0], ref["utterance"]) < 1e-4
+        assert emb.frames.shape == (1, 512, 64)
+        assert rel_err(emb.frames[0], ref["frame"]) < 1e-4
+        real_rows = -(-min(item["n_frames_raw"], 1024) // 16)
+        assert int(emb.timestamp_mask.sum()) == real_rows
+        assert int(emb.frame_mask.sum()) == real_rows * 8
+        assert torch.allclose(emb.mean[0], ref["frame"][: real_rows * 8].mean(0), atol=1e-5)
+
+
+def test_list_of_clips_equals_one_by_one(tiny, golden_fbank):
+    clips = [it["waveform"] for it in golden_fbank["items"].values() if not it["resampled"]]
+    clips.append(torch.randn(9000) * 0.1)
+    together = tiny.embed(clips, 16000, batch_size=2)
+    for i, clip in enumerate(clips):
+        alone = tiny.embed(clip, 16000)
+        assert torch.allclose(together.utterance[i], alone.utterance[0], atol=1e-5)
+        assert torch.allclose(together.frames[i], alone.frames[0], atol=1e-5)
+
+
+def test_batch_tensor_input(tiny):
+    batch = torch.randn(3, 20000) * 0.1
+    emb = tiny.embed(batch, 16000)
+    assert emb.utterance.shape == (3, 64) and emb.timestamps.shape == (3, 64, 64)
+    assert emb.times.shape == (64,) and abs(emb.times[0].item() - 0.0875) < 1e-6
+
+
+def test_mask_padding_is_independent_of_the_batch(tiny):
+    clips = [torch.randn(n) * 0.1 for n in (5000, 16000, 40000)]
+    together = tiny.embed(clips, 16000, padding="mask")
+    for i, clip in enumerate(clips):
+        alone = tiny.embed(clip, 16000, padding="mask")
+        rows = int(alone.num_rows[0])
+        assert int(together.num_rows[i]) == rows
+        assert torch.allclose(together.utterance[i], alone.utterance[0], atol=1e-5)
+        assert torch.allclose(together.mean[i], alone.mean[0], atol=1e-5)
+        assert torch.allclose(together.frames[i, : rows * 8], alone.frames[0], atol=1e-5)
+    # the padding content never reaches an embedding: other partners, same result
+    other = tiny.embed([clips[0], torch.randn(40000)], 16000, padding="mask")
+    assert torch.allclose(other.utterance[0], together.utterance[0], atol=1e-5)
+
+
+def test_long_audio_is_windowed_not_cropped(tiny):
+    wave = torch.randn(16000 * 25) * 0.1  # 25 s = 2498 frames
+    emb = tiny.embed(wave, 16000)
+    real_rows = -(-2498 // 16)
+    assert int(emb.num_rows[0]) == real_rows == emb.timestamps.shape[1]
+    assert bool(emb.timestamp_mask[0].all())
+    assert emb.times[-1] > 24.9
+    cropped = tiny.embed(wave, 16000, crop=True)
+    assert int(cropped.num_rows[0]) == 64
+    first = tiny.embed(wave[: 16000 * 10], 16000)
+    assert not torch.allclose(emb.utterance, cropped.utterance)
+    # the first window of the long clip sees the same frames as the cropped clip
+    assert torch.allclose(cropped.frames[0, :400], first.frames[0, :400], atol=1e-3)
+    with pytest.raises(ValueError, match="hop"):
+        tiny.embed(wave, 16000, hop=100)
+
+
+def test_paths_and_errors(tiny, tmp_path):
+    sf.write(tmp_path / "a.wav", (torch.randn(24000) * 0.1).numpy(), 24000)
+    emb = tiny.embed(str(tmp_path / "a.wav"))
+    assert emb.utterance.shape == (1, 64)
+    with pytest.raises(ValueError, match="sample_rate is required"):
+        tiny.embed(torch.randn(16000))
+    with pytest.raises(ValueError, match="padding="):
+        tiny.embed(torch.randn(16000), 16000, padding="zeros")
+
+
+def test_finetuned_model_returns_probabilities():
+    model = Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, num_classes=4)).eval()
+    model.label_names = ["a", "b", "c", "d"]
+    emb = model.embed([torch.randn(16000), torch.randn(8000)], 16000)
+    assert emb.probabilities.shape == (2, 4) and emb.label_names == ["a", "b", "c", "d"]
+    assert torch.all((emb.probabilities > 0) & (emb.probabilities < 1))
+
+
+def test_hear_api(tmp_path):
+    model = hear.load_model(str(GOLDEN / "tiny_ckpt.pt"), device="cpu")
+    assert model.sample_rate == 16000
+    assert model.scene_embedding_size == 64 and model.timestamp_embedding_size == 64
+    audio = torch.randn(3, 16000 * 2) * 0.1
+    scene = hear.get_scene_embeddings(audio, model)
+    assert isinstance(scene, torch.Tensor) and scene.shape == (3, 64) and scene.dtype == torch.float32
+    emb, ts = hear.get_timestamp_embeddings(audio, model)
+    assert emb.shape == (3, 13, 64) and ts.shape == (3, 13)
+    assert torch.all(ts[:, 1:] > ts[:, :-1]) and abs(ts[0, 1] - ts[0, 0] - 160.0) < 1e-3
+    both = hear.load_model(str(GOLDEN / "tiny_ckpt.pt"), device="cpu", scene="cls+mean")
+    assert hear.get_scene_embeddings(audio, both).shape == (3, 128) == (3, both.scene_embedding_size)
+    with pytest.raises(ValueError, match="SSLAM_CHECKPOINT"):
+        hear.load_model("")
