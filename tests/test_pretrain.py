@@ -1,0 +1,223 @@
+"""The pretraining objective, piece by piece on hand-checkable cases, and the stage-1 forward
+against the official one (golden masked_forward.pt)."""
+
+import math
+
+import pytest
+import torch
+
+from conftest import GOLDEN
+from sslam.checkpoint import read_checkpoint
+from sslam.mixing import MixWindows, mix_spectrograms, partner_keep_indices
+from sslam.model import EncoderConfig
+from sslam.pretrain import (
+    CNNDecoder,
+    DecoderConfig,
+    EMATeacher,
+    ObjectiveConfig,
+    Pretrainer,
+    cls_regression_sum,
+    decoder_input,
+    ema_decay,
+    instance_norm_tokens,
+    layer_targets,
+    masked_regression_sum,
+    regression_elements,
+    srl_target,
+    train_flops_per_clip,
+)
+
+TINY = EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=8)
+
+
+@pytest.fixture(scope="module")
+def golden_forward(golden_masked_forward):
+    return golden_masked_forward["tiny_pretrain_forward"]
+
+
+@pytest.fixture(scope="module")
+def official_tiny():
+    ckpt = read_checkpoint(GOLDEN / "tiny_ckpt.pt")
+    return Pretrainer.from_checkpoint(ckpt, ObjectiveConfig(stage=1, clones=8, top_k=2))
+
+
+# ---- stage-1 parity with the official forward ----------------------------------------------
+
+
+def test_official_decoder_shape_is_read_from_the_file(official_tiny):
+    assert official_tiny.objective.decoder == DecoderConfig(dim=32, groups=16, kernel=3, layers=6)
+    assert official_tiny.decoder.blocks[0][0].weight.shape == (32, 4, 3, 3)
+
+
+def test_student_output_matches_official(official_tiny, golden_forward):
+    g = golden_forward
+    with torch.no_grad():
+        out = official_tiny.student(g["source"], keep=g["ids_keep"], clones=8)
+    assert (out.x - g["student_last_block_x"]).abs().max() < 1e-5
+
+
+def test_targets_and_cls_loss_match_official(official_tiny, golden_forward):
+    g = golden_forward
+    keep, spec = g["ids_keep"], g["source"]
+    with torch.no_grad():
+        layers = official_tiny._teacher_layers(spec)
+        target = layer_targets(layers, 2)
+        rows = torch.arange(16) // 8
+        masked = official_tiny._masked(keep, 512)
+        assert torch.equal(masked, g["encoder_mask"].bool())
+        sample_size = int(g["sample_size"])
+        assert int(masked.sum()) == sample_size == 6560
+        # the frame loss of the official decoder output against our targets, element by element
+        reg = regression_elements(g["decoder_out"][masked], target[rows][masked])
+        assert (reg - g["losses"]["IMAGE_regression"]).abs().max() < 1e-4
+        # the CLS loss (EAT: mean of the top-K target), scaled by sample_size as fairseq logs it
+        cls = official_tiny.student(spec, keep=keep, clones=8).x[:, 0]
+        ours = regression_elements(cls, target.mean(1)[rows]) * sample_size
+        assert ((ours - g["losses"]["cls"]).abs().max() / g["losses"]["cls"].abs().max()) < 1e-5
+        y = target[rows][masked]
+        assert abs(torch.sqrt(y.var(0) + 1e-6).mean().item() - g["scalars"]["target_var"]) < 1e-4
+
+
+def test_full_stage1_loss_matches_official_up_to_mask_token_noise(official_tiny, golden_forward):
+    g = golden_forward
+    with torch.no_grad():
+        losses = official_tiny(g["source"], g["ids_keep"], generator=torch.Generator().manual_seed(0))
+        _, pred = official_tiny._student(g["source"], g["ids_keep"], 8, torch.Generator().manual_seed(0))
+    official_cls = g["losses"]["cls"].sum() / 6560
+    official_frame = g["losses"]["IMAGE_regression"].sum() / 6560
+    assert abs(losses.cls.item() - official_cls.item()) / official_cls.item() < 1e-5
+    # the decoder's mask tokens are fresh N(0, 0.01^2) noise in both runs
+    assert abs(losses.frame.item() - official_frame.item()) / official_frame.item() < 0.02
+    corr = torch.corrcoef(torch.stack([pred.flatten(), g["decoder_out"].flatten()]))[0, 1]
+    assert corr > 0.99
+    assert losses.sample_size == 6560
+
+
+# ---- pieces ---------------------------------------------------------------------------------
+
+
+def test_decoder_layers_residual_and_shapes():
+    dec = CNNDecoder(16, DecoderConfig(dim=8, groups=4, kernel=3, layers=2))
+    x = torch.randn(3, 4 * 2, 16)
+    out = dec(x, (4, 2))
+    assert out.shape == (3, 8, 16)
+    # by hand: layer 0 (16 -> 8 channels) has no residual, layer 1 has one
+    grid = x.transpose(1, 2).reshape(3, 16, 4, 2)
+    conv0, conv1 = dec.blocks[0][0], dec.blocks[1][0]
+
+    def ln_gelu(y):
+        return torch.nn.functional.gelu(torch.nn.functional.layer_norm(y.movedim(1, -1), (8,)).movedim(-1, 1))
+
+    h = ln_gelu(conv0(grid))
+    h = ln_gelu(conv1(h)) + h
+    expected = dec.proj(h.reshape(3, 8, 8).transpose(1, 2))
+    assert torch.allclose(out, expected, atol=1e-6)
+
+
+def test_decoder_input_places_kept_tokens_and_noise():
+    kept = torch.randn(2, 3, 4)
+    keep = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    grid = decoder_input(kept, keep, 6, 0.01, torch.Generator().manual_seed(0))
+    assert torch.equal(grid[0, [0, 2, 5]], kept[0]) and torch.equal(grid[1, [1, 3, 4]], kept[1])
+    noise = grid[0, [1, 3, 4]]
+    assert noise.abs().max() < 0.06 and noise.abs().min() > 0
+
+
+def test_ema_decay_schedule():
+    assert ema_decay(0) == 0.9998
+    assert math.isclose(ema_decay(50_000), 0.9998 + 0.5 * (0.99999 - 0.9998))
+    assert ema_decay(100_000) == ema_decay(10**7) == 0.99999
+
+
+def test_ema_teacher_update():
+    from sslam.model import Encoder
+
+    student = Encoder(TINY)
+    teacher = EMATeacher(student)
+    before = teacher.encoder.blocks[0].mlp.fc1.weight.clone()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.update(student, 0.75)
+    after = teacher.encoder.blocks[0].mlp.fc1.weight
+    assert torch.allclose(after, 0.75 * before + 0.25 * student.blocks[0].mlp.fc1.weight)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    teacher.train()
+    assert not teacher.encoder.training
+    assert teacher.encoder.blocks[0].mlp.fc1.weight.dtype == torch.float32
+
+
+def test_instance_norm_and_targets_by_hand():
+    y = torch.tensor([[[1.0, 10.0], [3.0, 10.0], [5.0, 16.0]]])  # (1, N=3, D=2)
+    normed = instance_norm_tokens(y)
+    col0 = (torch.tensor([1.0, 3.0, 5.0]) - 3) / math.sqrt(8 / 3 + 1e-5)
+    assert torch.allclose(normed[0, :, 0], col0)
+    a, b = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    expected = torch.nn.functional.layer_norm((instance_norm_tokens(a) + instance_norm_tokens(b)) / 2, (4,))
+    assert torch.allclose(layer_targets([torch.randn(2, 5, 4), a, b], 2), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="top_k"):
+        layer_targets([a], 2)
+
+
+def test_losses_by_hand():
+    pred = torch.zeros(4, 3, 4)  # B = 2 clips, C = 2 clones
+    target = torch.stack([torch.ones(3, 4), 2 * torch.ones(3, 4)])
+    masked = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    # rows 0, 1 use clip 0 (error 1 per dim), rows 2, 3 clip 1 (error 4 per dim); D = 4
+    expected = (3 * 4 * 1 + 1 * 4 * 4) / 2
+    assert masked_regression_sum(pred, target, masked, clones=2).item() == pytest.approx(expected)
+    cls = torch.zeros(4, 4)
+    assert cls_regression_sum(cls, torch.ones(2, 4), clones=2).item() == pytest.approx(4 * 4 / 2)
+
+
+def test_srl_target_stitching_by_hand():
+    """Windows at frames 32 and 400 of 1024 (SPEC verification): rows 2-16 and 25-39 equal the
+    clean target, every other row is the mean of the clean target and the partner's partial
+    target, partial rows consumed in order."""
+    b, rows, freq, d = 3, 64, 8, 4
+    windows = MixWindows(starts=(32, 400), width=240)
+    clean = torch.randn(b, rows * freq, d)
+    kept_rows = rows - 30
+    partial = torch.arange(b * kept_rows, dtype=torch.float32).view(b, kept_rows, 1, 1).expand(b, kept_rows, freq, d)
+    partial = partial.reshape(b, kept_rows * freq, d)
+    out = srl_target(clean, partial, windows, freq).view(b, rows, freq, d)
+    clean_rows = clean.view(b, rows, freq, d)
+    inside = list(range(2, 17)) + list(range(25, 40))
+    assert torch.equal(out[:, inside], clean_rows[:, inside])
+    mixed = [r for r in range(rows) if r not in inside]
+    for i in range(b):
+        foreign = (i - 1) % b
+        for j, r in enumerate(mixed):
+            assert torch.allclose(out[i, r], 0.5 * (clean_rows[i, r] + foreign * kept_rows + j))
+    assert partner_keep_indices(windows).numel() == kept_rows * freq == 272
+
+
+def test_stage2_forward_terms():
+    torch.manual_seed(0)
+    cfg = EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=16)
+    obj = ObjectiveConfig(stage=2, clones=2, top_k=2, mix_width=48, decoder=DecoderConfig(dim=16, groups=4, layers=2))
+    model = Pretrainer(cfg, obj)
+    spec = torch.randn(3, 1, 256, 128)
+    keep = torch.stack([torch.randperm(128)[:25] for _ in range(6)])
+    windows = MixWindows(starts=(16, 96), width=48)
+    losses = model(spec, keep, windows=windows, generator=torch.Generator().manual_seed(1))
+    assert losses.sample_size == 2 * 6 * (128 - 25)
+    assert torch.isfinite(losses.total) and losses.srl > 0
+    assert torch.allclose(losses.total, losses.frame + losses.srl + losses.cls)
+    losses.total.backward()
+    assert model.student.blocks[0].attn.qkv.weight.grad is not None
+    assert all(p.grad is None for p in model.teacher.parameters())
+    # the mixture really is the rolled max outside the windows
+    mixed = mix_spectrograms(spec, windows)
+    assert torch.equal(mixed[1, :, :16], torch.maximum(spec[1, :, :16], spec[0, :, :16]))
+    assert torch.equal(mixed[1, :, 16:64], spec[1, :, 16:64])
+    with pytest.raises(ValueError, match="windows"):
+        model(spec, keep)
+
+
+def test_flops_of_the_official_step():
+    from sslam.model import VARIANTS
+
+    eat = train_flops_per_clip(VARIANTS["base"], ObjectiveConfig(stage=1, clones=16), 1024, 102)
+    sslam = train_flops_per_clip(VARIANTS["base"], ObjectiveConfig(stage=2, clones=8), 1024, 102)
+    assert abs(eat / 1e12 - 1.083) < 0.002 and abs(sslam / 1e12 - 1.230) < 0.003
