@@ -200,7 +200,7 @@ class Encoder(nn.Module):
             persistent=True,
         )
         self.pre_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # linspace
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
         if cfg.num_classes > 0:
             self.fc_norm = nn.LayerNorm(d, eps=cfg.head_norm_eps)

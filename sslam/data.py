@@ -1,0 +1,205 @@
+"""Training data: where clips come from, how they are decoded, and how batches are drawn.
+
+Sources: a fairseq ``.tsv`` manifest (first line the root folder, then ``relpath<TAB>size``;
+the root can be overridden), a folder of audio files, or the built-in synthetic scenes
+(:mod:`sslam.synth`, the default). Decoding and resampling to 16 kHz run in DataLoader workers;
+features, mixing and masks are computed later on the training device.
+
+Batches are drawn so that a run is reproducible and independent of how it is split: every
+optimizer step consumes one *global batch* of ``batch_size * world_size * accum_steps`` clips
+from a seeded per-epoch permutation, and slot ``k * world_size + rank`` (micro-step ``k`` of
+rank ``rank``) takes its ``batch_size`` clips from it. One process with ``accum_steps = W`` sees
+exactly the micro-batches that W processes see in one step.
+
+An unreadable file is replaced by the next readable clip of the dataset (so batch shapes stay
+equal across ranks) and reported by name; the trainer counts them and stops past a cap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .audio import AudioError, load_audio
+from .extract import AUDIO_SUFFIXES
+from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE
+
+
+def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples: int = 0) -> list[Path]:
+    """Audio paths of a fairseq manifest. Entries whose size column is below ``min_samples``
+    are skipped, as fairseq does (``min_sample_size``)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read manifest ({exc})") from exc
+    if not lines or not lines[0].strip():
+        raise ValueError(f"{path}: the first line must be the root folder of the audio files")
+    base = Path(root if root else lines[0].strip())
+    out = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) > 1 and parts[1].strip():
+            try:
+                size = int(parts[1])
+            except ValueError:
+                raise ValueError(f"{path}:{number}: size column {parts[1]!r} is not an integer") from None
+            if size < min_samples:
+                continue
+        out.append(base / parts[0].strip())
+    if not out:
+        raise ValueError(f"{path}: no clips listed")
+    return out
+
+
+def folder_paths(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    if not paths:
+        raise ValueError(f"{folder}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")
+    return paths
+
+
+def samples_for_frames(frames: int) -> int:
+    """16-kHz samples that produce ``frames`` Kaldi frames (more would be cropped anyway)."""
+    return (frames - 1) * FRAME_SHIFT + FRAME_LENGTH
+
+
+class AudioFiles(Dataset):
+    """Decoded 16-kHz mono clips of a list of files, cropped to ``max_samples``.
+
+    ``__getitem__`` returns ``(waveform float32 (n,), index, failures)`` where ``failures``
+    lists ``(path, reason)`` of unreadable files skipped on the way to a readable one."""
+
+    def __init__(self, paths: list[Path], max_samples: int | None = None, max_tries: int = 20):
+        if not paths:
+            raise ValueError("AudioFiles: no paths")
+        self.paths, self.max_samples, self.max_tries = list(paths), max_samples, max_tries
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        failures = []
+        for attempt in range(min(self.max_tries, len(self.paths))):
+            path = self.paths[(index + attempt) % len(self.paths)]
+            try:
+                wave, _ = load_audio(path, sample_rate=SAMPLE_RATE)
+                if wave.numel() < FRAME_LENGTH:
+                    raise AudioError(f"{path}: shorter than one 25 ms frame ({wave.numel()} samples at 16 kHz)")
+            except AudioError as exc:
+                failures.append((str(path), str(exc)))
+                continue
+            if self.max_samples is not None:
+                wave = wave[: self.max_samples]
+            return wave, index, failures
+        raise AudioError(
+            f"{self.max_tries} consecutive unreadable files from index {index}: " + "; ".join(r for _, r in failures[-3:])
+        )
+
+
+class SynthClips(Dataset):
+    """The built-in synthetic scenes (:func:`sslam.synth.default_pretraining_data`)."""
+
+    def __init__(self, num_clips: int, seconds: float, seed: int = 0, max_samples: int | None = None):
+        from .synth import default_pretraining_data
+
+        self.data = default_pretraining_data(num_clips, seconds, seed)
+        self.max_samples = max_samples
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        wave = self.data[index][0]
+        if self.max_samples is not None:
+            wave = wave[: self.max_samples]
+        return wave, index, []
+
+
+@dataclass
+class Batch:
+    """Padded 16-kHz waveforms (B, N), their lengths (B,), dataset indices (B,), and the files
+    that had to be skipped to fill it."""
+
+    waveforms: torch.Tensor
+    lengths: torch.Tensor
+    indices: torch.Tensor
+    failures: list
+
+    def pin_memory(self):
+        self.waveforms = self.waveforms.pin_memory()
+        return self
+
+
+def collate(items) -> Batch:
+    waves, indices, failures = zip(*items)
+    lengths = torch.tensor([w.numel() for w in waves])
+    batch = torch.zeros(len(waves), int(lengths.max()))
+    for i, w in enumerate(waves):
+        batch[i, : w.numel()] = w
+    return Batch(batch, lengths, torch.tensor(indices), [f for fs in failures for f in fs])
+
+
+class GlobalBatchSampler(Sampler):
+    """Yields this rank's micro-batches of dataset indices, step after step (see the module
+    docstring): epoch e uses the permutation seeded by (seed, e); incomplete global batches at
+    the end of an epoch are dropped. ``start`` = (epoch, step within the epoch) resumes exactly."""
+
+    def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0, accum_steps: int = 1,
+                 seed: int = 0, start: tuple[int, int] = (0, 0)):
+        self.size, self.batch_size = size, batch_size
+        self.world_size, self.rank, self.accum_steps, self.seed = world_size, rank, accum_steps, seed
+        self.global_batch = batch_size * world_size * accum_steps
+        if self.global_batch > size:
+            raise ValueError(
+                f"global batch {self.global_batch} (batch {batch_size} x world {world_size} x accum "
+                f"{accum_steps}) exceeds the dataset size {size}"
+            )
+        self.steps_per_epoch = size // self.global_batch
+        self.start = start
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=g)
+
+    def position(self, steps_done: int) -> tuple[int, int]:
+        """(epoch, step within epoch) after ``steps_done`` optimizer steps from the start."""
+        epoch, step = self.start
+        total = epoch * self.steps_per_epoch + step + steps_done
+        return divmod(total, self.steps_per_epoch)
+
+    def __iter__(self):
+        epoch, step = self.start
+        while True:
+            perm = self.permutation(epoch)
+            for s in range(step, self.steps_per_epoch):
+                base = s * self.global_batch
+                for k in range(self.accum_steps):
+                    slot = k * self.world_size + self.rank
+                    lo = base + slot * self.batch_size
+                    yield perm[lo : lo + self.batch_size].tolist()
+            epoch, step = epoch + 1, 0
+
+    def __len__(self) -> int:  # an endless sampler; the trainer stops by step count
+        return 2**62
+
+
+def build_dataset(source: str, *, root: str | None = None, target_length: int = 1024, synth_clips: int = 2000,
+                  synth_seconds: float = 10.0, seed: int = 0, min_samples: int = 0) -> Dataset:
+    """'synth', a folder, or a ``.tsv`` manifest -> a dataset of (waveform, index, failures)."""
+    max_samples = samples_for_frames(target_length)
+    if source == "synth":
+        return SynthClips(synth_clips, synth_seconds, seed, max_samples)
+    path = Path(source)
+    if path.is_dir():
+        return AudioFiles(folder_paths(path), max_samples)
+    if path.suffix == ".tsv":
+        return AudioFiles(manifest_paths(path, root, min_samples), max_samples)
+    raise ValueError(f"data source {source!r}: expected 'synth', a folder of audio files, or a .tsv manifest")

@@ -1,0 +1,750 @@
+"""The trainer: EAT stage 1 and SSLAM stage 2 on one CPU, one GPU, or many through torchrun.
+
+    sslam pretrain --preset tiny --stage 1 --out runs/s1
+    sslam pretrain --preset tiny --stage 2 --init runs/s1 --out runs/s2 --optim.lr=1e-4
+    torchrun --nproc_per_node 8 -m sslam.train --preset base --stage 2 --data train.tsv \\
+        --init EAT-base_epoch10_pt.pt --out runs/sslam
+
+Configuration is a set of typed dataclasses (:class:`TrainConfig`) filled from a preset and
+``--section.key=value`` overrides; unknown keys are errors; the resolved config is printed and
+stored in every checkpoint. A run whose output folder already holds checkpoints resumes from
+the newest one exactly (model, teacher, optimizer, scheduler, scaler, step, data position).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_torch_load
+from .features import preprocess
+from .masking import MaskConfig, block_masks, kept_indices
+from .mixing import sample_windows
+from .model import VARIANTS
+from .pretrain import DecoderConfig, ObjectiveConfig, Pretrainer, ema_decay, train_flops_per_clip
+
+class StopTraining(RuntimeError):
+    """A run stopped on purpose, for the reason in the message (too many unreadable files, too
+    many non-finite losses); every checkpoint written before it is intact."""
+
+
+PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0, "A100": 312.0}
+
+# ---- configuration ------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSection:
+    variant: str = "base"  # tiny | small | base | large
+    embed_dim: int = 0  # 0: the variant's
+    depth: int = 0
+    num_heads: int = 0
+    decoder_dim: int = 768
+    decoder_groups: int = 16
+    decoder_kernel: int = 3
+    decoder_layers: int = 6
+
+
+@dataclass
+class ObjectiveSection:
+    stage: int = 1
+    clones: int = 16
+    top_k: int = 0  # 0: all layers
+    mask_prob: float = 0.8
+    mask_prob_adjust: float = 0.07
+    mask_length: int = 5
+    cls_loss: float = 1.0
+    srl_weight: float = 2.0
+    mix_width: int = 240
+
+
+@dataclass
+class DataSection:
+    source: str = "synth"  # synth | a folder | a .tsv manifest
+    root: str = ""  # overrides a manifest's root line
+    batch_size: int = 12  # clips per process per micro-step
+    target_length: int = 1024
+    norm: str = "audioset"
+    num_workers: int = 2
+    min_samples: int = 0  # manifest entries with a smaller size column are skipped
+    max_bad_files: int = 100  # unreadable files tolerated before the run stops
+    synth_clips: int = 2000
+    synth_seconds: float = 10.0
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    warmup_steps: int = 53_333
+    max_steps: int = 400_000
+    min_lr: float = 0.0
+    clip_norm: float = 4.0
+    accum_steps: int = 1
+
+
+@dataclass
+class EMASection:
+    start: float = 0.9998
+    end: float = 0.99999
+    anneal_steps: int = 100_000
+    restart: bool = True  # stage 2 from a checkpoint re-anneals from `start` (the official run)
+
+
+@dataclass
+class RunSection:
+    out: str = "runs/pretrain"
+    init: str = ""  # checkpoint to start from (official EAT/SSLAM .pt, or ours)
+    resume: bool = True  # continue from the newest checkpoint in `out` if there is one
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False
+    parallel: str = "ddp"  # ddp | fsdp (when launched with torchrun)
+    seed: int = 1
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    tensorboard: bool = False
+    progress: bool = True
+    max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EMASection = field(default_factory=EMASection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        cfg = cls()
+        for section, entries in values.items():
+            for key, value in entries.items():
+                set_option(cfg, f"{section}.{key}", value)
+        return cfg
+
+
+def preset(name: str = "base", stage: int = 1) -> TrainConfig:
+    """``tiny`` (CPU, minutes), ``base`` (ViT-B: EAT's stage-1 or SSLAM's stage-2 recipe), or
+    ``large`` (ViT-L of the official config)."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage={stage}: 1 (EAT) or 2 (SSLAM)")
+    cfg = TrainConfig()
+    cfg.objective.stage = stage
+    cfg.objective.clones = 16 if stage == 1 else 8
+    if stage == 2:  # SPEC 5.6
+        cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_steps = 5e-5, 25_000, 200_000
+    if name == "base":
+        return cfg
+    if name == "large":  # SPEC 2.3
+        cfg.model = ModelSection(variant="large", decoder_dim=1024, decoder_groups=16, decoder_kernel=5, decoder_layers=3)
+        cfg.objective.mask_prob, cfg.objective.mask_prob_adjust = 0.75, 0.1
+        cfg.optim.lr = 4e-4 if stage == 1 else cfg.optim.lr
+        cfg.ema.anneal_steps = 150_000
+        return cfg
+    if name == "tiny":  # small enough to learn something on 2 CPU cores in minutes
+        cfg.model = ModelSection(variant="tiny", embed_dim=96, depth=4, num_heads=3, decoder_dim=96,
+                                 decoder_groups=8, decoder_kernel=3, decoder_layers=3)
+        cfg.objective.clones = 4 if stage == 1 else 2
+        cfg.objective.mix_width = 80
+        cfg.data = DataSection(batch_size=8, target_length=256, num_workers=1, synth_clips=512, synth_seconds=2.6)
+        cfg.optim = OptimSection(lr=1e-3 if stage == 1 else 3e-4, warmup_steps=20, max_steps=300, clip_norm=4.0)
+        cfg.ema = EMASection(start=0.99, end=0.999, anneal_steps=300)
+        cfg.run.log_every, cfg.run.ckpt_every, cfg.run.device = 10, 100, "cpu"
+        return cfg
+    raise ValueError(f"unknown preset {name!r}: tiny, base or large")
+
+
+def _convert(value, annotation: str, key: str):
+    if not isinstance(value, str):
+        return value
+    try:
+        if annotation == "bool":
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation == "int":
+            return int(float(value)) if re.fullmatch(r"[-+]?\d+(\.0*)?(e\+?\d+)?", value) else int(value)
+        if annotation == "float":
+            return float(value)
+        return value
+    except ValueError:
+        raise ValueError(f"--{key}={value!r}: expected a {annotation}") from None
+
+
+def set_option(cfg: TrainConfig, key: str, value) -> None:
+    """Set ``section.field`` on ``cfg`` (value converted from a string by the field's type)."""
+    if "." not in key:
+        raise ValueError(f"--{key}: options are --section.key=value; sections: {[f.name for f in dataclasses.fields(cfg)]}")
+    section_name, name = key.split(".", 1)
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    if section_name not in sections:
+        raise ValueError(f"--{key}: unknown section {section_name!r}; choose one of {sorted(sections)}")
+    section = getattr(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if name not in fields:
+        raise ValueError(f"--{key}: unknown key {name!r} in [{section_name}]; known: {sorted(fields)}")
+    setattr(section, name, _convert(value, str(fields[name].type), key))
+
+
+def format_config(cfg: TrainConfig) -> str:
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"  {k} = {v!r}" for k, v in values.items()]
+    return "\n".join(lines)
+
+
+def validate(cfg: TrainConfig) -> None:
+    o, d, r = cfg.optim, cfg.data, cfg.run
+    checks = [
+        (cfg.model.variant in VARIANTS, f"model.variant={cfg.model.variant!r}: one of {sorted(VARIANTS)}"),
+        (cfg.objective.stage in (1, 2), "objective.stage must be 1 or 2"),
+        (cfg.objective.clones >= 1, "objective.clones must be >= 1"),
+        (d.batch_size >= 1 and o.accum_steps >= 1, "data.batch_size and optim.accum_steps must be >= 1"),
+        (cfg.objective.stage == 1 or d.batch_size >= 2, "stage 2 mixes in-batch pairs: data.batch_size >= 2"),
+        (d.target_length % 16 == 0, "data.target_length must be a multiple of 16"),
+        (o.max_steps >= 1 and o.warmup_steps >= 0, "optim.max_steps >= 1 and warmup_steps >= 0"),
+        (r.precision in ("auto", "fp32", "bf16", "fp16"), "run.precision: auto, fp32, bf16 or fp16"),
+        (r.parallel in ("ddp", "fsdp"), "run.parallel: ddp or fsdp"),
+        (r.ckpt_every >= 1 and r.log_every >= 1 and r.keep_last >= 1, "run.ckpt_every, log_every, keep_last >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def encoder_config(cfg: TrainConfig):
+    m = cfg.model
+    changes = {k: getattr(m, k) for k in ("embed_dim", "depth", "num_heads") if getattr(m, k)}
+    return VARIANTS[m.variant].replace(**changes)
+
+
+def objective_config(cfg: TrainConfig, depth: int) -> ObjectiveConfig:
+    o, m = cfg.objective, cfg.model
+    return ObjectiveConfig(
+        stage=o.stage, clones=o.clones, top_k=o.top_k or depth, cls_loss=o.cls_loss, srl_weight=o.srl_weight,
+        mix_width=o.mix_width,
+        decoder=DecoderConfig(dim=m.decoder_dim, groups=m.decoder_groups, kernel=m.decoder_kernel, layers=m.decoder_layers),
+    )
+
+
+# ---- distributed --------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> Dist:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPU, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Dist(rank, world, local)
+
+
+def mix_seed(*parts) -> int:
+    """A 63-bit seed from integers (SplitMix64-style hashing), for per-step, per-slot streams."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+# ---- optimisation -------------------------------------------------------------------------
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on 1-D parameters and biases (the CLS token, 3-D, decays)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, o: OptimSection) -> float:
+    """Linear warm-up from 0, then one cosine half-period to ``min_lr`` at ``max_steps``."""
+    if step < o.warmup_steps:
+        return step / max(1, o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps))
+    floor = o.min_lr / o.lr if o.lr > 0 else 0.0
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+CKPT_PATTERN = re.compile(r"checkpoint_(\d{8})\.pt$")
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    """Checkpoints of a run folder, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if CKPT_PATTERN.search(p.name)), key=lambda p: p.name)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the trainer --------------------------------------------------------------------------
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs the loop (:meth:`fit`)."""
+
+    def __init__(self, cfg: TrainConfig, log=print):
+        validate(cfg)
+        self.cfg = cfg
+        self.out = Path(cfg.run.out)
+        device_type = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = init_distributed(device_type)
+        if device_type == "cuda":
+            torch.cuda.set_device(self.dist.local_rank)
+            self.device = torch.device("cuda", self.dist.local_rank)
+        else:
+            self.device = torch.device(device_type)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        self.log = log if self.dist.main else (lambda *a, **k: None)
+        precision = cfg.run.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        self.resume_from = checkpoints_in(self.out)[-1] if cfg.run.resume and checkpoints_in(self.out) else None
+        self.model = self._build_model()
+        self.mask_cfg = MaskConfig(
+            grid=(cfg.data.target_length // 16, self.model.student.cfg.freq_patches),
+            mask_prob=cfg.objective.mask_prob, mask_prob_adjust=cfg.objective.mask_prob_adjust,
+            mask_length=cfg.objective.mask_length,
+        )
+        self.optimizer = torch.optim.AdamW(
+            param_groups(torch.nn.ModuleList([self.model.student, self.model.decoder]), cfg.optim.weight_decay),
+            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+            **({"fused": True} if self.device.type == "cuda" else {}),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.optim))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.step = 0
+        self.data_start = (0, 0)
+        self.bad_files: list[tuple[str, str]] = []
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        self.train_module = self._wrap(self.model)
+        self.flops_per_clip = train_flops_per_clip(self.model.student.cfg, self.model.objective,
+                                                   cfg.data.target_length, self.mask_cfg.num_kept)
+
+    # -- building --
+    def _build_model(self) -> Pretrainer:
+        cfg = self.cfg
+        enc_cfg = encoder_config(cfg)
+        objective = objective_config(cfg, enc_cfg.depth)
+        if cfg.run.init and self.resume_from is None:
+            ckpt = read_checkpoint(cfg.run.init)
+            objective = dataclasses.replace(objective, top_k=cfg.objective.top_k or ckpt.config.depth)
+            model = Pretrainer.from_checkpoint(ckpt, objective)
+            self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "
+                     f"from {cfg.run.init} ({ckpt.format})")
+        else:
+            if self.resume_from is not None:  # the architecture of the run being resumed
+                saved = safe_torch_load(self.resume_from)
+                from .model import EncoderConfig
+
+                enc_cfg = EncoderConfig.from_dict(saved["encoder_config"])
+                objective = ObjectiveConfig(**{**saved["objective"], "decoder": DecoderConfig(**saved["objective"]["decoder"])})
+            model = Pretrainer(enc_cfg, objective)
+        return model.to(self.device).train()
+
+    def _wrap(self, model: Pretrainer):
+        if self.dist.world_size == 1:
+            module = model
+        elif self.cfg.run.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+            for block in list(model.student.blocks) + list(model.teacher.encoder.blocks):
+                fully_shard(block)
+            fully_shard(model.teacher.encoder)
+            for method in ("patchify_embed", "forward_tokens"):
+                register_fsdp_forward_method(model.teacher.encoder, method)
+            module = fully_shard(model)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            module = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False
+            )
+        if self.cfg.run.compile:
+            model.student.compile()
+            model.decoder.compile()
+        return module
+
+    # -- data --
+    def data_loader(self):
+        from torch.utils.data import DataLoader
+
+        from .data import GlobalBatchSampler, build_dataset, collate
+
+        d = self.cfg.data
+        dataset = build_dataset(d.source, root=d.root or None, target_length=d.target_length,
+                                synth_clips=d.synth_clips, synth_seconds=d.synth_seconds,
+                                seed=self.cfg.run.seed, min_samples=d.min_samples)
+        self.sampler = GlobalBatchSampler(len(dataset), d.batch_size, self.dist.world_size, self.dist.rank,
+                                          self.cfg.optim.accum_steps, self.cfg.run.seed, start=self.data_start)
+        return DataLoader(dataset, batch_sampler=self.sampler, num_workers=d.num_workers, collate_fn=collate,
+                          pin_memory=self.device.type == "cuda", persistent_workers=d.num_workers > 0)
+
+    # -- one step --
+    def features(self, batch) -> torch.Tensor:
+        waves = batch.waveforms.to(self.device, non_blocking=True)
+        return preprocess(waves, 16000, self.cfg.data.target_length, self.cfg.data.norm,
+                          lengths=batch.lengths.to(self.device))
+
+    def micro_step_inputs(self, batch, slot: int):
+        """Spectrograms, kept indices and mixing windows for micro-batch ``slot`` of this step;
+        every random draw comes from (seed, step, slot), so splitting a global batch over
+        processes or accumulation steps does not change it."""
+        spec = self.features(batch)
+        seed = self.cfg.run.seed
+        masks = block_masks(spec.shape[0] * self.model.objective.clones, self.mask_cfg, mix_seed(seed, self.step, slot, 1))
+        keep, _ = kept_indices(masks)
+        windows = None
+        if self.model.objective.stage == 2:
+            g = torch.Generator().manual_seed(mix_seed(seed, self.step, slot, 2))
+            windows = sample_windows(self.cfg.data.target_length, self.model.objective.mix_width, generator=g)
+        noise = torch.Generator(device=self.device).manual_seed(mix_seed(seed, self.step, slot, 3))
+        return spec, keep.to(self.device), windows, noise
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, micro_batches) -> dict | None:
+        """Forward/backward over the accumulation micro-batches, clip, step, EMA. Returns the
+        logged values, or None if the loss was not finite (the step is skipped)."""
+        cfg = self.cfg
+        accum = len(micro_batches)
+        totals: dict[str, float] = {}
+        finite = True
+        for k, batch in enumerate(micro_batches):
+            slot = k * self.dist.world_size + self.dist.rank
+            spec, keep, windows, noise = self.micro_step_inputs(batch, slot)
+            sync = nullcontext()
+            if k < accum - 1 and hasattr(self.train_module, "no_sync"):
+                sync = self.train_module.no_sync()
+            with sync:
+                with self.autocast():
+                    losses = self.train_module(spec, keep, windows=windows, generator=noise)
+                loss = losses.total / accum
+                if not torch.isfinite(loss.detach()):
+                    finite = False
+                    break
+                self.scaler.scale(loss).backward()
+            for name, value in losses.items().items():
+                totals[name] = totals.get(name, 0.0) + value / accum
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.scaler.unscale_(self.optimizer)
+        params = self.model.trainable_parameters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        decay = self.ema_decay()
+        self.model.update_teacher(decay)
+        totals.update(grad_norm=float(grad_norm), ema_decay=decay, lr=self.scheduler.get_last_lr()[0])
+        return totals
+
+    def ema_decay(self) -> float:
+        e = self.cfg.ema
+        return ema_decay(self.step, e.start, e.end, e.anneal_steps)
+
+    # -- checkpoints --
+    def state(self) -> dict:
+        cfg = self.cfg
+        epoch, step_in_epoch = self.sampler.position(self.step - self._steps_at_start) if hasattr(self, "sampler") else self.data_start
+        return {
+            "format": "sslam-train",
+            "version": 1,
+            "config": cfg.to_dict(),
+            "encoder_config": self.model.student.cfg.to_dict(),
+            "objective": dataclasses.asdict(self.model.objective),
+            "preprocessing": {"sample_rate": 16000, "target_length": cfg.data.target_length, "norm": cfg.data.norm},
+            "model": _cpu_state(self.model.student),
+            "decoder": _cpu_state(self.model.decoder),
+            "teacher": _cpu_state(self.model.teacher.encoder),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "data_position": [epoch, step_in_epoch],
+            "rng": rng_state(),
+            "bad_files": self.bad_files,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def save(self) -> Path | None:
+        state = self.state()  # every rank takes part (FSDP gathers)
+        if not self.dist.main:
+            return None
+        path = self.out / f"checkpoint_{self.step:08d}.pt"
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        for old in checkpoints_in(self.out)[: -self.cfg.run.keep_last]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def _load(self, path: Path) -> None:
+        state = safe_torch_load(path)
+        if state.get("format") != "sslam-train":
+            raise CheckpointError(f"{path}: not an sslam training checkpoint")
+        self.model.student.load_state_dict(state["model"])
+        self.model.decoder.load_state_dict(state["decoder"])
+        self.model.teacher.encoder.load_state_dict(state["teacher"])
+        self.model.to(self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.data_start = tuple(state["data_position"])
+        self.bad_files = [tuple(f) for f in state.get("bad_files", [])]
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        set_rng_state(state["rng"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # -- the loop --
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log(format_config(cfg))
+        eff = cfg.data.batch_size * self.dist.world_size * cfg.optim.accum_steps
+        self.log(f"effective batch: {eff} clips per step ({cfg.data.batch_size} per micro-step x "
+                 f"{self.dist.world_size} processes x {cfg.optim.accum_steps} accumulation steps); "
+                 f"{self.model.objective.clones} clones; stage {self.model.objective.stage}; "
+                 f"precision {self.precision}; device {self.device}; "
+                 f"random streams seeded by (seed {cfg.run.seed}, step, rank slot)")
+        n_params = sum(p.numel() for p in self.model.trainable_parameters())
+        self.log(f"trainable parameters: {n_params:,}")
+        if self.dist.main:
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        loader = self.data_loader()
+        self._steps_at_start = self.step
+        metrics_file = (self.out / "metrics.jsonl").open("a") if self.dist.main else None
+        writer = self._tensorboard()
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.optim.max_steps, initial=self.step, disable=not (cfg.run.progress and self.dist.main),
+                   unit="step", file=sys.stderr, dynamic_ncols=True)
+        last: dict = {}
+        window_start, window_steps = time.perf_counter(), 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        batches = iter(loader)
+        try:
+            while self.step < cfg.optim.max_steps:
+                micro = [next(batches) for _ in range(cfg.optim.accum_steps)]
+                self._count_bad_files(micro)
+                values = self.train_step(micro)
+                if values is None:
+                    self.bad_steps += 1
+                    self.skipped_steps += 1
+                    self.log(f"step {self.step + 1}: non-finite loss, step skipped ({self.bad_steps} in a row)")
+                    if self.bad_steps >= cfg.run.max_bad_steps:
+                        raise StopTraining(
+                            f"{self.bad_steps} consecutive non-finite losses at step {self.step + 1}; stopping. "
+                            f"The last good checkpoint is {checkpoints_in(self.out)[-1] if checkpoints_in(self.out) else 'none'}"
+                        )
+                    self.step += 1  # keep the data, masks and schedule moving past the bad batch
+                    self.scheduler.step()
+                    continue
+                self.bad_steps = 0
+                window_steps += 1
+                bar.update(1)
+                if self.step % cfg.run.log_every == 0 or self.step == cfg.optim.max_steps:
+                    last = self._log_step(values, time.perf_counter() - window_start, window_steps, eff, metrics_file, writer)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.optim.max_steps:
+                    self.save()
+        finally:
+            bar.close()
+            if metrics_file:
+                metrics_file.close()
+            if writer:
+                writer.close()
+        return last
+
+    def _count_bad_files(self, micro) -> None:
+        for batch in micro:
+            for path, reason in batch.failures:
+                self.bad_files.append((path, reason))
+                self.log(f"skipped unreadable file {reason}")
+        if len(self.bad_files) > self.cfg.data.max_bad_files:
+            raise StopTraining(
+                f"{len(self.bad_files)} unreadable files exceed data.max_bad_files={self.cfg.data.max_bad_files}; "
+                f"first ones: {[p for p, _ in self.bad_files[:5]]}"
+            )
+
+    def _log_step(self, values, seconds, steps, eff, metrics_file, writer) -> dict:
+        step_time = seconds / max(1, steps)
+        clips_per_s = eff / step_time
+        record = {"step": self.step, **values, "step_time": step_time, "clips_per_s": clips_per_s,
+                  "bad_files": len(self.bad_files), "skipped_steps": self.skipped_steps}
+        parts = [f"step {self.step}/{self.cfg.optim.max_steps}", f"loss {values['loss']:.4f}",
+                 f"frame {values['frame']:.4f}", f"cls {values['cls']:.4f}"]
+        if "srl" in values:
+            parts.append(f"srl {values['srl']:.4f}")
+        parts += [f"lr {values['lr']:.2e}", f"ema {values['ema_decay']:.5f}", f"{step_time:.3f} s/step",
+                  f"{clips_per_s:.1f} clips/s"]
+        if self.device.type == "cuda":
+            peak = _peak_tflops(torch.cuda.get_device_name(self.device))
+            if peak:
+                record["mfu"] = self.flops_per_clip * clips_per_s / self.dist.world_size / (peak * 1e12)
+                parts.append(f"MFU {100 * record['mfu']:.1f}%")
+            record["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            parts.append(f"mem {record['peak_mem_gb']:.2f} GB")
+        self.log(" | ".join(parts))
+        if metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if writer:
+            for k, v in record.items():
+                if k != "step":
+                    writer.add_scalar(f"train/{k}", v, self.step)
+        return record
+
+    def _tensorboard(self):
+        if not (self.cfg.run.tensorboard and self.dist.main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise RuntimeError("run.tensorboard=true needs the tensorboard package (pip install tensorboard)") from exc
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
+
+
+def _peak_tflops(device_name: str) -> float | None:
+    for key, value in PEAK_TFLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=["tiny", "base", "large"])
+    p.add_argument("--stage", type=int, default=1, choices=[1, 2])
+    p.add_argument("--data", default=None, help="synth (default), a folder of audio files, or a fairseq .tsv manifest")
+    p.add_argument("--init", default=None, help="checkpoint to start from (official EAT/SSLAM or ours)")
+    p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, config.json)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def config_from_args(args, overrides: list[str]) -> TrainConfig:
+    cfg = preset(args.preset, args.stage)
+    if args.data:
+        cfg.data.source = args.data
+    if args.init:
+        cfg.run.init = args.init
+    if args.out:
+        cfg.run.out = args.out
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"{item!r}: overrides are written --section.key=value")
+        key, value = item[2:].split("=", 1)
+        set_option(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def run_pretrain(args, overrides) -> int:
+    cfg = config_from_args(args, overrides)
+    if args.print_config:
+        print(format_config(cfg))
+        return 0
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def add_pretrain_command(sub) -> None:
+    p = sub.add_parser("pretrain", help="EAT stage-1 / SSLAM stage-2 pretraining",
+                       description="Overrides: --section.key=value (sections model, objective, data, optim, ema, run).")
+    add_arguments(p)
+    p.set_defaults(func=lambda a: run_pretrain(a, a.overrides), overrides=[])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sslam.train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args, overrides = parser.parse_known_args(argv)
+    return run_pretrain(args, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The trainer: config and overrides, loss going down, exact resume, DDP equivalence, atomic
+checkpoints, stage 2 from the official checkpoint, bad data and bad losses."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import GOLDEN
+from sslam.checkpoint import load_encoder, read_checkpoint
+from sslam.train import (
+    StopTraining,
+    Trainer,
+    TrainConfig,
+    checkpoints_in,
+    config_from_args,
+    lr_factor,
+    preset,
+    set_option,
+)
+
+
+def small(out, stage=1, steps=6, **over) -> TrainConfig:
+    """A config that trains in seconds on a CPU."""
+    cfg = preset("tiny", stage)
+    cfg.model.embed_dim, cfg.model.depth, cfg.model.num_heads = 32, 2, 2
+    cfg.model.decoder_dim, cfg.model.decoder_groups, cfg.model.decoder_layers = 16, 4, 2
+    cfg.objective.clones, cfg.objective.mask_length, cfg.objective.mix_width = 2, 3, 32
+    cfg.data.batch_size, cfg.data.target_length, cfg.data.num_workers = 4, 128, 0
+    cfg.data.synth_clips, cfg.data.synth_seconds = 48, 1.4
+    cfg.optim.max_steps, cfg.optim.warmup_steps = steps, 2
+    cfg.run.out, cfg.run.log_every, cfg.run.ckpt_every, cfg.run.progress = str(out), 2, 3, False
+    for key, value in over.items():
+        set_option(cfg, key.replace("__", "."), value)
+    return cfg
+
+
+def params(trainer) -> dict:
+    state = {f"student.{k}": v for k, v in trainer.model.student.state_dict().items()}
+    state.update({f"teacher.{k}": v for k, v in trainer.model.teacher.encoder.state_dict().items()})
+    state.update({f"decoder.{k}": v for k, v in trainer.model.decoder.state_dict().items()})
+    return state
+
+
+def test_overrides_and_errors():
+    cfg = preset("tiny", 2)
+    set_option(cfg, "optim.lr", "3e-4")
+    set_option(cfg, "run.compile", "true")
+    set_option(cfg, "data.batch_size", "6")
+    assert cfg.optim.lr == 3e-4 and cfg.run.compile is True and cfg.data.batch_size == 6
+    with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
+        set_option(cfg, "optim.learning_rate", "1")
+    with pytest.raises(ValueError, match="unknown section 'optimizer'"):
+        set_option(cfg, "optimizer.lr", "1")
+    with pytest.raises(ValueError, match="expected a int"):
+        set_option(cfg, "data.batch_size", "many")
+    base2 = preset("base", 2)
+    assert (base2.optim.lr, base2.optim.warmup_steps, base2.optim.max_steps, base2.objective.clones) == (5e-5, 25_000, 200_000, 8)
+    base1 = preset("base", 1)
+    assert (base1.optim.lr, base1.optim.warmup_steps, base1.objective.clones) == (5e-4, 53_333, 16)
+    large = preset("large", 1)
+    assert large.model.variant == "large" and large.objective.mask_prob == 0.75 and large.model.decoder_kernel == 5
+    assert TrainConfig.from_dict(base2.to_dict()) == base2
+
+
+def test_cli_overrides_parse(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(preset="tiny", stage=2, data=None, init=None, out=str(tmp_path), print_config=False)
+    cfg = config_from_args(args, ["--optim.max_steps=7", "--run.seed=3"])
+    assert cfg.optim.max_steps == 7 and cfg.run.seed == 3 and cfg.objective.stage == 2
+    with pytest.raises(ValueError, match="--section.key=value"):
+        config_from_args(args, ["--lr", "3"])
+
+
+def test_lr_schedule():
+    o = preset("base", 2).optim
+    assert lr_factor(0, o) == 0 and lr_factor(12_500, o) == pytest.approx(0.5)
+    assert lr_factor(25_000, o) == pytest.approx(1.0) and lr_factor(200_000, o) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_loss_goes_down(tmp_path, stage):
+    cfg = small(tmp_path, stage, steps=30, optim__lr=2e-3)
+    cfg.run.log_every = 1
+    Trainer(cfg, log=lambda *a: None).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 30
+    first = sum(r["loss"] for r in records[:5]) / 5
+    last = sum(r["loss"] for r in records[-5:]) / 5
+    assert last < 0.9 * first, (first, last)
+    if stage == 2:
+        assert all("srl" in r for r in records)
+    saved = read_checkpoint(checkpoints_in(tmp_path)[-1])
+    assert saved.format == "sslam-train" and saved.teacher is not None and saved.decoder is not None
+    assert load_encoder(checkpoints_in(tmp_path)[-1]).cfg.embed_dim == 32
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    straight = Trainer(small(tmp_path / "a", steps=6), log=lambda *a: None)
+    straight.fit()
+    interrupted = Trainer(small(tmp_path / "b", steps=6), log=lambda *a: None)
+    real_step = interrupted.train_step
+
+    def killed_at_step_5(micro):
+        if interrupted.step == 4:
+            raise KeyboardInterrupt
+        return real_step(micro)
+
+    monkeypatch.setattr(interrupted, "train_step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    assert [p.name for p in checkpoints_in(tmp_path / "b")] == ["checkpoint_00000003.pt"]
+    resumed = Trainer(small(tmp_path / "b", steps=6), log=lambda *a: None)
+    assert resumed.step == 3
+    resumed.fit()
+    a, b = params(straight), params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_accumulation_equals_two_processes(tmp_path):
+    """2-process DDP on gloo gives the parameters of one process that accumulates the same two
+    micro-batches (the global batch is split the same way)."""
+    one = Trainer(small(tmp_path / "one", steps=3, optim__accum_steps=2), log=lambda *a: None)
+    one.fit()
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_train import small\n"
+        "from sslam.train import Trainer\n"
+        "import torch.distributed as dist\n"
+        f"t = Trainer(small({str(tmp_path / 'two')!r}, steps=3), log=lambda *a: None)\n"
+        "t.fit()\n"
+        "if t.dist.rank == 0:\n"
+        f"    torch.save({{k: v for k, v in t.model.student.state_dict().items()}}, {str(tmp_path / 'two.pt')!r})\n"
+        "dist.destroy_process_group()\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(script)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    for k, v in one.model.student.state_dict().items():
+        assert torch.allclose(v, two[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
+    trainer = Trainer(small(tmp_path, steps=3), log=lambda *a: None)
+    trainer.fit()
+    good = checkpoints_in(tmp_path)[-1]
+
+    def crash(obj, path, *a, **k):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    trainer.step = 4
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.undo()
+    assert checkpoints_in(tmp_path) == [good]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    resumed = Trainer(small(tmp_path, steps=3), log=lambda *a: None)
+    assert resumed.step == 3
+
+
+def test_official_tiny_checkpoint_initialises_stage2(tmp_path):
+    cfg = small(tmp_path, stage=2, steps=3, run__init=str(GOLDEN / "tiny_ckpt.pt"))
+    trainer = Trainer(cfg, log=lambda *a: None)
+    official = read_checkpoint(GOLDEN / "tiny_ckpt.pt")
+    assert trainer.model.student.cfg.embed_dim == 64
+    assert torch.equal(trainer.model.teacher.encoder.cls_token.detach(), official.teacher["cls_token"])
+    assert trainer.model.objective.decoder.dim == 32 and trainer.model.objective.top_k == 2
+    assert trainer.ema_decay() == pytest.approx(cfg.ema.start)  # the restarted schedule
+    trainer.fit()
+    assert len(checkpoints_in(tmp_path)) == 1
+
+
+def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, monkeypatch):
+    cfg = small(tmp_path, steps=10, run__max_bad_steps=2)
+    trainer = Trainer(cfg, log=lambda *a: None)
+    real = trainer.train_module.forward
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        if trainer.step >= 3:
+            losses.total = losses.total * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.train_module, "forward", poisoned)
+    with pytest.raises(StopTraining, match="2 consecutive non-finite losses"):
+        trainer.fit()
+    assert [p.name for p in checkpoints_in(tmp_path)] == ["checkpoint_00000003.pt"]
+    assert trainer.skipped_steps == 2
+
+
+def test_unreadable_files_are_skipped_and_capped(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        sf.write(data / f"{i}.wav", np.random.default_rng(i).standard_normal(24000) * 0.1, 16000)
+    (data / "3.wav").write_bytes(b"not audio at all")
+    trainer = Trainer(small(tmp_path / "run", steps=2, data__source=str(data)), log=lambda *a: None)
+    trainer.fit()
+    assert [Path(p).name for p, _ in trainer.bad_files][:1] == ["3.wav"]
+    cfg = small(tmp_path / "run2", steps=4, data__source=str(data), data__max_bad_files=0)
+    with pytest.raises(StopTraining, match="unreadable files exceed data.max_bad_files=0"):
+        Trainer(cfg, log=lambda *a: None).fit()
