@@ -33,6 +33,11 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "Embeddings": "embed",
     "embed": "embed",
+    "SceneConfig": "synth",
+    "SynthDataset": "synth",
+    "render_scene": "synth",
+    "benchmark": "synth",
+    "default_pretraining_data": "synth",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -90,7 +90,8 @@ class AudioFiles(Dataset):
         for attempt in range(min(self.max_tries, len(self.paths))):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
-                wave, _ = load_audio(path, sample_rate=SAMPLE_RATE)
+                # The fast resampler (within 1e-6 of the reference) keeps one core ahead of a GPU.
+                wave, _ = load_audio(path, sample_rate=SAMPLE_RATE, exact=False)
                 if wave.numel() < FRAME_LENGTH:
                     raise AudioError(f"{path}: shorter than one 25 ms frame ({wave.numel()} samples at 16 kHz)")
             except AudioError as exc:

@@ -1,0 +1,219 @@
+"""Audio input: decode a file (or check a decoded array), downmix to mono, resample.
+
+Files are decoded by ``soundfile`` (libsndfile): WAV (8-bit unsigned, 16/24/32-bit integer PCM,
+32/64-bit float), FLAC, OGG/Vorbis and whatever else the installed libsndfile reads. Samples come
+back as float32 on the [-1, 1] scale (libsndfile divides integer PCM by its full scale), which is
+the scale the model's normalisation constants assume.
+
+Every problem with the audio itself raises :class:`AudioError` whose message is
+``"<file>: <reason>"``; library exceptions are wrapped (and chained), never leaked.
+
+Truncated files: when a WAV file's data chunk is cut short, libsndfile reports (and decodes)
+only the whole frames that are present, as audio players do; :func:`load_audio` returns those
+samples. This is also what the reference pipeline (``soundfile.read``) feeds the model. A file
+whose header is damaged cannot be opened and raises :class:`AudioError`.
+
+Multichannel audio is averaged to mono *before* resampling (the reference pipeline resampled
+``(frames, channels)`` arrays along the channel axis first; averaging first is what it meant).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import soundfile
+import torch
+from torch import Tensor
+
+from sslam.resample import resample
+
+__all__ = ["AudioError", "SUPPORTED_RATES", "load_audio", "to_mono", "check_waveform"]
+
+SUPPORTED_RATES = (1000, 384000)
+"""Inclusive range of accepted sample rates in Hz (files, arrays and resampling targets)."""
+
+
+class AudioError(Exception):
+    """Bad audio input: missing, unreadable, empty, non-finite or at an unsupported rate.
+
+    The message is always ``"<file or array name>: <reason>"``.
+    """
+
+
+def _fail(name: str, reason: str) -> AudioError:
+    return AudioError(f"{name}: {reason}")
+
+
+def _check_rate(name: str, rate) -> int:
+    """Return the sample rate as an int, or raise ``AudioError`` for a rate outside the range."""
+    low, high = SUPPORTED_RATES
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)):
+        raise _fail(name, f"sample rate must be an integer in Hz, got {rate!r}")
+    if not low <= rate <= high:
+        raise _fail(name, f"unsupported sample rate {rate} Hz (supported: {low}..{high} Hz)")
+    return int(rate)
+
+
+def _check_target_rate(sample_rate) -> int:
+    """Validate the ``sample_rate`` argument (a caller error, hence ``ValueError``)."""
+    low, high = SUPPORTED_RATES
+    if (
+        isinstance(sample_rate, bool)
+        or not isinstance(sample_rate, (int, np.integer))
+        or not low <= sample_rate <= high
+    ):
+        raise ValueError(
+            f"sample_rate must be an integer in {low}..{high} Hz or None, got {sample_rate!r}"
+        )
+    return int(sample_rate)
+
+
+def _check_finite(name: str, samples: Tensor) -> None:
+    """Raise ``AudioError`` saying how many float32 samples are NaN or infinite."""
+    if samples.device.type == "cpu":
+        # numpy's isfinite is several times faster than torch's on CPU for this one pass.
+        array = samples.numpy()
+        if np.isfinite(array).all():
+            return
+        nan = int(np.isnan(array).sum())
+        inf = int(np.isinf(array).sum())
+    else:
+        if bool(torch.isfinite(samples).all()):
+            return
+        nan = int(torch.isnan(samples).sum())
+        inf = int(torch.isinf(samples).sum())
+    raise _fail(
+        name,
+        f"{nan + inf} of {samples.numel()} samples are not finite ({nan} NaN, {inf} Inf)",
+    )
+
+
+def to_mono(waveform: Tensor) -> Tensor:
+    """Average the channels of ``waveform``.
+
+    Args:
+        waveform: ``(N,)`` (already mono, returned as is) or ``(channels, N)``, any float dtype.
+
+    Returns:
+        ``(N,)`` tensor of the input's dtype: the mean over channels.
+    """
+    if waveform.dim() == 1:
+        return waveform
+    if waveform.dim() != 2:
+        raise ValueError(
+            f"waveform must be (N,) or (channels, N), got shape {tuple(waveform.shape)}"
+        )
+    if waveform.shape[0] == 1:
+        return waveform[0]
+    return waveform.mean(dim=0)
+
+
+def _decode(name: str) -> tuple[np.ndarray, int]:
+    """Decode a file with soundfile: float32 ``(frames, channels)`` array and its rate."""
+    try:
+        with soundfile.SoundFile(name) as sound:
+            rate = sound.samplerate
+            samples = sound.read(dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError) as exc:
+        raise _fail(name, f"cannot decode audio ({exc})") from exc
+    except TypeError as exc:
+        # Raised for header-less formats (RAW) that need the rate and layout from the caller.
+        raise _fail(name, f"cannot decode audio without a header ({exc})") from exc
+    return samples, rate
+
+
+def load_audio(
+    path: str | os.PathLike, sample_rate: int | None = None, *, mono: bool = True, exact: bool = True
+) -> tuple[Tensor, int]:
+    """Read an audio file as float32 on the [-1, 1] scale, downmix, optionally resample.
+
+    Args:
+        path: file to read (WAV, FLAC, OGG/Vorbis, ...: anything libsndfile decodes).
+        sample_rate: resample to this rate in Hz when given (windowed sinc, see
+            :func:`sslam.resample.resample`); ``None`` keeps the file's rate.
+        mono: average the channels (before resampling) and return ``(N,)``; with ``False``
+            return ``(channels, N)``.
+        exact: resample bit-identically to the reference (``False``: the faster path, ~1e-6).
+
+    Returns:
+        ``(waveform, rate)``: float32 tensor ``(N,)`` (or ``(channels, N)``) on the CPU, and the
+        sample rate of the returned waveform.
+
+    Raises:
+        AudioError: the file is missing, a directory, not decodable, has no samples, holds
+            NaN/Inf samples, or its sample rate is outside :data:`SUPPORTED_RATES`.
+        ValueError: ``sample_rate`` is not an integer within :data:`SUPPORTED_RATES`.
+    """
+    name = os.fspath(path)
+    target = None if sample_rate is None else _check_target_rate(sample_rate)
+    if not os.path.exists(name):
+        raise _fail(name, "file not found")
+    if os.path.isdir(name):
+        raise _fail(name, "is a directory, not an audio file")
+
+    samples, rate = _decode(name)
+    if samples.shape[0] == 0:
+        raise _fail(name, "contains no audio samples (zero length)")
+    rate = _check_rate(name, rate)
+
+    # soundfile's (frames, channels) -> torch's (channels, N), contiguous per channel.
+    waveform = torch.from_numpy(np.ascontiguousarray(samples.T))
+    _check_finite(name, waveform)
+    if mono:
+        waveform = to_mono(waveform)
+    if target is not None and target != rate:
+        waveform = resample(waveform, rate, target, exact=exact)
+        rate = target
+    return waveform, rate
+
+
+def check_waveform(wave, rate: int, name: str = "<array>") -> Tensor:
+    """Check an already-decoded waveform and return it as a float32 mono tensor.
+
+    Applies the same checks as :func:`load_audio` to in-memory audio.
+
+    Args:
+        wave: torch tensor or numpy array, floating point on the [-1, 1] scale, ``(N,)`` or
+            ``(channels, N)`` (channels first, as in torch; a ``(N, channels)`` array from
+            ``soundfile.read`` must be transposed first).
+        rate: its sample rate in Hz, within :data:`SUPPORTED_RATES`.
+        name: how error messages refer to this input.
+
+    Returns:
+        float32 tensor ``(N,)`` on the input's device (CPU for numpy input), the channel mean
+        for multichannel input.
+
+    Raises:
+        AudioError: wrong type/dtype/shape, no samples, NaN/Inf samples, unsupported rate.
+    """
+    rate = _check_rate(name, rate)
+    if isinstance(wave, np.ndarray):
+        if not np.issubdtype(wave.dtype, np.floating):
+            raise _fail(
+                name,
+                f"samples must be floating point on the [-1, 1] scale, got numpy {wave.dtype} "
+                "(convert integer PCM first, e.g. int16 / 32768)",
+            )
+        wave = torch.from_numpy(np.ascontiguousarray(wave))
+    elif not isinstance(wave, Tensor):
+        raise _fail(name, f"expected a torch.Tensor or numpy.ndarray, got {type(wave).__name__}")
+    if not wave.is_floating_point():
+        raise _fail(
+            name,
+            f"samples must be floating point on the [-1, 1] scale, got {wave.dtype} "
+            "(convert integer PCM first, e.g. int16 / 32768)",
+        )
+    if wave.dim() not in (1, 2):
+        raise _fail(name, f"expected shape (N,) or (channels, N), got {tuple(wave.shape)}")
+    if wave.shape[-1] == 0 or wave.numel() == 0:
+        raise _fail(name, f"contains no audio samples (shape {tuple(wave.shape)})")
+    if wave.dim() == 2 and wave.shape[0] > wave.shape[1]:
+        raise _fail(
+            name,
+            f"shape {tuple(wave.shape)} has more channels than samples; expected "
+            "(channels, N): transpose a (N, channels) array",
+        )
+    wave = wave.to(torch.float32)
+    _check_finite(name, wave)
+    return to_mono(wave).contiguous()

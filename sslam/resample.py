@@ -1,0 +1,312 @@
+"""Band-limited resampling between integer sample rates (windowed sinc, Hann window).
+
+This computes the same linear map as the reference pipeline's resampler (``torchaudio``'s
+``functional.resample`` with its defaults: ``lowpass_filter_width=6``, ``rolloff=0.99``,
+``sinc_interp_hann``), without depending on it.
+
+The math. Reduce both rates by their gcd to coprime ``orig`` and ``new``. Output sample ``m`` sits
+at input time ``m * orig / new`` (in input samples). With the cutoff
+``base = rolloff * min(orig, new)`` (in units of the reduced rates) and the time of input sample
+``i`` relative to output ``m`` measured in cutoff periods, ``t = (i / orig - m / new) * base``,
+
+    y[m] = sum_i x[i] * sinc(pi t) * cos(pi t / (2 L))**2 * base / orig     for |t| < L = 6,
+
+with ``x`` taken as zero outside ``[0, N)``. There are ``M = ceil(new * N / orig)`` outputs.
+Output ``m = n * new + j`` depends on ``j`` (its *phase*) only through ``j / new``, so the filter
+bank has ``new`` phases that slide by ``orig`` input samples per ``new`` outputs.
+
+How it is applied. Two paths compute the same sums:
+
+* ``exact=True`` (default): the dense filter bank, ``orig + 2 * width`` taps per phase, built with
+  the reference's float arithmetic and applied as one strided ``conv1d``, exactly as the reference
+  does -- its outputs are bit-identical on the CPU. Bit identity matters more than one would
+  think: log-mel bins whose energy sits at Kaldi's float-epsilon floor (quiet low frequencies) turn
+  1e-7 waveform differences into 1e-3 log-domain differences.
+* ``exact=False``: only about ``2 * width`` of those taps are non-zero (for 44.1 kHz -> 16 kHz:
+  475 taps, 34 non-zero). The outputs of a block are split into groups of consecutive phases;
+  each group only reads the short window of input that its phases touch, and all groups run as
+  ONE batched matmul over a strided (overlapping, copy-free) view of the padded input: 4-6x fewer
+  multiply-adds, within ~1e-6 of the reference. The training data path uses it.
+
+Faithfulness detail. The reference forms ``t`` in the waveform's dtype; in float32 that rounding
+of ``t`` moves outputs by up to ~5e-5 from the exact float64 filter, more than our 1e-5 parity
+tolerance. So ``t`` is formed with the same float32 (or float64) operations, and the window and
+sinc are then evaluated in float64 and cast to the waveform's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["resample", "LOWPASS_FILTER_WIDTH", "ROLLOFF"]
+
+LOWPASS_FILTER_WIDTH = 6
+"""Half-width of the Hann window, in zero crossings of the low-pass sinc."""
+
+ROLLOFF = 0.99
+"""Cutoff as a fraction of the lower Nyquist frequency (leaves room for the transition band)."""
+
+# Consecutive output phases computed by one matmul group: 16 float32 columns are two AVX2
+# registers wide, small enough that a group's input window stays short.
+_PHASES_PER_GROUP = 16
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class _ResamplePlan:
+    """How one (orig, new, dtype, device) resampling is laid out as a batched matmul.
+
+    A *block* is ``block_inputs`` input samples producing ``block_outputs`` outputs. Its outputs
+    are split into ``groups`` groups of ``phases_per_group`` consecutive outputs (the last group
+    padded with zero columns). Group ``g`` of the block starting at input ``b * block_inputs``
+    reads the ``window`` inputs starting at ``b * block_inputs + window_start + g * group_shift``.
+    ``weights`` is ``(groups, window, phases_per_group)``.
+    """
+
+    orig: int
+    new: int
+    block_inputs: int
+    block_outputs: int
+    group_shift: int
+    window_start: int
+    weights: Tensor
+
+    @property
+    def groups(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def window(self) -> int:
+        return self.weights.shape[1]
+
+    @property
+    def phases_per_group(self) -> int:
+        return self.weights.shape[2]
+
+
+def _check_rate(name: str, value) -> int:
+    """Return ``value`` as a Python int, or raise ``ValueError`` naming ``name``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive integer sample rate, got {value!r}")
+    try:
+        rate = operator.index(value)
+    except TypeError:
+        raise ValueError(
+            f"{name} must be a positive integer sample rate, got {value!r} ({type(value).__name__})"
+        ) from None
+    if rate <= 0:
+        raise ValueError(f"{name} must be a positive integer sample rate, got {rate}")
+    return rate
+
+
+def _phase_taps(orig: int, new: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Non-zero filter taps of every output phase.
+
+    Args:
+        orig, new: coprime (gcd-reduced) input and output rates.
+        dtype: waveform dtype; the time grid ``t`` is rounded in it like the reference does.
+
+    Returns:
+        offsets: int64 ``(new, T)``: input offset ``d`` of each candidate tap: phase ``j`` of
+            frame ``n`` reads input ``n * orig + d``.
+        weights: float64 ``(new, T)``: filter value, exactly 0 where the tap lies outside the
+            window (|t| >= L) or outside the reference's tap range ``[-width, width + orig)``.
+    """
+    base = min(orig, new) * ROLLOFF
+    width = math.ceil(LOWPASS_FILTER_WIDTH * orig / base)
+    phase = torch.arange(new, dtype=torch.int64)
+    # The support of phase j is |d - j * orig / new| < L * orig / base <= width.
+    first = (phase * orig) // new - width
+    offsets = first[:, None] + torch.arange(2 * width + 2, dtype=torch.int64)
+    in_range = (offsets >= -width) & (offsets < width + orig)
+
+    # Same rounding as the reference: (-j / new + d / orig) * base in the waveform's dtype.
+    phase_time = (-phase).to(dtype) / new
+    t = ((phase_time[:, None] + offsets.to(dtype) / orig) * base).to(torch.float64)
+
+    inside = in_range & (t.abs() < LOWPASS_FILTER_WIDTH)
+    pi_t = math.pi * t
+    sinc = torch.where(pi_t == 0, torch.ones_like(pi_t), torch.sin(pi_t) / pi_t)
+    hann = torch.cos(pi_t / (2 * LOWPASS_FILTER_WIDTH)) ** 2
+    weights = torch.where(inside, sinc * hann * (base / orig), torch.zeros_like(t))
+    return offsets, weights
+
+
+def _block_layout(offsets: Tensor, weights: Tensor, orig: int, new: int, frames: int):
+    """Group layout for blocks of ``frames`` reference frames (``frames * orig`` inputs).
+
+    Returns ``(group_shift, window_start, window, phases_per_group, groups)``: the integers that
+    make every non-zero tap of group ``g`` fall inside
+    ``[window_start + g * group_shift, window_start + g * group_shift + window)``.
+    """
+    outputs = frames * new
+    per_group = min(_PHASES_PER_GROUP, outputs)
+    groups = -(-outputs // per_group)
+    # Groups advance by the input time their phases span, rounded; the exact per-group extents
+    # below absorb the rounding drift.
+    group_shift = round(per_group * orig / new)
+
+    nonzero = weights != 0
+    first_tap = torch.where(nonzero, offsets, offsets.max() + 1).min(dim=1).values
+    last_tap = torch.where(nonzero, offsets, offsets.min() - 1).max(dim=1).values
+    frame_start = torch.arange(frames, dtype=torch.int64)[:, None] * orig
+    first_in_block = (frame_start + first_tap).reshape(-1)  # (outputs,) output p = i * new + j
+    last_in_block = (frame_start + last_tap).reshape(-1)
+
+    group = torch.arange(groups, dtype=torch.int64)
+    group_first = first_in_block[group * per_group] - group * group_shift
+    group_last = last_in_block[torch.clamp((group + 1) * per_group, max=outputs) - 1]
+    window_start = int(group_first.min())
+    window = int((group_last - group * group_shift).max()) - window_start + 1
+    return group_shift, window_start, window, per_group, groups
+
+
+@lru_cache(maxsize=16)
+def _plan(orig: int, new: int, dtype: torch.dtype, device: torch.device) -> _ResamplePlan:
+    """Build (and cache) the grouped filter bank for coprime rates ``orig -> new``."""
+    offsets, weights = _phase_taps(orig, new, dtype)
+
+    # A block must be at least one window long: the view of overlapping windows has row stride
+    # block_inputs, and a matmul operand needs a row stride >= its row length.
+    frames = 1
+    while True:
+        shift, start, window, per_group, groups = _block_layout(offsets, weights, orig, new, frames)
+        if window <= frames * orig:
+            break
+        frames *= 2
+
+    taps = weights.shape[1]
+    frame = torch.arange(frames, dtype=torch.int64)[:, None, None]
+    phase = torch.arange(new, dtype=torch.int64)[None, :, None]
+    output = (frame * new + phase).expand(frames, new, taps)
+    group = output // per_group
+    row = frame * orig + offsets[None] - start - group * shift
+    column = output % per_group
+    values = weights[None].expand(frames, new, taps)
+    keep = values != 0
+
+    bank = torch.zeros(groups, window, per_group, dtype=torch.float64)
+    bank.index_put_((group[keep], row[keep], column[keep]), values[keep])
+    return _ResamplePlan(
+        orig=orig,
+        new=new,
+        block_inputs=frames * orig,
+        block_outputs=frames * new,
+        group_shift=shift,
+        window_start=start,
+        weights=bank.to(device=device, dtype=dtype),
+    )
+
+
+@lru_cache(maxsize=16)
+def _dense_bank(orig: int, new: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, int]:
+    """The reference's dense filter bank ``(new, 1, orig + 2 * width)`` and ``width``, built with
+    the same arithmetic in the waveform's dtype, so that one strided conv1d reproduces its
+    outputs bit for bit (its tiny off-window taps included)."""
+    base = min(orig, new) * ROLLOFF
+    width = math.ceil(LOWPASS_FILTER_WIDTH * orig / base)
+    taps = torch.arange(-width, width + orig, dtype=dtype, device=device)[None, None] / orig
+    t = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None, None] / new + taps
+    t = (t * base).clamp(-LOWPASS_FILTER_WIDTH, LOWPASS_FILTER_WIDTH)
+    window = torch.cos(t * math.pi / LOWPASS_FILTER_WIDTH / 2) ** 2
+    t = t * math.pi
+    sinc = torch.where(t == 0, torch.ones((), dtype=dtype, device=device), t.sin() / t)
+    return sinc * (window * (base / orig)), width
+
+
+def _apply_dense(rows: Tensor, orig: int, new: int, out_length: int) -> Tensor:
+    """Resample ``rows`` (B, N) with the dense bank as one strided conv1d (the exact path)."""
+    bank, width = _dense_bank(orig, new, rows.dtype, rows.device)
+    padded = F.pad(rows, (width, width + orig))
+    out = F.conv1d(padded[:, None], bank, stride=orig)  # (B, new, frames)
+    return out.transpose(1, 2).reshape(rows.shape[0], -1)[:, :out_length]
+
+
+def _apply_plan(rows: Tensor, plan: _ResamplePlan, out_length: int) -> Tensor:
+    """Resample ``rows`` ``(B, N)`` with ``plan``; returns ``(B, out_length)``."""
+    batch, length = rows.shape
+    stride, per_block = plan.block_inputs, plan.block_outputs
+    groups, window, per_group = plan.groups, plan.window, plan.phases_per_group
+    blocks = -(-out_length // per_block)
+
+    # Zero padding on both sides stands in for the signal being zero outside [0, N). Each row is
+    # padded to a whole number of blocks so that all rows share one block grid in the flat buffer.
+    pad_left = max(0, -plan.window_start)
+    first_read = plan.window_start + pad_left
+    needed = (blocks - 1) * stride + first_read + (groups - 1) * plan.group_shift + window
+    row_length = -(-max(needed, pad_left + length) // stride) * stride
+    padded = F.pad(rows, (pad_left, row_length - pad_left - length)).reshape(-1)
+
+    # Blocks of all rows; those straddling two rows are computed and dropped (a few per row).
+    blocks_per_row = row_length // stride
+    total_blocks = (batch - 1) * blocks_per_row + blocks
+    windows = padded.as_strided(
+        (groups, total_blocks, window), (plan.group_shift, stride, 1), first_read
+    )
+    grouped = torch.bmm(windows, plan.weights)  # (groups, total_blocks, per_group)
+
+    per_row = grouped.as_strided(
+        (groups, batch, blocks, per_group),
+        (total_blocks * per_group, blocks_per_row * per_group, per_group, 1),
+    )
+    interleaved = per_row.permute(1, 2, 0, 3).reshape(batch, blocks, groups * per_group)
+    return interleaved[..., :per_block].reshape(batch, blocks * per_block)[:, :out_length]
+
+
+def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = True) -> Tensor:
+    """Resample along the last dimension with a Hann-windowed sinc low-pass filter.
+
+    Equals ``torchaudio.functional.resample(waveform, orig_freq, new_freq)`` with its default
+    arguments: bit for bit on the CPU with ``exact=True``; to ~1e-6 in float32 with
+    ``exact=False`` (the grouped-matmul path, 3-4x faster; see the module docstring). On CUDA the
+    matmul/convolution follows torch's float32 precision settings (TF32 costs ~5e-4).
+
+    Args:
+        waveform: float32 or float64 tensor ``(..., N)``, ``N >= 1``; leading dims are a batch.
+        orig_freq: input sample rate in Hz (positive int).
+        new_freq: output sample rate in Hz (positive int).
+        exact: reproduce the reference bit for bit (dense filter bank) rather than fast.
+
+    Returns:
+        Tensor ``(..., M)`` of the input's dtype and device, ``M = ceil(new * N / orig)`` with
+        both rates reduced by their gcd. When the rates are equal the input itself is returned
+        (no copy), as the reference does.
+
+    Raises:
+        ValueError: a rate is not a positive integer, or ``waveform`` has no samples.
+        TypeError: ``waveform`` is not a float32/float64 tensor.
+    """
+    orig_freq = _check_rate("orig_freq", orig_freq)
+    new_freq = _check_rate("new_freq", new_freq)
+    if not isinstance(waveform, Tensor):
+        raise TypeError(f"waveform must be a torch.Tensor, got {type(waveform).__name__}")
+    if waveform.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"waveform must be float32 or float64, got {waveform.dtype}")
+    if waveform.dim() == 0 or waveform.shape[-1] == 0:
+        raise ValueError(
+            f"waveform must have at least 1 sample along its last dim, got shape "
+            f"{tuple(waveform.shape)}"
+        )
+    if orig_freq == new_freq:
+        return waveform
+
+    divisor = math.gcd(orig_freq, new_freq)
+    orig, new = orig_freq // divisor, new_freq // divisor
+    length = waveform.shape[-1]
+    out_length = -(-new * length // orig)
+    rows = waveform.reshape(-1, length)
+    if rows.shape[0] == 0:
+        return waveform.new_empty(*waveform.shape[:-1], out_length)
+    if exact:
+        out = _apply_dense(rows, orig, new, out_length)
+    else:
+        out = _apply_plan(rows, _plan(orig, new, waveform.dtype, waveform.device), out_length)
+    return out.reshape(*waveform.shape[:-1], out_length)

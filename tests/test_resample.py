@@ -1,0 +1,173 @@
+"""Tests for sslam.resample: parity with the reference resampler, the math, shapes, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import load_golden, requires_cuda
+
+from sslam.resample import LOWPASS_FILTER_WIDTH, ROLLOFF, resample
+
+# Lengths: a single sample, tiny, primes, and a few seconds.
+LENGTHS = (1, 2, 13, 997, 7919, 48_011)
+
+DOWN_TO_16K = [(8000, 16000), (22050, 16000), (32000, 16000), (44100, 16000), (48000, 16000)]
+OTHER_PAIRS = [
+    (16000, 22050),
+    (16000, 44100),
+    (16000, 48000),
+    (11025, 16000),
+    (44100, 48000),
+    (16000, 8000),
+    (3, 7),
+    (7, 3),
+]
+
+
+def expected_length(orig: int, new: int, length: int) -> int:
+    divisor = math.gcd(orig, new)
+    orig, new = orig // divisor, new // divisor
+    return -(-new * length // orig)
+
+
+def brute_force_resample(x: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    """y[m] = sum_i x[i] h(i / orig - m / new), evaluated densely in float64 from the formula."""
+    divisor = math.gcd(orig, new)
+    orig, new = orig // divisor, new // divisor
+    base = min(orig, new) * ROLLOFF
+    length = x.shape[-1]
+    m = torch.arange(expected_length(orig, new, length), dtype=torch.float64)[:, None]
+    i = torch.arange(length, dtype=torch.float64)[None, :]
+    t = (i / orig - m / new) * base
+    pi_t = math.pi * t
+    sinc = torch.where(pi_t == 0, torch.ones_like(t), torch.sin(pi_t) / pi_t)
+    hann = torch.cos(pi_t / (2 * LOWPASS_FILTER_WIDTH)) ** 2
+    h = torch.where(t.abs() < LOWPASS_FILTER_WIDTH, sinc * hann * base / orig, 0.0)
+    return x.to(torch.float64) @ h.T
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torchaudio_functional = pytest.importorskip("torchaudio.functional")
+    return torchaudio_functional.resample
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("orig,new", DOWN_TO_16K + OTHER_PAIRS)
+def test_matches_reference(reference, orig, new, dtype, exact):
+    for length in LENGTHS:
+        x = torch.randn(length, dtype=dtype)
+        ours = resample(x, orig, new, exact=exact)
+        theirs = reference(x, orig, new)
+        assert ours.dtype == dtype and ours.shape == theirs.shape
+        assert ours.shape[-1] == expected_length(orig, new, length)
+        if exact:  # the dense path is the reference's computation, bit for bit
+            assert torch.equal(ours, theirs), f"{orig}->{new}, N={length}, {dtype}"
+        err = (ours - theirs).abs().max().item()
+        assert err < 1e-5, f"{orig}->{new}, N={length}, {dtype}: max abs error {err}"
+
+
+@pytest.mark.parametrize("orig,new", [(44100, 16000), (32000, 16000), (16000, 48000)])
+@pytest.mark.parametrize("exact", [True, False])
+def test_batched_matches_reference(reference, orig, new, exact):
+    x = torch.randn(2, 3, 4001)
+    ours = resample(x, orig, new, exact=exact)
+    theirs = reference(x, orig, new)
+    assert ours.shape == theirs.shape == (2, 3, expected_length(orig, new, 4001))
+    assert (ours - theirs).abs().max().item() < 1e-5
+    # Each row on its own gives the same result: rows do not leak into each other.
+    for b in range(2):
+        for c in range(3):
+            torch.testing.assert_close(resample(x[b, c], orig, new, exact=exact), ours[b, c], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "orig,new", [(44100, 16000), (8000, 16000), (16001, 16000), (384000, 16000), (1000, 16000)]
+)
+@pytest.mark.parametrize("exact", [True, False])
+def test_matches_the_formula(orig, new, exact):
+    """Independent of the reference: the windowed-sinc sum written out densely in float64."""
+    for length in (1, 5, 331):
+        x = torch.randn(2, length, dtype=torch.float64)
+        ours = resample(x, orig, new, exact=exact)
+        torch.testing.assert_close(ours, brute_force_resample(x, orig, new), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["test_wav", "test_x2_12s_32k"])
+def test_matches_golden_pipeline(name):
+    """The official pipeline's own 32 kHz -> 16 kHz output for a real clip."""
+    item = load_golden("fbank.pt")["items"][name]
+    ours = resample(item["waveform"], item["wav_file_sample_rate"], 16000)
+    assert torch.equal(ours, item["waveform_16k"])
+    fast = resample(item["waveform"], item["wav_file_sample_rate"], 16000, exact=False)
+    assert (fast - item["waveform_16k"]).abs().max().item() < 1e-5
+
+
+def test_sine_below_cutoff_is_preserved():
+    """A 1 kHz tone resampled 44.1 kHz -> 16 kHz is the same tone (away from the edges)."""
+    seconds = torch.arange(44100, dtype=torch.float64) / 44100
+    tone = torch.sin(2 * math.pi * 1000 * seconds + 0.3)
+    out = resample(tone, 44100, 16000)
+    expected = torch.sin(
+        2 * math.pi * 1000 * torch.arange(16000, dtype=torch.float64) / 16000 + 0.3
+    )
+    assert out.shape == (16000,)
+    assert (out[100:-100] - expected[100:-100]).abs().max().item() < 1e-3
+
+
+def test_output_length_uses_reduced_rates():
+    for orig, new in DOWN_TO_16K + OTHER_PAIRS + [(16001, 16000), (96000, 16000)]:
+        for length in (1, 2, 3, 440, 441, 442, 1000):
+            out = resample(torch.randn(length), orig, new)
+            assert out.shape == (expected_length(orig, new, length),)
+
+
+def test_equal_rates_return_the_input():
+    x = torch.randn(3, 101)
+    assert resample(x, 16000, 16000) is x
+
+
+def test_non_contiguous_and_empty_batch():
+    x = torch.randn(5, 3000).T  # (3000, 5), non-contiguous; resample along the last dim (5)
+    torch.testing.assert_close(resample(x, 48000, 16000), resample(x.contiguous(), 48000, 16000))
+    strided = torch.randn(2, 6002)[:, ::2]
+    torch.testing.assert_close(
+        resample(strided, 44100, 16000), resample(strided.contiguous(), 44100, 16000)
+    )
+    empty = resample(torch.randn(0, 4, 441), 44100, 16000)
+    assert empty.shape == (0, 4, 160)
+
+
+@pytest.mark.parametrize("bad", [0, -16000, 1.5, 16000.0, "16000", None, True])
+def test_bad_rates_raise(bad):
+    x = torch.randn(100)
+    with pytest.raises(ValueError, match="orig_freq"):
+        resample(x, bad, 16000)
+    with pytest.raises(ValueError, match="new_freq"):
+        resample(x, 16000, bad)
+
+
+def test_bad_waveforms_raise():
+    with pytest.raises(ValueError, match="at least 1 sample"):
+        resample(torch.randn(3, 0), 44100, 16000)
+    with pytest.raises(ValueError, match="at least 1 sample"):
+        resample(torch.tensor(1.0), 44100, 16000)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        resample(torch.randint(-5, 5, (100,)), 44100, 16000)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        resample([0.1, 0.2], 44100, 16000)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("orig", [8000, 22050, 32000, 44100, 48000])
+@pytest.mark.parametrize("exact", [True, False])
+def test_cuda_matches_cpu(orig, dtype, exact):
+    x = torch.randn(3, 2 * orig + 7, dtype=dtype)
+    cpu = resample(x, orig, 16000, exact=exact)
+    gpu = resample(x.cuda(), orig, 16000, exact=exact)
+    assert gpu.is_cuda and gpu.dtype == dtype
+    assert (gpu.cpu() - cpu).abs().max().item() < 1e-5
