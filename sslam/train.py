@@ -33,7 +33,7 @@ from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_tor
 from .features import preprocess
 from .masking import MaskConfig, block_masks, kept_indices
 from .mixing import sample_windows
-from .model import VARIANTS
+from .model import VARIANTS, EncoderConfig
 from .pretrain import DecoderConfig, ObjectiveConfig, Pretrainer, ema_decay, train_flops_per_clip
 
 class StopTraining(RuntimeError):
@@ -362,13 +362,26 @@ class Trainer:
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        self.resume_from = checkpoints_in(self.out)[-1] if cfg.run.resume and checkpoints_in(self.out) else None
-        self.model = self._build_model()
+        existing = checkpoints_in(self.out)
+        self.resume_from = existing[-1] if cfg.run.resume and existing else None
+        saved = safe_torch_load(self.resume_from) if self.resume_from is not None else None
+        if saved is not None and saved.get("format") != "sslam-train":
+            raise CheckpointError(f"{self.resume_from}: not an sslam training checkpoint")
+        self.model = self._build_model(saved)
         self.mask_cfg = MaskConfig(
             grid=(cfg.data.target_length // 16, self.model.student.cfg.freq_patches),
             mask_prob=cfg.objective.mask_prob, mask_prob_adjust=cfg.objective.mask_prob_adjust,
             mask_length=cfg.objective.mask_length,
         )
+        self.step = 0
+        self.data_start = (0, 0)
+        self.bad_files: list[tuple[str, str]] = []
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        if saved is not None:
+            self._load_weights(saved)
+        # Wrap before building the optimizer: FSDP replaces the parameters by sharded ones.
+        self.train_module = self._wrap(self.model)
         self.optimizer = torch.optim.AdamW(
             param_groups(torch.nn.ModuleList([self.model.student, self.model.decoder]), cfg.optim.weight_decay),
             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
@@ -376,37 +389,36 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.optim))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
-        self.step = 0
-        self.data_start = (0, 0)
-        self.bad_files: list[tuple[str, str]] = []
-        self.bad_steps = 0
-        self.skipped_steps = 0
-        if self.resume_from is not None:
-            self._load(self.resume_from)
-        self.train_module = self._wrap(self.model)
+        if saved is not None:
+            self._load_training_state(saved)
+            self.log(f"resumed from {self.resume_from} at step {self.step}")
         self.flops_per_clip = train_flops_per_clip(self.model.student.cfg, self.model.objective,
                                                    cfg.data.target_length, self.mask_cfg.num_kept)
 
     # -- building --
-    def _build_model(self) -> Pretrainer:
+    def _build_model(self, saved: dict | None) -> Pretrainer:
+        """The model of a resumed run (its saved architecture), or one initialised from
+        ``run.init``, or a fresh one."""
         cfg = self.cfg
         enc_cfg = encoder_config(cfg)
         objective = objective_config(cfg, enc_cfg.depth)
-        if cfg.run.init and self.resume_from is None:
+        if saved is not None:
+            enc_cfg = EncoderConfig.from_dict(saved["encoder_config"])
+            objective = ObjectiveConfig(**{**saved["objective"], "decoder": DecoderConfig(**saved["objective"]["decoder"])})
+            model = Pretrainer(enc_cfg, objective)
+        elif cfg.run.init:
             ckpt = read_checkpoint(cfg.run.init)
             objective = dataclasses.replace(objective, top_k=cfg.objective.top_k or ckpt.config.depth)
             model = Pretrainer.from_checkpoint(ckpt, objective)
             self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "
                      f"from {cfg.run.init} ({ckpt.format})")
         else:
-            if self.resume_from is not None:  # the architecture of the run being resumed
-                saved = safe_torch_load(self.resume_from)
-                from .model import EncoderConfig
-
-                enc_cfg = EncoderConfig.from_dict(saved["encoder_config"])
-                objective = ObjectiveConfig(**{**saved["objective"], "decoder": DecoderConfig(**saved["objective"]["decoder"])})
             model = Pretrainer(enc_cfg, objective)
         return model.to(self.device).train()
+
+    @property
+    def sharded(self) -> bool:
+        return self.dist.world_size > 1 and self.cfg.run.parallel == "fsdp"
 
     def _wrap(self, model: Pretrainer):
         if self.dist.world_size == 1:
@@ -512,8 +524,12 @@ class Trainer:
         return totals
 
     def ema_decay(self) -> float:
+        """The teacher's decay after ``self.step`` updates. A run started from a checkpoint
+        re-anneals from ``ema.start`` (the official stage 2) unless ``ema.restart`` is false, in
+        which case it continues at ``ema.end``."""
         e = self.cfg.ema
-        return ema_decay(self.step, e.start, e.end, e.anneal_steps)
+        step = e.anneal_steps if (self.cfg.run.init and not e.restart) else self.step
+        return ema_decay(step, e.start, e.end, e.anneal_steps)
 
     # -- checkpoints --
     def state(self) -> dict:
@@ -529,7 +545,7 @@ class Trainer:
             "model": _cpu_state(self.model.student),
             "decoder": _cpu_state(self.model.decoder),
             "teacher": _cpu_state(self.model.teacher.encoder),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
@@ -538,6 +554,14 @@ class Trainer:
             "bad_files": self.bad_files,
             "skipped_steps": self.skipped_steps,
         }
+
+    def _optimizer_state(self) -> dict:
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save(self) -> Path | None:
         state = self.state()  # every rank takes part (FSDP gathers)
@@ -549,15 +573,19 @@ class Trainer:
             old.unlink(missing_ok=True)
         return path
 
-    def _load(self, path: Path) -> None:
-        state = safe_torch_load(path)
-        if state.get("format") != "sslam-train":
-            raise CheckpointError(f"{path}: not an sslam training checkpoint")
+    def _load_weights(self, state: dict) -> None:
         self.model.student.load_state_dict(state["model"])
         self.model.decoder.load_state_dict(state["decoder"])
         self.model.teacher.encoder.load_state_dict(state["teacher"])
-        self.model.to(self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _load_training_state(self, state: dict) -> None:
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -565,7 +593,6 @@ class Trainer:
         self.bad_files = [tuple(f) for f in state.get("bad_files", [])]
         self.skipped_steps = int(state.get("skipped_steps", 0))
         set_rng_state(state["rng"])
-        self.log(f"resumed from {path} at step {self.step}")
 
     # -- the loop --
     def fit(self) -> dict:
@@ -679,7 +706,13 @@ class Trainer:
 
 
 def _cpu_state(module: torch.nn.Module) -> dict:
-    return {k: v.detach().to("cpu").clone() for k, v in module.state_dict().items()}
+    """Full (unsharded) CPU copies of a module's state; every rank must call it under FSDP."""
+    out = {}
+    for k, v in module.state_dict().items():
+        if hasattr(v, "full_tensor"):  # an FSDP-sharded DTensor
+            v = v.full_tensor()
+        out[k] = v.detach().to("cpu").clone()
+    return out
 
 
 def _peak_tflops(device_name: str) -> float | None:
