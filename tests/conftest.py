@@ -8,16 +8,11 @@ from pathlib import Path
 # Kernels are checked on the CPU through Triton's interpreter, which must be chosen before the
 # first `triton.jit` runs (module import time). The model and trainer still take the PyTorch
 # references on CPU tensors unless SSLAM_KERNELS=1 forces the kernels.
-try:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-except ImportError:
-    pass
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 
