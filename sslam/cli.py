@@ -94,26 +94,15 @@ def _add_info(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import add_demo_command
+    from .evaluate import add_evaluate_command
+    from .train import add_pretrain_command
+
     parser = argparse.ArgumentParser(prog="sslam", description="SSLAM / EAT audio encoders")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_extract, _add_convert, _add_info, *_late_commands()):
+    for add in (add_demo_command, add_pretrain_command, add_evaluate_command, _add_extract, _add_convert, _add_info):
         add(sub)
     return parser
-
-
-def _late_commands():
-    """Sub-commands whose modules are heavier to import register through their own adders."""
-    adders = []
-    for module, name in (("train", "add_pretrain_command"), ("evaluate", "add_evaluate_command"),
-                         ("demo", "add_demo_command")):
-        try:
-            mod = __import__(f"sslam.{module}", fromlist=[name])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"sslam.{module}":
-                raise
-            continue
-        adders.append(getattr(mod, name))
-    return adders
 
 
 def main(argv: list[str] | None = None) -> int:

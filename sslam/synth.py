@@ -687,6 +687,19 @@ class SynthDataset(Dataset):
             raise IndexError(f"index {index} out of range for {self.num_clips} clips")
         return int(index) % self.num_clips
 
+    def labels(self, index: int) -> tuple[int, ...]:
+        """Sorted class indices of scene ``index``, without rendering its audio."""
+        index = self._check_index(index)
+        plan = _plan_events(index, self.config, _rng(self.config.seed, index, _LAYOUT))
+        return tuple(sorted({c for c, _, _ in plan}))
+
+    def targets(self) -> torch.Tensor:
+        """Multi-hot targets of every scene, (num_clips, num_classes) float32, without audio."""
+        out = torch.zeros(self.num_clips, NUM_CLASSES)
+        for i in range(self.num_clips):
+            out[i, list(self.labels(i))] = 1.0
+        return out
+
     def scene(self, index: int) -> Scene:
         """The full :class:`Scene` (with events) behind item ``index``."""
         return render_scene(self._check_index(index), self.config)

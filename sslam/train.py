@@ -169,7 +169,7 @@ def preset(name: str = "base", stage: int = 1) -> TrainConfig:
         cfg.model = ModelSection(variant="tiny", embed_dim=96, depth=4, num_heads=3, decoder_dim=96,
                                  decoder_groups=8, decoder_kernel=3, decoder_layers=3)
         cfg.objective.clones = 4 if stage == 1 else 2
-        cfg.objective.mix_width = 80
+        cfg.objective.mix_width = 48  # 3 of 16 patch rows (official: 15 of 64)
         cfg.data = DataSection(batch_size=8, target_length=256, num_workers=1, synth_clips=512, synth_seconds=2.6)
         cfg.optim = OptimSection(lr=1e-3 if stage == 1 else 3e-4, warmup_steps=20, max_steps=300, clip_norm=4.0)
         cfg.ema = EMASection(start=0.99, end=0.999, anneal_steps=300)

@@ -1,0 +1,51 @@
+"""Fine-tuning augmentations of the official recipe (SPEC 6.1), each drawing from an explicit
+``numpy.random.Generator`` (it samples Beta distributions, which torch Generators do not).
+
+Order in a training step: waveform roll (+ gain) -> features -> mixup -> SpecAugment.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def roll_waveforms(waves: torch.Tensor, lengths: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Roll each clip's own samples by a uniform offset in [0, length) and scale it by a gain
+    drawn from Beta(10, 10) + 0.5. waves (B, N) zero-padded, lengths (B,)."""
+    out = torch.zeros_like(waves)
+    for i, n in enumerate(lengths.tolist()):
+        shift = int(rng.integers(0, max(1, n)))
+        gain = float(rng.beta(10.0, 10.0)) + 0.5
+        out[i, :n] = torch.roll(waves[i, :n], shift) * gain
+    return out
+
+
+def mixup(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, alpha: float = 0.8,
+          prob: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch mixup: with probability ``prob``, lam ~ Beta(alpha, alpha), then
+    x <- lam x + (1 - lam) flip(x) and y <- lam y + (1 - lam) flip(y) (flip along the batch)."""
+    if alpha <= 0 or rng.random() >= prob:
+        return x, y
+    lam = float(rng.beta(alpha, alpha))
+    return lam * x + (1 - lam) * x.flip(0), lam * y + (1 - lam) * y.flip(0)
+
+
+def spec_augment(spec: torch.Tensor, freq_mask: float, time_mask: float, rng: np.random.Generator) -> torch.Tensor:
+    """One frequency mask and one time mask per example (independent across the batch), filled
+    with 0 (in normalised units). A mask's width is uniform in [0, param) and its start uniform
+    over the positions where it fits. spec (B, 1, T, F)."""
+    b, _, t, f = spec.shape
+    out = spec
+    for axis, param, size in ((3, freq_mask, f), (2, time_mask, t)):
+        if param <= 0:
+            continue
+        width = rng.random(b) * param
+        start = rng.random(b) * (size - width)
+        lo = torch.from_numpy(start.astype(np.int64))
+        hi = torch.from_numpy((start + width).astype(np.int64))
+        pos = torch.arange(size)
+        mask = (pos[None] >= lo[:, None]) & (pos[None] < hi[:, None])  # (B, size)
+        shape = (b, 1, 1, size) if axis == 3 else (b, 1, size, 1)
+        out = out.masked_fill(mask.view(shape).to(out.device), 0.0)
+    return out

@@ -1,0 +1,519 @@
+"""Downstream evaluation (SPEC 6): linear probe and fine-tuning, multi-label (mAP) or
+single-label (accuracy).
+
+* :func:`linear_probe` -- frozen encoder, CLS -> LayerNorm -> Linear. The fast path extracts the
+  CLS features once and trains the head on them; the full path re-encodes every batch with the
+  official augmentations (roll, mixup, SpecAugment). Several seeds give a mean and a spread.
+* :class:`Finetuner` -- the whole encoder with layer-wise lr decay 0.65, drop-path 0.1, mixup,
+  SpecAugment, roll, optional balanced sampling, warm-up + cosine, atomic checkpoints with exact
+  resume, JSONL metrics, and torchrun (DDP).
+
+Clips are padded or cropped to the encoder's ``target_length`` as in the official recipes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import mixup, roll_waveforms, spec_augment
+from .checkpoint import atomic_write, load_encoder, safe_torch_load
+from .features import preprocess
+from .labels import LabeledSplit, SplitAudio, read_split
+from .metrics import accuracy, mean_average_precision
+from .model import Encoder
+
+
+class LinearHead(nn.Module):
+    """LayerNorm (eps 1e-6) + Linear on the CLS embedding; weight trunc-normal(0.02), bias 0."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.linear = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.linear.weight, std=0.02)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return self.linear(self.norm(x))
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, smoothing: float = 0.1) -> torch.Tensor:
+    """Multi-label: BCE summed and divided by the sum of the (possibly mixed) targets, as the
+    official criterion. Single-label: cross-entropy with label smoothing on (soft) targets."""
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / targets.sum().clamp(min=1)
+    soft = targets * (1 - smoothing) + smoothing / targets.shape[1]
+    return -(soft * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def score(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, metric: str | None = None) -> tuple[str, float]:
+    """mAP for multi-label heads (sigmoid scores), accuracy for single-label ones; ``metric``
+    forces 'mAP' (softmax scores for a single-label head) or 'accuracy'."""
+    metric = metric or ("mAP" if multilabel else "accuracy")
+    if metric == "mAP":
+        scores = logits.sigmoid() if multilabel else logits.softmax(1)
+        return "mAP", mean_average_precision(scores, targets)
+    if metric == "accuracy":
+        return "accuracy", accuracy(logits, targets)
+    raise ValueError(f"metric={metric!r}: 'mAP' or 'accuracy'")
+
+
+def cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    if step < warmup:
+        return lr * step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _loader(split: LabeledSplit, batch_size: int, target_length: int, workers: int, shuffle: bool = False,
+            generator: torch.Generator | None = None):
+    from torch.utils.data import DataLoader
+
+    max_samples = (target_length - 1) * 160 + 400
+    return DataLoader(SplitAudio(split, max_samples), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=workers, collate_fn=_collate)
+
+
+def _collate(items):
+    waves, targets = zip(*items)
+    lengths = torch.tensor([w.numel() for w in waves])
+    batch = torch.zeros(len(waves), int(lengths.max()))
+    for i, w in enumerate(waves):
+        batch[i, : w.numel()] = w
+    return batch, lengths, torch.stack(targets)
+
+
+def _features(encoder: Encoder, waves, lengths) -> torch.Tensor:
+    prep = encoder.preprocessing
+    device = next(encoder.parameters()).device
+    return preprocess(waves.to(device), 16000, prep.get("target_length", 1024), prep.get("norm", "audioset"),
+                      lengths=lengths.to(device))
+
+
+@torch.inference_mode()
+def extract_cls(encoder: Encoder, split: LabeledSplit, batch_size: int = 32, workers: int = 0) -> torch.Tensor:
+    """CLS embeddings (N, D) of a split, each clip padded/cropped to the encoder's window."""
+    encoder.eval()
+    out = []
+    for waves, lengths, _ in _loader(split, batch_size, encoder.preprocessing.get("target_length", 1024), workers):
+        out.append(encoder(_features(encoder, waves, lengths)).x[:, 0].float().cpu())
+    return torch.cat(out)
+
+
+# ---- linear probe -------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeConfig:
+    """Linear evaluation (SPEC 6.2, SPASS linear eval): lr 1e-3 -> 1e-6 cosine, no warm-up,
+    batch 48, weight decay 0.05 on the weight matrix."""
+
+    epochs: int = 50
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    batch_size: int = 48
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    fast: bool = True  # cached features; False re-encodes every batch with augmentations
+    mixup: float = 0.8
+    mixup_prob: float = 0.9
+    mask_ratio: float = 0.2
+    roll: bool = True
+
+
+def _head_optimizer(head: LinearHead, cfg: ProbeConfig):
+    decay = [head.linear.weight]
+    rest = [p for p in head.parameters() if p is not head.linear.weight]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multilabel: bool, cfg: ProbeConfig,
+                            seed: int) -> LinearHead:
+    """The fast path: the head trained on cached CLS features (no augmentation)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = LinearHead(features.shape[1], targets.shape[1])
+    opt = _head_optimizer(head, cfg)
+    n = features.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total, step = cfg.epochs * steps_per_epoch, 0
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=g)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            for group in opt.param_groups:
+                group["lr"] = cosine(step, total, 0, cfg.lr, cfg.min_lr)
+            loss = classification_loss(head(features[idx]), targets[idx], multilabel, cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return head.eval()
+
+
+def _augmented_spec(encoder, waves, lengths, targets, cfg, rng, train: bool):
+    if train and cfg.roll:
+        waves = roll_waveforms(waves, lengths, rng)
+    spec = _features(encoder, waves, lengths)
+    targets = targets.to(spec.device)
+    if train:
+        spec, targets = mixup(spec, targets, rng, cfg.mixup, cfg.mixup_prob)
+        spec = spec_augment(spec, spec.shape[3] * cfg.mask_ratio, spec.shape[2] * cfg.mask_ratio, rng)
+    return spec, targets
+
+
+def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, seed: int, workers: int = 0) -> LinearHead:
+    """The full path: every batch is augmented and re-encoded by the frozen encoder."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    device = next(encoder.parameters()).device
+    encoder.eval().requires_grad_(False)
+    head = LinearHead(encoder.cfg.embed_dim, train.targets.shape[1]).to(device)
+    opt = _head_optimizer(head, cfg)
+    loader = _loader(train, cfg.batch_size, encoder.preprocessing.get("target_length", 1024), workers, shuffle=True,
+                     generator=torch.Generator().manual_seed(seed))
+    total, step = cfg.epochs * len(loader), 0
+    for _ in range(cfg.epochs):
+        for waves, lengths, targets in loader:
+            spec, targets = _augmented_spec(encoder, waves, lengths, targets, cfg, rng, train=True)
+            with torch.no_grad():
+                cls = encoder(spec).x[:, 0].float()
+            for group in opt.param_groups:
+                group["lr"] = cosine(step, total, 0, cfg.lr, cfg.min_lr)
+            loss = classification_loss(head(cls), targets, train.multilabel, cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return head.eval()
+
+
+def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: ProbeConfig = ProbeConfig(),
+                 seeds=(0,), workers: int = 0, cache: dict | None = None, metric: str | None = None) -> dict:
+    """Train a linear head per seed and score it on ``test``: {'metric', 'mean', 'std',
+    'per_seed', 'seconds'}. ``cache`` may carry extracted features between calls; ``metric``
+    overrides the split's natural metric (see :func:`score`)."""
+    if train.class_names != test.class_names:
+        raise ValueError(f"{train.name} and {test.name} have different classes")
+    start = time.perf_counter()
+    cache = {} if cache is None else cache
+    for split in (train, test):
+        if split.name not in cache:
+            cache[split.name] = extract_cls(encoder, split, workers=workers)
+    test_x = cache[test.name]
+    results = []
+    for seed in seeds:
+        if cfg.fast:
+            head = train_probe_on_features(cache[train.name], train.targets, train.multilabel, cfg, seed)
+        else:
+            head = train_probe_full(encoder, train, cfg, seed, workers).cpu()
+        with torch.no_grad():
+            name, value = score(head(test_x), test.targets, train.multilabel, metric)
+        results.append(value)
+    values = torch.tensor(results, dtype=torch.float64)
+    return {"metric": name, "mean": float(values.mean()),
+            "std": float(values.std()) if len(results) > 1 else 0.0, "per_seed": results,
+            "seconds": time.perf_counter() - start}
+
+
+# ---- fine-tuning --------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning (SPEC 6.1-6.2; defaults: the AS-20K / SPASS recipe scaled by ``steps``)."""
+
+    steps: int = 4000
+    warmup: int = 400
+    lr: float = 5e-5
+    min_lr: float = 1e-6
+    batch_size: int = 48
+    weight_decay: float = 0.05
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    mixup_prob: float = 0.9
+    mask_ratio: float = 0.2
+    roll: bool = True
+    balanced_weights: str = ""  # a file with one sampling weight per training clip
+    epoch_size: int = 0  # clips drawn per epoch with balanced sampling (0: the split's size)
+    eval_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 2
+    out: str = "runs/finetune"
+    precision: str = "auto"
+    workers: int = 2
+    seed: int = 0
+
+
+def layer_decay_groups(model: Encoder, cfg: FinetuneConfig) -> list[dict]:
+    """Block i (0-based) gets lr x decay^(depth - i); the patch embedding, CLS, pre-LN and the
+    head get x1 (the official grouping). No weight decay on 1-D parameters and biases."""
+    depth = model.cfg.depth
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = cfg.layer_decay ** (depth - int(name.split(".")[1])) if name.startswith("blocks.") else 1.0
+        wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") else cfg.weight_decay
+        groups.setdefault((scale, wd), []).append(p)
+    return [{"params": ps, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in groups.items()]
+
+
+def read_weights(path: str, n: int) -> torch.Tensor:
+    """Per-clip sampling weights: one number per line (or the last CSV column), n of them."""
+    values = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            values.append(float(line.split(",")[-1]))
+        except ValueError:
+            raise ValueError(f"{path}:{number}: {line!r} is not a number") from None
+    if len(values) != n:
+        raise ValueError(f"{path}: {len(values)} weights for {n} training clips")
+    return torch.tensor(values, dtype=torch.float64)
+
+
+class Classifier(nn.Module):
+    """An encoder with its fine-tuning head, as one module (what DDP wraps)."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        return self.encoder.classify(self.encoder(spec).x[:, 0])
+
+
+def with_head(encoder: Encoder, class_names: list[str], drop_path: float) -> Encoder:
+    """A copy of ``encoder`` with a fresh classification head for ``class_names`` and drop-path."""
+    cfg = encoder.cfg.replace(num_classes=len(class_names), drop_path_rate=drop_path)
+    model = Encoder(cfg).to(next(encoder.parameters()).device)
+    missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
+    if unexpected or set(missing) - {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}:
+        raise ValueError(f"encoder weights do not fit: missing {missing}, unexpected {unexpected}")
+    model.preprocessing = dict(encoder.preprocessing)
+    model.label_names = list(class_names)
+    return model
+
+
+class Finetuner:
+    """Fine-tune an encoder on a labelled split (see :class:`FinetuneConfig`). A run whose output
+    folder holds checkpoints resumes from the newest one; the result is also exported in the
+    sslam format (``out/model``) with its label names, ready for ``sslam extract``."""
+
+    def __init__(self, encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: FinetuneConfig, log=print):
+        from .train import checkpoints_in, init_distributed
+
+        if train.class_names != test.class_names:
+            raise ValueError(f"{train.name} and {test.name} have different classes")
+        self.cfg, self.train_split, self.test_split = cfg, train, test
+        self.multilabel = train.multilabel or test.multilabel
+        device = next(encoder.parameters()).device
+        self.dist = init_distributed(device.type)
+        self.log = log if self.dist.rank == 0 else (lambda *a, **k: None)
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        self.model = with_head(encoder, train.class_names, cfg.drop_path).train()
+        self.module: nn.Module = Classifier(self.model)
+        if self.dist.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.module = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizer = torch.optim.AdamW(layer_decay_groups(self.model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        self.amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.weights = read_weights(cfg.balanced_weights, len(train)) if cfg.balanced_weights else None
+        self.step, self.best = 0, None
+        existing = checkpoints_in(self.out)
+        if existing:
+            self._load(existing[-1])
+
+    def _epoch_size(self) -> int:
+        return (self.cfg.epoch_size or len(self.train_split)) if self.weights is not None else len(self.train_split)
+
+    def _steps_per_epoch(self) -> int:
+        return max(1, self._epoch_size() // self.dist.world_size // self.cfg.batch_size)
+
+    def _epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's clips of an epoch: a permutation, or a balanced draw without replacement."""
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+        if self.weights is None:
+            order = torch.randperm(len(self.train_split), generator=g)
+        else:
+            order = torch.multinomial(self.weights, self._epoch_size(), replacement=False, generator=g)
+        return order[self.dist.rank :: self.dist.world_size]
+
+    def _batches(self):
+        """Training batches from the current step on (an exact resume skips what was seen)."""
+        from torch.utils.data import DataLoader, Subset
+
+        epoch, skip = divmod(self.step, self._steps_per_epoch())
+        target_length = self.model.preprocessing.get("target_length", 1024)
+        audio = SplitAudio(self.train_split, (target_length - 1) * 160 + 400)
+        while True:
+            indices = self._epoch_indices(epoch)[skip * self.cfg.batch_size :].tolist()
+            yield from DataLoader(Subset(audio, indices), batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
+                                  collate_fn=_collate, drop_last=True)
+            epoch, skip = epoch + 1, 0
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[str, float]:
+        self.model.eval()
+        logits = []
+        target_length = self.model.preprocessing.get("target_length", 1024)
+        for waves, lengths, _ in _loader(self.test_split, self.cfg.batch_size, target_length, 0):
+            spec = _features(self.model, waves, lengths)
+            logits.append(self.model.classify(self.model(spec).x[:, 0]).float().cpu())
+        self.model.train()
+        return score(torch.cat(logits), self.test_split.targets, self.multilabel)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = (self.out / "metrics.jsonl").open("a") if self.dist.rank == 0 else None
+        augment = ProbeConfig(mixup=cfg.mixup, mixup_prob=cfg.mixup_prob, mask_ratio=cfg.mask_ratio, roll=cfg.roll)
+        last, start = {}, time.perf_counter()
+        batches = self._batches()
+        try:
+            while self.step < cfg.steps:
+                waves, lengths, targets = next(batches)
+                rng = np.random.default_rng([cfg.seed, self.dist.rank, self.step])  # per step: exact resume
+                spec, targets = _augmented_spec(self.model, waves, lengths, targets, augment, rng, train=True)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cosine(self.step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr) * group["lr_scale"]
+                with torch.autocast(spec.device.type, dtype=self.amp) if self.amp else nullcontext():
+                    logits = self.module(spec)
+                loss = classification_loss(logits, targets, self.multilabel, cfg.label_smoothing)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.step += 1
+                record = {"step": self.step, "loss": float(loss.detach())}
+                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                    name, value = self.evaluate()
+                    self.best = value if self.best is None else max(self.best, value)
+                    record.update({name: value, "best": self.best, "seconds": time.perf_counter() - start})
+                    self.log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                    last = record
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save()
+        finally:
+            if metrics:
+                metrics.close()
+        if self.dist.rank == 0:
+            from .checkpoint import save_encoder
+
+            save_encoder(self.model, self.out / "model", source={"format": "sslam-finetune", "steps": self.step})
+        return last
+
+    def save(self) -> None:
+        if self.dist.rank != 0:
+            return
+        from .train import checkpoints_in, rng_state
+
+        state = {"format": "sslam-finetune", "config": asdict(self.cfg), "encoder_config": self.model.cfg.to_dict(),
+                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "step": self.step, "best": self.best, "class_names": self.train_split.class_names, "rng": rng_state()}
+        atomic_write(self.out / f"checkpoint_{self.step:08d}.pt", lambda tmp: torch.save(state, tmp))
+        for old in checkpoints_in(self.out)[: -self.cfg.keep_last]:
+            old.unlink(missing_ok=True)
+
+    def _load(self, path: Path) -> None:
+        from .train import set_rng_state
+
+        state = safe_torch_load(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.best = int(state["step"]), state["best"]
+        set_rng_state(state["rng"])
+        self.log(f"resumed fine-tuning from {path} at step {self.step}")
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """``--key=value`` onto a flat dataclass; unknown keys are errors."""
+    known = {f.name: f for f in fields(cfg)}
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ValueError(f"{item!r}: options are written --key=value")
+        key, value = item[2:].split("=", 1)
+        if key not in known:
+            raise ValueError(f"--{key}: unknown option; known: {sorted(known)}")
+        kind = str(known[key].type)
+        if kind == "bool":
+            parsed = value.lower() in ("1", "true", "yes", "on")
+        elif kind in ("int", "float"):
+            try:
+                parsed = {"int": int, "float": float}[kind](value)
+            except ValueError:
+                raise ValueError(f"--{key}={value!r}: expected a {kind}") from None
+        else:
+            parsed = value
+        setattr(cfg, key, parsed)
+    return cfg
+
+
+def run_evaluate(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = load_encoder(args.checkpoint, device=device, weights=args.weights)
+    train = read_split(args.train, train=True, descriptors=args.label_descriptors, root=args.root)
+    test = read_split(args.test, train=False, descriptors=args.label_descriptors, root=args.root,
+                      class_names=train.class_names)
+    overrides = getattr(args, "overrides", [])
+    if args.mode == "linear":
+        cfg = apply_overrides(ProbeConfig(fast=not args.full), overrides)
+        result = linear_probe(encoder, train, test, cfg, seeds=range(args.seeds), workers=args.workers)
+        spread = f" +- {result['std']:.4f} over {args.seeds} seeds" if args.seeds > 1 else ""
+        print(f"linear probe {train.name} -> {test.name}: {result['metric']} {result['mean']:.4f}{spread} "
+              f"({result['seconds']:.1f} s)")
+        print(json.dumps(result))
+    else:
+        cfg = apply_overrides(FinetuneConfig(out=args.out or FinetuneConfig.out, workers=args.workers), overrides)
+        result = Finetuner(encoder, train, test, cfg).fit()
+        print(json.dumps(result))
+    return 0
+
+
+def add_evaluate_command(sub) -> None:
+    p = sub.add_parser("evaluate", help="linear probe or fine-tuning on a labelled split",
+                       description="Splits: synth:mono, synth:poly, a fairseq .tsv (+ .lbl beside it and "
+                       "--label-descriptors) or a path,labels .csv. Extra --key=value options set fields of "
+                       "ProbeConfig (linear) or FinetuneConfig (finetune).")
+    p.add_argument("mode", choices=["linear", "finetune"])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--label-descriptors", default=None, help="index,mid,display_name CSV for .tsv splits")
+    p.add_argument("--root", default=None, help="override the root line of .tsv manifests")
+    p.add_argument("--weights", default="student", choices=["student", "teacher"])
+    p.add_argument("--seeds", type=int, default=1, help="linear probe: seeds to average")
+    p.add_argument("--full", action="store_true", help="linear probe: re-encode every batch with augmentations")
+    p.add_argument("--out", default=None, help="fine-tuning run folder")
+    p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=0)
+    p.set_defaults(func=run_evaluate, overrides=[])

@@ -1,0 +1,191 @@
+"""Labelled splits for evaluation, in the formats users have.
+
+* fairseq / EAT: ``split.tsv`` (first line the root folder, then ``relpath<TAB>size``), the
+  matching ``split.lbl`` (one line per clip, same order: ``id<TAB>label,label,...``) and a
+  ``label_descriptors.csv`` (``index,mid,display_name``); labels may be written as mids or as
+  display names.
+* a plain CSV with a header ``path,labels`` (labels separated by ``;`` or ``,`` inside quotes;
+  relative paths are relative to the CSV's folder). Class names come from the descriptors when
+  given, otherwise from the sorted set of labels of the training split.
+* the built-in benchmark: ``synth:mono`` and ``synth:poly`` (:mod:`sslam.synth`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .audio import AudioError, load_audio
+
+
+class LabelError(ValueError):
+    """A labelled split could not be read (the message names the file, line and reason)."""
+
+
+@dataclass
+class LabeledSplit:
+    """A split: ``items`` are file paths (or a synthetic dataset), ``targets`` (N, C) multi-hot
+    float32, ``class_names`` (C,), ``multilabel`` whether a clip may have several labels."""
+
+    name: str
+    items: list[Path] | Dataset
+    targets: torch.Tensor
+    class_names: list[str]
+    multilabel: bool
+
+    def __len__(self) -> int:
+        return self.targets.shape[0]
+
+
+def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``index,mid,display_name`` rows -> [(mid, display_name)] in index order."""
+    path = Path(path)
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+    except OSError as exc:
+        raise LabelError(f"{path}: cannot read label descriptors ({exc})") from exc
+    if not rows or [c.strip().lower() for c in rows[0][:3]] != ["index", "mid", "display_name"]:
+        raise LabelError(f"{path}: expected a header 'index,mid,display_name'")
+    entries = []
+    for number, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) < 3:
+            raise LabelError(f"{path}:{number}: expected index,mid,display_name")
+        try:
+            entries.append((int(row[0]), row[1].strip(), row[2].strip()))
+        except ValueError:
+            raise LabelError(f"{path}:{number}: index {row[0]!r} is not an integer") from None
+    entries.sort()
+    if [e[0] for e in entries] != list(range(len(entries))):
+        raise LabelError(f"{path}: indices must be 0..{len(entries) - 1} without gaps")
+    return [(mid, name) for _, mid, name in entries]
+
+
+def _targets(label_lists: list[list[str]], lookup: dict[str, int], num_classes: int, where: list[str]) -> torch.Tensor:
+    targets = torch.zeros(len(label_lists), num_classes)
+    for i, labels in enumerate(label_lists):
+        for label in labels:
+            if label not in lookup:
+                raise LabelError(f"{where[i]}: unknown label {label!r}")
+            targets[i, lookup[label]] = 1.0
+    return targets
+
+
+def _check_files(name: str, paths: list[Path]) -> None:
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise LabelError(f"{name}: {len(missing)} audio file(s) not found, e.g. {missing[:3]}")
+
+
+def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, lbl: str | os.PathLike | None = None,
+                       root: str | None = None) -> LabeledSplit:
+    """A fairseq manifest with its ``.lbl`` file (default: the manifest's name with ``.lbl``)."""
+    tsv = Path(tsv)
+    lbl = Path(lbl) if lbl else tsv.with_suffix(".lbl")
+    try:
+        manifest = tsv.read_text(encoding="utf-8").splitlines()
+        label_lines = [line for line in lbl.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise LabelError(f"cannot read {exc.filename}: {exc.strerror}") from exc
+    if not manifest:
+        raise LabelError(f"{tsv}: empty manifest")
+    base = Path(root or manifest[0].strip())
+    paths = [base / line.split("\t")[0].strip() for line in manifest[1:] if line.strip()]
+    if not paths:
+        raise LabelError(f"{tsv}: empty split (no clips listed)")
+    if len(label_lines) != len(paths):
+        raise LabelError(f"{lbl}: {len(label_lines)} label lines for {len(paths)} clips in {tsv}")
+    classes = read_descriptors(descriptors)
+    lookup = {mid: i for i, (mid, _) in enumerate(classes)}
+    lookup.update({name: i for i, (_, name) in enumerate(classes)})
+    label_lists, where = [], []
+    for number, line in enumerate(label_lines, start=1):
+        parts = line.split("\t")
+        text = parts[1] if len(parts) > 1 else ""
+        label_lists.append([x.strip() for x in text.split(",") if x.strip()])
+        where.append(f"{lbl}:{number}")
+    _check_files(str(tsv), paths)
+    targets = _targets(label_lists, lookup, len(classes), where)
+    return LabeledSplit(tsv.stem, paths, targets, [name for _, name in classes], bool((targets.sum(1) > 1).any()))
+
+
+def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None) -> LabeledSplit:
+    """A ``path,labels`` CSV; ``class_names`` fixes the classes (e.g. those of the train split)."""
+    path = Path(path)
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+    except OSError as exc:
+        raise LabelError(f"{path}: cannot read ({exc})") from exc
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:
+        raise LabelError(f"{path}: expected a header 'path,labels'")
+    paths, label_lists, where = [], [], []
+    for number, row in enumerate(rows[1:], start=2):
+        if not row or not row[0].strip():
+            continue
+        file = Path(row[0].strip())
+        paths.append(file if file.is_absolute() else path.parent / file)
+        text = ";".join(row[1:])
+        label_lists.append([x.strip() for x in text.replace(",", ";").split(";") if x.strip()])
+        where.append(f"{path}:{number}")
+    if not paths:
+        raise LabelError(f"{path}: empty split (no rows)")
+    names = class_names or sorted({label for labels in label_lists for label in labels})
+    _check_files(str(path), paths)
+    targets = _targets(label_lists, {n: i for i, n in enumerate(names)}, len(names), where)
+    return LabeledSplit(path.stem, paths, targets, list(names), bool((targets.sum(1) > 1).any()))
+
+
+def synth_split(kind: str, train: bool, num_clips: int | None = None, seed: int = 0, seconds: float = 4.0) -> LabeledSplit:
+    """The built-in benchmark: kind 'mono' (one source per clip, single-label) or 'poly'
+    (2-4 overlapping sources, multi-label)."""
+    from .synth import benchmark
+
+    if kind not in ("mono", "poly"):
+        raise LabelError(f"synth:{kind}: choose synth:mono or synth:poly")
+    name = f"{kind}_{'train' if train else 'test'}"
+    data = benchmark(name, num_clips=num_clips, seed=seed, seconds=seconds)
+    return LabeledSplit(name, data, data.targets(), list(data.class_names), kind == "poly")
+
+
+def read_split(spec: str, *, train: bool, descriptors: str | None = None, class_names: list[str] | None = None,
+               root: str | None = None, num_clips: int | None = None, seed: int = 0) -> LabeledSplit:
+    """Any supported split: 'synth:mono' / 'synth:poly', a fairseq .tsv (needs ``descriptors``),
+    or a ``path,labels`` CSV."""
+    if spec.startswith("synth:"):
+        return synth_split(spec.split(":", 1)[1], train, num_clips, seed)
+    path = Path(spec)
+    if path.suffix == ".tsv":
+        if not descriptors:
+            raise LabelError(f"{spec}: a fairseq manifest needs --label-descriptors (index,mid,display_name CSV)")
+        return read_fairseq_split(path, descriptors, root=root)
+    if path.suffix == ".csv":
+        return read_csv_split(path, class_names)
+    raise LabelError(f"{spec}: expected synth:mono, synth:poly, a .tsv manifest or a path,labels .csv")
+
+
+class SplitAudio(Dataset):
+    """Waveforms (16 kHz, float32) and targets of a split, for DataLoader workers."""
+
+    def __init__(self, split: LabeledSplit, max_samples: int | None = None):
+        self.split, self.max_samples = split, max_samples
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        if isinstance(self.split.items, Dataset):
+            wave = self.split.items[i][0]
+        else:
+            try:
+                wave, _ = load_audio(self.split.items[i], sample_rate=16000)
+            except AudioError as exc:
+                raise LabelError(f"{self.split.name}: {exc}") from exc
+        if self.max_samples is not None:
+            wave = wave[: self.max_samples]
+        return wave, self.split.targets[i]

@@ -1,0 +1,43 @@
+"""Evaluation metrics: average precision per class, mAP, accuracy."""
+
+from __future__ import annotations
+
+import torch
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-class average precision (the area under the precision-recall step curve, as
+    scikit-learn's ``average_precision_score``); NaN for a class without positives.
+
+    scores, targets: (N, C); targets are 0/1. Ties are broken as scikit-learn does: all items
+    with the same score count together."""
+    scores, targets = scores.double(), (targets > 0.5).double()
+    n, c = scores.shape
+    ap = torch.full((c,), float("nan"), dtype=torch.float64)
+    for k in range(c):
+        order = torch.argsort(scores[:, k], descending=True, stable=True)
+        s, t = scores[order, k], targets[order, k]
+        positives = t.sum()
+        if positives == 0:
+            continue
+        tp = t.cumsum(0)
+        # Only the last item of a run of equal scores is a threshold.
+        threshold = torch.ones(n, dtype=torch.bool)
+        threshold[:-1] = s[1:] != s[:-1]
+        tp, rank = tp[threshold], (torch.arange(1, n + 1, dtype=torch.float64))[threshold]
+        recall_steps = torch.diff(tp / positives, prepend=torch.zeros(1, dtype=torch.float64))
+        ap[k] = (recall_steps * tp / rank).sum()
+    return ap
+
+
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """mAP: the mean over classes of the average precision, ignoring classes without positives
+    (NaN-mean, as the official evaluation does)."""
+    ap = average_precision(scores, targets)
+    return float(ap[~ap.isnan()].mean()) if (~ap.isnan()).any() else float("nan")
+
+
+def accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy; ``targets`` is (N,) class indices or (N, C) one-hot."""
+    labels = targets.argmax(1) if targets.dim() == 2 else targets
+    return float((scores.argmax(1) == labels).double().mean())
