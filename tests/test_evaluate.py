@@ -1,0 +1,208 @@
+"""Evaluation: metrics against scikit-learn, label formats and their errors, augmentations,
+a short linear probe and fine-tuning run, and the demo smoke run."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from sslam.augment import mixup, roll_waveforms, spec_augment
+from sslam.evaluate import (
+    FinetuneConfig,
+    Finetuner,
+    ProbeConfig,
+    apply_overrides,
+    classification_loss,
+    layer_decay_groups,
+    linear_probe,
+)
+from sslam.labels import LabelError, read_csv_split, read_fairseq_split, read_split, synth_split
+from sslam.metrics import accuracy, average_precision, mean_average_precision
+from sslam.model import Encoder, EncoderConfig
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+
+def tiny_encoder(target_length=128) -> Encoder:
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=16)).eval()
+    enc.preprocessing = {"sample_rate": 16000, "target_length": target_length, "norm": "audioset"}
+    return enc
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_average_precision_matches_sklearn(ties):
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(80, 7, generator=g)
+    if ties:
+        scores = torch.round(scores * 2) / 2
+    targets = (torch.rand(80, 7, generator=g) < 0.3).float()
+    targets[:, 6] = 0  # a class without positives is ignored
+    ours = average_precision(scores, targets)
+    for k in range(6):
+        ref = sklearn_metrics.average_precision_score(targets[:, k].numpy(), scores[:, k].numpy())
+        assert ours[k].item() == pytest.approx(ref, abs=1e-12)
+    assert torch.isnan(ours[6])
+    assert mean_average_precision(scores, targets) == pytest.approx(float(ours[:6].mean()))
+
+
+def test_accuracy_by_hand():
+    scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    assert accuracy(scores, torch.tensor([1, 0, 0])) == pytest.approx(2 / 3)
+    assert accuracy(scores, torch.eye(2)[[1, 0, 0]]) == pytest.approx(2 / 3)
+
+
+def test_losses():
+    logits, targets = torch.randn(4, 3), torch.tensor([[1.0, 0, 1], [0, 1, 0], [1, 1, 1], [0, 0, 1]])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 7
+    assert classification_loss(logits, targets, multilabel=True).item() == pytest.approx(bce.item())
+    onehot = torch.eye(3)[[0, 2, 1, 1]]
+    ce = torch.nn.functional.cross_entropy(logits, onehot.argmax(1), label_smoothing=0.1)
+    assert classification_loss(logits, onehot, multilabel=False).item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+# ---- labels ---------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def fairseq_split(tmp_path):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for name in ("a", "b", "c"):
+        sf.write(audio / f"{name}.wav", np.random.default_rng(0).standard_normal(8000) * 0.1, 16000)
+    (tmp_path / "train.tsv").write_text(f"{audio}\na.wav\t8000\nb.wav\t8000\nc.wav\t8000\n")
+    (tmp_path / "train.lbl").write_text("a\t/m/dog,/m/cat\nb\tBird\nc\t/m/cat\n")
+    (tmp_path / "label_descriptors.csv").write_text('index,mid,display_name\n0,/m/dog,Dog\n1,/m/cat,"Cat"\n2,/m/bird,Bird\n')
+    return tmp_path
+
+
+def test_fairseq_labels(fairseq_split):
+    split = read_fairseq_split(fairseq_split / "train.tsv", fairseq_split / "label_descriptors.csv")
+    assert split.class_names == ["Dog", "Cat", "Bird"] and split.multilabel
+    assert split.targets.tolist() == [[1, 1, 0], [0, 0, 1], [0, 1, 0]]
+    assert split.items[1] == fairseq_split / "audio" / "b.wav"
+
+
+def test_fairseq_label_errors(fairseq_split):
+    d = fairseq_split
+    (d / "train.lbl").write_text("a\t/m/dog\nb\t/m/unicorn\nc\t/m/cat\n")
+    with pytest.raises(LabelError, match=r"train.lbl:2: unknown label '/m/unicorn'"):
+        read_fairseq_split(d / "train.tsv", d / "label_descriptors.csv")
+    (d / "train.lbl").write_text("a\t/m/dog\n")
+    with pytest.raises(LabelError, match="1 label lines for 3 clips"):
+        read_fairseq_split(d / "train.tsv", d / "label_descriptors.csv")
+    (d / "train.lbl").write_text("a\t/m/dog\nb\t/m/dog\nc\t/m/dog\n")
+    (d / "audio" / "c.wav").unlink()
+    with pytest.raises(LabelError, match="1 audio file\\(s\\) not found"):
+        read_fairseq_split(d / "train.tsv", d / "label_descriptors.csv")
+    (d / "empty.tsv").write_text(f"{d}\n")
+    (d / "empty.lbl").write_text("")
+    with pytest.raises(LabelError, match="empty split"):
+        read_fairseq_split(d / "empty.tsv", d / "label_descriptors.csv")
+    with pytest.raises(LabelError, match="needs --label-descriptors"):
+        read_split(str(d / "train.tsv"), train=True)
+
+
+def test_csv_labels(tmp_path):
+    sf.write(tmp_path / "x.wav", np.zeros(4000) + 0.1, 16000)
+    (tmp_path / "train.csv").write_text('path,labels\nx.wav,"dog;cat"\nx.wav,bird\n')
+    split = read_csv_split(tmp_path / "train.csv")
+    assert split.class_names == ["bird", "cat", "dog"] and split.targets.tolist() == [[0, 1, 1], [1, 0, 0]]
+    (tmp_path / "test.csv").write_text("path,labels\nx.wav,lion\n")
+    with pytest.raises(LabelError, match="test.csv:2: unknown label 'lion'"):
+        read_csv_split(tmp_path / "test.csv", class_names=split.class_names)
+    (tmp_path / "bad.csv").write_text("file,label\n")
+    with pytest.raises(LabelError, match="header 'path,labels'"):
+        read_csv_split(tmp_path / "bad.csv")
+
+
+def test_synth_splits():
+    mono, poly = synth_split("mono", True, 24), synth_split("poly", False, 12)
+    assert not mono.multilabel and poly.multilabel
+    assert torch.all(mono.targets.sum(1) == 1) and torch.all(poly.targets.sum(1) >= 2)
+    assert torch.equal(poly.targets[3], poly.items[3][1])
+    with pytest.raises(LabelError, match="synth:mono or synth:poly"):
+        read_split("synth:stereo", train=True)
+
+
+# ---- augmentations --------------------------------------------------------------------------
+
+
+def test_roll_mixup_specaugment():
+    rng = np.random.default_rng(0)
+    waves = torch.zeros(2, 10)
+    waves[0, :6] = torch.arange(1.0, 7.0)
+    waves[1] = torch.arange(1.0, 11.0)
+    rolled = roll_waveforms(waves, torch.tensor([6, 10]), rng)
+    assert torch.all(rolled[0, 6:] == 0)
+    ratio = rolled[0, :6].sum() / waves[0, :6].sum()
+    assert 0.5 <= ratio <= 1.5
+    assert sorted((rolled[0, :6] / ratio).round().tolist()) == [1, 2, 3, 4, 5, 6]
+    x, y = torch.randn(4, 1, 8, 8), torch.eye(4)
+    mx, my = mixup(x, y, np.random.default_rng(1), alpha=0.8, prob=1.0)
+    lam = my[0, 0].item()
+    assert torch.allclose(mx[0], lam * x[0] + (1 - lam) * x[3]) and torch.allclose(my.sum(1), torch.ones(4))
+    same = mixup(x, y, np.random.default_rng(1), prob=0.0)
+    assert same[0] is x
+    spec = torch.randn(3, 1, 40, 20) + 5
+    masked = spec_augment(spec, 6, 10, np.random.default_rng(2))
+    for i in range(3):
+        zero_cols = (masked[i, 0] == 0).all(0).sum().item()
+        zero_rows = (masked[i, 0] == 0).all(1).sum().item()
+        assert zero_cols < 6 and zero_rows < 10
+
+
+# ---- training runs --------------------------------------------------------------------------
+
+
+def test_linear_probe_fast_and_full():
+    enc = tiny_encoder()
+    train, test = synth_split("poly", True, 24), synth_split("poly", False, 12)
+    fast = linear_probe(enc, train, test, ProbeConfig(epochs=2, batch_size=8), seeds=range(2))
+    assert fast["metric"] == "mAP" and 0 < fast["mean"] <= 1 and len(fast["per_seed"]) == 2
+    full = linear_probe(enc, train, test, ProbeConfig(epochs=1, batch_size=8, fast=False), seeds=[0])
+    assert 0 < full["mean"] <= 1
+    mono = linear_probe(enc, synth_split("mono", True, 24), synth_split("mono", False, 12), ProbeConfig(epochs=1))
+    assert mono["metric"] == "accuracy"
+    with pytest.raises(ValueError, match="unknown option"):
+        apply_overrides(ProbeConfig(), ["--lr_max=1"])
+
+
+def test_layer_decay_groups():
+    enc = Encoder(EncoderConfig(embed_dim=32, depth=3, num_heads=2, max_length=16, num_classes=4))
+    groups = layer_decay_groups(enc, FinetuneConfig(layer_decay=0.5))
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale_of[id(enc.blocks[0].attn.qkv.weight)] == 0.5**3
+    assert scale_of[id(enc.blocks[2].mlp.fc1.weight)] == 0.5
+    assert scale_of[id(enc.head.weight)] == scale_of[id(enc.patch_embed.weight)] == scale_of[id(enc.cls_token)] == 1.0
+
+
+def test_finetune_writes_checkpoints_resumes_and_exports(tmp_path):
+    from sslam.checkpoint import load_encoder
+
+    train, test = synth_split("poly", True, 16), synth_split("poly", False, 8)
+    cfg = FinetuneConfig(steps=3, warmup=1, batch_size=4, eval_every=2, ckpt_every=2, out=str(tmp_path), workers=0)
+    Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and "mAP" in records[-1]
+    exported = load_encoder(tmp_path / "model")
+    assert exported.label_names == list(train.class_names) and exported.cfg.num_classes == 12
+    cfg.steps = 5
+    again = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
+    assert again.step == 3
+    again.fit()
+    assert again.step == 5
+
+
+def test_demo_quick(tmp_path):
+    from sslam.cli import main
+
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result["table"]) == {"random", "stage 1", "stage 2"}
+    assert (tmp_path / "demo.png").stat().st_size > 10_000 and "| stage 2 |" in (tmp_path / "results.md").read_text()
