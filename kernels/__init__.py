@@ -2,9 +2,30 @@
 
 Every kernel has its PyTorch reference beside it (``*_ref``), which is the CPU path and the
 baseline of the tests and benchmarks. ``SSLAM_KERNELS`` (see :mod:`sslam.kernels.switch`) picks
-between them.
+between them: ``auto`` (kernels for CUDA tensors), ``1`` (always; CPU tensors need
+``TRITON_INTERPRET=1``) or ``0`` (always the references).
+
+* :func:`fbank_patch` -- waveforms -> Kaldi fbank -> normalised 16x16 patches (+ SSLAM mixing);
+* :func:`attention` / :func:`attention_varlen` -- softmax attention over the kept tokens;
+* :func:`mix_spectrograms` / :func:`gather_tokens` -- mixture synthesis and the partner gather.
 """
 
+from .attention import attention, attention_ref, attention_varlen, attention_varlen_ref
+from .fbank_patch import fbank_patch, fbank_patch_ref
+from .mixture import gather_tokens, gather_tokens_ref, mix_patches_ref, mix_spectrograms, mix_spectrograms_ref
 from .switch import use_kernels
 
-__all__ = ["use_kernels"]
+__all__ = [
+    "attention",
+    "attention_ref",
+    "attention_varlen",
+    "attention_varlen_ref",
+    "fbank_patch",
+    "fbank_patch_ref",
+    "gather_tokens",
+    "gather_tokens_ref",
+    "mix_patches_ref",
+    "mix_spectrograms",
+    "mix_spectrograms_ref",
+    "use_kernels",
+]

@@ -306,26 +306,25 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path, tiny):
     assert not marker.exists()
 
 
-def test_fairseq_extras_still_load(tmp_path, tiny):
+def test_fairseq_extras_still_load(tmp_path, tiny, monkeypatch):
     """Official files pickle config objects and meters; they become inert stand-ins."""
-    meters = types.ModuleType("fairseq.logging.meters")
+    for name in ("fairseq", "fairseq.logging", "fairseq.logging.meters"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
 
     class AverageMeter:
         def __init__(self):
             self.val, self.sum, self.count = 0.5, np.float64(3.0), 6
 
-    AverageMeter.__module__ = "fairseq.logging.meters"
-    meters.AverageMeter = AverageMeter
-    sys.modules["fairseq.logging.meters"] = meters
-    try:
-        ckpt = dict(tiny)
-        ckpt["args"] = argparse.Namespace(arch="data2vec_multi", lr=[5e-5])
-        ckpt["extra_state"] = {"metrics": {"train": [("loss", AverageMeter())]}, "np": np.float32(1.5)}
-        torch.save(ckpt, tmp_path / "extras.pt")
-    finally:
-        del sys.modules["fairseq.logging.meters"]
+    AverageMeter.__module__, AverageMeter.__qualname__ = "fairseq.logging.meters", "AverageMeter"
+    sys.modules["fairseq.logging.meters"].AverageMeter = AverageMeter
+    ckpt = dict(tiny)
+    ckpt["args"] = argparse.Namespace(arch="data2vec_multi", lr=[5e-5])
+    ckpt["extra_state"] = {"metrics": {"train": [("loss", AverageMeter())]}, "np": np.float32(1.5)}
+    torch.save(ckpt, tmp_path / "extras.pt")
+    monkeypatch.delitem(sys.modules, "fairseq.logging.meters")  # loading must not need it
     raw = safe_torch_load(tmp_path / "extras.pt")
     assert type(raw["args"]).__name__ == "Namespace"
+    assert type(raw["extra_state"]["metrics"]["train"][0][1]).__name__ == "AverageMeter"
     assert load_encoder(tmp_path / "extras.pt").cfg == VARIANTS["tiny"]
 
 
