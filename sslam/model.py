@@ -114,6 +114,17 @@ def attention_math(q, k, v, key_padding_mask=None):
     return probs @ v
 
 
+def gather_shared(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``tokens[:, keep]`` for (B, N, D) tokens and (K,) indices; the Triton gather on CUDA."""
+    from .kernels.switch import use_kernels
+
+    if use_kernels(tokens):
+        from .kernels.mixture import gather_tokens
+
+        return gather_tokens(tokens, keep)
+    return tokens[:, keep]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -267,6 +278,14 @@ class Encoder(nn.Module):
     def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, N, 256) patches (see :func:`sslam.features.patchify`) -> (B, N, D) tokens with
         positions; the same result as :meth:`patchify_embed` on the unpatched spectrogram."""
+        p, f = self.cfg.patch_size, self.cfg.freq_patches
+        if patches.dim() != 3 or patches.shape[2] != p * p or patches.shape[1] % f:
+            raise ValueError(
+                f"expected (B, N, {p * p}) patches with N a multiple of {f}, or a (B, 1, T, "
+                f"{self.cfg.mel_bins}) spectrogram; got {tuple(patches.shape)}"
+            )
+        if patches.shape[1] > self.pos_embed.shape[1]:
+            raise ValueError(f"{patches.shape[1]} patches exceed the position table ({self.pos_embed.shape[1]})")
         w = self.patch_embed.weight.reshape(self.cfg.embed_dim, -1)
         x = F.linear(patches, w.to(patches.dtype), self.patch_embed.bias.to(patches.dtype))
         return x + self.pos_embed[:, : x.shape[1]].to(x.dtype)
@@ -286,8 +305,8 @@ class Encoder(nn.Module):
         Args:
             tokens: (B, N, D).
             keep: (B * clones, K) int64 indices of the patches each row keeps (the masked
-                student, or the teacher's partner pass); row r uses clip r // clones. None keeps
-                all N (then ``clones`` must be 1).
+                student); row r uses clip r // clones. A 1-D (K,) ``keep`` keeps the same
+                patches of every clip (the teacher's partner pass). None keeps all N.
             key_padding_mask: (B', N') bool, True = padded patch (excluded from attention);
                 over the kept tokens when ``keep`` is given.
             layer_results / block_outputs: also return every FFN output / block output.
@@ -295,7 +314,11 @@ class Encoder(nn.Module):
         Returns:
             :class:`EncoderOutput` with x of shape (B', 1 + K, D), B' = B * clones.
         """
-        if keep is not None:
+        if keep is not None and keep.dim() == 1:
+            tokens = gather_shared(tokens, keep)
+            if clones != 1:
+                tokens = tokens.repeat_interleave(clones, dim=0)
+        elif keep is not None:
             rows = torch.arange(keep.shape[0], device=keep.device) // clones
             tokens = tokens[rows[:, None], keep]
         elif clones != 1:
@@ -315,9 +338,14 @@ class Encoder(nn.Module):
         out.x = x
         return out
 
+    def embed_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with positions from a (B, 1, T, mel_bins) spectrogram or from its
+        (B, N, 256) patches (:func:`sslam.features.patchify`, e.g. the fused feature kernel)."""
+        return self.patchify_embed(x) if x.dim() == 4 else self.embed_patches(x)
+
     def forward(
         self,
-        spec: torch.Tensor,
+        x: torch.Tensor,
         *,
         keep: torch.Tensor | None = None,
         clones: int = 1,
@@ -325,10 +353,10 @@ class Encoder(nn.Module):
         layer_results: bool = False,
         block_outputs: bool = False,
     ) -> EncoderOutput:
-        """(B, 1, T, mel_bins) normalised spectrogram -> :class:`EncoderOutput`; the arguments
-        are those of :meth:`forward_tokens`."""
+        """(B, 1, T, mel_bins) normalised spectrogram, or its (B, N, 256) patches ->
+        :class:`EncoderOutput`; the other arguments are those of :meth:`forward_tokens`."""
         return self.forward_tokens(
-            self.patchify_embed(spec),
+            self.embed_input(x),
             keep=keep,
             clones=clones,
             key_padding_mask=key_padding_mask,

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixing import MixWindows, mix_spectrograms, mixed_row_ranges, partner_keep_indices
+from .kernels.switch import use_kernels
+from .mixing import MixWindows, mix_patches, mix_spectrograms, mixed_row_ranges, partner_keep_indices
 from .model import Encoder, EncoderConfig
 
 # ---- decoder ------------------------------------------------------------------------------
@@ -209,6 +210,16 @@ def srl_target(clean: torch.Tensor, partial: torch.Tensor, windows: MixWindows, 
     return 0.5 * (clean + stitched.view(b, n, d))
 
 
+def make_mixtures(x: torch.Tensor, windows: MixWindows, freq_patches: int) -> torch.Tensor:
+    """SSLAM mixtures of spectrograms (B, 1, T, F) or patches (B, N, 256); the Triton kernel
+    on CUDA (bit-identical)."""
+    if use_kernels(x):
+        from .kernels.mixture import mix_spectrograms as mix_kernel
+
+        return mix_kernel(x, windows, freq_patches=freq_patches)
+    return mix_spectrograms(x, windows) if x.dim() == 4 else mix_patches(x, windows, freq_patches)
+
+
 # ---- the objective ------------------------------------------------------------------------
 
 
@@ -281,9 +292,12 @@ class Pretrainer(nn.Module):
     def update_teacher(self, decay: float) -> None:
         self.teacher.update(self.student, decay)
 
-    def _grid(self, spec: torch.Tensor) -> tuple[int, int]:
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """(time, frequency) patch grid of a spectrogram (B, 1, T, F) or patches (B, N, 256)."""
         cfg = self.student.cfg
-        return spec.shape[2] // cfg.patch_size, cfg.freq_patches
+        if x.dim() == 4:
+            return x.shape[2] // cfg.patch_size, cfg.freq_patches
+        return x.shape[1] // cfg.freq_patches, cfg.freq_patches
 
     def _student(self, spec, keep, clones, generator):
         """Masked student + decoder: (CLS outputs (B*C, D), predictions (B*C, N, D))."""
@@ -304,15 +318,18 @@ class Pretrainer(nn.Module):
         *,
         windows: MixWindows | None = None,
         generator: torch.Generator | None = None,
+        mixed: torch.Tensor | None = None,
     ) -> Losses:
         """One training forward.
 
         Args:
-            spec: (B, 1, T, F) normalised clean spectrograms.
+            spec: (B, 1, T, F) normalised clean spectrograms, or their (B, N, 256) patches.
             keep: (B * C, K) kept patch indices of each clone (clip-major rows); every row
                 keeps the same number K of patches.
             windows: stage 2 only, the two unmixed windows of this step.
             generator: for the decoder's mask-token noise.
+            mixed: stage 2 only, the mixtures of ``spec`` when they were already made (the
+                fused feature kernel); otherwise they are made here from ``windows``.
         """
         obj = self.objective
         clones = obj.clones
@@ -322,7 +339,7 @@ class Pretrainer(nn.Module):
             return self._stage1(spec, keep, clones, generator)
         if windows is None:
             raise ValueError("stage 2 needs the mixing windows of the step")
-        return self._stage2(spec, keep, clones, windows, generator)
+        return self._stage2(spec, keep, clones, windows, generator, mixed)
 
     def _masked(self, keep: torch.Tensor, num_patches: int) -> torch.Tensor:
         masked = torch.ones(keep.shape[0], num_patches, dtype=torch.bool, device=keep.device)
@@ -339,10 +356,12 @@ class Pretrainer(nn.Module):
         cls_term = cls_regression_sum(cls, cls_target, clones) * self.objective.cls_loss
         return Losses(frame + cls_term, frame, cls_term, None, sample_size)
 
-    def _stage2(self, spec, keep, clones, windows: MixWindows, generator) -> Losses:
+    def _stage2(self, spec, keep, clones, windows: MixWindows, generator, mixed) -> Losses:
         obj = self.objective
         b = spec.shape[0]
-        both = torch.cat([spec, mix_spectrograms(spec, windows)])  # clean then mixed
+        if mixed is None:
+            mixed = make_mixtures(spec, windows, self.student.cfg.freq_patches)
+        both = torch.cat([spec, mixed])  # clean then mixed
         keep2 = torch.cat([keep, keep])  # a mixture uses its clean clip's masks
         cls, pred = self._student(both, keep2, clones, generator)
 
@@ -352,10 +371,7 @@ class Pretrainer(nn.Module):
         rows, freq = self._grid(spec)
         partner_keep = partner_keep_indices(windows, rows, freq, self.student.cfg.patch_size).to(spec.device)
         with torch.no_grad():
-            tokens = self.teacher.encoder.patchify_embed(spec)
-            partial_layers = self.teacher.encoder.forward_tokens(
-                tokens, keep=partner_keep.expand(b, -1), layer_results=True
-            ).layer_results
+            partial_layers = self.teacher.encoder(spec, keep=partner_keep, layer_results=True).layer_results
         partial = layer_targets([m[:, 1:] for m in partial_layers], obj.top_k)
         srl = srl_target(frame_target[:b], partial, windows, freq, self.student.cfg.patch_size)
 

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_torch_load
 from .features import preprocess
+from .kernels.switch import use_kernels
 from .masking import MaskConfig, block_masks, kept_indices
 from .mixing import sample_windows
 from .model import VARIANTS, EncoderConfig
@@ -459,25 +460,36 @@ class Trainer:
                           pin_memory=self.device.type == "cuda", persistent_workers=d.num_workers > 0)
 
     # -- one step --
-    def features(self, batch) -> torch.Tensor:
+    def model_inputs(self, batch, windows):
+        """(clean, mixed) model inputs of a micro-batch on the training device. With the Triton
+        kernels (CUDA) the fused feature kernel makes normalised patches, and the stage-2
+        mixtures in the same pass; otherwise the reference makes spectrograms and ``mixed`` is
+        None (the objective mixes them)."""
+        d = self.cfg.data
         waves = batch.waveforms.to(self.device, non_blocking=True)
-        return preprocess(waves, 16000, self.cfg.data.target_length, self.cfg.data.norm,
-                          lengths=batch.lengths.to(self.device))
+        lengths = batch.lengths.to(self.device, non_blocking=True)
+        if use_kernels(waves):
+            from .kernels.fbank_patch import fbank_patch
+
+            out = fbank_patch(waves, lengths, target_length=d.target_length, norm=d.norm, mix=windows)
+            b = waves.shape[0]
+            return (out[:b], out[b:]) if windows is not None else (out, None)
+        return preprocess(waves, 16000, d.target_length, d.norm, lengths=lengths), None
 
     def micro_step_inputs(self, batch, slot: int):
-        """Spectrograms, kept indices and mixing windows for micro-batch ``slot`` of this step;
-        every random draw comes from (seed, step, slot), so splitting a global batch over
-        processes or accumulation steps does not change it."""
-        spec = self.features(batch)
+        """Inputs, kept indices, mixing windows and noise generator for micro-batch ``slot`` of
+        this step; every random draw comes from (seed, step, slot), so splitting a global batch
+        over processes or accumulation steps does not change it."""
         seed = self.cfg.run.seed
-        masks = block_masks(spec.shape[0] * self.model.objective.clones, self.mask_cfg, mix_seed(seed, self.step, slot, 1))
-        keep, _ = kept_indices(masks)
         windows = None
         if self.model.objective.stage == 2:
             g = torch.Generator().manual_seed(mix_seed(seed, self.step, slot, 2))
             windows = sample_windows(self.cfg.data.target_length, self.model.objective.mix_width, generator=g)
+        clean, mixed = self.model_inputs(batch, windows)
+        masks = block_masks(clean.shape[0] * self.model.objective.clones, self.mask_cfg, mix_seed(seed, self.step, slot, 1))
+        keep, _ = kept_indices(masks)
         noise = torch.Generator(device=self.device).manual_seed(mix_seed(seed, self.step, slot, 3))
-        return spec, keep.to(self.device), windows, noise
+        return clean, mixed, keep.to(self.device), windows, noise
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -493,13 +505,13 @@ class Trainer:
         finite = True
         for k, batch in enumerate(micro_batches):
             slot = k * self.dist.world_size + self.dist.rank
-            spec, keep, windows, noise = self.micro_step_inputs(batch, slot)
+            clean, mixed, keep, windows, noise = self.micro_step_inputs(batch, slot)
             sync = nullcontext()
             if k < accum - 1 and hasattr(self.train_module, "no_sync"):
                 sync = self.train_module.no_sync()
             with sync:
                 with self.autocast():
-                    losses = self.train_module(spec, keep, windows=windows, generator=noise)
+                    losses = self.train_module(clean, keep, windows=windows, generator=noise, mixed=mixed)
                 loss = losses.total / accum
                 if not torch.isfinite(loss.detach()):
                     finite = False

@@ -125,8 +125,10 @@ def test_input_validation():
         model(torch.randn(1, 1, 40, 128))
     with pytest.raises(ValueError, match="exceeds the position table"):
         model(torch.randn(1, 1, 16 * 17, 128))
-    with pytest.raises(ValueError, match=r"\(B, 1, T, 128\)"):
+    with pytest.raises(ValueError, match=r"\(B, N, 256\) patches"):
         model(torch.randn(1, 64, 128))
+    with pytest.raises(ValueError, match=r"\(B, 1, T, 128\)"):
+        model(torch.randn(1, 2, 64, 128))
 
 
 def test_drop_path_only_in_training():
