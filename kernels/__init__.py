@@ -1,5 +1,8 @@
 """Triton kernels of sslam (installed as ``sslam.kernels``).
 
+The public functions share their names with their modules (``sslam.kernels.attention`` is the
+function; ``importlib.import_module("sslam.kernels.attention")`` is the module).
+
 Every kernel has its PyTorch reference beside it (``*_ref``), which is the CPU path and the
 baseline of the tests and benchmarks. ``SSLAM_KERNELS`` (see :mod:`sslam.kernels.switch`) picks
 between them: ``auto`` (kernels for CUDA tensors), ``1`` (always; CPU tensors need
@@ -10,29 +13,19 @@ between them: ``auto`` (kernels for CUDA tensors), ``1`` (always; CPU tensors ne
 * :func:`mix_spectrograms` / :func:`gather_tokens` -- mixture synthesis and the partner gather.
 """
 
-import importlib
+from .switch import triton_available, use_kernels
 
-_EXPORTS = {
-    "attention": "attention",
-    "attention_ref": "attention",
-    "attention_varlen": "attention",
-    "attention_varlen_ref": "attention",
-    "fbank_patch": "fbank_patch",
-    "fbank_patch_ref": "fbank_patch",
-    "gather_tokens": "mixture",
-    "gather_tokens_ref": "mixture",
-    "mix_patches_ref": "mixture",
-    "mix_spectrograms": "mixture",
-    "mix_spectrograms_ref": "mixture",
-    "use_kernels": "switch",
-}
-__all__ = sorted(_EXPORTS)
+__all__ = ["use_kernels"]
 
+# The kernel modules import Triton; without it (CPU-only torch builds) only the switch is here,
+# and the library runs its PyTorch references.
+if triton_available():
+    from .attention import attention, attention_ref, attention_varlen, attention_varlen_ref
+    from .fbank_patch import fbank_patch, fbank_patch_ref
+    from .mixture import gather_tokens, gather_tokens_ref, mix_patches_ref, mix_spectrograms, mix_spectrograms_ref
 
-def __getattr__(name: str):
-    # Lazy: the kernel modules import Triton, which machines without it must not need.
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'sslam.kernels' has no attribute {name!r}")
+    __all__ += [
+        "attention", "attention_ref", "attention_varlen", "attention_varlen_ref", "fbank_patch",
+        "fbank_patch_ref", "gather_tokens", "gather_tokens_ref", "mix_patches_ref", "mix_spectrograms",
+        "mix_spectrograms_ref",
+    ]
