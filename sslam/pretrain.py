@@ -183,6 +183,14 @@ def masked_regression_sum(pred: torch.Tensor, target: torch.Tensor, masked: torc
     return (per_token * masked).sum() / math.sqrt(d)
 
 
+def masked_regression_sum_copied(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, clones: int) -> torch.Tensor:
+    """The official computation of :func:`masked_regression_sum`: the target copied per clone
+    (``repeat_interleave``), then both gathered at the masked positions. Same value; kept as the
+    faithful baseline of the benchmarks."""
+    target = target.repeat_interleave(clones, dim=0)
+    return regression_elements(pred[masked], target[masked]).sum()
+
+
 def cls_regression_sum(cls: torch.Tensor, target: torch.Tensor, clones: int) -> torch.Tensor:
     """Sum over rows of ||cls - target||^2 / sqrt(D); cls (B * C, D), target (B, D)."""
     bc, d = cls.shape
@@ -266,6 +274,12 @@ class Pretrainer(nn.Module):
             raise ValueError(f"top_k={objective.top_k} exceeds the encoder depth {self.student.cfg.depth}")
         self.decoder = CNNDecoder(self.student.cfg.embed_dim, objective.decoder)
         self.teacher = EMATeacher(self.student)
+        # True: per-clone target copies as the official code makes them (benchmark baseline).
+        self.copy_targets = False
+
+    def _regression(self, pred, target, masked, clones) -> torch.Tensor:
+        fn = masked_regression_sum_copied if self.copy_targets else masked_regression_sum
+        return fn(pred, target, masked, clones)
 
     @classmethod
     def from_checkpoint(cls, ckpt, objective: ObjectiveConfig) -> Pretrainer:
@@ -352,7 +366,7 @@ class Pretrainer(nn.Module):
         cls_target = target.mean(dim=1)  # EAT: mean of the top-K frame target
         masked = self._masked(keep, pred.shape[1])
         sample_size = int(masked.sum())
-        frame = masked_regression_sum(pred, target, masked, clones) / sample_size
+        frame = self._regression(pred, target, masked, clones) / sample_size
         cls_term = cls_regression_sum(cls, cls_target, clones) * self.objective.cls_loss
         return Losses(frame + cls_term, frame, cls_term, None, sample_size)
 
@@ -377,9 +391,9 @@ class Pretrainer(nn.Module):
 
         masked = self._masked(keep2, pred.shape[1])
         sample_size = int(masked.sum())
-        frame = masked_regression_sum(pred, frame_target, masked, clones) / sample_size
+        frame = self._regression(pred, frame_target, masked, clones) / sample_size
         mixed = slice(b * clones, None)
-        srl_term = obj.srl_weight * masked_regression_sum(pred[mixed], srl, masked[mixed], clones) / sample_size
+        srl_term = obj.srl_weight * self._regression(pred[mixed], srl, masked[mixed], clones) / sample_size
         cls_term = cls_regression_sum(cls, cls_target, clones) * obj.cls_loss
         return Losses(frame + srl_term + cls_term, frame, cls_term, srl_term, sample_size)
 

@@ -22,6 +22,7 @@ from sslam.pretrain import (
     instance_norm_tokens,
     layer_targets,
     masked_regression_sum,
+    masked_regression_sum_copied,
     regression_elements,
     srl_target,
     train_flops_per_clip,
@@ -168,6 +169,10 @@ def test_losses_by_hand():
     assert masked_regression_sum(pred, target, masked, clones=2).item() == pytest.approx(expected)
     cls = torch.zeros(4, 4)
     assert cls_regression_sum(cls, torch.ones(2, 4), clones=2).item() == pytest.approx(4 * 4 / 2)
+    pred, target = torch.randn(6, 5, 8), torch.randn(2, 5, 8)
+    masked = torch.rand(6, 5) < 0.6
+    assert masked_regression_sum(pred, target, masked, 3).item() == pytest.approx(
+        masked_regression_sum_copied(pred, target, masked, 3).item(), rel=1e-5)
 
 
 def test_srl_target_stitching_by_hand():

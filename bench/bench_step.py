@@ -1,0 +1,225 @@
+"""Training-step throughput: clips/s, MFU, peak memory and the largest batch that fits, for
+four implementations of the same step, measured in one run.
+
+(i)   ``official``: a faithful eager port of the official step -- explicit matmul-softmax
+      attention, targets copied per clone, eager features, plain AdamW (fp16 autocast on GPU,
+      as the official runs);
+(ii)  ``eager``: SDPA (the best backend PyTorch picks), targets indexed, fused AdamW;
+(iii) ``compile``: (ii) with the student and decoder compiled by ``torch.compile``;
+(iv)  ``ours``: the Triton kernels (fused features with SSLAM mixing, attention, gather,
+      mixing), fused AdamW.
+
+Every variant runs the full step: features from 16-kHz waveforms on the device, masks, student
++ decoder forward/backward, teacher forward(s), optimizer step, EMA update. MFU uses the model
+FLOPs of DESIGN.md (:func:`sslam.pretrain.train_flops_per_clip`) against 790 TFLOP/s (H100).
+
+    python bench/bench_step.py --stage 2 --preset base --batch 12 --csv bench/results/step.csv \\
+        --profile bench/results/profile      # ViT-B shapes on a GPU
+    python bench/bench_step.py --preset tiny --stage 1 --variants official ours   # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_rows, environment  # noqa: E402
+
+from sslam.features import preprocess  # noqa: E402
+from sslam.masking import MaskConfig, block_masks, kept_indices  # noqa: E402
+from sslam.mixing import sample_windows  # noqa: E402
+from sslam.pretrain import Pretrainer, ema_decay, train_flops_per_clip  # noqa: E402
+from sslam.train import encoder_config, objective_config, param_groups, preset  # noqa: E402
+
+VARIANTS = ("official", "eager", "compile", "ours")
+PEAK_TFLOPS = 790.0
+
+
+class Step:
+    """One variant's training step on fixed waveforms."""
+
+    def __init__(self, variant: str, cfg, batch: int, device: torch.device):
+        self.variant, self.cfg, self.batch, self.device = variant, cfg, batch, device
+        torch.manual_seed(0)
+        enc_cfg = encoder_config(cfg)
+        self.model = Pretrainer(enc_cfg, objective_config(cfg, enc_cfg.depth)).to(device).train()
+        self.model.copy_targets = variant == "official"
+        attention = {"official": "math", "eager": "sdpa", "compile": "sdpa", "ours": "auto"}[variant]
+        self.model.student.set_attention(attention)
+        self.model.teacher.encoder.set_attention(attention)
+        if variant == "compile":
+            self.model.student.compile()
+            self.model.decoder.compile()
+        fused = {"fused": True} if device.type == "cuda" and variant != "official" else {}
+        self.optimizer = torch.optim.AdamW(
+            param_groups(torch.nn.ModuleList([self.model.student, self.model.decoder]), cfg.optim.weight_decay),
+            lr=1e-4, betas=(cfg.optim.beta1, cfg.optim.beta2), **fused)
+        self.amp = None
+        if device.type == "cuda":
+            self.amp = torch.float16 if variant == "official" else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+        frames = cfg.data.target_length
+        self.mask_cfg = MaskConfig(grid=(frames // 16, 8), mask_prob=cfg.objective.mask_prob,
+                                   mask_prob_adjust=cfg.objective.mask_prob_adjust, mask_length=cfg.objective.mask_length)
+        samples = (frames - 1) * 160 + 400
+        g = torch.Generator().manual_seed(1)
+        self.waves = (0.1 * torch.randn(batch, samples, generator=g)).to(device)
+        self.lengths = torch.full((batch,), samples, device=device)
+        self.count = 0
+
+    def __call__(self) -> float:
+        os.environ["SSLAM_KERNELS"] = "auto" if self.variant == "ours" else "0"
+        cfg, obj = self.cfg, self.model.objective
+        windows = None
+        if obj.stage == 2:
+            windows = sample_windows(cfg.data.target_length, obj.mix_width, generator=torch.Generator().manual_seed(self.count))
+        masks = block_masks(self.batch * obj.clones, self.mask_cfg, self.count, threads=1)
+        keep = kept_indices(masks)[0].to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else torch.autocast("cpu", enabled=False):
+            mixed = None
+            if self.variant == "ours" and self.device.type == "cuda":
+                from sslam.kernels import fbank_patch
+
+                out = fbank_patch(self.waves, self.lengths, target_length=cfg.data.target_length, mix=windows)
+                clean, mixed = (out[: self.batch], out[self.batch :]) if windows else (out, None)
+            else:
+                clean = preprocess(self.waves, 16000, cfg.data.target_length, lengths=self.lengths)
+            losses = self.model(clean, keep, windows=windows, mixed=mixed)
+        self.scaler.scale(losses.total).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), cfg.optim.clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.count += 1
+        self.model.update_teacher(ema_decay(self.count))
+        return losses.total.detach()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Step, warmup: int, steps: int) -> tuple[float, float]:
+    """(seconds per step, peak memory GiB over the timed steps)."""
+    for _ in range(warmup):
+        step()
+    sync(step.device)
+    if step.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(step.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync(step.device)
+    seconds = (time.perf_counter() - start) / steps
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{step.variant}: non-finite loss")
+    peak = torch.cuda.max_memory_allocated(step.device) / 2**30 if step.device.type == "cuda" else 0.0
+    return seconds, peak
+
+
+def largest_batch(variant, cfg, device, start: int, limit: int = 512) -> int:
+    """Double the batch from ``start`` until a step runs out of memory (GPU only)."""
+    best, batch = 0, start
+    while batch <= limit:
+        try:
+            step = Step(variant, cfg, batch, device)
+            step()
+            sync(device)
+            best = batch
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            step = None
+            torch.cuda.empty_cache()
+        batch *= 2
+    return best
+
+
+def profile(step: Step, folder: Path, steps: int = 3) -> str:
+    """A torch.profiler trace of a few steps and the table of the top operations."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if step.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(step.device)
+    folder.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(folder / f"trace_{step.variant}_stage{step.model.objective.stage}.json"))
+    sort = "self_cuda_time_total" if step.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=20)
+    (folder / f"top_ops_{step.variant}_stage{step.model.objective.stage}.txt").write_text(table)
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
+    p.add_argument("--stage", type=int, nargs="+", default=[2, 1])
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--max-batch", action="store_true", help="also search the largest batch that fits (GPU)")
+    p.add_argument("--profile", default=None, help="folder for profiler traces of 'eager' and 'ours'")
+    p.add_argument("--csv", default=None)
+    p.add_argument("--quick", action="store_true", help="tiny preset, 2 steps (CI)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.batch, args.steps, args.warmup = "tiny", 4, 2, 1
+        args.variants = [v for v in args.variants if v != "compile"]
+    device = torch.device(args.device)
+    env = environment(device)
+    rows = []
+    print(f"{env['device']}, torch {env['torch']}, preset {args.preset}, batch {args.batch} clips per step")
+    for stage in args.stage:
+        cfg = preset(args.preset, stage)
+        enc_cfg = encoder_config(cfg)
+        flops = train_flops_per_clip(enc_cfg, objective_config(cfg, enc_cfg.depth), cfg.data.target_length,
+                                     MaskConfig(grid=(cfg.data.target_length // 16, 8)).num_kept)
+        print(f"\n== stage {stage}: {flops / 1e12:.3f} TFLOP per clip")
+        print(f"{'variant':>9} {'s/step':>9} {'clips/s':>9} {'MFU':>7} {'peak GiB':>9} {'GiB/clip':>9} {'max batch':>10} {'x official':>11}")
+        base = None
+        for variant in args.variants:
+            try:
+                seconds, peak = time_steps(Step(variant, cfg, args.batch, device), args.warmup, args.steps)
+            except Exception as exc:  # a variant that cannot run is reported, not fatal
+                print(f"{variant:>9} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                rows.append({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
+                             "variant": variant, "pass": "full", "note": f"failed: {type(exc).__name__}"})
+                continue
+            clips = args.batch / seconds
+            mfu = flops * clips / (PEAK_TFLOPS * 1e12) if device.type == "cuda" else float("nan")
+            most = largest_batch(variant, cfg, device, args.batch) if args.max_batch and device.type == "cuda" else 0
+            base = base or (seconds if variant == "official" else None)
+            speedup = base / seconds if base else float("nan")
+            print(f"{variant:>9} {seconds:>9.4f} {clips:>9.2f} {100 * mfu:>6.1f}% {peak:>9.2f} "
+                  f"{peak / args.batch:>9.3f} {most or '-':>10} {speedup:>10.2f}x")
+            rows.append({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
+                         "variant": variant, "pass": "full", "median_ms": seconds * 1e3, "throughput": clips,
+                         "unit": "clips/s", "peak_mem_mb": peak * 1024,
+                         "note": f"mfu={mfu:.4f}; max_batch={most}; flops_per_clip={flops:.4e}"})
+        if args.profile:
+            for variant in ("eager", "ours"):
+                if variant in args.variants:
+                    step = Step(variant, cfg, args.batch, device)
+                    time_steps(step, args.warmup, 1)
+                    print(f"\n-- top operations, {variant}, stage {stage}\n" + profile(step, Path(args.profile)))
+    if args.csv:
+        append_rows(args.csv, rows)
+        print(f"appended {len(rows)} rows to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

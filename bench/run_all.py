@@ -1,0 +1,172 @@
+"""The whole benchmark suite in one command: every kernel, the encoder, the training step (four
+variants, with profiles) and the CPU data path.
+
+    python bench/run_all.py --out bench/results/h100     # on a GPU, under 8 minutes
+    python bench/run_all.py --quick --out /tmp/bench     # CPU smoke run (kernels interpreted)
+
+Writes into ``--out``: ``results.csv`` (one row per measurement with device, versions, date and
+git commit), one ``<benchmark>.txt`` log per script, ``report.md`` (the tables) and one PNG
+plot per benchmark. Each script runs in its own process, so a failure is reported and the suite
+goes on; the exit status says whether everything ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
+    """(name, arguments) of every benchmark script to run."""
+    if quick:
+        return [
+            ("attention", ["bench_attention.py", "--quick"]),
+            ("fbank_patch", ["bench_fbank_patch.py", "--quick"]),
+            ("mixture", ["bench_mixture.py", "--quick"]),
+            ("masks", ["bench_masks.py", "--rows", "192", "--repeats", "3"]),
+            ("encoder", ["bench_encoder.py", "--quick"]),
+            ("step", ["bench_step.py", "--quick"]),
+            ("cpu", ["bench_cpu.py", "--quick"]),
+        ]
+    steps = [
+        ("masks", ["bench_masks.py", "--rows", "192"]),
+        ("cpu", ["bench_cpu.py", "--rate", "44100", "--clips", "16"]),
+    ]
+    if gpu:
+        steps = [
+            ("attention", ["bench_attention.py", "--case", "all", "--dtype", "bf16"]),
+            ("fbank_patch", ["bench_fbank_patch.py", "--batch", "48"]),
+            ("mixture", ["bench_mixture.py"]),
+            ("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16"]),
+            ("step", ["bench_step.py", "--preset", "base", "--stage", "2", "1", "--batch", "12", "--max-batch",
+                      "--profile", str(out / "profile")]),
+        ] + steps
+    else:
+        steps = [("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16", "--repeats", "2"]),
+                 ("step", ["bench_step.py", "--preset", "tiny"])] + steps
+    return steps
+
+
+def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict) -> tuple[bool, float]:
+    start = time.perf_counter()
+    command = [sys.executable, str(HERE / args[0]), *args[1:], "--csv", str(csv_path)]
+    with (out / f"{name}.txt").open("w") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent)
+    seconds = time.perf_counter() - start
+    status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+    print(f"{name:>12}: {status} in {seconds:.0f} s -> {out / (name + '.txt')}", flush=True)
+    return result.returncode == 0, seconds
+
+
+def read_rows(csv_path: Path) -> list[dict]:
+    if not csv_path.exists():
+        return []
+    with csv_path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def report(rows: list[dict], out: Path, timings: dict[str, tuple[bool, float]]) -> str:
+    """Markdown tables (one per benchmark and case) and one bar plot per benchmark."""
+    lines = ["# Benchmark report", ""]
+    if rows:
+        first = rows[0]
+        lines += [f"Device: {first['device']}; torch {first['torch']}; triton {first['triton']}; CUDA {first['cuda']}; "
+                  f"commit {first['commit']}; {first['date']}", ""]
+    lines += ["| script | status | seconds |", "|---|---|---|"]
+    lines += [f"| {n} | {'ok' if ok else 'failed'} | {s:.0f} |" for n, (ok, s) in timings.items()]
+    groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        groups[row["benchmark"]][row["case"]].append(row)
+    for bench, cases in groups.items():
+        lines += ["", f"## {bench}", ""]
+        for case, case_rows in cases.items():
+            lines += [f"**{case}**", "", "| variant | pass | median ms | p20 | p80 | throughput | peak MiB | note |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r in case_rows:
+                tp = f"{float(r['throughput']):.4g} {r['unit']}" if r.get("throughput") else ""
+                lines.append(f"| {r['variant']} | {r['pass']} | {_num(r.get('median_ms'))} | {_num(r.get('p20_ms'))} | "
+                             f"{_num(r.get('p80_ms'))} | {tp} | {_num(r.get('peak_mem_mb'))} | {r.get('note', '')} |")
+            lines.append("")
+        _plot(bench, cases, out)
+        lines.append(f"![{bench}]({bench}.png)")
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def _num(value) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return ""
+
+
+def _plot(bench: str, cases: dict, out: Path) -> None:
+    """Median time per variant (log scale), one group of bars per case and pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, series = [], defaultdict(dict)
+    for case, case_rows in cases.items():
+        for r in case_rows:
+            if not r.get("median_ms"):
+                continue
+            key = f"{case}\n{r['pass']}"
+            if key not in labels:
+                labels.append(key)
+            series[r["variant"]][key] = float(r["median_ms"])
+    if not labels:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels)), 4))
+    width = 0.8 / max(1, len(series))
+    for j, (variant, values) in enumerate(series.items()):
+        xs = [i + j * width for i, key in enumerate(labels) if key in values]
+        ax.bar(xs, [values[k] for k in labels if k in values], width, label=variant)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("median ms (lower is better)")
+    ax.set_title(bench)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{bench}.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="small CPU version (kernels under the Triton interpreter)")
+    p.add_argument("--only", nargs="*", default=None, help="run only these benchmarks")
+    args = p.parse_args(argv)
+    import torch
+
+    gpu = torch.cuda.is_available()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "results.csv"
+    env = dict(os.environ)
+    if args.quick and not gpu:
+        env["TRITON_INTERPRET"] = "1"
+    timings = {}
+    for name, script_args in plan(args.quick, gpu, out):
+        if args.only is None or name in args.only:
+            timings[name] = run(name, script_args, out, csv_path, env)
+    report(read_rows(csv_path), out, timings)
+    print(f"wrote {out / 'report.md'}")
+    return 0 if all(ok for ok, _ in timings.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
