@@ -33,6 +33,7 @@ HIGH_FREQ = SAMPLE_RATE / 2
 PREEMPHASIS = 0.97
 LOG_FLOOR = torch.finfo(torch.float32).eps  # Kaldi floors mel energies at float epsilon
 PATCH = 16
+CPU_CHUNK_FRAMES = 128
 
 # (mean, std) of the log-mel features of each dataset, on the [-1, 1] waveform scale.
 NORM_STATS: dict[str, tuple[float, float]] = {
@@ -180,19 +181,33 @@ def fbank(
     if max_frames is not None:
         n_out = min(n_out, max_frames)
         frames = frames.clamp(max=max_frames)
+    out = waveforms.new_zeros(batch, n_out, NUM_MEL_BINS)
     if n_out == 0:
-        return waveforms.new_zeros(batch, 0, NUM_MEL_BINS), frames
+        return out, frames
     used = (n_out - 1) * FRAME_SHIFT + FRAME_LENGTH
-    x = waveforms[:, :used].unfold(1, FRAME_LENGTH, FRAME_SHIFT)  # (B, F, 400), a view
+    windows = waveforms[:, :used].unfold(1, FRAME_LENGTH, FRAME_SHIFT)  # (B, F, 400), a view
+    if waveforms.is_cuda:
+        out = log_mel_of_frames(windows)
+    else:
+        # On the CPU the intermediates of a whole batch (25 MB per 16 clips) fall out of cache;
+        # chunks of ~128 frames (200 kB) stay in it and run about twice as fast.
+        for b in range(batch):
+            for f0 in range(0, n_out, CPU_CHUNK_FRAMES):
+                out[b, f0 : f0 + CPU_CHUNK_FRAMES] = log_mel_of_frames(windows[b, f0 : f0 + CPU_CHUNK_FRAMES])
+    valid = torch.arange(n_out, device=out.device) < frames[:, None]
+    return torch.where(valid[..., None], out, 0), frames
+
+
+def log_mel_of_frames(x: torch.Tensor) -> torch.Tensor:
+    """Kaldi log-mel of 400-sample frames (..., 400) -> (..., 128): per-frame DC removal,
+    pre-emphasis with the first sample repeated, Hann window, 512-point power spectrum, mel
+    filterbank, log floored at float32 epsilon."""
     x = x - x.mean(dim=-1, keepdim=True)
-    # Pre-emphasis with the first sample repeated (Kaldi): y[0] = x[0] - 0.97 x[0].
-    previous = torch.cat([x[..., :1], x[..., :-1]], dim=-1)
+    previous = torch.cat([x[..., :1], x[..., :-1]], dim=-1)  # Kaldi: y[0] = x[0] - 0.97 x[0]
     x = (x - PREEMPHASIS * previous) * frame_window(x.device)
-    power = torch.fft.rfft(x, n=FFT_SIZE).abs().pow(2)  # (B, F, 257)
-    mel = torch.matmul(power, mel_banks(x.device).T)  # (B, F, 128)
-    logmel = mel.clamp(min=LOG_FLOOR).log()
-    valid = torch.arange(n_out, device=x.device) < frames[:, None]
-    return torch.where(valid[..., None], logmel, 0), frames
+    power = torch.fft.rfft(x, n=FFT_SIZE).abs().pow(2)  # (..., 257)
+    mel = torch.matmul(power, mel_banks(x.device).T)
+    return mel.clamp(min=LOG_FLOOR).log()
 
 
 def pad_or_crop(features: torch.Tensor, target_length: int) -> torch.Tensor:
