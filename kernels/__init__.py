@@ -22,7 +22,13 @@ __all__ = ["use_kernels"]
 if triton_available():
     from .attention import attention, attention_ref, attention_varlen, attention_varlen_ref
     from .fbank_patch import fbank_patch, fbank_patch_ref
-    from .mixture import gather_tokens, gather_tokens_ref, mix_patches_ref, mix_spectrograms, mix_spectrograms_ref
+    from .mixture import (
+        gather_tokens,
+        gather_tokens_ref,
+        mix_patches_ref,
+        mix_spectrograms,
+        mix_spectrograms_ref,
+    )
 
     __all__ += [
         "attention", "attention_ref", "attention_varlen", "attention_varlen_ref", "fbank_patch",

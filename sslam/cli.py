@@ -25,6 +25,8 @@ def cmd_extract(args) -> int:
     from .extract import run_extract
 
     model = load_encoder(args.checkpoint, device=_device(args.device), weights=args.weights)
+    if args.compile:
+        model.compile_for_inference()
     report = run_extract(
         model,
         args.inputs,
@@ -71,6 +73,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--crop", action="store_true", help="keep only the first window (the official crop)")
     p.add_argument("--autocast", default="none", choices=sorted(AUTOCAST), help="GPU autocast dtype")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the encoder first (slow start, faster for many files)")
     p.add_argument("--manifest-root", default=None, help="override the root line of .tsv manifests")
     p.add_argument("--skip-errors", action="store_true", help="exit 0 even if some files failed")
     p.add_argument("--no-progress", action="store_true")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .audio import check_waveform, load_audio
-from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE, normalize, norm_stats, preprocess
+from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE, norm_stats, normalize, preprocess
 
 PADDING_MODES = ("official", "mask")
 FRAME_SECONDS = FRAME_SHIFT / SAMPLE_RATE  # 10 ms

@@ -13,10 +13,8 @@ Clips are padded or cropped to the encoder's ``target_length`` as in the officia
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -201,13 +199,14 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
     return head.eval()
 
 
-def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: ProbeConfig = ProbeConfig(),
+def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: ProbeConfig | None = None,
                  seeds=(0,), workers: int = 0, cache: dict | None = None, metric: str | None = None) -> dict:
     """Train a linear head per seed and score it on ``test``: {'metric', 'mean', 'std',
     'per_seed', 'seconds'}. ``cache`` may carry extracted features between calls; ``metric``
     overrides the split's natural metric (see :func:`score`)."""
     if train.class_names != test.class_names:
         raise ValueError(f"{train.name} and {test.name} have different classes")
+    cfg = cfg or ProbeConfig()
     start = time.perf_counter()
     cache = {} if cache is None else cache
     for split in (train, test):

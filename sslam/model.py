@@ -376,6 +376,17 @@ class Encoder(nn.Module):
 
         return embed(self, audio, sample_rate, **kwargs)
 
+    def compile_for_inference(self) -> Encoder:
+        """Compile ``forward`` with ``torch.compile`` for inference, weights frozen into the graph
+        (fused LayerNorm/GELU/bias epilogues, prepacked matmul weights on the CPU). The first
+        call of each input shape compiles (about 40 s for ViT-B on 2 CPU cores); use it under
+        ``torch.inference_mode`` (as :meth:`embed` does), not for training."""
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # a process-wide inductor setting: inference only
+        self.compile()
+        return self.eval()
+
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

@@ -68,7 +68,22 @@ def available() -> bool:
         raise RuntimeError(
             f"{_ENV}=1 but sslam._native is not importable ({reason}); {_REBUILD_HINT}"
         )
+    if module is None:
+        _warn_missing(reason)
     return module is not None
+
+
+@functools.cache
+def _warn_missing(reason: str) -> None:
+    """Say once per process that the slower Python references stand in for the extension."""
+    import warnings
+
+    warnings.warn(
+        f"sslam._native is not built ({reason}); using the slower Python reference instead. "
+        + _REBUILD_HINT,
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def extension() -> ModuleType:

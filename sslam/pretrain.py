@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels.switch import use_kernels
-from .mixing import MixWindows, mix_patches, mix_spectrograms, mixed_row_ranges, partner_keep_indices
+from .mixing import (
+    MixWindows,
+    mix_patches,
+    mix_spectrograms,
+    mixed_row_ranges,
+    partner_keep_indices,
+)
 from .model import Encoder, EncoderConfig
 
 # ---- decoder ------------------------------------------------------------------------------

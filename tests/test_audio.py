@@ -272,3 +272,18 @@ def test_to_mono():
     assert to_mono(mono) is mono
     with pytest.raises(ValueError, match="channels, N"):
         to_mono(torch.randn(2, 2, 5))
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32"])
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
+def test_integer_pcm_equals_libsndfile_float_conversion(tmp_path, subtype, fmt):
+    """Integer PCM is read as integers and scaled by us: bit-identical to soundfile's floats."""
+    if subtype not in soundfile.available_subtypes(fmt):
+        pytest.skip(f"{fmt} has no {subtype} here")
+    path = tmp_path / f"x.{fmt.lower()}"
+    samples = np.random.default_rng(3).uniform(-1, 1, (3001, 2)).astype(np.float32)
+    samples[0] = [1.0, -1.0]  # full scale
+    soundfile.write(path, samples, 16000, subtype=subtype, format=fmt)
+    theirs, _ = soundfile.read(path, dtype="float32", always_2d=True)
+    ours, _ = load_audio(path, mono=False)
+    np.testing.assert_array_equal(ours.numpy(), theirs.T)

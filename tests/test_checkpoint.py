@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN, load_golden
 from safetensors.torch import save_file
 
-from conftest import GOLDEN, load_golden
 from sslam.checkpoint import (
     CheckpointError,
     convert,
@@ -298,7 +298,7 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path, tiny):
 
     class Sneaky:
         def __reduce__(self):
-            return (eval, ("__import__('os').system('touch %s')" % marker,))
+            return (eval, (f"__import__('os').system('touch {marker}')",))
 
     torch.save({"model": Sneaky()}, tmp_path / "sneaky.pt")
     with pytest.raises(CheckpointError, match="refusing to load.*builtins.eval"):

@@ -3,8 +3,8 @@
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import GOLDEN
+
 from sslam import hear
 from sslam.checkpoint import load_encoder
 from sslam.model import Encoder, EncoderConfig

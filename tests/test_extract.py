@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import soundfile as sf
-
 from conftest import GOLDEN
+
 from sslam.cli import main
 from sslam.extract import FileSink, collect_inputs
 

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
 attn = importlib.import_module("sslam.kernels.attention")  # the module (its function shares its name)
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 

@@ -8,8 +8,8 @@ for a GPU. On a GPU machine the CUDA tests run the compiled kernel at the real s
 10-s clips, 1024 frames) with both dot precisions instead.
 """
 
-import math
 import importlib
+import math
 import os
 
 import torch
@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import triton.language as tl  # noqa: E402
 from conftest import load_golden, requires_cuda  # noqa: E402
+
 fp = importlib.import_module("sslam.kernels.fbank_patch")  # the module (its function shares its name)
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402

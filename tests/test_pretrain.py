@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import GOLDEN
+
 from sslam.checkpoint import read_checkpoint
 from sslam.mixing import MixWindows, mix_spectrograms, partner_keep_indices
 from sslam.model import EncoderConfig

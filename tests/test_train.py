@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import GOLDEN
+
 from sslam.checkpoint import load_encoder, read_checkpoint
 from sslam.train import (
     StopTraining,
-    Trainer,
     TrainConfig,
+    Trainer,
     checkpoints_in,
     config_from_args,
     lr_factor,
