@@ -182,6 +182,8 @@ def main(argv=None) -> int:
     env = environment(device)
     rows = []
     print(f"{env['device']}, torch {env['torch']}, preset {args.preset}, batch {args.batch} clips per step")
+    if device.type != "cuda":
+        print("(no GPU: 'ours' runs the PyTorch references, the same computation as 'eager')")
     for stage in args.stage:
         cfg = preset(args.preset, stage)
         enc_cfg = encoder_config(cfg)
