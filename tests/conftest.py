@@ -52,3 +52,24 @@ def cuda_available() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def interpret_kernels(monkeypatch, module, names):
+    """Run ``module``'s kernels in the Triton interpreter even when they, or Triton's own
+    library functions (``tl.zeros``, ``tl.sum``, ...), were decorated for a GPU: ``triton.jit``
+    decides at decoration time, so this covers imports that happened before the flag was set."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for owner in (tl, tl.standard):
+        for name in dir(owner):
+            fn = getattr(owner, name)
+            if isinstance(fn, JITFunction):
+                monkeypatch.setattr(owner, name, InterpretedFunction(fn.fn))
+    for name in names:
+        kernel = getattr(module, name)
+        if not isinstance(kernel, InterpretedFunction):
+            monkeypatch.setattr(module, name, InterpretedFunction(kernel.fn))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SSLAM_KERNELS", "1")

@@ -18,36 +18,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import triton.language as tl  # noqa: E402
-from conftest import load_golden, requires_cuda  # noqa: E402
-
-fp = importlib.import_module("sslam.kernels.fbank_patch")  # the module (its function shares its name)
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from conftest import interpret_kernels, load_golden, requires_cuda  # noqa: E402
 
 from sslam.audio import AudioError  # noqa: E402
 from sslam.features import fbank, mel_banks, patchify, remove_dc  # noqa: E402
 from sslam.mixing import MixWindows, mix_patches, sample_windows  # noqa: E402
 
+fp = importlib.import_module("sslam.kernels.fbank_patch")  # the module (its function shares its name)
+
 NORM_MEAN, NORM_STD = -4.268, 4.569
 TOL = 1e-4  # max abs difference allowed from the reference, in normalised units
-
-
-def interpret_kernels(monkeypatch, module, names):
-    """Run ``module``'s kernels in the Triton interpreter even when they, or Triton's own
-    library functions (``tl.zeros``, ``tl.sum``, ...), were decorated for a GPU: ``triton.jit``
-    decides at decoration time, so this covers imports that happened before the flag was set."""
-    for owner in (tl, tl.standard):
-        for name in dir(owner):
-            fn = getattr(owner, name)
-            if isinstance(fn, JITFunction):
-                monkeypatch.setattr(owner, name, InterpretedFunction(fn.fn))
-    for name in names:
-        kernel = getattr(module, name)
-        if not isinstance(kernel, InterpretedFunction):
-            monkeypatch.setattr(module, name, InterpretedFunction(kernel.fn))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("SSLAM_KERNELS", "1")
 
 
 @pytest.fixture

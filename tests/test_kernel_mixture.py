@@ -14,33 +14,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import triton.language as tl  # noqa: E402
-from conftest import requires_cuda  # noqa: E402
+from conftest import interpret_kernels, requires_cuda  # noqa: E402
 from sslam.kernels import mixture as mx  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
 from sslam.mixing import MixWindows, partner_keep_indices, sample_windows  # noqa: E402
 
 KERNELS = ("_mix_kernel", "_gather_kernel", "_scatter_kernel")
 CPU_DTYPES = (torch.float32, torch.float16)
-
-
-def interpret_kernels(monkeypatch, module, names):
-    """Run ``module``'s kernels in the Triton interpreter even when they, or Triton's own
-    library functions (``tl.zeros``, ``tl.sum``, ...), were decorated for a GPU: ``triton.jit``
-    decides at decoration time, so this covers imports that happened before the flag was set."""
-    for owner in (tl, tl.standard):
-        for name in dir(owner):
-            fn = getattr(owner, name)
-            if isinstance(fn, JITFunction):
-                monkeypatch.setattr(owner, name, InterpretedFunction(fn.fn))
-    for name in names:
-        kernel = getattr(module, name)
-        if not isinstance(kernel, InterpretedFunction):
-            monkeypatch.setattr(module, name, InterpretedFunction(kernel.fn))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("SSLAM_KERNELS", "1")
 
 
 @pytest.fixture
