@@ -456,6 +456,8 @@ class Finetuner:
 
 def apply_overrides(cfg, overrides: list[str]):
     """``--key=value`` onto a flat dataclass; unknown keys are errors."""
+    from .train import parse_option
+
     known = {f.name: f for f in fields(cfg)}
     for item in overrides:
         if not item.startswith("--") or "=" not in item:
@@ -463,16 +465,7 @@ def apply_overrides(cfg, overrides: list[str]):
         key, value = item[2:].split("=", 1)
         if key not in known:
             raise ValueError(f"--{key}: unknown option; known: {sorted(known)}")
-        kind = str(known[key].type)
-        if kind == "bool":
-            parsed = value.lower() in ("1", "true", "yes", "on")
-        elif kind in ("int", "float"):
-            try:
-                parsed = {"int": int, "float": float}[kind](value)
-            except ValueError:
-                raise ValueError(f"--{key}={value!r}: expected a {kind}") from None
-        else:
-            parsed = value
+        parsed = parse_option(value, str(known[key].type), key)
         setattr(cfg, key, parsed)
     return cfg
 

@@ -181,7 +181,8 @@ def preset(name: str = "base", stage: int = 1) -> TrainConfig:
     raise ValueError(f"unknown preset {name!r}: tiny, base or large")
 
 
-def _convert(value, annotation: str, key: str):
+def parse_option(value, annotation: str, key: str):
+    """A ``--key=value`` string converted to the field type named by ``annotation``."""
     if not isinstance(value, str):
         return value
     try:
@@ -192,7 +193,13 @@ def _convert(value, annotation: str, key: str):
                 return False
             raise ValueError
         if annotation == "int":
-            return int(float(value)) if re.fullmatch(r"[-+]?\d+(\.0*)?(e\+?\d+)?", value) else int(value)
+            try:
+                return int(value)
+            except ValueError:  # also accept integral floats such as 2e5
+                number = float(value)
+                if not number.is_integer():
+                    raise
+                return int(number)
         if annotation == "float":
             return float(value)
         return value
@@ -212,7 +219,7 @@ def set_option(cfg: TrainConfig, key: str, value) -> None:
     fields = {f.name: f for f in dataclasses.fields(section)}
     if name not in fields:
         raise ValueError(f"--{key}: unknown key {name!r} in [{section_name}]; known: {sorted(fields)}")
-    setattr(section, name, _convert(value, str(fields[name].type), key))
+    setattr(section, name, parse_option(value, str(fields[name].type), key))
 
 
 def format_config(cfg: TrainConfig) -> str:
