@@ -22,6 +22,10 @@ CSV_FIELDS = [
 
 
 def git_commit() -> str:
+    """The checkout's commit (``+dirty`` with local changes); ``SSLAM_COMMIT`` when the tree was
+    copied without its git folder (e.g. to a remote GPU machine)."""
+    if os.environ.get("SSLAM_COMMIT"):
+        return os.environ["SSLAM_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
