@@ -28,6 +28,9 @@ class OptionalBuildExt(build_ext):
             self._warn(exc)
 
     def _warn(self, exc):
+        if getattr(self, "_warned", False):
+            return
+        self._warned = True
         print(
             f"WARNING: sslam._native was not built ({exc}); the Python reference "
             "implementations will be used instead.",
