@@ -314,15 +314,14 @@ class Encoder(nn.Module):
         Returns:
             :class:`EncoderOutput` with x of shape (B', 1 + K, D), B' = B * clones.
         """
-        if keep is not None and keep.dim() == 1:
-            tokens = gather_shared(tokens, keep)
-            if clones != 1:
-                tokens = tokens.repeat_interleave(clones, dim=0)
-        elif keep is not None:
+        if keep is not None and keep.dim() == 2:  # per-row kept patches: gather and clone at once
             rows = torch.arange(keep.shape[0], device=keep.device) // clones
             tokens = tokens[rows[:, None], keep]
-        elif clones != 1:
-            tokens = tokens.repeat_interleave(clones, dim=0)
+        else:
+            if keep is not None:
+                tokens = gather_shared(tokens, keep)
+            if clones != 1:
+                tokens = tokens.repeat_interleave(clones, dim=0)
         cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         x = self.pre_norm(torch.cat([cls, tokens], dim=1))
         if key_padding_mask is not None:
