@@ -28,8 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .audio import check_waveform, load_audio
-from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE, norm_stats, normalize, preprocess
+from .audio import AudioError, check_waveform, load_audio
+from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE, norm_stats, normalize, num_frames, preprocess
+from .kernels.switch import use_kernels
+from .resample import resample
 
 PADDING_MODES = ("official", "mask")
 FRAME_SECONDS = FRAME_SHIFT / SAMPLE_RATE  # 10 ms
@@ -131,6 +133,22 @@ def _plan(frames: torch.Tensor, window: int, hop: int, crop: bool) -> list[tuple
     return plan
 
 
+def _fused_patches(clips: list[torch.Tensor], rate: int, window: int, norm, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official-contract model inputs from the fused kernel: (B, window / 16 * 8, 256) patches,
+    and each clip's frame count (B,)."""
+    from .kernels.fbank_patch import fbank_patch
+
+    waves = [resample(c.to(device), rate, SAMPLE_RATE) for c in clips]
+    lengths = torch.tensor([w.numel() for w in waves], device=device)
+    if int(lengths.min()) < FRAME_LENGTH:
+        short = [i for i, w in enumerate(waves) if w.numel() < FRAME_LENGTH]
+        raise AudioError(f"clip(s) {short}: shorter than one 25 ms frame ({FRAME_LENGTH} samples at 16 kHz)")
+    batch = torch.zeros(len(waves), int(lengths.max()), device=device)
+    for i, w in enumerate(waves):
+        batch[i, : w.numel()] = w
+    return fbank_patch(batch, lengths, target_length=window, norm=norm), num_frames(lengths.cpu())
+
+
 def _window_batch(logmel, plan, length: int, norm, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised windows (W, 1, length, 128), padded with the official padding value, and
     which patch rows hold a real frame (W, length / patch)."""
@@ -176,13 +194,20 @@ def embed(
     param = next(model.parameters())
 
     clips, rate = _as_clips(audio, sample_rate)
-    logmel, frames = _log_mel(clips, rate, param.device)
-    plan = _plan(frames, window, hop, crop)
-    if padding == "official":
-        length = window
+    frames = num_frames(torch.tensor([math.ceil(c.numel() * SAMPLE_RATE / rate) for c in clips]))
+    one_window = crop or bool((frames <= window).all())
+    if padding == "official" and one_window and use_kernels(param):
+        # The fused Triton kernel: waveforms straight to normalised patches (GPU extraction).
+        specs, frames = _fused_patches(clips, rate, window, prep.get("norm", "audioset"), param.device)
+        plan, length = [(b, 0, min(window, int(f))) for b, f in enumerate(frames)], window
     else:
-        length = min(window, math.ceil(max(real for _, _, real in plan) / patch) * patch)
-    specs, row_valid = _window_batch(logmel, plan, length, norm, patch)
+        logmel, frames = _log_mel(clips, rate, param.device)
+        plan = _plan(frames, window, hop, crop)
+        if padding == "official":
+            length = window
+        else:
+            length = min(window, math.ceil(max(real for _, _, real in plan) / patch) * patch)
+        specs, row_valid = _window_batch(logmel, plan, length, norm, patch)
 
     cls_out, tokens = [], []
     with _autocast(param.device, autocast):

@@ -85,3 +85,15 @@ def test_trainer_step_equal_through_the_kernels(monkeypatch, tmp_path):
     out = first_loss(tmp_path / "kernels")
     for name in ("loss", "frame", "cls", "srl"):
         assert abs(out[name] - ref[name]) <= 1e-3 * abs(ref[name]) + 1e-4, (name, out[name], ref[name])
+
+
+def test_embeddings_equal_through_the_fused_feature_kernel(monkeypatch):
+    model = Encoder(CFG).eval()
+    model.preprocessing = {"sample_rate": 16000, "target_length": 128, "norm": "audioset"}
+    clips = [torch.randn(n) * 0.1 for n in (9000, 20480, 700)]
+    ref = model.embed(clips, 22050)
+    monkeypatch.setenv("SSLAM_KERNELS", "1")
+    out = model.embed(clips, 22050)
+    assert (out.utterance - ref.utterance).abs().max() < 1e-4
+    assert (out.frames - ref.frames).abs().max() < 1e-4
+    assert torch.equal(out.frame_mask, ref.frame_mask) and torch.equal(out.num_rows, ref.num_rows)
