@@ -29,7 +29,15 @@ import numpy as np
 import torch
 
 from .audio import AudioError, check_waveform, load_audio
-from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE, norm_stats, normalize, num_frames, preprocess
+from .features import (
+    FRAME_LENGTH,
+    FRAME_SHIFT,
+    SAMPLE_RATE,
+    norm_stats,
+    normalize,
+    num_frames,
+    preprocess,
+)
 from .kernels.switch import use_kernels
 from .resample import resample
 
