@@ -124,6 +124,13 @@ class MaskConfig:
         """Offsets of a block's cells from its centre along each axis: ``-(l//2) .. l-1-l//2``."""
         return tuple(range(-(self.mask_length // 2), self.mask_length - self.mask_length // 2))
 
+    @property
+    def native_args(self) -> tuple:
+        """The configuration as the C++ extension takes it: (grid_t, grid_f, mask_prob, adjust,
+        mask_length, inverse, mask_dropout)."""
+        return (self.grid[0], self.grid[1], self.mask_prob, self.mask_prob_adjust, self.mask_length,
+                self.inverse, self.mask_dropout)
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -222,18 +229,7 @@ def block_masks(
     elif not _is_int(threads) or threads < 1:
         raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
     if native.available():
-        masks = native.extension().block_masks(
-            num_rows,
-            config.grid[0],
-            config.grid[1],
-            config.mask_prob,
-            config.mask_prob_adjust,
-            config.mask_length,
-            config.inverse,
-            config.mask_dropout,
-            seed,
-            threads,
-        )
+        masks = native.extension().block_masks(num_rows, *config.native_args, seed, threads)
         return torch.from_numpy(masks)
     generator = torch.Generator().manual_seed(seed)
     return block_masks_ref(num_rows, config, generator)

@@ -42,18 +42,7 @@ def _extension():
 
 
 def _native(num_rows: int, config: MaskConfig, seed: int, threads: int = 2) -> torch.Tensor:
-    masks = _extension().block_masks(
-        num_rows,
-        config.grid[0],
-        config.grid[1],
-        config.mask_prob,
-        config.mask_prob_adjust,
-        config.mask_length,
-        config.inverse,
-        config.mask_dropout,
-        seed,
-        threads,
-    )
+    masks = _extension().block_masks(num_rows, *config.native_args, seed, threads)
     return torch.from_numpy(masks)
 
 
@@ -160,15 +149,7 @@ def test_config_rejects_masks_that_keep_or_mask_nothing():
     ],
 )
 def test_native_counts_equal_python_counts(config):
-    counts = _extension().mask_counts(
-        config.grid[0],
-        config.grid[1],
-        config.mask_prob,
-        config.mask_prob_adjust,
-        config.mask_length,
-        config.inverse,
-        config.mask_dropout,
-    )
+    counts = _extension().mask_counts(*config.native_args)
     assert counts == (config.num_centres, config.num_marked)
 
 
