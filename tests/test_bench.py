@@ -1,0 +1,26 @@
+"""The benchmark suite still runs: ``bench/run_all.py --quick`` end to end (kernels interpreted on
+the CPU), with every script, its CSV rows, the report and the plots."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = {"attention", "fbank_patch", "mixture", "masks", "encoder", "train_step", "cpu_data_path"}
+
+
+def test_quick_suite_runs_every_benchmark(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {r["benchmark"] for r in rows} == BENCHMARKS
+    for row in rows:
+        assert row["device"] and row["torch"] and row["date"] and row["commit"], row
+    measured = [r for r in rows if r["median_ms"]]
+    assert measured and all(float(r["median_ms"]) > 0 for r in measured)
+    report = (tmp_path / "report.md").read_text()
+    for name in BENCHMARKS:
+        assert f"## {name}" in report, name
+    assert len(list(tmp_path.glob("*.png"))) == len(BENCHMARKS)
