@@ -1,5 +1,5 @@
-"""The whole benchmark suite in one command: every kernel, the encoder, the training step (four
-variants, with profiles) and the CPU data path.
+"""The whole benchmark suite in one command: every kernel (attention, fused features, mixing,
+decoder), the encoder, the training step (four variants, with profiles) and the CPU data path.
 
     python bench/run_all.py --out bench/results/h100     # on a GPU, under 8 minutes
     python bench/run_all.py --quick --out /tmp/bench     # CPU smoke run (kernels interpreted)
@@ -31,6 +31,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("attention", ["bench_attention.py", "--quick"]),
             ("fbank_patch", ["bench_fbank_patch.py", "--quick"]),
             ("mixture", ["bench_mixture.py", "--quick"]),
+            ("decoder", ["bench_decoder.py", "--quick"]),
             ("masks", ["bench_masks.py", "--rows", "192", "--repeats", "3"]),
             ("encoder", ["bench_encoder.py", "--quick"]),
             ("step", ["bench_step.py", "--quick"]),
@@ -45,6 +46,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("attention", ["bench_attention.py", "--case", "all", "--dtype", "bf16"]),
             ("fbank_patch", ["bench_fbank_patch.py", "--batch", "48"]),
             ("mixture", ["bench_mixture.py"]),
+            ("decoder", ["bench_decoder.py"]),
             ("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16"]),
             ("step", ["bench_step.py", "--preset", "base", "--stage", "2", "1", "--batch", "12", "--max-batch",
                       "--profile", str(out / "profile")]),

@@ -84,12 +84,24 @@ class CNNDecoder(nn.Module):
         self.proj = nn.Linear(cfg.dim, embed_dim)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if use_kernels(tokens):
+            return self._forward_token_major(tokens, grid)
         b, n, d = tokens.shape
         x = tokens.transpose(1, 2).reshape(b, d, *grid)
         for block in self.blocks:
             y = block(x)
             x = y + x if y.shape[1] == x.shape[1] else y
         return self.proj(x.reshape(b, x.shape[1], n).transpose(1, 2))
+
+    def _forward_token_major(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The same layers on (B', N, C) tokens with no transposes (kernels/decoder.py)."""
+        from .kernels.decoder import decoder_layer
+
+        x = tokens
+        for conv, norm, _ in self.blocks:
+            x = decoder_layer(x, grid, conv.weight, conv.bias, groups=conv.groups,
+                              residual=conv.out_channels == x.shape[-1], eps=norm.eps)
+        return self.proj(x)
 
 
 def decoder_config_of(state: dict[str, torch.Tensor], base: DecoderConfig = DecoderConfig()) -> DecoderConfig:
