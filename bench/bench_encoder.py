@@ -54,6 +54,23 @@ def clips_of(n: int, seconds: float = 10.0) -> list[torch.Tensor]:
             for i in range(n)]
 
 
+def linear_layers_only(model: Encoder, batch: int, device):
+    """Only the encoder's Linear layers, at the shapes of a forward of ``batch`` clips: work that
+    every fp32 implementation of the model, the official one included, does with the same BLAS.
+    Its time bounds how much faster than the official path any such implementation can be."""
+    tokens, dim = model.pos_embed.shape[1] + 1, model.cfg.embed_dim
+    x = torch.randn(batch, tokens, dim, device=device)
+    h = torch.randn(batch, tokens, model.blocks[0].mlp.fc1.out_features, device=device)
+
+    @torch.inference_mode()
+    def run():
+        for block in model.blocks:
+            for layer, inputs in ((block.attn.qkv, x), (block.attn.proj, x), (block.mlp.fc1, x), (block.mlp.fc2, h)):
+                layer(inputs)
+
+    return run
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="base", choices=sorted(VARIANTS))
@@ -113,15 +130,19 @@ def main(argv=None) -> int:
                 compiled(feats)
 
             paths.append(("ours+compile", compiled_full, compiled_model))
+        linears = linear_layers_only(ours, batch, device)
         # Rounds interleave the paths, so slow drifts of the machine's speed hit all alike.
         times = {(path, kind): [] for path, _, _ in paths for kind in ("with_preprocessing", "model_only")}
+        linear_times = []
         for fn_path in paths:  # warm-up (and compilation)
             fn_path[1]()
             fn_path[2]()
+        linears()
         for _ in range(args.repeats):
             for path, full, model in paths:
                 times[(path, "with_preprocessing")].append(timing(full))
                 times[(path, "model_only")].append(timing(model))
+            linear_times.append(timing(linears))
         result = {}
         for path, _, _ in paths:
             for kind in ("with_preprocessing", "model_only"):
@@ -132,6 +153,14 @@ def main(argv=None) -> int:
                              "pass": kind, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                              "throughput": batch / med * 1e3, "unit": "clips/s"})
             print(f"{batch:>5} {path:>12} {result[path][0]:>19.3f} {result[path][1]:>11.3f}")
+        linear_ms = float(torch.tensor(linear_times, dtype=torch.float64).median())
+        rows.append({**env, "benchmark": "encoder", "case": f"{args.variant},B={batch}", "variant": "linear_layers_only",
+                     "pass": "model_only", "median_ms": linear_ms, "throughput": batch / linear_ms * 1e3,
+                     "unit": "clips/s", "note": "the Linear layers alone: a floor for any fp32 forward"})
+        lines.append(f"batch {batch}: the Linear layers alone take {linear_ms / batch / 1e3:.3f} s per clip, "
+                     f"{100 * linear_ms / batch * result['ours'][1] / 1e3:.0f}% of ours (model only); no fp32 "
+                     f"implementation on this BLAS beats the official path by more than "
+                     f"{batch / linear_ms * 1e3 / result['official'][0]:.2f}x with preprocessing")
         for path in result:
             if path == "official":
                 continue
