@@ -7,10 +7,17 @@ Formats read (detected by their sentinel keys, see :func:`read_checkpoint`):
   ``model['_ema']``);
 * ``fairseq-finetune``: official fine-tuned ``.pt`` (``model.``-prefixed encoder, ``fc_norm``,
   ``head``);
-* ``hf``: Hugging Face EAT / SSLAM ``model.safetensors`` (+ ``config.json``), folder or file;
+* ``hf``: Hugging Face EAT / SSLAM ``model.safetensors`` or ``pytorch_model.bin`` (+
+  ``config.json``), folder or file;
+* ``state-dict``: a bare ``torch.save`` of encoder tensors (official, Hugging Face or our names);
 * ``sslam``: ours -- a folder with ``model.safetensors`` and ``config.json`` (the config is also
   stored in the safetensors metadata, so the weights file alone is enough);
-* ``sslam-train``: the trainer's checkpoints (``torch.save`` of plain tensors and containers).
+* ``sslam-train`` / ``sslam-finetune``: the trainers' checkpoints (``torch.save`` of plain
+  tensors and containers).
+
+The architecture is read from the file: shapes fix the width, depth, MLP size, patch size and
+head; the file's config gives the number of heads (which shapes cannot tell) and must agree
+with the shapes. Every key and shape is checked before weights are loaded.
 
 Loading never executes code from the file. Pickles are read by PyTorch's ``weights_only``
 unpickler; objects of a few inert namespaces that official files carry (argparse, omegaconf,
@@ -23,21 +30,24 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import pickletools
 import re
+import shutil
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .model import Encoder, EncoderConfig
+from .features import NUM_MEL_BINS
+from .model import VARIANTS, Encoder, EncoderConfig
 
 FAIRSEQ_ENCODER_PREFIX = "modality_encoders.IMAGE."
 FAIRSEQ_DECODER_PREFIX = "modality_encoders.IMAGE.decoder."
 
-# Embedding-stage names: official (fairseq, Hugging Face) -> ours. Block names are shared.
+# Embedding-stage names: official (fairseq, Hugging Face) and ours -> ours. Block names are shared.
 _EMBEDDING_NAMES = {
     "extra_tokens": "cls_token",
     "local_encoder.proj.weight": "patch_embed.weight",
@@ -45,10 +55,16 @@ _EMBEDDING_NAMES = {
     "fixed_positional_encoder.positions": "pos_embed",
     "context_encoder.norm.weight": "pre_norm.weight",  # fairseq
     "context_encoder.norm.bias": "pre_norm.bias",
-    "pre_norm.weight": "pre_norm.weight",  # Hugging Face
+    "pre_norm.weight": "pre_norm.weight",  # Hugging Face and ours
     "pre_norm.bias": "pre_norm.bias",
+    "cls_token": "cls_token",  # ours (a bare Encoder.state_dict())
+    "patch_embed.weight": "patch_embed.weight",
+    "patch_embed.bias": "patch_embed.bias",
+    "pos_embed": "pos_embed",
 }
 _HEAD_NAMES = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
+_EMA_BLOCKS_ONLY_KEY = re.compile(r"\d+\.")  # data2vec ema_encoder_only: the teacher is the ModuleList
 
 # Globals that official checkpoints pickle besides tensors (configs, meters, numpy scalars).
 # They are replaced by inert stand-ins; anything else is refused.
@@ -92,40 +108,136 @@ def _is_inert(name: str) -> bool:
     return any(name == ns or name.startswith(ns + ".") for ns in INERT_NAMESPACES)
 
 
+# ---- safe unpickling ------------------------------------------------------------------------
+def _pickle_globals(stream) -> set[str]:
+    """``module.name`` of every global one pickle in ``stream`` refers to, read with
+    :mod:`pickletools` (nothing is unpickled). Leaves ``stream`` just after the pickle."""
+    found, strings = set(), []
+    for opcode, arg, _ in pickletools.genops(stream):
+        if opcode.name == "GLOBAL":
+            found.add(arg.replace(" ", "."))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.add(f"{strings[-2]}.{strings[-1]}")
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return found
+
+
+def _legacy_globals(path: Path) -> set[str]:
+    """Globals of a legacy (non-zip, ``_use_new_zipfile_serialization=False``) ``torch.save``
+    file. ``torch.load`` unpickles five pickles from it (magic number, protocol, system info, the
+    object, storage keys) before the raw storage bytes; all five are scanned."""
+    names: set[str] = set()
+    with path.open("rb") as f:
+        for _ in range(5):
+            names |= _pickle_globals(f)
+    return names
+
+
+def _clean(exc: BaseException) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours parts of its messages
+
+
+def _reason(exc: BaseException) -> str:
+    """The informative line of a (possibly long) torch.load error."""
+    text = _clean(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _refusal(path: Path, names) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: refusing to load: unpickling it would call {', '.join(sorted(names))}, which could "
+        "run arbitrary code. Only tensors, containers and inert config/metric objects are accepted."
+    )
+
+
+def _load_error(path: Path, exc: BaseException) -> CheckpointError:
+    """A CheckpointError for a failed scan or load; an unknown global is reported as a refusal."""
+    offender = re.search(r"GLOBAL ([\w.]+)", _clean(exc))
+    if offender:
+        name = offender.group(1)
+        return _refusal(path, [name if "." in name else f"builtins.{name}"])  # torch drops "builtins."
+    reason = _reason(exc)
+    if "Unsupported operand" in reason:
+        return CheckpointError(
+            f"{path}: the safe loader cannot read this pickle ({reason}); it was probably written "
+            "with pickle protocol > 2. Re-save it on a trusted machine with torch.save(obj, path)."
+        )
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})")
+
+
 def safe_torch_load(path: str | os.PathLike):
-    """``torch.load`` that cannot execute code from the file (see the module docstring)."""
+    """``torch.load`` that cannot execute code from the file (see the module docstring).
+    Zip and legacy (non-zip) ``torch.save`` files are both read; any failure is a
+    :class:`CheckpointError` naming the file."""
     path = Path(path)
-    stand_ins = []
-    is_zip = zipfile.is_zipfile(path)
-    if is_zip:
-        try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception as exc:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
-        refused = sorted(name for name in unsafe if not _is_inert(name))
-        if refused:
-            raise CheckpointError(
-                f"{path}: refusing to load: unpickling it would call {', '.join(refused)}, which "
-                "could run arbitrary code. Only tensors, containers and inert config/metric "
-                "objects are accepted."
-            )
-        stand_ins = [(_stand_in(name), name) for name in unsafe]
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
+    # Arbitrary bytes make the scanners and torch.load fail with arbitrary exception types
+    # (IndexError, KeyError, ValueError, ...): all of them mean "not a readable checkpoint".
+    try:
+        is_zip = zipfile.is_zipfile(path)
+        if is_zip:
+            names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            refused = [name for name in names if not _is_inert(name)]
+        else:
+            # The weights_only unpickler itself refuses unknown globals of legacy files.
+            names, refused = {n for n in _legacy_globals(path) if _is_inert(n)}, []
+    except Exception as exc:
+        raise _load_error(path, exc) from exc
+    if refused:
+        raise _refusal(path, refused)
+    stand_ins = [(_stand_in(name), name) for name in sorted(names)]
     try:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refusing to load: {exc}".split("\n")[0]) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
+    except Exception as exc:
+        raise _load_error(path, exc) from exc
+
+
+def _plain(obj, _path: tuple = ()):
+    """Plain dicts / lists / scalars from a pickled config: dicts and lists as they are, and the
+    inert stand-ins of ``argparse.Namespace`` (state = its fields) and omegaconf containers
+    (state ``_content``) and value nodes (state ``_val``). Cycles become None."""
+    if id(obj) in _path:
+        return None
+    inner = _path + (id(obj),)
+    if isinstance(obj, dict):
+        return {k: _plain(v, inner) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, inner) for v in obj]
+    if isinstance(obj, InertObject):
+        state = obj.state
+        if isinstance(state, tuple) and state and isinstance(state[0], dict):  # (dict, slots)
+            state = state[0]
+        if not isinstance(state, dict):
+            return None
+        for key in ("_content", "_val"):
+            if key in state:
+                return _plain(state[key], inner)
+        return _plain(state, inner)
+    return obj
+
+
+def _section(cfg, *keys) -> dict:
+    """``cfg[k1][k2]...`` when every level is a dict, else {}."""
+    for key in keys:
+        cfg = cfg.get(key) if isinstance(cfg, dict) else None
+    return cfg if isinstance(cfg, dict) else {}
 
 
 @dataclass
 class Checkpoint:
     """What :func:`read_checkpoint` found.
 
-    state: encoder weights under our names (see :class:`sslam.model.Encoder`), float tensors.
+    state: the selected encoder weights (student or teacher) under our names (see
+        :class:`sslam.model.Encoder`), float tensors.
     decoder: the CNN decoder's weights (pretraining checkpoints), names as in
-        :class:`sslam.pretrain.CNNDecoder`; teacher: EMA teacher encoder weights when present.
+        :class:`sslam.pretrain.CNNDecoder`; teacher: the EMA teacher's encoder weights when the
+        file has them (whichever set ``state`` holds).
     """
 
     path: Path
@@ -143,13 +255,11 @@ class Checkpoint:
 # ---- key maps -------------------------------------------------------------------------------
 def _rename_encoder(state: dict, prefix: str = "") -> tuple[dict, dict]:
     """Map official encoder names (after removing ``prefix``) to ours.
-    Returns (encoder state, everything else with its original name)."""
+    Returns (encoder tensors, everything else -- other names and non-tensor values -- with its
+    original name)."""
     out, rest = {}, {}
     for name, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            rest[name] = value
-            continue
-        if not name.startswith(prefix):
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor) or not name.startswith(prefix):
             rest[name] = value
             continue
         key = name[len(prefix):]
@@ -164,78 +274,260 @@ def _rename_encoder(state: dict, prefix: str = "") -> tuple[dict, dict]:
     return out, rest
 
 
-def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, **fields) -> EncoderConfig:
-    """Architecture from the shapes of an encoder state (our names). Heads cannot be read from
-    shapes: pass ``num_heads`` (from the file's config); otherwise head dim 64 is assumed."""
-    try:
-        dim = state["cls_token"].shape[-1]
-        patch = state["patch_embed.weight"].shape[-1]
-        depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
-        mlp_dim = state["blocks.0.mlp.fc1.weight"].shape[0]
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"cannot infer the architecture: missing {exc}") from None
-    config = dict(
-        embed_dim=dim,
-        depth=depth,
-        num_heads=num_heads or max(1, dim // 64),
-        mlp_ratio=mlp_dim / dim,
-        patch_size=patch,
-        qkv_bias="blocks.0.attn.qkv.bias" in state,
-        num_classes=state["head.weight"].shape[0] if "head.weight" in state else 0,
+# ---- architecture ---------------------------------------------------------------------------
+def _block_indices(state: dict) -> set[int]:
+    return {int(m.group(1)) for k in state if isinstance(k, str) and (m := _BLOCK_KEY.match(k))}
+
+
+def shape_architecture(state: dict) -> dict:
+    """What the tensor shapes of an encoder state (our names) fix. A key is present only when a
+    tensor decides it: embed_dim, patch_size (an (h, w) pair if the kernel is not square), depth
+    (highest block index + 1), mlp_dim (fc1 rows of the first block), qkv_bias, num_classes (0
+    without a head), pos_rows (rows of the position table)."""
+    def tensor(name, ndim):
+        value = state.get(name)
+        return value if isinstance(value, torch.Tensor) and value.dim() == ndim else None
+
+    found = {}
+    for name, ndim, axis in (("cls_token", 3, -1), ("patch_embed.weight", 4, 0), ("pre_norm.weight", 1, 0)):
+        if (value := tensor(name, ndim)) is not None:
+            found["embed_dim"] = value.shape[axis]
+            break
+    if (conv := tensor("patch_embed.weight", 4)) is not None:
+        h, w = conv.shape[-2:]
+        found["patch_size"] = w if h == w else (h, w)
+    blocks = _block_indices(state)
+    if blocks:
+        found["depth"] = max(blocks) + 1
+        if (fc1 := tensor(f"blocks.{min(blocks)}.mlp.fc1.weight", 2)) is not None:
+            found["mlp_dim"] = fc1.shape[0]
+        found["qkv_bias"] = any(k.endswith(".attn.qkv.bias") for k in state if isinstance(k, str))
+    head = tensor("head.weight", 2)
+    found["num_classes"] = head.shape[0] if head is not None else 0
+    if (pos := tensor("pos_embed", 3)) is not None:
+        found["pos_rows"] = pos.shape[1]
+    return found
+
+
+def architecture_mismatches(config: EncoderConfig, state: dict) -> list[str]:
+    """Where ``config`` disagrees with the shapes of ``state`` (our names); [] if nowhere.
+    Cheap (no model is built), so a config that declares an absurd size fails here."""
+    found = shape_architecture(state)
+    declared = {"embed_dim": config.embed_dim, "depth": config.depth, "mlp_dim": config.mlp_dim,
+                "patch_size": config.patch_size, "qkv_bias": config.qkv_bias, "num_classes": config.num_classes,
+                "pos_rows": config.max_length * config.freq_patches}
+    problems = [f"{k}: config {declared[k]}, weights {found[k]}" for k in declared if k in found and found[k] != declared[k]]
+    blocks = _block_indices(state)
+    if blocks and len(blocks) != max(blocks) + 1:
+        top = max(blocks)
+        gaps = sorted(set(range(top + 1)) - blocks)[:20] if top < 100_000 else "many"
+        problems.append(f"blocks: {len(blocks)} blocks numbered up to {top}; missing block(s) {gaps}")
+    return problems
+
+
+def _check_architecture(config: EncoderConfig, state: dict, source) -> None:
+    problems = architecture_mismatches(config, state)
+    if problems:
+        raise CheckpointError(f"{source}: the architecture does not match the weights: " + "; ".join(problems))
+
+
+def _default_heads(dim: int, source) -> int:
+    """Heads for a file that does not record them: those of the known variant of this width
+    (tiny 64 -> 2, small 384 -> 6, base 768 -> 12, large 1024 -> 16), else head dim 64. Shapes
+    cannot tell the number of heads, so this is a guess and says so."""
+    variant = next((v for v in VARIANTS.values() if v.embed_dim == dim), None)
+    heads = variant.num_heads if variant else max(1, dim // 64)
+    if dim % heads:
+        heads = 1
+    warnings.warn(
+        f"{source}: the file does not record num_heads (weight shapes cannot tell it); assuming "
+        f"{heads} (head dim {dim // heads}). If that is wrong, build the encoder yourself: "
+        "sslam.create_model(EncoderConfig(..., num_heads=H), checkpoint=path).",
+        stacklevel=4,
     )
-    if "pos_embed" in state:
-        freq = fields.get("mel_bins", 128) // patch
-        config["max_length"] = state["pos_embed"].shape[1] // freq
-    config.update(fields)
-    return EncoderConfig(**config)
+    return heads
 
 
+def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, *, source="checkpoint",
+                 **fields) -> EncoderConfig:
+    """Architecture from the shapes of an encoder state (our names), with ``fields`` (values the
+    file's config declares; None = not declared) taking precedence -- :func:`read_checkpoint`
+    then checks they agree with the shapes. Heads cannot be read from shapes: pass
+    ``num_heads`` (from the file's config); otherwise :func:`_default_heads` guesses, warning."""
+    found = shape_architecture(state)
+    missing = [name for name in ("embed_dim", "patch_size", "depth", "mlp_dim") if name not in found]
+    if missing:
+        raise CheckpointError(f"{source}: cannot infer the architecture: no tensor gives {', '.join(missing)}")
+    if isinstance(found["patch_size"], tuple):
+        raise CheckpointError(f"{source}: non-square patch kernel {found['patch_size']} is not supported")
+    dim, patch = found["embed_dim"], found["patch_size"]
+    values = dict(embed_dim=dim, depth=found["depth"], mlp_ratio=found["mlp_dim"] / dim, patch_size=patch,
+                  qkv_bias=found["qkv_bias"], num_classes=found["num_classes"])
+    freq = (fields.get("mel_bins") or NUM_MEL_BINS) // patch
+    pos = state.get("pos_embed")
+    if isinstance(pos, torch.Tensor) and pos.dim() == 3 and freq > 0 and pos.shape[1] % freq == 0 and pos.shape[1]:
+        values["max_length"] = pos.shape[1] // freq
+    values.update({k: v for k, v in fields.items() if v is not None})
+    if num_heads is None:
+        num_heads = values.pop("num_heads", None)
+    values["num_heads"] = num_heads if num_heads is not None else _default_heads(values["embed_dim"], source)
+    try:
+        return EncoderConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: invalid architecture in the file's config: {exc}") from None
+
+
+# ---- fairseq (official EAT / SSLAM) ---------------------------------------------------------
 def _fairseq_model_cfg(ckpt: dict) -> dict:
-    cfg = ckpt.get("cfg")
-    model = cfg.get("model") if isinstance(cfg, dict) else None
-    return model if isinstance(model, dict) else {}
+    """``cfg['model']`` as plain dicts (hydra-era files; a pickled DictConfig also works), else
+    the legacy flat ``args`` namespace, else {}."""
+    model = _section(_plain(ckpt.get("cfg")), "model")
+    if model:
+        return model
+    args = _plain(ckpt.get("args"))
+    return args if isinstance(args, dict) else {}
+
+
+def _unsupported(model_cfg: dict, source) -> None:
+    """Refuse official configs this encoder does not compute (instead of loading them wrongly)."""
+    image = _section(model_cfg, "modalities", "image")
+    problems = []
+    if model_cfg.get("layer_norm_first") is True:
+        problems.append("layer_norm_first=True (pre-LN blocks with a final norm)")
+    if model_cfg.get("norm_affine") is False:
+        problems.append("norm_affine=False")
+    if image.get("use_alibi_encoder") is True:
+        problems.append("use_alibi_encoder=True")
+    if image.get("num_extra_tokens") not in (None, 1):
+        problems.append(f"num_extra_tokens={image['num_extra_tokens']} (one CLS token is supported)")
+    if image.get("prenet_depth") not in (None, 0):
+        problems.append(f"prenet_depth={image['prenet_depth']}")
+    if image.get("fixed_positions") is False:
+        problems.append("fixed_positions=False (no fixed sin-cos position table)")
+    if problems:
+        raise CheckpointError(f"{source}: unsupported encoder configuration: {'; '.join(problems)}")
+
+
+def _fairseq_fields(model_cfg: dict, state: dict) -> dict:
+    """Architecture fields a data2vec_multi model config declares (None where absent). The
+    stored position table, when there is one, is what the official model used: its rows give
+    max_length; the config's value only replaces a missing table."""
+    image = _section(model_cfg, "modalities", "image")
+    return {
+        "embed_dim": model_cfg.get("embed_dim"),
+        "depth": model_cfg.get("depth"),
+        "num_heads": model_cfg.get("num_heads"),
+        "mlp_ratio": model_cfg.get("mlp_ratio"),
+        "norm_eps": model_cfg.get("norm_eps"),
+        "patch_size": image.get("patch_size"),
+        "max_length": None if "pos_embed" in state else image.get("max_length"),
+    }
+
+
+def _teacher_state(ema, student: dict, model_cfg: dict) -> dict | None:
+    """The EMA teacher's encoder weights (our names) from ``model['_ema']``, or None.
+
+    data2vec 2.0 (which EAT / SSLAM train with) stores the teacher as a nested dict of fp32
+    copies named like the student's encoder, without the decoder. Two config switches leave
+    parts out, and the official teacher then uses the student's copy of those parts:
+    ``ema_encoder_only`` (the dict is the block list, names ``{i}.*``) and
+    ``modalities.image.ema_local_encoder=False`` (no patch convolution)."""
+    if not isinstance(ema, dict):
+        return None
+    tensors = {k: v for k, v in ema.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        return None
+    if all(_EMA_BLOCKS_ONLY_KEY.match(k) for k in tensors):
+        teacher = {f"blocks.{k}": v for k, v in tensors.items()}
+        shared = [k for k in student if not k.startswith("blocks.")]
+    else:
+        teacher, rest = _rename_encoder(tensors)
+        # Unknown teacher tensors stay under their names so that loading lists them.
+        teacher.update({k: v for k, v in rest.items() if not k.startswith(FAIRSEQ_DECODER_PREFIX)})
+        shared = []
+        if model_cfg.get("ema_encoder_only") is True:
+            shared = [k for k in student if not k.startswith("blocks.")]
+        elif _section(model_cfg, "modalities", "image").get("ema_local_encoder") is False:
+            shared = ["patch_embed.weight", "patch_embed.bias"]
+    for key in shared:
+        if key in student and key not in teacher:
+            teacher[key] = student[key]
+    return teacher
+
+
+def _finetune_preprocessing(model_cfg: dict, source) -> dict:
+    """Fine-tuning recipes fix the clip length and the normalisation (ESC-50: 512 frames and
+    its own statistics; Speech Commands: 128 frames)."""
+    pre_image = _section(model_cfg, "pretrained_model_args", "model", "modalities", "image")
+    length = model_cfg.get("target_length") or pre_image.get("target_length") or 1024
+    norm = "esc50" if model_cfg.get("esc50_eval") else "spcv2" if model_cfg.get("spcv2_eval") else "audioset"
+    return _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": norm}, source)
+
+
+def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -> Checkpoint:
+    state, rest = _rename_encoder(model, "model.")
+    for name in _HEAD_NAMES:
+        if name in rest and isinstance(rest[name], torch.Tensor):
+            state[name] = rest.pop(name)
+    if weights == "teacher":
+        raise CheckpointError(f"{path}: a fine-tuned checkpoint has no EMA teacher")
+    pre_model = _section(mcfg, "pretrained_model_args", "model")
+    _unsupported(pre_model, path)
+    if mcfg.get("use_fc_norm") is False:
+        raise CheckpointError(f"{path}: use_fc_norm=False heads (no LayerNorm before the head) are not supported")
+    mode = mcfg.get("prediction_mode")
+    if mode not in (None, "CLS_TOKEN") and not str(mode).endswith("CLS_TOKEN"):
+        warnings.warn(f"{path}: its head was trained on prediction_mode={mode}; Encoder.classify "
+                      "applies it to the CLS token", stacklevel=4)
+    ignored = [k for k in rest if isinstance(k, str) and (k.startswith("model." + FAIRSEQ_DECODER_PREFIX) or k == "model._ema")]
+    unknown = sorted(str(k) for k in rest if k not in ignored)
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected keys in the fine-tuned fairseq model: {unknown[:20]}")
+    fields = _fairseq_fields(pre_model, state)
+    if mcfg.get("norm_eps") is not None:  # the fine-tuning config may override it
+        fields["norm_eps"] = mcfg["norm_eps"]
+    fields["num_classes"] = mcfg.get("num_classes")
+    config = infer_config(state, source=path, **fields)
+    return Checkpoint(path, "fairseq-finetune", config, state, preprocessing=_finetune_preprocessing(mcfg, path),
+                      raw_config=mcfg, extra={"ignored": sorted(ignored)})
 
 
 def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
     model = ckpt["model"]
     mcfg = _fairseq_model_cfg(ckpt)
-    finetuned = any(k.startswith("model.") for k in model)
-    if finetuned:
-        state, rest = _rename_encoder(model, "model.")
-        for name in _HEAD_NAMES:
-            if name in rest:
-                state[name] = rest.pop(name)
-        if weights == "teacher":
-            raise CheckpointError(f"{path}: a fine-tuned checkpoint has no EMA teacher")
-        pre = mcfg.get("pretrained_model_args") or {}
-        heads = (pre.get("model") or {}).get("num_heads") if isinstance(pre, dict) else None
-        config = infer_config(state, heads or mcfg.get("num_heads"))
-        return Checkpoint(path, "fairseq-finetune", config, state, raw_config=mcfg,
-                          extra={"ignored": sorted(k for k in rest if isinstance(rest[k], torch.Tensor))})
+    if any(isinstance(k, str) and k.startswith("model.") for k in model):
+        return _from_fairseq_finetuned(path, model, mcfg, weights)
+    _unsupported(mcfg, path)
     state, rest = _rename_encoder(model, "")
-    decoder = {k[len(FAIRSEQ_DECODER_PREFIX):]: v for k, v in rest.items() if k.startswith(FAIRSEQ_DECODER_PREFIX)}
-    teacher = None
-    if isinstance(model.get("_ema"), dict):
-        teacher, _ = _rename_encoder(model["_ema"], "")
-    image = (mcfg.get("modalities") or {}).get("image") or {}
-    config = infer_config(state, mcfg.get("num_heads"), norm_eps=float(mcfg.get("norm_eps", 1e-6)))
-    prep = {"sample_rate": 16000, "target_length": int(image.get("target_length", 1024)), "norm": "audioset"}
+    decoder, unknown = {}, []
+    for key, value in rest.items():
+        if isinstance(key, str) and key.startswith(FAIRSEQ_DECODER_PREFIX) and isinstance(value, torch.Tensor):
+            decoder[key[len(FAIRSEQ_DECODER_PREFIX):]] = value
+        elif key != "_ema":
+            unknown.append(str(key))
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected keys (or non-tensor values) in the fairseq model: {sorted(unknown)[:20]}")
+    teacher = _teacher_state(model.get("_ema"), state, mcfg)
     if weights == "teacher":
         if teacher is None:
-            raise CheckpointError(f"{path}: weights='teacher' but the file has no '_ema' teacher")
-        state, teacher = teacher, state
-    unknown = sorted(k for k, v in rest.items() if isinstance(v, torch.Tensor) and not k.startswith(FAIRSEQ_DECODER_PREFIX))
-    if unknown:
-        raise CheckpointError(f"{path}: unexpected keys in the fairseq model: {unknown}")
+            raise CheckpointError(f"{path}: weights='teacher' but the file has no (non-empty) '_ema' teacher")
+        state = teacher
+    image = _section(mcfg, "modalities", "image")
+    config = infer_config(state, source=path, **_fairseq_fields(mcfg, state))
+    prep = _check_preprocessing({"target_length": image.get("target_length") or 1024}, path)
     return Checkpoint(path, "fairseq-pretrain", config, state, preprocessing=prep, decoder=decoder or None,
                       teacher=teacher, raw_config=mcfg)
 
 
+# ---- Hugging Face / bare state dicts ---------------------------------------------------------
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: unreadable JSON config ({exc})") from exc
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _load_safetensors(path: Path) -> tuple[dict, dict]:
@@ -245,116 +537,236 @@ def _load_safetensors(path: Path) -> tuple[dict, dict]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
+    except Exception as exc:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     return tensors, metadata
 
 
-def _hf_config(cfg: dict, state: dict) -> tuple[EncoderConfig, dict]:
-    img = cfg.get("img_size") or [1024, cfg.get("mel_bins", 128)]
-    fields = dict(
-        norm_eps=float(cfg.get("norm_eps", 1e-6)),
-        mel_bins=int(cfg.get("mel_bins", img[1])),
-        head_norm_eps=1e-5,  # HF's fc_norm is nn.LayerNorm with its default eps
-    )
-    if "max_length" in cfg:
-        fields["max_length"] = int(cfg["max_length"])
-    config = infer_config(state, cfg.get("num_heads"), **fields)
-    prep = {"sample_rate": 16000, "target_length": int(img[0]), "norm": "audioset"}
-    return config, prep
+def _hf_fields(cfg: dict, has_head: bool, source) -> dict:
+    """Architecture fields an EAT ``config.json`` declares; refuses configs the encoder does
+    not compute (pre-LN, no positions, overlapping patches)."""
+    problems = []
+    if cfg.get("layer_norm_first") is True:
+        problems.append("layer_norm_first=true")
+    if cfg.get("norm_affine") is False:
+        problems.append("norm_affine=false")
+    if cfg.get("fixed_positions") is False:
+        problems.append("fixed_positions=false (no position table)")
+    if problems:
+        raise CheckpointError(f"{source}: unsupported encoder configuration: {'; '.join(problems)}")
+    fields = {k: cfg.get(k) for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "patch_size",
+                                      "mel_bins", "max_length", "norm_eps")}
+    # config.json carries num_classes (527) for the pretraining variant too; only a head counts.
+    if has_head or cfg.get("model_variant") == "finetune":
+        fields["num_classes"] = cfg.get("num_classes")
+    return fields
+
+
+def _hf_labels(cfg: dict, num_classes: int, source) -> list[str] | None:
+    """Class names from ``id2label`` when they name every output of the head, else None."""
+    labels = cfg.get("id2label")
+    if not isinstance(labels, dict) or not labels or num_classes == 0:
+        return None
+    names = [labels.get(str(i), labels.get(i)) for i in range(len(labels))]
+    if len(names) != num_classes or not all(isinstance(n, str) for n in names):
+        warnings.warn(f"{source}: ignoring id2label ({len(labels)} entries) for a head of {num_classes} classes",
+                      stacklevel=4)
+        return None
+    return names
+
+
+def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str) -> Checkpoint:
+    """A flat dict of encoder tensors: Hugging Face EAT (``model.`` prefix, names of SPEC 7.3),
+    official fairseq names, or ours; ``cfg`` is the Hugging Face config.json (or {})."""
+    prefix = "model." if any(isinstance(k, str) and k.startswith("model.") for k in tensors) else ""
+    if prefix and "model.pre_norm.weight" in tensors:
+        fmt = "hf"  # Hugging Face names (a fairseq fine-tuned state dict has context_encoder.norm)
+    state, rest = _rename_encoder(tensors, prefix)
+    for name in _HEAD_NAMES:  # Hugging Face: model.head.*; fairseq fine-tuned: head.*
+        for key in (prefix + name, name):
+            if isinstance(rest.get(key), torch.Tensor):
+                state[name] = rest.pop(key)
+    if rest:
+        raise CheckpointError(f"{path}: unexpected keys for an EAT encoder: {sorted(map(str, rest))[:20]}")
+    if weights != "student":
+        raise CheckpointError(f"{path}: this file holds one set of weights (no EMA teacher)")
+    image = cfg.get("img_size")
+    fields = _hf_fields(cfg, "head.weight" in state, path)
+    if fields.get("mel_bins") is None and isinstance(image, (list, tuple)) and len(image) == 2:
+        fields["mel_bins"] = image[1]
+    # Hugging Face's fc_norm is nn.LayerNorm with its default eps (1e-5); fairseq's uses 1e-6.
+    config = infer_config(state, source=path, head_norm_eps=1e-5 if fmt == "hf" else None, **fields)
+    stride = cfg.get("stride")
+    if isinstance(stride, (list, tuple)) and len(set(stride)) == 1:  # (16, 16)
+        stride = stride[0]
+    if stride not in (None, config.patch_size):
+        raise CheckpointError(f"{path}: unsupported encoder configuration: stride={cfg['stride']} differs from the "
+                              f"patch size {config.patch_size} (overlapping patches)")
+    length = image[0] if isinstance(image, (list, tuple)) and image else cfg.get("target_length", 1024)
+    prep = _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": "audioset"}, path)
+    return Checkpoint(path, fmt, config, state, preprocessing=prep,
+                      label_names=_hf_labels(cfg, config.num_classes, path), raw_config=cfg)
+
+
+# ---- ours ------------------------------------------------------------------------------------
+def _check_preprocessing(prep, source) -> dict:
+    default = {"sample_rate": 16000, "target_length": 1024, "norm": "audioset"}
+    if prep is None:
+        return default
+    if not isinstance(prep, dict):
+        raise CheckpointError(f"{source}: preprocessing must be a dict, got {type(prep).__name__}")
+    prep = {**default, **prep}
+    for key in ("sample_rate", "target_length"):
+        if not isinstance(prep[key], int) or isinstance(prep[key], bool) or prep[key] < 1:
+            raise CheckpointError(f"{source}: preprocessing {key}={prep[key]!r} must be a positive integer")
+    return prep
+
+
+def _check_labels(names, num_classes: int, source) -> list[str] | None:
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) != num_classes:
+        count = len(names) if isinstance(names, list) else type(names).__name__
+        raise CheckpointError(f"{source}: label names ({count}) must be {num_classes} strings, one per class")
+    return names
+
+
+def _encoder_config(values, source) -> EncoderConfig:
+    try:
+        return EncoderConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: invalid encoder config: {exc}") from None
+
+
+def _from_sslam(path: Path, tensors: dict, metadata: dict, config_path: Path | None, weights: str) -> Checkpoint:
+    if "sslam" in metadata:
+        try:
+            meta = json.loads(metadata["sslam"])
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: unreadable sslam metadata ({exc})") from None
+    else:
+        meta = _read_json(config_path)
+    if not isinstance(meta, dict) or not isinstance(meta.get("encoder"), dict):
+        raise CheckpointError(f"{path}: sslam metadata without an 'encoder' config")
+    if weights != "student":
+        raise CheckpointError(f"{path}: an exported sslam encoder holds one set of weights; weights={weights!r} is not available")
+    config = _encoder_config(meta["encoder"], path)
+    return Checkpoint(path, "sslam", config, tensors, preprocessing=_check_preprocessing(meta.get("preprocessing"), path),
+                      label_names=_check_labels(meta.get("label_names"), config.num_classes, path), raw_config=meta)
 
 
 def _from_safetensors(path: Path, config_path: Path | None, weights: str) -> Checkpoint:
     tensors, metadata = _load_safetensors(path)
-    if metadata.get("format") == "sslam" or (config_path and _read_json(config_path).get("format") == "sslam"):
-        meta = json.loads(metadata["sslam"]) if "sslam" in metadata else _read_json(config_path)
-        if weights != "student":
-            raise CheckpointError(f"{path}: an exported sslam encoder holds one set of weights; weights={weights!r} is not available")
-        config = EncoderConfig.from_dict(meta["encoder"])
-        return Checkpoint(path, "sslam", config, tensors, preprocessing=meta["preprocessing"],
-                          label_names=meta.get("label_names"), raw_config=meta)
-    # Hugging Face EAT / SSLAM: keys under "model." (EATModel.model), names of SPEC 7.3.
-    prefix = "model." if any(k.startswith("model.") for k in tensors) else ""
-    state, rest = _rename_encoder(tensors, prefix)
-    for name in _HEAD_NAMES:
-        if prefix + name in rest:
-            state[name] = rest.pop(prefix + name)
-    if rest:
-        raise CheckpointError(f"{path}: unexpected keys for a Hugging Face EAT model: {sorted(rest)[:20]}")
-    if weights != "student":
-        raise CheckpointError(f"{path}: Hugging Face EAT files have no EMA teacher")
     cfg = _read_json(config_path) if config_path else {}
-    config, prep = _hf_config(cfg, state)
-    labels = cfg.get("id2label")
-    label_names = [labels[str(i)] for i in range(len(labels))] if isinstance(labels, dict) and labels else None
-    return Checkpoint(path, "hf", config, state, preprocessing=prep, label_names=label_names, raw_config=cfg)
+    if metadata.get("format") == "sslam" or cfg.get("format") == "sslam":
+        return _from_sslam(path, tensors, metadata, config_path, weights)
+    return _from_tensors(path, tensors, cfg, weights, "hf")
 
 
-def _from_train(path: Path, ckpt: dict, weights: str) -> Checkpoint:
-    config = EncoderConfig.from_dict(ckpt["encoder_config"])
-    if weights == "teacher":
-        if ckpt.get("teacher") is None:
-            raise CheckpointError(f"{path}: this training checkpoint has no teacher")
-        state = ckpt["teacher"]
-    else:
-        state = ckpt["model"]
-    return Checkpoint(path, "sslam-train", config, dict(state), preprocessing=ckpt.get("preprocessing", {}),
-                      decoder=ckpt.get("decoder"), teacher=ckpt.get("teacher"), raw_config=ckpt.get("config"),
-                      extra={"step": ckpt.get("step")})
+def _from_own_torch(path: Path, ckpt: dict, weights: str) -> Checkpoint:
+    """The trainers' checkpoints: ``sslam-train`` (student, decoder, teacher) and
+    ``sslam-finetune`` (encoder with head, class names)."""
+    fmt = ckpt["format"]
+    if "encoder_config" not in ckpt:
+        raise CheckpointError(f"{path}: {fmt} checkpoint without 'encoder_config'")
+    config = _encoder_config(ckpt["encoder_config"], path)
+    teacher = ckpt.get("teacher") if isinstance(ckpt.get("teacher"), dict) and ckpt.get("teacher") else None
+    if weights == "teacher" and teacher is None:
+        raise CheckpointError(f"{path}: this {fmt} checkpoint has no teacher")
+    state = teacher if weights == "teacher" else ckpt.get("model")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {fmt} checkpoint without a 'model' state dict")
+    labels = ckpt.get("class_names")
+    labels = list(labels) if isinstance(labels, (list, tuple)) and len(labels) == config.num_classes > 0 else None
+    return Checkpoint(path, fmt, config, dict(state), preprocessing=_check_preprocessing(ckpt.get("preprocessing"), path),
+                      label_names=_check_labels(labels, config.num_classes, path),
+                      decoder=ckpt.get("decoder") if isinstance(ckpt.get("decoder"), dict) else None,
+                      teacher=teacher, raw_config=ckpt.get("config"), extra={"step": ckpt.get("step")})
 
 
 WEIGHTS = ("student", "teacher")
+_OWN_TORCH_FORMATS = ("sslam-train", "sslam-finetune")
 
 
-def read_checkpoint(path: str | os.PathLike, weights: str = "student") -> Checkpoint:
-    """Detect the format of ``path`` (file or folder) and return its weights under our names.
+def _is_encoder_state(obj: dict) -> bool:
+    """A bare state dict of an encoder: only tensors, and encoder names among them."""
+    if not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        return False
+    names = (k.removeprefix("model.").removeprefix(FAIRSEQ_ENCODER_PREFIX) for k in obj)
+    return any(n in _EMBEDDING_NAMES or n.startswith("blocks.") for n in names)
 
-    ``weights``: 'student' (what official inference and fine-tuning use) or 'teacher' (the EMA
-    teacher of pretraining checkpoints)."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
-    path = Path(path)
+
+def _read_folder(path: Path, weights: str) -> Checkpoint:
+    config_file = path / "config.json"
+    config_file = config_file if config_file.exists() else None
+    if (path / "model.safetensors").exists():
+        return _from_safetensors(path / "model.safetensors", config_file, weights)
+    if (path / "pytorch_model.bin").exists():  # Hugging Face, saved without safetensors
+        tensors = safe_torch_load(path / "pytorch_model.bin")
+        if not isinstance(tensors, dict):
+            raise CheckpointError(f"{path / 'pytorch_model.bin'}: expected a dict of tensors")
+        return _from_tensors(path / "pytorch_model.bin", tensors, _read_json(config_file) if config_file else {}, weights, "hf")
+    raise CheckpointError(f"{path}: folder without model.safetensors (or pytorch_model.bin)")
+
+
+def _read(path: Path, weights: str) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        weights_file, config_file = path / "model.safetensors", path / "config.json"
-        if not weights_file.exists():
-            raise CheckpointError(f"{path}: folder without model.safetensors")
-        return _from_safetensors(weights_file, config_file if config_file.exists() else None, weights)
+        return _read_folder(path, weights)
     with path.open("rb") as f:
         head = f.read(16)
+    if not head:
+        raise CheckpointError(f"{path}: empty file")
     if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
         beside = path.with_name("config.json")
         return _from_safetensors(path, beside if beside.exists() else None, weights)
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, got {type(ckpt).__name__}")
-    if ckpt.get("format") == "sslam-train":
-        return _from_train(path, ckpt, weights)
+    if ckpt.get("format") in _OWN_TORCH_FORMATS:
+        return _from_own_torch(path, ckpt, weights)
     if isinstance(ckpt.get("model"), dict):
         return _from_fairseq(path, ckpt, weights)
+    if _is_encoder_state(ckpt):
+        return _from_tensors(path, ckpt, {}, weights, "state-dict")
     raise CheckpointError(
         f"{path}: unknown checkpoint layout (top-level keys {sorted(map(str, ckpt))[:12]}); expected a "
         "fairseq EAT/SSLAM checkpoint, a Hugging Face EAT folder/model.safetensors, or an sslam file"
     )
 
 
+def read_checkpoint(path: str | os.PathLike, weights: str = "student") -> Checkpoint:
+    """Detect the format of ``path`` (file or folder) and return its weights under our names.
+
+    ``weights``: 'student' (what official inference and fine-tuning use) or 'teacher' (the EMA
+    teacher of pretraining checkpoints). The returned config agrees with the weights' shapes
+    (CheckpointError otherwise)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
+    ckpt = _read(Path(path), weights)
+    _check_architecture(ckpt.config, ckpt.state, ckpt.path)
+    return ckpt
+
+
 def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> dict:
     """Compare ``state`` with ``model.state_dict()``: every key present, no extras, every shape
-    equal. Returns the state with dtypes converted to the model's; raises CheckpointError listing
-    every problem otherwise. Official files may omit the fixed position table; it is recomputed."""
+    equal. Returns the state with dtypes converted to the model's (fp16 / bf16 files are cast);
+    raises CheckpointError listing every problem otherwise. Official files may omit the fixed
+    position table; it is recomputed. Non-finite weights (NaN / inf) are an error."""
     expected = model.state_dict()
     state = dict(state)
     if "pos_embed" in expected and "pos_embed" not in state:
         state["pos_embed"] = expected["pos_embed"]
+    not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(str(k) for k in set(state) - set(expected))
     shapes = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in sorted(set(expected) & set(state))
-        if state[k].shape != expected[k].shape
+        if isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape
     ]
-    if missing or unexpected or shapes:
+    if missing or unexpected or shapes or not_tensors:
         lines = [f"{source}: weights do not match the architecture"]
         if missing:
             lines.append(f"  missing keys ({len(missing)}): {missing}")
@@ -362,28 +774,37 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
             lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
         if shapes:
             lines.append(f"  shape mismatches ({len(shapes)}): {shapes}")
+        if not_tensors:
+            lines.append(f"  not tensors ({len(not_tensors)}): {not_tensors}")
         raise CheckpointError("\n".join(lines))
     out = {}
     for k, v in state.items():
         if not torch.is_floating_point(v) or not torch.isfinite(v).all():
-            raise CheckpointError(f"{source}: {k} is not a finite floating-point tensor")
+            raise CheckpointError(f"{source}: {k} is not a finite floating-point tensor ({v.dtype})")
         out[k] = v.to(expected[k].dtype)
     return out
 
 
 def _fit_positions(model: Encoder, state: dict) -> dict:
     """A file's position table may have a different number of rows than the model's: keep the
-    file's values for the rows both have (they are the same sin-cos table, possibly rounded)."""
+    file's values for the rows both have (they are the same sin-cos table, possibly rounded).
+    A table of another width or rank is left for :func:`check_state` to report."""
     pos = state.get("pos_embed")
-    if pos is None or pos.shape == model.pos_embed.shape:
+    table = model.pos_embed
+    if not isinstance(pos, torch.Tensor) or pos.shape == table.shape:
         return state
-    table = model.pos_embed.detach().clone()
+    if pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != table.shape[2]:
+        return state
+    table = table.detach().clone()
     rows = min(pos.shape[1], table.shape[1])
     table[:, :rows] = pos[:, :rows].to(table.dtype)
     return {**state, "pos_embed": table}
 
 
 def encoder_from_checkpoint(ckpt: Checkpoint, device="cpu", dtype: torch.dtype = torch.float32) -> Encoder:
+    # Cheap check first: a config that disagrees with the weights (e.g. an absurd depth) must
+    # not get as far as allocating a model.
+    _check_architecture(ckpt.config, ckpt.state, ckpt.path)
     model = Encoder(ckpt.config)
     state = check_state(model, _fit_positions(model, ckpt.state), ckpt.path)
     model.load_state_dict(state, strict=True)
@@ -402,7 +823,11 @@ def load_encoder(path, device="cpu", weights: str = "student", dtype: torch.dtyp
 
 def load_weights_into(model: Encoder, path, weights: str = "student") -> Encoder:
     """Load a checkpoint's encoder weights into an existing ``model`` (strict keys and shapes)."""
-    ckpt = read_checkpoint(path, weights)
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
+    with warnings.catch_warnings():  # the model's own config gives the heads: no guess needed
+        warnings.filterwarnings("ignore", message=".*does not record num_heads")
+        ckpt = _read(Path(path), weights)
     model.load_state_dict(check_state(model, _fit_positions(model, ckpt.state), path), strict=True)
     return model
 
@@ -435,18 +860,44 @@ def export_metadata(model: Encoder, source: dict | None = None) -> dict:
     }
 
 
+_EXPORT_FILES = ("model.safetensors", "config.json")
+
+
 def save_encoder(model: Encoder, out_dir: str | os.PathLike, source: dict | None = None) -> Path:
     """Write our format: ``out_dir/model.safetensors`` (float32 weights, config in its metadata)
-    and ``out_dir/config.json``, each written atomically."""
+    and ``out_dir/config.json``.
+
+    Both files are written into a temporary folder beside ``out_dir`` first, so a failure leaves
+    no partial output: a new ``out_dir`` appears by one rename; in an existing folder each file
+    is replaced by a rename (the weights file carries its own config, so it stays readable
+    even if only it was replaced)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a folder")
     meta = export_metadata(model, source)
+    text = json.dumps(meta, indent=2) + "\n"  # fails here, before anything is written, if not JSON
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "sslam", "sslam": json.dumps(meta)}))
-    atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output folder should not be
+        save_file(state, tmp / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(meta)})
+        (tmp / "config.json").write_text(text)
+        for name in _EXPORT_FILES:
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        if out.is_dir():
+            for name in _EXPORT_FILES:
+                os.replace(tmp / name, out / name)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return out
 
 
@@ -462,7 +913,10 @@ def read_label_names(path: str | os.PathLike) -> list[str]:
         raise CheckpointError(f"{path}: cannot read labels ({exc})") from exc
     rows = list(csv.reader(text.splitlines()))
     if rows and len(rows[0]) >= 3 and rows[0][0].strip().lower() == "index":
-        entries = sorted((int(r[0]), r[2]) for r in rows[1:] if r)
+        try:
+            entries = sorted((int(r[0]), r[2]) for r in rows[1:] if r)
+        except (ValueError, IndexError) as exc:
+            raise CheckpointError(f"{path}: malformed label CSV row ({exc})") from None
         if [i for i, _ in entries] != list(range(len(entries))):
             raise CheckpointError(f"{path}: label indices are not 0..{len(entries) - 1}")
         return [name for _, name in entries]
@@ -486,11 +940,17 @@ def describe(path, weights: str = "student") -> str:
     """A short human-readable summary (format, architecture, parameter count)."""
     ckpt = read_checkpoint(path, weights)
     cfg = ckpt.config
+    with torch.device("meta"):  # shapes only: no memory, even for ViT-L
+        check_state(Encoder(cfg), ckpt.state, ckpt.path)  # `info` fails where loading would
     n = sum(v.numel() for k, v in ckpt.state.items() if k != "pos_embed")
+    if weights == "teacher":
+        which = "teacher (the EMA copy; the file also holds the student)"
+    else:
+        which = "student" + ("" if ckpt.teacher is None else " (EMA teacher also present)")
     lines = [
         f"file:         {ckpt.path}",
         f"format:       {ckpt.format}",
-        f"weights:      {weights}" + ("" if ckpt.teacher is None else " (EMA teacher also present)"),
+        f"weights:      {which}",
         f"architecture: dim {cfg.embed_dim}, depth {cfg.depth}, heads {cfg.num_heads}, mlp {cfg.mlp_dim}, "
         f"patch {cfg.patch_size}, positions {cfg.max_length} x {cfg.freq_patches}",
         f"parameters:   {n:,} (encoder without the fixed position table)",

@@ -45,17 +45,23 @@ def cmd_extract(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .checkpoint import convert
+    from .checkpoint import CheckpointError, convert
 
-    out = convert(args.src, args.out, weights=args.weights, labels=args.labels)
+    try:
+        out = convert(args.src, args.out, weights=args.weights, labels=args.labels)
+    except OSError as exc:  # e.g. OUT under a file or a read-only folder: one line, not a traceback
+        raise CheckpointError(f"cannot convert {args.src} to {args.out}: {exc}") from exc
     print(f"wrote {out}/model.safetensors and {out}/config.json")
     return 0
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import describe
+    from .checkpoint import CheckpointError, describe
 
-    print(describe(args.file, weights=args.weights))
+    try:
+        print(describe(args.file, weights=args.weights))
+    except OSError as exc:  # e.g. an unreadable file
+        raise CheckpointError(f"{args.file}: {exc}") from exc
     return 0
 
 

@@ -10,6 +10,7 @@ raw FFN output, from which the teacher builds its targets.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,24 @@ class EncoderConfig:
     head_norm_eps: float = 1e-6  # fairseq fine-tuning head; Hugging Face uses 1e-5
 
     def __post_init__(self):
+        # Configs also come from files (config.json, checkpoint metadata): check types and ranges
+        # here so a bad file fails with a ValueError naming the field, not deep inside a layer.
+        for name in ("embed_dim", "depth", "num_heads", "patch_size", "mel_bins", "max_length", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be an integer")
+        for name in ("mlp_ratio", "norm_eps", "drop_path_rate", "head_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a finite number")
+            object.__setattr__(self, name, float(value))  # 4 and 4.0 give the same config
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"qkv_bias={self.qkv_bias!r} must be true or false")
+        for name in ("embed_dim", "depth", "num_heads", "max_length", "patch_size", "mel_bins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes={self.num_classes} must be >= 0 (0 = no classification head)")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}"
@@ -47,9 +66,12 @@ class EncoderConfig:
             raise ValueError(f"embed_dim={self.embed_dim}: the 2-D sin-cos table needs a multiple of 4")
         if self.mel_bins % self.patch_size:
             raise ValueError(f"mel_bins={self.mel_bins} is not a multiple of patch_size={self.patch_size}")
-        for name in ("depth", "num_heads", "max_length", "patch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.mlp_dim < 1:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} gives an MLP of {self.mlp_dim} units for embed_dim={self.embed_dim}")
+        if self.norm_eps <= 0 or self.head_norm_eps <= 0:
+            raise ValueError(f"norm_eps={self.norm_eps}, head_norm_eps={self.head_norm_eps} must be positive")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"drop_path_rate={self.drop_path_rate} must be in [0, 1)")
 
     @property
     def head_dim(self) -> int:
@@ -57,7 +79,9 @@ class EncoderConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        # round, not int(): a ratio read from a file (fc1 rows / dim) is not exact in binary, and
+        # int() would turn e.g. 88 * (120 / 88) = 119.99999999999999 into 119.
+        return round(self.embed_dim * self.mlp_ratio)
 
     @property
     def freq_patches(self) -> int:
@@ -71,6 +95,8 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> EncoderConfig:
+        if not isinstance(values, dict):
+            raise ValueError(f"EncoderConfig: expected a dict of fields, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -123,6 +149,31 @@ def gather_shared(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
         return gather_tokens(tokens, keep)
     return tokens[:, keep]
+
+
+def check_keep(keep: torch.Tensor, batch: int, clones: int) -> None:
+    """Validate the kept-patch indices of :meth:`Encoder.forward_tokens` (shapes only, so no
+    device sync): a 2-D keep needs exactly one row per clone of every clip; fewer rows would
+    silently drop clips."""
+    if keep.dtype not in (torch.int64, torch.int32) or keep.dim() not in (1, 2):
+        raise ValueError(
+            f"keep must be (K,) or (B * clones, K) int64 patch indices, got {keep.dtype} {tuple(keep.shape)}"
+        )
+    if keep.dim() == 2 and keep.shape[0] != batch * clones:
+        raise ValueError(
+            f"keep has {keep.shape[0]} rows; expected B * clones = {batch} * {clones} = {batch * clones}"
+        )
+
+
+def check_padding_mask(mask: torch.Tensor, rows: int, tokens: int) -> None:
+    """key_padding_mask must be (B', N') bool, True = padded, over the tokens the blocks see."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"key_padding_mask must be a bool tensor (True = padded), got {mask.dtype}")
+    if tuple(mask.shape) != (rows, tokens):
+        raise ValueError(
+            f"key_padding_mask has shape {tuple(mask.shape)}; expected ({rows}, {tokens}) = "
+            "(rows after cloning, patch tokens after keep), without the CLS token"
+        )
 
 
 class Attention(nn.Module):
@@ -229,7 +280,8 @@ class Encoder(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:  # qkv has no bias when qkv_bias=False
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
@@ -265,6 +317,8 @@ class Encoder(nn.Module):
                 f"expected a (B, 1, T, {self.cfg.mel_bins}) spectrogram, got {tuple(spec.shape)}"
             )
         t = spec.shape[2]
+        if t < self.cfg.patch_size:
+            raise ValueError(f"T={t} frames: the encoder needs at least {self.cfg.patch_size} frames")
         if t % self.cfg.patch_size:
             raise ValueError(f"T={t} frames is not a multiple of the patch size {self.cfg.patch_size}")
         if t // self.cfg.patch_size > self.cfg.max_length:
@@ -314,6 +368,10 @@ class Encoder(nn.Module):
         Returns:
             :class:`EncoderOutput` with x of shape (B', 1 + K, D), B' = B * clones.
         """
+        if clones < 1:
+            raise ValueError(f"clones={clones} must be >= 1")
+        if keep is not None:
+            check_keep(keep, tokens.shape[0], clones)
         if keep is not None and keep.dim() == 2:  # per-row kept patches: gather and clone at once
             rows = torch.arange(keep.shape[0], device=keep.device) // clones
             tokens = tokens[rows[:, None], keep]
@@ -325,6 +383,7 @@ class Encoder(nn.Module):
         cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         x = self.pre_norm(torch.cat([cls, tokens], dim=1))
         if key_padding_mask is not None:
+            check_padding_mask(key_padding_mask, tokens.shape[0], tokens.shape[1])
             key_padding_mask = F.pad(key_padding_mask, (1, 0), value=False)  # CLS is never padding
         impl = self._attention_impl(x)
         out = EncoderOutput(x)

@@ -1,0 +1,728 @@
+"""Edge cases of checkpoint import/export and of the encoder forward: other model sizes,
+teacher layouts, hostile and damaged files, `sslam convert` / `sslam info`, odd inputs.
+
+Official-format files are built here from the key tables of SPEC 7.2 / 7.3 (fairseq
+``modality_encoders.IMAGE.*`` + ``blocks.*`` with a nested ``_ema``; fine-tuned ``model.``-prefixed
+keys + ``fc_norm`` + ``head``; Hugging Face ``model.*`` safetensors + config.json) around an
+encoder with random weights, so every expectation is "the loaded encoder equals the one the
+file was made from"."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import sys
+import types
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import GOLDEN, load_golden
+from safetensors.torch import save_file
+
+from sslam.checkpoint import (
+    CheckpointError,
+    convert,
+    describe,
+    load_encoder,
+    read_checkpoint,
+    safe_torch_load,
+)
+from sslam.model import VARIANTS, Encoder, EncoderConfig
+
+TINY = GOLDEN / "tiny_ckpt.pt"
+FRAMES = 64  # 4 time patches: every forward here is tiny
+
+# SPEC 7.2 / 7.3: our names -> official names of the embedding stage (blocks are shared).
+FAIRSEQ = {
+    "cls_token": "modality_encoders.IMAGE.extra_tokens",
+    "patch_embed.weight": "modality_encoders.IMAGE.local_encoder.proj.weight",
+    "patch_embed.bias": "modality_encoders.IMAGE.local_encoder.proj.bias",
+    "pos_embed": "modality_encoders.IMAGE.fixed_positional_encoder.positions",
+    "pre_norm.weight": "modality_encoders.IMAGE.context_encoder.norm.weight",
+    "pre_norm.bias": "modality_encoders.IMAGE.context_encoder.norm.bias",
+}
+HF = {
+    "cls_token": "model.extra_tokens",
+    "patch_embed.weight": "model.local_encoder.proj.weight",
+    "patch_embed.bias": "model.local_encoder.proj.bias",
+    "pos_embed": "model.fixed_positional_encoder.positions",
+    "pre_norm.weight": "model.pre_norm.weight",
+    "pre_norm.bias": "model.pre_norm.bias",
+}
+
+
+# ---- builders of official-format files -----------------------------------------------------
+def random_encoder(cfg: EncoderConfig, seed: int = 0) -> Encoder:
+    """An encoder whose every weight (LayerNorms included) is random, in eval mode."""
+    torch.manual_seed(seed)
+    model = Encoder(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.2 if "norm" in name else 0.05))
+    return model.eval()
+
+
+def fairseq_names(state: dict) -> dict:
+    return {FAIRSEQ.get(k, k): v.clone() for k, v in state.items()}
+
+
+def model_cfg(cfg: EncoderConfig, **image) -> dict:
+    """cfg['model'] of an official data2vec_multi pretraining checkpoint (the fields used)."""
+    return {
+        "_name": "data2vec_multi", "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
+        "mlp_ratio": cfg.mlp_ratio, "norm_eps": cfg.norm_eps, "layer_norm_first": False, "norm_affine": True,
+        "ema_encoder_only": False,
+        "modalities": {"image": {
+            "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "num_extra_tokens": 1, "prenet_depth": 0,
+            "fixed_positions": True, "use_alibi_encoder": False, "ema_local_encoder": True,
+            "target_length": 1024, "max_length": cfg.max_length, **image,
+        }},
+    }
+
+
+def fairseq_pretrain(student: Encoder, teacher: Encoder | None = None, **image) -> dict:
+    """An official pretraining checkpoint: student + CNN decoder in ``model``, the EMA teacher as
+    the nested dict ``model['_ema']`` (no decoder), plus fairseq's bookkeeping entries."""
+    state = fairseq_names(student.state_dict())
+    d = student.cfg.embed_dim
+    state["modality_encoders.IMAGE.decoder.blocks.0.0.weight"] = torch.randn(d, d // 16, 3, 3)
+    state["modality_encoders.IMAGE.decoder.proj.weight"] = torch.randn(d, d)
+    if teacher is not None:
+        state["_ema"] = fairseq_names(teacher.state_dict())
+    return {
+        "args": None, "cfg": {"model": model_cfg(student.cfg, **image), "task": {"_name": "mae_image_pretraining"}},
+        "model": state, "criterion": None,
+        "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "FP16Optimizer",
+                               "lr_scheduler_state": {}, "num_updates": 0}],
+        "task_state": {}, "extra_state": {"previous_training_time": 1.5}, "last_optimizer_state": {},
+    }
+
+
+def fairseq_finetuned(model: Encoder, **model_fields) -> dict:
+    """An official fine-tuned checkpoint: ``model.``-prefixed encoder, fc_norm, head."""
+    state = {}
+    for k, v in model.state_dict().items():
+        state[k if k.split(".")[0] in ("fc_norm", "head") else "model." + FAIRSEQ.get(k, k)] = v.clone()
+    cfg = {"_name": "mae_image_classification", "num_classes": model.cfg.num_classes,
+           "pretrained_model_args": {"model": model_cfg(model.cfg)}, **model_fields}
+    return {"args": None, "cfg": {"model": cfg}, "model": state}
+
+
+def hf_folder(model: Encoder, folder: Path, **config) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {HF.get(k, "model." + k): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, folder / "model.safetensors")
+    cfg = model.cfg
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "eat", "model_variant": "finetune" if cfg.num_classes else "pretrain",
+        "embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads, "mlp_ratio": cfg.mlp_ratio,
+        "patch_size": 16, "stride": 16, "in_chans": 1, "mel_bins": 128, "max_length": cfg.max_length,
+        "num_classes": cfg.num_classes or 527, "qkv_bias": True, "layer_norm_first": False, "norm_eps": 1e-6,
+        "norm_affine": True, "fixed_positions": True, "img_size": [1024, 128], **config,
+    }))
+    return folder
+
+
+def outputs(model: Encoder, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).x
+
+
+def assert_same_encoder(loaded: Encoder, source: Encoder) -> None:
+    ours, theirs = loaded.state_dict(), source.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k].float()), k
+    x = torch.randn(2, 1, FRAMES, 128)
+    assert torch.allclose(outputs(loaded, x), outputs(source, x), atol=1e-6)
+
+
+# ---- model sizes and architecture inference ---------------------------------------------------
+SIZES = {
+    "dim192-6heads-depth2": EncoderConfig(embed_dim=192, depth=2, num_heads=6),  # heads != dim / 64
+    "dim384-mlp2.5-512frames": EncoderConfig(embed_dim=384, depth=1, num_heads=6, mlp_ratio=2.5, max_length=32),
+    "dim88-mlp120": EncoderConfig(embed_dim=88, depth=3, num_heads=2, mlp_ratio=120 / 88, max_length=5),
+}
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_official_pretraining_files_of_any_size(tmp_path, name):
+    """The architecture (width, depth, heads from cfg, MLP from fc1, position rows) comes from
+    the file, and the loaded student equals the one saved."""
+    cfg = SIZES[name]
+    student = random_encoder(cfg, seed=1)
+    torch.save(fairseq_pretrain(student, random_encoder(cfg, seed=2)), tmp_path / "ckpt.pt")
+    loaded = load_encoder(tmp_path / "ckpt.pt")
+    assert loaded.cfg == cfg
+    assert_same_encoder(loaded, student)
+
+
+def test_mlp_width_read_from_fc1_is_exact():
+    """int(88 * (120 / 88)) is 119: the MLP width must round, not truncate."""
+    assert EncoderConfig(embed_dim=88, num_heads=2, mlp_ratio=120 / 88).mlp_dim == 120
+    assert Encoder(EncoderConfig(embed_dim=88, depth=1, num_heads=2, mlp_ratio=120 / 88)).blocks[0].mlp.fc1.out_features == 120
+
+
+@pytest.mark.parametrize("fmt", ["fairseq", "hf"])
+def test_fine_tuned_heads_of_any_size(tmp_path, fmt):
+    cfg = EncoderConfig(embed_dim=96, depth=2, num_heads=4, num_classes=7)
+    source = random_encoder(cfg, seed=3)
+    if fmt == "fairseq":
+        torch.save(fairseq_finetuned(source), tmp_path / "ft.pt")
+        loaded = load_encoder(tmp_path / "ft.pt")
+        assert loaded.cfg == cfg
+    else:
+        loaded = load_encoder(hf_folder(source, tmp_path / "hf"))
+        assert loaded.cfg == cfg.replace(head_norm_eps=1e-5)  # HF fc_norm: nn.LayerNorm default eps
+    assert_same_encoder(loaded, source)
+
+
+def test_qkv_without_bias(tmp_path):
+    cfg = EncoderConfig(embed_dim=64, depth=2, num_heads=2, qkv_bias=False)
+    source = random_encoder(cfg)
+    assert source.blocks[0].attn.qkv.bias is None
+    torch.save(source.state_dict(), tmp_path / "state.pt")  # a bare state dict: no config at all
+    with pytest.warns(UserWarning, match="assuming 2"):
+        loaded = load_encoder(tmp_path / "state.pt")
+    assert loaded.cfg == cfg and read_checkpoint.__name__ and loaded.preprocessing["target_length"] == 1024
+    assert_same_encoder(loaded, source)
+
+
+def test_heads_are_guessed_loudly_when_the_file_does_not_record_them(tmp_path):
+    """Tiny (dim 64) has 2 heads; head dim 64 would give 1 and change every output."""
+    ckpt = load_golden("tiny_ckpt.pt")
+    ckpt["cfg"] = None
+    torch.save(ckpt, tmp_path / "nocfg.pt")
+    with pytest.warns(UserWarning, match="does not record num_heads.*assuming 2"):
+        model = load_encoder(tmp_path / "nocfg.pt")
+    x = load_golden("fbank.pt")["items"]["noise_2p7s_16k"]["model_input"]
+    expected = load_golden("tiny_out.pt")["items"]["noise_2p7s_16k"]["all"]
+    assert model.cfg.num_heads == 2
+    assert torch.allclose(outputs(model, x)[0], expected, atol=1e-4)
+
+
+def test_declared_architecture_must_agree_with_the_weights(tmp_path):
+    tiny = load_golden("tiny_ckpt.pt")
+    cases = {"depth": 3, "embed_dim": 96, "mlp_ratio": 2.0}
+    for key, value in cases.items():
+        ckpt = dict(tiny, cfg={"model": {**tiny["cfg"]["model"], key: value}})
+        torch.save(ckpt, tmp_path / f"{key}.pt")
+        with pytest.raises(CheckpointError, match=rf"{key}\.pt: the architecture does not match.*"):
+            load_encoder(tmp_path / f"{key}.pt")
+    ckpt = dict(tiny, cfg={"model": {**tiny["cfg"]["model"], "num_heads": 3}})
+    torch.save(ckpt, tmp_path / "heads.pt")
+    with pytest.raises(CheckpointError, match=r"heads\.pt: .*not divisible by num_heads=3"):
+        load_encoder(tmp_path / "heads.pt")
+    # Hugging Face: config.json says 12 blocks, the weights hold 2.
+    folder = hf_folder(random_encoder(VARIANTS["tiny"]), tmp_path / "hf", depth=12)
+    with pytest.raises(CheckpointError, match="depth: config 12, weights 2"):
+        load_encoder(folder)
+
+
+def test_absurd_config_of_an_sslam_folder_fails_before_building(tmp_path):
+    convert(TINY, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    state = {k: v for k, v in load_encoder(TINY).state_dict().items()}
+    for changes, pattern in [({"depth": 40}, "depth: config 40, weights 2"),
+                             ({"depth": -2}, "depth=-2 must be positive"),
+                             ({"num_heads": 3}, "not divisible"),
+                             ({"depth": "12"}, "depth='12' must be an integer"),
+                             ({"max_length": 10**9}, "pos_rows")]:
+        bad = {**meta, "encoder": {**meta["encoder"], **changes}}
+        save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(bad)})
+        with pytest.raises(CheckpointError, match=pattern):
+            load_encoder(tmp_path / "m")
+
+
+def test_position_rows_come_from_the_file(tmp_path):
+    """A fairseq file without its (fixed, recomputable) position table: max_length from its
+    config, not the ViT-B default; with a table, the table's rows."""
+    tiny = load_golden("tiny_ckpt.pt")
+    image = {**tiny["cfg"]["model"]["modalities"]["image"], "max_length": 32}
+    cfg = {"model": {**tiny["cfg"]["model"], "modalities": {"image": image}}}
+    model = {k: v for k, v in tiny["model"].items() if "fixed_positional_encoder" not in k}
+    torch.save(dict(tiny, cfg=cfg, model=model), tmp_path / "nopos.pt")
+    assert load_encoder(tmp_path / "nopos.pt").cfg.max_length == 32
+    model["modality_encoders.IMAGE.fixed_positional_encoder.positions"] = torch.zeros(1, 40 * 8, 64)
+    torch.save(dict(tiny, cfg=cfg, model=model), tmp_path / "pos40.pt")
+    assert load_encoder(tmp_path / "pos40.pt").cfg.max_length == 40
+
+
+@pytest.mark.filterwarnings("ignore:.*does not record num_heads")
+def test_block_numbering_gap_is_reported(tmp_path):
+    state = {k: v for k, v in random_encoder(VARIANTS["tiny"].replace(depth=3)).state_dict().items()
+             if not k.startswith("blocks.1.")}
+    torch.save(state, tmp_path / "gap.pt")
+    with pytest.raises(CheckpointError, match=r"missing block\(s\) \[1\]"):
+        read_checkpoint(tmp_path / "gap.pt")
+
+
+def test_encoder_config_rejects_bad_values():
+    good = dict(embed_dim=64, depth=1, num_heads=2)
+    for bad in ({"num_classes": -3}, {"drop_path_rate": 2.0}, {"norm_eps": -1.0}, {"mlp_ratio": 0.001},
+                {"depth": 2.5}, {"qkv_bias": "yes"}, {"embed_dim": 0}, {"max_length": 0},
+                {"mlp_ratio": float("nan")}):
+        with pytest.raises(ValueError):
+            EncoderConfig(**{**good, **bad})
+    with pytest.raises(ValueError, match="expected a dict"):
+        EncoderConfig.from_dict([64, 2, 2])
+    assert EncoderConfig(**good, mlp_ratio=4) == EncoderConfig(**good, mlp_ratio=4.0)
+
+
+# ---- teacher weights ------------------------------------------------------------------------
+def test_teacher_is_the_ema_copy_and_differs_from_the_student(tmp_path):
+    cfg = VARIANTS["tiny"]
+    student, teacher = random_encoder(cfg, seed=4), random_encoder(cfg, seed=5)
+    torch.save(fairseq_pretrain(student, teacher), tmp_path / "pt.pt")
+    assert_same_encoder(load_encoder(tmp_path / "pt.pt", weights="teacher"), teacher)
+    assert_same_encoder(load_encoder(tmp_path / "pt.pt"), student)
+    x = torch.randn(1, 1, FRAMES, 128)
+    assert not torch.allclose(outputs(student, x), outputs(teacher, x), atol=1e-3)
+    assert "teacher (the EMA copy; the file also holds the student)" in describe(tmp_path / "pt.pt", "teacher")
+
+
+def test_teacher_of_ema_encoder_only_checkpoints(tmp_path):
+    """data2vec's ``ema_encoder_only``: ``_ema`` is the block list (``0.norm1.weight``, ...); the
+    official teacher takes the patch embedding, CLS, positions and pre-LN from the student."""
+    cfg = VARIANTS["tiny"]
+    student, ema = random_encoder(cfg, seed=6), random_encoder(cfg, seed=7)
+    ckpt = fairseq_pretrain(student)
+    ckpt["model"]["_ema"] = {k[len("blocks."):]: v for k, v in ema.state_dict().items() if k.startswith("blocks.")}
+    ckpt["cfg"]["model"]["ema_encoder_only"] = True
+    torch.save(ckpt, tmp_path / "pt.pt")
+    teacher = load_encoder(tmp_path / "pt.pt", weights="teacher")
+    expected = {**student.state_dict(), **{k: v for k, v in ema.state_dict().items() if k.startswith("blocks.")}}
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in expected.items())
+
+
+def test_teacher_without_its_own_patch_embedding(tmp_path):
+    """``modalities.image.ema_local_encoder=False``: no local_encoder in ``_ema``; the official
+    teacher runs on the student's patch embedding."""
+    cfg = VARIANTS["tiny"]
+    student, ema = random_encoder(cfg, seed=8), random_encoder(cfg, seed=9)
+    ckpt = fairseq_pretrain(student, ema, ema_local_encoder=False)
+    for k in ("weight", "bias"):
+        del ckpt["model"]["_ema"][f"modality_encoders.IMAGE.local_encoder.proj.{k}"]
+    torch.save(ckpt, tmp_path / "pt.pt")
+    teacher = load_encoder(tmp_path / "pt.pt", weights="teacher")
+    assert torch.equal(teacher.patch_embed.weight, student.patch_embed.weight)
+    assert torch.equal(teacher.blocks[1].mlp.fc2.weight, ema.blocks[1].mlp.fc2.weight)
+    assert torch.equal(teacher.cls_token, ema.cls_token)
+
+
+def test_files_without_a_teacher_say_so(tmp_path):
+    cfg = VARIANTS["tiny"]
+    student = random_encoder(cfg)
+    ckpt = fairseq_pretrain(student)
+    ckpt["model"]["_ema"] = {}  # an EMA that was never filled
+    torch.save(ckpt, tmp_path / "empty_ema.pt")
+    torch.save(fairseq_finetuned(random_encoder(cfg.replace(num_classes=3))), tmp_path / "ft.pt")
+    convert(TINY, tmp_path / "ours")
+    cases = {"empty_ema.pt": "no \\(non-empty\\) '_ema' teacher", "ft.pt": "no EMA teacher",
+             "hf": "no EMA teacher", "ours": "weights='teacher' is not available"}
+    hf_folder(student, tmp_path / "hf")
+    for name, pattern in cases.items():
+        with pytest.raises(CheckpointError, match=pattern):
+            load_encoder(tmp_path / name, weights="teacher")
+    assert read_checkpoint(tmp_path / "empty_ema.pt").teacher is None
+
+
+# ---- hostile and damaged files --------------------------------------------------------------
+def _payloads(marker: Path) -> dict:
+    command = f"touch {marker}"
+
+    class System:
+        def __reduce__(self):
+            return (os.system, (command,))
+
+    class Eval:
+        def __reduce__(self):
+            return (eval, (f"__import__('os').system({command!r})",))
+
+    class Getattr:
+        def __reduce__(self):
+            return (getattr, (os, "system"))
+
+    class Popen:
+        def __reduce__(self):
+            import subprocess
+
+            return (subprocess.Popen, (["touch", str(marker)],))
+
+    return {"system": (System(), r"(posix|nt|os)\.system"), "eval": (Eval(), r"builtins\.eval"),
+            "getattr": (Getattr(), r"builtins\.getattr"), "popen": (Popen(), r"subprocess\.Popen|\.Popen")}
+
+
+class _PickleModuleByName(pickle.Pickler):
+    """Pickles the ``os`` module by reference so a getattr(os, 'system') payload can be built."""
+
+    def reducer_override(self, obj):
+        if obj is os:
+            return (__import__, ("os",))
+        return NotImplemented
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_hostile_pickles_are_refused_by_name_and_run_nothing(tmp_path, zip_format):
+    marker = tmp_path / "pwned"
+    for name, (payload, offender) in _payloads(marker).items():
+        ckpt = {"model": {"blocks.0.norm1.weight": torch.ones(3)}, "extra_state": {"deep": [{"x": payload}]}}
+        path = tmp_path / f"{name}.pt"
+        if name == "getattr":  # `os` itself cannot be pickled by torch.save: write the pickle by hand
+            buf = io.BytesIO()
+            _PickleModuleByName(buf, protocol=2).dump({"cfg": payload})
+            torch.save({"x": 1}, path, _use_new_zipfile_serialization=zip_format)
+            _replace_pickle(path, buf.getvalue(), zip_format)
+        else:
+            torch.save(ckpt, path, _use_new_zipfile_serialization=zip_format)
+        with pytest.raises(CheckpointError, match=rf"{name}\.pt: refusing to load: .*({offender})"):
+            load_encoder(path)
+        assert not marker.exists(), name
+
+
+def _replace_pickle(path: Path, data: bytes, zip_format: bool) -> None:
+    """Put ``data`` in place of the object pickle of a torch.save file."""
+    if zip_format:
+        with zipfile.ZipFile(path) as z:
+            entries = {n: z.read(n) for n in z.namelist()}
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+            for n, content in entries.items():
+                z.writestr(n, data if n.endswith("/data.pkl") else content)
+    else:  # legacy: magic, protocol, sys info, object, storage keys -- keep the first three
+        raw = path.read_bytes()
+        stream = io.BytesIO(raw)
+        for _ in range(3):
+            pickle.load(stream)
+        path.write_bytes(raw[: stream.tell()] + data + pickle.dumps([], protocol=2))
+
+
+def test_hostile_persistent_id_in_a_zip_checkpoint(tmp_path):
+    """The payload hides inside the persistent id a tensor storage is loaded through."""
+    marker = tmp_path / "pwned"
+    payload, offender = _payloads(marker)["system"]
+
+    class Storage:
+        pass
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", payload, "0", "cpu", 4) if isinstance(obj, Storage) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"model": {"blocks.0.norm1.weight": Storage()}})
+    path = tmp_path / "pid.pt"
+    torch.save({"model": {"blocks.0.norm1.weight": torch.ones(4)}}, path)
+    _replace_pickle(path, buf.getvalue(), zip_format=True)
+    with pytest.raises(CheckpointError, match=rf"pid\.pt: refusing to load: .*{offender}"):
+        safe_torch_load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02abc", b"hello world" * 10, b"PK\x03\x04" + b"\x00" * 60,
+                                     os.urandom(1000)], ids=["empty", "short-pickle", "text", "bad-zip", "random"])
+def test_damaged_files_raise_checkpoint_errors(tmp_path, content):
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="damaged.pt"):
+        load_encoder(path)
+    with pytest.raises(CheckpointError, match="damaged.pt"):
+        safe_torch_load(path)
+
+
+def test_truncated_legacy_file_and_folders(tmp_path):
+    path = tmp_path / "legacy.pt"
+    torch.save(load_golden("tiny_ckpt.pt"), path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="legacy.pt"):
+        load_encoder(path)
+    with pytest.raises(CheckpointError, match="is a folder"):
+        safe_torch_load(tmp_path)
+    with pytest.raises(CheckpointError, match="folder without model.safetensors"):
+        load_encoder(tmp_path)
+
+
+def test_legacy_format_fairseq_checkpoint_with_pickled_extras(tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) of an official file with an
+    argparse.Namespace and numpy values: inert stand-ins, as for zip files."""
+    ckpt = load_golden("tiny_ckpt.pt")
+    ckpt["args"] = argparse.Namespace(arch="data2vec_multi", lr=[5e-5])
+    ckpt["extra_state"] = {"np": np.float64(2.5), "array": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    torch.save(ckpt, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    raw = safe_torch_load(tmp_path / "legacy.pt")
+    assert type(raw["args"]).__name__ == "Namespace"
+    model = load_encoder(tmp_path / "legacy.pt")
+    assert_same_encoder(model, load_encoder(TINY))
+
+
+def test_pickled_omegaconf_config_is_read(tmp_path, monkeypatch):
+    """A cfg pickled as an omegaconf DictConfig (content in ``_content``, values in nodes'
+    ``_val``, children pointing back at their parent) still gives heads and clip length."""
+    dictconfig, nodes = types.ModuleType("omegaconf.dictconfig"), types.ModuleType("omegaconf.nodes")
+    for name, module in (("omegaconf", types.ModuleType("omegaconf")), ("omegaconf.dictconfig", dictconfig),
+                         ("omegaconf.nodes", nodes)):
+        monkeypatch.setitem(sys.modules, name, module)
+
+    class DictConfig:
+        def __init__(self, content, parent=None):
+            self._metadata, self._parent = {"key": None}, parent
+            self._content = {k: v if isinstance(v, DictConfig) else AnyNode(v, self) for k, v in content.items()}
+            for v in self._content.values():
+                v._parent = self
+
+    class AnyNode:
+        def __init__(self, value, parent):
+            self._val, self._parent, self._metadata = value, parent, {}
+
+    for cls, module in ((DictConfig, dictconfig), (AnyNode, nodes)):
+        cls.__module__, cls.__qualname__ = module.__name__, cls.__name__
+        setattr(module, cls.__name__, cls)
+    ckpt = load_golden("tiny_ckpt.pt")
+    image = DictConfig({"target_length": 512, "patch_size": 16})
+    model = DictConfig({"_name": "data2vec_multi", "embed_dim": 64, "depth": 2, "num_heads": 2,
+                        "modalities": DictConfig({"image": image})})
+    ckpt["cfg"] = DictConfig({"model": model})
+    torch.save(ckpt, tmp_path / "omega.pt")
+    monkeypatch.delitem(sys.modules, "omegaconf.dictconfig")  # loading must not import it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # heads come from the config: no guess
+        found = read_checkpoint(tmp_path / "omega.pt")
+    assert found.config == VARIANTS["tiny"]
+    assert found.preprocessing["target_length"] == 512
+
+
+def test_safetensors_dtypes_and_shapes(tmp_path):
+    source = random_encoder(VARIANTS["tiny"])
+    hf_folder(source, tmp_path / "hf")
+    state = {HF.get(k, "model." + k): v for k, v in source.state_dict().items()}
+    for dtype, atol in ((torch.float16, 5e-2), (torch.bfloat16, 2e-1)):
+        save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, tmp_path / "hf" / "model.safetensors")
+        loaded = load_encoder(tmp_path / "hf")
+        assert loaded.blocks[0].attn.qkv.weight.dtype == torch.float32  # cast on load
+        x = torch.randn(1, 1, FRAMES, 128)
+        assert torch.allclose(outputs(loaded, x), outputs(source, x), atol=atol)
+    bad = dict(state, **{"model.blocks.1.attn.proj.weight": torch.zeros(64, 32)})
+    save_file(bad, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"blocks.1.attn.proj.weight: file \(64, 32\) vs model \(64, 64\)"):
+        load_encoder(tmp_path / "hf")
+    bad = dict(state, **{"model.blocks.1.norm2.bias": torch.zeros(64, dtype=torch.int32)})
+    save_file(bad, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="blocks.1.norm2.bias is not a finite floating-point"):
+        load_encoder(tmp_path / "hf")
+    for value in (float("nan"), float("inf")):
+        bad = dict(state, **{"model.blocks.0.norm1.weight": torch.full((64,), value)})
+        save_file(bad, tmp_path / "hf" / "model.safetensors")
+        with pytest.raises(CheckpointError, match="blocks.0.norm1.weight is not a finite"):
+            load_encoder(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("config,pattern", [
+    ({"num_heads": 3}, "not divisible by num_heads=3"),
+    ({"depth": -1}, "depth=-1 must be positive"),
+    ({"num_heads": "two"}, "num_heads='two' must be an integer"),
+    ({"layer_norm_first": True}, "layer_norm_first"),
+    ({"fixed_positions": False}, "fixed_positions"),
+    ({"stride": 10}, "stride=10"),
+])
+def test_hugging_face_config_problems(tmp_path, config, pattern):
+    folder = hf_folder(random_encoder(VARIANTS["tiny"]), tmp_path / "hf", **config)
+    with pytest.raises(CheckpointError, match=pattern):
+        load_encoder(folder)
+
+
+def test_hugging_face_label_names(tmp_path):
+    source = random_encoder(VARIANTS["tiny"].replace(num_classes=3))
+    folder = hf_folder(source, tmp_path / "ok", id2label={"0": "Speech", "1": "Music", "2": "Dog"})
+    assert load_encoder(folder).label_names == ["Speech", "Music", "Dog"]
+    for labels in ({"0": "Speech", "2": "Dog", "5": "Cat"}, {"0": "Speech", "1": "Music"}):
+        folder = hf_folder(source, tmp_path / "bad", id2label=labels)
+        with pytest.warns(UserWarning, match="ignoring id2label"):
+            assert load_encoder(folder).label_names is None
+
+
+def test_fairseq_configs_the_encoder_does_not_compute_are_refused(tmp_path):
+    tiny = load_golden("tiny_ckpt.pt")
+    model = {k: v for k, v in tiny["model"].items() if "fixed_positional_encoder" not in k}
+    image = {**tiny["cfg"]["model"]["modalities"]["image"], "fixed_positions": False}
+    ckpt = dict(tiny, model=model, cfg={"model": {**tiny["cfg"]["model"], "modalities": {"image": image}}})
+    torch.save(ckpt, tmp_path / "nopos.pt")
+    with pytest.raises(CheckpointError, match="nopos.pt: unsupported encoder configuration: fixed_positions=False"):
+        load_encoder(tmp_path / "nopos.pt")
+
+
+def test_malformed_entries_are_named(tmp_path):
+    tiny = load_golden("tiny_ckpt.pt")
+    pos = "modality_encoders.IMAGE.fixed_positional_encoder.positions"
+    for name, value, pattern in [("wide_pos", torch.zeros(1, 6144, 32), r"pos_embed: file \(1, 6144, 32\)"),
+                                 ("flat_pos", torch.zeros(6144, 64), r"pos_embed: file \(6144, 64\)"),
+                                 ("list_value", [1.0, 2.0], r"non-tensor values.*blocks.0.norm1.weight")]:
+        key = pos if "pos" in name else "blocks.0.norm1.weight"
+        torch.save(dict(tiny, model={**tiny["model"], key: value}), tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=rf"(?s){name}\.pt: .*{pattern}"):
+            load_encoder(tmp_path / f"{name}.pt")
+    source = random_encoder(VARIANTS["tiny"].replace(num_classes=2))
+    torch.save(fairseq_finetuned(source), tmp_path / "ft.pt")
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\nzero,/m/a,Speech\n1,/m/b\n")
+    with pytest.raises(CheckpointError, match="labels.csv: malformed label CSV row"):
+        convert(tmp_path / "ft.pt", tmp_path / "out", labels=tmp_path / "labels.csv")
+
+
+def test_fine_tuned_recipe_preprocessing_and_unknown_keys(tmp_path):
+    """ESC-50 fine-tuning: 512-frame clips and ESC-50 statistics; unknown keys are errors."""
+    source = random_encoder(VARIANTS["tiny"].replace(num_classes=50))
+    torch.save(fairseq_finetuned(source, target_length=512, esc50_eval=True), tmp_path / "esc.pt")
+    assert load_encoder(tmp_path / "esc.pt").preprocessing == {"sample_rate": 16000, "target_length": 512, "norm": "esc50"}
+    ckpt = fairseq_finetuned(source)
+    ckpt["model"]["model.norm.weight"] = torch.ones(64)  # a final norm this encoder does not have
+    torch.save(ckpt, tmp_path / "extra.pt")
+    with pytest.raises(CheckpointError, match=r"unexpected keys.*model\.norm\.weight"):
+        load_encoder(tmp_path / "extra.pt")
+
+
+def test_own_finetune_checkpoint_and_pytorch_model_bin(tmp_path):
+    source = random_encoder(VARIANTS["tiny"].replace(num_classes=2))
+    torch.save({"format": "sslam-finetune", "encoder_config": source.cfg.to_dict(), "model": source.state_dict(),
+                "class_names": ["dog", "cat"], "step": 10}, tmp_path / "checkpoint_00000010.pt")
+    loaded = load_encoder(tmp_path / "checkpoint_00000010.pt")
+    assert loaded.label_names == ["dog", "cat"]
+    assert_same_encoder(loaded, source)
+    hf_folder(source, tmp_path / "bin")
+    tensors = {HF.get(k, "model." + k): v for k, v in source.state_dict().items()}
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(tensors, tmp_path / "bin" / "pytorch_model.bin")
+    assert_same_encoder(load_encoder(tmp_path / "bin"), source)
+
+
+# ---- convert / info ---------------------------------------------------------------------------
+def _sources(tmp_path) -> dict:
+    cfg = EncoderConfig(embed_dim=96, depth=2, num_heads=4, num_classes=3, max_length=32)
+    ft = random_encoder(cfg, seed=11)
+    torch.save(fairseq_finetuned(ft), tmp_path / "ft.pt")
+    hf = hf_folder(random_encoder(VARIANTS["tiny"].replace(num_classes=2), seed=12), tmp_path / "hf",
+                   id2label={"0": "Speech", "1": "Music"})
+    return {"fairseq-pretrain": (TINY, "student"), "fairseq-teacher": (TINY, "teacher"),
+            "fairseq-finetune": (tmp_path / "ft.pt", "student"), "hf": (hf, "student")}
+
+
+def test_convert_round_trip_every_format(tmp_path):
+    from sslam.cli import main
+
+    for name, (src, weights) in _sources(tmp_path).items():
+        out = tmp_path / "out" / name
+        assert main(["convert", str(src), str(out), "--weights", weights]) == 0
+        original, converted = load_encoder(src, weights=weights), load_encoder(out)
+        assert converted.cfg == original.cfg
+        assert converted.preprocessing == original.preprocessing
+        assert converted.label_names == original.label_names
+        assert_same_encoder(converted, original)
+        assert main(["info", str(out)]) == 0
+        assert main(["info", str(src), "--weights", weights]) == 0
+    assert load_encoder(tmp_path / "out" / "hf").label_names == ["Speech", "Music"]
+
+
+def test_convert_writes_nothing_when_it_fails(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def broken_save(state, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        convert(TINY, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("keep me")
+    with pytest.raises(OSError, match="disk full"):
+        convert(TINY, existing)
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no temporary leftovers
+
+
+def test_cli_reports_output_and_input_problems_in_one_line(tmp_path, capsys):
+    from sslam.cli import main
+
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    assert main(["convert", str(TINY), str(blocker / "out")]) == 2
+    assert "sslam: error:" in capsys.readouterr().err
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": _payloads(tmp_path / "pwned")["system"][0]}, evil)
+    assert main(["convert", str(evil), str(tmp_path / "o")]) == 2
+    assert "refusing to load" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "pwned").exists()
+    assert main(["info", str(evil)]) == 2
+
+
+def test_info_checks_keys_like_loading_does(tmp_path):
+    tiny = load_golden("tiny_ckpt.pt")
+    model = dict(tiny["model"])
+    del model["blocks.1.mlp.fc1.bias"]
+    torch.save(dict(tiny, model=model), tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): \['blocks.1.mlp.fc1.bias'\]"):
+        describe(tmp_path / "broken.pt")
+
+
+# ---- encoder forward on odd inputs ------------------------------------------------------------
+def test_keep_rows_must_match_clips_times_clones():
+    model = random_encoder(VARIANTS["tiny"])
+    spec = torch.randn(2, 1, FRAMES, 128)
+    with pytest.raises(ValueError, match="keep has 4 rows; expected B \\* clones = 2 \\* 3 = 6"):
+        model(spec, keep=torch.zeros(4, 5, dtype=torch.long), clones=3)  # used to drop clip 1 silently
+    with pytest.raises(ValueError, match="int64 patch indices"):
+        model(spec, keep=torch.zeros(6, 5), clones=3)
+
+
+def test_padding_mask_validation():
+    model = random_encoder(VARIANTS["tiny"])
+    spec = torch.randn(2, 1, FRAMES, 128)
+    with pytest.raises(ValueError, match="must be a bool tensor"):
+        model(spec, key_padding_mask=torch.zeros(2, 32))
+    with pytest.raises(ValueError, match=r"expected \(2, 5\)"):
+        model(spec, keep=torch.zeros(2, 5, dtype=torch.long), key_padding_mask=torch.zeros(2, 32, dtype=torch.bool))
+    with pytest.raises(ValueError, match="at least 16 frames"):
+        model(torch.randn(1, 1, 0, 128))
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        model(torch.randn(1, 1, 998, 128))  # documented: pad or crop to a multiple of 16 first
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_all_but_one_padded_token_and_batch_of_one(impl):
+    model = random_encoder(VARIANTS["tiny"]).set_attention(impl)
+    tokens = model.patchify_embed(torch.randn(1, 1, FRAMES, 128))
+    pad = torch.ones(1, 32, dtype=torch.bool)
+    pad[0, 7] = False
+    with torch.no_grad():
+        out = model.forward_tokens(tokens, key_padding_mask=pad).x
+        alone = model.forward_tokens(tokens[:, 7:8]).x
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[0, [0, 8]], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_width_sdpa_math_and_kept_tokens(name):
+    """Widths and heads of every variant (depth cut to 2 to stay fast): SDPA equals the explicit
+    softmax; 2-D per-row and 1-D shared keep equal running the kept tokens alone."""
+    model = random_encoder(VARIANTS[name].replace(depth=2, max_length=8))
+    spec = torch.randn(2, 1, FRAMES, 128)
+    with torch.no_grad():
+        a = model.set_attention("sdpa")(spec, layer_results=True, block_outputs=True)
+        b = model.set_attention("math")(spec, layer_results=True, block_outputs=True)
+        assert len(a.layer_results) == len(a.block_outputs) == model.cfg.depth
+        assert (a.x - b.x).abs().max() < 1e-5  # post-LN outputs: O(1)
+        for la, lb in zip(a.layer_results, b.layer_results):  # raw FFN outputs: relative to their size
+            assert (la - lb).abs().max() < 1e-5 * max(1.0, la.abs().max().item())
+        tokens = model.patchify_embed(spec)
+        keep = torch.stack([torch.randperm(32)[:5] for _ in range(4)])
+        per_row = model(spec, keep=keep, clones=2).x
+        shared = model(spec, keep=keep[0]).x
+        for r in range(4):
+            assert torch.allclose(per_row[r], model.forward_tokens(tokens[r // 2 : r // 2 + 1, keep[r]]).x[0], atol=1e-5)
+        assert torch.allclose(shared, model.forward_tokens(tokens[:, keep[0]]).x, atol=1e-5)
