@@ -120,6 +120,26 @@ _INTEGER_READS = {
 }
 
 
+# Frames decoded per read call; a clip shorter than this (23 s at 44.1 kHz) takes one read.
+_READ_BLOCK_FRAMES = 1 << 20
+
+
+def _read_all(sound: soundfile.SoundFile, dtype: str) -> np.ndarray:
+    """Every frame of an open file, ``(frames, channels)`` of ``dtype``, read in blocks until the
+    decoder stops. The frame count in the header only caps each block, because soundfile
+    allocates what it asks for before decoding: a damaged or hostile header (a FLAC STREAMINFO
+    may claim up to 2**36 samples) would otherwise cost gigabytes or a MemoryError."""
+    blocks = []
+    while True:
+        block = sound.read(_READ_BLOCK_FRAMES, dtype=dtype, always_2d=True)
+        if block.shape[0] == 0:
+            break
+        blocks.append(block)
+    if not blocks:
+        return np.empty((0, sound.channels), dtype=dtype)
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+
+
 def _decode(name: str) -> tuple[np.ndarray, int, bool]:
     """Decode a file with soundfile: float32 ``(frames, channels)`` array, its rate, and whether
     the samples may be non-finite (only float formats can hold NaN or Inf)."""
@@ -128,9 +148,9 @@ def _decode(name: str) -> tuple[np.ndarray, int, bool]:
             rate = sound.samplerate
             integer = _INTEGER_READS.get(sound.subtype)
             if integer is None:
-                return sound.read(dtype="float32", always_2d=True), rate, True
+                return _read_all(sound, "float32"), rate, True
             dtype, scale = integer
-            samples = sound.read(dtype=dtype, always_2d=True)
+            samples = _read_all(sound, dtype)
     except (soundfile.LibsndfileError, RuntimeError) as exc:
         raise _fail(name, f"cannot decode audio ({exc})") from exc
     except TypeError as exc:
@@ -213,7 +233,10 @@ def check_waveform(wave, rate: int, name: str = "<array>") -> Tensor:
                 f"samples must be floating point on the [-1, 1] scale, got numpy {wave.dtype} "
                 "(convert integer PCM first, e.g. int16 / 32768)",
             )
-        wave = torch.from_numpy(np.ascontiguousarray(wave))
+        # torch takes native-byte-order float16/32/64 only: big-endian arrays (e.g. from a '>f4'
+        # buffer) are swapped, and long double is narrowed to float64 (float32 follows anyway).
+        native = np.float64 if wave.dtype.itemsize > 8 else wave.dtype.newbyteorder("=")
+        wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=native))
     elif not isinstance(wave, Tensor):
         raise _fail(name, f"expected a torch.Tensor or numpy.ndarray, got {type(wave).__name__}")
     if not wave.is_floating_point():

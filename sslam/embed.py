@@ -83,8 +83,13 @@ def row_times(num_rows: int, patch: int = 16) -> torch.Tensor:
     return (centre_frame * FRAME_SECONDS + FRAME_LENGTH / SAMPLE_RATE / 2).float()
 
 
-def _as_clips(audio, sample_rate: int | None) -> tuple[list[torch.Tensor], int]:
-    """Normalise the accepted inputs into a list of 1-D float32 clips at one rate."""
+def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
+    """Normalise the accepted inputs into a list of 1-D float32 clips at 16 kHz.
+
+    Files are decoded and resampled from their own rate straight to 16 kHz (``sample_rate``
+    describes arrays only: applying it to files too would resample them twice). Arrays are at
+    ``sample_rate`` and are resampled one clip at a time, as the reference does.
+    """
     if isinstance(audio, (str, os.PathLike)):
         audio = [audio]
     if isinstance(audio, (torch.Tensor, np.ndarray)) and audio.ndim == 2:
@@ -93,17 +98,29 @@ def _as_clips(audio, sample_rate: int | None) -> tuple[list[torch.Tensor], int]:
         audio = [audio]
     if not isinstance(audio, Sequence) or len(audio) == 0:
         raise ValueError("audio: expected a clip, a (B, N) tensor, a list of clips or paths")
-    clips, rate = [], sample_rate
+    clips = []
     for i, item in enumerate(audio):
         if isinstance(item, (str, os.PathLike)):
-            wave, file_rate = load_audio(item, sample_rate=rate or SAMPLE_RATE)
-            rate = rate or SAMPLE_RATE
+            name = os.fspath(item)
+            wave, _ = load_audio(item, sample_rate=SAMPLE_RATE)
         else:
-            if rate is None:
+            if sample_rate is None:
                 raise ValueError("sample_rate is required for waveforms given as arrays")
-            wave = check_waveform(item, rate, name=f"audio[{i}]")
+            name = f"audio[{i}]"
+            wave = check_waveform(item, sample_rate, name=name)  # also checks the rate
+            wave = resample(wave, int(sample_rate), SAMPLE_RATE)
+        check_min_length(wave, name)
         clips.append(wave)
-    return clips, int(rate)
+    return clips
+
+
+def check_min_length(wave: torch.Tensor, name: str) -> None:
+    """Raise ``AudioError`` naming the input when a 16 kHz clip ``(N,)`` has no whole frame."""
+    if wave.shape[-1] < FRAME_LENGTH:
+        raise AudioError(
+            f"{name}: too short: {wave.shape[-1]} samples at 16 kHz, less than one 25 ms frame "
+            f"({FRAME_LENGTH} samples)"
+        )
 
 
 def _windows(num_frames: int, window: int, hop: int, crop: bool) -> list[int]:
@@ -184,7 +201,9 @@ def embed(
 
     Args:
         model: a :class:`sslam.model.Encoder` (its ``preprocessing`` gives target_length/norm).
-        audio: samples on the [-1, 1] scale at ``sample_rate``, or paths (read and resampled).
+        audio: samples on the [-1, 1] scale at ``sample_rate``, or paths (decoded and resampled
+            from the file's own rate; ``sample_rate`` does not apply to them). Every clip needs at
+            least one 25 ms frame (400 samples at 16 kHz), else ``AudioError`` names it.
         padding: 'official' (pad every window to target_length) or 'mask' (see module doc).
         crop: keep only the first ``target_length`` frames (the official behaviour).
         hop: frames between window starts for long clips (default target_length // 2).
@@ -201,7 +220,9 @@ def embed(
         raise ValueError(f"hop={hop}: must be a positive multiple of {patch} frames, at most {window}")
     param = next(model.parameters())
 
-    clips, rate = _as_clips(audio, sample_rate)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
+    clips, rate = _as_clips(audio, sample_rate), SAMPLE_RATE
     frames = num_frames(torch.tensor([math.ceil(c.numel() * SAMPLE_RATE / rate) for c in clips]))
     one_window = crop or bool((frames <= window).all())
     if padding == "official" and one_window and use_kernels(param):

@@ -9,7 +9,9 @@ present in the output. Bad files are reported by name with the reason.
 
 from __future__ import annotations
 
+import json
 import sys
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ import torch
 
 from .audio import AudioError, load_audio
 from .checkpoint import atomic_write
+from .embed import check_min_length
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf"}
 GRANULARITIES = ("utterance", "mean", "frames", "timestamps", "all")
@@ -141,8 +144,12 @@ class FileSink:
     RAGGED_BY_ROW = {"timestamps", "timestamp_mask", "times"}
     RAGGED_BY_TOKEN = {"frames", "frame_mask"}
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, settings: dict | None = None):
+        """``settings``: how this run embeds (granularity, padding, crop), stored in the file;
+        resuming a file written with other settings is refused rather than mixing rows that
+        hold different arrays or were computed differently."""
         self.path = path
+        self.settings = settings
         self.items: dict[str, dict[str, np.ndarray]] = {}
         self.label_names = None
         if path.exists():
@@ -153,8 +160,11 @@ class FileSink:
             with np.load(self.path, allow_pickle=False) as data:
                 stored = {name: data[name] for name in data.files}
             keys, rows = [str(k) for k in stored.pop("keys")], stored.pop("num_rows")
-        except (OSError, ValueError, KeyError) as exc:
+            settings = json.loads(str(stored.pop("settings"))) if "settings" in stored else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{self.path}: exists but is not an sslam embeddings file ({exc})") from exc
+        if self.settings is not None:
+            self._check_resume(settings, stored)
         label_names = stored.pop("label_names", None)
         self.label_names = None if label_names is None else [str(n) for n in label_names]
         freq = int(stored.pop("freq_patches", 1))
@@ -170,6 +180,19 @@ class FileSink:
                 else:
                     item[name] = value[i]
             self.items[key] = item
+
+    def _check_resume(self, stored_settings: dict | None, stored: dict) -> None:
+        """Raise ``ValueError`` when the file was written with other settings than this run's
+        (files without stored settings: compare the granularity their arrays show)."""
+        if stored_settings is None:
+            stored_settings = {"granularity": _granularity_of(stored)}
+        differ = {k: v for k, v in stored_settings.items() if self.settings.get(k, v) != v}
+        if differ:
+            mine = {k: self.settings[k] for k in differ}
+            raise ValueError(
+                f"{self.path}: was written with {differ}, this run uses {mine}; resume with the "
+                "same settings or choose another --out"
+            )
 
     def done(self, key: str) -> bool:
         return key in self.items
@@ -196,7 +219,15 @@ class FileSink:
             out["freq_patches"] = np.int64(len(first["frames"]) // max(1, int(first["num_rows"])))
         if self.label_names:
             out["label_names"] = np.asarray(self.label_names)
+        if self.settings is not None:
+            out["settings"] = np.asarray(json.dumps(self.settings, sort_keys=True))
         atomic_write(self.path, lambda tmp: _save_npz(tmp, out))
+
+
+def _granularity_of(stored: dict) -> str:
+    """The ``--granularity`` that wrote a file holding the arrays named in ``stored``."""
+    present = [g for g in GRANULARITIES[:-1] if g in stored]
+    return "all" if present == list(GRANULARITIES[:-1]) else "+".join(present)
 
 
 def _stack_padded(values: list[np.ndarray]) -> np.ndarray:
@@ -213,8 +244,12 @@ def _save_npz(path: str, arrays: dict) -> None:
 
 
 def _decode(item: Item) -> tuple[Item, torch.Tensor | None, str | None]:
+    """Decode one input at 16 kHz: ``(item, (N,) float32 waveform, None)`` or ``(item, None,
+    reason)``. Everything :meth:`Encoder.embed` would reject (too short included) is caught here,
+    per file, so that one bad file cannot abort the batch it would have joined."""
     try:
         wave, _ = load_audio(item.path, sample_rate=16000)
+        check_min_length(wave, str(item.path))
         return item, wave, None
     except AudioError as exc:
         return item, None, str(exc)
@@ -251,7 +286,8 @@ def run_extract(
     if not items:
         raise ValueError(f"no audio files found in {inputs}")
     out_path = Path(out)
-    sink = FileSink(out_path) if out_path.suffix == ".npz" else FolderSink(out_path)
+    settings = {"granularity": granularity, "padding": padding, "crop": bool(crop)}
+    sink = FileSink(out_path, settings) if out_path.suffix == ".npz" else FolderSink(out_path)
     report = Report()
     todo = []
     for item in items:

@@ -150,12 +150,52 @@ def _as_batch(
     return batch, lens.to(batch.device)
 
 
+def _integer_rate(sample_rate) -> int:
+    """``sample_rate`` as an int; integral floats (44100.0) are accepted, 44100.5 is an error
+    rather than silently truncated."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)):
+        raise ValueError(f"sample_rate must be a positive integer in Hz, got {sample_rate!r}")
+    if not (math.isfinite(sample_rate) and sample_rate == int(sample_rate) and sample_rate > 0):
+        raise ValueError(f"sample_rate must be a positive integer in Hz, got {sample_rate!r}")
+    return int(sample_rate)
+
+
+def _resample_each(
+    batch: torch.Tensor, lengths: torch.Tensor, sample_rate: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resample each clip's own samples to 16 kHz on its own, as the reference does, and re-pack.
+
+    (B, N) float32 + lengths (B,) -> (B, M) float32 right-padded with zeros + 16 kHz lengths (B,).
+    Resampling the padded batch at once gives the same values only up to float rounding (conv1d
+    rounds differently for other batch shapes), and log-mel bins with next to no energy -- all
+    bins above the original Nyquist frequency of a low-rate clip -- turn those 1e-7 differences
+    into 1e-3 in the log domain.
+    """
+    clips = [
+        resample(batch[i, :n], sample_rate, SAMPLE_RATE) if n else batch.new_zeros(0)
+        for i, n in enumerate(lengths.tolist())
+    ]
+    lens = torch.tensor([c.numel() for c in clips], dtype=torch.long)
+    out = batch.new_zeros(len(clips), max(1, int(lens.max())))
+    for i, clip in enumerate(clips):
+        out[i, : clip.numel()] = clip
+    return out, lens.to(batch.device)
+
+
 def remove_dc(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Subtract each clip's mean over its own samples; padding stays zero. (B, N) -> (B, N)."""
+    """Subtract each clip's mean over its own samples; padding stays zero. (B, N) -> (B, N).
+
+    On the CPU each mean is taken over the clip's own slice, as the reference's ``x.mean()``: a
+    masked sum over the padded row reduces in another order for long clips (1e-9 apart), so the
+    same clip would not give the same features in every batch. On CUDA, where the batched fbank
+    is not bit-identical anyway, one masked reduction avoids a host sync and a loop."""
     valid = torch.arange(waveforms.shape[1], device=waveforms.device) < lengths[:, None]
-    total = torch.where(valid, waveforms, 0).sum(dim=1, keepdim=True)
-    mean = total / lengths.clamp(min=1)[:, None].to(waveforms.dtype)
-    return torch.where(valid, waveforms - mean, 0)
+    if waveforms.is_cuda:
+        mean = torch.where(valid, waveforms, 0).sum(dim=1) / lengths.clamp(min=1).to(waveforms.dtype)
+    else:
+        mean = torch.stack([waveforms[i, :n].mean() if n else waveforms.new_zeros(())
+                            for i, n in enumerate(lengths.tolist())])
+    return torch.where(valid, waveforms - mean[:, None], 0)
 
 
 def fbank(
@@ -190,10 +230,13 @@ def fbank(
         out = log_mel_of_frames(windows)
     else:
         # On the CPU the intermediates of a whole batch (25 MB per 16 clips) fall out of cache;
-        # chunks of ~128 frames (200 kB) stay in it and run about twice as fast.
-        for b in range(batch):
-            for f0 in range(0, n_out, CPU_CHUNK_FRAMES):
-                out[b, f0 : f0 + CPU_CHUNK_FRAMES] = log_mel_of_frames(windows[b, f0 : f0 + CPU_CHUNK_FRAMES])
+        # chunks of ~128 frames (200 kB) stay in it and run about twice as fast. Each clip is
+        # chunked over its own frames only, so a clip gets the same chunk shapes (hence the same
+        # float rounding) in any batch as alone, and no time goes to frames that are dropped.
+        for b, clip_frames in enumerate(frames.tolist()):
+            for f0 in range(0, clip_frames, CPU_CHUNK_FRAMES):
+                f1 = min(clip_frames, f0 + CPU_CHUNK_FRAMES)
+                out[b, f0:f1] = log_mel_of_frames(windows[b, f0:f1])
     valid = torch.arange(n_out, device=out.device) < frames[:, None]
     return torch.where(valid[..., None], out, 0), frames
 
@@ -251,12 +294,12 @@ def preprocess(
         (B, 1, target_length, 128) float32 on the input's device, and with ``return_frames``
         also (B,) int64 real frame counts (capped at target_length).
     """
+    if isinstance(target_length, bool) or not isinstance(target_length, (int, np.integer)) or target_length < 1:
+        raise ValueError(f"target_length must be a positive number of frames, got {target_length!r}")
+    sample_rate = _integer_rate(sample_rate)
     batch, lens = _as_batch(waveforms, lengths)
     if sample_rate != SAMPLE_RATE:
-        resampled = resample(batch, int(sample_rate), SAMPLE_RATE)
-        # Zero padding resamples to zeros, so each clip's own samples are the first ceil(...) ones.
-        lens = torch.ceil(lens.double() * SAMPLE_RATE / sample_rate).long()
-        batch = resampled
+        batch, lens = _resample_each(batch, lens, sample_rate)
     short = (lens < FRAME_LENGTH).nonzero().flatten().tolist()
     if short:
         raise AudioError(

@@ -19,7 +19,8 @@ How it is applied. Two paths compute the same sums:
 
 * ``exact=True`` (default): the dense filter bank, ``orig + 2 * width`` taps per phase, built with
   the reference's float arithmetic and applied as one strided ``conv1d``, exactly as the reference
-  does -- its outputs are bit-identical on the CPU. Bit identity matters more than one would
+  does -- its outputs are bit-identical on the CPU. Banks over 1 GiB (coprime rates such as
+  383999 -> 16000 Hz, where the reference needs 25 GB) take the fast path instead. Bit identity matters more than one would
   think: log-mel bins whose energy sits at Kaldi's float-epsilon floor (quiet low frequencies) turn
   1e-7 waveform differences into 1e-3 log-domain differences.
 * ``exact=False``: only about ``2 * width`` of those taps are non-zero (for 44.1 kHz -> 16 kHz:
@@ -58,6 +59,15 @@ ROLLOFF = 0.99
 _PHASES_PER_GROUP = 16
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+# The exact path's dense bank has new * (orig + 2 * width) taps: tiny for common rate pairs
+# (44.1 kHz -> 16 kHz: 76 k) but huge for coprime ones (383999 -> 16000 Hz: 6.1 G taps, 25 GB;
+# the reference itself runs out of memory there). Banks up to _DENSE_CACHE_ELEMENTS taps are
+# cached, of larger ones only the last; banks over _DENSE_MAX_BYTES (also several seconds just
+# to build) are not built at all: those rate pairs take the sparse path, within ~1e-6 of the
+# reference, even with exact=True.
+_DENSE_CACHE_ELEMENTS = 1 << 24
+_DENSE_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -148,7 +158,10 @@ def _block_layout(offsets: Tensor, weights: Tensor, orig: int, new: int, frames:
     ``[window_start + g * group_shift, window_start + g * group_shift + window)``.
     """
     outputs = frames * new
-    per_group = min(_PHASES_PER_GROUP, outputs)
+    # A group must span at least one input sample (per_group * orig / new >= 1): otherwise
+    # group_shift rounds to 0, the window grows with the block and the caller's doubling loop
+    # never ends (upsampling by 32x or more, e.g. 1 kHz -> 384 kHz).
+    per_group = min(max(_PHASES_PER_GROUP, -(-new // orig)), outputs)
     groups = -(-outputs // per_group)
     # Groups advance by the input time their phases span, rounded; the exact per-group extents
     # below absorb the rounding drift.
@@ -206,27 +219,53 @@ def _plan(orig: int, new: int, dtype: torch.dtype, device: torch.device) -> _Res
     )
 
 
-@lru_cache(maxsize=16)
-def _dense_bank(orig: int, new: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, int]:
-    """The reference's dense filter bank ``(new, 1, orig + 2 * width)`` and ``width``, built with
-    the same arithmetic in the waveform's dtype, so that one strided conv1d reproduces its
-    outputs bit for bit (its tiny off-window taps included)."""
+def _dense_width(orig: int, new: int) -> int:
+    """Taps on each side of the reference's dense filter bank (coprime rates)."""
+    return math.ceil(LOWPASS_FILTER_WIDTH * orig / (min(orig, new) * ROLLOFF))
+
+
+def _dense_elements(orig: int, new: int) -> int:
+    """Size of the reference's dense filter bank ``new * (orig + 2 * width)`` (coprime rates)."""
+    return new * (orig + 2 * _dense_width(orig, new))
+
+
+def _build_dense_bank(orig: int, new: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The reference's dense filter bank ``(new, 1, orig + 2 * width)``, built with the same
+    arithmetic in the waveform's dtype, so that one strided conv1d reproduces its outputs bit
+    for bit (its tiny off-window taps included)."""
     base = min(orig, new) * ROLLOFF
-    width = math.ceil(LOWPASS_FILTER_WIDTH * orig / base)
+    width = _dense_width(orig, new)
     taps = torch.arange(-width, width + orig, dtype=dtype, device=device)[None, None] / orig
     t = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None, None] / new + taps
     t = (t * base).clamp(-LOWPASS_FILTER_WIDTH, LOWPASS_FILTER_WIDTH)
     window = torch.cos(t * math.pi / LOWPASS_FILTER_WIDTH / 2) ** 2
     t = t * math.pi
     sinc = torch.where(t == 0, torch.ones((), dtype=dtype, device=device), t.sin() / t)
-    return sinc * (window * (base / orig)), width
+    return sinc * (window * (base / orig))
+
+
+_cached_dense_bank = lru_cache(maxsize=16)(_build_dense_bank)
+# Large banks (up to _DENSE_MAX_BYTES): only the last one is kept, so a folder of files at one
+# odd rate builds it once (7999 Hz: 4 s) without pinning one such bank per rate ever seen.
+_cached_large_dense_bank = lru_cache(maxsize=1)(_build_dense_bank)
 
 
 def _apply_dense(rows: Tensor, orig: int, new: int, out_length: int) -> Tensor:
-    """Resample ``rows`` (B, N) with the dense bank as one strided conv1d (the exact path)."""
-    bank, width = _dense_bank(orig, new, rows.dtype, rows.device)
+    """Resample ``rows`` (B, N) with the dense bank as one strided conv1d (the exact path).
+
+    Banks of up to ``_DENSE_CACHE_ELEMENTS`` taps are cached (at most 16 x 64 MiB in float32);
+    of the larger ones (coprime rates such as 7999 -> 16000 Hz: 122 M taps) only the last is
+    kept. (Applying a large bank a slice of phases at a time would bound memory further, but
+    conv1d then rounds a few outputs differently from the reference.)
+    """
+    if _dense_elements(orig, new) <= _DENSE_CACHE_ELEMENTS:
+        bank = _cached_dense_bank(orig, new, rows.dtype, rows.device)
+    else:
+        bank = _cached_large_dense_bank(orig, new, rows.dtype, rows.device)
+    width = _dense_width(orig, new)
     padded = F.pad(rows, (width, width + orig))
     out = F.conv1d(padded[:, None], bank, stride=orig)  # (B, new, frames)
+    # output m = frame * new + phase
     return out.transpose(1, 2).reshape(rows.shape[0], -1)[:, :out_length]
 
 
@@ -266,7 +305,10 @@ def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = T
 
     Equals ``torchaudio.functional.resample(waveform, orig_freq, new_freq)`` with its default
     arguments: bit for bit on the CPU with ``exact=True``; to ~1e-6 in float32 with
-    ``exact=False`` (the grouped-matmul path, 3-4x faster; see the module docstring). On CUDA the
+    ``exact=False`` (the grouped-matmul path, 3-4x faster; see the module docstring). Rate pairs
+    whose reduced rates make the reference's dense filter bank larger than 1 GiB (coprime pairs
+    like 383999 -> 16000 Hz, where the reference needs 25 GB) take the fast path even with
+    ``exact=True``. On CUDA the
     matmul/convolution follows torch's float32 precision settings (TF32 costs ~5e-4).
 
     Args:
@@ -305,7 +347,7 @@ def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = T
     rows = waveform.reshape(-1, length)
     if rows.shape[0] == 0:
         return waveform.new_empty(*waveform.shape[:-1], out_length)
-    if exact:
+    if exact and _dense_elements(orig, new) * waveform.element_size() <= _DENSE_MAX_BYTES:
         out = _apply_dense(rows, orig, new, out_length)
     else:
         out = _apply_plan(rows, _plan(orig, new, waveform.dtype, waveform.device), out_length)
