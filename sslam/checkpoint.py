@@ -388,9 +388,11 @@ def _fairseq_model_cfg(ckpt: dict) -> dict:
     return args if isinstance(args, dict) else {}
 
 
-def _unsupported(model_cfg: dict, source) -> None:
-    """Refuse official configs this encoder does not compute (instead of loading them wrongly)."""
-    image = _section(model_cfg, "modalities", "image")
+def _unsupported(model_cfg: dict, source, image: dict | None = None) -> None:
+    """Refuse configs this encoder does not compute (instead of loading them wrongly): a fairseq
+    model config (image settings under ``modalities.image``) or a Hugging Face config.json
+    (``image=cfg``: one flat dict)."""
+    image = _section(model_cfg, "modalities", "image") if image is None else image
     problems = []
     if model_cfg.get("layer_norm_first") is True:
         problems.append("layer_norm_first=True (pre-LN blocks with a final norm)")
@@ -544,16 +546,8 @@ def _load_safetensors(path: Path) -> tuple[dict, dict]:
 
 def _hf_fields(cfg: dict, has_head: bool, source) -> dict:
     """Architecture fields an EAT ``config.json`` declares; refuses configs the encoder does
-    not compute (pre-LN, no positions, overlapping patches)."""
-    problems = []
-    if cfg.get("layer_norm_first") is True:
-        problems.append("layer_norm_first=true")
-    if cfg.get("norm_affine") is False:
-        problems.append("norm_affine=false")
-    if cfg.get("fixed_positions") is False:
-        problems.append("fixed_positions=false (no position table)")
-    if problems:
-        raise CheckpointError(f"{source}: unsupported encoder configuration: {'; '.join(problems)}")
+    not compute (pre-LN, no positions, ...)."""
+    _unsupported(cfg, source, image=cfg)
     fields = {k: cfg.get(k) for k in ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "patch_size",
                                       "mel_bins", "max_length", "norm_eps")}
     # config.json carries num_classes (527) for the pretraining variant too; only a head counts.

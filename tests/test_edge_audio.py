@@ -16,6 +16,7 @@ import pytest
 import soundfile
 import torch
 from conftest import GOLDEN
+from test_features import official
 
 from sslam.audio import AudioError, check_waveform, load_audio
 from sslam.cli import main
@@ -25,20 +26,6 @@ from sslam.resample import resample
 
 torchaudio = pytest.importorskip("torchaudio")
 CKPT = str(GOLDEN / "tiny_ckpt.pt")
-AUDIOSET = (-4.268, 4.569)
-
-
-def official_input(wave: torch.Tensor, rate: int, target_length: int = 1024, norm=AUDIOSET) -> torch.Tensor:
-    """SPEC 1.1 for one float32 clip with torchaudio: (N,) -> (target_length, 128)."""
-    if rate != 16000:
-        wave = torchaudio.functional.resample(wave, rate, 16000)
-    wave = wave - wave.mean()
-    fb = torchaudio.compliance.kaldi.fbank(
-        wave[None], htk_compat=True, sample_frequency=16000, use_energy=False,
-        window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10,
-    )
-    fb = torch.nn.functional.pad(fb, (0, 0, 0, max(0, target_length - fb.shape[0])))[:target_length]
-    return (fb - norm[0]) / (2 * norm[1])
 
 
 def noise(n: int, seed: int = 0, amplitude: float = 0.3) -> torch.Tensor:
@@ -263,7 +250,7 @@ def test_lengths_alone_and_batched_match_torchaudio():
     assert batched.shape == (len(LENGTHS), 1, 1024, 128)
     assert frames.tolist() == [1, 1, 2, 1024, 1024, 1024]
     for i, clip in enumerate(clips):
-        expected = official_input(clip, 16000)
+        expected = official(clip, 16000)[0, 0]
         assert (preprocess(clip)[0, 0] - expected).abs().max() < 1e-4
         assert (batched[i, 0] - expected).abs().max() < 1e-4
 
@@ -276,7 +263,7 @@ def test_custom_target_length_and_norm(target_length, norm):
         clip = noise(n, seed=target_length)
         x = preprocess(clip, target_length=target_length, norm=norm)
         assert x.shape == (1, 1, target_length, 128)
-        assert (x[0, 0] - official_input(clip, 16000, target_length, mean_std)).abs().max() < 1e-4
+        assert (x[0, 0] - official(clip, 16000, target_length, mean_std)[0, 0]).abs().max() < 1e-4
 
 
 def test_less_than_one_frame_is_an_audio_error():
@@ -299,7 +286,7 @@ def test_regression_batched_clips_equal_each_alone_exactly(rate):
     for i, clip in enumerate(clips):
         alone = preprocess(clip, rate, target_length=128)
         assert torch.equal(batched[i], alone[0])
-        assert (alone[0, 0] - official_input(clip, rate, 128)).abs().max() < 1e-4
+        assert (alone[0, 0] - official(clip, rate, 128)[0, 0]).abs().max() < 1e-4
 
 
 def test_regression_bad_target_length_and_rate_arguments():
@@ -330,9 +317,9 @@ def test_regression_files_are_resampled_once_whatever_sample_rate_says(tiny, tmp
     plain = tiny.embed(paths)
     for i, path in enumerate(paths):
         wave, rate = soundfile.read(path, dtype="float32")
-        official = tiny(preprocess(torch.from_numpy(wave), rate)).x[0]
-        assert (plain.utterance[i] - official[0]).abs().max() < 1e-5
-        assert (plain.frames[i] - official[1:]).abs().max() < 1e-5
+        expected = tiny(preprocess(torch.from_numpy(wave), rate)).x[0]
+        assert (plain.utterance[i] - expected[0]).abs().max() < 1e-5
+        assert (plain.frames[i] - expected[1:]).abs().max() < 1e-5
     with_rate = tiny.embed(paths, 44100)
     assert (with_rate.utterance - plain.utterance).abs().max() <= 1e-6
 
@@ -358,20 +345,20 @@ def test_regression_short_clip_error_names_the_input(tiny, tmp_path):
 def test_inputs_shapes_masks_windows(tiny):
     lengths = [400, 5000, 16000 * 3, 16000 * 17 + 123]  # the last spans 3 windows
     clips = [noise(n, seed=n) for n in lengths]
-    official = tiny.embed(clips, 16000)
+    padded = tiny.embed(clips, 16000)
     frames = [1 + (n - 400) // 160 for n in lengths]
     rows = [math.ceil(f / 16) for f in frames]
-    assert official.num_rows.tolist() == [64, 64, 64, rows[3]]
-    assert official.timestamp_mask.sum(1).tolist() == rows
-    assert official.frame_mask.sum(1).tolist() == [8 * r for r in rows]
-    assert official.frames.shape == (4, 8 * rows[3], 64) and official.timestamps.shape == (4, rows[3], 64)
-    times = official.times
+    assert padded.num_rows.tolist() == [64, 64, 64, rows[3]]
+    assert padded.timestamp_mask.sum(1).tolist() == rows
+    assert padded.frame_mask.sum(1).tolist() == [8 * r for r in rows]
+    assert padded.frames.shape == (4, 8 * rows[3], 64) and padded.timestamps.shape == (4, rows[3], 64)
+    times = padded.times
     assert times.shape == (rows[3],) and bool((times.diff() > 0).all())
     torch.testing.assert_close(times[:2], torch.tensor([0.0875, 0.2475]))  # seconds
     for i in range(3):  # one window: exactly the official output
         x = tiny(preprocess(clips[i])).x[0]
-        assert (official.utterance[i] - x[0]).abs().max() < 1e-5
-        assert (official.frames[i, :512] - x[1:]).abs().max() < 1e-5
+        assert (padded.utterance[i] - x[0]).abs().max() < 1e-5
+        assert (padded.frames[i, :512] - x[1:]).abs().max() < 1e-5
     cropped = tiny.embed(clips[3], 16000, crop=True)
     x = tiny(preprocess(clips[3])).x[0]
     assert cropped.num_rows.tolist() == [64] and (cropped.utterance[0] - x[0]).abs().max() < 1e-5
