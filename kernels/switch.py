@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -18,13 +17,21 @@ import torch
 _VALUES = ("", "auto", "0", "1")
 
 
-@functools.cache
+_triton_importable: bool | None = None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # Remembered in a plain global rather than functools.cache: torch.compile traces this
+    # function (through use_kernels) and warns about cache wrappers.
+    global _triton_importable
+    if _triton_importable is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton_importable = True
+        except ImportError:
+            _triton_importable = False
+    return _triton_importable
 
 
 def interpreting() -> bool:
