@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     cpu_timing,
     cuda_timing,
     environment,
+    kernel_device,
     peak_memory_mb,
 )
 from sslam.kernels.attention import attention, attention_ref  # noqa: E402
@@ -273,11 +274,9 @@ def main(argv=None) -> None:
                         help="tiny sizes; on a CPU-only machine runs under the Triton interpreter")
     args = parser.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = kernel_device(parser, args.quick)
     dtype = DTYPES[args.dtype]
     if device == "cpu":
-        if not args.quick:
-            parser.error("no CUDA device: only --quick runs on CPU (under the Triton interpreter)")
         # The interpreter computes bf16 dot products wrongly; fp32 checks the script end to end.
         dtype = torch.float32
     cases = QUICK_CASES if args.quick else CASES

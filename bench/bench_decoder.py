@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, cpu_timing, cuda_timing, environment, peak_memory_mb  # noqa: E402
+from common import append_rows, environment, kernel_device, measure  # noqa: E402
 
 from sslam.pretrain import CNNDecoder, DecoderConfig  # noqa: E402
 
@@ -60,15 +60,6 @@ def passes(decoder, tokens, grid, device):
     return {"fwd": fwd, "bwd": bwd, "full": full}, prepare
 
 
-def measure(fn, device: str, quick: bool):
-    if device == "cuda":
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        return cuda_timing(fn), peak_memory_mb(fn, device)
-    return cpu_timing(fn, repeats=1 if quick else 3, warmup=1), 0.0
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=192, help="decoder inputs (clips x clones)")
@@ -76,9 +67,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes; on a CPU-only machine runs under the Triton interpreter")
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.quick:
-        parser.error("no CUDA device: only --quick runs on CPU (under the Triton interpreter)")
+    device = kernel_device(parser, args.quick)
     if args.quick:
         rows, grid, embed_dim, cfg = 2, (8, 4), 32, DecoderConfig(dim=32, groups=4, layers=2)
     else:
@@ -100,7 +89,7 @@ def main(argv=None) -> None:
         for name, fn in fns.items():
             if name == "bwd":
                 prepare()
-            (med, p20, p80), peak = measure(fn, device, args.quick)
+            (med, p20, p80), peak = measure(fn, device)
             work = flops * {"fwd": 1, "bwd": 2, "full": 3}[name]
             medians[(variant, name)] = med
             rows_out.append(dict(case=f"decoder,{rows}x{grid[0] * grid[1]}x{embed_dim}", variant=variant,

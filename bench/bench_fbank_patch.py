@@ -40,7 +40,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("SSLAM_KERNELS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, cpu_timing, cuda_timing, environment, peak_memory_mb  # noqa: E402
+from common import append_rows, cpu_timing, environment, kernel_device, measure  # noqa: E402
 from sslam.kernels.fbank_patch import fbank_patch  # noqa: E402
 
 from sslam.features import (  # noqa: E402
@@ -81,12 +81,6 @@ def torchaudio_clip(clip: torch.Tensor, target_length: int) -> torch.Tensor:
     return patchify(((feats - mean) / (2 * std)).unsqueeze(1))[0]
 
 
-def measure(fn, device: str, quick: bool) -> tuple[tuple[float, float, float], float]:
-    if device == "cuda":
-        return cuda_timing(fn), peak_memory_mb(fn, device)
-    return cpu_timing(fn, repeats=1 if quick else 5, warmup=1), 0.0
-
-
 def bench(batch: int, samples: int, target_length: int, device: str, quick: bool) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     waves_cpu = 0.2 * torch.randn(batch, samples, generator=gen)
@@ -116,7 +110,7 @@ def bench(batch: int, samples: int, target_length: int, device: str, quick: bool
     }
     rows = []
     for name, (fn, nbytes) in variants.items():
-        (med, p20, p80), peak = measure(fn, device, quick)
+        (med, p20, p80), peak = measure(fn, device)
         rows.append(dict(variant=name, median_ms=med, p20_ms=p20, p80_ms=p80,
                          throughput=nbytes / med / 1e6, unit="GB/s", peak_mem_mb=peak,
                          us_per_clip=med * 1e3 / batch, tflops=flop / med / 1e9))
@@ -166,9 +160,7 @@ def main(argv=None) -> None:
                         help="tiny sizes; on a CPU-only machine runs under the Triton interpreter")
     args = parser.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.quick:
-        parser.error("no CUDA device: only --quick runs on CPU (under the Triton interpreter)")
+    device = kernel_device(parser, args.quick)
     if args.quick:
         batch, samples, target_length = 2, 63 * FRAME_SHIFT + FRAME_LENGTH, 64
     else:

@@ -32,26 +32,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("SSLAM_KERNELS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, cpu_timing, cuda_timing, environment, peak_memory_mb  # noqa: E402
+from common import append_rows, environment, kernel_device, measure  # noqa: E402
 from sslam.kernels import mixture as mx  # noqa: E402
 
 from sslam.mixing import MixWindows, partner_keep_indices, sample_windows  # noqa: E402
-
-
-def measure(fn, device: str, quick: bool):
-    if device == "cuda":
-        for _ in range(3):  # compile, allocate and raise the clocks before timing
-            fn()
-        torch.cuda.synchronize()
-        return cuda_timing(fn), peak_memory_mb(fn, device)
-    return cpu_timing(fn, repeats=1 if quick else 5, warmup=1), 0.0
 
 
 def copy_bandwidth(device: str, nbytes: int) -> float:
     """GB/s of ``dst.copy_(src)`` (bytes read + written), the practical bandwidth ceiling."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    (med, _, _), _ = measure(lambda: dst.copy_(src), device, quick=True)
+    (med, _, _), _ = measure(lambda: dst.copy_(src), device)
     return 2 * nbytes / med / 1e6
 
 
@@ -111,9 +102,7 @@ def main(argv=None) -> None:
                         help="tiny sizes; on a CPU-only machine runs under the Triton interpreter")
     args = parser.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.quick:
-        parser.error("no CUDA device: only --quick runs on CPU (under the Triton interpreter)")
+    device = kernel_device(parser, args.quick)
     if args.quick:
         batches, frames, tokens, dim = [3], 64, 32, 48
         windows = MixWindows(starts=(0, 32), width=16)
@@ -134,7 +123,7 @@ def main(argv=None) -> None:
         for name, variants, nbytes in cases(batch, frames, tokens, dim, windows, device):
             case = f"{name},B={batch}"
             for variant, fn in variants.items():
-                (med, p20, p80), peak = measure(fn, device, args.quick)
+                (med, p20, p80), peak = measure(fn, device)
                 gbs = nbytes / med / 1e6
                 rows.append(dict(case=case, variant=variant, median_ms=med, p20_ms=p20,
                                  p80_ms=p80, throughput=gbs, unit="GB/s", peak_mem_mb=peak,

@@ -119,3 +119,25 @@ def peak_memory_mb(fn, device: str | torch.device = "cuda") -> float:
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def kernel_device(parser, quick: bool) -> str:
+    """'cuda' when there is a GPU, else 'cpu' for a ``--quick`` run (kernels through the Triton
+    interpreter); a full kernel benchmark without a GPU is an argument error."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if not quick:
+        parser.error("no CUDA device: only --quick runs on CPU (under the Triton interpreter)")
+    return "cpu"
+
+
+def measure(fn, device: str) -> tuple[tuple[float, float, float], float]:
+    """((median, p20, p80) ms, peak MiB) of ``fn()``. On a GPU: three untimed calls first
+    (compilation, allocation, clocks), then CUDA-event timing and the peak memory of one call.
+    On the CPU (``--quick``, interpreted kernels): one warm-up and one timed call, peak 0."""
+    if torch.device(device).type == "cuda":
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        return cuda_timing(fn), peak_memory_mb(fn, device)
+    return cpu_timing(fn, repeats=1, warmup=1), 0.0

@@ -42,16 +42,23 @@ _MAX_CHANNELS = 8192  # one row per register tile
 
 
 @triton.jit
+def _row_tile(rows, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's BLOCK_R rows of a contiguous (rows, channels) tensor: the row indices,
+    which of them exist, the element mask and the element offsets."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < rows
+    c = tl.arange(0, BLOCK_C)
+    mask = row_ok[:, None] & (c < channels)[None, :]
+    return r, row_ok, mask, r[:, None].to(tl.int64) * channels + c[None, :]
+
+
+@triton.jit
 def _norm_act_fwd_kernel(
     Y, RES, OUT, MEAN, RSTD, rows, channels, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """BLOCK_R rows: out = gelu((y - mean) * rstd) (+ res); saves mean and rstd per row."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    row_ok = r < rows
-    mask = row_ok[:, None] & (c < channels)[None, :]
-    offs = r[:, None].to(tl.int64) * channels + c[None, :]
+    r, row_ok, mask, offs = _row_tile(rows, channels, BLOCK_R, BLOCK_C)
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(y, axis=1) / channels
     centred = tl.where(mask, y - mean[:, None], 0.0)
@@ -71,11 +78,7 @@ def _norm_act_bwd_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """BLOCK_R rows: dy = rstd * (g - mean(g) - z * mean(g * z)), g = dout * gelu'(z)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.arange(0, BLOCK_C)
-    row_ok = r < rows
-    mask = row_ok[:, None] & (c < channels)[None, :]
-    offs = r[:, None].to(tl.int64) * channels + c[None, :]
+    r, row_ok, mask, offs = _row_tile(rows, channels, BLOCK_R, BLOCK_C)
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
     dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(MEAN + r, mask=row_ok, other=0.0)

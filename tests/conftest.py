@@ -57,7 +57,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def interpret_kernels(monkeypatch, module, names):
     """Run ``module``'s kernels in the Triton interpreter even when they, or Triton's own
     library functions (``tl.zeros``, ``tl.sum``, ...), were decorated for a GPU: ``triton.jit``
-    decides at decoration time, so this covers imports that happened before the flag was set."""
+    decides at decoration time, so this covers imports that happened before the flag was set.
+    On a GPU machine the test is skipped: the CUDA tests cover the compiled kernels."""
+    if torch.cuda.is_available():
+        pytest.skip("kernels are compiled for the GPU here; the CUDA tests cover them")
     import triton.language as tl
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
@@ -73,3 +76,13 @@ def interpret_kernels(monkeypatch, module, names):
             monkeypatch.setattr(module, name, InterpretedFunction(kernel.fn))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("SSLAM_KERNELS", "1")
+
+
+def poison_buffers(monkeypatch, module):
+    """Make the buffers a kernel module's host code allocates (``module._new_buffer``) start as
+    NaN, so any element a kernel does not write shows."""
+
+    def nan_buffer(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(module, "_new_buffer", nan_buffer)

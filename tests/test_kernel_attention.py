@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from conftest import poison_buffers  # noqa: E402
 
 attn = importlib.import_module("sslam.kernels.attention")  # the module (its function shares its name)
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
@@ -47,12 +48,7 @@ def path(request, monkeypatch):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every buffer the kernels' host code allocates starts as NaN, so unwritten values show."""
-
-    def nan_buffer(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(attn, "_new_buffer", nan_buffer)
+    poison_buffers(monkeypatch, attn)
 
 
 def qkv_tensors(shape, dtype=torch.float32, device="cpu"):

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from conftest import interpret_kernels, requires_cuda  # noqa: E402
+from conftest import interpret_kernels, poison_buffers, requires_cuda  # noqa: E402
 from sslam.kernels import decoder as dec  # noqa: E402
 
 from sslam.pretrain import CNNDecoder, DecoderConfig  # noqa: E402
@@ -24,19 +24,12 @@ TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 @pytest.fixture
 def kernels_on_cpu(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("kernels are compiled for the GPU here; the CUDA tests cover them")
     interpret_kernels(monkeypatch, dec, KERNELS)
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Output buffers start as NaN, so any element a kernel does not write shows."""
-
-    def nan_buffer(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(dec, "_new_buffer", nan_buffer)
+    poison_buffers(monkeypatch, dec)
 
 
 def grads(fn, inputs, grad_out):

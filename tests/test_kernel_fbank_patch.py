@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from conftest import interpret_kernels, load_golden, requires_cuda  # noqa: E402
+from conftest import interpret_kernels, load_golden, poison_buffers, requires_cuda  # noqa: E402
 
 from sslam.audio import AudioError  # noqa: E402
 from sslam.features import fbank, mel_banks, patchify, remove_dc  # noqa: E402
@@ -34,19 +34,12 @@ TOL = 1e-4  # max abs difference allowed from the reference, in normalised units
 def kernels_on_cpu(monkeypatch):
     """Force the Triton path for CPU tensors, through the interpreter (CPU-only machines: on a
     GPU machine the CUDA tests cover the compiled kernels)."""
-    if torch.cuda.is_available():
-        pytest.skip("kernels are compiled for the GPU here; the CUDA tests cover them")
     interpret_kernels(monkeypatch, fp, ["_fbank_patch_kernel"])
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Output buffers start as NaN, so any element the kernel does not write shows."""
-
-    def nan_buffer(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(fp, "_new_buffer", nan_buffer)
+    poison_buffers(monkeypatch, fp)
 
 
 def waveforms_with_lengths(lengths, num_samples=None, scale=0.3):

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from conftest import interpret_kernels, requires_cuda  # noqa: E402
+from conftest import interpret_kernels, poison_buffers, requires_cuda  # noqa: E402
 from sslam.kernels import mixture as mx  # noqa: E402
 
 from sslam.mixing import MixWindows, partner_keep_indices, sample_windows  # noqa: E402
@@ -27,19 +27,12 @@ CPU_DTYPES = (torch.float32, torch.float16)
 def kernels_on_cpu(monkeypatch):
     """Force the Triton path for CPU tensors, through the interpreter (CPU-only machines: on a
     GPU machine the CUDA tests cover the compiled kernels)."""
-    if torch.cuda.is_available():
-        pytest.skip("kernels are compiled for the GPU here; the CUDA tests cover them")
     interpret_kernels(monkeypatch, mx, KERNELS)
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Output buffers start as NaN, so any element a kernel does not write shows."""
-
-    def nan_buffer(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(mx, "_new_buffer", nan_buffer)
+    poison_buffers(monkeypatch, mx)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
