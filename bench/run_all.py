@@ -7,7 +7,9 @@ decoder), the encoder, the training step (four variants, with profiles) and the 
 Writes into ``--out``: ``results.csv`` (one row per measurement with device, versions, date and
 git commit), one ``<benchmark>.txt`` log per script, ``report.md`` (the tables) and one PNG
 plot per benchmark. Each script runs in its own process, so a failure is reported and the suite
-goes on; the exit status says whether everything ran.
+goes on; the exit status says whether everything ran. A script that runs past ``--timeout`` is
+stopped and counted as failed, and the report is rewritten after every script, so a run cut
+short (a GPU lent for a limited time) still leaves the tables of everything that finished.
 """
 
 from __future__ import annotations
@@ -57,17 +59,22 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
     return steps
 
 
-def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict) -> tuple[bool, float]:
+def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict, timeout: float) -> tuple[bool, float]:
     start = time.perf_counter()
     command = [sys.executable, str(HERE / args[0]), *args[1:], "--csv", str(csv_path)]
     with (out / f"{name}.txt").open("w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent)
+        try:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\nstopped after {timeout:.0f} s (--timeout)\n")
+            code = None
     seconds = time.perf_counter() - start
-    status = "ok" if result.returncode == 0 else f"FAILED (exit {result.returncode})"
+    status = "ok" if code == 0 else "TIMED OUT" if code is None else f"FAILED (exit {code})"
     print(f"{name:>12}: {status} in {seconds:.0f} s -> {out / (name + '.txt')}", flush=True)
-    return result.returncode == 0, seconds
+    return code == 0, seconds
 
 
 def read_rows(csv_path: Path) -> list[dict]:
@@ -151,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="small CPU version (kernels under the Triton interpreter)")
     p.add_argument("--only", nargs="*", default=None, help="run only these benchmarks")
+    p.add_argument("--timeout", type=float, default=900, help="seconds one script may run before it is stopped")
     args = p.parse_args(argv)
     import torch
 
@@ -161,11 +169,15 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if args.quick and not gpu:
         env["TRITON_INTERPRET"] = "1"
+    scripts = plan(args.quick, gpu, out)
+    unknown = set(args.only or ()) - {name for name, _ in scripts}
+    if unknown:
+        p.error(f"--only: no benchmark named {sorted(unknown)} in this plan; choose from {[n for n, _ in scripts]}")
     timings = {}
-    for name, script_args in plan(args.quick, gpu, out):
+    for name, script_args in scripts:
         if args.only is None or name in args.only:
-            timings[name] = run(name, script_args, out, csv_path, env)
-    report(read_rows(csv_path), out, timings)
+            timings[name] = run(name, script_args, out, csv_path, env, args.timeout)
+            report(read_rows(csv_path), out, timings)
     print(f"wrote {out / 'report.md'}")
     return 0 if all(ok for ok, _ in timings.values()) else 1
 

@@ -24,3 +24,23 @@ def test_quick_suite_runs_every_benchmark(tmp_path):
     for name in BENCHMARKS:
         assert f"## {name}" in report, name
     assert len(list(tmp_path.glob("*.png"))) == len(BENCHMARKS)
+
+
+def run_all(*args: str, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "run_all.py"), "--out", str(out), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_a_script_past_the_timeout_is_stopped_and_reported(tmp_path):
+    done = run_all("--quick", "--only", "masks", "--timeout", "0.01", out=tmp_path)
+    assert done.returncode == 1
+    assert "masks: TIMED OUT" in done.stdout
+    assert "| masks | failed |" in (tmp_path / "report.md").read_text()
+    assert "stopped after" in (tmp_path / "masks.txt").read_text()
+
+
+def test_unknown_benchmark_names_are_refused(tmp_path):
+    done = run_all("--quick", "--only", "attention", "atention", out=tmp_path)
+    assert done.returncode == 2
+    assert "--only: no benchmark named ['atention']" in done.stderr
+    assert not (tmp_path / "results.csv").exists()
