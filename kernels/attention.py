@@ -773,6 +773,9 @@ def _check_qkv(q, k, v, ndim: int, layout: str) -> None:
             raise TypeError(f"{name}: dtype {t.dtype} differs from q's {q.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name}: device {t.device} differs from q's {q.device}")
+    if q.shape[-1] == 0:
+        # Caught here rather than as a ZeroDivisionError from the default scale Dh ** -0.5.
+        raise ValueError(f"q: head dim 0 in shape {tuple(q.shape)}; expected at least 1")
 
 
 def _check_kernel_head_dim(head_dim: int) -> None:
@@ -861,6 +864,9 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
     _check_kernel_head_dim(q.shape[-1])
     if not cu_seqlens.is_cuda and not torch.compiler.is_compiling():
         _check_cu_seqlens_values(cu_seqlens.tolist(), q.shape[0], max_seqlen)
+    # The kernels read offset b at CU_SEQLENS + b: a strided view (cu[::2]) would give them
+    # other entries than the ones checked above.
+    cu_seqlens = cu_seqlens.contiguous()
     return _attention_kernels(q, k, v, None, cu_seqlens, max_seqlen, scale)
 
 

@@ -259,10 +259,16 @@ def decoder_norm_act(y: torch.Tensor, residual: torch.Tensor | None = None, *, e
     sum in fp32. ``SSLAM_KERNELS`` picks the Triton kernel or :func:`decoder_norm_act_ref`.
     """
     _check("y", y)
+    if y.dim() == 0:
+        raise ValueError("y: expected (..., C), got a 0-d tensor")
     if residual is not None:
         _check("residual", residual)
         if residual.shape != y.shape:
             raise ValueError(f"residual: shape {tuple(residual.shape)} differs from y's {tuple(y.shape)}")
+        # Else the kernel would be handed a pointer it cannot read (or the reference fail in
+        # the addition with a message that names neither tensor).
+        if residual.device != y.device:
+            raise ValueError(f"residual: device {residual.device} differs from y's {y.device}")
     if not use_kernels(y, *(() if residual is None else (residual,))):
         return decoder_norm_act_ref(y, residual, eps=eps)
     if y.shape[-1] > _MAX_CHANNELS:
@@ -289,7 +295,14 @@ def decoder_layer(x, grid, weight, bias, *, groups: int, residual: bool = True, 
     copy and norm, GELU and residual are :func:`decoder_norm_act`'s single pass.
     """
     _check("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x: expected (B, N, C) tokens, got shape {tuple(x.shape)}")
     b, n, c = x.shape
+    # 'same' padding (k // 2 on both sides) keeps the (T, F) grid only for square, odd kernels;
+    # any other kernel changes the grid and the token count silently.
+    if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] % 2 == 0:
+        raise ValueError(f"weight: expected (C_out, C_in / groups, k, k) with odd k, got shape "
+                         f"{tuple(weight.shape)}")
     if grid[0] * grid[1] != n:
         raise ValueError(f"grid {tuple(grid)} holds {grid[0] * grid[1]} tokens, x has {n}")
     if residual and weight.shape[0] != c:

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 import triton
@@ -133,7 +134,10 @@ def _fbank_patch_kernel(
     t0 = pid_t * BLOCK_T
     # Lengths are validated on the host; the clamp only keeps traced calls in bounds.
     length = tl.minimum(tl.maximum(tl.load(LENGTHS + b), 0), num_samples)
-    n_frames = tl.minimum((length - FRAME) // SHIFT + 1, target_length)
+    # Explicitly 0 frames below one frame: Triton's integer division truncates toward zero, so
+    # (length - FRAME) // SHIFT + 1 alone is 1 for lengths 241..399 (traced calls get there).
+    n_frames = tl.where(length >= FRAME,
+                        tl.minimum((length - FRAME) // SHIFT + 1, target_length), 0)
     rows = tl.arange(0, BLOCK_T)
     frame = t0 + rows
     mels = tl.arange(0, MELS)
@@ -176,7 +180,9 @@ def _fbank_patch_kernel(
             power = re * re + im * im
             weights = tl.load(MEL_T + (f0 + bins)[:, None] * MELS + mels[None, :])
             mel = tl.dot(power, weights, mel, input_precision=PRECISION)
-        logmel = tl.log(tl.maximum(mel, EPS))
+        # NaN must survive the floor (tl.maximum drops it by default), as in the reference's
+        # clamp: a non-finite sample must not come out as silence.
+        logmel = tl.log(tl.maximum(mel, EPS, propagate_nan=tl.PropagateNan.ALL))
         # Frames past the clip's own count are padding: 0 in the log domain.
         logmel = tl.where((frame < n_frames)[:, None], logmel, 0.0)
     else:
@@ -204,13 +210,16 @@ def _fbank_patch_kernel(
             prv = (b + batch - 1) % batch
             partner = tl.load(OUT + prv.to(tl.int64) * clip_size + tile, mask=store_mask,
                               other=0.0, cache_modifier=".cg")
-            mixed = tl.where(in_window[:, None], clean, tl.maximum(clean, partner))
+            # NaN-propagating max, as torch.maximum in mix_patches (bit-equal mixtures).
+            mixed = tl.where(in_window[:, None], clean,
+                             tl.maximum(clean, partner, propagate_nan=tl.PropagateNan.ALL))
             tl.store(OUT + (batch + b).to(tl.int64) * clip_size + tile, mixed, mask=store_mask)
         if next_count % 2 == 1:
             # Clip b + 1 already stored its tile: this program writes mixture b + 1.
             primary = tl.load(OUT + nxt.to(tl.int64) * clip_size + tile, mask=store_mask,
                               other=0.0, cache_modifier=".cg")
-            mixed = tl.where(in_window[:, None], primary, tl.maximum(primary, clean))
+            mixed = tl.where(in_window[:, None], primary,
+                             tl.maximum(primary, clean, propagate_nan=tl.PropagateNan.ALL))
             tl.store(OUT + (batch + nxt).to(tl.int64) * clip_size + tile, mixed, mask=store_mask)
 
 
@@ -426,8 +435,11 @@ def fbank_patch(
         raise ValueError(f"waveforms: expected a (batch >= 1, samples) tensor, got {shape}")
     if not waveforms.is_floating_point():
         raise ValueError(f"waveforms: expected floating-point samples, got {waveforms.dtype}")
-    if target_length <= 0 or target_length % PATCH:
-        raise ValueError(f"target_length={target_length}: must be a positive multiple of {PATCH}")
+    # Integral check first: a float (32.0) would pass the arithmetic below and only fail in
+    # the custom op's schema with a less helpful message.
+    if (isinstance(target_length, bool) or not isinstance(target_length, numbers.Integral)
+            or target_length <= 0 or target_length % PATCH):
+        raise ValueError(f"target_length={target_length!r}: must be a positive multiple of {PATCH}")
     if dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision={dot_precision!r}: expected one of {DOT_PRECISIONS}")
     if mix is not None:

@@ -145,10 +145,12 @@ def _gather_blocks(dim: int) -> tuple[int, int]:
 def _launch_gather(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     if tokens.stride(-1) != 1:
         tokens = tokens.contiguous()
+    # The kernel reads keep[k] at KEEP + k: a strided view would give it other entries.
+    keep = keep.contiguous()
     batch, _, dim = tokens.shape
     num_keep = keep.numel()
     out = _new_buffer((batch, num_keep, dim), tokens.dtype, tokens.device)
-    if num_keep == 0 or batch == 0:
+    if num_keep == 0 or batch == 0 or dim == 0:  # nothing to copy (and no block size for D = 0)
         return out
     block_k, block_d = _gather_blocks(dim)
     _gather_kernel[(triton.cdiv(num_keep, block_k), batch)](
@@ -164,7 +166,7 @@ def _launch_scatter(grad: torch.Tensor, keep: torch.Tensor, num_tokens: int) -> 
         grad = grad.contiguous()
     batch, _, dim = grad.shape
     out = _new_buffer((batch, num_tokens, dim), grad.dtype, grad.device)
-    if num_tokens == 0 or batch == 0:
+    if num_tokens == 0 or batch == 0 or dim == 0:
         return out
     # Group the kept positions by token index (stable: a fixed summation order).
     sorted_keep, order = torch.sort(keep, stable=True)
@@ -284,10 +286,19 @@ def mix_spectrograms(
     x = spec_or_patches
     _check_dtype("spec_or_patches", x)
     if x.dim() == 4:
+        if x.shape[1] != 1:
+            # The kernel takes row index = frame, which holds for one channel only (with C
+            # channels, row c * T + t is frame t).
+            raise ValueError(
+                f"spec_or_patches: expected (B, 1, T, F) spectrograms, got shape {tuple(x.shape)}"
+            )
         window_frame_mask(windows, x.shape[2])  # validates that the windows fit
         geometry = (x.shape[3], 1, 1)
         reference = mix_spectrograms_ref
     elif x.dim() == 3:
+        if freq_patches < 1:  # else a ZeroDivisionError (or nonsense) from the checks below
+            raise ValueError(f"freq_patches={freq_patches!r}: expected a positive number of "
+                             "patches per row")
         if x.shape[1] % freq_patches or x.shape[2] != PATCH * PATCH:
             raise ValueError(
                 f"spec_or_patches: expected (B, N, 256) with N a multiple of freq_patches="
