@@ -84,6 +84,16 @@ def _loader(split: LabeledSplit, batch_size: int, target_length: int, workers: i
                       num_workers=workers, collate_fn=_collate)
 
 
+def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
+    """Both splits hold clips and share the classes (an empty one would fail later as an empty
+    torch.cat, or never yield a training batch)."""
+    for split in (train, test):
+        if len(split) == 0:
+            raise ValueError(f"split {split.name!r} is empty: no clips to {'train on' if split is train else 'score'}")
+    if train.class_names != test.class_names:
+        raise ValueError(f"{train.name} and {test.name} have different classes")
+
+
 def _collate(items):
     waves, targets = zip(*items)
     lengths = torch.tensor([w.numel() for w in waves])
@@ -173,8 +183,10 @@ def _augmented_spec(encoder, waves, lengths, targets, cfg, rng, train: bool):
     return spec, targets
 
 
-def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, seed: int, workers: int = 0) -> LinearHead:
+def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, seed: int, workers: int = 0,
+                     multilabel: bool | None = None) -> LinearHead:
     """The full path: every batch is augmented and re-encoded by the frozen encoder."""
+    multilabel = train.multilabel if multilabel is None else multilabel
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = next(encoder.parameters()).device
@@ -191,7 +203,7 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
                 cls = encoder(spec).x[:, 0].float()
             for group in opt.param_groups:
                 group["lr"] = cosine(step, total, 0, cfg.lr, cfg.min_lr)
-            loss = classification_loss(head(cls), targets, train.multilabel, cfg.label_smoothing)
+            loss = classification_loss(head(cls), targets, multilabel, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -204,9 +216,11 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
     """Train a linear head per seed and score it on ``test``: {'metric', 'mean', 'std',
     'per_seed', 'seconds'}. ``cache`` may carry extracted features between calls; ``metric``
     overrides the split's natural metric (see :func:`score`)."""
-    if train.class_names != test.class_names:
-        raise ValueError(f"{train.name} and {test.name} have different classes")
+    _check_splits(train, test)
     cfg = cfg or ProbeConfig()
+    # As the fine-tuner decides: a train split whose clips happen to carry one label each is
+    # still multi-label when the test split is (BCE and mAP, not softmax and accuracy).
+    multilabel = train.multilabel or test.multilabel
     start = time.perf_counter()
     cache = {} if cache is None else cache
     for split in (train, test):
@@ -216,11 +230,11 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
     results = []
     for seed in seeds:
         if cfg.fast:
-            head = train_probe_on_features(cache[train.name], train.targets, train.multilabel, cfg, seed)
+            head = train_probe_on_features(cache[train.name], train.targets, multilabel, cfg, seed)
         else:
-            head = train_probe_full(encoder, train, cfg, seed, workers).cpu()
+            head = train_probe_full(encoder, train, cfg, seed, workers, multilabel).cpu()
         with torch.no_grad():
-            name, value = score(head(test_x), test.targets, train.multilabel, metric)
+            name, value = score(head(test_x), test.targets, multilabel, metric)
         results.append(value)
     values = torch.tensor(results, dtype=torch.float64)
     return {"metric": name, "mean": float(values.mean()),
@@ -303,8 +317,12 @@ def with_head(encoder: Encoder, class_names: list[str], drop_path: float) -> Enc
     """A copy of ``encoder`` with a fresh classification head for ``class_names`` and drop-path."""
     cfg = encoder.cfg.replace(num_classes=len(class_names), drop_path_rate=drop_path)
     model = Encoder(cfg).to(next(encoder.parameters()).device)
-    missing, unexpected = model.load_state_dict(encoder.state_dict(), strict=False)
-    if unexpected or set(missing) - {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}:
+    # An already fine-tuned encoder (e.g. the AS-2M model) brings its own head: drop it, or a
+    # head for another number of classes fails to load (and one of the same size is not fresh).
+    head = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    body = {k: v for k, v in encoder.state_dict().items() if k not in head}
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    if unexpected or set(missing) - head:
         raise ValueError(f"encoder weights do not fit: missing {missing}, unexpected {unexpected}")
     model.preprocessing = dict(encoder.preprocessing)
     model.label_names = list(class_names)
@@ -319,8 +337,7 @@ class Finetuner:
     def __init__(self, encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: FinetuneConfig, log=print):
         from .train import checkpoints_in, init_distributed
 
-        if train.class_names != test.class_names:
-            raise ValueError(f"{train.name} and {test.name} have different classes")
+        _check_splits(train, test)
         self.cfg, self.train_split, self.test_split = cfg, train, test
         self.multilabel = train.multilabel or test.multilabel
         device = next(encoder.parameters()).device
@@ -339,6 +356,13 @@ class Finetuner:
         self.amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.weights = read_weights(cfg.balanced_weights, len(train)) if cfg.balanced_weights else None
+        per_rank = self._epoch_size() // self.dist.world_size
+        if cfg.batch_size < 1 or per_rank < cfg.batch_size:
+            # Batches drop the incomplete last one: with fewer clips than a batch, an epoch
+            # yields nothing and the loop would wait for a batch forever.
+            raise ValueError(f"{train.name}: {per_rank} training clip(s) per process per epoch, fewer than "
+                             f"batch_size={cfg.batch_size}, so an epoch yields no batch; batch_size must lie in "
+                             f"[1, {per_rank}] (or use more clips / fewer processes)")
         self.step, self.best = 0, None
         existing = checkpoints_in(self.out)
         if existing:

@@ -304,8 +304,13 @@ class Pretrainer(nn.Module):
         """Student, decoder and teacher from a :class:`sslam.checkpoint.Checkpoint` (an official
         pretraining file or one of ours). The decoder's shape is read from its weights; without a
         teacher in the file the teacher starts as a copy of the student."""
-        from .checkpoint import CheckpointError, check_state, encoder_from_checkpoint
+        from .checkpoint import _HEAD_NAMES, CheckpointError, check_state, encoder_from_checkpoint
 
+        if ckpt.config.num_classes:
+            # A fine-tuned file: pretraining trains no head. Kept, it would get no gradient
+            # (DDP stops on unused parameters) and ride along into every checkpoint.
+            state = {k: v for k, v in ckpt.state.items() if k not in _HEAD_NAMES}
+            ckpt = dataclasses.replace(ckpt, config=ckpt.config.replace(num_classes=0), state=state)
         student = encoder_from_checkpoint(ckpt).train()
         if ckpt.decoder:
             objective = dataclasses.replace(objective, decoder=decoder_config_of(ckpt.decoder, objective.decoder))

@@ -182,9 +182,18 @@ def preset(name: str = "base", stage: int = 1) -> TrainConfig:
 
 
 def parse_option(value, annotation: str, key: str):
-    """A ``--key=value`` string converted to the field type named by ``annotation``."""
+    """A ``--key=value`` string converted to the field type named by ``annotation``; a value
+    that is not a string (from a dict or a JSON file) must already have that type."""
     if not isinstance(value, str):
-        return value
+        # Checked here, or a batch size of 2.5 or an lr of True would only fail deep in a run.
+        ok = {"bool": isinstance(value, bool),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool)}.get(annotation, False)
+        if annotation == "int" and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if not ok:
+            raise ValueError(f"--{key}={value!r}: expected a {annotation}, got {type(value).__name__}")
+        return float(value) if annotation == "float" else value
     try:
         if annotation == "bool":
             if value.lower() in ("1", "true", "yes", "on"):
@@ -231,22 +240,59 @@ def format_config(cfg: TrainConfig) -> str:
 
 
 def validate(cfg: TrainConfig) -> None:
-    o, d, r = cfg.optim, cfg.data, cfg.run
+    """Refuse impossible settings up front, naming the key: otherwise they fail deep inside a
+    run (a cryptic shape error at the first step), or worse, train silently wrong (an EMA decay
+    above 1, a negative learning rate at the end of the schedule)."""
+    m, ob, o, d, e, r = cfg.model, cfg.objective, cfg.optim, cfg.data, cfg.ema, cfg.run
+    numbers = {f"{name}.{f.name}": getattr(section, f.name) for name, section in (("optim", o), ("objective", ob), ("ema", e))
+               for f in dataclasses.fields(section) if str(f.type) == "float"}
+    # clip_norm may be inf (or 0): no clipping
+    not_finite = [k for k, v in numbers.items() if math.isnan(v) or (math.isinf(v) and k != "optim.clip_norm")]
     checks = [
-        (cfg.model.variant in VARIANTS, f"model.variant={cfg.model.variant!r}: one of {sorted(VARIANTS)}"),
-        (cfg.objective.stage in (1, 2), "objective.stage must be 1 or 2"),
-        (cfg.objective.clones >= 1, "objective.clones must be >= 1"),
+        (not not_finite, f"{', '.join(not_finite)}: must be finite (nan or inf given)"),
+        (m.variant in VARIANTS, f"model.variant={m.variant!r}: one of {sorted(VARIANTS)}"),
+        (min(m.embed_dim, m.depth, m.num_heads) >= 0, "model.embed_dim, depth and num_heads must be >= 0 (0: the variant's)"),
+        (min(m.decoder_dim, m.decoder_groups, m.decoder_kernel, m.decoder_layers) >= 1,
+         "model.decoder_dim, decoder_groups, decoder_kernel and decoder_layers must be >= 1"),
+        (ob.stage in (1, 2), "objective.stage must be 1 or 2"),
+        (ob.clones >= 1, "objective.clones must be >= 1"),
+        (ob.top_k >= 0, "objective.top_k must be >= 0 (0: all layers)"),
+        (0 < ob.mask_prob < 1, f"objective.mask_prob={ob.mask_prob} must lie in (0, 1)"),
+        (0 <= ob.mask_prob_adjust <= 1, f"objective.mask_prob_adjust={ob.mask_prob_adjust} must lie in [0, 1]"),
+        (ob.mask_length >= 1, "objective.mask_length must be >= 1"),
+        (ob.cls_loss >= 0 and ob.srl_weight >= 0, "objective.cls_loss and objective.srl_weight must be >= 0"),
         (d.batch_size >= 1 and o.accum_steps >= 1, "data.batch_size and optim.accum_steps must be >= 1"),
-        (cfg.objective.stage == 1 or d.batch_size >= 2, "stage 2 mixes in-batch pairs: data.batch_size >= 2"),
-        (d.target_length % 16 == 0, "data.target_length must be a multiple of 16"),
+        (ob.stage == 1 or d.batch_size >= 2, "stage 2 mixes in-batch pairs: data.batch_size >= 2"),
+        (d.target_length >= 16 and d.target_length % 16 == 0, "data.target_length must be a positive multiple of 16"),
+        (d.num_workers >= 0 and d.max_bad_files >= 0, "data.num_workers and data.max_bad_files must be >= 0"),
         (o.max_steps >= 1 and o.warmup_steps >= 0, "optim.max_steps >= 1 and warmup_steps >= 0"),
+        (o.lr >= 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} and optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr"),
+        (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optim.beta1 and optim.beta2 must lie in [0, 1)"),
+        (o.eps >= 0 and o.weight_decay >= 0, "optim.eps and optim.weight_decay must be >= 0"),
+        (0 <= e.start <= 1 and 0 <= e.end <= 1, f"ema.start={e.start} and ema.end={e.end} must lie in [0, 1]"),
+        (e.anneal_steps >= 0, "ema.anneal_steps must be >= 0"),
+        (r.device in ("auto", "cpu", "cuda"), f"run.device={r.device!r}: auto, cpu or cuda"),
         (r.precision in ("auto", "fp32", "bf16", "fp16"), "run.precision: auto, fp32, bf16 or fp16"),
         (r.parallel in ("ddp", "fsdp"), "run.parallel: ddp or fsdp"),
         (r.ckpt_every >= 1 and r.log_every >= 1 and r.keep_last >= 1, "run.ckpt_every, log_every, keep_last >= 1"),
+        (r.max_bad_steps >= 1, "run.max_bad_steps must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    try:  # the masks must keep and hide at least one patch of the grid
+        MaskConfig(grid=(d.target_length // 16, 8), mask_prob=ob.mask_prob, mask_prob_adjust=ob.mask_prob_adjust,
+                   mask_length=ob.mask_length)
+    except ValueError as exc:
+        raise ValueError(f"objective.mask_prob={ob.mask_prob} with data.target_length={d.target_length}: {exc}") from None
+    if ob.stage == 2:  # the two unmixed windows cover whole patch rows and fit in the clip
+        if ob.mix_width < 16 or ob.mix_width % 16:
+            raise ValueError(f"objective.mix_width={ob.mix_width} must be a positive multiple of 16 frames (one patch row)")
+        try:
+            sample_windows(d.target_length, ob.mix_width, generator=torch.Generator().manual_seed(0))
+        except ValueError as exc:
+            raise ValueError(f"objective.mix_width={ob.mix_width} does not fit data.target_length={d.target_length}: "
+                             f"{exc}") from None
 
 
 def encoder_config(cfg: TrainConfig):
@@ -332,6 +378,52 @@ def checkpoints_in(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if CKPT_PATTERN.search(p.name)), key=lambda p: p.name)
 
 
+# Settings a resumed run may change: where and how it runs and reports, not what it computes.
+# optim.max_steps may change to extend or shorten a run (the rest of the schedule stretches);
+# optim.accum_steps only together with the number of processes (the global batch stays);
+# run.init may be left out (the weights come from the checkpoint).
+RESUME_MAY_CHANGE = frozenset({
+    "run.out", "run.resume", "run.init", "run.device", "run.compile", "run.parallel", "run.log_every",
+    "run.ckpt_every", "run.keep_last", "run.tensorboard", "run.progress", "run.max_bad_steps", "run.threads",
+    "data.num_workers", "data.max_bad_files", "data.root", "optim.max_steps", "optim.accum_steps",
+})
+
+
+def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int) -> list[str]:
+    """The settings of ``cfg`` that differ from the checkpoint ``saved`` in a way a resumed run
+    cannot follow exactly, as ``section.key: <saved> in the checkpoint, <now> now``."""
+    before = saved.get("config") or {}
+    conflicts = []
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            old = before.get(section, {}).get(key, value)  # a key newer than the file: no record
+            if old != value and name not in RESUME_MAY_CHANGE:
+                conflicts.append(f"{name}: {old!r} in the checkpoint, {value!r} now")
+    old_init = before.get("run", {}).get("init", "")
+    if cfg.run.init and cfg.run.init != old_init:
+        conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now")
+    # The data position and the per-slot random streams count global batches of
+    # batch_size x processes x accum_steps clips; only how they are split may change.
+    old_world = int(saved.get("world_size", world_size))
+    old_accum = before.get("optim", {}).get("accum_steps", cfg.optim.accum_steps)
+    if old_world * old_accum != world_size * cfg.optim.accum_steps:
+        conflicts.append(f"optim.accum_steps x processes: {old_accum} x {old_world} in the checkpoint, "
+                         f"{cfg.optim.accum_steps} x {world_size} now (the global batch must stay the same)")
+    return conflicts
+
+
+def resolve_init(path: str) -> str:
+    """``run.init`` as given, or the newest checkpoint when it names a run folder (``--init
+    runs/s1``); an exported encoder folder (model.safetensors) is itself the checkpoint."""
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).exists() for name in ("model.safetensors", "pytorch_model.bin")):
+        found = checkpoints_in(folder)
+        if found:
+            return str(found[-1])
+    return path
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
@@ -373,10 +465,24 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         existing = checkpoints_in(self.out)
-        self.resume_from = existing[-1] if cfg.run.resume and existing else None
+        if existing and not cfg.run.resume:
+            # A fresh run there would overwrite some of them and keep_last would prune the rest
+            # by name, leaving two runs mixed (and a later resume picking the wrong one).
+            raise ValueError(f"{self.out} holds checkpoints of an earlier run (newest {existing[-1].name}) and "
+                             "run.resume=false: choose a new run.out, or remove them")
+        self.resume_from = existing[-1] if existing else None
         saved = safe_torch_load(self.resume_from) if self.resume_from is not None else None
         if saved is not None and saved.get("format") != "sslam-train":
             raise CheckpointError(f"{self.resume_from}: not an sslam training checkpoint")
+        if saved is not None:
+            conflicts = resume_conflicts(saved, cfg, self.dist.world_size)
+            if conflicts:
+                raise ValueError(f"{self.resume_from}: cannot resume with changed settings: " + "; ".join(conflicts)
+                                 + ". Run with the checkpoint's settings, or start a new run.out (--run.init can "
+                                 "start it from this checkpoint).")
+            # The EMA schedule depends on whether the run started from a checkpoint (see
+            # ema_decay); a resume that leaves --init out must keep the original choice.
+            cfg.run.init = cfg.run.init or (saved.get("config") or {}).get("run", {}).get("init", "")
         self.model = self._build_model(saved)
         self.mask_cfg = MaskConfig(
             grid=(cfg.data.target_length // 16, self.model.student.cfg.freq_patches),
@@ -417,11 +523,11 @@ class Trainer:
             objective = ObjectiveConfig(**{**saved["objective"], "decoder": DecoderConfig(**saved["objective"]["decoder"])})
             model = Pretrainer(enc_cfg, objective)
         elif cfg.run.init:
-            ckpt = read_checkpoint(cfg.run.init)
+            ckpt = read_checkpoint(resolve_init(cfg.run.init))
             objective = dataclasses.replace(objective, top_k=cfg.objective.top_k or ckpt.config.depth)
             model = Pretrainer.from_checkpoint(ckpt, objective)
             self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "
-                     f"from {cfg.run.init} ({ckpt.format})")
+                     f"from {ckpt.path} ({ckpt.format})")
         else:
             model = Pretrainer(enc_cfg, objective)
         return model.to(self.device).train()
@@ -570,6 +676,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
+            "world_size": self.dist.world_size,
             "data_position": [epoch, step_in_epoch],
             "rng": rng_state(),
             "bad_files": self.bad_files,
@@ -638,6 +745,8 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         loader = self.data_loader()
         self._steps_at_start = self.step
+        if self.dist.main and self.resume_from is not None:
+            _trim_metrics(self.out / "metrics.jsonl", self.step)
         metrics_file = (self.out / "metrics.jsonl").open("a") if self.dist.main else None
         writer = self._tensorboard()
         from tqdm import tqdm
@@ -730,6 +839,25 @@ class Trainer:
         except ImportError as exc:
             raise RuntimeError("run.tensorboard=true needs the tensorboard package (pip install tensorboard)") from exc
         return SummaryWriter(str(self.out / "tensorboard"))
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop the records after ``step`` (and a line cut short by a crash) from ``metrics.jsonl``:
+    a run resumed from the checkpoint of ``step`` logs those steps again, and the file would
+    otherwise hold them twice."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
 
 def _cpu_state(module: torch.nn.Module) -> dict:

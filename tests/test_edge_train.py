@@ -1,0 +1,504 @@
+"""Edge cases of the training side: exact resume in stage 2 with accumulation and real audio
+files, resume after a changed config, initialising from our own / official / fine-tuned /
+hostile checkpoints, other model sizes and clip lengths, config validation, and downstream
+evaluation on tiny or empty splits. A test whose docstring starts with "Regression" failed
+before the fix it describes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import GOLDEN
+from test_train import params, small
+
+from sslam.checkpoint import CheckpointError, read_checkpoint, safe_torch_load
+from sslam.evaluate import FinetuneConfig, Finetuner, ProbeConfig, linear_probe, with_head
+from sslam.labels import LabeledSplit, read_csv_split, synth_split
+from sslam.masking import MaskConfig
+from sslam.model import Encoder, EncoderConfig
+from sslam.pretrain import CNNDecoder
+from sslam.train import (
+    TrainConfig,
+    Trainer,
+    checkpoints_in,
+    encoder_config,
+    objective_config,
+    preset,
+    set_option,
+    validate,
+)
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def equal_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def audio_folder(path: Path, n: int = 10) -> Path:
+    """WAV and FLAC clips of several lengths (0.7-1.3 s, some shorter than the 128-frame
+    window), at 22.05 and 44.1 kHz, some stereo: the decode / resample / downmix path."""
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        rate = 22050 if i % 2 else 44100
+        rng = np.random.default_rng(i)
+        x = rng.standard_normal(int(rate * (0.7 + 0.15 * (i % 5)))) * 0.1
+        if i % 3 == 0:
+            x = np.stack([x, 0.5 * x], axis=1)
+        sf.write(path / f"clip{i}.{'flac' if i % 2 else 'wav'}", x, rate)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory) -> Path:
+    """A finished 3-step stage-1 run of the small test model (student, decoder, teacher)."""
+    out = tmp_path_factory.mktemp("stage1")
+    Trainer(small(out, stage=1, steps=3), log=quiet).fit()
+    return out
+
+
+# ---- exact resume ---------------------------------------------------------------------------
+
+
+def test_stage2_resume_with_accumulation_and_audio_files_is_exact(tmp_path, monkeypatch):
+    """Regression (metrics.jsonl): stage 2 (mixing, SRL), 2 accumulation steps, a folder of
+    real WAV/FLAC files, killed during step 5 and resumed from the checkpoint of step 3
+    (mid-epoch: 10 clips, global batch 4) -> the same weights, optimizer moments and per-step
+    losses as an uninterrupted run. The resumed run used to log step 4 a second time."""
+    data = audio_folder(tmp_path / "data")
+
+    def cfg(out):
+        return small(out, stage=2, steps=5, data__source=str(data), data__batch_size=2, optim__accum_steps=2,
+                     run__ckpt_every=3, run__log_every=1)
+
+    straight = Trainer(cfg(tmp_path / "a"), log=quiet)
+    straight.fit()
+    interrupted = Trainer(cfg(tmp_path / "b"), log=quiet)
+    real_step = interrupted.train_step
+
+    def killed_at_step_5(micro):
+        if interrupted.step == 4:
+            raise KeyboardInterrupt
+        return real_step(micro)
+
+    monkeypatch.setattr(interrupted, "train_step", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    saved = safe_torch_load(checkpoints_in(tmp_path / "b")[-1])
+    assert saved["step"] == 3 and saved["data_position"] == [1, 1]
+    resumed = Trainer(cfg(tmp_path / "b"), log=quiet)
+    assert resumed.step == 3
+    resumed.fit()
+    a, b = params(straight), params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+    ra, rb = records(tmp_path / "a"), records(tmp_path / "b")
+    assert [r["step"] for r in rb] == list(range(1, 6))
+    for x, y in zip(ra, rb):
+        assert (x["loss"], x["frame"], x["srl"], x["cls"]) == (y["loss"], y["frame"], y["srl"], y["cls"])
+
+
+def test_resume_with_changed_settings_is_refused(stage1_run):
+    """Regression: a run resumed with other settings used to continue silently -- with the
+    checkpoint's architecture and objective (so `--stage 2` kept training stage 1 while the
+    printed config said 2), and with a data position counted in the old global batch. Now the
+    error names every changed setting; operational settings may still change."""
+    before = {p.name: p.read_bytes() for p in stage1_run.iterdir() if p.suffix == ".pt"}
+    changed = [
+        ({"objective.stage": "2"}, "objective.stage: 1 in the checkpoint, 2 now"),
+        ({"data.batch_size": "2"}, "data.batch_size: 4 in the checkpoint, 2 now"),
+        ({"optim.accum_steps": "2"}, r"optim.accum_steps x processes: 1 x 1 in the checkpoint, 2 x 1 now"),
+        ({"model.embed_dim": "64", "run.seed": "7"}, "model.embed_dim: 32 .*run.seed: 1 in the checkpoint, 7 now"),
+        ({"objective.mask_prob": "0.7"}, "objective.mask_prob"),
+        ({"data.source": str(stage1_run)}, "data.source"),
+        ({"run.init": str(GOLDEN / "tiny_ckpt.pt")}, "run.init"),
+    ]
+    for overrides, message in changed:
+        cfg = small(stage1_run, stage=1, steps=3)
+        for key, value in overrides.items():
+            set_option(cfg, key, value)
+        with pytest.raises(ValueError, match=message):
+            Trainer(cfg, log=quiet)
+    # Where and how it runs may change; so may the length of the run.
+    cfg = small(stage1_run, stage=1, steps=4, run__log_every=1, run__keep_last=5, data__max_bad_files=3)
+    trainer = Trainer(cfg, log=quiet)
+    assert trainer.step == 3
+    assert all((stage1_run / name).read_bytes() == data for name, data in before.items())
+
+
+def test_fresh_run_into_a_folder_with_checkpoints_is_refused(stage1_run):
+    """Regression: run.resume=false in a folder holding another run's checkpoints used to train
+    over them: same-step files were overwritten and keep_last pruned by name, mixing two runs."""
+    names = sorted(p.name for p in checkpoints_in(stage1_run))
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run .*run.resume=false"):
+        Trainer(small(stage1_run, stage=1, steps=3, run__resume=False), log=quiet)
+    assert sorted(p.name for p in checkpoints_in(stage1_run)) == names
+
+
+def test_resume_without_init_keeps_the_ema_schedule(tmp_path, stage1_run, monkeypatch):
+    """Regression: with ema.restart=false a run started from --init keeps the teacher's decay at
+    ema.end; resumed without repeating --init (its weights come from the checkpoint) it used
+    to switch to the annealed decay, so the teacher drifted from the uninterrupted run's."""
+    init = str(checkpoints_in(stage1_run)[-1])
+
+    def cfg(out, with_init=True):
+        return small(out, stage=2, steps=4, run__ckpt_every=2, ema__restart=False, run__init=init if with_init else "")
+
+    straight = Trainer(cfg(tmp_path / "a"), log=quiet)
+    straight.fit()
+    interrupted = Trainer(cfg(tmp_path / "b"), log=quiet)
+    real_step = interrupted.train_step
+
+    def killed_at_step_3(micro):
+        if interrupted.step == 2:
+            raise KeyboardInterrupt
+        return real_step(micro)
+
+    monkeypatch.setattr(interrupted, "train_step", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.fit()
+    resumed = Trainer(cfg(tmp_path / "b", with_init=False), log=quiet)
+    assert resumed.step == 2 and resumed.ema_decay() == resumed.cfg.ema.end
+    resumed.fit()
+    assert equal_weights(straight.model.teacher.encoder, resumed.model.teacher.encoder)
+    assert equal_weights(straight.model.student, resumed.model.student)
+
+
+def test_stage2_two_processes_then_resume_in_one_with_accumulation(tmp_path):
+    """Stage 2 (not covered by test_train's DDP test) on 2 gloo processes for 2 steps, resumed
+    by one process accumulating the same 2 micro-batches -> the weights of one process that
+    accumulated all along. The checkpoint records the number of processes, so a resume that
+    would change the global batch (1 process, no accumulation) is refused."""
+    import subprocess
+    import sys
+
+    one = Trainer(small(tmp_path / "one", stage=2, steps=3, optim__accum_steps=2), log=quiet)
+    one.fit()
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import torch.distributed as dist\n"
+        "from test_train import small\n"
+        "from sslam.train import Trainer\n"
+        f"Trainer(small({str(tmp_path / 'mixed')!r}, stage=2, steps=2), log=lambda *a: None).fit()\n"
+        "dist.destroy_process_group()\n"
+    )
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert safe_torch_load(checkpoints_in(tmp_path / "mixed")[-1])["world_size"] == 2
+    with pytest.raises(ValueError, match=r"optim.accum_steps x processes: 1 x 2 in the checkpoint, 1 x 1 now"):
+        Trainer(small(tmp_path / "mixed", stage=2, steps=3), log=quiet)
+    resumed = Trainer(small(tmp_path / "mixed", stage=2, steps=3, optim__accum_steps=2), log=quiet)
+    assert resumed.step == 2
+    resumed.fit()
+    for a, b in ((one.model.student, resumed.model.student), (one.model.teacher.encoder, resumed.model.teacher.encoder)):
+        theirs = b.state_dict()
+        for k, v in a.state_dict().items():
+            assert torch.allclose(v, theirs[k], atol=1e-5, rtol=1e-4), k
+
+
+# ---- initialising from checkpoints ----------------------------------------------------------
+
+
+def test_init_stage2_from_own_stage1_with_and_without_teacher(tmp_path, stage1_run):
+    """Our stage-1 checkpoint initialises student, decoder and teacher; without a teacher in
+    the file the teacher starts as a copy of the student."""
+    path = checkpoints_in(stage1_run)[-1]
+    saved = read_checkpoint(path)
+    trainer = Trainer(small(tmp_path / "with", stage=2, steps=1, run__init=str(path)), log=quiet)
+    assert all(torch.equal(v, saved.state[k]) for k, v in trainer.model.student.state_dict().items())
+    assert all(torch.equal(v, saved.teacher[k]) for k, v in trainer.model.teacher.encoder.state_dict().items())
+    assert all(torch.equal(v, saved.decoder[k]) for k, v in trainer.model.decoder.state_dict().items())
+    assert not equal_weights(trainer.model.student, trainer.model.teacher.encoder)  # EMA'd for 3 steps
+    assert trainer.model.objective.stage == 2 and trainer.ema_decay() == pytest.approx(trainer.cfg.ema.start)
+
+    raw = safe_torch_load(path)
+    raw.pop("teacher")
+    torch.save(raw, tmp_path / "no_teacher.pt")
+    trainer = Trainer(small(tmp_path / "without", stage=2, steps=1, run__init=str(tmp_path / "no_teacher.pt")), log=quiet)
+    assert equal_weights(trainer.model.student, trainer.model.teacher.encoder)
+    trainer.fit()
+    assert len(checkpoints_in(tmp_path / "without")) == 1
+
+
+def test_init_from_a_run_folder_uses_its_newest_checkpoint(tmp_path, stage1_run):
+    """Regression: `--init runs/s1` (the trainer's own usage line) failed with "folder without
+    model.safetensors"; a run folder now means its newest checkpoint."""
+    trainer = Trainer(small(tmp_path, stage=2, steps=1, run__init=str(stage1_run)), log=quiet)
+    newest = read_checkpoint(checkpoints_in(stage1_run)[-1])
+    assert all(torch.equal(v, newest.state[k]) for k, v in trainer.model.student.state_dict().items())
+
+
+def test_init_size_comes_from_the_file_not_the_preset(tmp_path):
+    """A checkpoint of another size than the preset's (width 48, depth 3 vs 32, 2) is built as
+    the file says, with top_k = its depth, and trains."""
+    Trainer(small(tmp_path / "s1", stage=1, steps=1, model__embed_dim=48, model__depth=3, model__num_heads=3),
+            log=quiet).fit()
+    init = str(checkpoints_in(tmp_path / "s1")[-1])
+    trainer = Trainer(small(tmp_path / "s2", stage=2, steps=1, run__init=init), log=quiet)
+    cfg = trainer.model.student.cfg
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, trainer.model.objective.top_k) == (48, 3, 3, 3)
+    assert trainer.model.decoder.proj.out_features == 48
+    assert all(np.isfinite(v) for v in trainer.fit().values())
+
+
+def test_official_checkpoint_teacher_from_ema_or_from_student(tmp_path):
+    """An official (fairseq) checkpoint's `_ema` becomes the teacher; the same file without
+    `_ema` gives a teacher equal to the student."""
+    official = read_checkpoint(GOLDEN / "tiny_ckpt.pt")
+    trainer = Trainer(small(tmp_path / "ema", stage=2, steps=1, run__init=str(GOLDEN / "tiny_ckpt.pt")), log=quiet)
+    teacher = trainer.model.teacher.encoder.state_dict()
+    assert all(torch.equal(teacher[k], v.float()) for k, v in official.teacher.items() if k != "pos_embed")
+    assert not equal_weights(trainer.model.student, trainer.model.teacher.encoder)
+
+    raw = safe_torch_load(GOLDEN / "tiny_ckpt.pt")
+    raw["model"] = {k: v for k, v in raw["model"].items() if k != "_ema"}
+    torch.save(raw, tmp_path / "no_ema.pt")
+    trainer = Trainer(small(tmp_path / "no_ema", stage=2, steps=1, run__init=str(tmp_path / "no_ema.pt")), log=quiet)
+    assert equal_weights(trainer.model.student, trainer.model.teacher.encoder)
+    assert all(torch.equal(trainer.model.student.state_dict()[k], v.float())
+               for k, v in official.state.items() if k != "pos_embed")
+
+
+def test_hostile_or_truncated_init_is_refused_and_the_folder_is_untouched(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    data = (GOLDEN / "tiny_ckpt.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"model": {"x": Evil()}}, tmp_path / "evil.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, message in [("truncated.pt", "not a readable PyTorch checkpoint"), ("evil.pt", "refusing to load"),
+                          ("empty.pt", "empty file"), ("missing.pt", "no such file")]:
+        with pytest.raises(CheckpointError, match=f"{name}: {message}"):
+            Trainer(small(out, stage=2, steps=1, run__init=str(tmp_path / name)), log=quiet)
+    assert not (tmp_path / "pwned").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_init_from_a_finetuned_checkpoint_drops_the_head(tmp_path):
+    """Regression: a fine-tuned checkpoint's classification head used to join pretraining as a
+    trainable parameter without gradient (DDP stops on those) and ride into every checkpoint."""
+    train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
+    encoder = Encoder(EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=16))
+    encoder.preprocessing = {"sample_rate": 16000, "target_length": 128, "norm": "audioset"}
+    Finetuner(encoder, train, test, FinetuneConfig(steps=1, warmup=0, batch_size=4, out=str(tmp_path / "ft"), workers=0),
+              log=quiet).fit()
+    fresh = Trainer(small(tmp_path / "fresh", stage=2, steps=1), log=quiet)
+    trainer = Trainer(small(tmp_path / "s2", stage=2, steps=1, run__init=str(tmp_path / "ft")), log=quiet)
+    assert trainer.model.student.cfg.num_classes == 0
+    assert {k for k, _ in trainer.model.named_parameters()} == {k for k, _ in fresh.model.named_parameters()}
+    trainer.fit()
+    assert read_checkpoint(checkpoints_in(tmp_path / "s2")[-1]).config.num_classes == 0
+
+
+# ---- model sizes and clip lengths -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, encoder, decoder, kept, top_k", [
+    ("base", 85_254_144, 2_585_856, 102, 12),  # SPEC 2.1: ViT-B, 87.84M trainable with the decoder
+    ("large", 302_575_616, 5_967_872, 128, 24),  # SPEC 2.3: ViT-L, 308.5M
+])
+def test_presets_have_the_official_sizes(name, encoder, decoder, kept, top_k):
+    for stage in (1, 2):
+        cfg = preset(name, stage)
+        validate(cfg)
+        enc = encoder_config(cfg)
+        objective = objective_config(cfg, enc.depth)
+        with torch.device("meta"):  # shapes only
+            n_enc = sum(p.numel() for p in Encoder(enc).parameters() if p.requires_grad)
+            n_dec = sum(p.numel() for p in CNNDecoder(enc.embed_dim, objective.decoder).parameters())
+        assert (n_enc, n_dec, objective.top_k) == (encoder, decoder, top_k)
+        mask = MaskConfig(grid=(cfg.data.target_length // 16, 8), mask_prob=cfg.objective.mask_prob,
+                          mask_prob_adjust=cfg.objective.mask_prob_adjust, mask_length=cfg.objective.mask_length)
+        assert mask.num_kept == kept
+
+
+def test_width_and_depth_overrides_of_a_preset():
+    cfg = preset("base", 2)
+    for key, value in [("model.embed_dim", "384"), ("model.depth", "5"), ("model.num_heads", "6"),
+                       ("model.decoder_dim", "192"), ("model.decoder_groups", "8")]:
+        set_option(cfg, key, value)
+    validate(cfg)
+    enc = encoder_config(cfg)
+    assert (enc.embed_dim, enc.depth, enc.num_heads, enc.mlp_dim) == (384, 5, 6, 1536)
+    objective = objective_config(cfg, enc.depth)
+    assert objective.top_k == 5 and objective.clones == 8
+    with torch.device("meta"):
+        decoder = CNNDecoder(enc.embed_dim, objective.decoder)
+    assert decoder.blocks[0][0].in_channels == 384 and decoder.proj.out_features == 384
+
+
+@pytest.mark.parametrize("frames", [112, 208])
+def test_odd_clip_lengths_through_both_objectives(tmp_path, frames):
+    """7 and 13 patch rows (odd, prime): masks, mixing windows, the partner pass and the SRL
+    stitching all follow the grid; every loss term is finite."""
+    for stage in (1, 2):
+        cfg = small(tmp_path / f"s{stage}", stage=stage, steps=1, data__target_length=frames,
+                    data__synth_seconds=frames / 100 + 0.1)
+        trainer = Trainer(cfg, log=quiet)
+        values = trainer.fit()
+        assert trainer.mask_cfg.grid == (frames // 16, 8)
+        assert all(np.isfinite(values[k]) for k in ("loss", "frame", "cls"))
+        assert ("srl" in values) == (stage == 2)
+
+
+# ---- config validation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value, stage, message", [
+    ("objective.mask_prob", "1.0", 1, r"objective.mask_prob=1.0 must lie in \(0, 1\)"),
+    ("objective.mask_prob", "0", 1, "objective.mask_prob"),
+    ("objective.clones", "0", 1, "objective.clones"),
+    ("data.batch_size", "0", 1, "data.batch_size"),
+    ("data.batch_size", "1", 2, "data.batch_size >= 2"),
+    ("optim.lr", "-1e-3", 1, "optim.lr=-0.001"),
+    ("optim.lr", "nan", 1, "optim.lr: must be finite"),
+    ("optim.min_lr", "-1", 1, "optim.min_lr=-1.0"),
+    ("optim.beta2", "1.0", 1, "optim.beta2"),
+    ("optim.weight_decay", "-0.1", 1, "optim.weight_decay"),
+    ("objective.cls_loss", "inf", 1, "objective.cls_loss: must be finite"),
+    ("objective.srl_weight", "-2", 2, "objective.srl_weight"),
+    ("ema.start", "1.5", 1, "ema.start=1.5"),
+    ("ema.end", "-0.1", 1, "ema.end=-0.1"),
+    ("objective.mix_width", "40", 2, "objective.mix_width=40 must be a positive multiple of 16"),
+    ("objective.mix_width", "64", 2, "objective.mix_width=64 does not fit data.target_length=128"),
+    ("model.decoder_layers", "0", 1, "decoder_layers must be >= 1"),
+    ("model.depth", "-1", 1, "model.embed_dim, depth and num_heads"),
+    ("data.target_length", "998", 1, "data.target_length must be a .*multiple of 16"),
+    ("data.target_length", "0", 1, "data.target_length"),
+    ("run.device", "tpu", 1, "run.device='tpu'"),
+    ("run.max_bad_steps", "0", 1, "run.max_bad_steps"),
+    ("data.max_bad_files", "-1", 1, "data.max_bad_files"),
+])
+def test_impossible_settings_are_refused_naming_the_key(tmp_path, key, value, stage, message):
+    """Regression for most rows: they used to pass validation and then fail deep in the run
+    without naming the setting (a negative lr in AdamW, a mix width at the first step, a
+    decoder of 0 layers as a matmul shape error) or train silently wrong (an EMA decay above 1,
+    a negative lr at the end of the cosine, a negative loss weight)."""
+    cfg = small(tmp_path, stage=stage, steps=1)
+    set_option(cfg, key, value)
+    with pytest.raises(ValueError, match=message):
+        validate(cfg)
+    with pytest.raises(ValueError, match=message):
+        Trainer(cfg, log=quiet)
+    assert not checkpoints_in(tmp_path)
+
+
+def test_values_that_are_not_strings_are_type_checked():
+    """Regression: set_option / TrainConfig.from_dict took non-string values unchecked (a
+    batch size of 2.5, an lr of True); integral floats still give ints."""
+    cfg = preset("tiny", 1)
+    with pytest.raises(ValueError, match=r"--data.batch_size=2.5: expected a int"):
+        set_option(cfg, "data.batch_size", 2.5)
+    with pytest.raises(ValueError, match=r"--optim.lr=True: expected a float"):
+        TrainConfig.from_dict({"optim": {"lr": True}})
+    with pytest.raises(ValueError, match=r"--run.compile=1: expected a bool"):
+        set_option(cfg, "run.compile", 1)
+    with pytest.raises(ValueError, match=r"--model.variant=5: expected a str"):
+        set_option(cfg, "model.variant", 5)
+    set_option(cfg, "optim.max_steps", 2e5)
+    set_option(cfg, "optim.lr", 1)
+    assert cfg.optim.max_steps == 200_000 and isinstance(cfg.optim.max_steps, int)
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# ---- evaluation -----------------------------------------------------------------------------
+
+
+def tiny_encoder(num_classes: int = 0) -> Encoder:
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=16, num_classes=num_classes)).eval()
+    enc.preprocessing = {"sample_rate": 16000, "target_length": 128, "norm": "audioset"}
+    return enc
+
+
+def test_finetune_with_fewer_clips_than_a_batch_is_refused(tmp_path):
+    """Regression: a training split smaller than the batch made every epoch yield no batch
+    (the incomplete last one is dropped) and Finetuner.fit looped forever."""
+    train, test = synth_split("poly", True, 3), synth_split("poly", False, 4)
+    cfg = FinetuneConfig(steps=2, warmup=0, batch_size=4, out=str(tmp_path), workers=0)
+    with pytest.raises(ValueError, match=r"poly_train: 3 training clip\(s\) per process per epoch, fewer than batch_size=4"):
+        Finetuner(tiny_encoder(), train, test, cfg, log=quiet)
+    assert not any(tmp_path.iterdir())
+
+
+def test_empty_splits_are_refused_clearly(tmp_path):
+    """Regression: an empty split failed as "torch.cat(): expected a non-empty list of Tensors"
+    (linear probe) or hung (fine-tuning on an empty train split)."""
+    train = synth_split("mono", True, 6)
+    empty = LabeledSplit("nothing", [], torch.zeros(0, train.targets.shape[1]), list(train.class_names), False)
+    cfg = FinetuneConfig(steps=1, batch_size=2, out=str(tmp_path), workers=0)
+    for a, b, role in [(train, empty, "score"), (empty, train, "train on")]:
+        with pytest.raises(ValueError, match=f"split 'nothing' is empty: no clips to {role}"):
+            linear_probe(tiny_encoder(), a, b, ProbeConfig(epochs=1, batch_size=2))
+        with pytest.raises(ValueError, match=f"split 'nothing' is empty: no clips to {role}"):
+            Finetuner(tiny_encoder(), a, b, cfg, log=quiet)
+
+
+def test_finetuning_a_finetuned_encoder_gets_a_fresh_head(tmp_path):
+    """Regression: an encoder that already has a head (e.g. the AS-2M fine-tuned model) could
+    not be fine-tuned on a task with another number of classes (size mismatch of head.weight),
+    and one with as many classes silently kept the old head instead of a fresh one."""
+    five = tiny_encoder(num_classes=5)
+    with torch.no_grad():
+        five.head.weight.fill_(1.0)
+    model = with_head(five, [f"c{i}" for i in range(12)], drop_path=0.1)
+    assert model.head.weight.shape == (12, 32) and torch.equal(model.blocks[1].mlp.fc2.weight, five.blocks[1].mlp.fc2.weight)
+    same = with_head(five, [f"c{i}" for i in range(5)], drop_path=0.1)
+    assert not torch.equal(same.head.weight, five.head.weight) and torch.all(same.head.bias == 0)
+    train, test = synth_split("mono", True, 8), synth_split("mono", False, 4)
+    result = Finetuner(five, train, test, FinetuneConfig(steps=1, warmup=0, batch_size=4, out=str(tmp_path), workers=0),
+                       log=quiet).fit()
+    assert 0 <= result["accuracy"] <= 1
+
+
+def test_probe_and_finetune_odd_class_counts_and_label_kinds(tmp_path):
+    """Regression (multilabel): 5 classes over 7 clips; a train CSV whose rows happen to carry
+    one label each with a multi-label test CSV -- the probe used to pick softmax + accuracy
+    from the train split alone (scoring multi-hot targets by their first class) while the
+    fine-tuner used BCE + mAP; both are multi-label now."""
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(7):
+        sf.write(audio / f"{i}.wav", np.random.default_rng(i).standard_normal(12000 + 900 * i) * 0.1, 16000)
+    names = ["a", "b", "c", "d", "e"]
+    (tmp_path / "train.csv").write_text("path,labels\n" + "".join(f"audio/{i}.wav,{names[i % 5]}\n" for i in range(7)))
+    (tmp_path / "test.csv").write_text('path,labels\naudio/0.wav,"a;c"\naudio/1.wav,b\naudio/2.wav,e\n')
+    train = read_csv_split(tmp_path / "train.csv")
+    test = read_csv_split(tmp_path / "test.csv", class_names=train.class_names)
+    assert not train.multilabel and test.multilabel and train.targets.shape == (7, 5)
+    result = linear_probe(tiny_encoder(), train, test, ProbeConfig(epochs=2, batch_size=3), seeds=range(2))
+    assert result["metric"] == "mAP" and 0 < result["mean"] <= 1 and len(result["per_seed"]) == 2
+    full = linear_probe(tiny_encoder(), train, test, ProbeConfig(epochs=1, batch_size=3, fast=False), seeds=[0])
+    assert full["metric"] == "mAP"
+    single = linear_probe(tiny_encoder(), train, train, ProbeConfig(epochs=1, batch_size=3))
+    assert single["metric"] == "accuracy" and 0 <= single["mean"] <= 1
+    ft = Finetuner(tiny_encoder(), train, test, FinetuneConfig(steps=2, warmup=1, batch_size=3, eval_every=2,
+                                                               out=str(tmp_path / "ft"), workers=0), log=quiet)
+    assert ft.multilabel and "mAP" in ft.fit()
