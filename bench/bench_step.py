@@ -70,7 +70,7 @@ class Step:
         samples = (frames - 1) * 160 + 400
         g = torch.Generator().manual_seed(1)
         self.waves = (0.1 * torch.randn(batch, samples, generator=g)).to(device)
-        self.lengths = torch.full((batch,), samples, device=device)
+        self.lengths = torch.full((batch,), samples)  # on the CPU, as a data loader gives them
         self.count = 0
 
     def __call__(self) -> float:

@@ -426,7 +426,8 @@ def fbank_patch(
         1e-4 of the float64 fbank; see the module doc). Not differentiable.
 
     Length values are checked eagerly (clips shorter than 400 samples raise
-    :class:`sslam.audio.AudioError`; a GPU ``lengths`` costs one device sync). Inside
+    :class:`sslam.audio.AudioError`). Pass ``lengths`` on the CPU: then nothing waits for the
+    GPU; a GPU ``lengths`` costs one device sync to read them. Inside
     ``torch.compile`` only shapes are checked: lengths are clamped to [0, N] and a clip shorter
     than one frame comes out as padding.
     """
@@ -460,8 +461,11 @@ def fbank_patch(
     wave = waveforms.to(torch.float32)
     if wave.stride(1) != 1:
         wave = wave.contiguous()
+    # Checked lengths live on the CPU: an asynchronous copy, so the host does not wait for the
+    # GPU here (a blocking one synchronises the stream).
+    lens = lens.to(torch.int32).to(wave.device, non_blocking=True)
     return _fbank_patch_op(
-        wave, lens.to(device=wave.device, dtype=torch.int32), target_length, float(mean),
+        wave, lens, target_length, float(mean),
         float(2 * std), list(mix.starts) if mix is not None else [], mix.width if mix else 0,
         dot_precision,
     )

@@ -134,7 +134,8 @@ def _as_batch(
                     f"lengths: expected {batch.shape[0]} values in [0, {batch.shape[1]}], "
                     f"got {lens.tolist()}"
                 )
-        return batch, lens.to(batch.device)
+        # Asynchronous: a blocking host-to-device copy would wait for the GPU's queue.
+        return batch, lens.to(batch.device, non_blocking=True)
     clips = [torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w) for w in waveforms]
     if not clips:
         raise ValueError("waveforms: empty list")
