@@ -265,20 +265,23 @@ class ObjectiveConfig:
 @dataclass
 class Losses:
     """Loss terms of one forward, each already divided by ``sample_size`` (the number of masked
-    student tokens), so ``total`` is what is back-propagated."""
+    student tokens), so ``total`` is what is back-propagated. Every field is a 0-d tensor on the
+    model's device: reading one on the host waits for the GPU, so the trainer reads them all
+    at once, after the backward is queued."""
 
     total: torch.Tensor
     frame: torch.Tensor
     cls: torch.Tensor
     srl: torch.Tensor | None
-    sample_size: int
+    sample_size: torch.Tensor
     extra: dict = field(default_factory=dict)
 
-    def items(self) -> dict[str, float]:
+    def terms(self) -> dict[str, torch.Tensor]:
+        """The logged terms, detached: loss, frame, cls (and srl in stage 2)."""
         out = {"loss": self.total, "frame": self.frame, "cls": self.cls}
         if self.srl is not None:
             out["srl"] = self.srl
-        return {k: float(v.detach()) for k, v in out.items()}
+        return {k: v.detach() for k, v in out.items()}
 
 
 class Pretrainer(nn.Module):
@@ -388,7 +391,7 @@ class Pretrainer(nn.Module):
         target = layer_targets(layers, self.objective.top_k)
         cls_target = target.mean(dim=1)  # EAT: mean of the top-K frame target
         masked = self._masked(keep, pred.shape[1])
-        sample_size = int(masked.sum())
+        sample_size = masked.sum()  # a device tensor: int() here would wait for the GPU
         frame = self._regression(pred, target, masked, clones) / sample_size
         cls_term = cls_regression_sum(cls, cls_target, clones) * self.objective.cls_loss
         return Losses(frame + cls_term, frame, cls_term, None, sample_size)
@@ -406,14 +409,15 @@ class Pretrainer(nn.Module):
         frame_target = layer_targets(layers, obj.top_k)
         cls_target = layer_targets(layers[-1:], 1).mean(dim=1)  # stage 2: last layer only
         rows, freq = self._grid(spec)
-        partner_keep = partner_keep_indices(windows, rows, freq, self.student.cfg.patch_size).to(spec.device)
+        partner_keep = partner_keep_indices(windows, rows, freq, self.student.cfg.patch_size).to(
+            spec.device, non_blocking=True)
         with torch.no_grad():
             partial_layers = self.teacher.encoder(spec, keep=partner_keep, layer_results=True).layer_results
         partial = layer_targets([m[:, 1:] for m in partial_layers], obj.top_k)
         srl = srl_target(frame_target[:b], partial, windows, freq, self.student.cfg.patch_size)
 
         masked = self._masked(keep2, pred.shape[1])
-        sample_size = int(masked.sum())
+        sample_size = masked.sum()
         frame = self._regression(pred, frame_target, masked, clones) / sample_size
         mixed = slice(b * clones, None)
         srl_term = obj.srl_weight * self._regression(pred[mixed], srl, masked[mixed], clones) / sample_size

@@ -582,7 +582,7 @@ class Trainer:
         None (the objective mixes them)."""
         d = self.cfg.data
         waves = batch.waveforms.to(self.device, non_blocking=True)
-        lengths = batch.lengths.to(self.device, non_blocking=True)
+        lengths = batch.lengths  # stay on the CPU: both check them there without waiting for the GPU
         if use_kernels(waves):
             from .kernels.fbank_patch import fbank_patch
 
@@ -604,7 +604,7 @@ class Trainer:
         masks = block_masks(clean.shape[0] * self.model.objective.clones, self.mask_cfg, mix_seed(seed, self.step, slot, 1))
         keep, _ = kept_indices(masks)
         noise = torch.Generator(device=self.device).manual_seed(mix_seed(seed, self.step, slot, 3))
-        return clean, mixed, keep.to(self.device), windows, noise
+        return clean, mixed, keep.to(self.device, non_blocking=True), windows, noise
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -613,11 +613,15 @@ class Trainer:
 
     def train_step(self, micro_batches) -> dict | None:
         """Forward/backward over the accumulation micro-batches, clip, step, EMA. Returns the
-        logged values, or None if the loss was not finite (the step is skipped)."""
+        logged values, or None if the loss was not finite, or the gradients were not without a
+        gradient scaler (the step is skipped: nothing is updated).
+
+        The host reads the loss terms and the gradient norm once, after every backward and the
+        clipping are queued: each read of a GPU value waits for the GPU to finish all queued
+        work, after which it idles until new work arrives."""
         cfg = self.cfg
         accum = len(micro_batches)
-        totals: dict[str, float] = {}
-        finite = True
+        logged = []
         for k, batch in enumerate(micro_batches):
             slot = k * self.dist.world_size + self.dist.rank
             clean, mixed, keep, windows, noise = self.micro_step_inputs(batch, slot)
@@ -627,19 +631,26 @@ class Trainer:
             with sync:
                 with self.autocast():
                     losses = self.train_module(clean, keep, windows=windows, generator=noise, mixed=mixed)
-                loss = losses.total / accum
-                if not torch.isfinite(loss.detach()):
-                    finite = False
-                    break
-                self.scaler.scale(loss).backward()
-            for name, value in losses.items().items():
-                totals[name] = totals.get(name, 0.0) + value / accum
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
+                # Also when the loss is not finite: every process must join the gradient
+                # all-reduce, and the step is then skipped below.
+                self.scaler.scale(losses.total / accum).backward()
+            logged.append(losses.terms())
         self.scaler.unscale_(self.optimizer)
         params = self.model.trainable_parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf"))
+        names = list(logged[0])
+        rows = torch.stack([torch.stack([terms[n].float() for n in names]) for terms in logged]).tolist()
+        grad_norm = float(grad_norm)
+        # A scaler (fp16) skips steps with non-finite gradients itself and lowers its scale.
+        if not all(math.isfinite(row[0]) for row in rows) or (
+                not self.scaler.is_enabled() and not math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()  # closes the unscale_ above (and lowers the fp16 scale)
+            return None
+        totals: dict[str, float] = {}
+        for row in rows:
+            for name, value in zip(names, row):
+                totals[name] = totals.get(name, 0.0) + value / accum
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -647,7 +658,7 @@ class Trainer:
         self.step += 1
         decay = self.ema_decay()
         self.model.update_teacher(decay)
-        totals.update(grad_norm=float(grad_norm), ema_decay=decay, lr=self.scheduler.get_last_lr()[0])
+        totals.update(grad_norm=grad_norm, ema_decay=decay, lr=self.scheduler.get_last_lr()[0])
         return totals
 
     def ema_decay(self) -> float:
@@ -766,7 +777,7 @@ class Trainer:
                 if values is None:
                     self.bad_steps += 1
                     self.skipped_steps += 1
-                    self.log(f"step {self.step + 1}: non-finite loss, step skipped ({self.bad_steps} in a row)")
+                    self.log(f"step {self.step + 1}: non-finite loss or gradients, step skipped ({self.bad_steps} in a row)")
                     if self.bad_steps >= cfg.run.max_bad_steps:
                         raise StopTraining(
                             f"{self.bad_steps} consecutive non-finite losses at step {self.step + 1}; stopping. "

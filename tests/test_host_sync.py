@@ -1,0 +1,32 @@
+"""On a GPU, a training step queues its features, forward and backward without the host ever
+waiting for the GPU: each wait drains the GPU's queue, which then idles until the host has
+launched new work. torch.cuda's sync debug mode turns every synchronising call into an error.
+(The trainer reads the losses once per step, after the backward: outside what is checked here.)
+"""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_features_forward_and_backward_never_wait_for_the_gpu(tmp_path, stage):
+    from test_train import small
+
+    from sslam.train import Trainer
+
+    trainer = Trainer(small(tmp_path, stage=stage, steps=2, run__device="cuda"), log=lambda *a: None)
+    loader = iter(trainer.data_loader())
+    trainer.train_step([next(loader)])  # the first call autotunes and allocates, which synchronises
+    batch = next(loader)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        clean, mixed, keep, windows, noise = trainer.micro_step_inputs(batch, slot=0)
+        with trainer.autocast():
+            losses = trainer.train_module(clean, keep, windows=windows, generator=noise, mixed=mixed)
+        losses.total.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(losses.total)
