@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     append_rows,
+    autotune_report,
     cpu_timing,
     cuda_timing,
     environment,
@@ -48,6 +49,8 @@ from common import (  # noqa: E402
     peak_memory_mb,
 )
 from sslam.kernels.attention import attention, attention_ref  # noqa: E402
+
+attn = sys.modules["sslam.kernels.attention"]  # the module (the package exports a function of that name)
 
 HEADS, HEAD_DIM = 12, 64
 CASES = {"student": (192, 103), "teacher": (24, 513), "partner": (12, 273)}
@@ -284,9 +287,14 @@ def main(argv=None) -> None:
     selected = list(cases) if args.case == "all" else [args.case]
 
     env = environment(device)
-    rows = []
+    rows, seen = [], set()
+    tuners = {name: getattr(attn, name) for name in (
+        "_fwd_single_block", "_fwd_general", "_bwd_single_block", "_bwd_dq_general", "_bwd_dkdv_general")}
     for case in selected:
         rows += bench_case(case, cases[case], heads, dtype, device, args.quick)
+        report = autotune_report(tuners, seen)
+        if report:
+            print(f"-- {case}\n{report}")
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
     print_table(rows)
     if args.csv is not None:

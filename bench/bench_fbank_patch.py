@@ -40,7 +40,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("SSLAM_KERNELS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, cpu_timing, environment, kernel_device, measure  # noqa: E402
+from common import append_rows, autotune_report, cpu_timing, environment, kernel_device, measure  # noqa: E402
 from sslam.kernels.fbank_patch import fbank_patch  # noqa: E402
 
 from sslam.features import (  # noqa: E402
@@ -108,12 +108,14 @@ def bench(batch: int, samples: int, target_length: int, device: str, quick: bool
                       mixed_bytes),
         f"compile[{compile_backend}]": (lambda: compiled(waves, lens, target_length), clean_bytes),
     }
-    rows = []
+    rows, seen = [], set()
     for name, (fn, nbytes) in variants.items():
         (med, p20, p80), peak = measure(fn, device)
         rows.append(dict(variant=name, median_ms=med, p20_ms=p20, p80_ms=p80,
                          throughput=nbytes / med / 1e6, unit="GB/s", peak_mem_mb=peak,
                          us_per_clip=med * 1e3 / batch, tflops=flop / med / 1e9))
+        if device == "cuda" and name.startswith("ours"):  # each variant tunes its own key
+            print(autotune_report({name: sys.modules["sslam.kernels.fbank_patch"]._autotuned_kernel()}, seen))
 
     # The official path: one clip at a time on the CPU, a few clips, scaled to the batch.
     clips = waves_cpu[: 2 if quick else 4]

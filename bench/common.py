@@ -141,3 +141,23 @@ def measure(fn, device: str) -> tuple[tuple[float, float, float], float]:
         torch.cuda.synchronize()
         return cuda_timing(fn), peak_memory_mb(fn, device)
     return cpu_timing(fn, repeats=1, warmup=1), 0.0
+
+
+def autotune_report(autotuners: dict, seen: set) -> str:
+    """Every configuration each autotuned kernel timed on its latest new key, fastest first.
+
+    Shows how close the runners-up came, i.e. where tuning could go next. ``autotuners`` maps
+    a label to a ``triton.autotune`` object; ``seen`` holds the timing tables already reported
+    (pass the same set on every call), so each table is printed once."""
+    lines = []
+    for label, tuner in autotuners.items():
+        timings = getattr(tuner, "configs_timings", None)
+        if not timings or id(timings) in seen:
+            continue
+        seen.add(id(timings))
+        lines.append(f"autotuning {label}:")
+        median = {config: t[0] if isinstance(t, (list, tuple)) else t for config, t in timings.items()}
+        for config in sorted(median, key=median.get):
+            mark = "  <- chosen" if config is getattr(tuner, "best_config", None) else ""
+            lines.append(f"  {median[config] * 1e3:9.1f} us  {config}{mark}")
+    return "\n".join(lines)

@@ -44,3 +44,22 @@ def test_unknown_benchmark_names_are_refused(tmp_path):
     assert done.returncode == 2
     assert "--only: no benchmark named ['atention']" in done.stderr
     assert not (tmp_path / "results.csv").exists()
+
+
+def test_autotune_report_lists_each_new_table_once_fastest_first():
+    from types import SimpleNamespace
+
+    import triton
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import autotune_report
+
+    slow, fast = triton.Config({"BLOCK": 64}, num_warps=4), triton.Config({"BLOCK": 32}, num_warps=2)
+    tuner = SimpleNamespace(configs_timings={slow: [0.02, 0.019, 0.021], fast: [0.01, 0.009, 0.011]},
+                            best_config=fast)
+    seen = set()
+    lines = autotune_report({"kernel": tuner, "untuned": SimpleNamespace()}, seen).splitlines()
+    assert lines[0] == "autotuning kernel:" and len(lines) == 3
+    assert "10.0 us" in lines[1] and "BLOCK: 32" in lines[1] and lines[1].endswith("<- chosen")
+    assert "20.0 us" in lines[2] and "BLOCK: 64" in lines[2] and "chosen" not in lines[2]
+    assert autotune_report({"kernel": tuner}, seen) == ""  # already reported
