@@ -28,7 +28,7 @@ from sslam.mixing import MixWindows, mix_patches  # noqa: E402
 attn = importlib.import_module("sslam.kernels.attention")
 fp = importlib.import_module("sslam.kernels.fbank_patch")
 
-from test_kernel_fbank_patch import fbank64, normalised  # noqa: E402
+from test_kernel_fbank_patch import fbank64, normalised, waveforms_with_lengths  # noqa: E402
 
 TOL = 1e-4  # fbank: max abs difference in normalised units
 
@@ -85,15 +85,6 @@ def cu_of(lengths):
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.as_tensor(lengths, dtype=torch.int64), 0)
     return cu
-
-
-def waveforms_with_lengths(lengths, num_samples=None, scale=0.3):
-    """(B, N) random clips followed by loud garbage padding that must not leak in."""
-    num_samples = num_samples or max(lengths)
-    waves = scale * torch.randn(len(lengths), num_samples)
-    for i, n in enumerate(lengths):
-        waves[i, n:] = 1e3
-    return waves, torch.tensor(lengths)
 
 
 def pad_value(norm=(-4.268, 4.569)):

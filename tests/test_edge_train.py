@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import GOLDEN
-from test_train import params, small
+from test_train import interrupt_after, params, small
 
 from sslam.checkpoint import CheckpointError, read_checkpoint, safe_torch_load
 from sslam.evaluate import FinetuneConfig, Finetuner, ProbeConfig, linear_probe, with_head
@@ -86,17 +86,7 @@ def test_stage2_resume_with_accumulation_and_audio_files_is_exact(tmp_path, monk
 
     straight = Trainer(cfg(tmp_path / "a"), log=quiet)
     straight.fit()
-    interrupted = Trainer(cfg(tmp_path / "b"), log=quiet)
-    real_step = interrupted.train_step
-
-    def killed_at_step_5(micro):
-        if interrupted.step == 4:
-            raise KeyboardInterrupt
-        return real_step(micro)
-
-    monkeypatch.setattr(interrupted, "train_step", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
+    interrupt_after(Trainer(cfg(tmp_path / "b"), log=quiet), monkeypatch, 4)
     saved = safe_torch_load(checkpoints_in(tmp_path / "b")[-1])
     assert saved["step"] == 3 and saved["data_position"] == [1, 1]
     resumed = Trainer(cfg(tmp_path / "b"), log=quiet)
@@ -162,17 +152,7 @@ def test_resume_without_init_keeps_the_ema_schedule(tmp_path, stage1_run, monkey
 
     straight = Trainer(cfg(tmp_path / "a"), log=quiet)
     straight.fit()
-    interrupted = Trainer(cfg(tmp_path / "b"), log=quiet)
-    real_step = interrupted.train_step
-
-    def killed_at_step_3(micro):
-        if interrupted.step == 2:
-            raise KeyboardInterrupt
-        return real_step(micro)
-
-    monkeypatch.setattr(interrupted, "train_step", killed_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
+    interrupt_after(Trainer(cfg(tmp_path / "b"), log=quiet), monkeypatch, 2)
     resumed = Trainer(cfg(tmp_path / "b", with_init=False), log=quiet)
     assert resumed.step == 2 and resumed.ema_decay() == resumed.cfg.ema.end
     resumed.fit()

@@ -39,6 +39,20 @@ def small(out, stage=1, steps=6, **over) -> TrainConfig:
     return cfg
 
 
+def interrupt_after(trainer, monkeypatch, steps: int) -> None:
+    """Run ``trainer.fit()`` and stop it, as Ctrl-C would, once it has done ``steps`` steps."""
+    real_step = trainer.train_step
+
+    def step_or_stop(micro):
+        if trainer.step == steps:
+            raise KeyboardInterrupt
+        return real_step(micro)
+
+    monkeypatch.setattr(trainer, "train_step", step_or_stop)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+
+
 def params(trainer) -> dict:
     state = {f"student.{k}": v for k, v in trainer.model.student.state_dict().items()}
     state.update({f"teacher.{k}": v for k, v in trainer.model.teacher.encoder.state_dict().items()})
@@ -103,17 +117,7 @@ def test_loss_goes_down(tmp_path, stage):
 def test_resume_is_exact(tmp_path, monkeypatch):
     straight = Trainer(small(tmp_path / "a", steps=6), log=lambda *a: None)
     straight.fit()
-    interrupted = Trainer(small(tmp_path / "b", steps=6), log=lambda *a: None)
-    real_step = interrupted.train_step
-
-    def killed_at_step_5(micro):
-        if interrupted.step == 4:
-            raise KeyboardInterrupt
-        return real_step(micro)
-
-    monkeypatch.setattr(interrupted, "train_step", killed_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.fit()
+    interrupt_after(Trainer(small(tmp_path / "b", steps=6), log=lambda *a: None), monkeypatch, 4)
     assert [p.name for p in checkpoints_in(tmp_path / "b")] == ["checkpoint_00000003.pt"]
     resumed = Trainer(small(tmp_path / "b", steps=6), log=lambda *a: None)
     assert resumed.step == 3
