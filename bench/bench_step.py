@@ -21,6 +21,7 @@ FLOPs of DESIGN.md (:func:`sslam.pretrain.train_flops_per_clip`) against 790 TFL
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -125,22 +126,42 @@ def time_steps(step: Step, warmup: int, steps: int) -> tuple[float, float]:
     return seconds, peak
 
 
-def largest_batch(variant, cfg, device, start: int, limit: int = 512) -> int:
-    """Double the batch from ``start`` until a step runs out of memory (GPU only)."""
-    best, batch = 0, start
-    while batch <= limit:
-        try:
-            step = Step(variant, cfg, batch, device)
-            step()
-            sync(device)
-            best = batch
-        except torch.OutOfMemoryError:
-            break
-        finally:
-            step = None
-            torch.cuda.empty_cache()
-        batch *= 2
-    return best
+def step_fits(variant, cfg, device, batch: int) -> bool:
+    """Whether one training step of ``batch`` clips runs without running out of GPU memory."""
+    step = None
+    try:
+        step = Step(variant, cfg, batch, device)
+        step()
+        sync(device)
+        fits = True
+    except torch.OutOfMemoryError:
+        fits = False
+    del step  # free the model and its activations before the next try
+    gc.collect()
+    torch.cuda.empty_cache()
+    return fits
+
+
+def largest_fitting(fits, start: int, limit: int = 1024, resolution: int = 4) -> int:
+    """The largest batch for which ``fits(batch)`` holds, within ``resolution`` clips: doubling
+    from ``start`` until a batch fails (or ``limit``), then bisection. 0 if ``start`` fails."""
+    if not fits(start):
+        return 0
+    good, bad = start, None
+    while bad is None:
+        if 2 * good > limit:
+            return good
+        if fits(2 * good):
+            good *= 2
+        else:
+            bad = 2 * good
+    while bad - good > resolution:
+        middle = (good + bad) // 2
+        if fits(middle):
+            good = middle
+        else:
+            bad = middle
+    return good
 
 
 def profile(step: Step, folder: Path, steps: int = 3) -> str:
@@ -204,7 +225,7 @@ def main(argv=None) -> int:
             mfu = flops * clips / (PEAK_TFLOPS * 1e12) if device.type == "cuda" else float("nan")
             # The search recompiles the compiled variant for every size: measured for the others.
             search = args.max_batch and device.type == "cuda" and variant != "compile"
-            most = largest_batch(variant, cfg, device, args.batch) if search else 0
+            most = largest_fitting(lambda b: step_fits(variant, cfg, device, b), args.batch) if search else 0
             base = base or (seconds if variant == "official" else None)
             speedup = base / seconds if base else float("nan")
             print(f"{variant:>9} {seconds:>9.4f} {clips:>9.2f} {100 * mfu:>6.1f}% {peak:>9.2f} "

@@ -63,3 +63,19 @@ def test_autotune_report_lists_each_new_table_once_fastest_first():
     assert "10.0 us" in lines[1] and "BLOCK: 32" in lines[1] and lines[1].endswith("<- chosen")
     assert "20.0 us" in lines[2] and "BLOCK: 64" in lines[2] and "chosen" not in lines[2]
     assert autotune_report({"kernel": tuner}, seen) == ""  # already reported
+
+
+def test_largest_batch_search_doubles_then_bisects():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_step import largest_fitting
+
+    tried = []
+
+    def fits_up_to(most):
+        return lambda batch: tried.append(batch) or batch <= most
+
+    assert 96 < largest_fitting(fits_up_to(100), start=12, resolution=4) <= 100
+    assert tried[:4] == [12, 24, 48, 96] and 192 in tried and len(tried) < 12
+    assert largest_fitting(fits_up_to(40), start=12, resolution=1) == 40
+    assert largest_fitting(fits_up_to(5000), start=12, limit=500) == 384
+    assert largest_fitting(fits_up_to(8), start=12) == 0
