@@ -917,9 +917,15 @@ def read_label_names(path: str | os.PathLike) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def convert(src, out_dir, weights: str = "student", labels: str | os.PathLike | None = None) -> Path:
+def convert(src, out_dir, weights: str = "student", labels: str | os.PathLike | None = None,
+            overwrite: bool = False) -> Path:
     """Convert any readable checkpoint to our format; ``labels`` names a fine-tuned model's
-    classes (AudioSet ``class_labels_indices.csv`` style or one name per line)."""
+    classes (AudioSet ``class_labels_indices.csv`` style or one name per line). An encoder
+    already exported in ``out_dir`` is replaced only with ``overwrite=True``."""
+    existing = [name for name in _EXPORT_FILES if (Path(out_dir) / name).exists()]
+    if existing and not overwrite:  # checked first: a refusal costs no checkpoint read
+        raise CheckpointError(f"{out_dir}: already holds an exported encoder ({', '.join(existing)}); "
+                              "pass overwrite=True (sslam convert --overwrite) to replace it")
     ckpt = read_checkpoint(src, weights)
     model = encoder_from_checkpoint(ckpt)
     if labels is not None:

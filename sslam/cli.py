@@ -27,19 +27,22 @@ def cmd_extract(args) -> int:
     model = load_encoder(args.checkpoint, device=_device(args.device), weights=args.weights)
     if args.compile:
         model.compile_for_inference()
-    report = run_extract(
-        model,
-        args.inputs,
-        args.out,
-        granularity=args.granularity,
-        batch_size=args.batch_size,
-        padding=args.padding,
-        crop=args.crop,
-        autocast=AUTOCAST[args.autocast],
-        workers=args.workers,
-        manifest_root=args.manifest_root,
-        progress=not args.no_progress,
-    )
+    try:
+        report = run_extract(
+            model,
+            args.inputs,
+            args.out,
+            granularity=args.granularity,
+            batch_size=args.batch_size,
+            padding=args.padding,
+            crop=args.crop,
+            autocast=AUTOCAST[args.autocast],
+            workers=args.workers,
+            manifest_root=args.manifest_root,
+            progress=not args.no_progress,
+        )
+    except OSError as exc:  # e.g. --out under a file or a read-only folder: one line, not a traceback
+        raise ValueError(f"cannot extract to {args.out}: {exc}") from exc
     print(report.summary())
     return 1 if report.failed and not args.skip_errors else 0
 
@@ -48,7 +51,7 @@ def cmd_convert(args) -> int:
     from .checkpoint import CheckpointError, convert
 
     try:
-        out = convert(args.src, args.out, weights=args.weights, labels=args.labels)
+        out = convert(args.src, args.out, weights=args.weights, labels=args.labels, overwrite=args.overwrite)
     except OSError as exc:  # e.g. OUT under a file or a read-only folder: one line, not a traceback
         raise CheckpointError(f"cannot convert {args.src} to {args.out}: {exc}") from exc
     print(f"wrote {out}/model.safetensors and {out}/config.json")
@@ -93,6 +96,7 @@ def _add_convert(sub) -> None:
     p.add_argument("out", help="output folder")
     p.add_argument("--weights", default="student", choices=["student", "teacher"])
     p.add_argument("--labels", default=None, help="class names of a fine-tuned model (index,mid,display_name CSV or one per line)")
+    p.add_argument("--overwrite", action="store_true", help="replace an encoder already exported in OUT")
     p.set_defaults(func=cmd_convert)
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import mixup, roll_waveforms, spec_augment
-from .checkpoint import atomic_write, load_encoder, safe_torch_load
+from .checkpoint import CheckpointError, atomic_write, load_encoder, safe_torch_load
 from .features import preprocess
 from .labels import LabeledSplit, SplitAudio, read_split
 from .metrics import accuracy, mean_average_precision
@@ -299,7 +299,42 @@ def read_weights(path: str, n: int) -> torch.Tensor:
             raise ValueError(f"{path}:{number}: {line!r} is not a number") from None
     if len(values) != n:
         raise ValueError(f"{path}: {len(values)} weights for {n} training clips")
+    bad = [i + 1 for i, v in enumerate(values) if not (math.isfinite(v) and v >= 0)]
+    if bad:  # torch.multinomial would fail with "probability tensor contains inf, nan or < 0"
+        raise ValueError(f"{path}: sampling weights must be finite and >= 0; weight(s) number {bad[:10]} "
+                         "(counting from 1) are not")
     return torch.tensor(values, dtype=torch.float64)
+
+
+# Fine-tuning settings a resumed run may change: where it writes, how often it evaluates, saves
+# and logs, its loader processes, and ``steps`` (extending or shortening a run stretches the rest
+# of the schedule), as sslam.train.RESUME_MAY_CHANGE allows for pretraining.
+FINETUNE_RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "ckpt_every", "keep_last", "out", "workers"})
+
+
+def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: list[str], multilabel: bool,
+                              encoder_config: dict, world_size: int) -> list[str]:
+    """What differs between the fine-tuning checkpoint ``saved`` and this run in a way a resumed
+    run cannot follow: settings, classes and label kind (the loss), encoder architecture, number
+    of processes (which splits every epoch's clips and sets the global batch). As ``key: <saved>
+    in the checkpoint, <now> now``."""
+    from .train import changed_settings
+
+    conflicts = changed_settings(saved.get("config") or {}, asdict(cfg), FINETUNE_RESUME_MAY_CHANGE)
+    old_names = saved.get("class_names")
+    if old_names is not None and list(old_names) != list(class_names):
+        conflicts.append(f"classes: {len(old_names)} in the checkpoint ({', '.join(map(str, old_names[:4]))}, ...), "
+                         f"{len(class_names)} now ({', '.join(map(str, class_names[:4]))}, ...)")
+    if saved.get("multilabel", multilabel) != multilabel:
+        conflicts.append(f"multilabel: {saved['multilabel']!r} in the checkpoint, {multilabel!r} now")
+    encoder = lambda config: {f"encoder.{key}": value for key, value in config.items()}  # noqa: E731
+    # drop-path is a fine-tuning setting and the head size follows the classes: both reported above
+    conflicts += changed_settings(encoder(saved.get("encoder_config") or {}), encoder(encoder_config),
+                                  {"encoder.drop_path_rate", "encoder.num_classes"})
+    old_world = int(saved.get("world_size", world_size))
+    if old_world != world_size:
+        conflicts.append(f"processes: {old_world} in the checkpoint, {world_size} now")
+    return conflicts
 
 
 class Classifier(nn.Module):
@@ -356,6 +391,16 @@ class Finetuner:
         self.amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.weights = read_weights(cfg.balanced_weights, len(train)) if cfg.balanced_weights else None
+        if cfg.epoch_size < 0:
+            raise ValueError(f"epoch_size={cfg.epoch_size}: must be >= 0 (0: as many draws as training clips)")
+        if self.weights is not None:
+            # Balanced epochs draw without replacement: torch.multinomial fails for more draws
+            # than clips, and silently draws zero-weight clips once the positive ones run out.
+            drawable = int((self.weights > 0).sum())
+            if self._epoch_size() > drawable:
+                raise ValueError(f"epoch_size={self._epoch_size()}: balanced sampling draws clips without replacement, "
+                                 f"but only {drawable} of the {len(train)} training clips have a positive weight in "
+                                 f"{cfg.balanced_weights}; use --epoch_size={drawable} or less")
         per_rank = self._epoch_size() // self.dist.world_size
         if cfg.batch_size < 1 or per_rank < cfg.batch_size:
             # Batches drop the incomplete last one: with fewer clips than a batch, an epoch
@@ -367,6 +412,18 @@ class Finetuner:
         existing = checkpoints_in(self.out)
         if existing:
             self._load(existing[-1])
+
+    def _check_resume(self, path: Path, state: dict) -> None:
+        """Refuse to resume from ``path`` when it is not a fine-tuning checkpoint or was written
+        with settings this run changes (the run would silently continue with a mix of both)."""
+        if state.get("format") != "sslam-finetune":
+            raise CheckpointError(f"{path}: not an sslam fine-tuning checkpoint (format {state.get('format')!r}); "
+                                  "choose another out folder")
+        conflicts = finetune_resume_conflicts(state, self.cfg, self.train_split.class_names, self.multilabel,
+                                              self.model.cfg.to_dict(), self.dist.world_size)
+        if conflicts:
+            raise ValueError(f"{path}: cannot resume fine-tuning with changed settings: " + "; ".join(conflicts)
+                             + ". Run with the checkpoint's settings, or choose another out folder.")
 
     def _epoch_size(self) -> int:
         return (self.cfg.epoch_size or len(self.train_split)) if self.weights is not None else len(self.train_split)
@@ -458,7 +515,8 @@ class Finetuner:
         state = {"format": "sslam-finetune", "config": asdict(self.cfg), "encoder_config": self.model.cfg.to_dict(),
                  "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "step": self.step, "best": self.best, "class_names": self.train_split.class_names, "rng": rng_state()}
+                 "step": self.step, "best": self.best, "class_names": self.train_split.class_names, "rng": rng_state(),
+                 "world_size": self.dist.world_size, "multilabel": self.multilabel}
         atomic_write(self.out / f"checkpoint_{self.step:08d}.pt", lambda tmp: torch.save(state, tmp))
         for old in checkpoints_in(self.out)[: -self.cfg.keep_last]:
             old.unlink(missing_ok=True)
@@ -467,6 +525,7 @@ class Finetuner:
         from .train import set_rng_state
 
         state = safe_torch_load(path)
+        self._check_resume(path, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

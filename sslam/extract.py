@@ -4,12 +4,15 @@ Inputs are files, folders (searched recursively for audio files) and fairseq ``.
 (first line: root folder; then ``relative/path<TAB>size``). Output is either one ``.npz`` file
 (all inputs stacked, padded, with masks; flushed atomically every few batches) or a folder with
 one ``.npz`` per input (mirroring the inputs' relative paths). Re-running skips inputs already
-present in the output. Bad files are reported by name with the reason.
+present in the output; a re-run with other settings or another encoder is refused, and a file
+named twice is embedded once. Bad files are reported by name with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 import zipfile
 from collections.abc import Iterator
@@ -62,12 +65,18 @@ def collect_inputs(inputs: list[str], manifest_root: str | None = None) -> list[
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
             items += [Item(str(p.relative_to(path)), p) for p in found]
-        elif path.suffix == ".tsv":
+        elif path.suffix.lower() == ".tsv":
             items += read_manifest(path, manifest_root)
         else:
             items.append(Item(path.name, path))
-    seen, unique = set(), []
+    seen, files, unique = set(), set(), []
     for item in items:
+        # The same file named twice (twice on the command line, or by a folder and a manifest)
+        # is embedded once, under its first key, not again under its full path.
+        real = os.path.realpath(item.path)
+        if real in files:
+            continue
+        files.add(real)
         key = item.key
         if key in seen:  # same file name from different places: disambiguate by full path
             key = str(item.path)
@@ -112,11 +121,29 @@ class Report:
 
 
 class FolderSink:
-    """One ``.npz`` per input under a folder; an input is done when its file exists."""
+    """One ``.npz`` per input under a folder; an input is done when its file exists. The run's
+    ``settings`` are kept in ``SETTINGS`` in the folder; resuming with others is refused (as
+    :class:`FileSink` does) instead of leaving files of different contents side by side."""
 
-    def __init__(self, root: Path):
+    SETTINGS = "sslam_extract.json"  # cannot clash with an output: those all end in .npz
+
+    def __init__(self, root: Path, settings: dict | None = None):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        if settings is None:
+            return
+        record = root / self.SETTINGS
+        if record.exists():
+            try:
+                stored = json.loads(record.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{record}: unreadable extraction settings ({exc})") from exc
+            if not isinstance(stored, dict):
+                raise ValueError(f"{record}: unreadable extraction settings (not a JSON object)")
+            check_settings(root, stored, settings)
+        else:
+            text = json.dumps(settings, sort_keys=True) + "\n"
+            atomic_write(record, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def target(self, key: str) -> Path:
         rel = Path(key)
@@ -145,15 +172,17 @@ class FileSink:
     RAGGED_BY_TOKEN = {"frames", "frame_mask"}
 
     def __init__(self, path: Path, settings: dict | None = None):
-        """``settings``: how this run embeds (granularity, padding, crop), stored in the file;
-        resuming a file written with other settings is refused rather than mixing rows that
-        hold different arrays or were computed differently."""
+        """``settings``: how this run embeds (granularity, padding, crop, encoder fingerprint),
+        stored in the file; resuming a file written with other settings is refused rather than
+        mixing rows that hold different arrays or were computed differently."""
         self.path = path
         self.settings = settings
         self.items: dict[str, dict[str, np.ndarray]] = {}
         self.label_names = None
         if path.exists():
             self._read()
+        else:  # an unusable location (e.g. under a file) fails now, not after all the embedding
+            path.parent.mkdir(parents=True, exist_ok=True)
 
     def _read(self) -> None:
         try:
@@ -186,13 +215,7 @@ class FileSink:
         (files without stored settings: compare the granularity their arrays show)."""
         if stored_settings is None:
             stored_settings = {"granularity": _granularity_of(stored)}
-        differ = {k: v for k, v in stored_settings.items() if self.settings.get(k, v) != v}
-        if differ:
-            mine = {k: self.settings[k] for k in differ}
-            raise ValueError(
-                f"{self.path}: was written with {differ}, this run uses {mine}; resume with the "
-                "same settings or choose another --out"
-            )
+        check_settings(self.path, stored_settings, self.settings)
 
     def done(self, key: str) -> bool:
         return key in self.items
@@ -222,6 +245,30 @@ class FileSink:
         if self.settings is not None:
             out["settings"] = np.asarray(json.dumps(self.settings, sort_keys=True))
         atomic_write(self.path, lambda tmp: _save_npz(tmp, out))
+
+
+def check_settings(path: Path, stored: dict, settings: dict) -> None:
+    """Raise ``ValueError`` when ``path`` was written with other ``settings`` than this run's (a
+    setting the file does not record is not compared)."""
+    differ = {k: v for k, v in stored.items() if settings.get(k, v) != v}
+    if differ:
+        mine = {k: settings[k] for k in differ}
+        raise ValueError(
+            f"{path}: was written with {differ}, this run uses {mine}; resume with the "
+            "same settings (and checkpoint) or choose another --out"
+        )
+
+
+def encoder_fingerprint(model) -> str:
+    """A short hash of an encoder's weights, architecture and preprocessing, stored with the
+    settings: resuming with another checkpoint (or the teacher instead of the student) would
+    otherwise mix rows of two models in one output without a word."""
+    meta = {"encoder": model.cfg.to_dict(), "preprocessing": model.preprocessing}
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
+    return digest.hexdigest()[:16]
 
 
 def _granularity_of(stored: dict) -> str:
@@ -282,12 +329,15 @@ def run_extract(
 
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r}: choose one of {GRANULARITIES}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}: must be a positive number of decoding threads")
     items = collect_inputs(inputs, manifest_root)
     if not items:
         raise ValueError(f"no audio files found in {inputs}")
     out_path = Path(out)
-    settings = {"granularity": granularity, "padding": padding, "crop": bool(crop)}
-    sink = FileSink(out_path, settings) if out_path.suffix == ".npz" else FolderSink(out_path)
+    settings = {"granularity": granularity, "padding": padding, "crop": bool(crop),
+                "encoder": encoder_fingerprint(model)}
+    sink = FileSink(out_path, settings) if out_path.suffix == ".npz" else FolderSink(out_path, settings)
     report = Report()
     todo = []
     for item in items:

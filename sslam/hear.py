@@ -60,8 +60,13 @@ def get_scene_embeddings(audio: torch.Tensor, model: Encoder) -> torch.Tensor:
 
 def get_timestamp_embeddings(audio: torch.Tensor, model: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_sounds, n_samples) -> embeddings (n_sounds, n_timestamps, timestamp_embedding_size)
-    and timestamps (n_sounds, n_timestamps) in milliseconds (centres of the real patch rows)."""
+    and timestamps (n_sounds, n_timestamps) in milliseconds: the centres of the patch rows
+    that lie within the audio (at least one row). A last, partly filled row whose centre falls
+    after the end is left out: HEAR requires timestamps within the audio, evenly spaced."""
     emb = _embed(audio, model)
     rows = int(emb.timestamp_mask.sum(1).max())  # every sound has the same length in HEAR
+    duration_ms = 1000 * audio.shape[-1] / model.sample_rate
     times = (emb.times[:rows] * 1000).to(emb.timestamps.device)
+    rows = max(1, int((times <= duration_ms).sum()))
+    times = times[:rows]
     return emb.timestamps[:, :rows], times.expand(len(emb), -1).contiguous()

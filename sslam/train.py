@@ -389,17 +389,24 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
+def changed_settings(before: dict, now: dict, may_change=frozenset()) -> list[str]:
+    """``key: <before> in the checkpoint, <now> now`` for every setting of ``now`` that differs
+    from ``before`` and is not in ``may_change``; a key ``before`` lacks (a setting newer than
+    the file) counts as unchanged."""
+    return [f"{key}: {before[key]!r} in the checkpoint, {value!r} now" for key, value in now.items()
+            if key in before and before[key] != value and key not in may_change]
+
+
+def _flat(config: dict) -> dict:
+    """{section: {key: value}} -> {"section.key": value}."""
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
+
+
 def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int) -> list[str]:
     """The settings of ``cfg`` that differ from the checkpoint ``saved`` in a way a resumed run
     cannot follow exactly, as ``section.key: <saved> in the checkpoint, <now> now``."""
     before = saved.get("config") or {}
-    conflicts = []
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            old = before.get(section, {}).get(key, value)  # a key newer than the file: no record
-            if old != value and name not in RESUME_MAY_CHANGE:
-                conflicts.append(f"{name}: {old!r} in the checkpoint, {value!r} now")
+    conflicts = changed_settings(_flat(before), _flat(cfg.to_dict()), RESUME_MAY_CHANGE)
     old_init = before.get("run", {}).get("init", "")
     if cfg.run.init and cfg.run.init != old_init:
         conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now")

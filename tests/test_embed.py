@@ -108,7 +108,8 @@ def test_hear_api(tmp_path):
     scene = hear.get_scene_embeddings(audio, model)
     assert isinstance(scene, torch.Tensor) and scene.shape == (3, 64) and scene.dtype == torch.float32
     emb, ts = hear.get_timestamp_embeddings(audio, model)
-    assert emb.shape == (3, 13, 64) and ts.shape == (3, 13)
+    # 198 frames: 12 whole patch rows and a partial 13th centred at 2007.5 ms, past the end
+    assert emb.shape == (3, 12, 64) and ts.shape == (3, 12)
     assert torch.all(ts[:, 1:] > ts[:, :-1]) and abs(ts[0, 1] - ts[0, 0] - 160.0) < 1e-3
     both = hear.load_model(str(GOLDEN / "tiny_ckpt.pt"), device="cpu", scene="cls+mean")
     assert hear.get_scene_embeddings(audio, both).shape == (3, 128) == (3, both.scene_embedding_size)
