@@ -620,11 +620,11 @@ class Trainer:
 
     def train_step(self, micro_batches) -> dict | None:
         """Forward/backward over the accumulation micro-batches, clip, step, EMA. Returns the
-        logged values, or None if the loss was not finite, or the gradients were not without a
-        gradient scaler (the step is skipped: nothing is updated).
+        logged values, or None when the step is skipped (nothing is updated): the loss is not
+        finite, or the gradients are not and no fp16 gradient scaler handles that itself.
 
-        The host reads the loss terms and the gradient norm once, after every backward and the
-        clipping are queued: each read of a GPU value waits for the GPU to finish all queued
+        The host reads the loss terms and the gradient norm together, after every backward and
+        the clipping are queued: each read of a GPU value waits for the GPU to finish all queued
         work, after which it idles until new work arrives."""
         cfg = self.cfg
         accum = len(micro_batches)
@@ -787,7 +787,7 @@ class Trainer:
                     self.log(f"step {self.step + 1}: non-finite loss or gradients, step skipped ({self.bad_steps} in a row)")
                     if self.bad_steps >= cfg.run.max_bad_steps:
                         raise StopTraining(
-                            f"{self.bad_steps} consecutive non-finite losses at step {self.step + 1}; stopping. "
+                            f"{self.bad_steps} consecutive non-finite losses or gradients at step {self.step + 1}; stopping. "
                             f"The last good checkpoint is {checkpoints_in(self.out)[-1] if checkpoints_in(self.out) else 'none'}"
                         )
                     self.step += 1  # keep the data, masks and schedule moving past the bad batch

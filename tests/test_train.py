@@ -204,10 +204,21 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, mo
         return losses
 
     monkeypatch.setattr(trainer.train_module, "forward", poisoned)
-    with pytest.raises(StopTraining, match="2 consecutive non-finite losses"):
+    with pytest.raises(StopTraining, match="2 consecutive non-finite losses or gradients"):
         trainer.fit()
     assert [p.name for p in checkpoints_in(tmp_path)] == ["checkpoint_00000003.pt"]
     assert trainer.skipped_steps == 2
+
+
+def test_a_step_with_nonfinite_gradients_is_skipped(tmp_path):
+    """Without an fp16 gradient scaler nothing else would stop NaN gradients from reaching the
+    weights (the loss itself stays finite here)."""
+    trainer = Trainer(small(tmp_path, steps=3), log=lambda *a: None)
+    before = {k: v.clone() for k, v in params(trainer).items()}
+    next(trainer.model.student.parameters()).register_hook(lambda grad: grad * float("nan"))
+    assert trainer.train_step([next(iter(trainer.data_loader()))]) is None
+    assert trainer.step == 0 and not trainer.optimizer.state
+    assert all(torch.equal(before[k], v) for k, v in params(trainer).items())
 
 
 def test_unreadable_files_are_skipped_and_capped(tmp_path):
