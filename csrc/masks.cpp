@@ -209,7 +209,10 @@ void validate(const MaskParams& p) {
             "mask_prob must lie in (0, 1), got " + std::to_string(p.mask_prob));
     require(p.adjust >= 0.0 && p.adjust <= 1.0,
             "mask_prob_adjust must lie in [0, 1], got " + std::to_string(p.adjust));
-    require(p.mask_length >= 1, "mask_length must be >= 1, got " + std::to_string(p.mask_length));
+    // Bounded like the grid (and MaskConfig) so that mask_length * mask_length in mask_counts
+    // cannot overflow int64; a longer block would cover any supported grid anyway.
+    require(p.mask_length >= 1 && p.mask_length <= kMaxPatches,
+            "mask_length must lie in [1, 2**31], got " + std::to_string(p.mask_length));
     require(p.mask_dropout >= 0.0 && p.mask_dropout < 1.0,
             "mask_dropout must lie in [0, 1), got " + std::to_string(p.mask_dropout));
 }

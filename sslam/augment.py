@@ -34,7 +34,9 @@ def mixup(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, alpha: flo
 def spec_augment(spec: torch.Tensor, freq_mask: float, time_mask: float, rng: np.random.Generator) -> torch.Tensor:
     """One frequency mask and one time mask per example (independent across the batch), filled
     with 0 (in normalised units). A mask's width is uniform in [0, param) and its start uniform
-    over the positions where it fits. spec (B, 1, T, F)."""
+    over the positions where it fits, both truncated to whole bins as torchaudio's
+    ``mask_along_axis_iid`` does (end = int(start) + int(width)), so at most ``ceil(param) - 1``
+    bins are masked. spec (B, 1, T, F)."""
     b, _, t, f = spec.shape
     out = spec
     for axis, param, size in ((3, freq_mask, f), (2, time_mask, t)):
@@ -43,7 +45,9 @@ def spec_augment(spec: torch.Tensor, freq_mask: float, time_mask: float, rng: np
         width = rng.random(b) * param
         start = rng.random(b) * (size - width)
         lo = torch.from_numpy(start.astype(np.int64))
-        hi = torch.from_numpy((start + width).astype(np.int64))
+        # Truncate the width on its own, not start + width: the latter can mask one bin more
+        # than the drawn width (e.g. start 2.7, width 5.6 -> bins 2..7, six bins for param 6).
+        hi = lo + torch.from_numpy(width.astype(np.int64))
         pos = torch.arange(size)
         mask = (pos[None] >= lo[:, None]) & (pos[None] < hi[:, None])  # (B, size)
         shape = (b, 1, 1, size) if axis == 3 else (b, 1, size, 1)

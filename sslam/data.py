@@ -34,11 +34,19 @@ def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples
     are skipped, as fairseq does (``min_sample_size``)."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (editors on Windows add one) must not end up in the root.
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except OSError as exc:
         raise ValueError(f"{path}: cannot read manifest ({exc})") from exc
     if not lines or not lines[0].strip():
         raise ValueError(f"{path}: the first line must be the root folder of the audio files")
+    if "\t" in lines[0]:
+        # A clip line where the root should be: the root line is missing. Taking it as the root
+        # would drop that clip and prefix every other path with it.
+        raise ValueError(
+            f"{path}:1: the first line must be the root folder of the audio files, got a clip "
+            f"entry {lines[0]!r} (is the root line missing?)"
+        )
     base = Path(root if root else lines[0].strip())
     out = []
     for number, line in enumerate(lines[1:], start=2):
@@ -155,6 +163,15 @@ class GlobalBatchSampler(Sampler):
 
     def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0, accum_steps: int = 1,
                  seed: int = 0, start: tuple[int, int] = (0, 0)):
+        for name, value, low in (("size", size, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1),
+                                 ("accum_steps", accum_steps, 1), ("rank", rank, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"GlobalBatchSampler: {name} must be an int >= {low}, got {value!r}")
+        if rank >= world_size:  # its slots would overlap another step's (or run past the epoch)
+            raise ValueError(f"GlobalBatchSampler: rank {rank} must be < world_size {world_size}")
+        start = tuple(start)
+        if len(start) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in start):
+            raise ValueError(f"GlobalBatchSampler: start must be (epoch, step) ints >= 0, got {start!r}")
         self.size, self.batch_size = size, batch_size
         self.world_size, self.rank, self.accum_steps, self.seed = world_size, rank, accum_steps, seed
         self.global_batch = batch_size * world_size * accum_steps
@@ -164,10 +181,14 @@ class GlobalBatchSampler(Sampler):
                 f"{accum_steps}) exceeds the dataset size {size}"
             )
         self.steps_per_epoch = size // self.global_batch
-        self.start = start
+        # A step past the end of an epoch (saved with a larger epoch, e.g. before the dataset
+        # shrank) carries into the next epochs exactly as position() counts it; iterating from
+        # it unnormalised would silently restart at the next epoch's step 0 instead.
+        self.start = divmod(start[0] * self.steps_per_epoch + start[1], self.steps_per_epoch)
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        # Modulo 2**64, which manual_seed applies to negative seeds anyway: any int seed works.
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
         return torch.randperm(self.size, generator=g)
 
     def position(self, steps_done: int) -> tuple[int, int]:
@@ -201,6 +222,6 @@ def build_dataset(source: str, *, root: str | None = None, target_length: int = 
     path = Path(source)
     if path.is_dir():
         return AudioFiles(folder_paths(path), max_samples)
-    if path.suffix == ".tsv":
+    if path.suffix.lower() == ".tsv":
         return AudioFiles(manifest_paths(path, root, min_samples), max_samples)
     raise ValueError(f"data source {source!r}: expected 'synth', a folder of audio files, or a .tsv manifest")

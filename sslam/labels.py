@@ -27,6 +27,10 @@ class LabelError(ValueError):
     """A labelled split could not be read (the message names the file, line and reason)."""
 
 
+# Files are read as utf-8-sig: a byte-order mark (spreadsheets and Windows editors write one)
+# would otherwise become part of the first header cell or of the manifest's root folder.
+
+
 @dataclass
 class LabeledSplit:
     """A split: ``items`` are file paths (or a synthetic dataset), ``targets`` (N, C) multi-hot
@@ -46,25 +50,34 @@ def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``index,mid,display_name`` rows -> [(mid, display_name)] in index order."""
     path = Path(path)
     try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
     except OSError as exc:
         raise LabelError(f"{path}: cannot read label descriptors ({exc})") from exc
     if not rows or [c.strip().lower() for c in rows[0][:3]] != ["index", "mid", "display_name"]:
         raise LabelError(f"{path}: expected a header 'index,mid,display_name'")
-    entries = []
+    entries, seen = [], {}
     for number, row in enumerate(rows[1:], start=2):
         if not row:
             continue
         if len(row) < 3:
             raise LabelError(f"{path}:{number}: expected index,mid,display_name")
         try:
-            entries.append((int(row[0]), row[1].strip(), row[2].strip()))
+            entry = (int(row[0]), row[1].strip(), row[2].strip())
         except ValueError:
             raise LabelError(f"{path}:{number}: index {row[0]!r} is not an integer") from None
+        # A repeated index or mid would silently map two classes onto one column.
+        for kind, key in (("index", entry[0]), ("mid", entry[1])):
+            if (kind, key) in seen:
+                raise LabelError(f"{path}:{number}: duplicate {kind} {key!r} (first on line {seen[kind, key]})")
+            seen[kind, key] = number
+        entries.append(entry)
     entries.sort()
     if [e[0] for e in entries] != list(range(len(entries))):
         raise LabelError(f"{path}: indices must be 0..{len(entries) - 1} without gaps")
     return [(mid, name) for _, mid, name in entries]
+
+
+_AMBIGUOUS = -1  # lookup value of a display name that several classes share
 
 
 def _targets(label_lists: list[list[str]], lookup: dict[str, int], num_classes: int, where: list[str]) -> torch.Tensor:
@@ -73,6 +86,8 @@ def _targets(label_lists: list[list[str]], lookup: dict[str, int], num_classes: 
         for label in labels:
             if label not in lookup:
                 raise LabelError(f"{where[i]}: unknown label {label!r}")
+            if lookup[label] == _AMBIGUOUS:
+                raise LabelError(f"{where[i]}: label {label!r} is the display name of several classes; use its mid")
             targets[i, lookup[label]] = 1.0
     return targets
 
@@ -89,23 +104,30 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
     tsv = Path(tsv)
     lbl = Path(lbl) if lbl else tsv.with_suffix(".lbl")
     try:
-        manifest = tsv.read_text(encoding="utf-8").splitlines()
-        label_lines = [line for line in lbl.read_text(encoding="utf-8").splitlines() if line.strip()]
+        manifest = tsv.read_text(encoding="utf-8-sig").splitlines()
+        # Keep each label line's number in the file (blank lines skipped) for the error messages.
+        label_lines = [(number, line) for number, line in enumerate(lbl.read_text(encoding="utf-8-sig").splitlines(), 1)
+                       if line.strip()]
     except OSError as exc:
         raise LabelError(f"cannot read {exc.filename}: {exc.strerror}") from exc
     if not manifest:
         raise LabelError(f"{tsv}: empty manifest")
+    if "\t" in manifest[0]:  # a clip line where the root folder should be
+        raise LabelError(f"{tsv}:1: the first line must be the root folder, got a clip entry {manifest[0]!r}")
     base = Path(root or manifest[0].strip())
-    paths = [base / line.split("\t")[0].strip() for line in manifest[1:] if line.strip()]
+    listed = [(number, line) for number, line in enumerate(manifest[1:], start=2) if line.strip()]
+    paths = [base / line.split("\t")[0].strip() for _, line in listed]
     if not paths:
         raise LabelError(f"{tsv}: empty split (no clips listed)")
     if len(label_lines) != len(paths):
         raise LabelError(f"{lbl}: {len(label_lines)} label lines for {len(paths)} clips in {tsv}")
     classes = read_descriptors(descriptors)
-    lookup = {mid: i for i, (mid, _) in enumerate(classes)}
-    lookup.update({name: i for i, (_, name) in enumerate(classes)})
+    lookup = {}
+    for i, (_, name) in enumerate(classes):
+        lookup[name] = _AMBIGUOUS if name in lookup else i
+    lookup.update({mid: i for i, (mid, _) in enumerate(classes)})  # mids are unique and win
     label_lists, where = [], []
-    for number, line in enumerate(label_lines, start=1):
+    for number, line in label_lines:
         parts = line.split("\t")
         text = parts[1] if len(parts) > 1 else ""
         label_lists.append([x.strip() for x in text.split(",") if x.strip()])
@@ -119,7 +141,7 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
     """A ``path,labels`` CSV; ``class_names`` fixes the classes (e.g. those of the train split)."""
     path = Path(path)
     try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8").splitlines()))
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
     except OSError as exc:
         raise LabelError(f"{path}: cannot read ({exc})") from exc
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:

@@ -48,7 +48,10 @@ class MaskConfig:
     mask_dropout: float = 0.0
 
     def __post_init__(self):
-        grid = tuple(self.grid)
+        try:
+            grid = tuple(self.grid)
+        except TypeError:  # e.g. a bare int: say which argument is wrong, not "not iterable"
+            grid = ()
         if len(grid) != 2 or not all(_is_int(g) and g >= 1 for g in grid):
             raise ValueError(
                 f"MaskConfig.grid must be two positive ints (time, frequency), got {self.grid!r}"
@@ -65,9 +68,11 @@ class MaskConfig:
             raise ValueError(
                 f"MaskConfig.mask_prob_adjust must lie in [0, 1], got {self.mask_prob_adjust!r}"
             )
-        if not (_is_int(self.mask_length) and self.mask_length >= 1):
+        # Bounded like the grid: the C++ extension squares it in int64, and a block this long
+        # already covers any supported grid from every centre.
+        if not (_is_int(self.mask_length) and 1 <= self.mask_length <= _MAX_MASK_LENGTH):
             raise ValueError(
-                f"MaskConfig.mask_length must be an int >= 1, got {self.mask_length!r}"
+                f"MaskConfig.mask_length must be an int in [1, 2**31], got {self.mask_length!r}"
             )
         if not isinstance(self.inverse, bool):
             raise ValueError(f"MaskConfig.inverse must be a bool, got {self.inverse!r}")
@@ -132,6 +137,11 @@ class MaskConfig:
                 self.inverse, self.mask_dropout)
 
 
+_MAX_MASK_LENGTH = 2**31
+# numpy and torch index elements with int64: larger outputs cannot exist, refuse them up front.
+_MAX_ELEMENTS = 2**63 - 1
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -146,6 +156,15 @@ def _check_rows(name: str, value) -> int:
     return value
 
 
+def _check_size(num_rows, config: MaskConfig) -> None:
+    _check_rows("num_rows", num_rows)
+    if num_rows * config.num_patches > _MAX_ELEMENTS:
+        raise ValueError(
+            f"num_rows={num_rows} x {config.num_patches} patches = "
+            f"{num_rows * config.num_patches} mask elements; at most 2**63 - 1 are supported"
+        )
+
+
 def mark_blocks(centres: torch.Tensor, config: MaskConfig) -> torch.Tensor:
     """Mark the clamped block around every centre.
 
@@ -154,13 +173,20 @@ def mark_blocks(centres: torch.Tensor, config: MaskConfig) -> torch.Tensor:
     """
     num_rows = centres.shape[0]
     grid_t, grid_f = config.grid
-    offsets = torch.tensor(config.block_offsets, dtype=torch.int64)
+    low, high = -(config.mask_length // 2), config.mask_length - 1 - config.mask_length // 2
+
+    def axis_offsets(size: int) -> torch.Tensor:
+        # Offsets past +-(size - 1) only reach cells that the clamp below maps to the border,
+        # which the block covers anyway: dropping them changes nothing, and keeps a block far
+        # longer than the grid (mask_length up to 2**31) from allocating mask_length offsets.
+        return torch.arange(max(low, 1 - size), min(high, size - 1) + 1, dtype=torch.int64)
+
     # Coordinates are clamped to the grid as in the official code. Each axis of a block is a
     # contiguous range, so this marks exactly the in-grid part of the block: clamped cells land
     # on border cells the block covers anyway (the same as discarding them).
-    rows = ((centres // grid_f).unsqueeze(-1) + offsets).clamp(0, grid_t - 1)  # (R, C, l)
-    cols = ((centres % grid_f).unsqueeze(-1) + offsets).clamp(0, grid_f - 1)  # (R, C, l)
-    cells = rows.unsqueeze(-1) * grid_f + cols.unsqueeze(-2)  # (R, C, l, l)
+    rows = ((centres // grid_f).unsqueeze(-1) + axis_offsets(grid_t)).clamp(0, grid_t - 1)
+    cols = ((centres % grid_f).unsqueeze(-1) + axis_offsets(grid_f)).clamp(0, grid_f - 1)
+    cells = rows.unsqueeze(-1) * grid_f + cols.unsqueeze(-2)  # (R, C, l_t, l_f)
     marked = torch.zeros(num_rows, config.num_patches, dtype=torch.bool)
     return marked.scatter_(1, cells.flatten(1), True)
 
@@ -187,7 +213,7 @@ def block_masks_ref(num_rows: int, config: MaskConfig, generator: torch.Generato
     Draws from ``generator`` (a CPU ``torch.Generator``); readable reference of
     :func:`block_masks`, vectorised over rows.
     """
-    _check_rows("num_rows", num_rows)
+    _check_size(num_rows, config)
     centres = torch.randint(
         0, config.num_patches, (num_rows, config.num_centres), generator=generator
     )
@@ -222,7 +248,7 @@ def block_masks(
     :func:`block_masks_ref` with a ``torch.Generator`` seeded by ``seed``. The two paths give
     different masks for the same seed, with the same distribution.
     """
-    _check_rows("num_rows", num_rows)
+    _check_size(num_rows, config)
     seed = _seed64(seed)
     if threads is None:
         threads = default_threads()

@@ -11,6 +11,16 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
     scores, targets: (N, C); targets are 0/1. Ties are broken as scikit-learn does: all items
     with the same score count together."""
+    if scores.dim() != 2 or scores.shape != targets.shape:
+        # Mismatched shapes would otherwise give NaN for every class or an IndexError.
+        raise ValueError(
+            f"scores and targets must both be (N, C), got {tuple(scores.shape)} and {tuple(targets.shape)}"
+        )
+    if scores.isnan().any():
+        # argsort puts NaN somewhere arbitrary and a plausible AP would come out; scikit-learn
+        # (the official evaluation) refuses NaN scores as well.
+        column = int(scores.isnan().any(0).nonzero()[0, 0])
+        raise ValueError(f"scores contain NaN (first in class {column})")
     scores, targets = scores.double(), (targets > 0.5).double()
     n, c = scores.shape
     ap = torch.full((c,), float("nan"), dtype=torch.float64)

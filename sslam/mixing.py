@@ -17,6 +17,7 @@ Plain PyTorch: this is the reference of the Triton kernels in ``sslam.kernels.mi
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +36,21 @@ class MixWindows:
     width: int = 240
 
     def __post_init__(self) -> None:
-        starts = tuple(int(s) for s in self.starts)
+        # Frame indices must be whole numbers: int() would silently truncate a start of 16.7,
+        # and a width of 240.5 would make the windows cover 241 frames.
+        try:
+            starts = tuple(_frame_index(s) for s in self.starts)
+        except TypeError:
+            raise ValueError(f"MixWindows.starts: expected two int frame indices, got {self.starts!r}") from None
         if len(starts) != 2:
             raise ValueError(f"MixWindows.starts: expected two frame indices, got {self.starts!r}")
-        if self.width <= 0:
+        try:
+            width = _frame_index(self.width)
+        except TypeError:
+            raise ValueError(f"MixWindows.width: must be a positive int, got {self.width!r}") from None
+        if width <= 0:
             raise ValueError(f"MixWindows.width: must be positive, got {self.width}")
+        object.__setattr__(self, "width", width)
         first, second = starts
         if first < 0 or second < first + self.width:
             raise ValueError(
@@ -56,6 +67,13 @@ class MixWindows:
     def ranges(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """The two windows as half-open frame ranges ``((start, stop), (start, stop))``."""
         return tuple((s, s + self.width) for s in self.starts)  # type: ignore[return-value]
+
+
+def _frame_index(value) -> int:
+    """``value`` as an int (numpy and torch integers too); TypeError for bools, floats, etc."""
+    if isinstance(value, bool):
+        raise TypeError("bool")
+    return operator.index(value)
 
 
 def sample_windows(
@@ -78,6 +96,11 @@ def sample_windows(
         align: granularity of the starts (16 = one patch row).
         generator: the torch.Generator to draw from (the global one when None).
     """
+    for name, value in (("num_frames", num_frames), ("width", width), ("align", align)):
+        try:
+            _frame_index(value)
+        except TypeError:
+            raise ValueError(f"sample_windows: {name} must be an int, got {value!r}") from None
     if num_frames <= 0 or width <= 0 or align <= 0:
         raise ValueError(
             f"sample_windows: num_frames={num_frames}, width={width} and align={align} must be "
