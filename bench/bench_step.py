@@ -7,7 +7,9 @@ four implementations of the same step, measured in one run.
 (ii)  ``eager``: SDPA (the best backend PyTorch picks), targets indexed, fused AdamW;
 (iii) ``compile``: (ii) with the student and decoder compiled by ``torch.compile``;
 (iv)  ``ours``: the Triton kernels (fused features with SSLAM mixing, attention, gather,
-      mixing), fused AdamW.
+      mixing), fused AdamW;
+      ``ours_lowmem``: the same with the decoder recomputed in the backward (its activations
+      are the largest block of training memory), which trades a few percent of FLOPs for memory.
 
 Every variant runs the full step: features from 16-kHz waveforms on the device, masks, student
 + decoder forward/backward, teacher forward(s), optimizer step, EMA update. MFU uses the model
@@ -38,7 +40,7 @@ from sslam.mixing import sample_windows  # noqa: E402
 from sslam.pretrain import Pretrainer, ema_decay, train_flops_per_clip  # noqa: E402
 from sslam.train import encoder_config, objective_config, param_groups, preset  # noqa: E402
 
-VARIANTS = ("official", "eager", "compile", "ours")
+VARIANTS = ("official", "eager", "compile", "ours", "ours_lowmem")
 PEAK_TFLOPS = 790.0
 
 
@@ -51,7 +53,8 @@ class Step:
         enc_cfg = encoder_config(cfg)
         self.model = Pretrainer(enc_cfg, objective_config(cfg, enc_cfg.depth)).to(device).train()
         self.model.copy_targets = variant == "official"
-        attention = {"official": "math", "eager": "sdpa", "compile": "sdpa", "ours": "auto"}[variant]
+        self.model.checkpoint_decoder = variant == "ours_lowmem"
+        attention = {"official": "math", "eager": "sdpa", "compile": "sdpa"}.get(variant, "auto")
         self.model.student.set_attention(attention)
         self.model.teacher.encoder.set_attention(attention)
         if variant == "compile":
@@ -75,7 +78,7 @@ class Step:
         self.count = 0
 
     def __call__(self) -> float:
-        os.environ["SSLAM_KERNELS"] = "auto" if self.variant == "ours" else "0"
+        os.environ["SSLAM_KERNELS"] = "auto" if self.variant.startswith("ours") else "0"
         cfg, obj = self.cfg, self.model.objective
         windows = None
         if obj.stage == 2:
@@ -84,7 +87,7 @@ class Step:
         keep = kept_indices(masks)[0].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp) if self.amp else torch.autocast("cpu", enabled=False):
             mixed = None
-            if self.variant == "ours" and self.device.type == "cuda":
+            if self.variant.startswith("ours") and self.device.type == "cuda":
                 from sslam.kernels import fbank_patch
 
                 out = fbank_patch(self.waves, self.lengths, target_length=cfg.data.target_length, mix=windows)
@@ -211,13 +214,13 @@ def main(argv=None) -> int:
         flops = train_flops_per_clip(enc_cfg, objective_config(cfg, enc_cfg.depth), cfg.data.target_length,
                                      MaskConfig(grid=(cfg.data.target_length // 16, 8)).num_kept)
         print(f"\n== stage {stage}: {flops / 1e12:.3f} TFLOP per clip")
-        print(f"{'variant':>9} {'s/step':>9} {'clips/s':>9} {'MFU':>7} {'peak GiB':>9} {'GiB/clip':>9} {'max batch':>10} {'x official':>11}")
+        print(f"{'variant':>11} {'s/step':>9} {'clips/s':>9} {'MFU':>7} {'peak GiB':>9} {'GiB/clip':>9} {'max batch':>10} {'x official':>11}")
         base = None
         for variant in args.variants:
             try:
                 seconds, peak = time_steps(Step(variant, cfg, args.batch, device), args.warmup, args.steps)
             except Exception as exc:  # a variant that cannot run is reported, not fatal
-                print(f"{variant:>9} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                print(f"{variant:>11} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                 rows.append({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
                              "variant": variant, "pass": "full", "note": f"failed: {type(exc).__name__}"})
                 continue
@@ -228,7 +231,7 @@ def main(argv=None) -> int:
             most = largest_fitting(lambda b: step_fits(variant, cfg, device, b), args.batch) if search else 0
             base = base or (seconds if variant == "official" else None)
             speedup = base / seconds if base else float("nan")
-            print(f"{variant:>9} {seconds:>9.4f} {clips:>9.2f} {100 * mfu:>6.1f}% {peak:>9.2f} "
+            print(f"{variant:>11} {seconds:>9.4f} {clips:>9.2f} {100 * mfu:>6.1f}% {peak:>9.2f} "
                   f"{peak / args.batch:>9.3f} {most or '-':>10} {speedup:>10.2f}x")
             rows.append({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
                          "variant": variant, "pass": "full", "median_ms": seconds * 1e3, "throughput": clips,

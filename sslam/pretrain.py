@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .kernels.switch import use_kernels
@@ -297,6 +298,11 @@ class Pretrainer(nn.Module):
         self.teacher = EMATeacher(self.student)
         # True: per-clone target copies as the official code makes them (benchmark baseline).
         self.copy_targets = False
+        # True: the decoder keeps only its input for the backward and runs its forward again
+        # there. Its activations are the largest block of training memory (six layers over all
+        # N tokens of every clone); recomputing them costs a few percent more FLOPs. Exact:
+        # the decoder draws no random numbers.
+        self.checkpoint_decoder = False
 
     def _regression(self, pred, target, masked, clones) -> torch.Tensor:
         fn = masked_regression_sum_copied if self.copy_targets else masked_regression_sum
@@ -345,7 +351,11 @@ class Pretrainer(nn.Module):
         out = self.student(spec, keep=keep, clones=clones)
         num_patches = grid[0] * grid[1]
         dec_in = decoder_input(out.x[:, 1:], keep, num_patches, self.objective.decoder.mask_noise_std, generator)
-        return out.x[:, 0], self.decoder(dec_in, grid)
+        if self.checkpoint_decoder and torch.is_grad_enabled():
+            pred = torch.utils.checkpoint.checkpoint(self.decoder, dec_in, grid, use_reentrant=False)
+        else:
+            pred = self.decoder(dec_in, grid)
+        return out.x[:, 0], pred
 
     def _teacher_layers(self, spec: torch.Tensor) -> list[torch.Tensor]:
         out = self.teacher(spec, layer_results=True)

@@ -220,6 +220,39 @@ def test_stage2_forward_terms():
         model(spec, keep)
 
 
+def test_checkpointed_decoder_gives_the_same_gradients_and_saves_less():
+    """Recomputing the decoder in the backward is exact (it draws no random numbers) and keeps
+    only its input instead of every layer's activations."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=16)
+    obj = ObjectiveConfig(stage=2, clones=2, top_k=2, mix_width=48, decoder=DecoderConfig(dim=32, groups=4, layers=3))
+    model = Pretrainer(cfg, obj)
+    spec = torch.randn(3, 1, 256, 128)
+    keep = torch.stack([torch.randperm(128)[:25] for _ in range(6)])
+    windows = MixWindows(starts=(16, 96), width=48)
+
+    def run(checkpoint: bool):
+        model.zero_grad()
+        model.checkpoint_decoder = checkpoint
+        saved = {}
+
+        def pack(t):
+            saved[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            losses = model(spec, keep, windows=windows, generator=torch.Generator().manual_seed(1))
+        losses.total.backward()
+        return losses.total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(saved.values())
+
+    plain, plain_grads, plain_bytes = run(False)
+    again, grads, checkpointed_bytes = run(True)
+    assert torch.equal(plain, again) and plain_grads.keys() == grads.keys()
+    assert all(torch.equal(plain_grads[n], grads[n]) for n in grads)
+    decoder_activation = 6 * 128 * 32 * 4  # one (B * clones, N, D) fp32 tensor
+    assert checkpointed_bytes < plain_bytes - 3 * decoder_activation
+
+
 def test_flops_of_the_official_step():
     from sslam.model import VARIANTS
 

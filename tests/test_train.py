@@ -217,6 +217,15 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, mo
     assert trainer.skipped_steps == 2
 
 
+def test_checkpointed_decoder_trains_as_the_plain_one(tmp_path):
+    plain = Trainer(small(tmp_path / "a", steps=2), log=lambda *a: None)
+    plain.fit()
+    checkpointed = Trainer(small(tmp_path / "b", steps=2, run__checkpoint_decoder=True), log=lambda *a: None)
+    assert checkpointed.model.checkpoint_decoder and not plain.model.checkpoint_decoder
+    checkpointed.fit()
+    assert_same_state(plain, checkpointed)
+
+
 def test_a_step_with_nonfinite_gradients_is_skipped(tmp_path):
     """Without an fp16 gradient scaler nothing else would stop NaN gradients from reaching the
     weights (the loss itself stays finite here)."""
