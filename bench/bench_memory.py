@@ -1,0 +1,115 @@
+"""Training activation memory without a GPU: the bytes of every tensor autograd keeps for the
+backward of one training forward (bf16 autocast), by module, for the variants of
+``bench_step.py``.
+
+What autograd saves is the same on any device for the same code path, so this shows on a CPU
+where the activation part of training memory goes and what recomputing the decoder saves
+(``ours_lowmem``). A saved tensor is counted once per storage and charged to the leaf module
+whose forward started last, so functional ops between modules (attention, GELU, residuals,
+the losses) count to the module before them. Without a GPU, ``ours*`` run the PyTorch
+references: the Triton kernels save slightly different tensors (e.g. the decoder keeps 2 of its
+~3 tensors per layer). Weights, gradients and optimizer state come on top; ``bench_step.py`` measures the
+whole peak on a GPU.
+
+    python bench/bench_memory.py --preset base --stage 2 --batch 12     # ViT-B, ~15 min on 2 cores
+    python bench/bench_memory.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import Step  # noqa: E402
+from common import append_rows, environment  # noqa: E402
+
+from sslam.features import preprocess  # noqa: E402
+from sslam.masking import block_masks, kept_indices  # noqa: E402
+from sslam.mixing import sample_windows  # noqa: E402
+from sslam.train import preset  # noqa: E402
+
+
+def saved_by_module(step: Step) -> tuple[Counter, float]:
+    """(bytes saved for the backward per module group, seconds) of one forward of ``step``."""
+    model, obj, cfg = step.model, step.model.objective, step.cfg
+    owner: dict[tuple[int, torch.dtype], tuple[str, int]] = {}  # storage -> (module group, bytes)
+    current = ["(before any module)"]
+
+    def key(t: torch.Tensor) -> tuple[int, torch.dtype]:
+        return t.untyped_storage().data_ptr(), t.dtype
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        owner.setdefault(key(t), (current[0], t.untyped_storage().nbytes()))
+        return t
+
+    def entered(name):
+        # Block indices dropped: "student.blocks.3.mlp.fc1" -> "student.blocks.mlp.fc1".
+        group = ".".join(part for part in name.split(".") if not part.isdigit())
+        return lambda module, args: current.__setitem__(0, group)
+
+    def decoder_input(module, args):
+        # With the recompute, the checkpoint saves the decoder's input just before calling it:
+        # name it for what it is rather than for the module that ran before.
+        if model.checkpoint_decoder and key(args[0]) in owner:
+            owner[key(args[0])] = ("decoder (input kept for the recompute)", owner[key(args[0])][1])
+
+    hooks = [m.register_forward_pre_hook(entered(n)) for n, m in model.named_modules() if not list(m.children())]
+    hooks.append(model.decoder.register_forward_pre_hook(decoder_input))
+    windows = None
+    if obj.stage == 2:
+        windows = sample_windows(cfg.data.target_length, obj.mix_width, generator=torch.Generator().manual_seed(0))
+    keep = kept_indices(block_masks(step.batch * obj.clones, step.mask_cfg, 0, threads=1))[0]
+    start = time.perf_counter()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            clean = preprocess(step.waves, 16000, cfg.data.target_length, lengths=step.lengths)
+            step.model(clean, keep, windows=windows)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    by_module: Counter = Counter()
+    for group, size in owner.values():
+        by_module[group] += size
+    return by_module, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
+    p.add_argument("--stage", type=int, default=2, choices=[1, 2])
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--variants", nargs="+", default=["eager", "ours_lowmem"], choices=["eager", "ours", "ours_lowmem"])
+    p.add_argument("--top", type=int, default=8, help="module groups listed per variant")
+    p.add_argument("--csv", default=None)
+    p.add_argument("--quick", action="store_true", help="tiny preset, 4 clips (CI)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.batch = "tiny", 4
+    env = environment("cpu")
+    cfg = preset(args.preset, args.stage)
+    case = f"{args.preset},stage{args.stage},B={args.batch}"
+    print(f"{env['device']}, torch {env['torch']}: activations saved for the backward, {case}, bf16 autocast")
+    rows = []
+    for variant in args.variants:
+        by_module, seconds = saved_by_module(Step(variant, cfg, args.batch, torch.device("cpu")))
+        total = sum(by_module.values())
+        print(f"\n{variant}: {total / 2**30:.3f} GiB = {total / args.batch / 2**30:.3f} GiB per clip ({seconds:.0f} s)")
+        for name, size in by_module.most_common(args.top):
+            print(f"  {size / 2**30:8.3f} GiB  {name}")
+        top = "; ".join(f"{name}={size / 2**20:.0f}MiB" for name, size in by_module.most_common(3))
+        rows.append({**env, "benchmark": "saved_activations", "case": case, "variant": variant, "pass": "fwd",
+                     "peak_mem_mb": total / 2**20, "note": f"GiB/clip={total / args.batch / 2**30:.4f}; {top}"})
+    if args.csv:
+        append_rows(args.csv, rows)
+        print(f"appended {len(rows)} rows to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
