@@ -1,5 +1,6 @@
 """The whole benchmark suite in one command: every kernel (attention, fused features, mixing,
-decoder), the encoder, the training step (four variants, with profiles) and the CPU data path.
+decoder), the encoder, the training step (its variants, with profiles), where its activation
+memory goes, and the CPU data path.
 
     python bench/run_all.py --out bench/results/h100     # on a GPU, under 8 minutes
     python bench/run_all.py --quick --out /tmp/bench     # CPU smoke run (kernels interpreted)
@@ -37,6 +38,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("masks", ["bench_masks.py", "--rows", "192", "--repeats", "3"]),
             ("encoder", ["bench_encoder.py", "--quick"]),
             ("step", ["bench_step.py", "--quick"]),
+            ("memory", ["bench_memory.py", "--quick"]),
             ("cpu", ["bench_cpu.py", "--quick"]),
         ]
     steps = [
@@ -52,6 +54,8 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16"]),
             ("step", ["bench_step.py", "--preset", "base", "--stage", "2", "1", "--batch", "12", "--max-batch",
                       "--profile", str(out / "profile")]),
+            # Where the activation memory goes, by module (per clip, so a small batch is enough).
+            ("memory", ["bench_memory.py", "--preset", "base", "--stage", "2", "--batch", "4"]),
         ] + steps
     else:
         steps = [("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16", "--repeats", "2"]),
@@ -121,21 +125,24 @@ def _num(value) -> str:
 
 
 def _plot(bench: str, cases: dict, out: Path) -> None:
-    """Median time per variant (log scale), one group of bars per case and pass."""
+    """Median time per variant (log scale), one group of bars per case and pass; peak memory
+    for a benchmark that measures no time (the saved activations)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for case_rows in cases.values() for r in case_rows]
+    metric, unit = ("median_ms", "median ms") if any(r.get("median_ms") for r in rows) else ("peak_mem_mb", "MiB")
     labels, series = [], defaultdict(dict)
     for case, case_rows in cases.items():
         for r in case_rows:
-            if not r.get("median_ms"):
+            if not r.get(metric):
                 continue
             key = f"{case}\n{r['pass']}"
             if key not in labels:
                 labels.append(key)
-            series[r["variant"]][key] = float(r["median_ms"])
+            series[r["variant"]][key] = float(r[metric])
     if not labels:
         return
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels)), 4))
@@ -145,7 +152,7 @@ def _plot(bench: str, cases: dict, out: Path) -> None:
         ax.bar(xs, [values[k] for k in labels if k in values], width, label=variant)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=7)
     ax.set_yscale("log")
-    ax.set_ylabel("median ms (lower is better)")
+    ax.set_ylabel(f"{unit} (lower is better)")
     ax.set_title(bench)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = {"attention", "fbank_patch", "mixture", "decoder", "masks", "encoder", "train_step", "cpu_data_path"}
+BENCHMARKS = {"attention", "fbank_patch", "mixture", "decoder", "masks", "encoder", "train_step", "saved_activations",
+              "cpu_data_path"}
 
 
 def test_quick_suite_runs_every_benchmark(tmp_path):
