@@ -62,7 +62,7 @@ def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples
                 continue
         out.append(base / parts[0].strip())
     if not out:
-        raise ValueError(f"{path}: no clips listed")
+        raise ValueError(f"{path}: empty split (no clips listed)")
     return out
 
 

@@ -21,14 +21,11 @@ import torch
 from torch.utils.data import Dataset
 
 from .audio import AudioError, load_audio
+from .data import manifest_paths
 
 
 class LabelError(ValueError):
     """A labelled split could not be read (the message names the file, line and reason)."""
-
-
-# Files are read as utf-8-sig: a byte-order mark (spreadsheets and Windows editors write one)
-# would otherwise become part of the first header cell or of the manifest's root folder.
 
 
 @dataclass
@@ -104,21 +101,15 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
     tsv = Path(tsv)
     lbl = Path(lbl) if lbl else tsv.with_suffix(".lbl")
     try:
-        manifest = tsv.read_text(encoding="utf-8-sig").splitlines()
-        # Keep each label line's number in the file (blank lines skipped) for the error messages.
+        paths = manifest_paths(tsv, root)
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line.
+        # Each label line keeps its number in the file (blank lines skipped) for the messages.
         label_lines = [(number, line) for number, line in enumerate(lbl.read_text(encoding="utf-8-sig").splitlines(), 1)
                        if line.strip()]
     except OSError as exc:
         raise LabelError(f"cannot read {exc.filename}: {exc.strerror}") from exc
-    if not manifest:
-        raise LabelError(f"{tsv}: empty manifest")
-    if "\t" in manifest[0]:  # a clip line where the root folder should be
-        raise LabelError(f"{tsv}:1: the first line must be the root folder, got a clip entry {manifest[0]!r}")
-    base = Path(root or manifest[0].strip())
-    listed = [(number, line) for number, line in enumerate(manifest[1:], start=2) if line.strip()]
-    paths = [base / line.split("\t")[0].strip() for _, line in listed]
-    if not paths:
-        raise LabelError(f"{tsv}: empty split (no clips listed)")
+    except ValueError as exc:  # the manifest itself: its message names the file and line
+        raise LabelError(str(exc)) from None
     if len(label_lines) != len(paths):
         raise LabelError(f"{lbl}: {len(label_lines)} label lines for {len(paths)} clips in {tsv}")
     classes = read_descriptors(descriptors)
