@@ -299,7 +299,6 @@ def main(argv=None) -> None:
     print_table(rows)
     if args.csv is not None:
         append_rows(args.csv, [{**env, "benchmark": "attention", **r} for r in rows])
-        print(f"\nappended {len(rows)} rows to {args.csv}")
 
 
 if __name__ == "__main__":

@@ -138,7 +138,6 @@ def main(argv=None) -> int:
           f"(goal <= 2.5 ms, 400 clips/s)")
     if args.csv:
         append_rows(args.csv, rows)
-        print(f"appended {len(rows)} rows to {args.csv}")
     return 0
 
 

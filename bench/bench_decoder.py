@@ -101,7 +101,6 @@ def main(argv=None) -> None:
         print(f"ours vs {base} (fwd+bwd): {medians[(base, 'full')] / medians[('ours', 'full')]:.2f}x")
     if args.csv is not None:
         append_rows(args.csv, [{**env, "benchmark": "decoder", **r} for r in rows_out])
-        print(f"\nappended {len(rows_out)} rows to {args.csv}")
 
 
 if __name__ == "__main__":

@@ -181,7 +181,6 @@ def main(argv=None) -> int:
     print(f"max |official - ours| on the CLS embedding: {(a - b).abs().max().item():.2e}")
     if args.csv:
         append_rows(args.csv, rows)
-        print(f"appended {len(rows)} rows to {args.csv}")
     return 0
 
 

@@ -176,7 +176,6 @@ def main(argv=None) -> None:
         fields = ("us_per_clip", "tflops")
         append_rows(args.csv, [{**env, "benchmark": "fbank_patch",
                                 **{k: v for k, v in r.items() if k not in fields}} for r in rows])
-        print(f"\nappended {len(rows)} rows to {args.csv}")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> None:
             )
     if args.csv is not None:
         append_rows(args.csv, rows_out)
-        print(f"appended {len(rows_out)} rows to {args.csv}")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,6 @@ def main(argv=None) -> int:
                      "peak_mem_mb": total / 2**20, "note": f"GiB/clip={total / args.batch / 2**30:.4f}; {top}"})
     if args.csv:
         append_rows(args.csv, rows)
-        print(f"appended {len(rows)} rows to {args.csv}")
     return 0
 
 

@@ -134,7 +134,6 @@ def main(argv=None) -> None:
                       f"{100 * gbs / copy_gbs:7.1f} {peak:8.1f}")
     if args.csv is not None:
         append_rows(args.csv, [{**env, "benchmark": "mixture", **r} for r in rows])
-        print(f"\nappended {len(rows)} rows to {args.csv}")
 
 
 if __name__ == "__main__":

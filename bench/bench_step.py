@@ -245,7 +245,6 @@ def main(argv=None) -> int:
                     print(f"\n-- top operations, {variant}, stage {stage}\n" + profile(step, Path(args.profile)))
     if args.csv:
         append_rows(args.csv, rows)
-        print(f"appended {len(rows)} rows to {args.csv}")
     return 0
 
 

@@ -83,6 +83,7 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
             writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
+    print(f"\nappended {len(rows)} rows to {path}")
 
 
 def cuda_timing(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> tuple[float, float, float]:

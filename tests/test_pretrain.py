@@ -197,14 +197,18 @@ def test_srl_target_stitching_by_hand():
     assert partner_keep_indices(windows).numel() == kept_rows * freq == 272
 
 
-def test_stage2_forward_terms():
+def small_stage2(decoder: DecoderConfig):
+    """(model, spectrograms, kept indices, windows): a tiny stage-2 setup, 3 clips x 2 clones."""
     torch.manual_seed(0)
     cfg = EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=16)
-    obj = ObjectiveConfig(stage=2, clones=2, top_k=2, mix_width=48, decoder=DecoderConfig(dim=16, groups=4, layers=2))
-    model = Pretrainer(cfg, obj)
+    model = Pretrainer(cfg, ObjectiveConfig(stage=2, clones=2, top_k=2, mix_width=48, decoder=decoder))
     spec = torch.randn(3, 1, 256, 128)
     keep = torch.stack([torch.randperm(128)[:25] for _ in range(6)])
-    windows = MixWindows(starts=(16, 96), width=48)
+    return model, spec, keep, MixWindows(starts=(16, 96), width=48)
+
+
+def test_stage2_forward_terms():
+    model, spec, keep, windows = small_stage2(DecoderConfig(dim=16, groups=4, layers=2))
     losses = model(spec, keep, windows=windows, generator=torch.Generator().manual_seed(1))
     assert losses.sample_size == 2 * 6 * (128 - 25)
     assert torch.isfinite(losses.total) and losses.srl > 0
@@ -223,13 +227,7 @@ def test_stage2_forward_terms():
 def test_checkpointed_decoder_gives_the_same_gradients_and_saves_less():
     """Recomputing the decoder in the backward is exact (it draws no random numbers) and keeps
     only its input instead of every layer's activations."""
-    torch.manual_seed(0)
-    cfg = EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=16)
-    obj = ObjectiveConfig(stage=2, clones=2, top_k=2, mix_width=48, decoder=DecoderConfig(dim=32, groups=4, layers=3))
-    model = Pretrainer(cfg, obj)
-    spec = torch.randn(3, 1, 256, 128)
-    keep = torch.stack([torch.randperm(128)[:25] for _ in range(6)])
-    windows = MixWindows(starts=(16, 96), width=48)
+    model, spec, keep, windows = small_stage2(DecoderConfig(dim=32, groups=4, layers=3))
 
     def run(checkpoint: bool):
         model.zero_grad()
