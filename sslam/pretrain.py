@@ -196,10 +196,38 @@ def masked_regression_sum(pred: torch.Tensor, target: torch.Tensor, masked: torc
 
     pred: (B * C, N, D) decoder output; target: (B, N, D), row r of pred uses target r // C;
     masked: (B * C, N) bool. The target is broadcast over clones, never copied."""
+    if target.requires_grad:
+        raise ValueError("the regression target must not require gradients: it is the teacher's")
+    return _MaskedRegressionSum.apply(pred, target, masked, clones)
+
+
+def _clone_differences(pred: torch.Tensor, target: torch.Tensor, clones: int) -> torch.Tensor:
+    """(B * C, N, D) pred minus its clip's (B, N, D) target, as (B, C, N, D) fp32."""
     bc, n, d = pred.shape
-    diff = pred.float().view(bc // clones, clones, n, d) - target.float()[:, None]
-    per_token = diff.pow(2).sum(-1).view(bc, n)
-    return (per_token * masked).sum() / math.sqrt(d)
+    return pred.float().view(bc // clones, clones, n, d) - target.float()[:, None]
+
+
+class _MaskedRegressionSum(torch.autograd.Function):
+    """:func:`masked_regression_sum` keeping pred and target for the backward, not their fp32
+    difference over every clone (autograd would keep that: twice pred's size in bf16, and
+    the largest tensor of the loss). The backward recomputes it with the operations autograd
+    would run, so the gradient is the same bit for bit."""
+
+    @staticmethod
+    def forward(ctx, pred, target, masked, clones):
+        ctx.save_for_backward(pred, target, masked)
+        ctx.clones = clones
+        bc, n, d = pred.shape
+        per_token = _clone_differences(pred, target, clones).pow(2).sum(-1).view(bc, n)
+        return (per_token * masked).sum() / math.sqrt(d)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pred, target, masked = ctx.saved_tensors
+        bc, n, d = pred.shape
+        per_token = (grad / math.sqrt(d) * masked).view(bc // ctx.clones, ctx.clones, n, 1)
+        grad_pred = per_token * (2 * _clone_differences(pred, target, ctx.clones))
+        return grad_pred.view(bc, n, d).to(pred.dtype), None, None, None
 
 
 def masked_regression_sum_copied(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, clones: int) -> torch.Tensor:

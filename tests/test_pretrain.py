@@ -175,6 +175,40 @@ def test_losses_by_hand():
         masked_regression_sum_copied(pred, target, masked, 3).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_regression_loss_keeps_no_fp32_copy_and_has_autograds_gradient(dtype):
+    """The frame loss keeps pred and target for its backward instead of their fp32 difference
+    over every clone (the same size in fp32, twice pred's in bf16), and its gradient is the one autograd gives the plain formula, bit for bit."""
+    b, clones, n, d = 2, 8, 37, 24  # 8 clones as in stage 2
+    pred = torch.randn(b * clones, n, d, dtype=dtype, requires_grad=True)
+    target, masked = torch.randn(b, n, d), torch.rand(b * clones, n) < 0.7
+
+    def plain(pred):
+        diff = pred.float().view(b, clones, n, d) - target[:, None]
+        return (diff.pow(2).sum(-1).view(b * clones, n) * masked).sum() / math.sqrt(d)
+
+    def kept_bytes(loss_fn):
+        kept = {}
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn(pred)
+        return loss, sum(kept.values())
+
+    expected, plain_bytes = kept_bytes(plain)
+    loss, loss_bytes = kept_bytes(lambda p: masked_regression_sum(p, target, masked, clones))
+    assert torch.equal(loss, expected)
+    assert torch.equal(torch.autograd.grad(0.37 * loss, pred)[0], torch.autograd.grad(0.37 * expected, pred)[0])
+    assert loss_bytes == pred.nbytes + target.nbytes + masked.nbytes
+    if dtype == torch.bfloat16:  # training under autocast: pred + 1/8 fp32 target < fp32 difference
+        assert loss_bytes < 0.7 * plain_bytes
+    with pytest.raises(ValueError, match="target must not require gradients"):
+        masked_regression_sum(pred, target.requires_grad_(), masked, clones)
+
+
 def test_srl_target_stitching_by_hand():
     """Windows at frames 32 and 400 of 1024 (SPEC verification): rows 2-16 and 25-39 equal the
     clean target, every other row is the mean of the clean target and the partner's partial
