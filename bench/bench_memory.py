@@ -4,7 +4,7 @@ backward of one training forward (bf16 autocast), by module, for the variants of
 
 What autograd saves depends on the code path, not on the speed of the device, so this shows
 on a CPU where the activation part of training memory goes and what recomputing the decoder
-saves (``ours_lowmem``). On a GPU, autocast may cast a few ops to other dtypes. A saved tensor is counted once per storage and charged to the leaf module
+and the cheap part of the student's blocks saves (``ours_lowmem``). On a GPU, autocast may cast a few ops to other dtypes. A saved tensor is counted once per storage and charged to the leaf module
 whose forward started last, so functional ops between modules (attention, GELU, residuals,
 the losses) count to the module before them. Without a GPU, ``ours*`` run the PyTorch
 references: the Triton kernels save slightly different tensors (e.g. the decoder keeps 2 of its

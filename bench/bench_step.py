@@ -9,7 +9,8 @@ four implementations of the same step, measured in one run.
 (iv)  ``ours``: the Triton kernels (fused features with SSLAM mixing, attention, gather,
       mixing), fused AdamW;
       ``ours_lowmem``: the same with the decoder recomputed in the backward (its activations
-      are the largest block of training memory), which trades a few percent of FLOPs for memory.
+      are the largest block of training memory, a few percent more FLOPs) and, in the student's
+      blocks, everything but the matmul and attention outputs (no extra matmul).
 
 Every variant runs the full step: features from 16-kHz waveforms on the device, masks, student
 + decoder forward/backward, teacher forward(s), optimizer step, EMA update. MFU uses the model
@@ -53,7 +54,7 @@ class Step:
         enc_cfg = encoder_config(cfg)
         self.model = Pretrainer(enc_cfg, objective_config(cfg, enc_cfg.depth)).to(device).train()
         self.model.copy_targets = variant == "official"
-        self.model.checkpoint_decoder = variant == "ours_lowmem"
+        self.model.checkpoint_decoder = self.model.student.checkpoint_blocks = variant == "ours_lowmem"
         attention = {"official": "math", "eager": "sdpa", "compile": "sdpa"}.get(variant, "auto")
         self.model.student.set_attention(attention)
         self.model.teacher.encoder.set_attention(attention)

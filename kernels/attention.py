@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .switch import interpreting, use_kernels
 
@@ -692,8 +693,10 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def _attention_kernels(q, k, v, key_padding_mask, cu_seqlens, max_seqlen: int, scale: float):
-    """Differentiable kernel call: the custom op under torch.compile, else the eager Function."""
-    if torch.compiler.is_compiling():
+    """Differentiable kernel call: the custom op when something must see an op (torch.compile;
+    a dispatch mode such as selective activation checkpointing, which keeps the op's outputs
+    instead of running the kernel again in the backward), else the eager Function."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
         out, _ = _attention_forward_op(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale)
         return out
     return _EagerAttention.apply(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale)

@@ -10,12 +10,19 @@ raw FFN output, from which the teacher builds its targets.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from .features import NUM_MEL_BINS, PATCH
 
@@ -235,6 +242,39 @@ class Block(nn.Module):
         return self.norm2(h + drop_path(m, self.drop_path_rate, self.training)), m
 
 
+# What a recomputed block keeps for its backward: the outputs of its matmuls and of attention.
+# The rest (LayerNorms, GELU, residual adds, dtype casts) is element-wise or a row reduction,
+# cheap to redo, yet holds 7 of the 16 token-width tensors (hidden-width ones count 4) that a
+# ViT block keeps; recomputing it leaves 11, and adds no matmul.
+KEPT_BY_RECOMPUTED_BLOCKS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "sslam::attention_forward",
+})
+
+
+def _keep_matmul_outputs(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    kept = func._schema.name in KEPT_BY_RECOMPUTED_BLOCKS
+    return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recomputed_block(block: Block, *args):
+    """``block(*args)``, keeping only matmul and attention outputs for the backward and redoing
+    the rest there (selective activation checkpointing). Same outputs and gradients, bit for
+    bit: the recomputation runs the same kernels on the same inputs (random draws replayed)."""
+    context = partial(create_selective_checkpoint_contexts, _keep_matmul_outputs)
+    return checkpoint(block, *args, use_reentrant=False, context_fn=context, **_SAVED_TENSOR_HOOKS_APPLY)
+
+
+# Route what the recomputed blocks keep through the caller's saved-tensor hooks (offloading,
+# memory accounting) where torch can; older torch has no such option and always bypasses them.
+_SAVED_TENSOR_HOOKS_APPLY = (
+    {"respect_saved_tensors_hooks": True}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {}
+)
+
+
 @dataclass
 class EncoderOutput:
     """x: (B', 1 + K, D) final block output, CLS at index 0. layer_results / block_outputs:
@@ -268,6 +308,7 @@ class Encoder(nn.Module):
             self.fc_norm = nn.LayerNorm(d, eps=cfg.head_norm_eps)
             self.head = nn.Linear(d, cfg.num_classes)
         self.attention_impl = "auto"
+        self.checkpoint_blocks = False  # recompute the cheap part of each block in the backward
         self.label_names: list[str] | None = None
         self.preprocessing: dict = {"sample_rate": 16000, "target_length": 1024, "norm": "audioset"}
         self.reset_parameters()
@@ -387,8 +428,9 @@ class Encoder(nn.Module):
             key_padding_mask = F.pad(key_padding_mask, (1, 0), value=False)  # CLS is never padding
         impl = self._attention_impl(x)
         out = EncoderOutput(x)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for block in self.blocks:
-            x, m = block(x, key_padding_mask, impl)
+            x, m = recomputed_block(block, x, key_padding_mask, impl) if recompute else block(x, key_padding_mask, impl)
             if layer_results:
                 out.layer_results.append(m)
             if block_outputs:

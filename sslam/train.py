@@ -118,6 +118,7 @@ class RunSection:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
     checkpoint_decoder: bool = False  # recompute the decoder in the backward: less memory, ~3% more FLOPs
+    checkpoint_blocks: bool = False  # recompute the student blocks' norms, GELU and sums in the backward: no extra matmul
     parallel: str = "ddp"  # ddp | fsdp (when launched with torchrun)
     seed: int = 1
     log_every: int = 10
@@ -384,7 +385,8 @@ def checkpoints_in(folder: Path) -> list[Path]:
 # optim.accum_steps only together with the number of processes (the global batch stays);
 # run.init may be left out (the weights come from the checkpoint).
 RESUME_MAY_CHANGE = frozenset({
-    "run.out", "run.resume", "run.init", "run.device", "run.compile", "run.checkpoint_decoder", "run.parallel", "run.log_every",
+    "run.out", "run.resume", "run.init", "run.device", "run.compile", "run.checkpoint_decoder", "run.checkpoint_blocks",
+    "run.parallel", "run.log_every",
     "run.ckpt_every", "run.keep_last", "run.tensorboard", "run.progress", "run.max_bad_steps", "run.threads",
     "data.num_workers", "data.max_bad_files", "data.root", "optim.max_steps", "optim.accum_steps",
 })
@@ -539,6 +541,7 @@ class Trainer:
         else:
             model = Pretrainer(enc_cfg, objective)
         model.checkpoint_decoder = cfg.run.checkpoint_decoder
+        model.student.checkpoint_blocks = cfg.run.checkpoint_blocks
         return model.to(self.device).train()
 
     @property

@@ -1,6 +1,7 @@
 """The model, objective and trainer pick the PyTorch references on CPU, and their Triton path
 (run here by the interpreter) gives the same encoder outputs and losses."""
 
+import importlib
 import os
 
 import pytest
@@ -15,6 +16,7 @@ pytestmark = pytest.mark.skipif(
     reason="checks the interpreted kernel path on a CPU-only machine",
 )
 
+attention_kernel = importlib.import_module("sslam.kernels.attention")  # the function shares its name
 CFG = EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=8)
 
 
@@ -63,6 +65,31 @@ def test_stage2_loss_and_gradients_equal_through_the_kernels(monkeypatch):
         a, b = getattr(out, name), getattr(ref, name)
         assert abs(a.item() - b.item()) <= 1e-4 * abs(b.item()) + 1e-5, name
     assert (grad - ref_grad).abs().max() <= 1e-3 * ref_grad.abs().max()
+
+
+def test_recomputed_blocks_keep_the_attention_kernel_outputs(monkeypatch):
+    """With the Triton attention, recomputing the blocks' cheap part still gives the same
+    gradients bit for bit: the kernel's outputs are kept, never recomputed."""
+    monkeypatch.setenv("SSLAM_KERNELS", "1")
+    model = Encoder(CFG).train()
+    spec = torch.randn(2, 1, 64, 128)
+    keep = torch.stack([torch.randperm(32)[:9] for _ in range(4)])
+    grad_out = torch.randn(4, 10, 32)
+    calls = []
+    forward = attention_kernel._forward
+    monkeypatch.setattr(attention_kernel, "_forward", lambda *a: calls.append(1) or forward(*a))
+
+    def run(recompute: bool):
+        model.zero_grad(set_to_none=True)
+        model.checkpoint_blocks = recompute
+        calls.clear()
+        model(spec, keep=keep, clones=2).x.backward(grad_out)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = run(False)
+    recomputed, recomputed_calls = run(True)
+    assert all(torch.equal(plain[n], recomputed[n]) for n in plain)
+    assert plain_calls == recomputed_calls == CFG.depth
 
 
 def test_trainer_step_equal_through_the_kernels(monkeypatch, tmp_path):

@@ -217,11 +217,13 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, mo
     assert trainer.skipped_steps == 2
 
 
-def test_checkpointed_decoder_trains_as_the_plain_one(tmp_path):
+def test_recomputing_decoder_and_blocks_trains_as_the_plain_run(tmp_path):
     plain = Trainer(small(tmp_path / "a", steps=2), log=lambda *a: None)
     plain.fit()
-    checkpointed = Trainer(small(tmp_path / "b", steps=2, run__checkpoint_decoder=True), log=lambda *a: None)
+    settings = {"run__checkpoint_decoder": True, "run__checkpoint_blocks": True}
+    checkpointed = Trainer(small(tmp_path / "b", steps=2, **settings), log=lambda *a: None)
     assert checkpointed.model.checkpoint_decoder and not plain.model.checkpoint_decoder
+    assert checkpointed.model.student.checkpoint_blocks and not plain.model.student.checkpoint_blocks
     checkpointed.fit()
     assert_same_state(plain, checkpointed)
 
