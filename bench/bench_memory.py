@@ -11,7 +11,7 @@ references: the Triton kernels save slightly different tensors (e.g. the decoder
 ~3 tensors per layer). Weights, gradients and optimizer state come on top; ``bench_step.py`` measures the
 whole peak on a GPU.
 
-    python bench/bench_memory.py --preset base --stage 2 --batch 12     # ViT-B, ~15 min on 2 cores
+    python bench/bench_memory.py --preset base --stage 2 --batch 12     # ViT-B, ~2 min on 2 cores
     python bench/bench_memory.py --quick
 """
 
