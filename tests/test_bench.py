@@ -66,17 +66,33 @@ def test_autotune_report_lists_each_new_table_once_fastest_first():
     assert autotune_report({"kernel": tuner}, seen) == ""  # already reported
 
 
-def test_largest_batch_search_doubles_then_bisects():
+def test_largest_batch_search_predicts_then_confirms():
+    """A linear peak-memory curve takes 4 steps; any other curve is still answered exactly by
+    doubling and bisection from where the prediction failed."""
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_step import largest_fitting
 
     tried = []
 
-    def fits_up_to(most):
-        return lambda batch: tried.append(batch) or batch <= most
+    def linear(static, per_clip, capacity, most=None):
+        """Peak of a step; out of memory past ``capacity`` (or past ``most`` clips if given)."""
+        def peak_of(batch):
+            tried.append(batch)
+            peak = static + per_clip * batch
+            return peak if peak <= capacity and (most is None or batch <= most) else None
+        return peak_of
 
-    assert 96 < largest_fitting(fits_up_to(100), start=12, resolution=4) <= 100
-    assert tried[:4] == [12, 24, 48, 96] and 192 in tried and len(tried) < 12
-    assert largest_fitting(fits_up_to(40), start=12, resolution=1) == 40
-    assert largest_fitting(fits_up_to(5000), start=12, limit=500) == 384
-    assert largest_fitting(fits_up_to(8), start=12) == 0
+    gib = 2**30
+    assert largest_fitting(linear(2 * gib, 0.5 * gib, 80 * gib), start=12, capacity=80 * gib) == 156
+    assert tried == [12, 24, 156, 160]
+    # the prediction overshoots (fragmentation, a workspace): the probe below it confirms
+    tried.clear()
+    assert largest_fitting(linear(2 * gib, 0.5 * gib, 80 * gib, most=153), 12, 80 * gib, resolution=4) == 152
+    assert tried == [12, 24, 156, 152]
+    # far off: doubling and bisection from the bounds, to the resolution
+    tried.clear()
+    assert 96 < largest_fitting(linear(2 * gib, 0.5 * gib, 80 * gib, most=100), 12, 80 * gib) <= 100
+    assert largest_fitting(linear(0, gib, 9000 * gib, most=40), 12, 9000 * gib, resolution=1) == 40
+    assert largest_fitting(linear(0, gib, 9000 * gib), 12, 9000 * gib, limit=500) == 500
+    assert largest_fitting(linear(0, 0, 1), 12, capacity=1, limit=500) == 384  # flat curve: doubling
+    assert largest_fitting(linear(0, gib, 8 * gib), 12, 8 * gib) == 0
