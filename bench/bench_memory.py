@@ -4,12 +4,13 @@ backward of one training forward (bf16 autocast), by module, for the variants of
 
 What autograd saves depends on the code path, not on the speed of the device, so this shows
 on a CPU where the activation part of training memory goes and what recomputing the decoder
-and the cheap part of the student's blocks saves (``ours_lowmem``). On a GPU, autocast may cast a few ops to other dtypes. A saved tensor is counted once per storage and charged to the leaf module
-whose forward started last, so functional ops between modules (attention, GELU, residuals,
-the losses) count to the module before them. Without a GPU, ``ours*`` run the PyTorch
-references: the Triton kernels save slightly different tensors (e.g. the decoder keeps 2 of its
-~3 tensors per layer). Weights, gradients and optimizer state come on top; ``bench_step.py`` measures the
-whole peak on a GPU.
+and the cheap part of the student's blocks saves (``ours_lowmem``), or the whole blocks
+(``ours_minmem``). On a GPU, autocast may cast a few ops to other dtypes. A saved tensor is
+counted once per storage and charged to the leaf module whose forward started last, so
+functional ops between modules (attention, GELU, residuals, the losses) count to the module
+before them. Without a GPU, ``ours*`` run the PyTorch references: the Triton kernels save
+slightly different tensors (e.g. the decoder keeps 2 of its ~3 tensors per layer). Weights,
+gradients and optimizer state come on top; ``bench_step.py`` measures the whole peak on a GPU.
 
     python bench/bench_memory.py --preset base --stage 2 --batch 12     # ViT-B, ~2 min on 2 cores
     python bench/bench_memory.py --quick
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
     p.add_argument("--stage", type=int, default=2, choices=[1, 2])
     p.add_argument("--batch", type=int, default=12)
-    p.add_argument("--variants", nargs="+", default=["eager", "ours_lowmem"], choices=["eager", "ours", "ours_lowmem"])
+    p.add_argument("--variants", nargs="+", default=["eager", "ours_lowmem"], choices=["eager", "ours", "ours_lowmem", "ours_minmem"])
     p.add_argument("--top", type=int, default=8, help="module groups listed per variant")
     p.add_argument("--csv", default=None)
     p.add_argument("--quick", action="store_true", help="tiny preset, 4 clips (CI)")

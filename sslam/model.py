@@ -242,11 +242,14 @@ class Block(nn.Module):
         return self.norm2(h + drop_path(m, self.drop_path_rate, self.training)), m
 
 
-# What a recomputed block keeps for its backward: the outputs of its matmuls and of attention.
-# The rest (LayerNorms, GELU, residual adds, dtype casts) is element-wise or a row reduction,
-# cheap to redo, yet holds 7 of the 16 token-width tensors (hidden-width ones count 4) that a
-# ViT block keeps; recomputing it leaves 11, and adds no matmul.
-KEPT_BY_RECOMPUTED_BLOCKS = frozenset({
+# How much of each block the backward recomputes instead of keeping (``set_block_checkpointing``).
+BLOCK_CHECKPOINTING = ("off", "selective", "full")
+
+# What a block keeps under "selective": the outputs of its matmuls and of attention. The rest
+# (LayerNorms, GELU, residual adds, dtype casts) is element-wise or a row reduction, cheap to
+# redo, yet holds 7 of the 16 token-width tensors (hidden-width ones count 4) that a ViT block
+# keeps; recomputing it leaves 11, and adds no matmul.
+KEPT_BY_SELECTIVE_CHECKPOINTING = frozenset({
     "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
@@ -255,14 +258,17 @@ KEPT_BY_RECOMPUTED_BLOCKS = frozenset({
 
 
 def _keep_matmul_outputs(ctx, func, *args, **kwargs) -> CheckpointPolicy:
-    kept = func._schema.name in KEPT_BY_RECOMPUTED_BLOCKS
+    kept = func._schema.name in KEPT_BY_SELECTIVE_CHECKPOINTING
     return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def recomputed_block(block: Block, *args):
-    """``block(*args)``, keeping only matmul and attention outputs for the backward and redoing
-    the rest there (selective activation checkpointing). Same outputs and gradients, bit for
-    bit: the recomputation runs the same kernels on the same inputs (random draws replayed)."""
+def checkpointed_block(block: Block, mode: str, *args):
+    """``block(*args)`` keeping less for the backward and redoing the rest there. "selective":
+    only the matmul and attention outputs are kept (no extra matmul); "full": only the block
+    input (the whole block runs twice, about 1/3 more FLOPs). Same outputs and gradients, bit
+    for bit: the recomputation runs the same kernels on the same inputs (random draws replayed)."""
+    if mode == "full":
+        return checkpoint(block, *args, use_reentrant=False)
     context = partial(create_selective_checkpoint_contexts, _keep_matmul_outputs)
     return checkpoint(block, *args, use_reentrant=False, context_fn=context, **_SAVED_TENSOR_HOOKS_APPLY)
 
@@ -308,7 +314,7 @@ class Encoder(nn.Module):
             self.fc_norm = nn.LayerNorm(d, eps=cfg.head_norm_eps)
             self.head = nn.Linear(d, cfg.num_classes)
         self.attention_impl = "auto"
-        self.checkpoint_blocks = False  # recompute the cheap part of each block in the backward
+        self.checkpoint_blocks = "off"  # see set_block_checkpointing
         self.label_names: list[str] | None = None
         self.preprocessing: dict = {"sample_rate": 16000, "target_length": 1024, "norm": "audioset"}
         self.reset_parameters()
@@ -340,6 +346,17 @@ class Encoder(nn.Module):
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention={impl!r}: choose one of {ATTENTION_IMPLS}")
         self.attention_impl = impl
+        return self
+
+    def set_block_checkpointing(self, mode: str) -> Encoder:
+        """What the blocks keep for the backward in training: 'off' (all that autograd saves),
+        'selective' (matmul and attention outputs; LayerNorms, GELU and residual sums are
+        recomputed: about 1/3 less activation memory, no extra matmul) or 'full' (only each
+        block's input, as timm's gradient checkpointing: the least memory, about 1/3 more
+        FLOPs). Exact either way."""
+        if mode not in BLOCK_CHECKPOINTING:
+            raise ValueError(f"block checkpointing {mode!r}: choose one of {BLOCK_CHECKPOINTING}")
+        self.checkpoint_blocks = mode
         return self
 
     def _attention_impl(self, x: torch.Tensor) -> str:
@@ -428,9 +445,9 @@ class Encoder(nn.Module):
             key_padding_mask = F.pad(key_padding_mask, (1, 0), value=False)  # CLS is never padding
         impl = self._attention_impl(x)
         out = EncoderOutput(x)
-        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
+        mode = self.checkpoint_blocks if torch.is_grad_enabled() else "off"
         for block in self.blocks:
-            x, m = recomputed_block(block, x, key_padding_mask, impl) if recompute else block(x, key_padding_mask, impl)
+            x, m = block(x, key_padding_mask, impl) if mode == "off" else checkpointed_block(block, mode, x, key_padding_mask, impl)
             if layer_results:
                 out.layer_results.append(m)
             if block_outputs:

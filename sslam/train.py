@@ -34,7 +34,7 @@ from .features import preprocess
 from .kernels.switch import use_kernels
 from .masking import MaskConfig, block_masks, kept_indices
 from .mixing import sample_windows
-from .model import VARIANTS, EncoderConfig
+from .model import BLOCK_CHECKPOINTING, VARIANTS, EncoderConfig
 from .pretrain import DecoderConfig, ObjectiveConfig, Pretrainer, ema_decay, train_flops_per_clip
 
 
@@ -118,7 +118,7 @@ class RunSection:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
     checkpoint_decoder: bool = False  # recompute the decoder in the backward: less memory, ~3% more FLOPs
-    checkpoint_blocks: bool = False  # recompute the student blocks' norms, GELU and sums in the backward: no extra matmul
+    checkpoint_blocks: str = "off"  # off | selective (norms, GELU, sums redone: no extra matmul) | full (whole blocks)
     parallel: str = "ddp"  # ddp | fsdp (when launched with torchrun)
     seed: int = 1
     log_every: int = 10
@@ -276,6 +276,7 @@ def validate(cfg: TrainConfig) -> None:
         (r.device in ("auto", "cpu", "cuda"), f"run.device={r.device!r}: auto, cpu or cuda"),
         (r.precision in ("auto", "fp32", "bf16", "fp16"), "run.precision: auto, fp32, bf16 or fp16"),
         (r.parallel in ("ddp", "fsdp"), "run.parallel: ddp or fsdp"),
+        (r.checkpoint_blocks in BLOCK_CHECKPOINTING, f"run.checkpoint_blocks={r.checkpoint_blocks!r}: one of {BLOCK_CHECKPOINTING}"),
         (r.ckpt_every >= 1 and r.log_every >= 1 and r.keep_last >= 1, "run.ckpt_every, log_every, keep_last >= 1"),
         (r.max_bad_steps >= 1, "run.max_bad_steps must be >= 1"),
     ]
@@ -541,7 +542,7 @@ class Trainer:
         else:
             model = Pretrainer(enc_cfg, objective)
         model.checkpoint_decoder = cfg.run.checkpoint_decoder
-        model.student.checkpoint_blocks = cfg.run.checkpoint_blocks
+        model.student.set_block_checkpointing(cfg.run.checkpoint_blocks)
         return model.to(self.device).train()
 
     @property

@@ -81,7 +81,7 @@ def test_recomputed_blocks_keep_the_attention_kernel_outputs(monkeypatch):
 
     def run(recompute: bool):
         model.zero_grad(set_to_none=True)
-        model.checkpoint_blocks = recompute
+        model.set_block_checkpointing("selective" if recompute else "off")
         calls.clear()
         model(spec, keep=keep, clones=2).x.backward(grad_out)
         return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)

@@ -220,10 +220,10 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, mo
 def test_recomputing_decoder_and_blocks_trains_as_the_plain_run(tmp_path):
     plain = Trainer(small(tmp_path / "a", steps=2), log=lambda *a: None)
     plain.fit()
-    settings = {"run__checkpoint_decoder": True, "run__checkpoint_blocks": True}
+    settings = {"run__checkpoint_decoder": True, "run__checkpoint_blocks": "selective"}
     checkpointed = Trainer(small(tmp_path / "b", steps=2, **settings), log=lambda *a: None)
     assert checkpointed.model.checkpoint_decoder and not plain.model.checkpoint_decoder
-    assert checkpointed.model.student.checkpoint_blocks and not plain.model.student.checkpoint_blocks
+    assert checkpointed.model.student.checkpoint_blocks == "selective" and plain.model.student.checkpoint_blocks == "off"
     checkpointed.fit()
     assert_same_state(plain, checkpointed)
 
