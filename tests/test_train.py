@@ -137,10 +137,11 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert_same_state(straight, resumed)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_accumulation_equals_two_processes(tmp_path, parallel):
-    """2 processes on gloo (DDP, or FSDP2 sharding) give the parameters of one process that
-    accumulates the same two micro-batches (the global batch is split the same way)."""
+@pytest.mark.parametrize("parallel, blocks", [("ddp", "off"), ("fsdp", "off"), ("fsdp", "selective")])
+def test_accumulation_equals_two_processes(tmp_path, parallel, blocks):
+    """2 processes on gloo (DDP, or FSDP2 sharding, also with recomputed blocks) give the
+    parameters of one process that accumulates the same two micro-batches (the global batch is
+    split the same way)."""
     one = Trainer(small(tmp_path / "one", steps=3, optim__accum_steps=2), log=lambda *a: None)
     one.fit()
     script = tmp_path / "ddp.py"
@@ -150,7 +151,8 @@ def test_accumulation_equals_two_processes(tmp_path, parallel):
         "from test_train import small\n"
         "from sslam.train import Trainer\n"
         "import torch.distributed as dist\n"
-        f"t = Trainer(small({str(tmp_path / 'two')!r}, steps=3, run__parallel={parallel!r}), log=lambda *a: None)\n"
+        f"t = Trainer(small({str(tmp_path / 'two')!r}, steps=3, run__parallel={parallel!r}, "
+        f"run__checkpoint_blocks={blocks!r}), log=lambda *a: None)\n"
         "t.fit()\n"
         "dist.destroy_process_group()\n"
     )
