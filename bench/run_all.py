@@ -37,7 +37,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("decoder", ["bench_decoder.py", "--quick"]),
             ("masks", ["bench_masks.py", "--rows", "192", "--repeats", "3"]),
             ("encoder", ["bench_encoder.py", "--quick"]),
-            ("step", ["bench_step.py", "--quick"]),
+            ("step", ["bench_step.py", "--quick", "--profile", str(out / "profile")]),
             ("memory", ["bench_memory.py", "--quick"]),
             ("cpu", ["bench_cpu.py", "--quick"]),
         ]
@@ -112,9 +112,23 @@ def report(rows: list[dict], out: Path, timings: dict[str, tuple[bool, float]]) 
             lines.append("")
         _plot(bench, cases, out)
         lines.append(f"![{bench}]({bench}.png)")
+    lines += _profile_tables(out / "profile")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
+
+
+def _profile_tables(folder: Path) -> list[str]:
+    """The step benchmark's top-operation tables (by GPU time on a GPU), next to their traces."""
+    tables = sorted(folder.glob("top_ops_*.txt"))
+    if not tables:
+        return []
+    lines = ["", "## Profiles: top operations of the training step", ""]
+    for table in tables:
+        name = table.stem.removeprefix("top_ops_")
+        lines += [f"**{name}** (trace: `{folder.name}/trace_{name}.json`)", "", "```",
+                  table.read_text().rstrip(), "```", ""]
+    return lines
 
 
 def _num(value) -> str:

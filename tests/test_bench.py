@@ -25,6 +25,11 @@ def test_quick_suite_runs_every_benchmark(tmp_path):
     for name in BENCHMARKS:
         assert f"## {name}" in report, name
     assert len(list(tmp_path.glob("*.png"))) == len(BENCHMARKS)
+    # the profiles of good eager and ours, their top operations in the report
+    for variant in ("eager", "ours"):
+        assert (tmp_path / "profile" / f"trace_{variant}_stage2.json").stat().st_size > 0
+        assert f"**{variant}_stage2** (trace: `profile/trace_{variant}_stage2.json`)" in report
+    assert "## Profiles: top operations of the training step" in report
 
 
 def run_all(*args: str, out: Path) -> subprocess.CompletedProcess:
