@@ -266,11 +266,31 @@ def checkpointed_block(block: Block, mode: str, *args):
     """``block(*args)`` keeping less for the backward and redoing the rest there. "selective":
     only the matmul and attention outputs are kept (no extra matmul); "full": only the block
     input (the whole block runs twice, about 1/3 more FLOPs). Same outputs and gradients, bit
-    for bit: the recomputation runs the same kernels on the same inputs (random draws replayed)."""
+    for bit: the recomputation runs the same kernels on the same inputs (random draws replayed).
+
+    "selective" allows one backward through the block (no ``retain_graph`` or double
+    backward), and the block's outputs must not be modified in place before it."""
     if mode == "full":
         return checkpoint(block, *args, use_reentrant=False)
     context = partial(create_selective_checkpoint_contexts, _keep_matmul_outputs)
-    return checkpoint(block, *args, use_reentrant=False, context_fn=context, **_SAVED_TENSOR_HOOKS_APPLY)
+    return checkpoint(_without_autocast_cache(block), *args, use_reentrant=False, context_fn=context,
+                      **_SAVED_TENSOR_HOOKS_APPLY)
+
+
+def _without_autocast_cache(fn):
+    """``fn`` with autocast's weight-cast cache off. Selective checkpointing replays the
+    operations of the forward one by one and fails on any difference; a weight cast served
+    from the cache (a second forward, or a no_grad one, earlier in the same autocast region)
+    would be a cast in the replay only. The cast is done anyway in a region's first forward."""
+    def run(*args):
+        cached = torch.is_autocast_cache_enabled()
+        torch.set_autocast_cache_enabled(False)
+        try:
+            return fn(*args)
+        finally:
+            torch.set_autocast_cache_enabled(cached)
+
+    return run
 
 
 # Route what the recomputed blocks keep through the caller's saved-tensor hooks (offloading,

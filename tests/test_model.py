@@ -218,3 +218,31 @@ def test_blocks_are_checkpointed_only_when_gradients_are_recorded(monkeypatch):
         model(torch.randn(2, 1, 32, 128))
     with pytest.raises(ValueError, match="block checkpointing 'yes'"):
         model.set_block_checkpointing("yes")
+
+
+def test_selective_checkpointing_after_cached_weight_casts():
+    """A no_grad forward, or a second forward, in the same autocast region finds the weights'
+    bf16 casts in autocast's cache; the selective replay must not depend on that. After a
+    no_grad forward the gradients are the plain ones bit for bit; with two forwards each casts
+    its own weights, so their weight gradients meet in fp32 instead of in bf16 (last-bit
+    differences)."""
+    model = small_model().train()
+    a, b = torch.randn(2, 1, 64, 128), torch.randn(2, 1, 64, 128)
+
+    def grads(mode: str, second: bool):
+        model.zero_grad(set_to_none=True)
+        model.set_block_checkpointing(mode)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                model(a)
+            loss = model(a).x.float().pow(2).mean()
+            if second:
+                loss = loss + model(b).x.float().pow(2).mean()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, selective = grads("off", False), grads("selective", False)
+    assert all(torch.equal(plain[n], selective[n]) for n in plain)
+    plain, selective = grads("off", True), grads("selective", True)
+    for n in plain:
+        torch.testing.assert_close(selective[n], plain[n], msg=n)
