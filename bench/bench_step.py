@@ -152,6 +152,13 @@ def step_peak(variant, cfg, device, batch: int) -> int | None:
     return peak
 
 
+def available_memory(device) -> int:
+    """Bytes this process's tensors can take: free device memory (the CUDA context and other
+    processes already left out) plus what PyTorch's allocator holds in reserve."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device)
+
+
 def largest_fitting(peak_of, start: int, capacity: float, limit: int = 1024, resolution: int = 4) -> int:
     """The largest batch whose step fits in ``capacity`` bytes, within ``resolution`` clips; 0 if
     ``start`` does not fit. ``peak_of(batch)`` is a step's peak memory, None when it ran out.
@@ -175,13 +182,19 @@ def largest_fitting(peak_of, start: int, capacity: float, limit: int = 1024, res
             guess = min(limit, good + int((capacity - second) / per_clip)) if per_clip > 0 else good
             if guess > good:
                 if fits(guess):
-                    good = guess
-                    if guess + resolution <= limit and not fits(guess + resolution):
-                        bad = guess + resolution
+                    good, above = guess, guess + resolution
+                    if above <= limit:
+                        if fits(above):
+                            good = above
+                        else:
+                            bad = above
                 else:
-                    bad = guess
-                    if guess - resolution > good and fits(guess - resolution):
-                        good = guess - resolution
+                    bad, below = guess, guess - resolution
+                    if below > good:
+                        if fits(below):
+                            good = below
+                        else:
+                            bad = below
     while bad is None:
         if 2 * good > limit:
             return good
@@ -259,7 +272,7 @@ def main(argv=None) -> int:
             mfu = flops * clips / (PEAK_TFLOPS * 1e12) if device.type == "cuda" else float("nan")
             # The search recompiles the compiled variant for every size: measured for the others.
             search = args.max_batch and device.type == "cuda" and variant != "compile"
-            capacity = torch.cuda.get_device_properties(device).total_memory if search else 0
+            capacity = available_memory(device) if search else 0
             most = largest_fitting(lambda b: step_peak(variant, cfg, device, b), args.batch, capacity) if search else 0
             base = base or (seconds if variant == "official" else None)
             speedup = base / seconds if base else float("nan")

@@ -94,6 +94,8 @@ def test_largest_batch_search_predicts_then_confirms():
     tried.clear()
     assert largest_fitting(linear(2 * gib, 0.5 * gib, 80 * gib, most=153), 12, 80 * gib, resolution=4) == 152
     assert tried == [12, 24, 156, 152]
+    # the prediction undershoots (more memory than assumed): the search goes on from above it
+    assert 172 < largest_fitting(linear(2 * gib, 0.5 * gib, 90 * gib), 12, 80 * gib) <= 176
     # far off: doubling and bisection from the bounds, to the resolution
     tried.clear()
     assert 96 < largest_fitting(linear(2 * gib, 0.5 * gib, 80 * gib, most=100), 12, 80 * gib) <= 100
