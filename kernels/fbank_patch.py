@@ -59,7 +59,7 @@ the constant basis (tf32x3 re-splits it every K step). A 16 x 32 Cooley-Tukey sp
 (two small matmul stages, ~4x fewer DFT FLOPs) was tried and set aside: pre-emphasis, window
 and DC removal then act on the samples before the DFT instead of being folded into its basis,
 so the quiet low bins come out of the cancellation of the boosted high frequencies. In fp32
-(interpreter) its error on the golden real clip was 1.0e-4 against the float64 fbank, over
+(interpreter) its error on the golden real clip was 1.03e-4 against the float64 fbank, over
 the 1e-4 budget before any tf32x3 loss, where the folded basis gives 8.5e-5.
 
 Arithmetic floor (per 10-s clip, 1024 frames, ~998 of them real): DFT 400 x 512 x 2 = 410 kFLOP
