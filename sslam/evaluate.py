@@ -30,7 +30,7 @@ from .checkpoint import CheckpointError, atomic_write, load_encoder, safe_torch_
 from .features import preprocess
 from .labels import LabeledSplit, SplitAudio, read_split
 from .metrics import accuracy, mean_average_precision
-from .model import Encoder
+from .model import BLOCK_CHECKPOINTING, Encoder
 
 
 class LinearHead(nn.Module):
@@ -268,7 +268,8 @@ class FinetuneConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     out: str = "runs/finetune"
-    precision: str = "auto"
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    checkpoint_blocks: str = "off"  # off | selective | full: recompute block activations in the backward
     workers: int = 2
     seed: int = 0
 
@@ -309,7 +310,8 @@ def read_weights(path: str, n: int) -> torch.Tensor:
 # Fine-tuning settings a resumed run may change: where it writes, how often it evaluates, saves
 # and logs, its loader processes, and ``steps`` (extending or shortening a run stretches the rest
 # of the schedule), as sslam.train.RESUME_MAY_CHANGE allows for pretraining.
-FINETUNE_RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "ckpt_every", "keep_last", "out", "workers"})
+FINETUNE_RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "ckpt_every", "keep_last", "out", "workers",
+                                        "checkpoint_blocks"})
 
 
 def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: list[str], multilabel: bool,
@@ -380,7 +382,12 @@ class Finetuner:
         self.log = log if self.dist.rank == 0 else (lambda *a, **k: None)
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
+        if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision={cfg.precision!r}: auto, fp32, bf16 or fp16")
+        if cfg.checkpoint_blocks not in BLOCK_CHECKPOINTING:
+            raise ValueError(f"checkpoint_blocks={cfg.checkpoint_blocks!r}: one of {BLOCK_CHECKPOINTING}")
         self.model = with_head(encoder, train.class_names, cfg.drop_path).train()
+        self.model.set_block_checkpointing(cfg.checkpoint_blocks)
         self.module: nn.Module = Classifier(self.model)
         if self.dist.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel

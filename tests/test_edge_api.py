@@ -462,3 +462,23 @@ def test_regression_balanced_sampling_epoch_size_is_checked(tmp_path, splits):
         drawn = ft._epoch_indices(epoch)
         assert len(drawn) == 6 and not {6, 7} & set(drawn.tolist())
     assert ft.fit() is not None and ft.step == 1
+
+
+def test_finetuning_with_recomputed_blocks_trains_as_the_plain_run(tmp_path, splits):
+    """checkpoint_blocks (drop-path 0.1 on: its draws are replayed) leaves the fine-tuned
+    weights as they are without it, bit for bit; bad values are refused by name."""
+    train, test = splits
+    weights = {}
+    for mode in ("off", "selective", "full"):
+        cfg = FinetuneConfig(steps=2, warmup=0, batch_size=4, eval_every=2, ckpt_every=2, out=str(tmp_path / mode),
+                             workers=0, checkpoint_blocks=mode)
+        tuner = Finetuner(tiny_encoder(), train, test, cfg, log=quiet)
+        assert tuner.model.checkpoint_blocks == mode
+        tuner.fit()
+        weights[mode] = {k: v.clone() for k, v in tuner.model.state_dict().items()}
+    for mode in ("selective", "full"):
+        assert all(torch.equal(weights["off"][k], weights[mode][k]) for k in weights["off"]), mode
+    for field, value in (("checkpoint_blocks", "yes"), ("precision", "fp64")):
+        bad = FinetuneConfig(out=str(tmp_path / "bad"), workers=0, **{field: value})
+        with pytest.raises(ValueError, match=rf"{field}='{value}'"):
+            Finetuner(tiny_encoder(), train, test, bad, log=quiet)
