@@ -281,7 +281,9 @@ def _without_autocast_cache(fn):
     """``fn`` with autocast's weight-cast cache off. Selective checkpointing replays the
     operations of the forward one by one and fails on any difference; a weight cast served
     from the cache (a second forward, or a no_grad one, earlier in the same autocast region)
-    would be a cast in the replay only. The cast is done anyway in a region's first forward."""
+    would be a cast in the replay only. The cast is done anyway in a region's first forward; a
+    second forward with gradients gets casts of its own, so the two forwards' weight gradients
+    meet in fp32 instead of bf16 (a last-bit difference from the run without checkpointing)."""
     def run(*args):
         cached = torch.is_autocast_cache_enabled()
         torch.set_autocast_cache_enabled(False)
@@ -467,7 +469,10 @@ class Encoder(nn.Module):
         out = EncoderOutput(x)
         mode = self.checkpoint_blocks if torch.is_grad_enabled() else "off"
         for block in self.blocks:
-            x, m = block(x, key_padding_mask, impl) if mode == "off" else checkpointed_block(block, mode, x, key_padding_mask, impl)
+            if mode == "off":
+                x, m = block(x, key_padding_mask, impl)
+            else:
+                x, m = checkpointed_block(block, mode, x, key_padding_mask, impl)
             if layer_results:
                 out.layer_results.append(m)
             if block_outputs:
