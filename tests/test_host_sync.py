@@ -10,13 +10,15 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_features_forward_and_backward_never_wait_for_the_gpu(tmp_path, stage):
+@pytest.mark.parametrize("stage, recompute", [(1, "off"), (2, "off"), (2, "selective"), (2, "full")])
+def test_features_forward_and_backward_never_wait_for_the_gpu(tmp_path, stage, recompute):
+    """Also with the decoder and the student's blocks recomputed in the backward."""
     from test_train import small
 
     from sslam.train import Trainer
 
-    trainer = Trainer(small(tmp_path, stage=stage, steps=2, run__device="cuda"), log=lambda *a: None)
+    settings = {"run__checkpoint_decoder": recompute != "off", "run__checkpoint_blocks": recompute}
+    trainer = Trainer(small(tmp_path, stage=stage, steps=2, run__device="cuda", **settings), log=lambda *a: None)
     loader = iter(trainer.data_loader())
     trainer.train_step([next(loader)])  # the first call autotunes and allocates, which synchronises
     batch = next(loader)
