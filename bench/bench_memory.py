@@ -9,8 +9,10 @@ and the cheap part of the student's blocks saves (``ours_lowmem``), or the whole
 counted once per storage and charged to the leaf module whose forward started last, so
 functional ops between modules (attention, GELU, residuals, the losses) count to the module
 before them. Without a GPU, ``ours*`` run the PyTorch references: the Triton kernels save
-slightly different tensors (e.g. the decoder keeps 2 of its ~3 tensors per layer). Weights,
-gradients and optimizer state come on top; ``bench_step.py`` measures the whole peak on a GPU.
+slightly different tensors (e.g. the decoder keeps 2 of its ~3 tensors per layer). The
+training state (fp32 weights, gradients and AdamW moments, the teacher) is added by its size;
+transient buffers (autocast's weight copies, the backward's gradients in flight, allocator
+slack) are not counted, so ``bench_step.py`` measures the whole peak on a GPU.
 
     python bench/bench_memory.py --preset base --stage 2 --batch 12     # ViT-B, ~2 min on 2 cores
     python bench/bench_memory.py --quick
@@ -80,6 +82,15 @@ def saved_by_module(step: Step) -> tuple[Counter, float]:
     return by_module, time.perf_counter() - start
 
 
+def training_state_bytes(step: Step) -> int:
+    """Bytes held across steps: fp32 weights, gradients and the two AdamW moments of what is
+    trained (student, decoder), and the teacher's weights and buffers."""
+    trained = [p for m in (step.model.student, step.model.decoder) for p in m.parameters()]
+    teacher = [*step.model.teacher.parameters(), *step.model.teacher.buffers()]
+    buffers = [*step.model.student.buffers(), *step.model.decoder.buffers()]
+    return sum(4 * p.element_size() * p.numel() for p in trained) + sum(t.nbytes for t in teacher + buffers)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
@@ -98,14 +109,17 @@ def main(argv=None) -> int:
     print(f"{env['device']}, torch {env['torch']}: activations saved for the backward, {case}, bf16 autocast")
     rows = []
     for variant in args.variants:
-        by_module, seconds = saved_by_module(Step(variant, cfg, args.batch, torch.device("cpu")))
-        total = sum(by_module.values())
-        print(f"\n{variant}: {total / 2**30:.3f} GiB = {total / args.batch / 2**30:.3f} GiB per clip ({seconds:.0f} s)")
+        step = Step(variant, cfg, args.batch, torch.device("cpu"))
+        by_module, seconds = saved_by_module(step)
+        total, state = sum(by_module.values()), training_state_bytes(step)
+        print(f"\n{variant}: {total / 2**30:.3f} GiB = {total / args.batch / 2**30:.3f} GiB per clip ({seconds:.0f} s); "
+              f"with the training state ({state / 2**30:.2f} GiB) {(total + state) / args.batch / 2**30:.3f} GiB per clip")
         for name, size in by_module.most_common(args.top):
             print(f"  {size / 2**30:8.3f} GiB  {name}")
         top = "; ".join(f"{name}={size / 2**20:.0f}MiB" for name, size in by_module.most_common(3))
         rows.append({**env, "benchmark": "saved_activations", "case": case, "variant": variant, "pass": "fwd",
-                     "peak_mem_mb": total / 2**20, "note": f"GiB/clip={total / args.batch / 2**30:.4f}; {top}"})
+                     "peak_mem_mb": total / 2**20, "note": f"GiB/clip={total / args.batch / 2**30:.4f}; "
+                     f"with_state_GiB/clip={(total + state) / args.batch / 2**30:.4f}; {top}"})
     if args.csv:
         append_rows(args.csv, rows)
     return 0
