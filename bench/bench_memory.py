@@ -9,19 +9,24 @@ and the cheap part of the student's blocks saves (``ours_lowmem``), or the whole
 counted once per storage and charged to the leaf module whose forward started last, so
 functional ops between modules (attention, GELU, residuals, the losses) count to the module
 before them. Without a GPU, ``ours*`` run the PyTorch references: the Triton kernels save
-slightly different tensors (e.g. the decoder keeps 2 of its ~3 tensors per layer). The
-training state (fp32 weights, gradients and AdamW moments, the teacher) is added by its size;
-transient buffers (autocast's weight copies, the backward's gradients in flight, allocator
-slack) are not counted, so ``bench_step.py`` measures the whole peak on a GPU.
+slightly different tensors (e.g. the decoder keeps 2 of its ~3 tensors per layer).
 
-    python bench/bench_memory.py --preset base --stage 2 --batch 12     # ViT-B, ~2 min on 2 cores
+The peak of the whole step is what was held before it (fp32 weights and AdamW moments, the
+teacher) plus the peak of the tensors allocated during a forward and backward, read from the
+CPU allocator's events in the profiler: the CPU counterpart of the GPU's
+``max_memory_allocated`` that ``bench_step.py`` reports (the GPU adds its kernels' workspaces
+and the caching allocator's rounding).
+
+    python bench/bench_memory.py --preset base --stage 2 --batch 12     # ViT-B, ~4 min on 2 cores
     python bench/bench_memory.py --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,9 +43,37 @@ from sslam.mixing import sample_windows  # noqa: E402
 from sslam.train import preset  # noqa: E402
 
 
+def step_masks(step: Step):
+    """(mixing windows or None, kept patch indices) of the step's first iteration."""
+    obj = step.model.objective
+    windows = None
+    if obj.stage == 2:
+        windows = sample_windows(step.cfg.data.target_length, obj.mix_width, generator=torch.Generator().manual_seed(0))
+    return windows, kept_indices(block_masks(step.batch * obj.clones, step.mask_cfg, 0, threads=1))[0]
+
+
+def peak_during_step(step: Step) -> int:
+    """Peak bytes of the tensors a training forward + backward allocates on top of what was
+    held before it (weights, optimizer state), from the profiler's allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    windows, keep = step_masks(step)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            clean = preprocess(step.waves, 16000, step.cfg.data.target_length, lengths=step.lengths)
+            losses = step.model(clean, keep, windows=windows)
+        losses.total.backward()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events
+               if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {}))
+
+
 def saved_by_module(step: Step) -> tuple[Counter, float]:
     """(bytes saved for the backward per module group, seconds) of one forward of ``step``."""
-    model, obj, cfg = step.model, step.model.objective, step.cfg
+    model, cfg = step.model, step.cfg
     owner: dict[tuple[int, torch.dtype], tuple[str, int]] = {}  # storage -> (module group, bytes)
     current = ["(before any module)"]
 
@@ -64,10 +97,7 @@ def saved_by_module(step: Step) -> tuple[Counter, float]:
 
     hooks = [m.register_forward_pre_hook(entered(n)) for n, m in model.named_modules() if not list(m.children())]
     hooks.append(model.decoder.register_forward_pre_hook(decoder_input))
-    windows = None
-    if obj.stage == 2:
-        windows = sample_windows(cfg.data.target_length, obj.mix_width, generator=torch.Generator().manual_seed(0))
-    keep = kept_indices(block_masks(step.batch * obj.clones, step.mask_cfg, 0, threads=1))[0]
+    windows, keep = step_masks(step)
     start = time.perf_counter()
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -82,13 +112,14 @@ def saved_by_module(step: Step) -> tuple[Counter, float]:
     return by_module, time.perf_counter() - start
 
 
-def training_state_bytes(step: Step) -> int:
-    """Bytes held across steps: fp32 weights, gradients and the two AdamW moments of what is
-    trained (student, decoder), and the teacher's weights and buffers."""
+def held_between_steps(step: Step) -> int:
+    """Bytes held before a step starts: fp32 weights and the two AdamW moments of what is
+    trained (student, decoder), the teacher's weights and every buffer. (The gradients are
+    made by the step, so :func:`peak_during_step` counts them.)"""
     trained = [p for m in (step.model.student, step.model.decoder) for p in m.parameters()]
     teacher = [*step.model.teacher.parameters(), *step.model.teacher.buffers()]
     buffers = [*step.model.student.buffers(), *step.model.decoder.buffers()]
-    return sum(4 * p.element_size() * p.numel() for p in trained) + sum(t.nbytes for t in teacher + buffers)
+    return sum(3 * p.nbytes for p in trained) + sum(t.nbytes for t in teacher + buffers)
 
 
 def main(argv=None) -> int:
@@ -111,15 +142,16 @@ def main(argv=None) -> int:
     for variant in args.variants:
         step = Step(variant, cfg, args.batch, torch.device("cpu"))
         by_module, seconds = saved_by_module(step)
-        total, state = sum(by_module.values()), training_state_bytes(step)
+        total = sum(by_module.values())
+        peak = held_between_steps(step) + peak_during_step(step)
         print(f"\n{variant}: {total / 2**30:.3f} GiB = {total / args.batch / 2**30:.3f} GiB per clip ({seconds:.0f} s); "
-              f"with the training state ({state / 2**30:.2f} GiB) {(total + state) / args.batch / 2**30:.3f} GiB per clip")
+              f"peak of the whole step {peak / 2**30:.2f} GiB = {peak / args.batch / 2**30:.3f} GiB per clip")
         for name, size in by_module.most_common(args.top):
             print(f"  {size / 2**30:8.3f} GiB  {name}")
         top = "; ".join(f"{name}={size / 2**20:.0f}MiB" for name, size in by_module.most_common(3))
         rows.append({**env, "benchmark": "saved_activations", "case": case, "variant": variant, "pass": "fwd",
                      "peak_mem_mb": total / 2**20, "note": f"GiB/clip={total / args.batch / 2**30:.4f}; "
-                     f"with_state_GiB/clip={(total + state) / args.batch / 2**30:.4f}; {top}"})
+                     f"step_peak_GiB/clip={peak / args.batch / 2**30:.4f}; {top}"})
     if args.csv:
         append_rows(args.csv, rows)
     return 0
