@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
@@ -122,6 +123,13 @@ def held_between_steps(step: Step) -> int:
     return sum(3 * p.nbytes for p in trained) + sum(t.nbytes for t in teacher + buffers)
 
 
+def measure(variant: str, preset_name: str, stage: int, batch: int) -> tuple[Counter, float, int]:
+    """(saved bytes by module, seconds of the forward, peak bytes of the whole step)."""
+    step = Step(variant, preset(preset_name, stage), batch, torch.device("cpu"))
+    by_module, seconds = saved_by_module(step)
+    return by_module, seconds, held_between_steps(step) + peak_during_step(step)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
@@ -135,15 +143,15 @@ def main(argv=None) -> int:
     if args.quick:
         args.preset, args.batch = "tiny", 4
     env = environment("cpu")
-    cfg = preset(args.preset, args.stage)
     case = f"{args.preset},stage{args.stage},B={args.batch}"
     print(f"{env['device']}, torch {env['torch']}: activations saved for the backward, {case}, bf16 autocast")
     rows = []
     for variant in args.variants:
-        step = Step(variant, cfg, args.batch, torch.device("cpu"))
-        by_module, seconds = saved_by_module(step)
+        # A fresh process per variant: the CPU allocator keeps what one ViT-B step freed, and
+        # two of them would not fit in the memory of a small machine.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            by_module, seconds, peak = pool.apply(measure, (variant, args.preset, args.stage, args.batch))
         total = sum(by_module.values())
-        peak = held_between_steps(step) + peak_during_step(step)
         print(f"\n{variant}: {total / 2**30:.3f} GiB = {total / args.batch / 2**30:.3f} GiB per clip ({seconds:.0f} s); "
               f"peak of the whole step {peak / 2**30:.2f} GiB = {peak / args.batch / 2**30:.3f} GiB per clip")
         for name, size in by_module.most_common(args.top):
