@@ -90,14 +90,14 @@ def saved_by_module(step: Step) -> tuple[Counter, float]:
         group = ".".join(part for part in name.split(".") if not part.isdigit())
         return lambda module, args: current.__setitem__(0, group)
 
-    def decoder_input(module, args):
-        # With the recompute, the checkpoint saves the decoder's input just before calling it:
-        # name it for what it is rather than for the module that ran before.
+    def layer_input(module, args):
+        # With the recompute, each layer's checkpoint saves the layer's input just before
+        # running it: name it for what it is rather than for the module that ran before.
         if model.checkpoint_decoder and key(args[0]) in owner:
-            owner[key(args[0])] = ("decoder (input kept for the recompute)", owner[key(args[0])][1])
+            owner[key(args[0])] = ("decoder (layer inputs kept for the recompute)", owner[key(args[0])][1])
 
     hooks = [m.register_forward_pre_hook(entered(n)) for n, m in model.named_modules() if not list(m.children())]
-    hooks.append(model.decoder.register_forward_pre_hook(decoder_input))
+    hooks += [block.register_forward_pre_hook(layer_input) for block in model.decoder.blocks]
     windows, keep = step_masks(step)
     start = time.perf_counter()
     try:

@@ -84,25 +84,38 @@ class CNNDecoder(nn.Module):
         self.blocks = nn.ModuleList(layers)
         self.proj = nn.Linear(cfg.dim, embed_dim)
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        if use_kernels(tokens):
-            return self._forward_token_major(tokens, grid)
-        b, n, d = tokens.shape
-        x = tokens.transpose(1, 2).reshape(b, d, *grid)
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], recompute: bool = False) -> torch.Tensor:
+        """``recompute``: keep only each layer's input for the backward and run the layer again
+        there, one layer at a time (exact: the layers draw no random numbers)."""
+        token_major = use_kernels(tokens)
+        if token_major:
+            x, layer = tokens, self._token_major_layer
+        else:
+            b, n, d = tokens.shape
+            x, layer = tokens.transpose(1, 2).reshape(b, d, *grid), self._layer
         for block in self.blocks:
-            y = block(x)
-            x = y + x if y.shape[1] == x.shape[1] else y
-        return self.proj(x.reshape(b, x.shape[1], n).transpose(1, 2))
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(layer, block, x, grid, use_reentrant=False)
+            else:
+                x = layer(block, x, grid)
+        if not token_major:
+            x = x.flatten(2).transpose(1, 2)  # (B', C, T, F) -> (B', N, C)
+        return self.proj(x)
 
-    def _forward_token_major(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """The same layers on (B', N, C) tokens with no transposes (kernels/decoder.py)."""
+    @staticmethod
+    def _layer(block: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """One layer on (B', C, T, F)."""
+        y = block(x)
+        return y + x if y.shape[1] == x.shape[1] else y
+
+    @staticmethod
+    def _token_major_layer(block: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The same layer on (B', N, C) tokens with no transposes (kernels/decoder.py)."""
         from .kernels.decoder import decoder_layer
 
-        x = tokens
-        for conv, norm, _ in self.blocks:
-            x = decoder_layer(x, grid, conv.weight, conv.bias, groups=conv.groups,
-                              residual=conv.out_channels == x.shape[-1], eps=norm.eps)
-        return self.proj(x)
+        conv, norm, _ = block
+        return decoder_layer(x, grid, conv.weight, conv.bias, groups=conv.groups,
+                             residual=conv.out_channels == x.shape[-1], eps=norm.eps)
 
 
 def decoder_config_of(state: dict[str, torch.Tensor], base: DecoderConfig = DecoderConfig()) -> DecoderConfig:
@@ -326,10 +339,10 @@ class Pretrainer(nn.Module):
         self.teacher = EMATeacher(self.student)
         # True: per-clone target copies as the official code makes them (benchmark baseline).
         self.copy_targets = False
-        # True: the decoder keeps only its input for the backward and runs its forward again
-        # there. Its activations are the largest block of training memory (six layers over all
-        # N tokens of every clone); recomputing them costs a few percent more FLOPs. Exact:
-        # the decoder draws no random numbers.
+        # True: the decoder keeps only each layer's input for the backward and runs the layer
+        # again there, one at a time. Its activations are the largest block of training memory
+        # (six layers over all N tokens of every clone); recomputing them costs a few percent
+        # more FLOPs. Layer by layer, the backward never holds more than one layer's worth.
         self.checkpoint_decoder = False
 
     def _regression(self, pred, target, masked, clones) -> torch.Tensor:
@@ -379,10 +392,7 @@ class Pretrainer(nn.Module):
         out = self.student(spec, keep=keep, clones=clones)
         num_patches = grid[0] * grid[1]
         dec_in = decoder_input(out.x[:, 1:], keep, num_patches, self.objective.decoder.mask_noise_std, generator)
-        if self.checkpoint_decoder and torch.is_grad_enabled():
-            pred = torch.utils.checkpoint.checkpoint(self.decoder, dec_in, grid, use_reentrant=False)
-        else:
-            pred = self.decoder(dec_in, grid)
+        pred = self.decoder(dec_in, grid, recompute=self.checkpoint_decoder and torch.is_grad_enabled())
         return out.x[:, 0], pred
 
     def _teacher_layers(self, spec: torch.Tensor) -> list[torch.Tensor]:
