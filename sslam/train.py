@@ -117,7 +117,7 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False
-    checkpoint_decoder: bool = False  # recompute the decoder in the backward: less memory, ~3% more FLOPs
+    checkpoint_decoder: bool = False  # recompute the decoder layer by layer in the backward: less memory
     checkpoint_blocks: str = "off"  # off | selective (norms, GELU, sums redone: no extra matmul) | full (whole blocks)
     parallel: str = "ddp"  # ddp | fsdp (when launched with torchrun)
     seed: int = 1
