@@ -44,13 +44,17 @@ def test_encoder_output_equal_through_the_kernels(monkeypatch):
     assert (shared - shared_ref).abs().max() < 1e-4
 
 
-def test_stage2_loss_and_gradients_equal_through_the_kernels(monkeypatch):
+def small_stage2(decoder_layers: int = 1):
+    """(model, spectrograms, kept indices, windows) of a small stage-2 step: 3 clips, 2 clones."""
     torch.manual_seed(0)
-    obj = ObjectiveConfig(stage=2, clones=2, top_k=2, mix_width=16, decoder=DecoderConfig(dim=16, groups=4, layers=1))
-    model = Pretrainer(CFG, obj)
-    spec = torch.randn(3, 1, 64, 128)
+    decoder = DecoderConfig(dim=16, groups=4, layers=decoder_layers)
+    model = Pretrainer(CFG, ObjectiveConfig(stage=2, clones=2, top_k=2, mix_width=16, decoder=decoder))
     keep = torch.stack([torch.randperm(32)[:7] for _ in range(6)])
-    windows = MixWindows(starts=(0, 32), width=16)
+    return model, torch.randn(3, 1, 64, 128), keep, MixWindows(starts=(0, 32), width=16)
+
+
+def test_stage2_loss_and_gradients_equal_through_the_kernels(monkeypatch):
+    model, spec, keep, windows = small_stage2()
 
     def run():
         model.zero_grad()
@@ -96,12 +100,7 @@ def test_recomputation_through_the_kernels_is_exact(monkeypatch):
     """Decoder layers (token-major kernel) and student blocks recomputed in the backward give
     the stage-2 losses and gradients of the plain kernel path, bit for bit."""
     monkeypatch.setenv("SSLAM_KERNELS", "1")
-    torch.manual_seed(0)
-    obj = ObjectiveConfig(stage=2, clones=2, top_k=2, mix_width=16, decoder=DecoderConfig(dim=16, groups=4, layers=2))
-    model = Pretrainer(CFG, obj)
-    spec = torch.randn(3, 1, 64, 128)
-    keep = torch.stack([torch.randperm(32)[:7] for _ in range(6)])
-    windows = MixWindows(starts=(0, 32), width=16)
+    model, spec, keep, windows = small_stage2(decoder_layers=2)
 
     def run(recompute: bool):
         model.zero_grad(set_to_none=True)
