@@ -39,18 +39,7 @@ from bench_step import Step  # noqa: E402
 from common import append_rows, environment  # noqa: E402
 
 from sslam.features import preprocess  # noqa: E402
-from sslam.masking import block_masks, kept_indices  # noqa: E402
-from sslam.mixing import sample_windows  # noqa: E402
 from sslam.train import preset  # noqa: E402
-
-
-def step_masks(step: Step):
-    """(mixing windows or None, kept patch indices) of the step's first iteration."""
-    obj = step.model.objective
-    windows = None
-    if obj.stage == 2:
-        windows = sample_windows(step.cfg.data.target_length, obj.mix_width, generator=torch.Generator().manual_seed(0))
-    return windows, kept_indices(block_masks(step.batch * obj.clones, step.mask_cfg, 0, threads=1))[0]
 
 
 def peak_during_step(step: Step) -> int:
@@ -58,7 +47,7 @@ def peak_during_step(step: Step) -> int:
     held before it (weights, optimizer state), from the profiler's allocator events."""
     from torch.profiler import ProfilerActivity, profile
 
-    windows, keep = step_masks(step)
+    windows, keep = step.masks()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             clean = preprocess(step.waves, 16000, step.cfg.data.target_length, lengths=step.lengths)
@@ -98,7 +87,7 @@ def saved_by_module(step: Step) -> tuple[Counter, float]:
 
     hooks = [m.register_forward_pre_hook(entered(n)) for n, m in model.named_modules() if not list(m.children())]
     hooks += [block.register_forward_pre_hook(layer_input) for block in model.decoder.blocks]
-    windows, keep = step_masks(step)
+    windows, keep = step.masks()
     start = time.perf_counter()
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -82,14 +82,22 @@ class Step:
         self.lengths = torch.full((batch,), samples)  # on the CPU, as a data loader gives them
         self.count = 0
 
-    def __call__(self) -> float:
-        os.environ["SSLAM_KERNELS"] = "auto" if self.variant.startswith("ours") else "0"
-        cfg, obj = self.cfg, self.model.objective
+    def masks(self):
+        """(mixing windows or None in stage 1, (B * clones, K) kept patch indices on the CPU) of
+        step number ``self.count``."""
+        obj = self.model.objective
         windows = None
         if obj.stage == 2:
-            windows = sample_windows(cfg.data.target_length, obj.mix_width, generator=torch.Generator().manual_seed(self.count))
+            windows = sample_windows(self.cfg.data.target_length, obj.mix_width,
+                                     generator=torch.Generator().manual_seed(self.count))
         masks = block_masks(self.batch * obj.clones, self.mask_cfg, self.count, threads=1)
-        keep = kept_indices(masks)[0].to(self.device, non_blocking=True)
+        return windows, kept_indices(masks)[0]
+
+    def __call__(self) -> float:
+        os.environ["SSLAM_KERNELS"] = "auto" if self.variant.startswith("ours") else "0"
+        cfg = self.cfg
+        windows, keep = self.masks()
+        keep = keep.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp) if self.amp else torch.autocast("cpu", enabled=False):
             mixed = None
             if self.variant.startswith("ours") and self.device.type == "cuda":

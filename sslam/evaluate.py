@@ -372,7 +372,7 @@ class Finetuner:
     sslam format (``out/model``) with its label names, ready for ``sslam extract``."""
 
     def __init__(self, encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: FinetuneConfig, log=print):
-        from .train import checkpoints_in, init_distributed
+        from .train import PRECISIONS, checkpoints_in, init_distributed
 
         _check_splits(train, test)
         self.cfg, self.train_split, self.test_split = cfg, train, test
@@ -382,7 +382,7 @@ class Finetuner:
         self.log = log if self.dist.rank == 0 else (lambda *a, **k: None)
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
-        if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        if cfg.precision not in PRECISIONS:
             raise ValueError(f"precision={cfg.precision!r}: auto, fp32, bf16 or fp16")
         if cfg.checkpoint_blocks not in BLOCK_CHECKPOINTING:
             raise ValueError(f"checkpoint_blocks={cfg.checkpoint_blocks!r}: one of {BLOCK_CHECKPOINTING}")

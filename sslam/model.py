@@ -262,6 +262,14 @@ def _keep_matmul_outputs(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# Route what the recomputed blocks keep through the caller's saved-tensor hooks (offloading,
+# memory accounting) where torch can; older torch has no such option and always bypasses them.
+_SAVED_TENSOR_HOOKS_APPLY = (
+    {"respect_saved_tensors_hooks": True}
+    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {}
+)
+
+
 def checkpointed_block(block: Block, mode: str, *args):
     """``block(*args)`` keeping less for the backward and redoing the rest there. "selective":
     only the matmul and attention outputs are kept (no extra matmul); "full": only the block
@@ -293,14 +301,6 @@ def _without_autocast_cache(fn):
             torch.set_autocast_cache_enabled(cached)
 
     return run
-
-
-# Route what the recomputed blocks keep through the caller's saved-tensor hooks (offloading,
-# memory accounting) where torch can; older torch has no such option and always bypasses them.
-_SAVED_TENSOR_HOOKS_APPLY = (
-    {"respect_saved_tensors_hooks": True}
-    if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {}
-)
 
 
 @dataclass

@@ -109,6 +109,9 @@ class EMASection:
     restart: bool = True  # stage 2 from a checkpoint re-anneals from `start` (the official run)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 on CPU
+
+
 @dataclass
 class RunSection:
     out: str = "runs/pretrain"
@@ -274,7 +277,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= e.start <= 1 and 0 <= e.end <= 1, f"ema.start={e.start} and ema.end={e.end} must lie in [0, 1]"),
         (e.anneal_steps >= 0, "ema.anneal_steps must be >= 0"),
         (r.device in ("auto", "cpu", "cuda"), f"run.device={r.device!r}: auto, cpu or cuda"),
-        (r.precision in ("auto", "fp32", "bf16", "fp16"), "run.precision: auto, fp32, bf16 or fp16"),
+        (r.precision in PRECISIONS, "run.precision: auto, fp32, bf16 or fp16"),
         (r.parallel in ("ddp", "fsdp"), "run.parallel: ddp or fsdp"),
         (r.checkpoint_blocks in BLOCK_CHECKPOINTING, f"run.checkpoint_blocks={r.checkpoint_blocks!r}: one of {BLOCK_CHECKPOINTING}"),
         (r.ckpt_every >= 1 and r.log_every >= 1 and r.keep_last >= 1, "run.ckpt_every, log_every, keep_last >= 1"),
