@@ -291,14 +291,15 @@ def main(argv=None) -> None:
     tuners = {name: getattr(attn, name) for name in (
         "_fwd_single_block", "_fwd_general", "_bwd_single_block", "_bwd_dq_general", "_bwd_dkdv_general")}
     for case in selected:
-        rows += bench_case(case, cases[case], heads, dtype, device, args.quick)
+        case_rows = bench_case(case, cases[case], heads, dtype, device, args.quick)
+        rows += case_rows
+        if args.csv is not None:  # case by case: a run stopped partway keeps what it measured
+            append_rows(args.csv, [{**env, "benchmark": "attention", **r} for r in case_rows], announce=False)
         report = autotune_report(tuners, seen)
         if report:
             print(f"-- {case}\n{report}")
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
     print_table(rows)
-    if args.csv is not None:
-        append_rows(args.csv, [{**env, "benchmark": "attention", **r} for r in rows])
 
 
 if __name__ == "__main__":

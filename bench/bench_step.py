@@ -256,7 +256,12 @@ def main(argv=None) -> int:
         args.variants = [v for v in args.variants if v != "compile"]
     device = torch.device(args.device)
     env = environment(device)
-    rows = []
+
+    def record(row: dict) -> None:
+        # Each row is written as soon as it is measured: a run stopped partway keeps its results.
+        if args.csv:
+            append_rows(args.csv, [row], announce=False)
+
     print(f"{env['device']}, torch {env['torch']}, preset {args.preset}, batch {args.batch} clips per step")
     if device.type != "cuda":
         print("(no GPU: 'ours' runs the PyTorch references, the same computation as 'eager')")
@@ -273,8 +278,8 @@ def main(argv=None) -> int:
                 seconds, peak = time_steps(Step(variant, cfg, args.batch, device), args.warmup, args.steps)
             except Exception as exc:  # a variant that cannot run is reported, not fatal
                 print(f"{variant:>11} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
-                rows.append({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
-                             "variant": variant, "pass": "full", "note": f"failed: {type(exc).__name__}"})
+                record({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
+                        "variant": variant, "pass": "full", "note": f"failed: {type(exc).__name__}"})
                 continue
             clips = args.batch / seconds
             mfu = flops * clips / (PEAK_TFLOPS * 1e12) if device.type == "cuda" else float("nan")
@@ -286,18 +291,16 @@ def main(argv=None) -> int:
             speedup = base / seconds if base else float("nan")
             print(f"{variant:>11} {seconds:>9.4f} {clips:>9.2f} {100 * mfu:>6.1f}% {peak:>9.2f} "
                   f"{peak / args.batch:>9.3f} {most or '-':>10} {speedup:>10.2f}x")
-            rows.append({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
-                         "variant": variant, "pass": "full", "median_ms": seconds * 1e3, "throughput": clips,
-                         "unit": "clips/s", "peak_mem_mb": peak * 1024,
-                         "note": f"mfu={mfu:.4f}; max_batch={most}; flops_per_clip={flops:.4e}"})
+            record({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
+                    "variant": variant, "pass": "full", "median_ms": seconds * 1e3, "throughput": clips,
+                    "unit": "clips/s", "peak_mem_mb": peak * 1024,
+                    "note": f"mfu={mfu:.4f}; max_batch={most}; flops_per_clip={flops:.4e}"})
         if args.profile:
             for variant in ("eager", "ours"):
                 if variant in args.variants:
                     step = Step(variant, cfg, args.batch, device)
                     time_steps(step, args.warmup, 1)
                     print(f"\n-- top operations, {variant}, stage {stage}\n" + profile(step, Path(args.profile)))
-    if args.csv:
-        append_rows(args.csv, rows)
     return 0
 
 

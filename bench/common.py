@@ -72,7 +72,7 @@ def environment(device: str | torch.device = "cuda") -> dict:
     }
 
 
-def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+def append_rows(path: str | os.PathLike, rows: list[dict], announce: bool = True) -> None:
     """Append ``rows`` (dicts keyed by :data:`CSV_FIELDS`) to the CSV at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,8 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
             writer.writeheader()
         for row in rows:
             writer.writerow({k: row.get(k, "") for k in CSV_FIELDS})
-    print(f"\nappended {len(rows)} rows to {path}")
+    if announce:
+        print(f"\nappended {len(rows)} rows to {path}")
 
 
 def cuda_timing(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> tuple[float, float, float]:

@@ -63,7 +63,8 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
     return steps
 
 
-def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict, timeout: float) -> tuple[bool, float]:
+def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict, timeout: float) -> tuple[str, float]:
+    """(status: 'ok', 'TIMED OUT' or 'FAILED (exit N)'; seconds) of one script, logged to ``<name>.txt``."""
     start = time.perf_counter()
     command = [sys.executable, str(HERE / args[0]), *args[1:], "--csv", str(csv_path)]
     with (out / f"{name}.txt").open("w") as log:
@@ -78,7 +79,7 @@ def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict, timeou
     seconds = time.perf_counter() - start
     status = "ok" if code == 0 else "TIMED OUT" if code is None else f"FAILED (exit {code})"
     print(f"{name:>12}: {status} in {seconds:.0f} s -> {out / (name + '.txt')}", flush=True)
-    return code == 0, seconds
+    return status, seconds
 
 
 def read_rows(csv_path: Path) -> list[dict]:
@@ -88,7 +89,7 @@ def read_rows(csv_path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def report(rows: list[dict], out: Path, timings: dict[str, tuple[bool, float]]) -> str:
+def report(rows: list[dict], out: Path, timings: dict[str, tuple[str, float]]) -> str:
     """Markdown tables (one per benchmark and case) and one bar plot per benchmark."""
     lines = ["# Benchmark report", ""]
     if rows:
@@ -96,7 +97,7 @@ def report(rows: list[dict], out: Path, timings: dict[str, tuple[bool, float]]) 
         lines += [f"Device: {first['device']}; torch {first['torch']}; triton {first['triton']}; CUDA {first['cuda']}; "
                   f"commit {first['commit']}; {first['date']}", ""]
     lines += ["| script | status | seconds |", "|---|---|---|"]
-    lines += [f"| {n} | {'ok' if ok else 'failed'} | {s:.0f} |" for n, (ok, s) in timings.items()]
+    lines += [f"| {n} | {status} | {s:.0f} |" for n, (status, s) in timings.items()]
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
         groups[row["benchmark"]][row["case"]].append(row)
@@ -178,8 +179,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="small CPU version (kernels under the Triton interpreter)")
-    p.add_argument("--only", nargs="*", default=None, help="run only these benchmarks")
+    p.add_argument("--only", nargs="*", default=None, help="run only these benchmarks, in this order")
     p.add_argument("--timeout", type=float, default=900, help="seconds one script may run before it is stopped")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole suite: each script may run only for what is left, and none starts "
+                        "with under 10 s left (a GPU lent for a limited time)")
     args = p.parse_args(argv)
     import torch
 
@@ -187,20 +191,26 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # a script stopped at --timeout keeps its log
     if args.quick and not gpu:
         env["TRITON_INTERPRET"] = "1"
     scripts = plan(args.quick, gpu, out)
     unknown = set(args.only or ()) - {name for name, _ in scripts}
     if unknown:
         p.error(f"--only: no benchmark named {sorted(unknown)} in this plan; choose from {[n for n, _ in scripts]}")
+    chosen = dict(scripts)
     timings = {}
-    for name, script_args in scripts:
-        if args.only is None or name in args.only:
-            timings[name] = run(name, script_args, out, csv_path, env, args.timeout)
-            report(read_rows(csv_path), out, timings)
+    deadline = time.monotonic() + args.budget if args.budget is not None else float("inf")
+    for name in args.only or chosen:  # --only runs in the order given
+        left = deadline - time.monotonic()
+        if left < 10:
+            print(f"{name:>12}: not started, the --budget is spent", flush=True)
+            timings[name] = ("not started (--budget)", 0.0)
+        else:
+            timings[name] = run(name, chosen[name], out, csv_path, env, min(args.timeout, left))
+        report(read_rows(csv_path), out, timings)
     print(f"wrote {out / 'report.md'}")
-    return 0 if all(ok for ok, _ in timings.values()) else 1
+    return 0 if all(status == "ok" for status, _ in timings.values()) else 1
 
 
 if __name__ == "__main__":

@@ -41,8 +41,17 @@ def test_a_script_past_the_timeout_is_stopped_and_reported(tmp_path):
     done = run_all("--quick", "--only", "masks", "--timeout", "0.01", out=tmp_path)
     assert done.returncode == 1
     assert "masks: TIMED OUT" in done.stdout
-    assert "| masks | failed |" in (tmp_path / "report.md").read_text()
+    assert "| masks | TIMED OUT |" in (tmp_path / "report.md").read_text()
     assert "stopped after" in (tmp_path / "masks.txt").read_text()
+
+
+def test_only_runs_in_the_order_given_and_budget_stops_new_scripts(tmp_path):
+    done = run_all("--quick", "--only", "masks", "cpu", "--budget", "0", out=tmp_path)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["       masks: not started, the --budget is spent", "         cpu: not started, the --budget is spent"]
+    report = (tmp_path / "report.md").read_text()
+    assert report.index("| masks | not started (--budget) |") < report.index("| cpu | not started (--budget) |")
 
 
 def test_unknown_benchmark_names_are_refused(tmp_path):
