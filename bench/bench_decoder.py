@@ -1,8 +1,8 @@
 """Benchmark of kernels/decoder.py: the 6-layer CNN decoder of SSLAM ViT-B, forward, backward and
 both, on 192 x 512 x 768 tokens (12 clips x 16 clones, the (64, 8) patch grid), bf16 autocast.
 
-Variants: ``ours`` (token-major layers: channels-last cuDNN conv + the fused LayerNorm/GELU/
-residual kernel), ``eager`` (the reference decoder on (B, C, T, F) images) and ``compile``
+Variants: ``ours`` (token-major layers: the implicit-GEMM grouped conv kernels + the fused
+LayerNorm/GELU/residual kernel), ``eager`` (the reference decoder on (B, C, T, F) images) and ``compile``
 (torch.compile of the reference). TFLOP/s counts the convs and the final projection (2 FLOPs
 per multiply-add; backward twice the forward).
 
@@ -22,7 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, kernel_device, measure  # noqa: E402
+from common import append_rows, autotune_report, environment, kernel_device, measure  # noqa: E402
+from sslam.kernels import grouped_conv  # noqa: E402
 
 from sslam.pretrain import CNNDecoder, DecoderConfig  # noqa: E402
 
@@ -97,6 +98,9 @@ def main(argv=None) -> None:
                                  unit="TFLOP/s", peak_mem_mb=peak, note=f"layers={cfg.layers}",
                                  **{"pass": name}))
             print(f"{variant:10s} {name:5s} {med:10.3f} {p20:8.3f} {p80:8.3f} {work / med / 1e9:8.1f} {peak:8.1f}")
+    report = autotune_report({name: getattr(grouped_conv, name) for name in ("_conv_fwd", "_conv_wgrad")}, set())
+    if report:
+        print(report)
     for base in ("eager", "compile"):
         print(f"ours vs {base} (fwd+bwd): {medians[(base, 'full')] / medians[('ours', 'full')]:.2f}x")
     if args.csv is not None:

@@ -11,7 +11,8 @@ between them: ``auto`` (kernels for CUDA tensors), ``1`` (always; CPU tensors ne
 * :func:`fbank_patch` -- waveforms -> Kaldi fbank -> normalised 16x16 patches (+ SSLAM mixing);
 * :func:`attention` / :func:`attention_varlen` -- softmax attention over the kept tokens;
 * :func:`mix_spectrograms` / :func:`gather_tokens` -- mixture synthesis and the partner gather;
-* :func:`decoder_layer` / :func:`decoder_norm_act` -- the CNN decoder's layer on token-major tensors.
+* :func:`decoder_layer` / :func:`decoder_norm_act` -- the CNN decoder's layer on token-major tensors;
+* :func:`grouped_conv_tokens` -- its grouped 'same' convolution as implicit GEMMs over token rows.
 """
 
 from .switch import triton_available, use_kernels
@@ -24,6 +25,7 @@ if triton_available():
     from .attention import attention, attention_ref, attention_varlen, attention_varlen_ref
     from .decoder import decoder_layer, decoder_layer_ref, decoder_norm_act, decoder_norm_act_ref
     from .fbank_patch import fbank_patch, fbank_patch_ref
+    from .grouped_conv import grouped_conv_tokens, grouped_conv_tokens_ref
     from .mixture import (
         gather_tokens,
         gather_tokens_ref,
@@ -35,6 +37,6 @@ if triton_available():
     __all__ += [
         "attention", "attention_ref", "attention_varlen", "attention_varlen_ref", "decoder_layer",
         "decoder_layer_ref", "decoder_norm_act", "decoder_norm_act_ref", "fbank_patch",
-        "fbank_patch_ref", "gather_tokens", "gather_tokens_ref", "mix_patches_ref", "mix_spectrograms",
+        "fbank_patch_ref", "gather_tokens", "gather_tokens_ref", "grouped_conv_tokens", "grouped_conv_tokens_ref", "mix_patches_ref", "mix_spectrograms",
         "mix_spectrograms_ref",
     ]

@@ -3,9 +3,8 @@
 
 The reference decoder lays the tokens out as (B, C, T, F) images, so the channel LayerNorm, the
 GELU and the residual each make a pass over a transposed copy, forward and backward. Here the
-tokens stay token-major: viewed as (B, T, F, C) they *are* a channels-last image, so the grouped
-conv runs in cuDNN's channels-last kernels with no copy, and everything after it is one Triton
-pass per direction:
+tokens stay token-major: the grouped conv is implicit GEMMs over the token rows
+(kernels/grouped_conv.py), and everything after it is one Triton pass per direction:
 
 * :func:`decoder_norm_act` -- out = GELU(LayerNorm(y)) (+ residual), LayerNorm over the last
   dimension without affine parameters (as the decoder's), exact-erf GELU, statistics in fp32.
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .grouped_conv import check_conv_arguments, grouped_conv_tokens
 from .switch import use_kernels
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -290,26 +290,14 @@ def decoder_layer(x, grid, weight, bias, *, groups: int, residual: bool = True, 
         residual: add x after the GELU (needs C_out == C_in).
         eps: the channel LayerNorm's epsilon (no affine parameters).
 
-    Returns (B, N, C_out): GELU(LayerNorm_C(conv(x))) (+ x). With the kernels, (B, T, F, C_in)
-    is read as a channels-last image, so the conv runs in cuDNN's channels-last kernels without a
-    copy and norm, GELU and residual are :func:`decoder_norm_act`'s single pass.
+    Returns (B, N, C_out): GELU(LayerNorm_C(conv(x))) (+ x). With the kernels, the conv is
+    :func:`sslam.kernels.grouped_conv_tokens` on the token rows in place, and norm, GELU and
+    residual are :func:`decoder_norm_act`'s single pass.
     """
-    _check("x", x)
-    if x.dim() != 3:
-        raise ValueError(f"x: expected (B, N, C) tokens, got shape {tuple(x.shape)}")
-    b, n, c = x.shape
-    # 'same' padding (k // 2 on both sides) keeps the (T, F) grid only for square, odd kernels;
-    # any other kernel changes the grid and the token count silently.
-    if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] % 2 == 0:
-        raise ValueError(f"weight: expected (C_out, C_in / groups, k, k) with odd k, got shape "
-                         f"{tuple(weight.shape)}")
-    if grid[0] * grid[1] != n:
-        raise ValueError(f"grid {tuple(grid)} holds {grid[0] * grid[1]} tokens, x has {n}")
-    if residual and weight.shape[0] != c:
-        raise ValueError(f"residual needs C_out == C_in, got weight {tuple(weight.shape)} for {c} channels")
+    check_conv_arguments(x, grid, weight, bias, groups)
+    if residual and weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"residual needs C_out == C_in, got weight {tuple(weight.shape)} for {x.shape[-1]} channels")
     if not use_kernels(x, weight):
         return decoder_layer_ref(x, grid, weight, bias, groups=groups, residual=residual, eps=eps)
-    image = x.reshape(b, *grid, c).permute(0, 3, 1, 2)  # (B, C, T, F) channels-last view
-    y = F.conv2d(image, weight, bias, padding=weight.shape[-1] // 2, groups=groups)
-    y = y.permute(0, 2, 3, 1).reshape(b, n, -1)  # a view when the conv returns channels-last
+    y = grouped_conv_tokens(x, grid, weight, bias, groups=groups)
     return decoder_norm_act(y, x if residual else None, eps=eps)

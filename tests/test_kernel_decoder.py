@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from conftest import interpret_kernels, poison_buffers, requires_cuda  # noqa: E402
 from sslam.kernels import decoder as dec  # noqa: E402
+from sslam.kernels import grouped_conv  # noqa: E402
 
 from sslam.pretrain import CNNDecoder, DecoderConfig  # noqa: E402
 
@@ -30,6 +31,7 @@ def kernels_on_cpu(monkeypatch):
 @pytest.fixture
 def poisoned(monkeypatch):
     poison_buffers(monkeypatch, dec)
+    poison_buffers(monkeypatch, grouped_conv)
 
 
 def grads(fn, inputs, grad_out):

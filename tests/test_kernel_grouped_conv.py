@@ -1,0 +1,129 @@
+"""Tests of kernels/grouped_conv.py: the decoder's grouped 'same' conv on token-major grids,
+forward and every gradient, against F.conv2d in float64.
+
+Without a GPU the kernels run under the Triton interpreter (fp32 and fp16); on a GPU machine the
+CUDA tests replace them and add bf16 and the ViT-B decoder's shape.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from conftest import interpret_kernels, poison_buffers, requires_cuda  # noqa: E402
+from sslam.kernels import grouped_conv as gc  # noqa: E402
+
+KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel")
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+# (batch, grid, C_in, C_out, groups, kernel, bias)
+CASES = [
+    (2, (5, 3), 24, 24, 3, 3, True),  # groups of 8: masked channel tiles; every grid edge
+    (1, (4, 4), 32, 48, 1, 1, False),  # 1x1, one group, several output-channel blocks
+    (3, (6, 3), 12, 20, 2, 5, True),  # 5x5, wider than the frequency axis; C_in != C_out
+    (2, (1, 7), 16, 16, 16, 3, True),  # depthwise, a single time step
+]
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    interpret_kernels(monkeypatch, gc, KERNELS)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    poison_buffers(monkeypatch, gc)
+
+
+def assert_close(a, b, tol, what):
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    err = (a.double() - b.double()).abs().max().item()
+    assert err <= tol * (1 + b.double().abs().max().item()), (what, err)
+
+
+def check_conv(batch, grid, c_in, c_out, groups, kernel, bias, dtype, device="cpu"):
+    """Output and (dx, dweight, dbias) of the kernels against F.conv2d in float64."""
+    n = grid[0] * grid[1]
+    x = torch.randn(batch, n, c_in, device=device).to(dtype)
+    w = (torch.randn(c_out, c_in // groups, kernel, kernel, device=device) * (c_in // groups * kernel**2) ** -0.5).to(dtype)
+    b = (torch.randn(c_out, device=device) * 0.1).to(dtype) if bias else None
+    g = torch.randn(batch, n, c_out, device=device).to(dtype)
+
+    def run(fn, tensors):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        out = fn(leaves[0], grid, leaves[1], leaves[2] if bias else None, groups=groups)
+        out.backward(g.to(out.dtype))
+        return out.detach(), [t.grad for t in leaves]
+
+    inputs = [x, w] + ([b] if bias else [])
+    out, got = run(gc.grouped_conv_tokens, inputs)
+    ref_out, ref = run(gc.grouped_conv_tokens_ref, [t.double() for t in inputs])
+    assert out.dtype == dtype
+    assert_close(out, ref_out, TOL[dtype], "out")
+    for name, a, r in zip(("dx", "dweight", "dbias"), got, ref):
+        assert a.dtype == dtype, name
+        assert_close(a, r, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1][0]}x{c[1][1]}x{c[2]}-{c[3]}g{c[4]}k{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_conv2d(kernels_on_cpu, poisoned, case, dtype):
+    check_conv(*case, dtype)
+
+
+def test_weight_gradient_adds_row_splits(kernels_on_cpu, poisoned, monkeypatch):
+    """Splits that cut through grids and row blocks; their partial sums add up exactly once."""
+    monkeypatch.setattr(gc, "_ROWS_PER_SPLIT", 7)
+    check_conv(3, (5, 4), 16, 16, 2, 3, True, torch.float32)
+
+
+def test_autocast_casts_the_inputs_as_conv2d_does(kernels_on_cpu):
+    x = torch.randn(2, 15, 24, requires_grad=True)
+    w = torch.randn(24, 8, 3, 3, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = gc.grouped_conv_tokens(x, (5, 3), w, b, groups=3)
+    out.float().sum().backward()
+    assert out.dtype == torch.float16
+    assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    ref = gc.grouped_conv_tokens_ref(x.half().double(), (5, 3), w.half().double(), b.half().double(), groups=3)
+    assert_close(out, ref, TOL[torch.float16], "out")
+
+
+def test_custom_ops_pass_opcheck(kernels_on_cpu):
+    x, w, b = torch.randn(30, 16), torch.randn(16, 8, 3, 3), torch.randn(16)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.sslam.grouped_conv_tokens.default, (x, w, b, 5, 3, 2), test_utils=checks)
+    torch.library.opcheck(torch.ops.sslam.grouped_conv_tokens.default, (x, w, None, 5, 3, 2), test_utils=checks)
+    grad = torch.randn(30, 16)
+    torch.library.opcheck(torch.ops.sslam.grouped_conv_tokens_backward.default, (grad, x, w, 5, 3, 2),
+                          test_utils=checks)
+
+
+def test_bad_arguments_are_named(kernels_on_cpu):
+    x, w, b = torch.randn(2, 6, 8), torch.randn(8, 4, 3, 3), torch.randn(8)
+    with pytest.raises(ValueError, match="grid"):
+        gc.grouped_conv_tokens(x, (4, 2), w, b, groups=2)
+    with pytest.raises(ValueError, match="odd k"):
+        gc.grouped_conv_tokens(x, (3, 2), torch.randn(8, 4, 2, 2), b, groups=2)
+    with pytest.raises(ValueError, match="groups=4"):
+        gc.grouped_conv_tokens(x, (3, 2), w, b, groups=4)
+    with pytest.raises(ValueError, match="bias"):
+        gc.grouped_conv_tokens(x, (3, 2), w, torch.randn(4), groups=2)
+    with pytest.raises(TypeError, match="x: dtype"):
+        gc.grouped_conv_tokens(x.long(), (3, 2), w, b, groups=2)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        gc.grouped_conv_tokens(x.half(), (3, 2), w, b, groups=2)
+
+
+# ---- CUDA: compiled kernels, bf16 and the ViT-B decoder shape ----------------------------------
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_real_shapes(poisoned, dtype):
+    check_conv(24, (64, 8), 768, 768, 16, 3, True, dtype, device="cuda")  # ViT-B decoder layer
+    check_conv(3, (6, 3), 12, 20, 2, 5, True, dtype, device="cuda")
