@@ -58,9 +58,9 @@ def fbank64(x: torch.Tensor) -> torch.Tensor:
     frames = x.unfold(0, 400, 160)
     frames = frames - frames.mean(dim=-1, keepdim=True)
     previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=-1)
-    window = torch.hann_window(400, periodic=False, dtype=torch.float64)
+    window = torch.hann_window(400, periodic=False, dtype=torch.float64, device=x.device)
     power = torch.fft.rfft((frames - 0.97 * previous) * window, n=512).abs() ** 2
-    mel = power @ mel_banks().double().T
+    mel = power @ mel_banks(x.device).double().T
     return mel.clamp(min=torch.finfo(torch.float32).eps).log()
 
 
