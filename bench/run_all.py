@@ -52,8 +52,11 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("mixture", ["bench_mixture.py"]),
             ("decoder", ["bench_decoder.py"]),
             ("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16"]),
-            ("step", ["bench_step.py", "--preset", "base", "--stage", "2", "1", "--batch", "12", "--max-batch",
+            # Stage 2 in full (largest batch, profiles); stage 1 timed only: the largest-batch search
+            # and the compiled variants' compilation are most of the step benchmark's time.
+            ("step", ["bench_step.py", "--preset", "base", "--stage", "2", "--batch", "12", "--max-batch",
                       "--profile", str(out / "profile")]),
+            ("step_stage1", ["bench_step.py", "--preset", "base", "--stage", "1", "--batch", "12"]),
             # Where the activation memory goes, by module (per clip, so a small batch is enough).
             ("memory", ["bench_memory.py", "--preset", "base", "--stage", "2", "--batch", "4"]),
         ] + steps
