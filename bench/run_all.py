@@ -27,6 +27,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+# Stage 2 on a GPU: every variant, the least-memory one too (the per-clip memory goal).
+STEP_VARIANTS = ["official", "eager", "compile", "ours", "ours_compile", "ours_lowmem", "ours_minmem"]
+
+
 def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
     """(name, arguments) of every benchmark script to run."""
     if quick:
@@ -55,7 +59,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             # Stage 2 in full (largest batch, profiles); stage 1 timed only: the largest-batch search
             # and the compiled variants' compilation are most of the step benchmark's time.
             ("step", ["bench_step.py", "--preset", "base", "--stage", "2", "--batch", "12", "--max-batch",
-                      "--profile", str(out / "profile")]),
+                      "--profile", str(out / "profile"), "--variants", *STEP_VARIANTS]),
             ("step_stage1", ["bench_step.py", "--preset", "base", "--stage", "1", "--batch", "12"]),
             # Where the activation memory goes, by module (per clip, so a small batch is enough).
             ("memory", ["bench_memory.py", "--preset", "base", "--stage", "2", "--batch", "4"]),
