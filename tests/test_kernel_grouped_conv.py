@@ -127,3 +127,22 @@ def test_bad_arguments_are_named(kernels_on_cpu):
 def test_cuda_real_shapes(poisoned, dtype):
     check_conv(24, (64, 8), 768, 768, 16, 3, True, dtype, device="cuda")  # ViT-B decoder layer
     check_conv(3, (6, 3), 12, 20, 2, 5, True, dtype, device="cuda")
+
+
+def test_torch_compile_traces_the_op_in_one_graph(kernels_on_cpu):
+    """The decoder layer compiles without graph breaks (the conv and norm ops are traced through
+    their fake implementations) and computes what the eager call does, gradients included."""
+    from sslam.kernels.decoder import decoder_layer
+
+    x = torch.randn(2, 15, 24)
+    w, b = torch.randn(24, 8, 3, 3) * 0.2, torch.randn(24) * 0.1
+    layer = lambda x, w, b: decoder_layer(x, (5, 3), w, b, groups=3)  # noqa: E731
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (layer, compiled):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+        out = fn(*leaves)
+        out.square().sum().backward()
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for name, a, r in zip(("out", "dx", "dweight", "dbias"), *results):
+        assert_close(a, r, 1e-6, name)
