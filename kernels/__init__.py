@@ -37,6 +37,6 @@ if triton_available():
     __all__ += [
         "attention", "attention_ref", "attention_varlen", "attention_varlen_ref", "decoder_layer",
         "decoder_layer_ref", "decoder_norm_act", "decoder_norm_act_ref", "fbank_patch",
-        "fbank_patch_ref", "gather_tokens", "gather_tokens_ref", "grouped_conv_tokens", "grouped_conv_tokens_ref", "mix_patches_ref", "mix_spectrograms",
-        "mix_spectrograms_ref",
+        "fbank_patch_ref", "gather_tokens", "gather_tokens_ref", "grouped_conv_tokens",
+        "grouped_conv_tokens_ref", "mix_patches_ref", "mix_spectrograms", "mix_spectrograms_ref",
     ]
