@@ -232,7 +232,7 @@ def decoder_layer_ref(x, grid, weight, bias, *, groups: int, residual: bool = Tr
     out = F.gelu(F.layer_norm(y.movedim(1, -1), (y.shape[1],), eps=eps)).movedim(-1, 1)
     if residual:
         out = out + image
-    return out.reshape(b, -1, n).transpose(1, 2)
+    return out.reshape(b, out.shape[1], n).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -204,6 +204,8 @@ def _conv(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, grid: 
     rows, c_in = x.shape
     groups, k, _, cg_in, cg_out = taps.shape
     y = _new_buffer((rows, groups * cg_out), x.dtype, x.device)
+    if rows == 0:
+        return y
     grid_fn = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), groups * triton.cdiv(cg_out, meta["BLOCK_CO"]))  # noqa: E731
     _conv_fwd[grid_fn](
         x, taps, taps if bias is None else bias, y, rows, grid[0], grid[1], c_in, groups * cg_out, cg_in, cg_out,
@@ -217,6 +219,8 @@ def _weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight_shape, groups: in
     rows, c_in = x.shape
     c_out, cg_in, k, _ = weight_shape
     cg_out = c_out // groups
+    if rows == 0:
+        return torch.zeros(weight_shape, dtype=torch.float32, device=x.device)
     splits = triton.cdiv(rows, _ROWS_PER_SPLIT)
     partial = _new_buffer((splits, groups, k, k, cg_in, cg_out), torch.float32, x.device)
     grid_fn = lambda meta: (  # noqa: E731
@@ -330,7 +334,7 @@ def grouped_conv_tokens_ref(x, grid, weight, bias=None, *, groups: int):
     b, n, c = x.shape
     image = x.reshape(b, *grid, c).permute(0, 3, 1, 2)
     y = F.conv2d(image, weight, bias, padding=weight.shape[-1] // 2, groups=groups)
-    return y.permute(0, 2, 3, 1).reshape(b, n, -1)  # a view when the conv returns channels-last
+    return y.permute(0, 2, 3, 1).reshape(b, n, weight.shape[0])  # a view when the conv returns channels-last
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,4 +398,4 @@ def grouped_conv_tokens(x, grid, weight, bias=None, *, groups: int):
         raise TypeError(f"x, weight and bias dtypes differ ({x.dtype}, {weight.dtype}, "
                         f"{None if bias is None else bias.dtype}); F.conv2d refuses that too")
     rows = x.reshape(b * n, c).contiguous()
-    return _conv_kernels(rows, weight.contiguous(), bias, tuple(grid), groups).reshape(b, n, -1)
+    return _conv_kernels(rows, weight.contiguous(), bias, tuple(grid), groups).reshape(b, n, weight.shape[0])
