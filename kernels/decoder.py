@@ -29,10 +29,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .grouped_conv import check_conv_arguments, grouped_conv_tokens
+from .grouped_conv import check_conv_arguments, check_float_tensor, grouped_conv_tokens
 from .switch import use_kernels
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_CHANNELS = 8192  # one row per register tile
 
 
@@ -240,13 +239,6 @@ def decoder_layer_ref(x, grid, weight, bias, *, groups: int, residual: bool = Tr
 # ----------------------------------------------------------------------------------------------
 
 
-def _check(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: dtype {t.dtype} is not one of float16, bfloat16, float32")
-
-
 def decoder_norm_act(y: torch.Tensor, residual: torch.Tensor | None = None, *, eps: float = 1e-5):
     """GELU(LayerNorm over the last dimension of ``y``) (+ ``residual``), in one pass.
 
@@ -258,11 +250,11 @@ def decoder_norm_act(y: torch.Tensor, residual: torch.Tensor | None = None, *, e
     Returns (..., C) in y's dtype. Differentiable in y and residual; statistics, GELU and the
     sum in fp32. ``SSLAM_KERNELS`` picks the Triton kernel or :func:`decoder_norm_act_ref`.
     """
-    _check("y", y)
+    check_float_tensor("y", y)
     if y.dim() == 0:
         raise ValueError("y: expected (..., C), got a 0-d tensor")
     if residual is not None:
-        _check("residual", residual)
+        check_float_tensor("residual", residual)
         if residual.shape != y.shape:
             raise ValueError(f"residual: shape {tuple(residual.shape)} differs from y's {tuple(y.shape)}")
         # Else the kernel would be handed a pointer it cannot read (or the reference fail in

@@ -342,7 +342,8 @@ def grouped_conv_tokens_ref(x, grid, weight, bias=None, *, groups: int):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check(name: str, t: torch.Tensor) -> None:
+def check_float_tensor(name: str, t: torch.Tensor) -> None:
+    """Raise a TypeError naming ``name`` unless t is a float32/float16/bfloat16 tensor."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _SUPPORTED_DTYPES:
@@ -351,10 +352,10 @@ def _check(name: str, t: torch.Tensor) -> None:
 
 def check_conv_arguments(x, grid, weight, bias, groups: int) -> None:
     """Raise a ValueError/TypeError naming the argument that does not fit :func:`grouped_conv_tokens`."""
-    _check("x", x)
-    _check("weight", weight)
+    check_float_tensor("x", x)
+    check_float_tensor("weight", weight)
     if bias is not None:
-        _check("bias", bias)
+        check_float_tensor("bias", bias)
     if x.dim() != 3:
         raise ValueError(f"x: expected (B, N, C) tokens, got shape {tuple(x.shape)}")
     _, n, c = x.shape
