@@ -12,8 +12,8 @@ over the token rows, read in place from the token-major (B * T * F, C) tensor:
 * input gradient: the same kernel on dy with the taps flipped and each group's weight
   transposed;
 * weight gradient: for each (group, tap), x[shifted rows, g, :]^T @ dy[rows, g, :], the rows split
-  over programs into fp32 partial sums that the host adds in a fixed order (deterministic, no
-  atomics); the bias gradient is dy summed over rows.
+  over programs into fp32 partial sums that the host adds in a fixed order (no atomics: the same
+  inputs and tuned tile sizes give the same bits); the bias gradient is dy summed over rows.
 
 Blocks are powers of two, so a group's channels (48 in ViT-B) are covered by masked tiles.
 Products accumulate in fp32; fp32 inputs use exact fp32 products. :func:`grouped_conv_tokens`
@@ -229,8 +229,9 @@ def _weight_grad(x: torch.Tensor, grad_y: torch.Tensor, weight_shape, groups: in
         x, grad_y, partial, rows, _ROWS_PER_SPLIT, grid[0], grid[1], c_in, c_out, cg_in, cg_out, groups,
         KS=k, DOT_PRECISION=_dot_precision(x.dtype),
     )
-    # (G, k, k, cg_in, cg_out) -> (G, cg_out, cg_in, k, k) = (C_out, C_in / G, k, k)
-    return partial.sum(0).permute(0, 4, 3, 1, 2).reshape(weight_shape)
+    # (G, k, k, cg_in, cg_out) -> (G, cg_out, cg_in, k, k) = (C_out, C_in / G, k, k); contiguous
+    # like the weight (with one group the reshape alone would return a strided view)
+    return partial.sum(0).permute(0, 4, 3, 1, 2).reshape(weight_shape).contiguous()
 
 
 def _forward(x, weight, bias, grid, groups):
@@ -276,7 +277,7 @@ def _conv_backward_op(
 
 @_conv_backward_op.register_fake
 def _conv_backward_fake(grad_y, x, weight, grid_t, grid_f, groups):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), grad_y.new_empty((grad_y.shape[1],), dtype=torch.float32)
+    return grad_y.new_empty(x.shape), weight.new_empty(weight.shape), grad_y.new_empty((grad_y.shape[1],), dtype=torch.float32)
 
 
 def _bias_grad(dbias: torch.Tensor, bias_dtype) -> torch.Tensor | None:
@@ -311,6 +312,7 @@ class _EagerConv(torch.autograd.Function):
         return _forward(x, weight, bias, grid, groups)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
         dx, dweight, dbias = _backward(grad_y, x, weight, ctx.grid, ctx.groups)
@@ -399,4 +401,5 @@ def grouped_conv_tokens(x, grid, weight, bias=None, *, groups: int):
         raise TypeError(f"x, weight and bias dtypes differ ({x.dtype}, {weight.dtype}, "
                         f"{None if bias is None else bias.dtype}); F.conv2d refuses that too")
     rows = x.reshape(b * n, c).contiguous()
+    bias = None if bias is None else bias.contiguous()  # the kernels index every tensor as contiguous
     return _conv_kernels(rows, weight.contiguous(), bias, tuple(grid), groups).reshape(b, n, weight.shape[0])

@@ -101,13 +101,34 @@ def test_autocast_casts_the_inputs_as_conv2d_does(kernels_on_cpu):
 
 
 def test_custom_ops_pass_opcheck(kernels_on_cpu):
-    x, w, b = torch.randn(30, 16), torch.randn(16, 8, 3, 3), torch.randn(16)
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.sslam.grouped_conv_tokens.default, (x, w, b, 5, 3, 2), test_utils=checks)
-    torch.library.opcheck(torch.ops.sslam.grouped_conv_tokens.default, (x, w, None, 5, 3, 2), test_utils=checks)
-    grad = torch.randn(30, 16)
-    torch.library.opcheck(torch.ops.sslam.grouped_conv_tokens_backward.default, (grad, x, w, 5, 3, 2),
-                          test_utils=checks)
+    for groups in (2, 1):  # one group: the weight gradient's layout must still be contiguous
+        x, w, b = torch.randn(30, 16), torch.randn(16, 16 // groups, 3, 3), torch.randn(16)
+        torch.library.opcheck(torch.ops.sslam.grouped_conv_tokens.default, (x, w, b, 5, 3, groups), test_utils=checks)
+        torch.library.opcheck(torch.ops.sslam.grouped_conv_tokens.default, (x, w, None, 5, 3, groups),
+                              test_utils=checks)
+        grad = torch.randn(30, 16)
+        torch.library.opcheck(torch.ops.sslam.grouped_conv_tokens_backward.default, (grad, x, w, 5, 3, groups),
+                              test_utils=checks)
+
+
+def test_strided_inputs(kernels_on_cpu, poisoned):
+    """Every argument may be a strided view (the kernels see contiguous copies)."""
+    x = torch.randn(2, 15, 48)[..., ::2]
+    w = torch.randn(24, 16, 3, 3).transpose(0, 1).contiguous().transpose(0, 1)[:, ::2]
+    b = torch.randn(48)[::2]
+    out = gc.grouped_conv_tokens(x, (5, 3), w, b, groups=3)
+    ref = gc.grouped_conv_tokens_ref(x.double(), (5, 3), w.double(), b.double(), groups=3)
+    assert_close(out, ref, TOL[torch.float32], "out")
+
+
+def test_double_backward_is_refused(kernels_on_cpu):
+    x = torch.randn(1, 15, 24, requires_grad=True)
+    w = torch.randn(24, 8, 3, 3, requires_grad=True)
+    out = gc.grouped_conv_tokens(x, (5, 3), w, None, groups=3)
+    (dx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # not a silently missing term
+        dx.sum().backward()
 
 
 def test_bad_arguments_are_named(kernels_on_cpu):
