@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .grouped_conv import check_conv_arguments, check_float_tensor, grouped_conv_tokens
+from .grouped_conv import check_conv_arguments, check_float_tensor, grouped_conv_tokens_kernels
 from .switch import use_kernels
 
 _MAX_CHANNELS = 8192  # one row per register tile
@@ -294,5 +294,5 @@ def decoder_layer(x, grid, weight, bias, *, groups: int, residual: bool = True, 
         raise ValueError(f"residual needs C_out == C_in, got weight {tuple(weight.shape)} for {x.shape[-1]} channels")
     if not use_kernels(x, weight):
         return decoder_layer_ref(x, grid, weight, bias, groups=groups, residual=residual, eps=eps)
-    y = grouped_conv_tokens(x, grid, weight, bias, groups=groups)
+    y = grouped_conv_tokens_kernels(x, grid, weight, bias, groups)  # arguments checked above
     return decoder_norm_act(y, x if residual else None, eps=eps)

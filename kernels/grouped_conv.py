@@ -390,9 +390,15 @@ def grouped_conv_tokens(x, grid, weight, bias=None, *, groups: int):
     :func:`grouped_conv_tokens_ref`.
     """
     check_conv_arguments(x, grid, weight, bias, groups)
-    b, n, c = x.shape
     if not use_kernels(x, weight, *(() if bias is None else (bias,))):
         return grouped_conv_tokens_ref(x, grid, weight, bias, groups=groups)
+    return grouped_conv_tokens_kernels(x, grid, weight, bias, groups)
+
+
+def grouped_conv_tokens_kernels(x, grid, weight, bias, groups: int) -> torch.Tensor:
+    """The kernel path of :func:`grouped_conv_tokens` for arguments already checked by
+    :func:`check_conv_arguments` (the decoder layer checks once and calls this)."""
+    b, n, c = x.shape
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
