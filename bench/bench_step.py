@@ -192,20 +192,17 @@ def largest_fitting(peak_of, start: int, capacity: float, limit: int = 1024, res
             per_clip = (second - first) / start
             guess = min(limit, good + int((capacity - second) / per_clip)) if per_clip > 0 else good
             if guess > good:
+                # Confirm the prediction with one probe just past it (when it fits) or just
+                # short of it (when it does not).
                 if fits(guess):
-                    good, above = guess, guess + resolution
-                    if above <= limit:
-                        if fits(above):
-                            good = above
-                        else:
-                            bad = above
+                    good, probe = guess, guess + resolution
                 else:
-                    bad, below = guess, guess - resolution
-                    if below > good:
-                        if fits(below):
-                            good = below
-                        else:
-                            bad = below
+                    bad, probe = guess, guess - resolution
+                if good < probe <= limit and (bad is None or probe < bad):
+                    if fits(probe):
+                        good = probe
+                    else:
+                        bad = probe
     while bad is None:
         if 2 * good > limit:
             return good
