@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import load_golden, requires_cuda
 
-from sslam.resample import LOWPASS_FILTER_WIDTH, ROLLOFF, resample
+from sslam.resample import LOWPASS_FILTER_WIDTH, ROLLOFF, _build_dense_bank, _dense_matmul, resample
 
 # Lengths: a single sample, tiny, primes, and a few seconds.
 LENGTHS = (1, 2, 13, 997, 7919, 48_011)
@@ -166,12 +167,23 @@ def test_bad_waveforms_raise():
 @pytest.mark.parametrize("orig", [8000, 22050, 32000, 44100, 48000])
 @pytest.mark.parametrize("exact", [True, False])
 def test_cuda_matches_cpu(monkeypatch, orig, dtype, exact):
-    # cuDNN convolutions may use TF32 by default (~1e-3 here, as torchaudio's own resample on
-    # CUDA); the comparison is of the arithmetic, in IEEE float32.
+    # Matmuls may use TF32 (~1e-3 here); the comparison is of the arithmetic, in IEEE float32.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     x = torch.randn(3, 2 * orig + 7, dtype=dtype)
     cpu = resample(x, orig, 16000, exact=exact)
     gpu = resample(x.cuda(), orig, 16000, exact=exact)
     assert gpu.is_cuda and gpu.dtype == dtype
-    assert (gpu.cpu() - cpu).abs().max().item() < 1e-5
+    error = (gpu.cpu() - cpu).abs().max().item()
+    assert error < 1e-5, error
+
+
+@pytest.mark.parametrize("orig, new", [(441, 320), (3, 1), (7, 3), (1, 2)])
+def test_dense_matmul_is_the_strided_conv(orig, new):
+    # Off the CPU the exact path applies its bank as a matmul over frames; same sums as conv1d.
+    bank = _build_dense_bank(orig, new, torch.float64, torch.device("cpu"))
+    padded = torch.randn(3, 5 * orig + bank.shape[-1] + 2, dtype=torch.float64)
+    conv = F.conv1d(padded[:, None], bank, stride=orig).transpose(1, 2)
+    matmul = _dense_matmul(padded, bank, orig)
+    assert matmul.shape == conv.shape and conv.shape[-1] == new
+    torch.testing.assert_close(matmul, conv, rtol=0, atol=1e-12)
