@@ -5,10 +5,10 @@ four implementations of the same step, measured in one run.
       attention, targets copied per clone, eager features, plain AdamW (fp16 autocast on GPU,
       as the official runs);
 (ii)  ``eager``: SDPA (the best backend PyTorch picks), targets indexed, fused AdamW;
-(iii) ``compile``: (ii) with the student and decoder compiled by ``torch.compile``;
+(iii) ``compile``: (ii) with the student, decoder and teacher compiled by ``torch.compile``;
 (iv)  ``ours``: the Triton kernels (fused features with SSLAM mixing, attention, gather,
       mixing, the decoder's grouped conv and norm/GELU), fused AdamW;
-      ``ours_compile``: the same with the student and decoder compiled by ``torch.compile``
+      ``ours_compile``: the same with the student, decoder and teacher compiled by ``torch.compile``
       (the kernels are custom ops it traces; what ``--run.compile=true`` trains with);
       ``ours_lowmem``: the same with the decoder recomputed in the backward (its activations
       are the largest block of training memory, a few percent more FLOPs) and, in the student's
@@ -66,8 +66,7 @@ class Step:
         self.model.student.set_attention(attention)
         self.model.teacher.encoder.set_attention(attention)
         if variant in COMPILED:
-            self.model.student.compile()
-            self.model.decoder.compile()
+            self.model.compile_networks()
         fused = {"fused": True} if device.type == "cuda" and variant != "official" else {}
         self.optimizer = torch.optim.AdamW(
             param_groups(torch.nn.ModuleList([self.model.student, self.model.decoder]), cfg.optim.weight_decay),

@@ -376,6 +376,15 @@ class Pretrainer(nn.Module):
     def trainable_parameters(self):
         return [p for p in list(self.student.parameters()) + list(self.decoder.parameters()) if p.requires_grad]
 
+    def compile_networks(self, **options) -> None:
+        """``torch.compile`` the student, the decoder and the teacher in place (``options`` go to
+        ``torch.compile``). The losses, targets and mixing stay eager. The teacher runs on two
+        input shapes in stage 2 (all clips; the clean ones keeping the partner's patches), each
+        compiled for its fixed shape."""
+        self.student.compile(**options)
+        self.decoder.compile(**options)
+        self.teacher.encoder.compile(**{"dynamic": False, **options})
+
     def update_teacher(self, decay: float) -> None:
         self.teacher.update(self.student, decay)
 

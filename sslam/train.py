@@ -571,8 +571,7 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None, broadcast_buffers=False
             )
         if self.cfg.run.compile:
-            model.student.compile()
-            model.decoder.compile()
+            model.compile_networks()
         return module
 
     # -- data --

@@ -258,6 +258,32 @@ def test_stage2_forward_terms():
         model(spec, keep)
 
 
+def test_compiled_networks_give_the_eager_losses_and_gradients():
+    """compile_networks compiles the student, decoder and teacher (both of its stage-2 input
+    shapes) in place: parameters and state-dict keys are unchanged, losses and gradients equal."""
+    model, spec, keep, windows = small_stage2(DecoderConfig(dim=16, groups=4, layers=2))
+    keys = list(model.state_dict())
+
+    def run():
+        model.zero_grad()
+        losses = model(spec, keep, windows=windows, generator=torch.Generator().manual_seed(1))
+        losses.total.backward()
+        return losses.total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager, eager_grads = run()
+    torch._dynamo.reset()
+    model.compile_networks(backend="aot_eager", fullgraph=True)
+    compiled, grads = run()
+    assert list(model.state_dict()) == keys
+    assert all(m._compiled_call_impl is not None for m in (model.student, model.decoder, model.teacher.encoder))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == eager_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    model.update_teacher(0.5)  # the EMA still reaches the compiled teacher's parameters
+    assert torch.isfinite(run()[0])
+
+
 def test_checkpointed_decoder_gives_the_same_gradients_and_saves_less():
     """Recomputing the decoder in the backward is exact (it draws no random numbers) and keeps
     only its input instead of every layer's activations."""
