@@ -35,6 +35,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
     """(name, arguments) of every benchmark script to run."""
     if quick:
         return [
+            ("launch", ["bench_launch.py", "--quick"]),
             ("attention", ["bench_attention.py", "--quick"]),
             ("fbank_patch", ["bench_fbank_patch.py", "--quick"]),
             ("mixture", ["bench_mixture.py", "--quick"]),
@@ -51,6 +52,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
     ]
     if gpu:
         steps = [
+            ("launch", ["bench_launch.py"]),
             ("attention", ["bench_attention.py", "--case", "all", "--dtype", "bf16"]),
             ("fbank_patch", ["bench_fbank_patch.py", "--batch", "48"]),
             ("mixture", ["bench_mixture.py"]),
