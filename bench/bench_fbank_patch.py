@@ -3,8 +3,9 @@
 Case: a batch of 10-s clips (160000 samples, 998 real frames, padded to 1024), the SSLAM
 per-update batch of 48 by default. Variants, all producing the (B, 512, 256) model input:
 
-* ``ours`` -- the fused Triton kernel (dot precision tf32x3, the default; ``ours_ieee`` with
-  exact fp32 dots); ``ours+mix`` also writes the B SSLAM mixtures from the same pass;
+* ``ours`` -- the fused Triton kernel (exact fp32 dots, the default; ``ours_tf32x3`` with
+  three tensor-core products per dot); ``ours+mix`` also writes the B SSLAM mixtures from the
+  same pass;
 * ``eager`` -- the batched PyTorch reference on the same device (remove DC, frame with unfold,
   window, rfft, power, mel matmul, log, pad, normalise, patchify); ``eager+mix`` adds
   :func:`sslam.mixing.mix_patches`;
@@ -99,8 +100,8 @@ def bench(batch: int, samples: int, target_length: int, device: str, quick: bool
 
     variants = {
         "ours": (lambda: fbank_patch(waves, lens_cpu, target_length=target_length), clean_bytes),
-        "ours_ieee": (lambda: fbank_patch(waves, lens_cpu, target_length=target_length,
-                                          dot_precision="ieee"), clean_bytes),
+        "ours_tf32x3": (lambda: fbank_patch(waves, lens_cpu, target_length=target_length,
+                                            dot_precision="tf32x3"), clean_bytes),
         "ours+mix": (lambda: fbank_patch(waves, lens_cpu, target_length=target_length,
                                          mix=windows), mixed_bytes),
         "eager": (lambda: reference_core(waves, lens, target_length), clean_bytes),

@@ -32,6 +32,7 @@ import gc
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -278,7 +279,9 @@ def main(argv=None) -> int:
             try:
                 seconds, peak = time_steps(Step(variant, cfg, args.batch, device), args.warmup, args.steps)
             except Exception as exc:  # a variant that cannot run is reported, not fatal
-                print(f"{variant:>12} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                print(f"{variant:>12} failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}")
+                # Where it failed, for the log (an inductor assertion can carry no message).
+                print("".join(traceback.format_exception(exc)[-12:]), file=sys.stderr)
                 record({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
                         "variant": variant, "pass": "full", "note": f"failed: {type(exc).__name__}"})
                 continue

@@ -232,16 +232,20 @@ def _dense_elements(orig: int, new: int) -> int:
 def _build_dense_bank(orig: int, new: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The reference's dense filter bank ``(new, 1, orig + 2 * width)``, built with the same
     arithmetic in the waveform's dtype, so that one strided conv1d reproduces its outputs bit
-    for bit (its tiny off-window taps included)."""
+    for bit (its tiny off-window taps included).
+
+    Built on the CPU for every device: a GPU's float32 sin and cos round differently, and at
+    44.1 kHz those last-bit differences moved the outputs by more than 1e-5 on an H200."""
+    cpu = torch.device("cpu")
     base = min(orig, new) * ROLLOFF
     width = _dense_width(orig, new)
-    taps = torch.arange(-width, width + orig, dtype=dtype, device=device)[None, None] / orig
-    t = torch.arange(0, -new, -1, dtype=dtype, device=device)[:, None, None] / new + taps
+    taps = torch.arange(-width, width + orig, dtype=dtype, device=cpu)[None, None] / orig
+    t = torch.arange(0, -new, -1, dtype=dtype, device=cpu)[:, None, None] / new + taps
     t = (t * base).clamp(-LOWPASS_FILTER_WIDTH, LOWPASS_FILTER_WIDTH)
     window = torch.cos(t * math.pi / LOWPASS_FILTER_WIDTH / 2) ** 2
     t = t * math.pi
-    sinc = torch.where(t == 0, torch.ones((), dtype=dtype, device=device), t.sin() / t)
-    return sinc * (window * (base / orig))
+    sinc = torch.where(t == 0, torch.ones((), dtype=dtype), t.sin() / t)
+    return (sinc * (window * (base / orig))).to(device)
 
 
 _cached_dense_bank = lru_cache(maxsize=16)(_build_dense_bank)
@@ -254,10 +258,9 @@ def _apply_dense(rows: Tensor, orig: int, new: int, out_length: int) -> Tensor:
     """Resample ``rows`` (B, N) with the dense bank (the exact path).
 
     On the CPU: one strided conv1d, as the reference, so the outputs are its bits. Elsewhere:
-    the same sums as one matmul over a strided (copy-free) view of the input frames. cuDNN
-    picks among convolution algorithms (FFT and Winograd among them) whose float32 error
-    reached ~1e-5 for long banks (44.1 kHz: 459 taps) on an H200; cuBLAS accumulates each
-    output with fused multiply-adds.
+    the same sums as one matmul over a strided view of the input frames, which accumulates
+    each output in float32 multiply-adds whatever the sizes; cuDNN chooses a convolution
+    algorithm per shape, FFT-based ones among them, whose rounding is not the direct sum's.
 
     Banks of up to ``_DENSE_CACHE_ELEMENTS`` taps are cached (at most 16 x 64 MiB in float32);
     of the larger ones (coprime rates such as 7999 -> 16000 Hz: 122 M taps) only the last is
