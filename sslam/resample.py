@@ -234,8 +234,10 @@ def _build_dense_bank(orig: int, new: int, dtype: torch.dtype, device: torch.dev
     arithmetic in the waveform's dtype, so that one strided conv1d reproduces its outputs bit
     for bit (its tiny off-window taps included).
 
-    Built on the CPU for every device: a GPU's float32 sin and cos round differently, and at
-    44.1 kHz those last-bit differences moved the outputs by more than 1e-5 on an H200."""
+    Built on the CPU for every device, so it is the reference's bank bit for bit everywhere.
+    Built on an H200, the 44.1 and 22.05 kHz outputs missed the CPU's by more than 1e-5 (the
+    CUDA test, with the bank applied by conv1d and by matmul alike); a GPU's float32 sin and
+    cos, which need not round as the CPU's do, are the likely cause."""
     cpu = torch.device("cpu")
     base = min(orig, new) * ROLLOFF
     width = _dense_width(orig, new)
