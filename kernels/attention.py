@@ -390,13 +390,38 @@ _INTERPRET = interpreting()  # read once, like triton.jit, which decides at deco
 _TUNING_KEY = ["SEQLEN_BUCKET", "HEAD_DIM"]
 
 
-def _configs(gpu: list[tuple], interpreter: tuple, names: tuple[str, ...]) -> list:
-    """triton.Config list from (*block sizes, num_warps, num_stages) tuples."""
-    rows = [interpreter] if _INTERPRET else gpu
-    return [
-        triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1])
-        for row in rows
-    ]
+def _config(row: tuple, names: tuple[str, ...]) -> triton.Config:
+    """triton.Config from a (*block sizes, num_warps, num_stages) tuple."""
+    return triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1])
+
+
+def _gpu_configs(half: list[tuple], fp32: list[tuple], names: tuple[str, ...]) -> list:
+    """The configurations for 16-bit inputs (``half``) and for fp32 ones, each marked with the
+    inputs it is for (``for_half``, ``for_fp32``; a row may be in both lists).
+
+    fp32 inputs take exact fp32 dots ("ieee"), which run as FMAs rather than on the tensor
+    cores, so the compiler unrolls every tile product: ahead-of-time compiles for sm_90 (triton
+    3.8, head dim 80) of the 16-bit tiles in fp32 took 5-39 s each and spilled 7-34 kB of
+    registers per thread, and half of them needed more shared memory than the card has. The
+    fp32 rows compile in about 2 s without spilling (at most 1 kB on the single-block path)."""
+    configs = []
+    for row in dict.fromkeys([*half, *fp32]):  # ordered union
+        config = _config(row, names)
+        config.for_half, config.for_fp32 = row in half, row in fp32
+        configs.append(config)
+    return configs
+
+
+def _configs(half: list[tuple], interpreter: tuple, names: tuple[str, ...], fp32: list[tuple]) -> list:
+    """The interpreter's single configuration, or :func:`_gpu_configs`."""
+    return [_config(interpreter, names)] if _INTERPRET else _gpu_configs(half, fp32, names)
+
+
+def _prune_by_dtype(configs, named_args, **kwargs):
+    """The configurations marked for the inputs' dtype (all of them under the interpreter)."""
+    fp32 = named_args["Q"].dtype == torch.float32
+    kept = [c for c in configs if getattr(c, "for_fp32" if fp32 else "for_half", True)]
+    return kept or configs
 
 
 def _graph_bench(kernel_call, quantiles):
@@ -410,8 +435,10 @@ def _graph_bench(kernel_call, quantiles):
     return do_bench_cudagraph(kernel_call, quantiles=quantiles)
 
 
-def _prune_query_blocks(configs, named_args, **kwargs):
-    """Single-block path: a query block larger than the whole (bucketed) sequence is waste."""
+def _prune_single_block(configs, named_args, **kwargs):
+    """Single-block path: the dtype's configurations, without query blocks larger than the
+    whole (bucketed) sequence, which are waste."""
+    configs = _prune_by_dtype(configs, named_args, **kwargs)
     bucket = kwargs.get("SEQLEN_BUCKET", named_args.get("SEQLEN_BUCKET"))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bucket]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
@@ -421,40 +448,44 @@ def _prune_query_blocks(configs, named_args, **kwargs):
 _fwd_general = triton.autotune(
     configs=_configs(
         [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
-        (32, 16, 4, 1), ("BLOCK_M", "BLOCK_N"),
+        (32, 16, 4, 1), ("BLOCK_M", "BLOCK_N"), fp32=[(32, 32, 8, 2)],
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
+    prune_configs_by={"early_config_prune": _prune_by_dtype},
 )(_attention_fwd_kernel)
 
 # Forward, single-block path: BLOCK_N is the whole bucketed sequence; (BLOCK_M, warps, stages).
 _fwd_single_block = triton.autotune(
     configs=_configs(
-        [(128, 8, 1), (64, 4, 1), (64, 8, 1), (32, 4, 1)], (32, 4, 1), ("BLOCK_M",)
+        [(128, 8, 1), (64, 4, 1), (64, 8, 1), (32, 4, 1)], (32, 4, 1), ("BLOCK_M",),
+        fp32=[(16, 8, 1)],
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
-    prune_configs_by={"early_config_prune": _prune_query_blocks},
+    prune_configs_by={"early_config_prune": _prune_single_block},
 )(_attention_fwd_kernel)
 
 # Backward dQ (+ delta), general path: (BLOCK_M, BLOCK_N, warps, stages).
 _bwd_dq_general = triton.autotune(
     configs=_configs(
         [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 32, 4, 3)],
-        (32, 16, 4, 1), ("BLOCK_M", "BLOCK_N"),
+        (32, 16, 4, 1), ("BLOCK_M", "BLOCK_N"), fp32=[(32, 32, 8, 2)],
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
+    prune_configs_by={"early_config_prune": _prune_by_dtype},
 )(_attention_bwd_dq_kernel)
 
 # Backward dK/dV, general path: (BLOCK_M, BLOCK_N, warps, stages).
 _bwd_dkdv_general = triton.autotune(
     configs=_configs(
         [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3)],
-        (16, 32, 4, 1), ("BLOCK_M", "BLOCK_N"),
+        (16, 32, 4, 1), ("BLOCK_M", "BLOCK_N"), fp32=[(32, 32, 8, 2)],
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
+    prune_configs_by={"early_config_prune": _prune_by_dtype},
 )(_attention_bwd_dkdv_kernel)
 
 # Backward, single-block path (dK, dV and dQ in one program per (batch, head)):
@@ -462,11 +493,11 @@ _bwd_dkdv_general = triton.autotune(
 _bwd_single_block = triton.autotune(
     configs=_configs(
         [(16, 8, 1), (32, 8, 1), (32, 8, 2), (64, 8, 1), (64, 8, 2)],
-        (32, 4, 1), ("BLOCK_M",),
+        (32, 4, 1), ("BLOCK_M",), fp32=[(16, 8, 1)],
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
-    prune_configs_by={"early_config_prune": _prune_query_blocks},
+    prune_configs_by={"early_config_prune": _prune_single_block},
 )(_attention_bwd_dkdv_kernel)
 
 

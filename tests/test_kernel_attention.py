@@ -245,6 +245,27 @@ def test_switch_off_runs_the_reference(monkeypatch):
     )
 
 
+def test_fp32_inputs_tune_over_their_own_small_tiles():
+    """The GPU tables: fp32 inputs ('ieee' FMA dots) only try their small tiles, 16-bit inputs
+    only theirs, and the single-block path also drops query blocks past the sequence."""
+    half, fp32 = [(128, 64, 4, 3), (32, 32, 8, 2)], [(32, 32, 8, 2), (16, 16, 4, 1)]
+    configs = attn._gpu_configs(half, fp32, ("BLOCK_M", "BLOCK_N"))
+    rows = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+    assert rows == [(128, 64, 4, 3), (32, 32, 8, 2), (16, 16, 4, 1)]  # each row once
+
+    def kept(dtype, prune=attn._prune_by_dtype, **kwargs):
+        q = torch.empty(1, 1, 1, 8, dtype=dtype)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in prune(configs, {"Q": q}, **kwargs)]
+
+    assert kept(torch.float32) == [(32, 32), (16, 16)]
+    assert kept(torch.float16) == kept(torch.bfloat16) == [(128, 64), (32, 32)]
+    assert kept(torch.float32, attn._prune_single_block, SEQLEN_BUCKET=16) == [(16, 16)]
+    assert kept(torch.float16, attn._prune_single_block, SEQLEN_BUCKET=64) == [(32, 32)]
+    # configurations without marks (the interpreter's) are kept for every dtype
+    plain = [attn._config((32, 16, 4, 1), ("BLOCK_M", "BLOCK_N"))]
+    assert attn._prune_by_dtype(plain, {"Q": torch.empty(1, dtype=torch.float32)}) == plain
+
+
 def test_torch_compile_traces_the_custom_ops(kernels_on_cpu):
     batch, seqlen, heads, head_dim = 2, 17, 2, 64
     mask = padding_mask([17, 6], seqlen)
