@@ -74,6 +74,7 @@ setup(
         "dev": [
             "pytest",
             "pytest-benchmark",
+            "pytest-timeout",
             "hypothesis",
             "ruff",
             "pybind11>=2.10",

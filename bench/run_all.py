@@ -4,6 +4,7 @@ memory goes, and the CPU data path.
 
     python bench/run_all.py --out bench/results/h100     # on a GPU, under 8 minutes
     python bench/run_all.py --quick --out /tmp/bench     # CPU smoke run (kernels interpreted)
+    python bench/run_all.py --tests --out DIR            # the CUDA tests first, then the suite
 
 Writes into ``--out``: ``results.csv`` (one row per measurement with device, versions, date and
 git commit), one ``<benchmark>.txt`` log per script, ``report.md`` (the tables) and one PNG
@@ -91,6 +92,41 @@ def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict, timeou
     return status, seconds
 
 
+def run_tests(out: Path, env: dict, timeout: float, per_test: float) -> tuple[str, float]:
+    """The CUDA tests (``-k "cuda or gpu"``; they skip without a GPU), logged to ``tests.txt``.
+
+    Each test may run ``per_test`` seconds (pytest-timeout): a slow one fails with its
+    traceback and the run goes on to its summary, which a stop at ``timeout`` would lose."""
+    command = [sys.executable, "-m", "pytest", "tests", "-k", "cuda or gpu", "-v", "-rfE", "--tb=short",
+               "-p", "no:cacheprovider", f"--timeout={per_test:.0f}"]
+    start = time.perf_counter()
+    with (out / "tests.txt").open("w") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        try:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            log.write(f"\nstopped after {timeout:.0f} s (--timeout)\n")
+            code = None
+    seconds = time.perf_counter() - start
+    status = "ok" if code in (0, 5) else "TIMED OUT" if code is None else f"FAILED (exit {code})"  # 5: none ran
+    print(f"{'cuda tests':>12}: {status} in {seconds:.0f} s -> {out / 'tests.txt'}", flush=True)
+    return status, seconds
+
+
+def _test_summary(out: Path) -> list[str]:
+    """The CUDA tests' failures and final count, from ``tests.txt``."""
+    log = out / "tests.txt"
+    if not log.exists():
+        return []
+    lines = log.read_text().splitlines()
+    failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    counts = [line.strip("= ") for line in lines if line.startswith("=") and (" passed" in line or " failed" in line
+                                                                            or " skipped" in line)]
+    return ["", "## CUDA tests", "", *(f"- {line}" for line in failed), "", *(counts[-1:] or ["(no summary: see tests.txt)"])]
+
+
 def read_rows(csv_path: Path) -> list[dict]:
     if not csv_path.exists():
         return []
@@ -122,6 +158,7 @@ def report(rows: list[dict], out: Path, timings: dict[str, tuple[str, float]]) -
             lines.append("")
         _plot(bench, cases, out)
         lines.append(f"![{bench}]({bench}.png)")
+    lines += _test_summary(out)
     lines += _profile_tables(out / "profile")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
@@ -193,6 +230,9 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole suite: each script may run only for what is left, and none starts "
                         "with under 10 s left (a GPU lent for a limited time)")
+    p.add_argument("--tests", action="store_true",
+                   help="run the CUDA tests first (tests.txt and a section of the report)")
+    p.add_argument("--test-timeout", type=float, default=120, help="seconds one test may run (with --tests)")
     args = p.parse_args(argv)
     import torch
 
@@ -214,6 +254,11 @@ def main(argv=None) -> int:
     chosen = dict(scripts)
     timings = {}
     deadline = time.monotonic() + args.budget if args.budget is not None else float("inf")
+    if args.tests:
+        left = deadline - time.monotonic()
+        timings["cuda tests"] = (run_tests(out, env, min(args.timeout, left), args.test_timeout) if left >= 10
+                                 else ("not started (--budget)", 0.0))
+        report(read_rows(csv_path), out, timings)
     for name in args.only or chosen:  # --only runs in the order given
         left = deadline - time.monotonic()
         if left < 10:

@@ -2,6 +2,7 @@
 the CPU), with every script, its CSV rows, the report and the plots."""
 
 import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,19 @@ def test_only_runs_in_the_order_given_and_budget_stops_new_scripts(tmp_path):
     assert lines[:2] == ["       masks: not started, the --budget is spent", "         cpu: not started, the --budget is spent"]
     report = (tmp_path / "report.md").read_text()
     assert report.index("| masks | not started (--budget) |") < report.index("| cpu | not started (--budget) |")
+
+
+def test_tests_option_runs_the_device_tests_first_and_reports_them(tmp_path):
+    # (no "cuda" or "gpu" in this name: the run selects tests by those words)
+    done = run_all("--quick", "--tests", "--only", "masks", out=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.index("cuda tests: ok") < done.stdout.index("masks: ok")
+    log = (tmp_path / "tests.txt").read_text()
+    assert '-k cuda or gpu' in log and "--timeout=120" in log
+    report = (tmp_path / "report.md").read_text()
+    section = report[report.index("## CUDA tests"):]
+    # without a GPU every CUDA test is collected and skipped; the count is in the report
+    assert re.search(r"\d+ skipped, \d+ deselected", section)
 
 
 def test_unknown_benchmark_names_are_refused(tmp_path):
