@@ -73,11 +73,12 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
     return steps
 
 
-def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict, timeout: float) -> tuple[str, float]:
-    """(status: 'ok', 'TIMED OUT' or 'FAILED (exit N)'; seconds) of one script, logged to ``<name>.txt``."""
+def run_logged(name: str, command: list[str], log_path: Path, env: dict, timeout: float,
+               ok_codes=(0,)) -> tuple[str, float]:
+    """(status: 'ok', 'TIMED OUT' or 'FAILED (exit N)'; seconds) of ``command``, its output logged
+    to ``log_path``, stopped after ``timeout`` seconds."""
     start = time.perf_counter()
-    command = [sys.executable, str(HERE / args[0]), *args[1:], "--csv", str(csv_path)]
-    with (out / f"{name}.txt").open("w") as log:
+    with log_path.open("w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
         try:
@@ -87,9 +88,15 @@ def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict, timeou
             log.write(f"\nstopped after {timeout:.0f} s (--timeout)\n")
             code = None
     seconds = time.perf_counter() - start
-    status = "ok" if code == 0 else "TIMED OUT" if code is None else f"FAILED (exit {code})"
-    print(f"{name:>12}: {status} in {seconds:.0f} s -> {out / (name + '.txt')}", flush=True)
+    status = "ok" if code in ok_codes else "TIMED OUT" if code is None else f"FAILED (exit {code})"
+    print(f"{name:>12}: {status} in {seconds:.0f} s -> {log_path}", flush=True)
     return status, seconds
+
+
+def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict, timeout: float) -> tuple[str, float]:
+    """One benchmark script, logged to ``<name>.txt`` (see :func:`run_logged`)."""
+    command = [sys.executable, str(HERE / args[0]), *args[1:], "--csv", str(csv_path)]
+    return run_logged(name, command, out / f"{name}.txt", env, timeout)
 
 
 def run_tests(out: Path, env: dict, timeout: float, per_test: float) -> tuple[str, float]:
@@ -99,20 +106,8 @@ def run_tests(out: Path, env: dict, timeout: float, per_test: float) -> tuple[st
     traceback and the run goes on to its summary, which a stop at ``timeout`` would lose."""
     command = [sys.executable, "-m", "pytest", "tests", "-k", "cuda or gpu", "-v", "-rfE", "--tb=short",
                "-p", "no:cacheprovider", f"--timeout={per_test:.0f}"]
-    start = time.perf_counter()
-    with (out / "tests.txt").open("w") as log:
-        log.write("$ " + " ".join(command) + "\n")
-        log.flush()
-        try:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent,
-                                  timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            log.write(f"\nstopped after {timeout:.0f} s (--timeout)\n")
-            code = None
-    seconds = time.perf_counter() - start
-    status = "ok" if code in (0, 5) else "TIMED OUT" if code is None else f"FAILED (exit {code})"  # 5: none ran
-    print(f"{'cuda tests':>12}: {status} in {seconds:.0f} s -> {out / 'tests.txt'}", flush=True)
-    return status, seconds
+    # pytest exits with 5 when every test was deselected: nothing failed
+    return run_logged("cuda tests", command, out / "tests.txt", env, timeout, ok_codes=(0, 5))
 
 
 def _test_summary(out: Path) -> list[str]:
