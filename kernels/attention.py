@@ -21,8 +21,9 @@ Two paths, chosen on the host from the (static) maximum sequence length:
   block holds the whole sequence, so the forward softmax runs once with no rescaling, and one
   backward program per (batch, head) owns every key: it computes dK, dV *and* dQ in one launch,
   with no atomics and no separate pass for rowsum(dO * O).
-* **general** (teacher, partner, long clips): forward over (query block, head, batch) programs;
-  backward as a dQ kernel (which also stores rowsum(dO * O)) followed by a dK/dV kernel.
+* **general** (teacher, partner, long clips, and fp32 inputs on a GPU): forward over (query
+  block, head, batch) programs; backward as a dQ kernel (which also stores rowsum(dO * O))
+  followed by a dK/dV kernel.
 
 Block sizes are autotuned per (sequence-length bucket, head dim, dtype) on the first call with
 a new key, timing each candidate by CUDA-graph replay; make that first call outside any CUDA
@@ -395,7 +396,7 @@ def _config(row: tuple, names: tuple[str, ...]) -> triton.Config:
     return triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1])
 
 
-def _gpu_configs(half: list[tuple], fp32: list[tuple], names: tuple[str, ...]) -> list:
+def _gpu_configs(half: list[tuple], fp32, names: tuple[str, ...]) -> list:
     """The configurations for 16-bit inputs (``half``) and for fp32 ones, each marked with the
     inputs it is for (``for_half``, ``for_fp32``; a row may be in both lists).
 
@@ -403,7 +404,8 @@ def _gpu_configs(half: list[tuple], fp32: list[tuple], names: tuple[str, ...]) -
     cores, so the compiler unrolls every tile product: ahead-of-time compiles for sm_90 (triton
     3.8, head dim 80) of the 16-bit tiles in fp32 took 5-39 s each and spilled 7-34 kB of
     registers per thread, and half of them needed more shared memory than the card has. The
-    fp32 rows compile in about 2 s without spilling (at most 1 kB on the single-block path)."""
+    fp32 rows compile in about 2 s without spilling. (The single-block kernels, which hold a
+    whole 128-key block, spilled in every fp32 configuration tried: :func:`_single_block`.)"""
     configs = []
     for row in dict.fromkeys([*half, *fp32]):  # ordered union
         config = _config(row, names)
@@ -412,7 +414,7 @@ def _gpu_configs(half: list[tuple], fp32: list[tuple], names: tuple[str, ...]) -
     return configs
 
 
-def _configs(half: list[tuple], interpreter: tuple, names: tuple[str, ...], fp32: list[tuple]) -> list:
+def _configs(half: list[tuple], interpreter: tuple, names: tuple[str, ...], fp32: tuple = ()) -> list:
     """The interpreter's single configuration, or :func:`_gpu_configs`."""
     return [_config(interpreter, names)] if _INTERPRET else _gpu_configs(half, fp32, names)
 
@@ -458,8 +460,7 @@ _fwd_general = triton.autotune(
 # Forward, single-block path: BLOCK_N is the whole bucketed sequence; (BLOCK_M, warps, stages).
 _fwd_single_block = triton.autotune(
     configs=_configs(
-        [(128, 8, 1), (64, 4, 1), (64, 8, 1), (32, 4, 1)], (32, 4, 1), ("BLOCK_M",),
-        fp32=[(16, 8, 1)],
+        [(128, 8, 1), (64, 4, 1), (64, 8, 1), (32, 4, 1)], (32, 4, 1), ("BLOCK_M",)
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
@@ -493,7 +494,7 @@ _bwd_dkdv_general = triton.autotune(
 _bwd_single_block = triton.autotune(
     configs=_configs(
         [(16, 8, 1), (32, 8, 1), (32, 8, 2), (64, 8, 1), (64, 8, 2)],
-        (32, 4, 1), ("BLOCK_M",), fp32=[(16, 8, 1)],
+        (32, 4, 1), ("BLOCK_M",),
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
@@ -526,6 +527,16 @@ def _row_strides(t: torch.Tensor, is_varlen: bool) -> tuple[int, int, int]:
 def _seqlen_bucket(max_seqlen: int) -> int:
     """Power of two >= max_seqlen, at least 16 (the smallest tl.dot tile)."""
     return max(16, triton.next_power_of_2(max_seqlen))
+
+
+def _single_block(max_seqlen: int, dtype: torch.dtype) -> bool:
+    """Whether a launch takes the single-block kernels (a whole key block per program).
+
+    Not for fp32 on a GPU: its exact FMA dots made those kernels spill 0.3-20 kB per thread on
+    sm_90 in every configuration tried (triton 3.6 and 3.8, head dims 64 and 80); the general
+    kernels' fp32 tiles do not. The interpreter, which has no registers, runs them in fp32 too,
+    so the tests cover both paths."""
+    return max_seqlen <= SINGLE_BLOCK_MAX_SEQLEN and (dtype != torch.float32 or _INTERPRET)
 
 
 def _block_d(head_dim: int) -> int:
@@ -579,7 +590,7 @@ def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen: int, scale: floa
         DOT_PRECISION=_dot_precision(q.dtype),
     )
     grid = lambda META: (triton.cdiv(max_seqlen, META["BLOCK_M"]), heads, batch)
-    if max_seqlen <= SINGLE_BLOCK_MAX_SEQLEN:
+    if _single_block(max_seqlen, q.dtype):
         _fwd_single_block[grid](*args, BLOCK_N=bucket, **meta)
     else:
         _fwd_general[grid](*args, **meta)
@@ -613,7 +624,7 @@ def _backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seq
     dkdv_strides = (*_row_strides(dk, is_varlen), *_row_strides(dv, is_varlen))
     tail = (*lse_strides, stride_pad_b, max_seqlen, scale * _LOG2E, scale)
 
-    if max_seqlen <= SINGLE_BLOCK_MAX_SEQLEN:
+    if _single_block(max_seqlen, q.dtype):
         # DELTA is never touched on this path (FUSE_DQ computes it in registers): pass lse.
         _bwd_single_block[(1, heads, batch)](
             q, k, v, out, grad_out, dq, dk, dv, lse, lse, padding, cu,
