@@ -810,6 +810,12 @@ class Trainer:
                     window_start, window_steps = time.perf_counter(), 0
                 if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.optim.max_steps:
                     self.save()
+            if self.dist.world_size > 1:
+                # Every rank waits for the others' last collectives and for the main rank's last
+                # checkpoint before any tears its process group down. (Two-process gloo tests
+                # saw a rank abort at the end now and then on a loaded CPU; whether this was
+                # the cause is not established.)
+                dist.barrier()
         finally:
             bar.close()
             if metrics_file:
