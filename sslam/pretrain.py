@@ -161,9 +161,7 @@ class EMATeacher(nn.Module):
     @torch.no_grad()
     def update(self, student: Encoder, decay: float) -> None:
         mine = [p for p in self.encoder.parameters()]
-        # No detach: under no_grad the student's parameters are read as they are, and a
-        # per-parameter detach is ~150 more ops for the host to issue every step.
-        theirs = [p.float() for p in student.parameters()]
+        theirs = [p.detach().float() for p in student.parameters()]
         if len(mine) != len(theirs):
             raise RuntimeError("teacher and student have different parameter lists")
         torch._foreach_lerp_(mine, theirs, 1.0 - decay)
