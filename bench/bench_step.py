@@ -220,20 +220,25 @@ def largest_fitting(peak_of, start: int, capacity: float, limit: int = 1024, res
 
 
 def profile(step: Step, folder: Path, steps: int = 3) -> str:
-    """A torch.profiler trace of a few steps and the table of the top operations."""
+    """A torch.profiler trace of a few steps and the table of the top operations (also saved
+    split by input shapes, ``ops_by_shape_*.txt``)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if step.device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
+    # Shapes tell which of the many calls of one op (copies, adds) cost the time.
+    with torch_profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step()
         sync(step.device)
     folder.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(folder / f"trace_{step.variant}_stage{step.model.objective.stage}.json"))
+    name = f"{step.variant}_stage{step.model.objective.stage}"
+    prof.export_chrome_trace(str(folder / f"trace_{name}.json"))
     sort = "self_cuda_time_total" if step.device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=20)
-    (folder / f"top_ops_{step.variant}_stage{step.model.objective.stage}.txt").write_text(table)
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=40)
+    (folder / f"top_ops_{name}.txt").write_text(table)
+    (folder / f"ops_by_shape_{name}.txt").write_text(by_shape)
     return table
 
 
