@@ -39,6 +39,14 @@ def small(out, stage=1, steps=6, **over) -> TrainConfig:
     return cfg
 
 
+def overrides_from_tiny(cfg: TrainConfig) -> list[str]:
+    """The command line's ``--section.key=value`` overrides that turn the tiny preset of
+    ``cfg``'s stage into ``cfg``."""
+    tiny = preset("tiny", cfg.objective.stage).to_dict()
+    return [f"--{section}.{key}={value}" for section, entries in cfg.to_dict().items()
+            for key, value in entries.items() if value != tiny[section][key]]
+
+
 def interrupt_after(trainer, monkeypatch, steps: int) -> None:
     """Run ``trainer.fit()`` and stop it, as Ctrl-C would, once it has done ``steps`` steps."""
     real_step = trainer.train_step
@@ -144,17 +152,13 @@ def test_accumulation_equals_two_processes(tmp_path, parallel, blocks):
     split the same way)."""
     one = Trainer(small(tmp_path / "one", steps=3, optim__accum_steps=2), log=lambda *a: None)
     one.fit()
+    # The two processes run the command line's pretraining, as `torchrun ... sslam pretrain` would.
+    two = small(tmp_path / "two", steps=3, run__parallel=parallel, run__checkpoint_blocks=blocks)
     script = tmp_path / "ddp.py"
     script.write_text(
-        "import sys, torch\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from test_train import small\n"
-        "from sslam.train import Trainer\n"
-        "import torch.distributed as dist\n"
-        f"t = Trainer(small({str(tmp_path / 'two')!r}, steps=3, run__parallel={parallel!r}, "
-        f"run__checkpoint_blocks={blocks!r}), log=lambda *a: None)\n"
-        "t.fit()\n"
-        "dist.destroy_process_group()\n"
+        "import sys\n"
+        "from sslam.cli import main\n"
+        f"sys.exit(main(['pretrain', '--preset', 'tiny', '--stage', '1', *{overrides_from_tiny(two)!r}]))\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
