@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import torch
 from conftest import GOLDEN
-from test_train import assert_same_state, interrupt_after, small
+from test_train import assert_same_state, interrupt_after, pretrain_script, small
 
 from sslam.checkpoint import CheckpointError, read_checkpoint, safe_torch_load
 from sslam.evaluate import FinetuneConfig, Finetuner, ProbeConfig, linear_probe, with_head
@@ -166,15 +166,7 @@ def test_stage2_two_processes_then_resume_in_one_with_accumulation(tmp_path):
     one = Trainer(small(tmp_path / "one", stage=2, steps=3, optim__accum_steps=2), log=quiet)
     one.fit()
     script = tmp_path / "ddp.py"
-    script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "import torch.distributed as dist\n"
-        "from test_train import small\n"
-        "from sslam.train import Trainer\n"
-        f"Trainer(small({str(tmp_path / 'mixed')!r}, stage=2, steps=2), log=lambda *a: None).fit()\n"
-        "dist.destroy_process_group()\n"
-    )
+    script.write_text(pretrain_script(small(tmp_path / "mixed", stage=2, steps=2)))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             timeout=300)

@@ -39,12 +39,16 @@ def small(out, stage=1, steps=6, **over) -> TrainConfig:
     return cfg
 
 
-def overrides_from_tiny(cfg: TrainConfig) -> list[str]:
-    """The command line's ``--section.key=value`` overrides that turn the tiny preset of
-    ``cfg``'s stage into ``cfg``."""
-    tiny = preset("tiny", cfg.objective.stage).to_dict()
-    return [f"--{section}.{key}={value}" for section, entries in cfg.to_dict().items()
-            for key, value in entries.items() if value != tiny[section][key]]
+def pretrain_script(cfg: TrainConfig) -> str:
+    """A Python script that trains ``cfg`` through the command line (``sslam pretrain`` with
+    the ``--section.key=value`` overrides that turn the tiny preset into ``cfg``), as each
+    process of ``torchrun ... sslam pretrain`` would."""
+    stage = cfg.objective.stage
+    tiny = preset("tiny", stage).to_dict()
+    overrides = [f"--{section}.{key}={value}" for section, entries in cfg.to_dict().items()
+                 for key, value in entries.items() if value != tiny[section][key]]
+    argv = ["pretrain", "--preset", "tiny", "--stage", str(stage), *overrides]
+    return f"import sys\nfrom sslam.cli import main\nsys.exit(main({argv!r}))\n"
 
 
 def interrupt_after(trainer, monkeypatch, steps: int) -> None:
@@ -152,14 +156,9 @@ def test_accumulation_equals_two_processes(tmp_path, parallel, blocks):
     split the same way)."""
     one = Trainer(small(tmp_path / "one", steps=3, optim__accum_steps=2), log=lambda *a: None)
     one.fit()
-    # The two processes run the command line's pretraining, as `torchrun ... sslam pretrain` would.
-    two = small(tmp_path / "two", steps=3, run__parallel=parallel, run__checkpoint_blocks=blocks)
     script = tmp_path / "ddp.py"
-    script.write_text(
-        "import sys\n"
-        "from sslam.cli import main\n"
-        f"sys.exit(main(['pretrain', '--preset', 'tiny', '--stage', '1', *{overrides_from_tiny(two)!r}]))\n"
-    )
+    script.write_text(pretrain_script(small(tmp_path / "two", steps=3, run__parallel=parallel,
+                                            run__checkpoint_blocks=blocks)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(script)],
