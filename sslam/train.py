@@ -956,13 +956,16 @@ def run_pretrain(args, overrides) -> int:
 def exit_without_teardown(code: int) -> None:
     """End a finished distributed process now, after flushing its output.
 
-    PyTorch's process groups outlive ``destroy_process_group`` (their worker threads keep
-    running until the interpreter tears them down), and that teardown aborts a rank now and
-    then: once in some 300 two-process gloo runs on 2 CPU cores, and in a full test run (SIGABRT,
-    "terminate called without an active exception", with no Python frame left, after every
-    rank had trained, checkpointed and destroyed its group), which torchrun reports as a failed
-    run. Everything this process writes is closed by then, so it
-    leaves with ``os._exit`` and skips that teardown."""
+    A gloo process group outlives ``destroy_process_group`` (PyTorch keeps references to it),
+    and so do its worker threads. One of them can still hold the last reference to a finished
+    collective's tensors when the interpreter shuts down; releasing them then needs the GIL of
+    a finalizing interpreter, and the thread is killed with "terminate called without an
+    active exception" (SIGABRT; native backtrace: ``ProcessGroupGloo::runLoop`` ->
+    ``TensorImpl::decref_pyobject`` -> ``PyEval_AcquireThread`` -> ``pthread_exit``). That
+    happened to a rank twice in some 450 two-process runs here, after every rank had trained,
+    checkpointed and destroyed its group, and torchrun reports it as a failed run. Everything
+    this process writes is closed by then, so it leaves with ``os._exit``, skipping the
+    interpreter's shutdown."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
