@@ -95,6 +95,22 @@ def cuda_timing(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> tuple[floa
     return med, p20, p80
 
 
+def graph_timing(fn, *, rep_ms: float = 100) -> tuple[float, float, float] | None:
+    """(median, p20, p80) milliseconds of ``fn()`` replayed from a CUDA graph: the GPU's time
+    alone, without the host's cost of issuing the call (which :func:`cuda_timing` includes
+    when it is the longer of the two). None, with the reason printed, when ``fn`` cannot be
+    captured. Nothing flushes the L2 cache between replays: data that fits in it is timed at
+    L2 speed."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        med, p20, p80 = do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    except Exception as exc:  # a variant that cannot be captured is reported, not fatal
+        print(f"  (no CUDA-graph timing: {type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
+        return None
+    return med, p20, p80
+
+
 def cpu_timing(fn, *, repeats: int = 5, warmup: int = 1) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of ``fn()`` by wall clock (for CPU benchmarks)."""
     import time
