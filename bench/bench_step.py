@@ -277,14 +277,15 @@ def main(argv=None) -> int:
                                      MaskConfig(grid=(cfg.data.target_length // 16, 8)).num_kept)
         print(f"\n== stage {stage}: {flops / 1e12:.3f} TFLOP per clip")
         print(f"{'variant':>12} {'s/step':>9} {'clips/s':>9} {'MFU':>7} {'peak GiB':>9} {'GiB/clip':>9} {'max batch':>10} "
-              f"{'x official':>11} {'wall s':>7}")
+              f"{'x official':>11} {'wall s':>7} {'search s':>9}")
         base = None
         for variant in args.variants:
             began = time.perf_counter()  # the variant's whole cost here: build, compile, tuning, search
             try:
                 seconds, peak = time_steps(Step(variant, cfg, args.batch, device), args.warmup, args.steps)
             except Exception as exc:  # a variant that cannot run is reported, not fatal
-                print(f"{variant:>12} failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}")
+                print(f"{variant:>12} failed after {time.perf_counter() - began:.0f} s: {type(exc).__name__}: "
+                      f"{(str(exc).splitlines() or [''])[0][:120]}")
                 # Where it failed, for the log (an inductor assertion can carry no message).
                 print("".join(traceback.format_exception(exc)[-12:]), file=sys.stderr)
                 record({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
@@ -294,17 +295,19 @@ def main(argv=None) -> int:
             mfu = flops * clips / (PEAK_TFLOPS * 1e12) if device.type == "cuda" else float("nan")
             # The search recompiles a compiled variant for every size: measured for the others.
             search = args.max_batch and device.type == "cuda" and variant not in COMPILED
+            searching = time.perf_counter()
             capacity = available_memory(device) if search else 0
             most = largest_fitting(lambda b: step_peak(variant, cfg, device, b), args.batch, capacity) if search else 0
             base = base or (seconds if variant == "official" else None)
             speedup = base / seconds if base else float("nan")
-            wall = time.perf_counter() - began
+            wall, searched = time.perf_counter() - began, time.perf_counter() - searching
             print(f"{variant:>12} {seconds:>9.4f} {clips:>9.2f} {100 * mfu:>6.1f}% {peak:>9.2f} "
-                  f"{peak / args.batch:>9.3f} {most or '-':>10} {speedup:>10.2f}x {wall:>7.0f}")
+                  f"{peak / args.batch:>9.3f} {most or '-':>10} {speedup:>10.2f}x {wall:>7.0f} {searched:>9.0f}")
             record({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
                     "variant": variant, "pass": "full", "median_ms": seconds * 1e3, "throughput": clips,
                     "unit": "clips/s", "peak_mem_mb": peak * 1024,
-                    "note": f"mfu={mfu:.4f}; max_batch={most}; flops_per_clip={flops:.4e}; wall_s={wall:.0f}"})
+                    "note": f"mfu={mfu:.4f}; max_batch={most}; flops_per_clip={flops:.4e}; wall_s={wall:.0f}; "
+                            f"search_s={searched:.0f}"})
         if args.profile:
             for variant in ("eager", "ours"):
                 if variant in args.variants:
