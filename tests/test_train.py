@@ -149,6 +149,24 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert_same_state(straight, resumed)
 
 
+def test_distributed_pretrain_exits_without_the_interpreter_shutdown(tmp_path):
+    """With a process group, `sslam pretrain` destroys it and leaves by os._exit (the shutdown
+    where gloo worker threads can abort the process does not run: atexit handlers are part of
+    it), with status 0, its checkpoint and its output written."""
+    script = tmp_path / "one_rank.py"
+    script.write_text(
+        "import atexit, torch.distributed as dist\n"
+        "atexit.register(print, 'interpreter shutdown ran')\n"
+        f"dist.init_process_group('gloo', init_method={(tmp_path / 'store').as_uri()!r}, rank=0, world_size=1)\n"
+        + pretrain_script(small(tmp_path / "run", steps=1))
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "interpreter shutdown ran" not in result.stdout
+    assert "step 1" in result.stdout  # the run's log line was flushed before leaving
+    assert checkpoints_in(tmp_path / "run")
+
+
 @pytest.mark.parametrize("parallel, blocks", [("ddp", "off"), ("fsdp", "off"), ("fsdp", "selective")])
 def test_accumulation_equals_two_processes(tmp_path, parallel, blocks):
     """2 processes on gloo (DDP, or FSDP2 sharding, also with recomputed blocks) give the
