@@ -13,7 +13,7 @@ layer for the mixing kernel, so the report shows what each layer adds:
 * ``mix: public``: :func:`sslam.kernels.mix_spectrograms` with its argument checks;
 * then the other public kernels, forward only and forward + backward where they have one.
 
-    python bench/bench_launch.py --csv bench/results/launch.csv
+    python bench/bench_launch.py --csv bench/results/launch.csv --host-profile "attention fwd+bwd"
     python bench/bench_launch.py --quick     # CPU, Triton interpreter: proves the script runs
 """
 
@@ -111,11 +111,32 @@ def cases(device: torch.device) -> list[tuple[str, callable]]:
     ]
 
 
+def host_profile(fn, calls: int) -> str:
+    """Where the host's time per call goes: the Python functions of ``calls`` calls of ``fn``
+    (after warm-up) by their own time, a table of the top 15 (cProfile)."""
+    import cProfile
+    import io
+    import pstats
+
+    for _ in range(3):
+        fn()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+    return text.getvalue()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--csv", type=Path, default=None, help="append result rows to this CSV")
     parser.add_argument("--quick", action="store_true", help="a few calls; on a CPU-only machine, interpreted")
+    parser.add_argument("--host-profile", nargs="*", default=[], metavar="CALL",
+                        help="also print a cProfile table of these calls (e.g. 'attention fwd+bwd')")
     args = parser.parse_args(argv)
     device = torch.device(kernel_device(parser, args.quick))
     calls = 1 if args.quick else args.calls
@@ -128,6 +149,12 @@ def main(argv=None) -> None:
         print(f"{name:24s} {us:13.1f}")
         rows.append(dict(case="tiny", variant=name, median_ms=us / 1e3, throughput=1e6 / us, unit="calls/s",
                          note=f"wall time of {calls} back-to-back calls", **{"pass": "host"}))
+    named = dict(cases(device))
+    for name in args.host_profile:
+        if name not in named:
+            parser.error(f"--host-profile: no call named {name!r}; the calls are {sorted(named)}")
+        profiled = min(calls, 200)  # cProfile slows the host: enough calls for the shares
+        print(f"\n-- host profile of {name!r}, {profiled} calls\n{host_profile(named[name], profiled)}")
     if args.csv is not None:
         append_rows(args.csv, [{**env, "benchmark": "launch", **r} for r in rows])
 

@@ -53,7 +53,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
     ]
     if gpu:
         steps = [
-            ("launch", ["bench_launch.py"]),
+            ("launch", ["bench_launch.py", "--host-profile", "attention fwd+bwd", "grouped_conv fwd+bwd"]),
             ("attention", ["bench_attention.py", "--case", "all", "--dtype", "bf16"]),
             ("fbank_patch", ["bench_fbank_patch.py", "--batch", "48"]),
             ("mixture", ["bench_mixture.py"]),
