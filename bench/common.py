@@ -106,7 +106,7 @@ def graph_timing(fn, *, rep_ms: float = 100) -> tuple[float, float, float] | Non
     try:
         med, p20, p80 = do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     except Exception as exc:  # a variant that cannot be captured is reported, not fatal
-        print(f"  (no CUDA-graph timing: {type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
+        print(f"  (no CUDA-graph timing: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:100]})")
         return None
     return med, p20, p80
 
