@@ -7,6 +7,7 @@ fix it describes."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -482,3 +483,38 @@ def test_finetuning_with_recomputed_blocks_trains_as_the_plain_run(tmp_path, spl
         bad = FinetuneConfig(out=str(tmp_path / "bad"), workers=0, **{field: value})
         with pytest.raises(ValueError, match=rf"{field}='{value}'"):
             Finetuner(tiny_encoder(), train, test, bad, log=quiet)
+
+
+def test_distributed_finetune_exits_without_the_interpreter_shutdown(tmp_path):
+    """With a process group, `sslam evaluate finetune` destroys it and leaves by os._exit, as
+    `sslam pretrain` does (see test_train), with status 0 and its result printed."""
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    from sslam.checkpoint import save_encoder
+
+    save_encoder(tiny_encoder(), tmp_path / "encoder")
+    rng = np.random.default_rng(0)
+    for split, labels in (("train", ["a", "b", "a;b", "b"]), ("test", ["a", "b"])):
+        lines = ["path,labels"]
+        for i, label in enumerate(labels):
+            sf.write(tmp_path / f"{split}{i}.wav", 0.1 * rng.standard_normal(16000), 16000)
+            lines.append(f'{split}{i}.wav,"{label}"')
+        (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    argv = ["evaluate", "finetune", "--checkpoint", str(tmp_path / "encoder"), "--train", str(tmp_path / "train.csv"),
+            "--test", str(tmp_path / "test.csv"), "--out", str(tmp_path / "run"), "--steps=1", "--warmup=0",
+            "--batch_size=4", "--eval_every=1", "--ckpt_every=1"]
+    script = tmp_path / "one_rank.py"
+    script.write_text(
+        "import atexit, sys, torch.distributed as dist\n"
+        "from sslam.cli import main\n"
+        "atexit.register(print, 'interpreter shutdown ran')\n"
+        f"dist.init_process_group('gloo', init_method={(tmp_path / 'store').as_uri()!r}, rank=0, world_size=1)\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "interpreter shutdown ran" not in result.stdout
+    assert json.loads(result.stdout.splitlines()[-1])["step"] == 1  # the result line was flushed
