@@ -146,6 +146,12 @@ def test_ema_teacher_update():
     teacher.train()
     assert not teacher.encoder.training
     assert teacher.encoder.blocks[0].mlp.fc1.weight.dtype == torch.float32
+    # A student held in bf16 is read through a cast; the teacher stays fp32.
+    half = Encoder(TINY).to(torch.bfloat16)
+    before = after.clone()
+    teacher.update(half, 0.5)
+    assert after.dtype == torch.float32
+    assert torch.equal(after, torch.lerp(before, half.blocks[0].mlp.fc1.weight.float(), 0.5))
 
 
 def test_instance_norm_and_targets_by_hand():
