@@ -59,11 +59,13 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("mixture", ["bench_mixture.py"]),
             ("decoder", ["bench_decoder.py"]),
             ("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16"]),
-            # Stage 2 in full (largest batch, profiles); stage 1 timed only: the largest-batch search
-            # and the compiled variants' compilation are most of the step benchmark's time.
+            # Stage 2 in full (every variant, largest batch, profiles); stage 1 timed only, for the
+            # four implementations compared (official, eager, compile, ours): the largest-batch
+            # search and the compiled variants' compilation are most of the step benchmark's time.
             ("step", ["bench_step.py", "--preset", "base", "--stage", "2", "--batch", "12", "--max-batch",
                       "--profile", str(out / "profile"), "--variants", *STEP_VARIANTS]),
-            ("step_stage1", ["bench_step.py", "--preset", "base", "--stage", "1", "--batch", "12"]),
+            ("step_stage1", ["bench_step.py", "--preset", "base", "--stage", "1", "--batch", "12",
+                             "--variants", *STEP_VARIANTS[:4]]),
             # Where the activation memory goes, by module (per clip, so a small batch is enough).
             ("memory", ["bench_memory.py", "--preset", "base", "--stage", "2", "--batch", "4"]),
         ] + steps
