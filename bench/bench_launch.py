@@ -144,12 +144,12 @@ def main(argv=None) -> None:
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  ({calls} calls each)")
     print(f"{'call':24s} {'host µs/call':>13s}")
     rows = []
-    for name, fn in cases(device):
+    named = dict(cases(device))
+    for name, fn in named.items():
         us = host_us(fn, calls, device, warmup=1 if args.quick else 3)
         print(f"{name:24s} {us:13.1f}")
         rows.append(dict(case="tiny", variant=name, median_ms=us / 1e3, throughput=1e6 / us, unit="calls/s",
                          note=f"wall time of {calls} back-to-back calls", **{"pass": "host"}))
-    named = dict(cases(device))
     for name in args.host_profile:
         if name not in named:
             parser.error(f"--host-profile: no call named {name!r}; the calls are {sorted(named)}")

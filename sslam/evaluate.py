@@ -578,13 +578,9 @@ def run_evaluate(args) -> int:
         cfg = apply_overrides(FinetuneConfig(out=args.out or FinetuneConfig.out, workers=args.workers), overrides)
         result = Finetuner(encoder, train, test, cfg).fit()
         print(json.dumps(result))
-        import torch.distributed as dist
+        from .train import finish_distributed
 
-        if dist.is_initialized():  # under torchrun: end as `sslam pretrain` does
-            from .train import exit_without_teardown
-
-            dist.destroy_process_group()
-            exit_without_teardown(0)
+        finish_distributed()  # under torchrun: end as `sslam pretrain` does
     return 0
 
 

@@ -944,17 +944,17 @@ def run_pretrain(args, overrides) -> int:
     trainer = Trainer(cfg)
     try:
         trainer.fit()
-    finally:
-        distributed = dist.is_initialized()
-        if distributed:
+    except BaseException:
+        if dist.is_initialized():
             dist.destroy_process_group()
-    if distributed:
-        exit_without_teardown(0)
+        raise
+    finish_distributed()
     return 0
 
 
-def exit_without_teardown(code: int) -> None:
-    """End a finished distributed process now, after flushing its output.
+def finish_distributed() -> None:
+    """End a finished command's part in a distributed run: destroy its process group and leave
+    at once, after flushing its output (nothing happens without a process group).
 
     A gloo process group outlives ``destroy_process_group`` (PyTorch keeps references to it),
     and so do its worker threads. One of them can still hold the last reference to a finished
@@ -964,11 +964,14 @@ def exit_without_teardown(code: int) -> None:
     ``TensorImpl::decref_pyobject`` -> ``PyEval_AcquireThread`` -> ``pthread_exit``). That
     happened to a rank twice in some 450 two-process runs here, after every rank had trained,
     checkpointed and destroyed its group, and torchrun reports it as a failed run. Everything
-    this process writes is closed by then, so it leaves with ``os._exit``, skipping the
+    this process writes is closed by then, so it leaves with ``os._exit(0)``, skipping the
     interpreter's shutdown."""
+    if not dist.is_initialized():
+        return
+    dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(0)
 
 
 def add_pretrain_command(sub) -> None:
