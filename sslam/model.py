@@ -406,7 +406,7 @@ class Encoder(nn.Module):
                 f"T={t} frames exceeds the position table ({self.cfg.max_length} patch rows = "
                 f"{self.cfg.max_length * self.cfg.patch_size} frames); split the audio into windows"
             )
-        x = self.patch_embed(spec).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.patch_embed(self._as_weights(spec)).flatten(2).transpose(1, 2)  # (B, N, D)
         return x + self.pos_embed[:, : x.shape[1]].to(x.dtype)
 
     def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
@@ -421,8 +421,13 @@ class Encoder(nn.Module):
         if patches.shape[1] > self.pos_embed.shape[1]:
             raise ValueError(f"{patches.shape[1]} patches exceed the position table ({self.pos_embed.shape[1]})")
         w = self.patch_embed.weight.reshape(self.cfg.embed_dim, -1)
-        x = F.linear(patches, w.to(patches.dtype), self.patch_embed.bias.to(patches.dtype))
+        x = F.linear(self._as_weights(patches), w, self.patch_embed.bias)
         return x + self.pos_embed[:, : x.shape[1]].to(x.dtype)
+
+    def _as_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The input in the weights' dtype: a half model (or half weights, see
+        :mod:`sslam.precision`) takes fp32 features, as the official fp16 runs cast their input."""
+        return x.to(self.patch_embed.weight.dtype)
 
     def forward_tokens(
         self,

@@ -35,6 +35,7 @@ from .kernels.switch import use_kernels
 from .masking import MaskConfig, block_masks, kept_indices
 from .mixing import sample_windows
 from .model import BLOCK_CHECKPOINTING, VARIANTS, EncoderConfig
+from .precision import half_weights
 from .pretrain import DecoderConfig, ObjectiveConfig, Pretrainer, ema_decay, train_flops_per_clip
 
 
@@ -110,6 +111,10 @@ class EMASection:
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 on CPU
+# Pretraining can also run its networks wholly in the half type over fp32 master weights
+# (sslam.precision), as the official fp16 runs do, instead of autocast.
+TRAIN_PRECISIONS = PRECISIONS + ("bf16-pure", "fp16-pure")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -118,7 +123,9 @@ class RunSection:
     init: str = ""  # checkpoint to start from (official EAT/SSLAM .pt, or ours)
     resume: bool = True  # continue from the newest checkpoint in `out` if there is one
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (autocast) | bf16-pure | fp16-pure
+    # (half weights and activations, fp32 master weights)
+    precision: str = "auto"
     compile: bool = False
     checkpoint_decoder: bool = False  # recompute the decoder layer by layer in the backward: less memory
     checkpoint_blocks: str = "off"  # off | selective (norms, GELU, sums redone: no extra matmul) | full (whole blocks)
@@ -277,7 +284,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= e.start <= 1 and 0 <= e.end <= 1, f"ema.start={e.start} and ema.end={e.end} must lie in [0, 1]"),
         (e.anneal_steps >= 0, "ema.anneal_steps must be >= 0"),
         (r.device in ("auto", "cpu", "cuda"), f"run.device={r.device!r}: auto, cpu or cuda"),
-        (r.precision in PRECISIONS, "run.precision: auto, fp32, bf16 or fp16"),
+        (r.precision in TRAIN_PRECISIONS, f"run.precision={r.precision!r}: one of {', '.join(TRAIN_PRECISIONS)}"),
         (r.parallel in ("ddp", "fsdp"), "run.parallel: ddp or fsdp"),
         (r.checkpoint_blocks in BLOCK_CHECKPOINTING, f"run.checkpoint_blocks={r.checkpoint_blocks!r}: one of {BLOCK_CHECKPOINTING}"),
         (r.ckpt_every >= 1 and r.log_every >= 1 and r.keep_last >= 1, "run.ckpt_every, log_every, keep_last >= 1"),
@@ -475,7 +482,9 @@ class Trainer:
         if precision == "auto":
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
-        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        half, pure = HALF.get(precision.removesuffix("-pure")), precision.endswith("-pure")
+        self.amp_dtype = None if pure else half  # autocast's
+        self.half_dtype = half if pure else None  # the networks' (sslam.precision)
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         existing = checkpoints_in(self.out)
@@ -518,7 +527,7 @@ class Trainer:
             **({"fused": True} if self.device.type == "cuda" else {}),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.optim))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision.startswith("fp16"))
         if saved is not None:
             self._load_training_state(saved)
             self.log(f"resumed from {self.resume_from} at step {self.step}")
@@ -556,14 +565,19 @@ class Trainer:
         if self.dist.world_size == 1:
             module = model
         elif self.cfg.run.parallel == "fsdp":
-            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+            # The pure modes: FSDP gathers the fp32 shards as half weights for the forward and
+            # the backward, and reduces the gradients in fp32.
+            policy = {}
+            if self.half_dtype is not None:
+                policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.half_dtype, reduce_dtype=torch.float32)
             for block in list(model.student.blocks) + list(model.teacher.encoder.blocks):
-                fully_shard(block)
-            fully_shard(model.teacher.encoder)
+                fully_shard(block, **policy)
+            fully_shard(model.teacher.encoder, **policy)
             for method in ("patchify_embed", "forward_tokens"):
                 register_fsdp_forward_method(model.teacher.encoder, method)
-            module = fully_shard(model)
+            module = fully_shard(model, **policy)
         else:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -622,9 +636,17 @@ class Trainer:
         return clean, mixed, keep.to(self.device, non_blocking=True), windows, noise
 
     def autocast(self):
+        """The forward's autocast region (none in fp32 and the pure modes)."""
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def half_weights(self):
+        """The pure modes' half weights, for a forward and its backward (sslam.precision). FSDP
+        makes them itself as it gathers the shards (its mixed-precision policy, see _wrap)."""
+        if self.half_dtype is None or self.sharded:
+            return nullcontext()
+        return half_weights([self.model], self.half_dtype)
 
     def train_step(self, micro_batches) -> dict | None:
         """Forward/backward over the accumulation micro-batches, clip, step, EMA. Returns the
@@ -643,7 +665,7 @@ class Trainer:
             sync = nullcontext()
             if k < accum - 1 and hasattr(self.train_module, "no_sync"):
                 sync = self.train_module.no_sync()
-            with sync:
+            with sync, self.half_weights():
                 with self.autocast():
                     losses = self.train_module(clean, keep, windows=windows, generator=noise, mixed=mixed)
                 # Also when the loss is not finite: every process must join the gradient

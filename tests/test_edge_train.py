@@ -360,6 +360,7 @@ def test_odd_clip_lengths_through_both_objectives(tmp_path, frames):
     ("data.target_length", "0", 1, "data.target_length"),
     ("run.device", "tpu", 1, "run.device='tpu'"),
     ("run.checkpoint_blocks", "true", 1, "run.checkpoint_blocks='true': one of"),
+    ("run.precision", "bf16-true", 1, "run.precision='bf16-true': one of .*bf16-pure"),
     ("run.max_bad_steps", "0", 1, "run.max_bad_steps"),
     ("data.max_bad_files", "-1", 1, "data.max_bad_files"),
 ])

@@ -115,14 +115,16 @@ def test_recomputation_through_the_kernels_is_exact(monkeypatch):
     assert all(torch.equal(plain_grads[n], grads[n]) for n in grads)
 
 
-def test_trainer_step_equal_through_the_kernels(monkeypatch, tmp_path):
-    """The fused feature kernel (with stage-2 mixing) feeds the same loss as the reference."""
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("fp16-pure", 2e-3)])
+def test_trainer_step_equal_through_the_kernels(monkeypatch, tmp_path, precision, tolerance):
+    """The fused feature kernel (with stage-2 mixing) feeds the same loss as the reference, also
+    with fp16 weights and activations (bf16 is checked on a GPU: the interpreter gets it wrong)."""
     from test_train import small
 
     from sslam.train import Trainer
 
     def first_loss(out):
-        cfg = small(out, stage=2, steps=1)
+        cfg = small(out, stage=2, steps=1, run__precision=precision)
         cfg.data.batch_size, cfg.data.target_length, cfg.objective.clones = 2, 64, 1
         cfg.objective.mix_width = 16
         trainer = Trainer(cfg, log=lambda *a: None)
@@ -134,7 +136,7 @@ def test_trainer_step_equal_through_the_kernels(monkeypatch, tmp_path):
     monkeypatch.setenv("SSLAM_KERNELS", "1")
     out = first_loss(tmp_path / "kernels")
     for name in ("loss", "frame", "cls", "srl"):
-        assert abs(out[name] - ref[name]) <= 1e-3 * abs(ref[name]) + 1e-4, (name, out[name], ref[name])
+        assert abs(out[name] - ref[name]) <= tolerance * abs(ref[name]) + 1e-4, (name, out[name], ref[name])
 
 
 def test_embeddings_equal_through_the_fused_feature_kernel(monkeypatch):

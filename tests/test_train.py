@@ -138,12 +138,13 @@ def test_loss_goes_down(tmp_path, stage):
     assert load_encoder(checkpoints_in(tmp_path)[-1]).cfg.embed_dim == 32
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
-    straight = Trainer(small(tmp_path / "a", steps=6), log=lambda *a: None)
+@pytest.mark.parametrize("precision", ["fp32", "bf16-pure"])
+def test_resume_is_exact(tmp_path, monkeypatch, precision):
+    straight = Trainer(small(tmp_path / "a", steps=6, run__precision=precision), log=lambda *a: None)
     straight.fit()
-    interrupt_after(Trainer(small(tmp_path / "b", steps=6), log=lambda *a: None), monkeypatch, 4)
+    interrupt_after(Trainer(small(tmp_path / "b", steps=6, run__precision=precision), log=lambda *a: None), monkeypatch, 4)
     assert [p.name for p in checkpoints_in(tmp_path / "b")] == ["checkpoint_00000003.pt"]
-    resumed = Trainer(small(tmp_path / "b", steps=6), log=lambda *a: None)
+    resumed = Trainer(small(tmp_path / "b", steps=6, run__precision=precision), log=lambda *a: None)
     assert resumed.step == 3
     resumed.fit()
     assert_same_state(straight, resumed)
@@ -167,16 +168,24 @@ def test_distributed_pretrain_exits_without_the_interpreter_shutdown(tmp_path):
     assert checkpoints_in(tmp_path / "run")
 
 
-@pytest.mark.parametrize("parallel, blocks", [("ddp", "off"), ("fsdp", "off"), ("fsdp", "selective")])
-def test_accumulation_equals_two_processes(tmp_path, parallel, blocks):
-    """2 processes on gloo (DDP, or FSDP2 sharding, also with recomputed blocks) give the
-    parameters of one process that accumulates the same two micro-batches (the global batch is
-    split the same way)."""
-    one = Trainer(small(tmp_path / "one", steps=3, optim__accum_steps=2), log=lambda *a: None)
-    one.fit()
+@pytest.mark.parametrize("parallel, blocks, precision", [
+    ("ddp", "off", "fp32"), ("fsdp", "off", "fp32"), ("fsdp", "selective", "fp32"),
+    ("ddp", "off", "bf16-pure"), ("fsdp", "off", "bf16-pure"),
+])
+def test_accumulation_equals_two_processes(tmp_path, parallel, blocks, precision):
+    """2 processes on gloo (DDP, or FSDP2 sharding, also with recomputed blocks; also with half
+    weights, which FSDP makes as it gathers the shards) give the parameters of one process that
+    accumulates the same two micro-batches (the global batch is split the same way)."""
+    threads = torch.get_num_threads()
+    try:  # one thread, as each of the two processes: bf16 matmuls round differently on more
+        one = Trainer(small(tmp_path / "one", steps=3, optim__accum_steps=2, run__precision=precision,
+                            run__threads=1), log=lambda *a: None)
+        one.fit()
+    finally:
+        torch.set_num_threads(threads)
     script = tmp_path / "ddp.py"
     script.write_text(pretrain_script(small(tmp_path / "two", steps=3, run__parallel=parallel,
-                                            run__checkpoint_blocks=blocks)))
+                                            run__checkpoint_blocks=blocks, run__precision=precision)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(script)],
