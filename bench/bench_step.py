@@ -2,8 +2,9 @@
 four implementations of the same step, measured in one run.
 
 (i)   ``official``: a faithful eager port of the official step -- explicit matmul-softmax
-      attention, targets copied per clone, eager features, plain AdamW (fp16 autocast on GPU,
-      as the official runs);
+      attention, targets copied per clone, eager features, plain AdamW, and on GPU fp16 weights
+      and activations over fp32 master weights with loss scaling, as the official runs
+      (``model.half()``);
 (ii)  ``eager``: SDPA (the best backend PyTorch picks), targets indexed, fused AdamW;
 (iii) ``compile``: (ii) with the student, decoder and teacher compiled by ``torch.compile``;
 (iv)  ``ours``: the Triton kernels (fused features with SSLAM mixing, attention, gather,
@@ -14,7 +15,9 @@ four implementations of the same step, measured in one run.
       are the largest block of training memory, a few percent more FLOPs) and, in the student's
       blocks, everything but the matmul and attention outputs (no extra matmul);
       ``ours_minmem`` (only when asked for): the decoder and the whole student blocks
-      recomputed (the least memory, about 1/3 more student FLOPs).
+      recomputed (the least memory, about 1/3 more student FLOPs);
+      ``ours_pure``: the networks wholly in bf16 over fp32 master weights
+      (``--run.precision=bf16-pure``, :mod:`sslam.precision`) instead of bf16 autocast.
 
 Every variant runs the full step: features from 16-kHz waveforms on the device, masks, student
 + decoder forward/backward, teacher forward(s), optimizer step, EMA update. MFU uses the model
@@ -33,6 +36,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -43,12 +47,16 @@ from common import append_rows, environment  # noqa: E402
 from sslam.features import preprocess  # noqa: E402
 from sslam.masking import MaskConfig, block_masks, kept_indices  # noqa: E402
 from sslam.mixing import sample_windows  # noqa: E402
+from sslam.precision import half_weights  # noqa: E402
 from sslam.pretrain import Pretrainer, ema_decay, train_flops_per_clip  # noqa: E402
 from sslam.train import encoder_config, objective_config, param_groups, preset  # noqa: E402
 
-VARIANTS = ("official", "eager", "compile", "ours", "ours_compile", "ours_lowmem", "ours_minmem")
+VARIANTS = ("official", "eager", "compile", "ours", "ours_compile", "ours_lowmem", "ours_minmem", "ours_pure")
 COMPILED = ("compile", "ours_compile")
 RECOMPUTED_BLOCKS = {"ours_lowmem": "selective", "ours_minmem": "full"}
+# On GPU, variants whose networks run wholly in a half type over fp32 master weights (the others
+# run under bf16 autocast).
+PURE = {"official": torch.float16, "ours_pure": torch.bfloat16}
 PEAK_TFLOPS = 790.0
 
 
@@ -72,10 +80,11 @@ class Step:
         self.optimizer = torch.optim.AdamW(
             param_groups(torch.nn.ModuleList([self.model.student, self.model.decoder]), cfg.optim.weight_decay),
             lr=1e-4, betas=(cfg.optim.beta1, cfg.optim.beta2), **fused)
-        self.amp = None
+        self.amp = self.pure = None
         if device.type == "cuda":
-            self.amp = torch.float16 if variant == "official" else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == torch.float16)
+            self.pure = PURE.get(variant)
+            self.amp = None if self.pure else torch.bfloat16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.pure == torch.float16)
         frames = cfg.data.target_length
         self.mask_cfg = MaskConfig(grid=(frames // 16, 8), mask_prob=cfg.objective.mask_prob,
                                    mask_prob_adjust=cfg.objective.mask_prob_adjust, mask_length=cfg.objective.mask_length)
@@ -101,17 +110,18 @@ class Step:
         cfg = self.cfg
         windows, keep = self.masks()
         keep = keep.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else torch.autocast("cpu", enabled=False):
-            mixed = None
-            if self.variant.startswith("ours") and self.device.type == "cuda":
-                from sslam.kernels import fbank_patch
+        with half_weights([self.model], self.pure) if self.pure else nullcontext():
+            with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
+                mixed = None
+                if self.variant.startswith("ours") and self.device.type == "cuda":
+                    from sslam.kernels import fbank_patch
 
-                out = fbank_patch(self.waves, self.lengths, target_length=cfg.data.target_length, mix=windows)
-                clean, mixed = (out[: self.batch], out[self.batch :]) if windows else (out, None)
-            else:
-                clean = preprocess(self.waves, 16000, cfg.data.target_length, lengths=self.lengths)
-            losses = self.model(clean, keep, windows=windows, mixed=mixed)
-        self.scaler.scale(losses.total).backward()
+                    out = fbank_patch(self.waves, self.lengths, target_length=cfg.data.target_length, mix=windows)
+                    clean, mixed = (out[: self.batch], out[self.batch :]) if windows else (out, None)
+                else:
+                    clean = preprocess(self.waves, 16000, cfg.data.target_length, lengths=self.lengths)
+                losses = self.model(clean, keep, windows=windows, mixed=mixed)
+            self.scaler.scale(losses.total).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), cfg.optim.clip_norm)
         self.scaler.step(self.optimizer)
@@ -252,7 +262,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-batch", action="store_true", help="also search the largest batch that fits (GPU)")
-    p.add_argument("--profile", default=None, help="folder for profiler traces of 'eager' and 'ours'")
+    p.add_argument("--profile", default=None, help="folder for profiler traces of 'eager', 'ours' and 'ours_pure'")
     p.add_argument("--csv", default=None)
     p.add_argument("--quick", action="store_true", help="tiny preset, 2 steps (CI)")
     args = p.parse_args(argv)
@@ -309,7 +319,7 @@ def main(argv=None) -> int:
                     "note": f"mfu={mfu:.4f}; max_batch={most}; flops_per_clip={flops:.4e}; wall_s={wall:.0f}; "
                             f"search_s={searched:.0f}"})
         if args.profile:
-            for variant in ("eager", "ours"):
+            for variant in ("eager", "ours", "ours_pure"):
                 if variant in args.variants:
                     step = Step(variant, cfg, args.batch, device)
                     time_steps(step, args.warmup, 1)

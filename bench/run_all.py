@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 
 # Stage 2 on a GPU: every variant, the least-memory one too (the per-clip memory goal).
-STEP_VARIANTS = ["official", "eager", "compile", "ours", "ours_compile", "ours_lowmem", "ours_minmem"]
+STEP_VARIANTS = ["official", "eager", "compile", "ours", "ours_compile", "ours_lowmem", "ours_minmem", "ours_pure"]
 
 
 def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
