@@ -126,3 +126,25 @@ def test_largest_batch_search_predicts_then_confirms():
     assert largest_fitting(linear(0, gib, 9000 * gib), 12, 9000 * gib, limit=500) == 500
     assert largest_fitting(linear(0, 0, 1), 12, capacity=1, limit=500) == 384  # flat curve: doubling
     assert largest_fitting(linear(0, gib, 8 * gib), 12, 8 * gib) == 0
+
+
+def test_census_counts_the_step_forward_on_fake_cuda_tensors():
+    """The census of a stage-2 forward without a GPU: the Triton launches and custom ops of the
+    kernel path, and half weights casting the weights but fewer activations than autocast."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_census import census
+
+    from sslam.train import preset
+
+    cfg = preset("tiny", 2)
+    (amp, amp_launches), (pure, pure_launches) = (census(v, cfg, batch=2) for v in ("ours", "ours_pure"))
+    assert amp_launches == pure_launches and amp_launches["_conv_fwd_kernel"] == cfg.model.decoder_layers
+    # one fused feature pass; attention in the student and both teacher passes of every block
+    assert amp.ops["fbank_patch"] == pure.ops["fbank_patch"] == 1
+    assert amp.ops["attention_forward"] == pure.ops["attention_forward"] == 3 * cfg.model.depth
+
+    def activations(c):
+        return sum(n for (shape, _, _), n in c.casts.items() if len(shape) >= 3)
+
+    assert activations(pure) < activations(amp) and pure.cast_bytes < amp.cast_bytes
+    assert {(a, b) for (_, a, b) in pure.casts} <= {("float32", "bfloat16"), ("bfloat16", "float32")}

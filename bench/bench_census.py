@@ -1,0 +1,189 @@
+"""What the forward of a training step issues on a GPU, counted on any machine (no GPU needed).
+
+The forward of ours (fused features, student, decoder, teacher passes, targets, losses) runs
+on fake CUDA tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data), under
+bf16 autocast (``ours``) or with bf16 half weights (``ours_pure``). Every ATen operation
+is recorded; Triton launches are counted, not run. The census lists what the host issues and
+the dtype casts with the bytes they move (read + written), which are most of a step's copies.
+Views are counted apart: they launch nothing. The backward is not counted (autograd's engine
+needs a real device).
+
+    python bench/bench_census.py --preset base --stage 2 1 --batch 12
+    python bench/bench_census.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import PURE, Step  # noqa: E402
+
+import sslam.pretrain  # noqa: E402
+from sslam.precision import half_weights  # noqa: E402
+from sslam.train import preset  # noqa: E402
+
+VARIANTS = ("ours", "ours_pure")
+
+
+class Census(TorchDispatchMode):
+    """Counts every ATen op reaching the dispatcher, and the casts with their bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.views = 0
+        self.casts = collections.Counter()  # (shape, from, to) -> count
+        self.cast_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("device", "dim", "size", "stride", "numel", "sym_size", "sym_stride", "sym_numel"):
+            return out  # metadata queries of the fake tensors, not operations
+        if func.is_view or name == "detach":
+            self.views += 1
+            return out
+        self.ops[name] += 1
+        if name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor):
+            src = args[1] if name == "copy_" else args[0]
+            if src.dtype != out.dtype and src.is_floating_point():
+                self.casts[(tuple(src.shape), str(src.dtype)[6:], str(out.dtype)[6:])] += 1
+                self.cast_bytes += out.numel() * (src.element_size() + out.element_size())
+        return out
+
+
+@contextlib.contextmanager
+def triton_launches_counted(counter: collections.Counter):
+    """Triton kernels are not run (no GPU): each launch is counted under the kernel's name."""
+    import triton.runtime.autotuner as autotuner
+    import triton.runtime.interpreter as interpreter
+    import triton.runtime.jit as jit
+
+    def count(self, *args, **kwargs):
+        fn = self
+        while hasattr(fn, "fn"):  # autotuners and heuristics wrap the JIT function
+            fn = fn.fn
+        counter[getattr(fn, "__name__", repr(fn))] += 1
+
+    classes = (jit.JITFunction, interpreter.InterpretedFunction, autotuner.Autotuner, autotuner.Heuristics)
+    saved = [(cls, cls.run) for cls in classes]  # (the interpreter's, under TRITON_INTERPRET=1)
+    try:
+        for cls, _ in saved:
+            cls.run = count
+        yield
+    finally:
+        for cls, run in saved:
+            cls.run = run
+
+
+@contextlib.contextmanager
+def host_side_on_real_tensors():
+    """The step's CPU-side helpers (lengths checks, partner indices) compute on real CPU tensors,
+    as they do in a real step; under the fake mode their data would be unknown."""
+    fbank = importlib.import_module("sslam.kernels.fbank_patch")
+    patched = [(fbank, "_check_lengths"), (sslam.pretrain, "partner_keep_indices")]
+    saved = [getattr(module, name) for module, name in patched]
+
+    def real(fn):
+        def run(*args, **kwargs):
+            with unset_fake_temporarily():
+                return fn(*args, **kwargs)
+        return run
+
+    try:
+        for (module, name), fn in zip(patched, saved):
+            setattr(module, name, real(fn))
+        yield
+    finally:
+        for (module, name), fn in zip(patched, saved):
+            setattr(module, name, fn)
+
+
+@contextlib.contextmanager
+def cuda_autocast(dtype: torch.dtype | None):
+    """Autocast for CUDA tensors; ``torch.autocast('cuda')`` turns itself off without a GPU."""
+    if dtype is None:
+        yield
+        return
+    enabled, previous = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", previous)
+
+
+def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter]:
+    """The forward of one step of ``variant`` as the GPU would get it."""
+    step = Step(variant, cfg, batch, torch.device("cpu"))  # built on the CPU, moved to fake CUDA
+    windows, keep = step.masks()
+    pure = PURE.get(variant)
+    ops, launches = Census(), collections.Counter()
+    previous = os.environ.get("SSLAM_KERNELS")
+    os.environ["SSLAM_KERNELS"] = "auto"  # the kernels, as the CUDA tensors would get them
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), host_side_on_real_tensors(), \
+                triton_launches_counted(launches):
+            model = step.model.to("cuda")
+            waves, keep = step.waves.to("cuda"), keep.to("cuda")
+            with ops, half_weights([model], pure) if pure else contextlib.nullcontext(), \
+                    cuda_autocast(None if pure else torch.bfloat16):
+                from sslam.kernels import fbank_patch
+
+                out = fbank_patch(waves, step.lengths, target_length=cfg.data.target_length, mix=windows)
+                clean, mixed = (out[:batch], out[batch:]) if windows else (out, None)
+                model(clean, keep, windows=windows, mixed=mixed)
+    finally:
+        if previous is None:
+            os.environ.pop("SSLAM_KERNELS", None)
+        else:
+            os.environ["SSLAM_KERNELS"] = previous
+    return ops, launches
+
+
+def summary(variant: str, ops: Census, launches: collections.Counter, top: int = 12) -> str:
+    activations = sum(n for (shape, _, _), n in ops.casts.items() if len(shape) >= 3)
+    lines = [f"{variant}: {sum(ops.ops.values())} ATen ops ({ops.views} views apart) + "
+             f"{sum(launches.values())} Triton launches; {sum(ops.casts.values())} casts "
+             f"({activations} of activations) moving {ops.cast_bytes / 1e9:.2f} GB",
+             "  ops: " + ", ".join(f"{name} {n}" for name, n in ops.ops.most_common(top)),
+             "  largest casts: " + ", ".join(
+                 f"{n}x {shape} {a}->{b}" for (shape, a, b), n in
+                 sorted(ops.casts.items(), key=lambda kv: -kv[1] * torch.Size(kv[0][0]).numel())[:6])]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="base", choices=["tiny", "base", "large"])
+    p.add_argument("--stage", type=int, nargs="+", default=[2, 1])
+    p.add_argument("--batch", type=int, default=12)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--quick", action="store_true", help="tiny preset, 4 clips")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.batch = "tiny", 4
+    print(f"forward of one training step on fake CUDA tensors: preset {args.preset}, {args.batch} clips")
+    for stage in args.stage:
+        cfg = preset(args.preset, stage)
+        print(f"\n== stage {stage}")
+        for variant in args.variants:
+            print(summary(variant, *census(variant, cfg, args.batch)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
