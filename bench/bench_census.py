@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import PURE, Step  # noqa: E402
 
 import sslam.pretrain  # noqa: E402
-from sslam.precision import half_weights  # noqa: E402
 from sslam.train import preset  # noqa: E402
 
 VARIANTS = ("ours", "ours_pure")
@@ -130,22 +129,17 @@ def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter]:
     """The forward of one step of ``variant`` as the GPU would get it."""
     step = Step(variant, cfg, batch, torch.device("cpu"))  # built on the CPU, moved to fake CUDA
     windows, keep = step.masks()
-    pure = PURE.get(variant)
     ops, launches = Census(), collections.Counter()
-    previous = os.environ.get("SSLAM_KERNELS")
-    os.environ["SSLAM_KERNELS"] = "auto"  # the kernels, as the CUDA tensors would get them
+    previous = os.environ.get("SSLAM_KERNELS")  # (the step sets it)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), host_side_on_real_tensors(), \
                 triton_launches_counted(launches):
-            model = step.model.to("cuda")
-            waves, keep = step.waves.to("cuda"), keep.to("cuda")
-            with ops, half_weights([model], pure) if pure else contextlib.nullcontext(), \
-                    cuda_autocast(None if pure else torch.bfloat16):
-                from sslam.kernels import fbank_patch
-
-                out = fbank_patch(waves, step.lengths, target_length=cfg.data.target_length, mix=windows)
-                clean, mixed = (out[:batch], out[batch:]) if windows else (out, None)
-                model(clean, keep, windows=windows, mixed=mixed)
+            step.model.to("cuda")
+            step.waves, step.device = step.waves.to("cuda"), torch.device("cuda")
+            # The variant's precision on a GPU; its autocast is turned on here (see cuda_autocast).
+            step.pure = PURE.get(variant)
+            with ops, step.half_weights(), cuda_autocast(None if step.pure else torch.bfloat16):
+                step.forward(windows, keep.to("cuda"))
     finally:
         if previous is None:
             os.environ.pop("SSLAM_KERNELS", None)

@@ -105,22 +105,32 @@ class Step:
         masks = block_masks(self.batch * obj.clones, self.mask_cfg, self.count, threads=1)
         return windows, kept_indices(masks)[0]
 
-    def __call__(self) -> float:
+    def half_weights(self):
+        """The pure variants' half weights, for a forward and its backward."""
+        return half_weights([self.model], self.pure) if self.pure else nullcontext()
+
+    def forward(self, windows, keep):
+        """The step's losses: features from the waveforms (the fused kernel for ours on a GPU)
+        and the model, under the variant's autocast."""
         os.environ["SSLAM_KERNELS"] = "auto" if self.variant.startswith("ours") else "0"
+        cfg = self.cfg
+        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
+            mixed = None
+            if self.variant.startswith("ours") and self.device.type == "cuda":
+                from sslam.kernels import fbank_patch
+
+                out = fbank_patch(self.waves, self.lengths, target_length=cfg.data.target_length, mix=windows)
+                clean, mixed = (out[: self.batch], out[self.batch :]) if windows else (out, None)
+            else:
+                clean = preprocess(self.waves, 16000, cfg.data.target_length, lengths=self.lengths)
+            return self.model(clean, keep, windows=windows, mixed=mixed)
+
+    def __call__(self) -> float:
         cfg = self.cfg
         windows, keep = self.masks()
         keep = keep.to(self.device, non_blocking=True)
-        with half_weights([self.model], self.pure) if self.pure else nullcontext():
-            with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
-                mixed = None
-                if self.variant.startswith("ours") and self.device.type == "cuda":
-                    from sslam.kernels import fbank_patch
-
-                    out = fbank_patch(self.waves, self.lengths, target_length=cfg.data.target_length, mix=windows)
-                    clean, mixed = (out[: self.batch], out[self.batch :]) if windows else (out, None)
-                else:
-                    clean = preprocess(self.waves, 16000, cfg.data.target_length, lengths=self.lengths)
-                losses = self.model(clean, keep, windows=windows, mixed=mixed)
+        with self.half_weights():
+            losses = self.forward(windows, keep)
             self.scaler.scale(losses.total).backward()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), cfg.optim.clip_norm)
