@@ -372,7 +372,7 @@ class Finetuner:
     sslam format (``out/model``) with its label names, ready for ``sslam extract``."""
 
     def __init__(self, encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: FinetuneConfig, log=print):
-        from .train import PRECISIONS, checkpoints_in, init_distributed
+        from .train import HALF, PRECISIONS, checkpoints_in, init_distributed
 
         _check_splits(train, test)
         self.cfg, self.train_split, self.test_split = cfg, train, test
@@ -395,7 +395,7 @@ class Finetuner:
             self.module = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(layer_decay_groups(self.model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        self.amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.amp = HALF.get(precision)  # None: fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.weights = read_weights(cfg.balanced_weights, len(train)) if cfg.balanced_weights else None
         if cfg.epoch_size < 0:
