@@ -5,8 +5,9 @@ on fake CUDA tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, n
 bf16 autocast (``ours``) or with bf16 half weights (``ours_pure``). Every ATen operation
 is recorded; Triton launches are counted, not run. The census lists what the host issues and
 the dtype casts with the bytes they move (read + written), which are most of a step's copies.
-Views are counted apart: they launch nothing. The backward is not counted (autograd's engine
-needs a real device).
+Views and allocations are counted apart: they launch nothing. The backward cannot run
+(autograd's engine needs a real device); its graph is counted instead: each node is one
+backward function the engine runs, one or more ops.
 
     python bench/bench_census.py --preset base --stage 2 1 --batch 12
     python bench/bench_census.py --quick
@@ -33,6 +34,7 @@ import sslam.pretrain  # noqa: E402
 from sslam.train import preset  # noqa: E402
 
 VARIANTS = ("ours", "ours_pure")
+ALLOCATIONS = ("empty", "empty_like", "empty_strided")  # the caching allocator's: no launch
 
 
 class Census(TorchDispatchMode):
@@ -42,6 +44,7 @@ class Census(TorchDispatchMode):
         super().__init__()
         self.ops = collections.Counter()
         self.views = 0
+        self.allocations = 0
         self.casts = collections.Counter()  # (shape, from, to) -> count
         self.cast_bytes = 0
 
@@ -53,12 +56,16 @@ class Census(TorchDispatchMode):
         if func.is_view or name == "detach":
             self.views += 1
             return out
+        if name in ALLOCATIONS:
+            self.allocations += 1
+            return out
         self.ops[name] += 1
-        if name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor):
-            src = args[1] if name == "copy_" else args[0]
-            if src.dtype != out.dtype and src.is_floating_point():
-                self.casts[(tuple(src.shape), str(src.dtype)[6:], str(out.dtype)[6:])] += 1
-                self.cast_bytes += out.numel() * (src.element_size() + out.element_size())
+        pairs = {"_to_copy": lambda: [(args[0], out)], "copy_": lambda: [(args[1], args[0])],
+                 "_foreach_copy_": lambda: list(zip(args[1], args[0]))}.get(name, list)()
+        for src, dst in pairs:  # (source, destination) of each copy
+            if src.dtype != dst.dtype and src.is_floating_point():
+                self.casts[(tuple(src.shape), str(src.dtype)[6:], str(dst.dtype)[6:])] += 1
+                self.cast_bytes += dst.numel() * (src.element_size() + dst.element_size())
         return out
 
 
@@ -125,8 +132,22 @@ def cuda_autocast(dtype: torch.dtype | None):
         torch.set_autocast_dtype("cuda", previous)
 
 
-def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter]:
-    """The forward of one step of ``variant`` as the GPU would get it."""
+def autograd_nodes(loss: torch.Tensor) -> collections.Counter:
+    """The backward graph of ``loss``: node type -> count (each node is run once by the engine)."""
+    nodes, seen, stack = collections.Counter(), set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes[node.name()] += 1
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return nodes
+
+
+def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter, collections.Counter]:
+    """The forward of one step of ``variant`` as the GPU would get it: (its ops, its Triton
+    launches, its backward graph's nodes)."""
     step = Step(variant, cfg, batch, torch.device("cpu"))  # built on the CPU, moved to fake CUDA
     windows, keep = step.masks()
     ops, launches = Census(), collections.Counter()
@@ -139,24 +160,29 @@ def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter]:
             # The variant's precision on a GPU; its autocast is turned on here (see cuda_autocast).
             step.pure = PURE.get(variant)
             with ops, step.half_weights(), cuda_autocast(None if step.pure else torch.bfloat16):
-                step.forward(windows, keep.to("cuda"))
+                losses = step.forward(windows, keep.to("cuda"))
+            nodes = autograd_nodes(losses.total)
     finally:
         if previous is None:
             os.environ.pop("SSLAM_KERNELS", None)
         else:
             os.environ["SSLAM_KERNELS"] = previous
-    return ops, launches
+    return ops, launches, nodes
 
 
-def summary(variant: str, ops: Census, launches: collections.Counter, top: int = 12) -> str:
+def summary(variant: str, ops: Census, launches: collections.Counter, nodes: collections.Counter,
+            top: int = 12) -> str:
     activations = sum(n for (shape, _, _), n in ops.casts.items() if len(shape) >= 3)
-    lines = [f"{variant}: {sum(ops.ops.values())} ATen ops ({ops.views} views apart) + "
+    lines = [f"{variant}: {sum(ops.ops.values())} ATen ops ({ops.views} views and {ops.allocations} "
+             f"allocations apart) + "
              f"{sum(launches.values())} Triton launches; {sum(ops.casts.values())} casts "
              f"({activations} of activations) moving {ops.cast_bytes / 1e9:.2f} GB",
              "  ops: " + ", ".join(f"{name} {n}" for name, n in ops.ops.most_common(top)),
              "  largest casts: " + ", ".join(
                  f"{n}x {shape} {a}->{b}" for (shape, a, b), n in
-                 sorted(ops.casts.items(), key=lambda kv: -kv[1] * torch.Size(kv[0][0]).numel())[:6])]
+                 sorted(ops.casts.items(), key=lambda kv: -kv[1] * torch.Size(kv[0][0]).numel())[:6]),
+             f"  backward graph: {sum(nodes.values())} nodes: "
+             + ", ".join(f"{name} {n}" for name, n in nodes.most_common(top))]
     return "\n".join(lines)
 
 

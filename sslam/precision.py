@@ -7,6 +7,9 @@ a ``.half()`` model with fp32 master weights in the optimizer (SPEC 5.6: fp16). 
 optimizer, the EMA teacher and the checkpoints keep the fp32 parameters; for a step's forward
 and backward each network reads a half copy of them, made once per step, so every activation
 is half and the gradients reach the fp32 parameters through the casts (in fp32).
+
+The weights are cast in one multi-tensor copy (a few launches on CUDA, not one per tensor), and
+their gradients go back to fp32 in one as well, once the backward has reached every weight.
 """
 
 from __future__ import annotations
@@ -20,6 +23,41 @@ from torch import nn
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _copies(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[t.to(dtype) for t in tensors]`` in one multi-tensor copy: on CUDA a few launches for
+    all of them, when every tensor has the first one's dtype and its copy its strides (which
+    ``empty_like`` keeps for dense tensors); one copy per tensor otherwise."""
+    out = [torch.empty_like(t, dtype=dtype) for t in tensors]
+    torch._foreach_copy_(out, tensors)
+    return out
+
+
+class _Cast(torch.autograd.Function):
+    """Casts tensors of one dtype to another; the gradients come back in the inputs' dtype."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.set_materialize_grads(False)  # an unused cast has no gradient: None, not zeros
+        ctx.source_dtype = tensors[0].dtype
+        return tuple(_copies(list(tensors), dtype))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        present = [i for i, g in enumerate(grads) if g is not None]
+        out: list[torch.Tensor | None] = [None] * len(grads)
+        for i, g in zip(present, _copies([grads[i] for i in present], ctx.source_dtype)):
+            out[i] = g
+        return (None, *out)
+
+
+def _groups(params: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``params`` grouped by dtype and whether they require gradients: one cast for each."""
+    groups: dict[tuple[torch.dtype, bool], list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault((p.dtype, p.requires_grad), []).append(p)
+    return list(groups.values())
+
+
 @contextmanager
 def half_weights(modules: Iterable[nn.Module], dtype: torch.dtype) -> Iterator[None]:
     """Within the block, every floating parameter of ``modules`` reads as its cast to ``dtype``
@@ -30,21 +68,23 @@ def half_weights(modules: Iterable[nn.Module], dtype: torch.dtype) -> Iterator[N
     """
     if dtype not in HALF_DTYPES:
         raise ValueError(f"half_weights: dtype must be torch.bfloat16 or torch.float16, got {dtype}")
-    casts: dict[int, torch.Tensor] = {}
-    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}  # id(param) -> where it is held
+    params: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for owner in module.modules():
+            for name, param in owner._parameters.items():
+                if param is not None and param.is_floating_point() and param.dtype != dtype:
+                    params.setdefault(id(param), param)
+                    slots.setdefault(id(param), []).append((owner, name))
     try:
-        for module in modules:
-            for owner in module.modules():
-                for name, param in owner._parameters.items():
-                    if param is None or not param.is_floating_point():
-                        continue
-                    if id(param) not in casts:
-                        casts[id(param)] = param.to(dtype)
+        for group in _groups(params.values()):
+            for param, cast in zip(group, _Cast.apply(dtype, *group)):
+                for owner, name in slots[id(param)]:
                     # Written into the dict directly: nn.Module.__setattr__ accepts only
                     # Parameters there, and the cast is a plain (non-leaf) tensor.
-                    owner._parameters[name] = casts[id(param)]
-                    swapped.append((owner, name, param))
+                    owner._parameters[name] = cast
         yield
     finally:
-        for owner, name, param in reversed(swapped):
-            owner._parameters[name] = param
+        for key, param in params.items():
+            for owner, name in slots[key]:
+                owner._parameters[name] = param

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslam.mixing import MixWindows
 from sslam.model import EncoderConfig
@@ -94,3 +95,56 @@ def test_pure_mode_recomputation_is_exact():
     recomputed = losses_and_grads(model, spec, keep, windows, half_weights([model], torch.bfloat16))
     assert torch.equal(plain[0], recomputed[0])
     assert all(torch.equal(plain[1][n], recomputed[1][n]) for n in plain[1])
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_weights_and_their_gradients_are_cast_in_one_copy_each():
+    """One multi-tensor copy casts the trainable weights and one the frozen (teacher) ones; one
+    backward node sends every gradient back to fp32. A per-tensor cast would be ~10 ops and
+    ~5 backward nodes per block."""
+    model, spec, keep, windows = stage2_model()
+    ops = _Ops()
+    with half_weights([model], torch.bfloat16):
+        with ops:
+            loss = model(spec, keep, windows=windows, generator=torch.Generator().manual_seed(3)).total
+        forward = list(ops.names)
+        nodes, stack = [], [loss.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is not None and node not in nodes:
+                nodes.append(node)
+                stack.extend(n for n, _ in node.next_functions)
+        with ops:
+            loss.backward()
+    backward = ops.names[len(forward):]
+    # the nodes that hand gradients to the fp32 parameters
+    feeders = [n.name() for n in nodes if any(m is not None and m.name().endswith("AccumulateGrad")
+                                              for m, _ in n.next_functions)]
+    assert feeders == ["_CastBackward"]
+    assert forward.count("_foreach_copy_") == 0  # cast on entering the block, before `ops`
+    assert backward.count("_foreach_copy_") == 1
+    assert all(p.grad.dtype == torch.float32 for p in model.trainable_parameters())
+    assert all(p.grad is None for p in model.teacher.parameters())
+
+
+def test_casting_counts_one_copy_per_dtype_group():
+    """Trainable and frozen fp32 weights: two copies on entering; a weight already in the half
+    type is left as it is."""
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4).to(torch.bfloat16))
+    net[1].requires_grad_(False)
+    ops = _Ops()
+    held = net[2].weight
+    with ops, half_weights([net], torch.bfloat16):
+        assert net[2].weight is held
+        assert all(p.dtype == torch.bfloat16 for p in net.parameters())
+        assert net[0].weight.requires_grad and not net[1].weight.requires_grad
+    assert ops.names.count("_foreach_copy_") == 2
