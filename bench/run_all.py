@@ -1,5 +1,5 @@
 """The whole benchmark suite in one command: every kernel (attention, fused features, mixing,
-decoder), the encoder, the training step (its variants, with profiles), where its activation
+decoder, regression sums), the encoder, the training step (its variants, with profiles), where its activation
 memory goes, and the CPU data path.
 
     python bench/run_all.py --out bench/results/h100     # on a GPU, under 8 minutes
@@ -41,6 +41,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("fbank_patch", ["bench_fbank_patch.py", "--quick"]),
             ("mixture", ["bench_mixture.py", "--quick"]),
             ("decoder", ["bench_decoder.py", "--quick"]),
+            ("regression", ["bench_regression.py", "--quick"]),
             ("masks", ["bench_masks.py", "--rows", "192", "--repeats", "3"]),
             ("encoder", ["bench_encoder.py", "--quick"]),
             ("step", ["bench_step.py", "--quick", "--profile", str(out / "profile")]),
@@ -58,6 +59,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("fbank_patch", ["bench_fbank_patch.py", "--batch", "48"]),
             ("mixture", ["bench_mixture.py"]),
             ("decoder", ["bench_decoder.py"]),
+            ("regression", ["bench_regression.py"]),
             ("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16"]),
             # Stage 2 in full (every variant, largest batch, profiles); stage 1 timed only, for the
             # four implementations compared (official, eager, compile, ours): the largest-batch

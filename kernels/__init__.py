@@ -12,7 +12,8 @@ between them: ``auto`` (kernels for CUDA tensors), ``1`` (always; CPU tensors ne
 * :func:`attention` / :func:`attention_varlen` -- softmax attention over the kept tokens;
 * :func:`mix_spectrograms` / :func:`gather_tokens` -- mixture synthesis and the partner gather;
 * :func:`decoder_layer` / :func:`decoder_norm_act` -- the CNN decoder's layer on token-major tensors;
-* :func:`grouped_conv_tokens` -- its grouped 'same' convolution as implicit GEMMs over token rows.
+* :func:`grouped_conv_tokens` -- its grouped 'same' convolution as implicit GEMMs over token rows;
+* :func:`regression_sums` -- the masked regression sums of the frame and SRL losses, fused.
 """
 
 from .switch import triton_available, use_kernels
@@ -33,10 +34,12 @@ if triton_available():
         mix_spectrograms,
         mix_spectrograms_ref,
     )
+    from .regression import regression_sums, regression_sums_ref
 
     __all__ += [
         "attention", "attention_ref", "attention_varlen", "attention_varlen_ref", "decoder_layer",
         "decoder_layer_ref", "decoder_norm_act", "decoder_norm_act_ref", "fbank_patch",
         "fbank_patch_ref", "gather_tokens", "gather_tokens_ref", "grouped_conv_tokens",
         "grouped_conv_tokens_ref", "mix_patches_ref", "mix_spectrograms", "mix_spectrograms_ref",
+        "regression_sums", "regression_sums_ref",
     ]

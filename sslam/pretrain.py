@@ -5,7 +5,7 @@ Pieces, each a small function or module:
 * :class:`CNNDecoder` -- the student's light decoder (grouped 3x3 convs over the patch grid);
 * :class:`EMATeacher` and :func:`ema_decay` -- the fp32 exponential-moving-average teacher;
 * :func:`layer_targets` -- per-layer instance norm over tokens, top-K average, LayerNorm;
-* :func:`regression_loss` and friends -- ``||a - b||^2 / sqrt(D)`` summed, the official scale;
+* :func:`regression_sums_ref` and friends -- ``||a - b||^2 / sqrt(D)`` summed, the official scale;
 * :func:`srl_target` -- the stitched Source Retention target of stage 2;
 * :class:`Pretrainer` -- student + decoder + teacher, and the stage-1 / stage-2 forward that
   returns every loss term, normalised as the official trainer does (sum / sample_size).
@@ -246,6 +246,19 @@ class _MaskedRegressionSum(torch.autograd.Function):
         return grad_pred.view(bc, n, d).to(pred.dtype), None, None, None
 
 
+def regression_sums_ref(
+    pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, clones: int, srl: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(frame sum, SRL sum or None): :func:`masked_regression_sum` of every row of pred against
+    its clip's target, and of the last ``srl.shape[0] * clones`` rows (the mixtures) against
+    the SRL target. ``sslam.kernels.regression_sums`` is the fused kernel of both."""
+    frame = masked_regression_sum(pred, target, masked, clones)
+    if srl is None:
+        return frame, None
+    mixtures = slice(pred.shape[0] - srl.shape[0] * clones, None)
+    return frame, masked_regression_sum(pred[mixtures], srl, masked[mixtures], clones)
+
+
 def masked_regression_sum_copied(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, clones: int) -> torch.Tensor:
     """The official computation of :func:`masked_regression_sum`: the target copied per clone
     (``repeat_interleave``), then both gathered at the masked positions. Same value; kept as the
@@ -348,9 +361,20 @@ class Pretrainer(nn.Module):
         # more FLOPs. Layer by layer, the backward never holds more than one layer's worth.
         self.checkpoint_decoder = False
 
-    def _regression(self, pred, target, masked, clones) -> torch.Tensor:
-        fn = masked_regression_sum_copied if self.copy_targets else masked_regression_sum
-        return fn(pred, target, masked, clones)
+    def _regressions(self, pred, target, masked, clones, srl=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(frame sum, SRL sum of the mixtures' rows or None): :func:`regression_sums_ref`, or
+        its fused kernel, or with ``copy_targets`` the official computation."""
+        if self.copy_targets:
+            frame = masked_regression_sum_copied(pred, target, masked, clones)
+            if srl is None:
+                return frame, None
+            mixtures = slice(pred.shape[0] - srl.shape[0] * clones, None)
+            return frame, masked_regression_sum_copied(pred[mixtures], srl, masked[mixtures], clones)
+        if use_kernels(pred):
+            from .kernels.regression import regression_sums
+
+            return regression_sums(pred, target, masked, clones, srl)
+        return regression_sums_ref(pred, target, masked, clones, srl)
 
     @classmethod
     def from_checkpoint(cls, ckpt, objective: ObjectiveConfig) -> Pretrainer:
@@ -452,7 +476,7 @@ class Pretrainer(nn.Module):
         cls_target = target.mean(dim=1)  # EAT: mean of the top-K frame target
         masked = self._masked(keep, pred.shape[1])
         sample_size = masked.sum()  # a device tensor: int() here would wait for the GPU
-        frame = self._regression(pred, target, masked, clones) / sample_size
+        frame = self._regressions(pred, target, masked, clones)[0] / sample_size
         cls_term = cls_regression_sum(cls, cls_target, clones) * self.objective.cls_loss
         return Losses(frame + cls_term, frame, cls_term, None, sample_size)
 
@@ -478,9 +502,9 @@ class Pretrainer(nn.Module):
 
         masked = self._masked(keep2, pred.shape[1])
         sample_size = masked.sum()
-        frame = self._regression(pred, frame_target, masked, clones) / sample_size
-        mixed = slice(b * clones, None)
-        srl_term = obj.srl_weight * self._regression(pred[mixed], srl, masked[mixed], clones) / sample_size
+        frame, srl_sum = self._regressions(pred, frame_target, masked, clones, srl)
+        frame = frame / sample_size
+        srl_term = obj.srl_weight * srl_sum / sample_size
         cls_term = cls_regression_sum(cls, cls_target, clones) * obj.cls_loss
         return Losses(frame + srl_term + cls_term, frame, cls_term, srl_term, sample_size)
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = {"launch", "attention", "fbank_patch", "mixture", "decoder", "masks", "encoder", "train_step", "saved_activations",
+BENCHMARKS = {"launch", "attention", "fbank_patch", "mixture", "decoder", "regression", "masks", "encoder", "train_step", "saved_activations",
               "cpu_data_path"}
 
 
