@@ -565,7 +565,11 @@ class Trainer:
         if self.dist.world_size == 1:
             module = model
         elif self.cfg.run.parallel == "fsdp":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+            from torch.distributed.fsdp import (
+                MixedPrecisionPolicy,
+                fully_shard,
+                register_fsdp_forward_method,
+            )
 
             # The pure modes: FSDP gathers the fp32 shards as half weights for the forward and
             # the backward, and reduces the gradients in fp32.
