@@ -3,8 +3,9 @@
 The forward of ours (fused features, student, decoder, teacher passes, targets, losses) runs
 on fake CUDA tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data), under
 bf16 autocast (``ours``) or with bf16 half weights (``ours_pure``). Every ATen operation
-is recorded; Triton launches are counted, not run. The census lists what the host issues and
-the dtype casts with the bytes they move (read + written), which are most of a step's copies.
+is recorded; Triton launches are counted, not run. The census lists what the host issues, the
+dtype casts with the bytes they move (read + written), which are most of a step's copies, and
+the peak of the bytes the forward's tensors hold (activations, targets, temporaries).
 Views and allocations are counted apart: they launch nothing. The backward cannot run
 (autograd's engine needs a real device); its graph is counted instead: each node is one
 backward function the engine runs, one or more ops.
@@ -21,9 +22,11 @@ import contextlib
 import importlib
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -45,11 +48,32 @@ class Census(TorchDispatchMode):
         self.ops = collections.Counter()
         self.views = 0
         self.allocations = 0
+        # Bytes of the tensors the forward made that are still alive, and their peak: the
+        # activations, targets and temporaries (the parameters, made before, not counted).
+        self._live: dict[int, int] = {}
+        self.live_bytes = self.peak_bytes = 0
         self.casts = collections.Counter()  # (shape, from, to) -> count
         self.cast_bytes = 0
 
+    def _track(self, tensor: torch.Tensor) -> None:
+        """Count a new storage's bytes as live until it is freed (views share their storage)."""
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._live:
+            return
+        self._live[key] = storage.nbytes()
+        self.live_bytes += storage.nbytes()
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live_bytes -= self._live.pop(key)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._track(leaf)
         name = func.overloadpacket.__name__
         if name in ("device", "dim", "size", "stride", "numel", "sym_size", "sym_stride", "sym_numel"):
             return out  # metadata queries of the fake tensors, not operations
@@ -176,7 +200,8 @@ def summary(variant: str, ops: Census, launches: collections.Counter, nodes: col
     lines = [f"{variant}: {sum(ops.ops.values())} ATen ops ({ops.views} views and {ops.allocations} "
              f"allocations apart) + "
              f"{sum(launches.values())} Triton launches; {sum(ops.casts.values())} casts "
-             f"({activations} of activations) moving {ops.cast_bytes / 1e9:.2f} GB",
+             f"({activations} of activations) moving {ops.cast_bytes / 1e9:.2f} GB; "
+             f"the tensors it makes peak at {ops.peak_bytes / 2**30:.2f} GiB",
              "  ops: " + ", ".join(f"{name} {n}" for name, n in ops.ops.most_common(top)),
              "  largest casts: " + ", ".join(
                  f"{n}x {shape} {a}->{b}" for (shape, a, b), n in

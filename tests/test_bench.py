@@ -155,3 +155,19 @@ def test_census_counts_the_step_forward_on_fake_cuda_tensors():
     weights = pure_nodes["torch::autograd::AccumulateGrad"]
     assert amp_nodes["torch::autograd::AccumulateGrad"] == weights > 20
     assert amp_nodes["ToCopyBackward0"] - pure_nodes["ToCopyBackward0"] > weights // 2
+
+
+def test_census_peak_counts_live_storages_once():
+    """The census's peak: bytes of the storages alive at once, views not counted twice."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from bench_census import Census
+
+    census = Census()
+    with census:
+        a = torch.ones(1000)  # 4000 bytes
+        b = (a * 2).view(10, 100)  # 4000 more; the view shares b's storage
+        del a
+        c = b + 1  # 8000 alive again
+        del b, c
+    assert census.peak_bytes == 8000 and census.live_bytes == 0

@@ -1,6 +1,7 @@
 """The pretraining objective, piece by piece on hand-checkable cases, and the stage-1 forward
 against the official one (golden masked_forward.pt)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -323,3 +324,16 @@ def test_flops_of_the_official_step():
     eat = train_flops_per_clip(VARIANTS["base"], ObjectiveConfig(stage=1, clones=16), 1024, 102)
     sslam = train_flops_per_clip(VARIANTS["base"], ObjectiveConfig(stage=2, clones=8), 1024, 102)
     assert abs(eat / 1e12 - 1.083) < 0.002 and abs(sslam / 1e12 - 1.230) < 0.003
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_teacher_targets_are_made_before_the_student_runs(stage):
+    """The teacher's layer results and the targets' temporaries are freed before the student's
+    activations fill the memory: every teacher pass comes before the student's."""
+    model, spec, keep, windows = small_stage2(DecoderConfig(dim=16, groups=4, layers=2))
+    model.objective = dataclasses.replace(model.objective, stage=stage)
+    order = []
+    model.student.register_forward_pre_hook(lambda *_: order.append("student"))
+    model.teacher.encoder.register_forward_pre_hook(lambda *_: order.append("teacher"))
+    model(spec, keep, windows=windows if stage == 2 else None)
+    assert order == ["teacher"] * stage + ["student"]
