@@ -646,8 +646,9 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def half_weights(self):
-        """The pure modes' half weights, for a forward and its backward (sslam.precision). FSDP
-        makes them itself as it gathers the shards (its mixed-precision policy, see _wrap)."""
+        """The pure modes' half weights, for an update's forwards and backwards
+        (sslam.precision). FSDP makes them itself as it gathers the shards (its mixed-precision
+        policy, see _wrap)."""
         if self.half_dtype is None or self.sharded:
             return nullcontext()
         return half_weights([self.model], self.half_dtype)
@@ -663,19 +664,21 @@ class Trainer:
         cfg = self.cfg
         accum = len(micro_batches)
         logged = []
-        for k, batch in enumerate(micro_batches):
-            slot = k * self.dist.world_size + self.dist.rank
-            clean, mixed, keep, windows, noise = self.micro_step_inputs(batch, slot)
-            sync = nullcontext()
-            if k < accum - 1 and hasattr(self.train_module, "no_sync"):
-                sync = self.train_module.no_sync()
-            with sync, self.half_weights():
-                with self.autocast():
-                    losses = self.train_module(clean, keep, windows=windows, generator=noise, mixed=mixed)
-                # Also when the loss is not finite: every process must join the gradient
-                # all-reduce, and the step is then skipped below.
-                self.scaler.scale(losses.total / accum).backward()
-            logged.append(losses.terms())
+        # The pure modes' half weights: cast once for all the micro-batches of the update.
+        with self.half_weights():
+            for k, batch in enumerate(micro_batches):
+                slot = k * self.dist.world_size + self.dist.rank
+                clean, mixed, keep, windows, noise = self.micro_step_inputs(batch, slot)
+                sync = nullcontext()
+                if k < accum - 1 and hasattr(self.train_module, "no_sync"):
+                    sync = self.train_module.no_sync()
+                with sync:
+                    with self.autocast():
+                        losses = self.train_module(clean, keep, windows=windows, generator=noise, mixed=mixed)
+                    # Also when the loss is not finite: every process must join the gradient
+                    # all-reduce, and the step is then skipped below.
+                    self.scaler.scale(losses.total / accum).backward()
+                logged.append(losses.terms())
         self.scaler.unscale_(self.optimizer)
         params = self.model.trainable_parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf"))
