@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import GOLDEN
 
+import sslam.train
 from sslam.checkpoint import load_encoder, read_checkpoint
 from sslam.train import (
     StopTraining,
@@ -172,10 +173,14 @@ def test_distributed_pretrain_exits_without_the_interpreter_shutdown(tmp_path):
     ("ddp", "off", "fp32"), ("fsdp", "off", "fp32"), ("fsdp", "selective", "fp32"),
     ("ddp", "off", "bf16-pure"), ("fsdp", "off", "bf16-pure"),
 ])
-def test_accumulation_equals_two_processes(tmp_path, parallel, blocks, precision):
+def test_accumulation_equals_two_processes(tmp_path, monkeypatch, parallel, blocks, precision):
     """2 processes on gloo (DDP, or FSDP2 sharding, also with recomputed blocks; also with half
     weights, which FSDP makes as it gathers the shards) give the parameters of one process that
-    accumulates the same two micro-batches (the global batch is split the same way)."""
+    accumulates the same two micro-batches (the global batch is split the same way). The one
+    process casts its half weights once per update, for both micro-batches."""
+    casts = []
+    cast = sslam.train.half_weights
+    monkeypatch.setattr(sslam.train, "half_weights", lambda *a: casts.append(a) or cast(*a))
     threads = torch.get_num_threads()
     try:  # one thread, as each of the two processes: bf16 matmuls round differently on more
         one = Trainer(small(tmp_path / "one", steps=3, optim__accum_steps=2, run__precision=precision,
@@ -183,6 +188,7 @@ def test_accumulation_equals_two_processes(tmp_path, parallel, blocks, precision
         one.fit()
     finally:
         torch.set_num_threads(threads)
+    assert len(casts) == (3 if precision.endswith("pure") else 0)
     script = tmp_path / "ddp.py"
     script.write_text(pretrain_script(small(tmp_path / "two", steps=3, run__parallel=parallel,
                                             run__checkpoint_blocks=blocks, run__precision=precision)))
