@@ -13,9 +13,9 @@ size and added to the frame term's. Here:
   program and term, which the host adds in a fixed order (no atomics: deterministic);
 * backward: one pass writes pred's gradient, both terms added where both apply.
 
-The backward equals the reference's bit for bit (the same fp32 products, each term rounded to
+The backward equals the reference's values exactly (the same fp32 products, each term rounded to
 pred's dtype before they are added, as autograd adds them); the forward's sums are the same up
-to the order of fp32 additions.
+to the order of fp32 additions. (Zeros of the gradient may differ in sign.)
 
 Order of this file: Triton kernels, host wrappers, custom ops, reference, public function.
 """
@@ -167,6 +167,9 @@ def _launch_grad(scales, pred, target, masked, clones: int, srl) -> torch.Tensor
             pred, target, srl if srl is not None else target, masked.view(torch.uint8),
             scales, grad, tokens, n, d, srl_first,
             CLONES=clones, HAS_SRL=srl is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+            # No fused multiply-adds: in fp32 the sum of the two terms would round once where
+            # the reference rounds each product and then the sum.
+            enable_fp_fusion=False,
         )
     return grad
 
@@ -256,7 +259,7 @@ def regression_sums(
     Args:
         pred: (B * C, N, D) decoder predictions, fp32 / fp16 / bf16; row r is clone r % C of
             clip r // C.
-        target: (B, N, D) the clips' targets (teacher side: no gradient), any float dtype.
+        target: (B, N, D) the clips' targets (teacher side: no gradient), fp32 / fp16 / bf16.
         masked: (B * C, N) bool, the positions that count.
         clones: C.
         srl: optional (B_s, N, D) Source Retention targets of the last B_s * C rows of pred (the

@@ -44,6 +44,8 @@ class _Cast(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return (None,) * (len(grads) + 1)
         out: list[torch.Tensor | None] = [None] * len(grads)
         for i, g in zip(present, _copies([grads[i] for i in present], ctx.source_dtype)):
             out[i] = g
