@@ -225,7 +225,7 @@ _sums_op.register_autograd(_backward, setup_context=_setup_context)
 
 def regression_sums_ref(pred, target, masked, clones: int, srl=None):
     """:func:`sslam.pretrain.regression_sums_ref`: the frame sum, and the SRL sum of the last
-    rows (or None)."""
+    rows (or None). Imported when called: sslam.pretrain imports this package."""
     from sslam.pretrain import regression_sums_ref as reference
 
     return reference(pred, target, masked, clones, srl)

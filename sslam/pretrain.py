@@ -250,16 +250,19 @@ class _MaskedRegressionSum(torch.autograd.Function):
 
 
 def regression_sums_ref(
-    pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, clones: int, srl: torch.Tensor | None = None
+    pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, clones: int, srl: torch.Tensor | None = None,
+    *, sum_of=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(frame sum, SRL sum or None): :func:`masked_regression_sum` of every row of pred against
-    its clip's target, and of the last ``srl.shape[0] * clones`` rows (the mixtures) against
-    the SRL target. ``sslam.kernels.regression_sums`` is the fused kernel of both."""
-    frame = masked_regression_sum(pred, target, masked, clones)
+    """(frame sum, SRL sum or None): ``sum_of`` (:func:`masked_regression_sum` by default) of
+    every row of pred against its clip's target, and of the last ``srl.shape[0] * clones`` rows
+    (the mixtures) against the SRL target. ``sslam.kernels.regression_sums`` is the fused
+    kernel of both."""
+    sum_of = sum_of or masked_regression_sum
+    frame = sum_of(pred, target, masked, clones)
     if srl is None:
         return frame, None
     mixtures = slice(pred.shape[0] - srl.shape[0] * clones, None)
-    return frame, masked_regression_sum(pred[mixtures], srl, masked[mixtures], clones)
+    return frame, sum_of(pred[mixtures], srl, masked[mixtures], clones)
 
 
 def masked_regression_sum_copied(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, clones: int) -> torch.Tensor:
@@ -368,11 +371,7 @@ class Pretrainer(nn.Module):
         """(frame sum, SRL sum of the mixtures' rows or None): :func:`regression_sums_ref`, or
         its fused kernel, or with ``copy_targets`` the official computation."""
         if self.copy_targets:
-            frame = masked_regression_sum_copied(pred, target, masked, clones)
-            if srl is None:
-                return frame, None
-            mixtures = slice(pred.shape[0] - srl.shape[0] * clones, None)
-            return frame, masked_regression_sum_copied(pred[mixtures], srl, masked[mixtures], clones)
+            return regression_sums_ref(pred, target, masked, clones, srl, sum_of=masked_regression_sum_copied)
         if use_kernels(pred):
             from .kernels.regression import regression_sums
 
