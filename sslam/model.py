@@ -147,6 +147,30 @@ def attention_math(q, k, v, key_padding_mask=None):
     return probs @ v
 
 
+@dataclass(frozen=True)
+class PackedSequences:
+    """Sequences stored back to back as the rows of one (1, T, D) tensor: sequence s is rows
+    cu_seqlens[s]:cu_seqlens[s + 1]; max_seqlen bounds their lengths (see
+    :func:`sslam.kernels.attention_varlen`)."""
+
+    cu_seqlens: torch.Tensor  # (S + 1,) int32, on the rows' device
+    max_seqlen: int
+
+    @staticmethod
+    def of(shapes: list[tuple[int, int]], device: torch.device) -> PackedSequences:
+        """The packing of sets of (batch, length) sequences, set after set. The offsets are made
+        on the device: copying them from the host could make the host wait for the GPU."""
+        lengths = torch.cat([torch.full((b,), n, dtype=torch.int32, device=device) for b, n in shapes])
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        return PackedSequences(cu_seqlens, max(n for _, n in shapes))
+
+
+def unpack_sequences(x: torch.Tensor, shapes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """(1, T, D) rows packed by :meth:`PackedSequences.of` -> one (B_i, N_i, D) view per set."""
+    parts = x[0].split([b * n for b, n in shapes])
+    return [part.view(b, n, -1) for part, (b, n) in zip(parts, shapes)]
+
+
 def gather_shared(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``tokens[:, keep]`` for (B, N, D) tokens and (K,) indices; the Triton gather on CUDA."""
     from .kernels.switch import use_kernels
@@ -190,9 +214,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, key_padding_mask=None, impl: str = "sdpa"):
+    def forward(self, x, key_padding_mask=None, impl: str = "sdpa", packed: PackedSequences | None = None):
         b, n, d = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads)
+        if packed is not None:  # x is (1, T, D): sequences back to back, each attending to itself
+            from .kernels.attention import attention_varlen
+
+            q, k, v = qkv[0].unbind(1)
+            out = attention_varlen(q, k, v, packed.cu_seqlens, packed.max_seqlen)
+            return self.proj(out.reshape(b, n, d))
         if impl == "triton":
             from .kernels.attention import attention
 
@@ -236,8 +266,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg.embed_dim, cfg.mlp_dim)
 
-    def forward(self, x, key_padding_mask=None, impl: str = "sdpa"):
-        h = self.norm1(x + drop_path(self.attn(x, key_padding_mask, impl), self.drop_path_rate, self.training))
+    def forward(self, x, key_padding_mask=None, impl: str = "sdpa", packed: PackedSequences | None = None):
+        h = self.norm1(x + drop_path(self.attn(x, key_padding_mask, impl, packed), self.drop_path_rate, self.training))
         m = self.mlp(h)
         return self.norm2(h + drop_path(m, self.drop_path_rate, self.training)), m
 
@@ -470,20 +500,57 @@ class Encoder(nn.Module):
         if key_padding_mask is not None:
             check_padding_mask(key_padding_mask, tokens.shape[0], tokens.shape[1])
             key_padding_mask = F.pad(key_padding_mask, (1, 0), value=False)  # CLS is never padding
-        impl = self._attention_impl(x)
+        return self._blocks(x, key_padding_mask, self._attention_impl(x), None, layer_results, block_outputs)
+
+    def _blocks(self, x, key_padding_mask, impl: str, packed: PackedSequences | None,
+                layer_results: bool, block_outputs: bool) -> EncoderOutput:
+        """The transformer blocks on x (B', 1 + K, D), CLS and pre-norm applied."""
         out = EncoderOutput(x)
         mode = self.checkpoint_blocks if torch.is_grad_enabled() else "off"
         for block in self.blocks:
             if mode == "off":
-                x, m = block(x, key_padding_mask, impl)
+                x, m = block(x, key_padding_mask, impl, packed)
             else:
-                x, m = checkpointed_block(block, mode, x, key_padding_mask, impl)
+                x, m = checkpointed_block(block, mode, x, key_padding_mask, impl, packed)
             if layer_results:
                 out.layer_results.append(m)
             if block_outputs:
                 out.block_outputs.append(x)
         out.x = x
         return out
+
+    def forward_packed(
+        self, token_sets: list[torch.Tensor], *, layer_results: bool = False, block_outputs: bool = False
+    ) -> list[EncoderOutput]:
+        """:meth:`forward_tokens` of each set of (B_i, N_i, D) tokens (positions added, nothing
+        masked, padded or cloned), all sets in one pass.
+
+        Every op but the attention is row-wise, so the sequences of all sets are stacked as the
+        rows of one tensor and each op is issued once for them all instead of once per set; the
+        attention keeps them apart through the Triton kernels' packed mode (cu_seqlens). For the
+        stage-2 teacher, whose two passes were half of a step's forward ops, this halves the
+        host's work on them and gives the matmuls more rows. Where the attention is not the
+        Triton kernel (it alone packs), or in training with stochastic depth (drawn per
+        sequence), the sets run one after another. Either way each set's output is that of
+        :meth:`forward_tokens` up to rounding (the matmuls see other row counts)."""
+        for i, t in enumerate(token_sets):
+            if t.dim() != 3 or t.shape[2] != self.cfg.embed_dim:
+                raise ValueError(f"token_sets[{i}]: expected (B, N, {self.cfg.embed_dim}) tokens, got {tuple(t.shape)}")
+        packs = (len(token_sets) > 1 and self._attention_impl(token_sets[0]) == "triton"
+                 and not (self.training and self.cfg.drop_path_rate > 0))
+        if not packs:
+            return [self.forward_tokens(t, layer_results=layer_results, block_outputs=block_outputs)
+                    for t in token_sets]
+        shapes = [(t.shape[0], 1 + t.shape[1]) for t in token_sets]
+        rows = [torch.cat([self.cls_token.to(t.dtype).expand(t.shape[0], -1, -1), t], dim=1).flatten(0, 1)
+                for t in token_sets]
+        x = self.pre_norm(torch.cat(rows))[None]  # (1, T, D)
+        out = self._blocks(x, None, "triton", PackedSequences.of(shapes, x.device), layer_results, block_outputs)
+        unpack = partial(unpack_sequences, shapes=shapes)
+        layers = [unpack(m) for m in out.layer_results]  # [block][set]
+        blocks = [unpack(b) for b in out.block_outputs]
+        return [EncoderOutput(x, [m[i] for m in layers], [b[i] for b in blocks])
+                for i, x in enumerate(unpack(out.x))]
 
     def embed_input(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with positions from a (B, 1, T, mel_bins) spectrogram or from its

@@ -34,7 +34,7 @@ from .mixing import (
     mixed_row_ranges,
     partner_keep_indices,
 )
-from .model import Encoder, EncoderConfig
+from .model import Encoder, EncoderConfig, gather_shared
 
 # ---- decoder ------------------------------------------------------------------------------
 
@@ -366,6 +366,9 @@ class Pretrainer(nn.Module):
         # (six layers over all N tokens of every clone); recomputing them costs a few percent
         # more FLOPs. Layer by layer, the backward never holds more than one layer's worth.
         self.checkpoint_decoder = False
+        # True: the stage-2 teacher's two passes (every clip; the clean ones' partner tokens) run
+        # as one packed pass (Encoder.forward_packed); compile_networks turns it off.
+        self.pack_teacher_passes = True
 
     def _regressions(self, pred, target, masked, clones, srl=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(frame sum, SRL sum of the mixtures' rows or None): :func:`regression_sums_ref`, or
@@ -413,6 +416,7 @@ class Pretrainer(nn.Module):
         self.student.compile(**options)
         self.decoder.compile(**options)
         self.teacher.encoder.compile(**{"dynamic": False, **options})
+        self.pack_teacher_passes = False  # the compiled forward, not forward_packed
 
     def update_teacher(self, decay: float) -> None:
         self.teacher.update(self.student, decay)
@@ -506,16 +510,22 @@ class Pretrainer(nn.Module):
         mixtures): the teacher on every clip, and on the clean partner's tokens outside the
         windows."""
         obj = self.objective
-        layers = self._teacher_layers(both)
-        frame_target = layer_targets(layers, obj.top_k)
-        cls_target = layer_targets(layers[-1:], 1).mean(dim=1)  # stage 2: last layer only
-        del layers  # freed before the partner pass
         rows, freq = self._grid(spec)
         partner_keep = partner_keep_indices(windows, rows, freq, self.student.cfg.patch_size).to(
             spec.device, non_blocking=True)
+        teacher = self.teacher.encoder
         with torch.no_grad():
-            partial_layers = self.teacher.encoder(spec, keep=partner_keep, layer_results=True).layer_results
-        partial = layer_targets([m[:, 1:] for m in partial_layers], obj.top_k)
+            if self.pack_teacher_passes:
+                tokens = teacher.embed_input(both)
+                partner = gather_shared(tokens[: spec.shape[0]], partner_keep)  # of the clean clips
+                full, part = teacher.forward_packed([tokens, partner], layer_results=True)
+            else:  # compiled: one graph per pass
+                full = teacher(both, layer_results=True)
+                part = teacher(spec, keep=partner_keep, layer_results=True)
+            layers = [m[:, 1:] for m in full.layer_results]
+        frame_target = layer_targets(layers, obj.top_k)
+        cls_target = layer_targets(layers[-1:], 1).mean(dim=1)  # stage 2: last layer only
+        partial = layer_targets([m[:, 1:] for m in part.layer_results], obj.top_k)
         srl = srl_target(frame_target[: spec.shape[0]], partial, windows, freq, self.student.cfg.patch_size)
         return frame_target, cls_target, srl
 

@@ -99,6 +99,48 @@ def test_masked_student_path_gathers_kept_tokens_per_clone():
     assert torch.equal(out.block_outputs[-1], out.x)
 
 
+def run_sets(model, sets, packed: bool):
+    """(each set's EncoderOutput, how many times the first block ran, the sets' input gradients)."""
+    sets = [t.clone().requires_grad_() for t in sets]
+    calls = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        if packed:
+            outs = model.forward_packed(sets, layer_results=True, block_outputs=True)
+        else:
+            outs = [model.forward_tokens(t, layer_results=True, block_outputs=True) for t in sets]
+    finally:
+        hook.remove()
+    sum((o.x ** 2).sum() + o.layer_results[0].sum() for o in outs).backward()
+    return outs, len(calls), [t.grad for t in sets]
+
+
+def test_packed_sets_give_each_sets_own_outputs_and_gradients():
+    """Sets of different lengths in one packed pass (the packed attention: its reference on the
+    CPU) give what a pass per set gives, gradients included."""
+    model = small_model().set_attention("triton")
+    sets = [torch.randn(3, 7, 48), torch.randn(2, 4, 48), torch.randn(1, 1, 48)]
+    packed, calls, grads = run_sets(model, sets, packed=True)
+    alone, alone_calls, alone_grads = run_sets(model, sets, packed=False)
+    assert (calls, alone_calls) == (1, 3)
+    for p, a in zip(packed, alone):
+        assert p.x.shape == a.x.shape and len(p.layer_results) == len(p.block_outputs) == 2
+        for got, want in zip([p.x, *p.layer_results, *p.block_outputs], [a.x, *a.layer_results, *a.block_outputs]):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, alone_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sets_run_one_by_one_without_the_packed_attention_or_with_stochastic_depth():
+    sets = [torch.randn(2, 5, 48), torch.randn(2, 3, 48)]
+    assert run_sets(small_model().set_attention("sdpa"), sets, packed=True)[1] == 2
+    model = small_model(drop_path_rate=0.5).set_attention("triton")
+    assert run_sets(model.eval(), sets, packed=True)[1] == 1
+    assert run_sets(model.train(), sets, packed=True)[1] == 2  # stochastic depth is drawn per clip
+    with pytest.raises(ValueError, match=r"token_sets\[1\]: expected \(B, N, 48\)"):
+        model.forward_packed([sets[0], torch.randn(2, 3, 40)])
+
+
 def test_layer_results_are_ffn_outputs():
     model = small_model(depth=1)
     x = torch.randn(1, 1, 32, 128)

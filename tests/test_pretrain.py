@@ -333,7 +333,7 @@ def test_teacher_targets_are_made_before_the_student_runs(stage):
     model, spec, keep, windows = small_stage2(DecoderConfig(dim=16, groups=4, layers=2))
     model.objective = dataclasses.replace(model.objective, stage=stage)
     order = []
-    model.student.register_forward_pre_hook(lambda *_: order.append("student"))
-    model.teacher.encoder.register_forward_pre_hook(lambda *_: order.append("teacher"))
+    model.student.blocks[0].register_forward_pre_hook(lambda *_: order.append("student"))
+    model.teacher.encoder.blocks[0].register_forward_pre_hook(lambda *_: order.append("teacher"))
     model(spec, keep, windows=windows if stage == 2 else None)
-    assert order == ["teacher"] * stage + ["student"]
+    assert order == ["teacher"] * stage + ["student"]  # on the CPU the teacher's passes are not packed
