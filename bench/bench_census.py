@@ -181,9 +181,13 @@ def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter, 
                 triton_launches_counted(launches):
             step.model.to("cuda")
             step.waves, step.device = step.waves.to("cuda"), torch.device("cuda")
-            # The variant's precision on a GPU; its autocast is turned on here (see cuda_autocast).
+            # The variant's precision on a GPU: its half weights as the step makes them there;
+            # its autocast is turned on here (see cuda_autocast), not by the step.
             step.pure = PURE.get(variant)
-            with ops, step.half_weights(), cuda_autocast(None if step.pure else torch.bfloat16):
+            step.amp = None if step.pure else torch.bfloat16
+            weights = step.half_weights()
+            autocast, step.amp = cuda_autocast(step.amp), None
+            with ops, weights, autocast:
                 losses = step.forward(windows, keep.to("cuda"))
             nodes = autograd_nodes(losses.total)
     finally:

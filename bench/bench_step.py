@@ -47,7 +47,7 @@ from common import append_rows, environment  # noqa: E402
 from sslam.features import preprocess  # noqa: E402
 from sslam.masking import MaskConfig, block_masks, kept_indices  # noqa: E402
 from sslam.mixing import sample_windows  # noqa: E402
-from sslam.precision import half_weights  # noqa: E402
+from sslam.precision import MATMUL_MODULES, half_weights  # noqa: E402
 from sslam.pretrain import Pretrainer, ema_decay, train_flops_per_clip  # noqa: E402
 from sslam.train import encoder_config, objective_config, param_groups, preset  # noqa: E402
 
@@ -106,8 +106,14 @@ class Step:
         return windows, kept_indices(masks)[0]
 
     def half_weights(self):
-        """The pure variants' half weights, for a forward and its backward."""
-        return half_weights([self.model], self.pure) if self.pure else nullcontext()
+        """The weights of a forward and its backward, as the trainer makes them in one process:
+        the pure variants' half weights; for ours under autocast, the matmuls' weights cast once
+        (autocast would cast them at each use); the other variants leave that to autocast."""
+        if self.pure:
+            return half_weights([self.model], self.pure)
+        if self.amp and self.variant.startswith("ours"):
+            return half_weights([self.model], self.amp, only=MATMUL_MODULES)
+        return nullcontext()
 
     def forward(self, windows, keep):
         """The step's losses: features from the waveforms (the fused kernel for ours on a GPU)

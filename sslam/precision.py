@@ -10,6 +10,10 @@ is half and the gradients reach the fp32 parameters through the casts (in fp32).
 
 The weights are cast in one multi-tensor copy (a few launches on CUDA, not one per tensor), and
 their gradients go back to fp32 in one as well, once the backward has reached every weight.
+
+Under autocast the same helper, given ``only=MATMUL_MODULES``, casts the weights autocast would
+cast at every use (an op and a backward node each) once per update instead: the values, and
+so the losses and gradients, are the same bit for bit.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ import torch
 from torch import nn
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+# The modules whose parameters autocast casts to its half type at every use (matmuls); the
+# others (LayerNorm, the CLS token) it runs in fp32.
+MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _copies(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -61,9 +69,12 @@ def _groups(params: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 @contextmanager
-def half_weights(modules: Iterable[nn.Module], dtype: torch.dtype) -> Iterator[None]:
-    """Within the block, every floating parameter of ``modules`` reads as its cast to ``dtype``
-    (differentiable where the parameter requires gradients); the parameters are back on exit.
+def half_weights(
+    modules: Iterable[nn.Module], dtype: torch.dtype, only: tuple[type[nn.Module], ...] | None = None
+) -> Iterator[None]:
+    """Within the block, every floating parameter of ``modules`` (held by a module of a type in
+    ``only``, when given) reads as its cast to ``dtype`` (differentiable where the parameter
+    requires gradients); the parameters are back on exit.
 
     Keep the block open through the backward: blocks recomputed there (activation
     checkpointing) read the weights again. A parameter shared by several modules gets one cast.
@@ -74,6 +85,8 @@ def half_weights(modules: Iterable[nn.Module], dtype: torch.dtype) -> Iterator[N
     params: dict[int, nn.Parameter] = {}
     for module in modules:
         for owner in module.modules():
+            if only is not None and not isinstance(owner, only):
+                continue
             for name, param in owner._parameters.items():
                 if param is not None and param.is_floating_point() and param.dtype != dtype:
                     params.setdefault(id(param), param)

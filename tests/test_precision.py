@@ -1,6 +1,7 @@
 """The pure half-precision mode (sslam.precision): half weights over fp32 master weights."""
 
 import copy
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from sslam.mixing import MixWindows
 from sslam.model import EncoderConfig
-from sslam.precision import half_weights
+from sslam.precision import MATMUL_MODULES, half_weights
 from sslam.pretrain import DecoderConfig, ObjectiveConfig, Pretrainer
 
 HALVES = [torch.bfloat16, torch.float16]
@@ -148,3 +149,34 @@ def test_casting_counts_one_copy_per_dtype_group():
         assert all(p.dtype == torch.bfloat16 for p in net.parameters())
         assert net[0].weight.requires_grad and not net[1].weight.requires_grad
     assert ops.names.count("_foreach_copy_") == 2
+
+
+def test_autocast_with_the_matmul_weights_cast_once_is_exact():
+    """Under autocast, the weights of the matmul modules cast once beforehand (only=
+    MATMUL_MODULES) give autocast's losses and gradients bit for bit, with no cast of a weight
+    in the forward; LayerNorms keep their fp32 weights, which autocast's fp32 LayerNorm reads."""
+    model, spec, keep, windows = stage2_model()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    plain = losses_and_grads(model, spec, keep, windows, autocast)
+
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy":
+                casts.append(args[0].shape)
+            return func(*args, **(kwargs or {}))
+
+    @contextmanager
+    def precast():
+        with half_weights([model], torch.bfloat16, only=MATMUL_MODULES), Casts(), autocast:
+            assert model.student.pre_norm.weight.dtype == torch.float32
+            assert model.student.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16
+            yield
+
+    weights = {p.shape for m in model.modules() if isinstance(m, MATMUL_MODULES) for p in m.parameters()}
+    precast = losses_and_grads(model, spec, keep, windows, precast())
+    assert torch.equal(plain[0], precast[0])
+    assert plain[1].keys() == precast[1].keys()
+    assert all(torch.equal(plain[1][n], precast[1][n]) for n in plain[1])
+    assert casts and not weights & set(casts)  # activations are still cast, weights no more

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from conftest import GOLDEN
 
 import sslam.train
 from sslam.checkpoint import load_encoder, read_checkpoint
+from sslam.precision import MATMUL_MODULES
 from sslam.train import (
     StopTraining,
     TrainConfig,
@@ -203,6 +205,24 @@ def test_accumulation_equals_two_processes(tmp_path, monkeypatch, parallel, bloc
         assert torch.allclose(v, two.state[k], atol=1e-5, rtol=1e-4), k
     for k, v in one.model.teacher.encoder.state_dict().items():
         assert torch.allclose(v, two.teacher[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_autocast_casts_the_matmul_weights_once_per_update_exactly(tmp_path, monkeypatch):
+    """bf16 autocast in one process: the matmuls' weights are cast once per update, not at each
+    use; the run's weights are those of autocast casting them itself, bit for bit."""
+    def train(out):
+        trainer = Trainer(small(out, stage=2, steps=2, run__precision="bf16"), log=lambda *a: None)
+        trainer.fit()
+        return trainer.model.state_dict()
+
+    casts = []
+    cast = sslam.train.half_weights
+    monkeypatch.setattr(sslam.train, "half_weights", lambda *a, **k: casts.append(k) or cast(*a, **k))
+    once = train(tmp_path / "once")
+    assert casts == [{"only": MATMUL_MODULES}] * 2
+    monkeypatch.setattr(sslam.train, "half_weights", lambda *a, **k: nullcontext())
+    per_use = train(tmp_path / "per_use")
+    assert once.keys() == per_use.keys() and all(torch.equal(once[k], per_use[k]) for k in once)
 
 
 def test_interrupted_checkpoint_write_keeps_the_previous(tmp_path, monkeypatch):
