@@ -11,7 +11,8 @@ at input time ``m * orig / new`` (in input samples). With the cutoff
 
     y[m] = sum_i x[i] * sinc(pi t) * cos(pi t / (2 L))**2 * base / orig     for |t| < L = 6,
 
-with ``x`` taken as zero outside ``[0, N)``. There are ``M = ceil(new * N / orig)`` outputs.
+with ``x`` taken as zero outside ``[0, N)``. There are ``M = ceil(new * N / orig)`` outputs, with
+that quotient rounded to float32 before the ceiling as the reference does (see ``output_length``).
 Output ``m = n * new + j`` depends on ``j`` (its *phase*) only through ``j / new``, so the filter
 bank has ``new`` phases that slide by ``orig`` input samples per ``new`` outputs.
 
@@ -115,6 +116,20 @@ def _check_rate(name: str, value) -> int:
     if rate <= 0:
         raise ValueError(f"{name} must be a positive integer sample rate, got {rate}")
     return rate
+
+
+def output_length(length: int, orig: int, new: int) -> int:
+    """Number of outputs for ``length`` inputs at the reduced rates ``orig -> new``.
+
+    The reference takes the ceiling of ``new * length / orig`` after rounding that float64
+    quotient to float32 (``torch.ceil(torch.as_tensor(...))``). The rounding matters: for 44.1 kHz
+    clips over ~4 s it drops the quotient's fractional part in ~4% of lengths (724111 samples at
+    176400 -> 16000 Hz: 65679 outputs, where the exact ceiling is 65680), and one sample can
+    decide whether the spectrogram gets one more frame. The reference's convolution yields
+    ``new * (length // orig + 1)`` outputs, which bounds the count where float32 rounds up.
+    """
+    quotient = torch.tensor(new * length / orig, dtype=torch.float32).item()
+    return min(math.ceil(quotient), new * (length // orig + 1))
 
 
 def _phase_taps(orig: int, new: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -339,8 +354,8 @@ def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = T
         exact: reproduce the reference bit for bit (dense filter bank) rather than fast.
 
     Returns:
-        Tensor ``(..., M)`` of the input's dtype and device, ``M = ceil(new * N / orig)`` with
-        both rates reduced by their gcd. When the rates are equal the input itself is returned
+        Tensor ``(..., M)`` of the input's dtype and device, ``M = output_length(N, orig, new)``
+        (``ceil(new * N / orig)`` in float32) with both rates reduced by their gcd. When the rates are equal the input itself is returned
         (no copy), as the reference does.
 
     Raises:
@@ -364,7 +379,7 @@ def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = T
     divisor = math.gcd(orig_freq, new_freq)
     orig, new = orig_freq // divisor, new_freq // divisor
     length = waveform.shape[-1]
-    out_length = -(-new * length // orig)
+    out_length = output_length(length, orig, new)
     rows = waveform.reshape(-1, length)
     if rows.shape[0] == 0:
         return waveform.new_empty(*waveform.shape[:-1], out_length)

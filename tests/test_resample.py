@@ -126,6 +126,21 @@ def test_output_length_uses_reduced_rates():
             assert out.shape == (expected_length(orig, new, length),)
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_output_length_rounds_the_quotient_to_float32_as_the_reference(reference, exact):
+    # 180697 samples at 44.1 kHz: 160 * 180697 / 441 = 65559.0022..., which float32 rounds to
+    # 65559, so the reference returns 65559 samples where the exact ceiling is 65560.
+    length = 180697
+    assert -(-160 * length // 441) == 65560
+    x = torch.randn(length)
+    ours, theirs = resample(x, 44100, 16000, exact=exact), reference(x, 44100, 16000)
+    assert ours.shape == theirs.shape == (65559,)
+    if exact:
+        assert torch.equal(ours, theirs)
+    else:
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
 def test_equal_rates_return_the_input():
     x = torch.randn(3, 101)
     assert resample(x, 16000, 16000) is x
