@@ -34,7 +34,7 @@ from sslam.audio import load_audio  # noqa: E402
 from sslam.features import preprocess  # noqa: E402
 from sslam.masking import MaskConfig, block_masks, block_masks_ref  # noqa: E402
 from sslam.native import built  # noqa: E402
-from sslam.resample import resample  # noqa: E402
+from sslam.resampler import resample  # noqa: E402
 
 CLONES = 8  # stage 2: 8 clones per clip
 

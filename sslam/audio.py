@@ -26,7 +26,7 @@ import soundfile
 import torch
 from torch import Tensor
 
-from sslam.resample import resample
+from sslam.resampler import resample
 
 __all__ = ["AudioError", "SUPPORTED_RATES", "load_audio", "to_mono", "check_waveform"]
 
@@ -168,7 +168,7 @@ def load_audio(
     Args:
         path: file to read (WAV, FLAC, OGG/Vorbis, ...: anything libsndfile decodes).
         sample_rate: resample to this rate in Hz when given (windowed sinc, see
-            :func:`sslam.resample.resample`); ``None`` keeps the file's rate.
+            :func:`sslam.resampler.resample`); ``None`` keeps the file's rate.
         mono: average the channels (before resampling) and return ``(N,)``; with ``False``
             return ``(channels, N)``.
         exact: resample bit-identically to the reference (``False``: the faster path, ~1e-6).

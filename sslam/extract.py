@@ -25,7 +25,7 @@ import torch
 
 from .audio import AudioError, load_audio
 from .checkpoint import atomic_write
-from .embed import check_min_length
+from .embedding import check_min_length
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf"}
 GRANULARITIES = ("utterance", "mean", "frames", "timestamps", "all")
@@ -86,7 +86,7 @@ def collect_inputs(inputs: list[str], manifest_root: str | None = None) -> list[
 
 
 def arrays_of(emb, i: int, granularity: str) -> dict[str, np.ndarray]:
-    """The arrays stored for clip ``i`` of an :class:`sslam.embed.Embeddings`, cut to the rows
+    """The arrays stored for clip ``i`` of an :class:`sslam.embedding.Embeddings`, cut to the rows
     the encoder produced for it (``num_rows``)."""
     want = GRANULARITIES[:-1] if granularity == "all" else (granularity,)
     rows = int(emb.num_rows[i])

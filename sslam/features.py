@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .audio import AudioError
-from .resample import resample
+from .resampler import resample
 
 SAMPLE_RATE = 16000
 FRAME_LENGTH = 400  # 25 ms at 16 kHz

@@ -4,7 +4,7 @@
 Scene embeddings are the utterance (CLS) embedding by default (``scene="cls"``; ``"mean"`` or
 ``"cls+mean"`` on request). Timestamp embeddings are one per 16-frame patch row (160 ms), the
 mean over the frequency patches, at the row centres. Audio longer than the 10.24-s window is
-covered by overlapping windows (see :mod:`sslam.embed`).
+covered by overlapping windows (see :mod:`sslam.embedding`).
 """
 
 from __future__ import annotations

@@ -585,8 +585,8 @@ class Encoder(nn.Module):
         return self.head(self.fc_norm(cls))
 
     def embed(self, audio, sample_rate: int | None = None, **kwargs):
-        """Embeddings of raw audio; see :func:`sslam.embed.embed`."""
-        from .embed import embed
+        """Embeddings of raw audio; see :func:`sslam.embedding.embed`."""
+        from .embedding import embed
 
         return embed(self, audio, sample_rate, **kwargs)
 

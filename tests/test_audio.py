@@ -11,7 +11,7 @@ import soundfile
 import torch
 
 from sslam.audio import SUPPORTED_RATES, AudioError, check_waveform, load_audio, to_mono
-from sslam.resample import resample
+from sslam.resampler import resample
 
 RATE = 16000
 

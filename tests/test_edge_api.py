@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -518,3 +520,16 @@ def test_distributed_finetune_exits_without_the_interpreter_shutdown(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "interpreter shutdown ran" not in result.stdout
     assert json.loads(result.stdout.splitlines()[-1])["step"] == 1  # the result line was flushed
+
+
+def test_package_exports_stay_themselves_after_every_submodule_is_imported():
+    # A submodule named like an export would replace it on the package once imported.
+    code = (
+        "import importlib, pkgutil, types, sslam\n"
+        "for info in pkgutil.iter_modules(sslam.__path__):\n"
+        "    importlib.import_module('sslam.' + info.name)\n"
+        "bad = [n for n in sslam.__all__ if isinstance(getattr(sslam, n), types.ModuleType)]\n"
+        "assert not bad, bad\n"
+        "assert callable(sslam.resample) and callable(sslam.embed)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

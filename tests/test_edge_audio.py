@@ -22,7 +22,7 @@ from sslam.audio import AudioError, check_waveform, load_audio
 from sslam.cli import main
 from sslam.features import preprocess
 from sslam.model import VARIANTS, Encoder
-from sslam.resample import resample
+from sslam.resampler import resample
 
 torchaudio = pytest.importorskip("torchaudio")
 CKPT = str(GOLDEN / "tiny_ckpt.pt")
@@ -180,7 +180,7 @@ def test_regression_check_waveform_accepts_non_native_numpy_floats():
 def test_regression_fast_path_upsampling_by_32x_or_more(orig, new):
     """Regression (resample._block_layout): 16 phases span under half an input sample, the
     group shift rounded to 0 and the plan's block doubling never ended (out of memory)."""
-    from sslam.resample import _block_layout, _phase_taps
+    from sslam.resampler import _block_layout, _phase_taps
 
     divisor = math.gcd(orig, new)
     o, n = orig // divisor, new // divisor
@@ -202,7 +202,7 @@ def test_regression_exact_path_memory_is_bounded_for_coprime_rates():
         """
         import math, resource, torch
         resource.setrlimit(resource.RLIMIT_AS, (6 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
-        from sslam.resample import resample
+        from sslam.resampler import resample
         for orig, new in ((383999, 16000), (16000, 383999)):
             # float64: the reference rounds its time grid in the waveform's dtype, which in
             # float32 moves these outputs far from the formula (t ~ 1e4 cutoff periods here).

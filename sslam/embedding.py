@@ -39,7 +39,7 @@ from .features import (
     preprocess,
 )
 from .kernels.switch import use_kernels
-from .resample import resample
+from .resampler import resample
 
 PADDING_MODES = ("official", "mask")
 FRAME_SECONDS = FRAME_SHIFT / SAMPLE_RATE  # 10 ms
