@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from conftest import load_golden, requires_cuda
 
-from sslam.resampler import LOWPASS_FILTER_WIDTH, ROLLOFF, _build_dense_bank, _dense_matmul, resample
+from sslam.resampler import (
+    LOWPASS_FILTER_WIDTH,
+    ROLLOFF,
+    _build_dense_bank,
+    _dense_matmul,
+    resample,
+)
 
 # Lengths: a single sample, tiny, primes, and a few seconds.
 LENGTHS = (1, 2, 13, 997, 7919, 48_011)
