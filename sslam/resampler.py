@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -69,6 +70,10 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 # reference, even with exact=True.
 _DENSE_CACHE_ELEMENTS = 1 << 24
 _DENSE_MAX_BYTES = 1 << 30
+_BUILD_SLICE_ELEMENTS = 1 << 22
+# lru_cache does not stop two threads from building the same bank at once (twice the time and,
+# for a large bank, twice the memory): builds and lookups take this lock.
+_BANKS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -257,12 +262,19 @@ def _build_dense_bank(orig: int, new: int, dtype: torch.dtype, device: torch.dev
     base = min(orig, new) * ROLLOFF
     width = _dense_width(orig, new)
     taps = torch.arange(-width, width + orig, dtype=dtype, device=cpu)[None, None] / orig
-    t = torch.arange(0, -new, -1, dtype=dtype, device=cpu)[:, None, None] / new + taps
-    t = (t * base).clamp(-LOWPASS_FILTER_WIDTH, LOWPASS_FILTER_WIDTH)
-    window = torch.cos(t * math.pi / LOWPASS_FILTER_WIDTH / 2) ** 2
-    t = t * math.pi
-    sinc = torch.where(t == 0, torch.ones((), dtype=dtype), t.sin() / t)
-    return (sinc * (window * (base / orig))).to(device)
+    bank = torch.empty(new, 1, taps.shape[-1], dtype=dtype, device=cpu)
+    # Every tap is computed on its own, so building a slice of phases at a time gives the same
+    # bits while the temporaries stay a slice's size (a whole 1 GiB bank at once peaks at ~5 GiB).
+    step = max(1, _BUILD_SLICE_ELEMENTS // taps.shape[-1])
+    for first in range(0, new, step):
+        last = min(new, first + step)
+        t = torch.arange(-first, -last, -1, dtype=dtype, device=cpu)[:, None, None] / new + taps
+        t = (t * base).clamp(-LOWPASS_FILTER_WIDTH, LOWPASS_FILTER_WIDTH)
+        window = torch.cos(t * math.pi / LOWPASS_FILTER_WIDTH / 2) ** 2
+        t = t * math.pi
+        sinc = torch.where(t == 0, torch.ones((), dtype=dtype), t.sin() / t)
+        bank[first:last] = sinc * (window * (base / orig))
+    return bank.to(device)
 
 
 _cached_dense_bank = lru_cache(maxsize=16)(_build_dense_bank)
@@ -285,9 +297,11 @@ def _apply_dense(rows: Tensor, orig: int, new: int, out_length: int) -> Tensor:
     conv1d then rounds a few outputs differently from the reference.)
     """
     if _dense_elements(orig, new) <= _DENSE_CACHE_ELEMENTS:
-        bank = _cached_dense_bank(orig, new, rows.dtype, rows.device)
+        cache = _cached_dense_bank
     else:
-        bank = _cached_large_dense_bank(orig, new, rows.dtype, rows.device)
+        cache = _cached_large_dense_bank
+    with _BANKS_LOCK:
+        bank = cache(orig, new, rows.dtype, rows.device)
     width = _dense_width(orig, new)
     padded = F.pad(rows, (width, width + orig))
     if rows.device.type == "cpu":
@@ -386,5 +400,7 @@ def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = T
     if exact and _dense_elements(orig, new) * waveform.element_size() <= _DENSE_MAX_BYTES:
         out = _apply_dense(rows, orig, new, out_length)
     else:
-        out = _apply_plan(rows, _plan(orig, new, waveform.dtype, waveform.device), out_length)
+        with _BANKS_LOCK:
+            plan = _plan(orig, new, waveform.dtype, waveform.device)
+        out = _apply_plan(rows, plan, out_length)
     return out.reshape(*waveform.shape[:-1], out_length)

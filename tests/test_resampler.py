@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_golden, requires_cuda
 
+from sslam import resampler
 from sslam.resampler import (
     LOWPASS_FILTER_WIDTH,
     ROLLOFF,
@@ -145,6 +149,35 @@ def test_output_length_rounds_the_quotient_to_float32_as_the_reference(reference
         assert torch.equal(ours, theirs)
     else:
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_bank_built_a_slice_of_phases_at_a_time_is_the_references(reference, monkeypatch, dtype):
+    monkeypatch.setattr(resampler, "_BUILD_SLICE_ELEMENTS", 1000)  # 2 phases of 487 taps a slice
+    resampler._cached_dense_bank.cache_clear()
+    try:
+        for orig, new in [(44100, 16000), (16000, 22050)]:
+            x = torch.randn(10_007, dtype=dtype)
+            assert torch.equal(resample(x, orig, new), reference(x, orig, new)), f"{orig}->{new}"
+    finally:
+        resampler._cached_dense_bank.cache_clear()
+
+
+def test_threads_resampling_at_a_new_rate_build_its_bank_once(monkeypatch):
+    calls = []
+    build = resampler._build_dense_bank
+
+    def counting_build(*args):
+        calls.append(args)
+        time.sleep(0.2)  # long enough for the other threads to ask for the same bank
+        return build(*args)
+
+    monkeypatch.setattr(resampler, "_cached_dense_bank", functools.lru_cache(maxsize=16)(counting_build))
+    x = torch.randn(4410)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: resample(x, 44100, 16000), range(4)))
+    assert len(calls) == 1
+    assert all(torch.equal(out, outs[0]) for out in outs)
 
 
 def test_equal_rates_return_the_input():
