@@ -85,6 +85,7 @@ import triton
 import triton.language as tl
 
 from sslam.audio import AudioError
+from sslam.cached import cached_constant
 from sslam.features import (
     FFT_SIZE,
     FRAME_LENGTH,
@@ -256,7 +257,7 @@ def _autotuned_kernel():
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.cache
+@cached_constant()
 def _constants_cpu() -> tuple[torch.Tensor, torch.Tensor]:
     """(basis (512, 512), mel (256, 128)) float32: the frame -> spectrum map and the mel matrix.
 
@@ -290,7 +291,7 @@ def _constants_cpu() -> tuple[torch.Tensor, torch.Tensor]:
     return basis.to(torch.float32), banks[:, :NUM_BINS].T.contiguous()
 
 
-@functools.cache
+@cached_constant()
 def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     basis, mel = _constants_cpu()
     return basis.to(device), mel.to(device)

@@ -73,7 +73,7 @@ def _check_finite(name: str, samples: Tensor) -> None:
     """Raise ``AudioError`` saying how many float32 samples are NaN or infinite."""
     if samples.device.type == "cpu":
         # numpy's isfinite is several times faster than torch's on CPU for this one pass.
-        array = samples.numpy()
+        array = samples.detach().numpy()
         if np.isfinite(array).all():
             return
         nan = int(np.isnan(array).sum())

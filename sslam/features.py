@@ -12,7 +12,6 @@ fused Triton version of the same chain is :func:`sslam.kernels.fbank_patch`.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .audio import AudioError
+from .cached import cached_constant
 from .resampler import resample
 
 SAMPLE_RATE = 16000
@@ -77,7 +77,7 @@ def _kaldi_mel(freq: torch.Tensor) -> torch.Tensor:
     return 1127.0 * torch.log1p(freq / 700.0)
 
 
-@functools.lru_cache(maxsize=8)
+@cached_constant(maxsize=1)
 def _mel_banks_cpu() -> torch.Tensor:
     # Triangles spaced evenly on the Kaldi mel scale between 20 Hz and Nyquist; computed in
     # float64 once. The Nyquist bin of the 257-bin spectrum gets weight 0, as in Kaldi.
@@ -100,7 +100,7 @@ def mel_banks(device: torch.device | str = "cpu") -> torch.Tensor:
     return _mel_banks_cpu().to(device)
 
 
-@functools.lru_cache(maxsize=8)
+@cached_constant(maxsize=1)
 def _window_cpu() -> torch.Tensor:
     return torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float32)
 

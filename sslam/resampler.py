@@ -40,13 +40,13 @@ from __future__ import annotations
 
 import math
 import operator
-import threading
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .cached import cached_constant
 
 __all__ = ["resample", "LOWPASS_FILTER_WIDTH", "ROLLOFF"]
 
@@ -71,9 +71,6 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _DENSE_CACHE_ELEMENTS = 1 << 24
 _DENSE_MAX_BYTES = 1 << 30
 _BUILD_SLICE_ELEMENTS = 1 << 22
-# lru_cache does not stop two threads from building the same bank at once (twice the time and,
-# for a large bank, twice the memory): builds and lookups take this lock.
-_BANKS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -202,7 +199,7 @@ def _block_layout(offsets: Tensor, weights: Tensor, orig: int, new: int, frames:
     return group_shift, window_start, window, per_group, groups
 
 
-@lru_cache(maxsize=16)
+@cached_constant(maxsize=16)
 def _plan(orig: int, new: int, dtype: torch.dtype, device: torch.device) -> _ResamplePlan:
     """Build (and cache) the grouped filter bank for coprime rates ``orig -> new``."""
     offsets, weights = _phase_taps(orig, new, dtype)
@@ -277,10 +274,10 @@ def _build_dense_bank(orig: int, new: int, dtype: torch.dtype, device: torch.dev
     return bank.to(device)
 
 
-_cached_dense_bank = lru_cache(maxsize=16)(_build_dense_bank)
+_cached_dense_bank = cached_constant(maxsize=16)(_build_dense_bank)
 # Large banks (up to _DENSE_MAX_BYTES): only the last one is kept, so a folder of files at one
 # odd rate builds it once (7999 Hz: 4 s) without pinning one such bank per rate ever seen.
-_cached_large_dense_bank = lru_cache(maxsize=1)(_build_dense_bank)
+_cached_large_dense_bank = cached_constant(maxsize=1)(_build_dense_bank)
 
 
 def _apply_dense(rows: Tensor, orig: int, new: int, out_length: int) -> Tensor:
@@ -297,11 +294,9 @@ def _apply_dense(rows: Tensor, orig: int, new: int, out_length: int) -> Tensor:
     conv1d then rounds a few outputs differently from the reference.)
     """
     if _dense_elements(orig, new) <= _DENSE_CACHE_ELEMENTS:
-        cache = _cached_dense_bank
+        bank = _cached_dense_bank(orig, new, rows.dtype, rows.device)
     else:
-        cache = _cached_large_dense_bank
-    with _BANKS_LOCK:
-        bank = cache(orig, new, rows.dtype, rows.device)
+        bank = _cached_large_dense_bank(orig, new, rows.dtype, rows.device)
     width = _dense_width(orig, new)
     padded = F.pad(rows, (width, width + orig))
     if rows.device.type == "cpu":
@@ -400,7 +395,5 @@ def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = T
     if exact and _dense_elements(orig, new) * waveform.element_size() <= _DENSE_MAX_BYTES:
         out = _apply_dense(rows, orig, new, out_length)
     else:
-        with _BANKS_LOCK:
-            plan = _plan(orig, new, waveform.dtype, waveform.device)
-        out = _apply_plan(rows, plan, out_length)
+        out = _apply_plan(rows, _plan(orig, new, waveform.dtype, waveform.device), out_length)
     return out.reshape(*waveform.shape[:-1], out_length)

@@ -445,3 +445,27 @@ def test_hear_long_audio_timestamps_in_milliseconds():
     assert bool((timestamps.diff(dim=1) > 0).all())
     torch.testing.assert_close(timestamps[0, :2], torch.tensor([87.5, 247.5]))
     assert timestamps[0, -1] == 12887.5
+
+
+def test_constants_cached_during_inference_still_serve_differentiable_calls():
+    # Tensors made under inference_mode can never be saved for backward; the cached filter banks
+    # and windows must not be such tensors whichever call filled the cache first.
+    from sslam import features, resampler
+
+    caches = (features._mel_banks_cpu, features._window_cpu, resampler._plan,
+              resampler._cached_dense_bank)
+    for cache in caches:
+        cache.cache_clear()
+    with torch.inference_mode():
+        preprocess(torch.randn(44100) * 0.1, 44100)
+        resample(torch.randn(4410), 44100, 16000, exact=False)
+    x = (torch.randn(44100) * 0.1).requires_grad_()
+    preprocess(x, 44100).sum().backward()
+    resample(x, 44100, 16000, exact=False).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_check_waveform_keeps_the_graph_of_a_tensor_that_requires_grad():
+    x = (torch.randn(2, 16000) * 0.1).requires_grad_()
+    check_waveform(x, 16000).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.5))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import math
 import time
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from conftest import load_golden, requires_cuda
 
 from sslam import resampler
+from sslam.cached import cached_constant
 from sslam.resampler import (
     LOWPASS_FILTER_WIDTH,
     ROLLOFF,
@@ -172,7 +172,7 @@ def test_threads_resampling_at_a_new_rate_build_its_bank_once(monkeypatch):
         time.sleep(0.2)  # long enough for the other threads to ask for the same bank
         return build(*args)
 
-    monkeypatch.setattr(resampler, "_cached_dense_bank", functools.lru_cache(maxsize=16)(counting_build))
+    monkeypatch.setattr(resampler, "_cached_dense_bank", cached_constant(maxsize=16)(counting_build))
     x = torch.randn(4410)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         outs = list(pool.map(lambda _: resample(x, 44100, 16000), range(4)))
