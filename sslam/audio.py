@@ -69,8 +69,9 @@ def _check_target_rate(sample_rate) -> int:
     return int(sample_rate)
 
 
-def _check_finite(name: str, samples: Tensor) -> None:
-    """Raise ``AudioError`` saying how many float32 samples are NaN or infinite."""
+def check_finite(name: str, samples: Tensor) -> None:
+    """Raise ``AudioError`` naming ``name`` and saying how many float ``samples`` are NaN or
+    infinite (one pass; on CUDA it waits for the GPU)."""
     if samples.device.type == "cpu":
         # numpy's isfinite is several times faster than torch's on CPU for this one pass.
         array = samples.detach().numpy()
@@ -197,13 +198,42 @@ def load_audio(
     # soundfile's (frames, channels) -> torch's (channels, N), contiguous per channel.
     waveform = torch.from_numpy(np.ascontiguousarray(samples.T))
     if may_be_nonfinite:
-        _check_finite(name, waveform)
+        check_finite(name, waveform)
     if mono:
         waveform = to_mono(waveform)
     if target is not None and target != rate:
         waveform = resample(waveform, rate, target, exact=exact)
         rate = target
     return waveform, rate
+
+
+def as_float_samples(wave, name: str) -> Tensor:
+    """``wave`` (torch tensor or numpy array of floating-point samples) as a tensor, any shape.
+
+    numpy arrays become CPU tensors, byte-swapped when big-endian (torch takes native float16,
+    float32 and float64 only) and narrowed to float64 when long double.
+
+    Raises:
+        AudioError naming ``name``: not a tensor or array, or integer/bool/complex samples.
+    """
+    if isinstance(wave, np.ndarray):
+        if not np.issubdtype(wave.dtype, np.floating):
+            raise _fail(
+                name,
+                f"samples must be floating point on the [-1, 1] scale, got numpy {wave.dtype} "
+                "(convert integer PCM first, e.g. int16 / 32768)",
+            )
+        native = np.float64 if wave.dtype.itemsize > 8 else wave.dtype.newbyteorder("=")
+        wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=native))
+    elif not isinstance(wave, Tensor):
+        raise _fail(name, f"expected a torch.Tensor or numpy.ndarray, got {type(wave).__name__}")
+    if not wave.is_floating_point():
+        raise _fail(
+            name,
+            f"samples must be floating point on the [-1, 1] scale, got {wave.dtype} "
+            "(convert integer PCM first, e.g. int16 / 32768)",
+        )
+    return wave
 
 
 def check_waveform(wave, rate: int, name: str = "<array>") -> Tensor:
@@ -226,25 +256,7 @@ def check_waveform(wave, rate: int, name: str = "<array>") -> Tensor:
         AudioError: wrong type/dtype/shape, no samples, NaN/Inf samples, unsupported rate.
     """
     rate = _check_rate(name, rate)
-    if isinstance(wave, np.ndarray):
-        if not np.issubdtype(wave.dtype, np.floating):
-            raise _fail(
-                name,
-                f"samples must be floating point on the [-1, 1] scale, got numpy {wave.dtype} "
-                "(convert integer PCM first, e.g. int16 / 32768)",
-            )
-        # torch takes native-byte-order float16/32/64 only: big-endian arrays (e.g. from a '>f4'
-        # buffer) are swapped, and long double is narrowed to float64 (float32 follows anyway).
-        native = np.float64 if wave.dtype.itemsize > 8 else wave.dtype.newbyteorder("=")
-        wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=native))
-    elif not isinstance(wave, Tensor):
-        raise _fail(name, f"expected a torch.Tensor or numpy.ndarray, got {type(wave).__name__}")
-    if not wave.is_floating_point():
-        raise _fail(
-            name,
-            f"samples must be floating point on the [-1, 1] scale, got {wave.dtype} "
-            "(convert integer PCM first, e.g. int16 / 32768)",
-        )
+    wave = as_float_samples(wave, name)
     if wave.dim() not in (1, 2):
         raise _fail(name, f"expected shape (N,) or (channels, N), got {tuple(wave.shape)}")
     if wave.shape[-1] == 0 or wave.numel() == 0:
@@ -256,5 +268,5 @@ def check_waveform(wave, rate: int, name: str = "<array>") -> Tensor:
             "(channels, N): transpose a (N, channels) array",
         )
     wave = wave.to(torch.float32)
-    _check_finite(name, wave)
+    check_finite(name, wave)
     return to_mono(wave).contiguous()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import AudioError
+from .audio import SUPPORTED_RATES, AudioError, as_float_samples, check_finite
 from .cached import cached_constant
 from .resampler import resample
 
@@ -113,16 +113,18 @@ def frame_window(device: torch.device | str = "cpu") -> torch.Tensor:
 def _as_batch(
     waveforms: torch.Tensor | np.ndarray | Sequence, lengths: torch.Tensor | Sequence[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack one clip, a list of clips or a (B, N) tensor into (B, N_max) float32 + lengths (B,)."""
-    if isinstance(waveforms, np.ndarray):
-        waveforms = torch.from_numpy(waveforms)
-    if isinstance(waveforms, torch.Tensor):
+    """Pack one clip, a list of clips or a (B, N) tensor into (B, N_max) float32 + lengths (B,).
+
+    Samples must be floating point and finite (``AudioError`` naming ``waveforms`` or
+    ``waveforms[i]`` otherwise): integer PCM or NaN would give plausible-looking features."""
+    if isinstance(waveforms, (torch.Tensor, np.ndarray)):
+        waveforms = as_float_samples(waveforms, "waveforms")
         if waveforms.dim() == 1:
             waveforms = waveforms[None]
-        if waveforms.dim() != 2:
+        if waveforms.dim() != 2 or waveforms.shape[0] == 0:
             raise ValueError(
-                f"waveforms: expected a 1-D clip or a (batch, samples) tensor, got shape "
-                f"{tuple(waveforms.shape)}"
+                f"waveforms: expected a 1-D clip or a (batch, samples) tensor with at least one "
+                f"clip, got shape {tuple(waveforms.shape)}"
             )
         batch = waveforms.to(torch.float32)
         if lengths is None:
@@ -134,30 +136,47 @@ def _as_batch(
                     f"lengths: expected {batch.shape[0]} values in [0, {batch.shape[1]}], "
                     f"got {lens.tolist()}"
                 )
+        check_finite("waveforms", batch)
         # Asynchronous: a blocking host-to-device copy would wait for the GPU's queue.
         return batch, lens.to(batch.device, non_blocking=True)
-    clips = [torch.as_tensor(np.asarray(w) if not isinstance(w, torch.Tensor) else w) for w in waveforms]
-    if not clips:
+    if isinstance(waveforms, (str, bytes)) or not isinstance(waveforms, Sequence):
+        raise ValueError(
+            f"waveforms: expected a tensor, an array or a list of clips, got {type(waveforms).__name__}"
+        )
+    if not waveforms:
         raise ValueError("waveforms: empty list")
-    for i, clip in enumerate(clips):
-        if clip.dim() != 1:
-            raise ValueError(f"waveforms[{i}]: expected a 1-D clip, got shape {tuple(clip.shape)}")
     if lengths is not None:
         raise ValueError("lengths: only meaningful with a padded (batch, samples) tensor")
+    clips = []
+    for i, clip in enumerate(waveforms):
+        name = f"waveforms[{i}]"
+        if not isinstance(clip, (torch.Tensor, np.ndarray)):
+            clip = np.asarray(clip)
+        clip = as_float_samples(clip, name)
+        if clip.dim() != 1:
+            raise ValueError(f"{name}: expected a 1-D clip, got shape {tuple(clip.shape)}")
+        clip = clip.to(torch.float32)
+        check_finite(name, clip)
+        clips.append(clip)
     lens = torch.tensor([c.numel() for c in clips], dtype=torch.long)
     batch = torch.zeros(len(clips), int(lens.max()), dtype=torch.float32, device=clips[0].device)
     for i, clip in enumerate(clips):
-        batch[i, : clip.numel()] = clip.to(batch)
+        batch[i, : clip.numel()] = clip.to(batch.device)
     return batch, lens.to(batch.device)
 
 
 def _integer_rate(sample_rate) -> int:
-    """``sample_rate`` as an int; integral floats (44100.0) are accepted, 44100.5 is an error
-    rather than silently truncated."""
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float, np.integer, np.floating)):
-        raise ValueError(f"sample_rate must be a positive integer in Hz, got {sample_rate!r}")
-    if not (math.isfinite(sample_rate) and sample_rate == int(sample_rate) and sample_rate > 0):
-        raise ValueError(f"sample_rate must be a positive integer in Hz, got {sample_rate!r}")
+    """``sample_rate`` as an int within :data:`sslam.audio.SUPPORTED_RATES`; integral floats
+    (44100.0) are accepted, 44100.5 is an error rather than silently truncated."""
+    low, high = SUPPORTED_RATES
+    if (
+        isinstance(sample_rate, bool)
+        or not isinstance(sample_rate, (int, float, np.integer, np.floating))
+        or not math.isfinite(sample_rate)
+        or sample_rate != int(sample_rate)
+        or not low <= sample_rate <= high
+    ):
+        raise ValueError(f"sample_rate must be an integer in {low}..{high} Hz, got {sample_rate!r}")
     return int(sample_rate)
 
 
@@ -272,6 +291,24 @@ def normalize(features: torch.Tensor, norm: Norm = "audioset") -> torch.Tensor:
     return (features - mean) / (2 * std)
 
 
+def _too_short_message(short: list[int], lens: torch.Tensor, shape: torch.Size) -> str:
+    """Error text for clips under one frame (``lens`` at 16 kHz): the first few of them, and a
+    hint when the input ``shape`` looks like a (samples, channels) array read as tiny clips."""
+    shown = ", ".join(f"{i} ({int(lens[i])} samples)" for i in short[:5])
+    more = f" and {len(short) - 5} more" if len(short) > 5 else ""
+    text = (
+        f"waveforms: clip(s) {shown}{more} at 16 kHz are shorter than one 25 ms frame "
+        f"({FRAME_LENGTH} samples)"
+    )
+    if shape[0] > shape[1]:
+        text += (
+            f"; shape {tuple(shape)} reads as {shape[0]} clips of {shape[1]} samples: for a "
+            "(samples, channels) array pass its channel mean, or its transpose for one clip per "
+            "channel"
+        )
+    return text
+
+
 def preprocess(
     waveforms: torch.Tensor | np.ndarray | Sequence,
     sample_rate: int = SAMPLE_RATE,
@@ -299,14 +336,12 @@ def preprocess(
         raise ValueError(f"target_length must be a positive number of frames, got {target_length!r}")
     sample_rate = _integer_rate(sample_rate)
     batch, lens = _as_batch(waveforms, lengths)
+    shape = batch.shape
     if sample_rate != SAMPLE_RATE:
         batch, lens = _resample_each(batch, lens, sample_rate)
     short = (lens < FRAME_LENGTH).nonzero().flatten().tolist()
     if short:
-        raise AudioError(
-            f"clip(s) {short}: shorter than one 25 ms frame ({FRAME_LENGTH} samples at 16 kHz; "
-            f"got {[int(lens[i]) for i in short]})"
-        )
+        raise AudioError(_too_short_message(short, lens, shape))
     centred = remove_dc(batch, lens)
     feats, frames = fbank(centred, lens, max_frames=target_length)
     x = normalize(pad_or_crop(feats, target_length), norm)

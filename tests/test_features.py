@@ -1,5 +1,6 @@
 """The batched preprocessing against the official pipeline (golden data) and torchaudio."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,8 +98,51 @@ def test_padding_value_and_crop():
 
 
 def test_shorter_than_one_frame_is_a_clear_error():
-    with pytest.raises(AudioError, match=r"clip\(s\) \[1\].*shorter than one 25 ms frame"):
+    with pytest.raises(AudioError, match=r"clip\(s\) 1 \(399 samples\).*shorter than one 25 ms frame"):
         preprocess([torch.randn(1000), torch.randn(399)], 16000)
+
+
+def test_a_samples_by_channels_array_is_named_as_such_in_few_words():
+    stereo = np.random.default_rng(0).uniform(-0.5, 0.5, (44100, 2)).astype(np.float32)
+    with pytest.raises(AudioError, match=r"and 44095 more.*reads as 44100 clips of 2 samples") as info:
+        preprocess(stereo, 44100)
+    assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("rate", [999, 384001, 2**31 - 1, 0, -16000, 16000.5, float("nan"), True])
+def test_sample_rates_outside_the_supported_range_are_refused_before_any_work(rate):
+    with pytest.raises(ValueError, match=r"sample_rate must be an integer in 1000\.\.384000 Hz"):
+        preprocess(torch.randn(16000) * 0.1, rate)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros(16000, dtype=np.int16), r"waveforms: samples must be floating point.*int16"),
+        (torch.zeros(16000, dtype=torch.int32), r"waveforms: samples must be floating point"),
+        (torch.zeros(16000, dtype=torch.bool), r"waveforms: samples must be floating point"),
+        (torch.zeros(16000, dtype=torch.complex64), r"waveforms: samples must be floating point"),
+        ([torch.zeros(16000), np.arange(16000)], r"waveforms\[1\]: samples must be floating point"),
+        (torch.full((2, 16000), float("nan")), r"waveforms: 32000 of 32000 samples are not finite"),
+        ([torch.zeros(16000), torch.tensor([0.0, float("inf")] * 8000)], r"waveforms\[1\]: 8000 of"),
+    ],
+)
+def test_integer_boolean_complex_and_non_finite_samples_are_refused(bad, match):
+    with pytest.raises(AudioError, match=match):
+        preprocess(bad, 16000)
+
+
+def test_empty_batches_and_unclippable_inputs_are_value_errors():
+    for bad in (torch.zeros(0, 16000), np.zeros((0, 5)), [], "clip.wav", 3.0):
+        with pytest.raises(ValueError, match="waveforms"):
+            preprocess(bad, 16000)
+
+
+def test_big_endian_and_half_precision_arrays_give_the_native_float32_features():
+    wave = np.random.default_rng(1).uniform(-0.5, 0.5, 16000)
+    expected = preprocess(torch.from_numpy(wave.astype(np.float32)), 16000)
+    for variant in (wave.astype(">f4"), wave.astype(">f8"), [wave.astype(">f4")]):
+        assert torch.equal(preprocess(variant, 16000), expected)
 
 
 @pytest.mark.parametrize("norm", sorted(NORM_STATS))
