@@ -20,6 +20,7 @@ Multichannel audio is averaged to mono *before* resampling (the reference pipeli
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 import soundfile
@@ -129,13 +130,18 @@ def _read_all(sound: soundfile.SoundFile, dtype: str) -> np.ndarray:
     """Every frame of an open file, ``(frames, channels)`` of ``dtype``, read in blocks until the
     decoder stops. The frame count in the header only caps each block, because soundfile
     allocates what it asks for before decoding: a damaged or hostile header (a FLAC STREAMINFO
-    may claim up to 2**36 samples) would otherwise cost gigabytes or a MemoryError."""
+    may claim up to 2**36 samples) would otherwise cost gigabytes or a MemoryError.
+    The result equals ``soundfile.read(..., always_2d=True)``, damaged files included."""
     blocks = []
     while True:
         block = sound.read(_READ_BLOCK_FRAMES, dtype=dtype, always_2d=True)
-        if block.shape[0] == 0:
+        if block.shape[0]:
+            blocks.append(block)
+        # A short read is the end of the file, or a decode error (a damaged Ogg page): stop
+        # there, as soundfile.read (the reference's reader) does. Reading on would append the
+        # audio after the damage, which the reference never sees.
+        if block.shape[0] < _READ_BLOCK_FRAMES:
             break
-        blocks.append(block)
     if not blocks:
         return np.empty((0, sound.channels), dtype=dtype)
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
@@ -161,6 +167,21 @@ def _decode(name: str) -> tuple[np.ndarray, int, bool]:
     return floats, rate, False
 
 
+def _check_regular_file(name: str) -> None:
+    """Raise ``AudioError`` unless ``name`` is a readable regular file (not missing, not a
+    directory, not a FIFO or device, whose read would block or never end)."""
+    try:
+        mode = os.stat(name).st_mode
+    except FileNotFoundError:
+        raise _fail(name, "file not found") from None
+    except OSError as exc:  # a symlink loop, a path through a non-directory, no permission
+        raise _fail(name, f"cannot open ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise _fail(name, "is a directory, not an audio file")
+    if not stat.S_ISREG(mode):
+        raise _fail(name, "is not a regular file (a pipe, socket or device); read audio from a file")
+
+
 def load_audio(
     path: str | os.PathLike, sample_rate: int | None = None, *, mono: bool = True, exact: bool = True
 ) -> tuple[Tensor, int]:
@@ -183,12 +204,9 @@ def load_audio(
             NaN/Inf samples, or its sample rate is outside :data:`SUPPORTED_RATES`.
         ValueError: ``sample_rate`` is not an integer within :data:`SUPPORTED_RATES`.
     """
-    name = os.fspath(path)
+    name = os.fsdecode(path)
     target = None if sample_rate is None else _check_target_rate(sample_rate)
-    if not os.path.exists(name):
-        raise _fail(name, "file not found")
-    if os.path.isdir(name):
-        raise _fail(name, "is a directory, not an audio file")
+    _check_regular_file(name)
 
     samples, rate, may_be_nonfinite = _decode(name)
     if samples.shape[0] == 0:

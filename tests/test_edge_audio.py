@@ -18,6 +18,7 @@ import torch
 from conftest import GOLDEN
 from test_features import official
 
+from sslam import audio
 from sslam.audio import AudioError, check_waveform, load_audio
 from sslam.cli import main
 from sslam.features import preprocess
@@ -120,11 +121,17 @@ def _hostile(tmp_path, kind: str):
         return path, ["not finite", "1 Inf"]
     if kind == "flac_huge_claim":
         return _flac_claiming_2_36_samples(tmp_path), ["cannot decode"]
+    if kind == "fifo":  # reading it would wait forever for a writer
+        os.mkfifo(path)
+        return path, ["not a regular file"]
+    if kind == "symlink_loop":
+        path.symlink_to(path)
+        return path, ["cannot open", "symbolic links"]
     raise AssertionError(kind)
 
 
 HOSTILE = ["missing", "directory", "empty", "random_wav", "random_flac", "header_only", "zero_channels",
-           "zero_length", "nan_float", "inf_double", "flac_huge_claim"]
+           "zero_length", "nan_float", "inf_double", "flac_huge_claim", "fifo", "symlink_loop"]
 
 
 @pytest.mark.parametrize("kind", HOSTILE)
@@ -144,6 +151,32 @@ def test_regression_header_frame_count_is_not_trusted_for_allocation(tmp_path):
     path = _flac_claiming_2_36_samples(tmp_path)
     with pytest.raises(AudioError, match="cannot decode"):
         load_audio(path)
+
+
+def test_damaged_ogg_decodes_as_soundfile_read_does(tmp_path):
+    # A run of garbage bytes in the middle: the Vorbis decoder stops short there. The reference
+    # reads with soundfile.read, which keeps what came before; so must we (reading on would
+    # append the audio after the damage).
+    path = tmp_path / "damaged.ogg"
+    soundfile.write(path, np.random.default_rng(0).uniform(-0.5, 0.5, 3 * 44100), 44100, format="OGG")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 200] = np.random.default_rng(1).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    expected, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    assert rate == 44100 and 0 < len(expected) < 3 * 44100  # the damage cut it short
+    waveform, _ = load_audio(path, mono=False)
+    assert torch.equal(waveform, torch.from_numpy(expected.T))
+
+
+@pytest.mark.parametrize("frames", [999, 1000, 1001, 3000, 3001])
+def test_files_longer_than_one_read_block_decode_whole(tmp_path, monkeypatch, frames):
+    monkeypatch.setattr(audio, "_READ_BLOCK_FRAMES", 1000)
+    path = tmp_path / "long.wav"
+    soundfile.write(path, np.random.default_rng(2).uniform(-0.5, 0.5, (frames, 2)), 16000, subtype="FLOAT")
+    expected, _ = soundfile.read(path, dtype="float32", always_2d=True)
+    waveform, _ = load_audio(path, mono=False)
+    assert torch.equal(waveform, torch.from_numpy(expected.T))
 
 
 def test_huge_claimed_wav_data_chunk_reads_what_is_there(tmp_path):
