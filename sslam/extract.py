@@ -27,7 +27,9 @@ from .audio import AudioError, load_audio
 from .checkpoint import atomic_write
 from .embedding import check_min_length
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".w64", ".caf"}
+AUDIO_SUFFIXES = {
+    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf",
+}
 GRANULARITIES = ("utterance", "mean", "frames", "timestamps", "all")
 
 

@@ -33,6 +33,14 @@ def test_collect_inputs(audio_dir, tmp_path):
     assert collect_inputs([str(manifest)], manifest_root="/elsewhere")[0].path.as_posix() == "/elsewhere/a.wav"
 
 
+def test_folders_list_every_suffix_libsndfile_decodes(tmp_path):
+    rng = np.random.default_rng(1)
+    sf.write(tmp_path / "speech.opus", rng.uniform(-0.5, 0.5, 4800), 48000, format="OGG", subtype="OPUS")
+    sf.write(tmp_path / "tone.aifc", rng.uniform(-0.5, 0.5, 4800), 48000, format="AIFF", subtype="FLOAT")
+    (tmp_path / "notes.txt").write_text("not audio")
+    assert [i.key for i in collect_inputs([str(tmp_path)])] == ["speech.opus", "tone.aifc"]
+
+
 def test_extract_to_one_file_reports_bad_files_and_resumes(audio_dir, tmp_path, capsys):
     out = tmp_path / "emb.npz"
     args = ["extract", str(audio_dir), "--checkpoint", CKPT, "--out", str(out), "--granularity", "all",
