@@ -827,14 +827,24 @@ def load_weights_into(model: Encoder, path, weights: str = "student") -> Encoder
 
 
 # ---- writing ------------------------------------------------------------------------------
+def _creation_mode(mode: int) -> int:
+    """``mode`` less the process umask: the permissions ``open`` or ``mkdir`` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
+    The file gets the permissions a plain ``open(path, 'w')`` would give it (the temporary
+    file starts private, and some writers, such as safetensors, create files 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _creation_mode(0o666))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -876,12 +886,11 @@ def save_encoder(model: Encoder, out_dir: str | os.PathLike, source: dict | None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output folder should not be
+        os.chmod(tmp, _creation_mode(0o777))  # mkdtemp makes it private; the output should not be
         save_file(state, tmp / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(meta)})
         (tmp / "config.json").write_text(text)
         for name in _EXPORT_FILES:
+            os.chmod(tmp / name, _creation_mode(0o666))  # safetensors creates its file 0600
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         if out.is_dir():

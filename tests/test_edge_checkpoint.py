@@ -28,11 +28,13 @@ from safetensors.torch import save_file
 
 from sslam.checkpoint import (
     CheckpointError,
+    atomic_write,
     convert,
     describe,
     load_encoder,
     read_checkpoint,
     safe_torch_load,
+    save_encoder,
 )
 from sslam.model import VARIANTS, Encoder, EncoderConfig
 
@@ -726,3 +728,17 @@ def test_every_variant_width_sdpa_math_and_kept_tokens(name):
         for r in range(4):
             assert torch.allclose(per_row[r], model.forward_tokens(tokens[r // 2 : r // 2 + 1, keep[r]]).x[0], atol=1e-5)
         assert torch.allclose(shared, model.forward_tokens(tokens[:, keep[0]]).x, atol=1e-5)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "state.pt", lambda tmp: torch.save({"a": torch.zeros(1)}, tmp))
+        out = save_encoder(Encoder(VARIANTS["tiny"]), tmp_path / "export")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "state.pt").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    for name in ("model.safetensors", "config.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
