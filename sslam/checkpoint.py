@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from .features import NUM_MEL_BINS
+from .audio import SUPPORTED_RATES
+from .features import NUM_MEL_BINS, norm_stats
 from .model import VARIANTS, Encoder, EncoderConfig
 
 FAIRSEQ_ENCODER_PREFIX = "modality_encoders.IMAGE."
@@ -180,12 +181,20 @@ def safe_torch_load(path: str | os.PathLike):
     # (IndexError, KeyError, ValueError, ...): all of them mean "not a readable checkpoint".
     try:
         is_zip = zipfile.is_zipfile(path)
+        if not is_zip and _starts_like_a_zip(path):
+            raise CheckpointError(
+                f"{path}: truncated or damaged zip archive (no readable central directory); "
+                "the file was probably cut short while being copied or written"
+            )
         if is_zip:
+            _check_crcs(path)
             names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
             refused = [name for name in names if not _is_inert(name)]
         else:
             # The weights_only unpickler itself refuses unknown globals of legacy files.
             names, refused = {n for n in _legacy_globals(path) if _is_inert(n)}, []
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise _load_error(path, exc) from exc
     if refused:
@@ -193,9 +202,65 @@ def safe_torch_load(path: str | os.PathLike):
     stand_ins = [(_stand_in(name), name) for name in sorted(names)]
     try:
         with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as exc:
         raise _load_error(path, exc) from exc
+    _check_tensor_sizes(path, obj)
+    return obj
+
+
+def _starts_like_a_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _check_crcs(path: Path) -> None:
+    """Refuse an archive whose records fail their CRC: loading with ``mmap`` reads the tensor
+    records without checking them, so flipped bits would load as wrong weights."""
+    with zipfile.ZipFile(path) as archive:
+        bad = archive.testzip()
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged archive: record {bad!r} fails its CRC check")
+
+
+def _tensors_in(obj):
+    """Every tensor in nested dicts, lists, tuples and inert stand-ins' state (iteratively: a
+    deeply nested file must not exhaust the recursion limit)."""
+    stack, seen = [obj], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, InertObject):
+            stack.append(item.state)
+
+
+# Elements the tensors of a file may declare per byte of the file. A saved tensor takes at
+# least one byte per element, except where tensors share storage (tied weights, views); a
+# crafted file can declare a 2**34-element tensor over one stored value (a stride-0 expansion),
+# which anything that copies, casts or checks it would then allocate (64 GB in float32).
+_ELEMENTS_PER_FILE_BYTE = 4
+
+
+def _check_tensor_sizes(path: Path, obj) -> None:
+    """Refuse a file whose tensors declare far more elements than its size can store."""
+    budget = _ELEMENTS_PER_FILE_BYTE * path.stat().st_size + (1 << 20)
+    declared = 0
+    for tensor in _tensors_in(obj):
+        declared += tensor.numel()
+        if declared > budget:
+            raise CheckpointError(
+                f"{path}: its tensors declare over {declared:,} elements, more than a file of "
+                f"{path.stat().st_size:,} bytes can hold (expanded or crafted tensors); refusing "
+                "to load it"
+            )
 
 
 def _plain(obj, _path: tuple = ()):
@@ -461,7 +526,7 @@ def _finetune_preprocessing(model_cfg: dict, source) -> dict:
     """Fine-tuning recipes fix the clip length and the normalisation (ESC-50: 512 frames and
     its own statistics; Speech Commands: 128 frames)."""
     pre_image = _section(model_cfg, "pretrained_model_args", "model", "modalities", "image")
-    length = model_cfg.get("target_length") or pre_image.get("target_length") or 1024
+    length = model_cfg.get("target_length") or pre_image.get("target_length")
     norm = "esc50" if model_cfg.get("esc50_eval") else "spcv2" if model_cfg.get("spcv2_eval") else "audioset"
     return _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": norm}, source)
 
@@ -516,7 +581,7 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
         state = teacher
     image = _section(mcfg, "modalities", "image")
     config = infer_config(state, source=path, **_fairseq_fields(mcfg, state))
-    prep = _check_preprocessing({"target_length": image.get("target_length") or 1024}, path)
+    prep = _check_preprocessing({"target_length": image.get("target_length")}, path)
     return Checkpoint(path, "fairseq-pretrain", config, state, preprocessing=prep, decoder=decoder or None,
                       teacher=teacher, raw_config=mcfg)
 
@@ -596,7 +661,7 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str) 
     if stride not in (None, config.patch_size):
         raise CheckpointError(f"{path}: unsupported encoder configuration: stride={cfg['stride']} differs from the "
                               f"patch size {config.patch_size} (overlapping patches)")
-    length = image[0] if isinstance(image, (list, tuple)) and image else cfg.get("target_length", 1024)
+    length = image[0] if isinstance(image, (list, tuple)) and image else cfg.get("target_length")
     prep = _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": "audioset"}, path)
     return Checkpoint(path, fmt, config, state, preprocessing=prep,
                       label_names=_hf_labels(cfg, config.num_classes, path), raw_config=cfg)
@@ -604,16 +669,46 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str) 
 
 # ---- ours ------------------------------------------------------------------------------------
 def _check_preprocessing(prep, source) -> dict:
-    default = {"sample_rate": 16000, "target_length": 1024, "norm": "audioset"}
+    """The file's preprocessing settings over the defaults, each checked: a bad value would
+    otherwise surface later as a wrong embedding or a huge allocation. A ``target_length`` the
+    file does not give stays None until :func:`_check_window` knows the position table."""
+    default = {"sample_rate": 16000, "target_length": None, "norm": "audioset"}
     if prep is None:
         return default
     if not isinstance(prep, dict):
         raise CheckpointError(f"{source}: preprocessing must be a dict, got {type(prep).__name__}")
-    prep = {**default, **prep}
+    prep = {**default, **{k: v for k, v in prep.items() if v is not None or k == "norm"}}
     for key in ("sample_rate", "target_length"):
+        if key == "target_length" and prep[key] is None:
+            continue
         if not isinstance(prep[key], int) or isinstance(prep[key], bool) or prep[key] < 1:
             raise CheckpointError(f"{source}: preprocessing {key}={prep[key]!r} must be a positive integer")
+    low, high = SUPPORTED_RATES
+    if not low <= prep["sample_rate"] <= high:
+        raise CheckpointError(
+            f"{source}: preprocessing sample_rate={prep['sample_rate']} is outside {low}..{high} Hz"
+        )
+    try:
+        norm_stats(prep["norm"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: preprocessing norm={prep['norm']!r} is not usable ({exc})") from None
     return prep
+
+
+def _check_window(ckpt: Checkpoint) -> None:
+    """The preprocessing window must be whole patches that the position table covers; where the
+    file gives none, it is AudioSet's 1024 frames, or what the table covers if that is less."""
+    config = ckpt.config
+    covered = config.max_length * config.patch_size
+    if ckpt.preprocessing.get("target_length") is None:
+        ckpt.preprocessing = {**ckpt.preprocessing, "target_length": min(1024, covered)}
+    frames = ckpt.preprocessing["target_length"]
+    if frames % config.patch_size or frames // config.patch_size > config.max_length:
+        raise CheckpointError(
+            f"{ckpt.path}: preprocessing target_length={frames} frames must be a multiple of the "
+            f"patch size {config.patch_size} and at most the {covered} "
+            "frames the position table covers"
+        )
 
 
 def _check_labels(names, num_classes: int, source) -> list[str] | None:
@@ -740,6 +835,7 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "student") -> Checkp
         raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
     ckpt = _read(Path(path), weights)
     _check_architecture(ckpt.config, ckpt.state, ckpt.path)
+    _check_window(ckpt)
     return ckpt
 
 

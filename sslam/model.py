@@ -29,6 +29,12 @@ from .features import NUM_MEL_BINS, PATCH
 ATTENTION_IMPLS = ("auto", "sdpa", "math", "triton")
 
 
+# Rows of the position table an encoder may have: 8192 time patches at 8 frequency patches, 21
+# minutes of audio in one window (the released models have 6144 rows, 122.9 s). The bound keeps
+# a config read from a file from allocating an arbitrarily large table.
+MAX_POSITIONS = 1 << 16
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Architecture of an encoder. The defaults are ViT-B, the released SSLAM model."""
@@ -73,6 +79,12 @@ class EncoderConfig:
             raise ValueError(f"embed_dim={self.embed_dim}: the 2-D sin-cos table needs a multiple of 4")
         if self.mel_bins % self.patch_size:
             raise ValueError(f"mel_bins={self.mel_bins} is not a multiple of patch_size={self.patch_size}")
+        if self.max_length * self.freq_patches > MAX_POSITIONS:
+            raise ValueError(
+                f"max_length={self.max_length} x {self.freq_patches} frequency patches = "
+                f"{self.max_length * self.freq_patches} positions, over the {MAX_POSITIONS} "
+                f"supported ({MAX_POSITIONS // self.freq_patches * self.patch_size} frames)"
+            )
         if self.mlp_dim < 1:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} gives an MLP of {self.mlp_dim} units for embed_dim={self.embed_dim}")
         if self.norm_eps <= 0 or self.head_norm_eps <= 0:

@@ -84,7 +84,9 @@ def model_cfg(cfg: EncoderConfig, **image) -> dict:
         "modalities": {"image": {
             "patch_size": cfg.patch_size, "embed_dim": cfg.embed_dim, "num_extra_tokens": 1, "prenet_depth": 0,
             "fixed_positions": True, "use_alibi_encoder": False, "ema_local_encoder": True,
-            "target_length": 1024, "max_length": cfg.max_length, **image,
+            # AudioSet's 1024 frames, or what a small test table covers (as the official files'
+            # windows are within their tables)
+            "target_length": min(1024, 16 * cfg.max_length), "max_length": cfg.max_length, **image,
         }},
     }
 
@@ -236,7 +238,8 @@ def test_absurd_config_of_an_sslam_folder_fails_before_building(tmp_path):
                              ({"depth": -2}, "depth=-2 must be positive"),
                              ({"num_heads": 3}, "not divisible"),
                              ({"depth": "12"}, "depth='12' must be an integer"),
-                             ({"max_length": 10**9}, "pos_rows")]:
+                             ({"max_length": 40}, "pos_rows"),
+                             ({"max_length": 10**9}, "over the 65536 supported")]:
         bad = {**meta, "encoder": {**meta["encoder"], **changes}}
         save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(bad)})
         with pytest.raises(CheckpointError, match=pattern):
@@ -247,7 +250,7 @@ def test_position_rows_come_from_the_file(tmp_path):
     """A fairseq file without its (fixed, recomputable) position table: max_length from its
     config, not the ViT-B default; with a table, the table's rows."""
     tiny = load_golden("tiny_ckpt.pt")
-    image = {**tiny["cfg"]["model"]["modalities"]["image"], "max_length": 32}
+    image = {**tiny["cfg"]["model"]["modalities"]["image"], "max_length": 32, "target_length": 512}
     cfg = {"model": {**tiny["cfg"]["model"], "modalities": {"image": image}}}
     model = {k: v for k, v in tiny["model"].items() if "fixed_positional_encoder" not in k}
     torch.save(dict(tiny, cfg=cfg, model=model), tmp_path / "nopos.pt")
@@ -742,3 +745,66 @@ def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask):
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     for name in ("model.safetensors", "config.json"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def _tiny_state_file(tmp_path, **replace) -> Path:
+    state = {**Encoder(VARIANTS["tiny"]).state_dict(), **replace}
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_tensors_declaring_more_elements_than_the_file_holds_are_refused_before_allocation(tmp_path):
+    # One stored value expanded to 2**34 elements: 64 GB for anything that copies or checks it.
+    huge = torch.zeros(1, 1).expand(1 << 17, 1 << 17)
+    path = _tiny_state_file(tmp_path, **{"blocks.0.mlp.fc1.weight": huge})
+    assert path.stat().st_size < 4 << 20
+    for load in (read_checkpoint, load_encoder, describe, safe_torch_load):
+        with pytest.raises(CheckpointError, match=r"state\.pt: its tensors declare over .* elements"):
+            load(path)
+
+
+def test_a_truncated_archive_is_named_as_such(tmp_path):
+    path = _tiny_state_file(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"state\.pt: truncated or damaged zip archive"):
+        read_checkpoint(path)
+
+
+def test_a_record_with_flipped_bits_fails_its_crc_instead_of_loading_wrong_weights(tmp_path):
+    path = _tiny_state_file(tmp_path)
+    with zipfile.ZipFile(path) as archive:
+        record = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 64)
+    # The record's bytes follow its 30-byte local header, its name and its extra field.
+    with open(path, "r+b") as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = np.frombuffer(f.read(4), dtype="<u2")
+        f.seek(record.header_offset + 30 + int(name_length) + int(extra_length) + 8)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CheckpointError, match=rf"state\.pt: damaged archive: record '{record.filename}' fails"):
+        read_checkpoint(path)
+
+
+def test_unusable_preprocessing_in_an_sslam_folder_is_refused_when_read(tmp_path):
+    convert(TINY, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    state = load_encoder(TINY).state_dict()
+    covered = load_encoder(TINY).cfg.max_length * 16
+    for changes, pattern in [({"norm": "librispeech"}, r"norm='librispeech' is not usable.*unknown preset"),
+                             ({"norm": [0.0, -1.0]}, r"norm=\[0.0, -1.0\] is not usable"),
+                             ({"norm": 7}, r"norm=7 is not usable"),
+                             ({"sample_rate": 2**31 - 1}, r"sample_rate=2147483647 is outside 1000..384000"),
+                             ({"target_length": 1000}, r"target_length=1000 frames must be a multiple of"),
+                             ({"target_length": covered + 16}, rf"at most the {covered} frames")]:
+        bad = {**meta, "preprocessing": {**meta["preprocessing"], **changes}}
+        save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(bad)})
+        with pytest.raises(CheckpointError, match=pattern):
+            read_checkpoint(tmp_path / "m")
+    # A custom (mean, std) pair and no normalisation are usable.
+    for norm in ([-4.0, 4.5], None):
+        good = {**meta, "preprocessing": {**meta["preprocessing"], "norm": norm}}
+        save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(good)})
+        assert read_checkpoint(tmp_path / "m").preprocessing["norm"] == norm
