@@ -522,7 +522,8 @@ class Finetuner:
         state = {"format": "sslam-finetune", "config": asdict(self.cfg), "encoder_config": self.model.cfg.to_dict(),
                  "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "step": self.step, "best": self.best, "class_names": self.train_split.class_names, "rng": rng_state(),
+                 "step": self.step, "best": self.best, "class_names": self.train_split.class_names,
+                 "preprocessing": dict(self.model.preprocessing), "rng": rng_state(),
                  "world_size": self.dist.world_size, "multilabel": self.multilabel}
         atomic_write(self.out / f"checkpoint_{self.step:08d}.pt", lambda tmp: torch.save(state, tmp))
         for old in checkpoints_in(self.out)[: -self.cfg.keep_last]:

@@ -192,6 +192,9 @@ def test_finetune_writes_checkpoints_resumes_and_exports(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3] and "mAP" in records[-1]
     exported = load_encoder(tmp_path / "model")
     assert exported.label_names == list(train.class_names) and exported.cfg.num_classes == 12
+    # The training checkpoints carry the model's preprocessing too (not the AudioSet defaults).
+    for path in (tmp_path / "model", sorted(tmp_path.glob("checkpoint_*.pt"))[-1]):
+        assert load_encoder(path).preprocessing == tiny_encoder().preprocessing, path
     cfg.steps = 5
     again = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
     assert again.step == 3
