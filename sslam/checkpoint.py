@@ -28,6 +28,7 @@ is unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickletools
@@ -315,6 +316,8 @@ class Checkpoint:
     teacher: dict[str, torch.Tensor] | None = None
     raw_config: dict | None = None
     extra: dict = field(default_factory=dict)
+    # Config fields the file states (the rest were read from shapes or are defaults/guesses).
+    declared: frozenset[str] = frozenset(f.name for f in dataclasses.fields(EncoderConfig))
 
 
 # ---- key maps -------------------------------------------------------------------------------
@@ -475,6 +478,11 @@ def _unsupported(model_cfg: dict, source, image: dict | None = None) -> None:
         raise CheckpointError(f"{source}: unsupported encoder configuration: {'; '.join(problems)}")
 
 
+def _stated(fields: dict) -> frozenset[str]:
+    """The config fields a file states: those of ``fields`` (None = absent) with a value."""
+    return frozenset(name for name, value in fields.items() if value is not None)
+
+
 def _fairseq_fields(model_cfg: dict, state: dict) -> dict:
     """Architecture fields a data2vec_multi model config declares (None where absent). The
     stored position table, when there is one, is what the official model used: its rows give
@@ -556,7 +564,7 @@ def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -
     fields["num_classes"] = mcfg.get("num_classes")
     config = infer_config(state, source=path, **fields)
     return Checkpoint(path, "fairseq-finetune", config, state, preprocessing=_finetune_preprocessing(mcfg, path),
-                      raw_config=mcfg, extra={"ignored": sorted(ignored)})
+                      raw_config=mcfg, extra={"ignored": sorted(ignored)}, declared=_stated(fields))
 
 
 def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
@@ -580,10 +588,11 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
             raise CheckpointError(f"{path}: weights='teacher' but the file has no (non-empty) '_ema' teacher")
         state = teacher
     image = _section(mcfg, "modalities", "image")
-    config = infer_config(state, source=path, **_fairseq_fields(mcfg, state))
+    fields = _fairseq_fields(mcfg, state)
+    config = infer_config(state, source=path, **fields)
     prep = _check_preprocessing({"target_length": image.get("target_length")}, path)
     return Checkpoint(path, "fairseq-pretrain", config, state, preprocessing=prep, decoder=decoder or None,
-                      teacher=teacher, raw_config=mcfg)
+                      teacher=teacher, raw_config=mcfg, declared=_stated(fields))
 
 
 # ---- Hugging Face / bare state dicts ---------------------------------------------------------
@@ -654,7 +663,8 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str) 
     if fields.get("mel_bins") is None and isinstance(image, (list, tuple)) and len(image) == 2:
         fields["mel_bins"] = image[1]
     # Hugging Face's fc_norm is nn.LayerNorm with its default eps (1e-5); fairseq's uses 1e-6.
-    config = infer_config(state, source=path, head_norm_eps=1e-5 if fmt == "hf" else None, **fields)
+    fields["head_norm_eps"] = 1e-5 if fmt == "hf" else None
+    config = infer_config(state, source=path, **fields)
     stride = cfg.get("stride")
     if isinstance(stride, (list, tuple)) and len(set(stride)) == 1:  # (16, 16)
         stride = stride[0]
@@ -664,7 +674,7 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str) 
     length = image[0] if isinstance(image, (list, tuple)) and image else cfg.get("target_length")
     prep = _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": "audioset"}, path)
     return Checkpoint(path, fmt, config, state, preprocessing=prep,
-                      label_names=_hf_labels(cfg, config.num_classes, path), raw_config=cfg)
+                      label_names=_hf_labels(cfg, config.num_classes, path), raw_config=cfg, declared=_stated(fields))
 
 
 # ---- ours ------------------------------------------------------------------------------------
@@ -918,8 +928,26 @@ def load_weights_into(model: Encoder, path, weights: str = "student") -> Encoder
     with warnings.catch_warnings():  # the model's own config gives the heads: no guess needed
         warnings.filterwarnings("ignore", message=".*does not record num_heads")
         ckpt = _read(Path(path), weights)
+    _check_shape_blind_fields(model.cfg, ckpt)
     model.load_state_dict(check_state(model, _fit_positions(model, ckpt.state), path), strict=True)
     return model
+
+
+def _check_shape_blind_fields(config: EncoderConfig, ckpt: Checkpoint) -> None:
+    """Where the file states a field that weight shapes cannot show (heads, LayerNorm eps), the
+    model must agree: the weights would load and compute something else."""
+    names = ["num_heads", "norm_eps"] + (["head_norm_eps"] if config.num_classes else [])
+    conflicts = [
+        f"{name}: file {getattr(ckpt.config, name)}, model {getattr(config, name)}"
+        for name in names
+        if name in ckpt.declared and getattr(ckpt.config, name) != getattr(config, name)
+    ]
+    if conflicts:
+        raise CheckpointError(
+            f"{ckpt.path}: the model differs from the file's config where weight shapes cannot "
+            f"tell ({'; '.join(conflicts)}); build it with the file's values, or use "
+            "sslam.load_encoder(path)"
+        )
 
 
 # ---- writing ------------------------------------------------------------------------------

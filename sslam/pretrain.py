@@ -386,7 +386,7 @@ class Pretrainer(nn.Module):
         """Student, decoder and teacher from a :class:`sslam.checkpoint.Checkpoint` (an official
         pretraining file or one of ours). The decoder's shape is read from its weights; without a
         teacher in the file the teacher starts as a copy of the student."""
-        from .checkpoint import _HEAD_NAMES, CheckpointError, check_state, encoder_from_checkpoint
+        from .checkpoint import _HEAD_NAMES, check_state, encoder_from_checkpoint
 
         if ckpt.config.num_classes:
             # A fine-tuned file: pretraining trains no head. Kept, it would get no gradient
@@ -397,10 +397,8 @@ class Pretrainer(nn.Module):
         if ckpt.decoder:
             objective = dataclasses.replace(objective, decoder=decoder_config_of(ckpt.decoder, objective.decoder))
         model = cls(student.cfg, objective, student=student)
-        if ckpt.decoder:
-            missing, unexpected = model.decoder.load_state_dict(ckpt.decoder, strict=False)
-            if missing or unexpected:
-                raise CheckpointError(f"{ckpt.path}: decoder keys do not match: missing {missing}, unexpected {unexpected}")
+        if ckpt.decoder:  # every key and shape, and finite values, as for the encoders
+            model.decoder.load_state_dict(check_state(model.decoder, ckpt.decoder, ckpt.path), strict=True)
         if ckpt.teacher:
             model.teacher.encoder.load_state_dict(check_state(model.teacher.encoder, ckpt.teacher, ckpt.path))
         return model

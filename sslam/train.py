@@ -22,6 +22,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,6 +309,32 @@ def validate(cfg: TrainConfig) -> None:
                              f"{exc}") from None
 
 
+def given_sizes(model: ModelSection) -> dict:
+    """The encoder sizes (embed_dim, depth, num_heads) of ``model`` that were set apart from
+    its variant's preset: with ``run.init`` those are the user's, the others the preset's."""
+    try:
+        defaults = preset(model.variant).model
+    except ValueError:  # a variant without a preset (small): its sizes are 0 = the variant's
+        defaults = ModelSection(variant=model.variant)
+    return {name: getattr(model, name) for name in ("embed_dim", "depth", "num_heads")
+            if getattr(model, name) and getattr(model, name) != getattr(defaults, name)}
+
+
+def init_architecture(ckpt, given: dict) -> tuple:
+    """``run.init``'s checkpoint with the encoder sizes ``given`` (see :func:`given_sizes`), and
+    a note naming those it does not use. The file's architecture wins where it states a size or
+    its weights' shapes fix one; the number of heads, which shapes cannot show, is taken from
+    ``given`` when the file does not state it."""
+    fixed = {name: value for name, value in given.items() if name != "num_heads" or name in ckpt.declared}
+    unused = [f"model.{name}={value} (the file: {getattr(ckpt.config, name)})"
+              for name, value in fixed.items() if value != getattr(ckpt.config, name)]
+    if "num_heads" in given and "num_heads" not in fixed:
+        config = ckpt.config.replace(num_heads=given["num_heads"])  # checks it divides embed_dim
+        ckpt = dataclasses.replace(ckpt, config=config, declared=ckpt.declared | {"num_heads"})
+    note = f"the architecture comes from {ckpt.path}; not used: {', '.join(unused)}" if unused else ""
+    return ckpt, note
+
+
 def encoder_config(cfg: TrainConfig):
     m = cfg.model
     changes = {k: getattr(m, k) for k in ("embed_dim", "depth", "num_heads") if getattr(m, k)}
@@ -546,7 +573,13 @@ class Trainer:
             objective = ObjectiveConfig(**{**saved["objective"], "decoder": DecoderConfig(**saved["objective"]["decoder"])})
             model = Pretrainer(enc_cfg, objective)
         elif cfg.run.init:
-            ckpt = read_checkpoint(resolve_init(cfg.run.init))
+            given = given_sizes(cfg.model)
+            with warnings.catch_warnings():
+                if "num_heads" in given:  # the file's lack of it needs no guess
+                    warnings.filterwarnings("ignore", message=".*does not record num_heads")
+                ckpt, note = init_architecture(read_checkpoint(resolve_init(cfg.run.init)), given)
+            if note:
+                self.log(note)
             objective = dataclasses.replace(objective, top_k=cfg.objective.top_k or ckpt.config.depth)
             model = Pretrainer.from_checkpoint(ckpt, objective)
             self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "

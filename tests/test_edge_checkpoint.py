@@ -212,6 +212,22 @@ def test_heads_are_guessed_loudly_when_the_file_does_not_record_them(tmp_path):
     assert torch.allclose(outputs(model, x)[0], expected, atol=1e-4)
 
 
+def test_create_model_with_a_checkpoint_keeps_what_the_file_states_beyond_the_shapes(tmp_path):
+    from sslam.model import create_model
+
+    tiny = VARIANTS["tiny"]  # the golden file states num_heads=2 and norm_eps=1e-6
+    assert torch.equal(create_model(tiny, checkpoint=TINY).state_dict()["pos_embed"],
+                       load_encoder(TINY).state_dict()["pos_embed"])
+    for change, pattern in [({"num_heads": 4}, r"num_heads: file 2, model 4"),
+                            ({"norm_eps": 1e-5}, r"norm_eps: file 1e-06, model 1e-05")]:
+        with pytest.raises(CheckpointError, match=rf"tiny_ckpt\.pt: the model differs .*{pattern}"):
+            create_model(tiny.replace(**change), checkpoint=TINY)
+    # A file that does not state them (a bare state dict) takes the model's.
+    torch.save(load_encoder(TINY).state_dict(), tmp_path / "bare.pt")
+    model = create_model(tiny.replace(num_heads=4, norm_eps=1e-5), checkpoint=tmp_path / "bare.pt")
+    assert model.cfg.num_heads == 4 and model.cfg.norm_eps == 1e-5
+
+
 def test_declared_architecture_must_agree_with_the_weights(tmp_path):
     tiny = load_golden("tiny_ckpt.pt")
     cases = {"depth": 3, "embed_dim": 96, "mlp_ratio": 2.0}

@@ -228,6 +228,37 @@ def test_init_size_comes_from_the_file_not_the_preset(tmp_path):
     assert all(np.isfinite(v) for v in trainer.fit().values())
 
 
+def test_init_uses_the_given_heads_where_the_file_has_none_and_names_the_sizes_it_ignores(tmp_path):
+    bare = tmp_path / "bare.pt"  # the golden encoder (64 wide, 2 heads) as a bare state dict
+    torch.save(read_checkpoint(GOLDEN / "tiny_ckpt.pt").state, bare)
+    lines = []
+    trainer = Trainer(small(tmp_path / "given", stage=2, steps=1, run__init=str(bare), model__num_heads=4),
+                      log=lines.append)
+    assert trainer.model.student.cfg.num_heads == trainer.model.teacher.encoder.cfg.num_heads == 4
+    assert any("not used: model.embed_dim=32 (the file: 64)" in line for line in lines), lines
+    # Sizes at the tiny preset's own values are not the user's: the file's heads are guessed.
+    preset_sizes = dict(model__embed_dim=96, model__depth=4, model__num_heads=3)
+    with pytest.warns(UserWarning, match="does not record num_heads.*assuming 2"):
+        trainer = Trainer(small(tmp_path / "guessed", stage=2, steps=1, run__init=str(bare), **preset_sizes),
+                          log=quiet)
+    assert trainer.model.student.cfg.num_heads == 2
+    # A file that states its heads keeps them, and the given value is reported as unused.
+    lines.clear()
+    trainer = Trainer(small(tmp_path / "stated", stage=2, steps=1, run__init=str(GOLDEN / "tiny_ckpt.pt"),
+                            model__num_heads=4), log=lines.append)
+    assert trainer.model.student.cfg.num_heads == 2
+    assert any("model.num_heads=4 (the file: 2)" in line for line in lines), lines
+
+
+def test_init_decoder_weights_are_checked_like_the_encoders(tmp_path, stage1_run):
+    raw = safe_torch_load(checkpoints_in(stage1_run)[-1])
+    name = next(iter(raw["decoder"]))
+    raw["decoder"][name] = torch.full_like(raw["decoder"][name], float("nan"))
+    torch.save(raw, tmp_path / "nan_decoder.pt")
+    with pytest.raises(CheckpointError, match=rf"nan_decoder\.pt: {name} is not a finite"):
+        Trainer(small(tmp_path / "run", stage=2, steps=1, run__init=str(tmp_path / "nan_decoder.pt")), log=quiet)
+
+
 def test_official_checkpoint_teacher_from_ema_or_from_student(tmp_path):
     """An official (fairseq) checkpoint's `_ema` becomes the teacher; the same file without
     `_ema` gives a teacher equal to the student."""
@@ -259,7 +290,7 @@ def test_hostile_or_truncated_init_is_refused_and_the_folder_is_untouched(tmp_pa
 
     torch.save({"model": {"x": Evil()}}, tmp_path / "evil.pt")
     (tmp_path / "empty.pt").write_bytes(b"")
-    for name, message in [("truncated.pt", "not a readable PyTorch checkpoint"), ("evil.pt", "refusing to load"),
+    for name, message in [("truncated.pt", "truncated or damaged zip archive"), ("evil.pt", "refusing to load"),
                           ("empty.pt", "empty file"), ("missing.pt", "no such file")]:
         with pytest.raises(CheckpointError, match=f"{name}: {message}"):
             Trainer(small(out, stage=2, steps=1, run__init=str(tmp_path / name)), log=quiet)
