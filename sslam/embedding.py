@@ -90,7 +90,7 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
     describes arrays only: applying it to files too would resample them twice). Arrays are at
     ``sample_rate`` and are resampled one clip at a time, as the reference does.
     """
-    if isinstance(audio, (str, os.PathLike)):
+    if isinstance(audio, (str, bytes, os.PathLike)):
         audio = [audio]
     if isinstance(audio, (torch.Tensor, np.ndarray)) and audio.ndim == 2:
         audio = list(audio)
@@ -100,8 +100,8 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
         raise ValueError("audio: expected a clip, a (B, N) tensor, a list of clips or paths")
     clips = []
     for i, item in enumerate(audio):
-        if isinstance(item, (str, os.PathLike)):
-            name = os.fspath(item)
+        if isinstance(item, (str, bytes, os.PathLike)):
+            name = os.fsdecode(item)
             wave, _ = load_audio(item, sample_rate=SAMPLE_RATE)
         else:
             if sample_rate is None:

@@ -6,6 +6,7 @@ import torch
 from conftest import GOLDEN
 
 from sslam import hear
+from sslam.audio import AudioError
 from sslam.checkpoint import load_encoder
 from sslam.model import Encoder, EncoderConfig
 
@@ -86,6 +87,10 @@ def test_paths_and_errors(tiny, tmp_path):
     sf.write(tmp_path / "a.wav", (torch.randn(24000) * 0.1).numpy(), 24000)
     emb = tiny.embed(str(tmp_path / "a.wav"))
     assert emb.utterance.shape == (1, 64)
+    for path in (tmp_path / "a.wav", bytes(tmp_path / "a.wav"), [bytes(tmp_path / "a.wav")]):
+        assert torch.equal(tiny.embed(path).utterance, emb.utterance)
+    with pytest.raises(AudioError, match=r"missing\.wav: file not found"):
+        tiny.embed(bytes(tmp_path / "missing.wav"))
     with pytest.raises(ValueError, match="sample_rate is required"):
         tiny.embed(torch.randn(16000))
     with pytest.raises(ValueError, match="padding="):
