@@ -128,7 +128,8 @@ class Step:
                 out = fbank_patch(self.waves, self.lengths, target_length=cfg.data.target_length, mix=windows)
                 clean, mixed = (out[: self.batch], out[self.batch :]) if windows else (out, None)
             else:
-                clean = preprocess(self.waves, 16000, cfg.data.target_length, lengths=self.lengths)
+                clean = preprocess(self.waves, 16000, cfg.data.target_length, lengths=self.lengths,
+                                   check_finite=False)
             return self.model(clean, keep, windows=windows, mixed=mixed)
 
     def __call__(self) -> float:

@@ -145,7 +145,9 @@ def _log_mel(clips: list[torch.Tensor], rate: int, device) -> tuple[torch.Tensor
     longest = max(math.ceil(c.numel() * SAMPLE_RATE / rate) for c in clips)
     max_frames = max(1, 1 + max(0, longest - FRAME_LENGTH) // FRAME_SHIFT)
     clips = [c.to(device) for c in clips]
-    logmel, frames = preprocess(clips, rate, target_length=max_frames, norm=None, return_frames=True)
+    # The clips were checked when loaded (load_audio, check_waveform).
+    logmel, frames = preprocess(clips, rate, target_length=max_frames, norm=None, return_frames=True,
+                                check_finite=False)
     return logmel[:, 0], frames.cpu()
 
 

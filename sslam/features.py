@@ -111,12 +111,14 @@ def frame_window(device: torch.device | str = "cpu") -> torch.Tensor:
 
 
 def _as_batch(
-    waveforms: torch.Tensor | np.ndarray | Sequence, lengths: torch.Tensor | Sequence[int] | None
+    waveforms: torch.Tensor | np.ndarray | Sequence, lengths: torch.Tensor | Sequence[int] | None,
+    finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack one clip, a list of clips or a (B, N) tensor into (B, N_max) float32 + lengths (B,).
 
-    Samples must be floating point and finite (``AudioError`` naming ``waveforms`` or
-    ``waveforms[i]`` otherwise): integer PCM or NaN would give plausible-looking features."""
+    Samples must be floating point, and finite when ``finite`` (``AudioError`` naming
+    ``waveforms`` or ``waveforms[i]`` otherwise): integer PCM or NaN would give
+    plausible-looking features."""
     if isinstance(waveforms, (torch.Tensor, np.ndarray)):
         waveforms = as_float_samples(waveforms, "waveforms")
         if waveforms.dim() == 1:
@@ -136,7 +138,8 @@ def _as_batch(
                     f"lengths: expected {batch.shape[0]} values in [0, {batch.shape[1]}], "
                     f"got {lens.tolist()}"
                 )
-        check_finite("waveforms", batch)
+        if finite:
+            check_finite("waveforms", batch)
         # Asynchronous: a blocking host-to-device copy would wait for the GPU's queue.
         return batch, lens.to(batch.device, non_blocking=True)
     if isinstance(waveforms, (str, bytes)) or not isinstance(waveforms, Sequence):
@@ -156,7 +159,8 @@ def _as_batch(
         if clip.dim() != 1:
             raise ValueError(f"{name}: expected a 1-D clip, got shape {tuple(clip.shape)}")
         clip = clip.to(torch.float32)
-        check_finite(name, clip)
+        if finite:
+            check_finite(name, clip)
         clips.append(clip)
     lens = torch.tensor([c.numel() for c in clips], dtype=torch.long)
     batch = torch.zeros(len(clips), int(lens.max()), dtype=torch.float32, device=clips[0].device)
@@ -317,6 +321,7 @@ def preprocess(
     *,
     lengths: torch.Tensor | Sequence[int] | None = None,
     return_frames: bool = False,
+    check_finite: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The official model input for a batch of clips (SPEC 1.1).
 
@@ -327,6 +332,9 @@ def preprocess(
         target_length: frames after padding/cropping (1024 = 10.24 s for AudioSet).
         norm: 'audioset', 'esc50', 'spcv2', 'spass', a custom (mean, std), or None.
         return_frames: also return each clip's number of real (unpadded) frames.
+        check_finite: scan the samples for NaN/Inf (``AudioError``). ``False`` is for audio
+            already checked when it was decoded, such as the training loop's: on CUDA the scan
+            waits for the GPU.
 
     Returns:
         (B, 1, target_length, 128) float32 on the input's device, and with ``return_frames``
@@ -335,7 +343,7 @@ def preprocess(
     if isinstance(target_length, bool) or not isinstance(target_length, (int, np.integer)) or target_length < 1:
         raise ValueError(f"target_length must be a positive number of frames, got {target_length!r}")
     sample_rate = _integer_rate(sample_rate)
-    batch, lens = _as_batch(waveforms, lengths)
+    batch, lens = _as_batch(waveforms, lengths, check_finite)
     shape = batch.shape
     if sample_rate != SAMPLE_RATE:
         batch, lens = _resample_each(batch, lens, sample_rate)

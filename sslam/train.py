@@ -655,7 +655,7 @@ class Trainer:
             out = fbank_patch(waves, lengths, target_length=d.target_length, norm=d.norm, mix=windows)
             b = waves.shape[0]
             return (out[:b], out[b:]) if windows is not None else (out, None)
-        return preprocess(waves, 16000, d.target_length, d.norm, lengths=lengths), None
+        return preprocess(waves, 16000, d.target_length, d.norm, lengths=lengths, check_finite=False), None
 
     def micro_step_inputs(self, batch, slot: int):
         """Inputs, kept indices, mixing windows and noise generator for micro-batch ``slot`` of

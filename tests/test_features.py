@@ -179,3 +179,12 @@ def test_cuda_matches_cpu(golden_fbank):
     cpu = preprocess(clips, 16000)
     gpu = preprocess([c.cuda() for c in clips], 16000)
     assert (gpu.cpu() - cpu).abs().max() < 1e-4
+
+
+def test_the_finite_scan_can_be_left_to_the_decoder():
+    # Audio checked when decoded skips the second scan (on CUDA it would wait for the GPU).
+    wave = torch.randn(16000) * 0.1
+    wave[5] = float("nan")
+    assert torch.isnan(preprocess(wave, 16000, check_finite=False)).any()
+    with pytest.raises(AudioError, match="1 NaN"):
+        preprocess(wave, 16000)
