@@ -140,15 +140,36 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _log_mel(clips: list[torch.Tensor], rate: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unnormalised log-mel of every clip in full: (B, F_max, 128) zero-padded, frames (B,)."""
-    longest = max(math.ceil(c.numel() * SAMPLE_RATE / rate) for c in clips)
-    max_frames = max(1, 1 + max(0, longest - FRAME_LENGTH) // FRAME_SHIFT)
-    clips = [c.to(device) for c in clips]
-    # The clips were checked when loaded (load_audio, check_waveform).
-    logmel, frames = preprocess(clips, rate, target_length=max_frames, norm=None, return_frames=True,
-                                check_finite=False)
-    return logmel[:, 0], frames.cpu()
+def _length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of clips grouped by similar length: each group's padded size (members x its
+    longest) stays within twice its real samples, so one long clip is not padded onto many
+    short ones (16 clips beside a 1-hour file would otherwise take 16 hours of memory)."""
+    groups, total = [], 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]
+        if groups and (len(groups[-1]) + 1) * n <= 2 * (total + n):
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups
+
+
+def _log_mels(clips: list[torch.Tensor], rate: int, device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Unnormalised log-mel of every clip in full, (F_b, 128) each, and the frame counts (B,).
+    Clips of similar length share a batch (see :func:`_length_groups`)."""
+    logmels, frames = [None] * len(clips), torch.zeros(len(clips), dtype=torch.long)
+    for group in _length_groups([c.numel() for c in clips]):
+        longest = math.ceil(max(clips[i].numel() for i in group) * SAMPLE_RATE / rate)
+        max_frames = max(1, 1 + max(0, longest - FRAME_LENGTH) // FRAME_SHIFT)
+        # The clips were checked when loaded (load_audio, check_waveform).
+        logmel, counts = preprocess([clips[i].to(device) for i in group], rate, target_length=max_frames,
+                                    norm=None, return_frames=True, check_finite=False)
+        for row, i in enumerate(group):
+            frames[i] = int(counts[row])
+            logmels[i] = logmel[row, 0, : frames[i]]
+    return logmels, frames
 
 
 def _plan(frames: torch.Tensor, window: int, hop: int, crop: bool) -> list[tuple[int, int, int]]:
@@ -176,15 +197,16 @@ def _fused_patches(clips: list[torch.Tensor], rate: int, window: int, norm, devi
     return fbank_patch(batch, lengths, target_length=window, norm=norm), num_frames(lengths.cpu())
 
 
-def _window_batch(logmel, plan, length: int, norm, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised windows (W, 1, length, 128), padded with the official padding value, and
-    which patch rows hold a real frame (W, length / patch)."""
+def _window_batch(logmels, plan, length: int, norm, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised windows (W, 1, length, 128) of the clips' log-mels (F_b, 128), padded with the
+    official padding value, and which patch rows hold a real frame (W, length / patch)."""
+    device = logmels[0].device
     pad_value = normalize(torch.zeros(()), norm).item()
-    specs = torch.full((len(plan), 1, length, logmel.shape[-1]), pad_value, device=logmel.device)
+    specs = torch.full((len(plan), 1, length, logmels[0].shape[-1]), pad_value, device=device)
     for i, (b, start, real) in enumerate(plan):
-        specs[i, 0, :real] = normalize(logmel[b, start : start + real], norm)
-    real_rows = torch.tensor([math.ceil(real / patch) for _, _, real in plan], device=logmel.device)
-    return specs, torch.arange(length // patch, device=logmel.device)[None] < real_rows[:, None]
+        specs[i, 0, :real] = normalize(logmels[b][start : start + real], norm)
+    real_rows = torch.tensor([math.ceil(real / patch) for _, _, real in plan], device=device)
+    return specs, torch.arange(length // patch, device=device)[None] < real_rows[:, None]
 
 
 @torch.inference_mode()
@@ -232,13 +254,13 @@ def embed(
         specs, frames = _fused_patches(clips, rate, window, prep.get("norm", "audioset"), param.device)
         plan, length = [(b, 0, min(window, int(f))) for b, f in enumerate(frames)], window
     else:
-        logmel, frames = _log_mel(clips, rate, param.device)
+        logmels, frames = _log_mels(clips, rate, param.device)
         plan = _plan(frames, window, hop, crop)
         if padding == "official":
             length = window
         else:
             length = min(window, math.ceil(max(real for _, _, real in plan) / patch) * patch)
-        specs, row_valid = _window_batch(logmel, plan, length, norm, patch)
+        specs, row_valid = _window_batch(logmels, plan, length, norm, patch)
 
     cls_out, tokens = [], []
     with _autocast(param.device, autocast):

@@ -1,5 +1,6 @@
 """The embeddings API: official contract, masked batching, long audio, fine-tuned heads, HEAR."""
 
+import numpy as np
 import pytest
 import soundfile as sf
 import torch
@@ -120,3 +121,16 @@ def test_hear_api(tmp_path):
     assert hear.get_scene_embeddings(audio, both).shape == (3, 128) == (3, both.scene_embedding_size)
     with pytest.raises(ValueError, match="SSLAM_CHECKPOINT"):
         hear.load_model("")
+
+
+def test_clips_share_a_feature_batch_only_with_clips_of_similar_length():
+    from sslam.embedding import _length_groups
+
+    assert _length_groups([16000] * 15 + [2_880_000]) == [list(range(15)), [15]]
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(400, 2_000_000, 200).tolist()
+    groups = _length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(200))
+    for group in groups:
+        real = sum(lengths[i] for i in group)
+        assert len(group) * max(lengths[i] for i in group) <= 2 * real
