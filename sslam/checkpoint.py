@@ -913,11 +913,28 @@ def encoder_from_checkpoint(ckpt: Checkpoint, device="cpu", dtype: torch.dtype =
     return model.to(device=device, dtype=dtype).eval()
 
 
+def usable_device(device) -> torch.device:
+    """``device`` as a torch.device this process can use, or ValueError naming it and why (a
+    misspelt name, CUDA without a GPU, a GPU index beyond those present)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device={device!r}: not a device name ({exc})") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={device!r}: no CUDA device is available here")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
+    return dev
+
+
 def load_encoder(path, device="cpu", weights: str = "student", dtype: torch.dtype = torch.float32) -> Encoder:
     """Load an encoder from any supported checkpoint (see the module docstring), in eval mode.
 
     The architecture (tiny to large) is read from the file; every key and shape is checked.
     ``weights='teacher'`` selects the EMA teacher of a pretraining checkpoint."""
+    device = usable_device(device)  # before reading what may be a large file
     return encoder_from_checkpoint(read_checkpoint(path, weights), device=device, dtype=dtype)
 
 

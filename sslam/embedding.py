@@ -11,7 +11,9 @@ encoded whole -- the official feature extraction, so the outputs equal the offic
   windows' CLS tokens. ``crop=True`` instead keeps only the first window (the official crop).
 * ``padding="mask"``: windows are padded only to the longest clip of the batch (rounded up to a
   patch row) and patch rows holding no real frame are excluded from attention and pooling, so a
-  clip's embeddings do not depend on what it is batched with.
+  clip's embeddings do not depend on what it is batched with, up to float rounding (~5e-7: the
+  masked softmax sums over a longer row). ``padding="official"`` is bit-identical whatever the
+  batch.
 
 Token layout: patch token n = t * 8 + f (t = patch row, 16 frames = 160 ms; f = frequency band).
 A patch row is *real* when it holds at least one real frame.
@@ -33,6 +35,7 @@ from .features import (
     FRAME_LENGTH,
     FRAME_SHIFT,
     SAMPLE_RATE,
+    _integer_rate,
     norm_stats,
     normalize,
     num_frames,
@@ -76,11 +79,11 @@ class Embeddings:
         return self.utterance.shape[0]
 
 
-def row_times(num_rows: int, patch: int = 16) -> torch.Tensor:
+def row_times(num_rows: int, patch: int = 16, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Centre time (s) of each patch row: frames 16r..16r+15, frame i centred at
     i * 10 ms + 12.5 ms."""
     centre_frame = torch.arange(num_rows, dtype=torch.float64) * patch + (patch - 1) / 2
-    return (centre_frame * FRAME_SECONDS + FRAME_LENGTH / SAMPLE_RATE / 2).float()
+    return (centre_frame * FRAME_SECONDS + FRAME_LENGTH / SAMPLE_RATE / 2).to(dtype)
 
 
 def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
@@ -90,9 +93,18 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
     describes arrays only: applying it to files too would resample them twice). Arrays are at
     ``sample_rate`` and are resampled one clip at a time, as the reference does.
     """
+    if sample_rate is not None:
+        sample_rate = _integer_rate(sample_rate)  # 44100.0 is 44100, as for preprocess
     if isinstance(audio, (str, bytes, os.PathLike)):
         audio = [audio]
+    layout_hint = ""
     if isinstance(audio, (torch.Tensor, np.ndarray)) and audio.ndim == 2:
+        if audio.shape[0] > audio.shape[1]:
+            layout_hint = (
+                f"; audio of shape {tuple(audio.shape)} reads as {audio.shape[0]} clips of "
+                f"{audio.shape[1]} samples: for a (samples, channels) array pass its channel mean, "
+                "or its transpose for one clip per channel"
+            )
         audio = list(audio)
     elif isinstance(audio, (torch.Tensor, np.ndarray)):
         audio = [audio]
@@ -107,9 +119,12 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
             if sample_rate is None:
                 raise ValueError("sample_rate is required for waveforms given as arrays")
             name = f"audio[{i}]"
-            wave = check_waveform(item, sample_rate, name=name)  # also checks the rate
-            wave = resample(wave, int(sample_rate), SAMPLE_RATE)
-        check_min_length(wave, name)
+            wave = check_waveform(item, sample_rate, name=name)
+            wave = resample(wave, sample_rate, SAMPLE_RATE)
+        try:
+            check_min_length(wave, name)
+        except AudioError as exc:
+            raise AudioError(f"{exc}{layout_hint}") from None
         clips.append(wave)
     return clips
 
@@ -239,9 +254,10 @@ def embed(
     prep = model.preprocessing
     window, norm = int(prep.get("target_length", 1024)), norm_stats(prep.get("norm", "audioset"))
     patch, freq = model.cfg.patch_size, model.cfg.freq_patches
-    hop = hop or max(patch, window // 2 // patch * patch)
-    if hop % patch or hop <= 0 or hop > window:
-        raise ValueError(f"hop={hop}: must be a positive multiple of {patch} frames, at most {window}")
+    if hop is None:
+        hop = max(patch, window // 2 // patch * patch)
+    if isinstance(hop, bool) or not isinstance(hop, (int, np.integer)) or hop % patch or hop <= 0 or hop > window:
+        raise ValueError(f"hop={hop!r}: must be a positive multiple of {patch} frames, at most {window}")
     param = next(model.parameters())
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

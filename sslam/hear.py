@@ -14,6 +14,7 @@ import os
 import torch
 
 from .checkpoint import load_encoder
+from .embedding import row_times
 from .model import Encoder
 
 SCENE_MODES = ("cls", "mean", "cls+mean")
@@ -45,7 +46,8 @@ def load_model(model_file_path: str = "", *, device: str | None = None, weights:
 def _embed(audio: torch.Tensor, model: Encoder):
     if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
         raise ValueError(f"audio: expected a (n_sounds, n_samples) tensor, got {getattr(audio, 'shape', type(audio))}")
-    return model.embed(audio.float(), model.sample_rate, batch_size=model.hear_batch_size)
+    # No .float() here: embed checks the samples (integer PCM is refused, not rescaled).
+    return model.embed(audio, model.sample_rate, batch_size=model.hear_batch_size)
 
 
 def get_scene_embeddings(audio: torch.Tensor, model: Encoder) -> torch.Tensor:
@@ -62,11 +64,14 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: Encoder) -> tuple[torch
     """(n_sounds, n_samples) -> embeddings (n_sounds, n_timestamps, timestamp_embedding_size)
     and timestamps (n_sounds, n_timestamps) in milliseconds: the centres of the patch rows
     that lie within the audio (at least one row). A last, partly filled row whose centre falls
-    after the end is left out: HEAR requires timestamps within the audio, evenly spaced."""
+    after the end is left out: HEAR requires timestamps within the audio, evenly spaced. A
+    sound shorter than the first row's centre (87.5 ms) gets its one timestamp at its middle."""
     emb = _embed(audio, model)
     rows = int(emb.timestamp_mask.sum(1).max())  # every sound has the same length in HEAR
     duration_ms = 1000 * audio.shape[-1] / model.sample_rate
-    times = (emb.times[:rows] * 1000).to(emb.timestamps.device)
+    # In float64 milliseconds: float32 seconds times 1000 spaces the rows 159.9995..160.0005 ms.
+    times = row_times(rows, model.cfg.patch_size, torch.float64) * 1000
     rows = max(1, int((times <= duration_ms).sum()))
-    times = times[:rows]
+    times = times[:rows].clamp(max=duration_ms / 2) if times[0] > duration_ms else times[:rows]
+    times = times.float().to(emb.timestamps.device)
     return emb.timestamps[:, :rows], times.expand(len(emb), -1).contiguous()

@@ -169,6 +169,47 @@ def test_hear_timestamps_stay_within_the_audio(hear_model):
         assert duration_ms - 2 * hop <= float(ts.max()) <= duration_ms, seconds
 
 
+def test_hear_timestamps_are_exactly_spaced_and_inside_even_a_25_ms_sound(hear_model):
+    _, ts = hear.get_timestamp_embeddings(torch.rand(1, 10 * 16000) * 0.2 - 0.1, hear_model)
+    assert torch.equal(ts.diff(dim=1), torch.full_like(ts[:, 1:], 160.0))
+    for n in (400, 1000, 1400):  # 25, 62.5 and 87.5 ms: shorter than the first row's centre
+        _, ts = hear.get_timestamp_embeddings(torch.rand(1, n) * 0.2 - 0.1, hear_model)
+        duration_ms = 1000 * n / 16000
+        assert ts.shape == (1, 1) and 0 < float(ts[0, 0]) <= duration_ms, n
+
+
+def test_hear_refuses_integer_pcm_instead_of_embedding_it_at_its_scale(hear_model):
+    pcm = (torch.rand(2, 16000) * 2000 - 1000).to(torch.int16)
+    with pytest.raises(AudioError, match="samples must be floating point on the \\[-1, 1\\] scale"):
+        hear.get_scene_embeddings(pcm, hear_model)
+
+
+def test_embed_arguments_are_checked_as_preprocess_checks_them(tiny):
+    clip = noise(16000)
+    expected = tiny.embed(clip, 16000).utterance
+    assert torch.equal(tiny.embed(clip, 16000.0).utterance, expected)
+    assert torch.equal(tiny.embed(clip, 16000, hop=np.int64(16)).utterance, expected)
+    for rate in (16000.5, 999, True):
+        with pytest.raises(ValueError, match="sample_rate must be an integer in 1000..384000 Hz"):
+            tiny.embed(clip, rate)
+    for hop in (0, 16.0, 8, True):
+        with pytest.raises(ValueError, match="hop="):
+            tiny.embed(clip, 16000, hop=hop)
+    stereo = np.stack([clip.numpy()] * 2, axis=1)  # (samples, channels), as soundfile.read gives
+    with pytest.raises(AudioError, match=r"reads as 16000 clips of 2 samples.*channel mean"):
+        tiny.embed(stereo, 16000)
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_unusable_devices_are_one_line_errors(tmp_path, capsys, device):
+    args = ["extract", str(tmp_path), "--checkpoint", CKPT, "--out", str(tmp_path / "e.npz"), "--device", device]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sslam: error: device={device!r}") and err.count("\n") == 1, err
+    with pytest.raises(ValueError, match=f"device={device!r}"):
+        hear.load_model(CKPT, device=device)
+
+
 def test_hear_too_short_and_malformed_audio_are_clear_errors(hear_model):
     with pytest.raises(AudioError, match=r"audio\[0\]: too short"):
         hear.get_scene_embeddings(torch.zeros(2, 100), hear_model)
