@@ -109,7 +109,8 @@ class AudioFiles(Dataset):
                 wave = wave[: self.max_samples]
             return wave, index, failures
         raise AudioError(
-            f"{self.max_tries} consecutive unreadable files from index {index}: " + "; ".join(r for _, r in failures[-3:])
+            f"{len(failures)} unreadable files in a row from index {index}, more than the run tolerates "
+            "(data.max_bad_files); the last ones: " + "; ".join(r for _, r in failures[-3:])
         )
 
 
@@ -214,14 +215,17 @@ class GlobalBatchSampler(Sampler):
 
 
 def build_dataset(source: str, *, root: str | None = None, target_length: int = 1024, synth_clips: int = 2000,
-                  synth_seconds: float = 10.0, seed: int = 0, min_samples: int = 0) -> Dataset:
-    """'synth', a folder, or a ``.tsv`` manifest -> a dataset of (waveform, index, failures)."""
+                  synth_seconds: float = 10.0, seed: int = 0, min_samples: int = 0,
+                  max_bad_files: int = 100) -> Dataset:
+    """'synth', a folder, or a ``.tsv`` manifest -> a dataset of (waveform, index, failures).
+    A run stops past ``max_bad_files`` unreadable files, so an item may skip that many (and at
+    least 20, so a small limit still meets the run's own count, which names the files)."""
     max_samples = samples_for_frames(target_length)
     if source == "synth":
         return SynthClips(synth_clips, synth_seconds, seed, max_samples)
     path = Path(source)
     if path.is_dir():
-        return AudioFiles(folder_paths(path), max_samples)
+        return AudioFiles(folder_paths(path), max_samples, max_tries=max(20, max_bad_files + 1))
     if path.suffix.lower() == ".tsv":
-        return AudioFiles(manifest_paths(path, root, min_samples), max_samples)
+        return AudioFiles(manifest_paths(path, root, min_samples), max_samples, max_tries=max(20, max_bad_files + 1))
     raise ValueError(f"data source {source!r}: expected 'synth', a folder of audio files, or a .tsv manifest")

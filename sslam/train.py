@@ -408,14 +408,15 @@ def lr_factor(step: int, o: OptimSection) -> float:
 
 # ---- checkpoints --------------------------------------------------------------------------
 
-CKPT_PATTERN = re.compile(r"checkpoint_(\d{8})\.pt$")
+CKPT_PATTERN = re.compile(r"checkpoint_(\d{8})\.pt")  # the whole name: not best_checkpoint_...
 
 
 def checkpoints_in(folder: Path) -> list[Path]:
     """Checkpoints of a run folder, oldest first."""
     if not folder.is_dir():
         return []
-    return sorted((p for p in folder.iterdir() if CKPT_PATTERN.search(p.name)), key=lambda p: p.name)
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_PATTERN.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 # Settings a resumed run may change: where and how it runs and reports, not what it computes.
@@ -634,7 +635,7 @@ class Trainer:
         d = self.cfg.data
         dataset = build_dataset(d.source, root=d.root or None, target_length=d.target_length,
                                 synth_clips=d.synth_clips, synth_seconds=d.synth_seconds,
-                                seed=self.cfg.run.seed, min_samples=d.min_samples)
+                                seed=self.cfg.run.seed, min_samples=d.min_samples, max_bad_files=d.max_bad_files)
         self.sampler = GlobalBatchSampler(len(dataset), d.batch_size, self.dist.world_size, self.dist.rank,
                                           self.cfg.optim.accum_steps, self.cfg.run.seed, start=self.data_start)
         return DataLoader(dataset, batch_sampler=self.sampler, num_workers=d.num_workers, collate_fn=collate,
@@ -860,24 +861,18 @@ class Trainer:
                 self._count_bad_files(micro)
                 values = self.train_step(micro)
                 if values is None:
-                    self.bad_steps += 1
-                    self.skipped_steps += 1
-                    self.log(f"step {self.step + 1}: non-finite loss or gradients, step skipped ({self.bad_steps} in a row)")
-                    if self.bad_steps >= cfg.run.max_bad_steps:
-                        raise StopTraining(
-                            f"{self.bad_steps} consecutive non-finite losses or gradients at step {self.step + 1}; stopping. "
-                            f"The last good checkpoint is {checkpoints_in(self.out)[-1] if checkpoints_in(self.out) else 'none'}"
-                        )
-                    self.step += 1  # keep the data, masks and schedule moving past the bad batch
-                    self.scheduler.step()
-                    continue
-                self.bad_steps = 0
-                window_steps += 1
+                    self._skip_step()
+                else:
+                    self.bad_steps = 0
+                    window_steps += 1
+                    if self.step % cfg.run.log_every == 0 or self.step == cfg.optim.max_steps:
+                        last = self._log_step(values, time.perf_counter() - window_start, window_steps, eff,
+                                              metrics_file, writer)
+                        bar.set_postfix(loss=f"{values['loss']:.4f}")
+                        window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
-                if self.step % cfg.run.log_every == 0 or self.step == cfg.optim.max_steps:
-                    last = self._log_step(values, time.perf_counter() - window_start, window_steps, eff, metrics_file, writer)
-                    bar.set_postfix(loss=f"{values['loss']:.4f}")
-                    window_start, window_steps = time.perf_counter(), 0
+                # A skipped step saves too: otherwise a bad batch on a checkpoint step (or the
+                # last) would leave the steps since the previous checkpoint unsaved.
                 if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.optim.max_steps:
                     self.save()
             if self.dist.world_size > 1:
@@ -892,11 +887,30 @@ class Trainer:
                 writer.close()
         return last
 
+    def _skip_step(self) -> None:
+        """Count a step whose loss or gradients were not finite (no update was made), stop after
+        ``run.max_bad_steps`` in a row, and move the data, masks and schedule past it."""
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        self.log(f"step {self.step + 1}: non-finite loss or gradients, step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.cfg.run.max_bad_steps:
+            saved = checkpoints_in(self.out)
+            raise StopTraining(
+                f"{self.bad_steps} consecutive non-finite losses or gradients at step {self.step + 1}; stopping. "
+                f"The last good checkpoint is {saved[-1] if saved else 'none'}"
+            )
+        self.step += 1
+        self.scheduler.step()
+
     def _count_bad_files(self, micro) -> None:
+        # Distinct files: one corrupt file met again every epoch is still one unreadable file.
+        known = {path for path, _ in self.bad_files}
         for batch in micro:
             for path, reason in batch.failures:
-                self.bad_files.append((path, reason))
-                self.log(f"skipped unreadable file {reason}")
+                if path not in known:
+                    known.add(path)
+                    self.bad_files.append((path, reason))
+                    self.log(f"skipped unreadable file {reason}")
         if len(self.bad_files) > self.cfg.data.max_bad_files:
             raise StopTraining(
                 f"{len(self.bad_files)} unreadable files exceed data.max_bad_files={self.cfg.data.max_bad_files}; "

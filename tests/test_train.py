@@ -13,6 +13,7 @@ import torch
 from conftest import GOLDEN
 
 import sslam.train
+from sslam.audio import AudioError
 from sslam.checkpoint import load_encoder, read_checkpoint
 from sslam.precision import MATMUL_MODULES
 from sslam.train import (
@@ -311,4 +312,47 @@ def test_unreadable_files_are_skipped_and_capped(tmp_path):
     assert [Path(p).name for p, _ in trainer.bad_files][:1] == ["3.wav"]
     cfg = small(tmp_path / "run2", steps=4, data__source=str(data), data__max_bad_files=0)
     with pytest.raises(StopTraining, match="unreadable files exceed data.max_bad_files=0"):
+        Trainer(cfg, log=lambda *a: None).fit()
+
+
+@pytest.mark.parametrize("bad_step", [3, 6])  # a checkpoint step, the last step
+def test_a_skipped_step_on_a_checkpoint_step_still_saves(tmp_path, monkeypatch, bad_step):
+    trainer = Trainer(small(tmp_path, steps=6, run__ckpt_every=3), log=lambda *a: None)
+    real = trainer.train_module.forward
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        if trainer.step == bad_step - 1:
+            losses.total = losses.total * float("nan")
+        return losses
+
+    monkeypatch.setattr(trainer.train_module, "forward", poisoned)
+    trainer.fit()
+    assert trainer.skipped_steps == 1
+    assert [p.name for p in checkpoints_in(tmp_path)] == ["checkpoint_00000003.pt", "checkpoint_00000006.pt"]
+
+
+def test_only_checkpoint_names_count_and_they_sort_by_step(tmp_path):
+    for name in ("checkpoint_00000010.pt", "checkpoint_00000009.pt", "best_checkpoint_00000099.pt",
+                 "stage1_checkpoint_00000050.pt", "checkpoint_00000011.pt.tmp", "checkpoint_7.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in checkpoints_in(tmp_path)] == ["checkpoint_00000009.pt", "checkpoint_00000010.pt"]
+
+
+def test_a_bad_file_met_again_counts_once_and_a_long_run_of_them_is_counted_not_fatal(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(6):
+        sf.write(data / f"good{i}.wav", np.random.default_rng(i).standard_normal(24000) * 0.1, 16000)
+    for i in range(25):  # 25 unreadable files in a row, more than one item used to skip
+        (data / f"bad{i:02d}.wav").write_bytes(b"not audio")
+    trainer = Trainer(small(tmp_path / "run", steps=12, data__source=str(data), data__max_bad_files=25),
+                      log=lambda *a: None)
+    trainer.fit()  # 12 steps x 4 clips: every file is met several times
+    assert sorted(Path(p).name for p, _ in trainer.bad_files) == [f"bad{i:02d}.wav" for i in range(25)]
+    cfg = small(tmp_path / "run2", steps=12, data__source=str(data), data__max_bad_files=24)
+    with pytest.raises((StopTraining, AudioError), match="data.max_bad_files"):
         Trainer(cfg, log=lambda *a: None).fit()
