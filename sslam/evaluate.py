@@ -214,8 +214,9 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
 def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: ProbeConfig | None = None,
                  seeds=(0,), workers: int = 0, cache: dict | None = None, metric: str | None = None) -> dict:
     """Train a linear head per seed and score it on ``test``: {'metric', 'mean', 'std',
-    'per_seed', 'seconds'}. ``cache`` may carry extracted features between calls; ``metric``
-    overrides the split's natural metric (see :func:`score`)."""
+    'per_seed', 'seconds'}. ``cache`` may carry extracted features between calls with the same
+    encoder, keyed by split object (two splits may share a name: fold1/labels.csv and
+    fold2/labels.csv); ``metric`` overrides the split's natural metric (see :func:`score`)."""
     _check_splits(train, test)
     cfg = cfg or ProbeConfig()
     # As the fine-tuner decides: a train split whose clips happen to carry one label each is
@@ -224,13 +225,13 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
     start = time.perf_counter()
     cache = {} if cache is None else cache
     for split in (train, test):
-        if split.name not in cache:
-            cache[split.name] = extract_cls(encoder, split, workers=workers)
-    test_x = cache[test.name]
+        if cache.get(id(split), (None,))[0] is not split:  # the split is kept: its id stays its own
+            cache[id(split)] = (split, extract_cls(encoder, split, workers=workers))
+    train_x, test_x = cache[id(train)][1], cache[id(test)][1]
     results = []
     for seed in seeds:
         if cfg.fast:
-            head = train_probe_on_features(cache[train.name], train.targets, multilabel, cfg, seed)
+            head = train_probe_on_features(train_x, train.targets, multilabel, cfg, seed)
         else:
             head = train_probe_full(encoder, train, cfg, seed, workers, multilabel).cpu()
         with torch.no_grad():

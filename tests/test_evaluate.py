@@ -15,6 +15,7 @@ from sslam.evaluate import (
     ProbeConfig,
     apply_overrides,
     classification_loss,
+    extract_cls,
     layer_decay_groups,
     linear_probe,
 )
@@ -209,3 +210,15 @@ def test_demo_quick(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert set(result["table"]) == {"random", "stage 1", "stage 2"}
     assert (tmp_path / "demo.png").stat().st_size > 10_000 and "| stage 2 |" in (tmp_path / "results.md").read_text()
+
+
+def test_probe_features_of_two_splits_with_one_name_are_their_own():
+    import dataclasses
+
+    train = dataclasses.replace(synth_split("poly", True, 16), name="labels")  # fold1/labels.csv
+    test = dataclasses.replace(synth_split("poly", False, 8), name="labels")  # fold2/labels.csv
+    encoder, cache = tiny_encoder(), {}
+    linear_probe(encoder, train, test, ProbeConfig(epochs=2, batch_size=4), cache=cache)
+    assert len(cache) == 2
+    assert torch.equal(cache[id(test)][1], extract_cls(encoder, test))
+    assert torch.equal(cache[id(train)][1], extract_cls(encoder, train))
