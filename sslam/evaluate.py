@@ -457,8 +457,12 @@ class Finetuner:
         audio = SplitAudio(self.train_split, (target_length - 1) * 160 + 400)
         while True:
             indices = self._epoch_indices(epoch)[skip * self.cfg.batch_size :].tolist()
+            # Its own generator: a loader without one seeds its workers from the global stream,
+            # and drawing there at a resume (not at the epoch's start, as the run did) would
+            # shift the stochastic depth of every later step.
+            seeds = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
             yield from DataLoader(Subset(audio, indices), batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
-                                  collate_fn=_collate, drop_last=True)
+                                  collate_fn=_collate, drop_last=True, generator=seeds)
             epoch, skip = epoch + 1, 0
 
     @torch.no_grad()
@@ -475,6 +479,10 @@ class Finetuner:
     def fit(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.rank == 0 and self.step:  # resumed: drop what was logged after its checkpoint
+            from .train import trim_metrics
+
+            trim_metrics(self.out / "metrics.jsonl", self.step)
         metrics = (self.out / "metrics.jsonl").open("a") if self.dist.rank == 0 else None
         augment = ProbeConfig(mixup=cfg.mixup, mixup_prob=cfg.mixup_prob, mask_ratio=cfg.mask_ratio, roll=cfg.roll)
         last, start = {}, time.perf_counter()

@@ -843,7 +843,7 @@ class Trainer:
         loader = self.data_loader()
         self._steps_at_start = self.step
         if self.dist.main and self.resume_from is not None:
-            _trim_metrics(self.out / "metrics.jsonl", self.step)
+            trim_metrics(self.out / "metrics.jsonl", self.step)
         metrics_file = (self.out / "metrics.jsonl").open("a") if self.dist.main else None
         writer = self._tensorboard()
         from tqdm import tqdm
@@ -955,7 +955,7 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
 
-def _trim_metrics(path: Path, step: int) -> None:
+def trim_metrics(path: Path, step: int) -> None:
     """Drop the records after ``step`` (and a line cut short by a crash) from ``metrics.jsonl``:
     a run resumed from the checkpoint of ``step`` logs those steps again, and the file would
     otherwise hold them twice."""

@@ -222,3 +222,36 @@ def test_probe_features_of_two_splits_with_one_name_are_their_own():
     assert len(cache) == 2
     assert torch.equal(cache[id(test)][1], extract_cls(encoder, test))
     assert torch.equal(cache[id(train)][1], extract_cls(encoder, train))
+
+
+def test_finetuning_resumes_exactly_with_stochastic_depth_and_logs_each_step_once(tmp_path):
+    train, test = synth_split("poly", True, 16), synth_split("poly", False, 8)
+
+    def config(out):
+        return FinetuneConfig(steps=6, warmup=1, batch_size=4, eval_every=100, ckpt_every=3, out=str(out),
+                              workers=0, drop_path=0.1)
+
+    whole = Finetuner(tiny_encoder(), train, test, config(tmp_path / "whole"), log=lambda *a: None)
+    whole.fit()
+    cut = Finetuner(tiny_encoder(), train, test, config(tmp_path / "cut"), log=lambda *a: None)
+    step = cut.optimizer.step
+
+    def interrupt_at_step_5(*args, **kwargs):
+        if cut.step == 4:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    cut.optimizer.step = interrupt_at_step_5
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    resumed = Finetuner(tiny_encoder(), train, test, config(tmp_path / "cut"), log=lambda *a: None)
+    assert resumed.step == 3
+    resumed.fit()
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+
+    def logged(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in logged("cut")] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in logged("cut")] == [r["loss"] for r in logged("whole")]
