@@ -219,6 +219,7 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
     fold2/labels.csv); ``metric`` overrides the split's natural metric (see :func:`score`)."""
     _check_splits(train, test)
     cfg = cfg or ProbeConfig()
+    check_settings(cfg)
     # As the fine-tuner decides: a train split whose clips happen to carry one label each is
     # still multi-label when the test split is (BCE and mAP, not softmax and accuracy).
     multilabel = train.multilabel or test.multilabel
@@ -273,6 +274,31 @@ class FinetuneConfig:
     checkpoint_blocks: str = "off"  # off | selective | full: recompute block activations in the backward
     workers: int = 2
     seed: int = 0
+
+
+# Ranges of the probe's and the fine-tuner's settings; a field either config lacks is skipped.
+_SETTING_RANGES = {
+    "epochs": (1, math.inf), "steps": (1, math.inf), "batch_size": (1, math.inf),
+    "eval_every": (1, math.inf), "ckpt_every": (1, math.inf), "keep_last": (1, math.inf),
+    "warmup": (0, math.inf), "epoch_size": (0, math.inf), "workers": (0, math.inf), "seed": (0, math.inf),
+    "lr": (0, math.inf), "min_lr": (0, math.inf), "weight_decay": (0, math.inf), "mixup": (0, math.inf),
+    "layer_decay": (0, 1), "mixup_prob": (0, 1), "drop_path": (0, 0.999), "label_smoothing": (0, 0.999),
+    "mask_ratio": (0, 0.999),
+}
+
+
+def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
+    """Refuse a setting outside its range, naming it: a zero eval_every divides by zero after
+    the first step, a negative layer_decay gives some blocks negative learning rates."""
+    for name, (low, high) in _SETTING_RANGES.items():
+        if not hasattr(cfg, name):
+            continue
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            span = f">= {low}" if high == math.inf else f"in [{low}, {high:g}]"
+            raise ValueError(f"{name}={value!r}: must be {span}")
+    if cfg.min_lr > cfg.lr:
+        raise ValueError(f"min_lr={cfg.min_lr} must be at most lr={cfg.lr}")
 
 
 def layer_decay_groups(model: Encoder, cfg: FinetuneConfig) -> list[dict]:
@@ -376,6 +402,7 @@ class Finetuner:
         from .train import HALF, PRECISIONS, checkpoints_in, init_distributed
 
         _check_splits(train, test)
+        check_settings(cfg)
         self.cfg, self.train_split, self.test_split = cfg, train, test
         self.multilabel = train.multilabel or test.multilabel
         device = next(encoder.parameters()).device

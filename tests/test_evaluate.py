@@ -255,3 +255,17 @@ def test_finetuning_resumes_exactly_with_stochastic_depth_and_logs_each_step_onc
 
     assert [r["step"] for r in logged("cut")] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in logged("cut")] == [r["loss"] for r in logged("whole")]
+
+
+@pytest.mark.parametrize("change", [{"eval_every": 0}, {"ckpt_every": 0}, {"steps": 0}, {"layer_decay": -1.0},
+                                    {"warmup": -5}, {"mixup_prob": 2.0}, {"mask_ratio": 2.0},
+                                    {"mixup": float("nan")}, {"batch_size": 0}, {"min_lr": 1.0}])
+def test_impossible_finetuning_and_probe_settings_are_refused_by_name(tmp_path, change):
+    train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=rf"^{name}="):
+        Finetuner(tiny_encoder(), train, test, FinetuneConfig(out=str(tmp_path), workers=0, **change))
+    probe_change = {"epochs" if name == "steps" else name: value for name, value in change.items()}
+    if all(hasattr(ProbeConfig, key) for key in probe_change):
+        with pytest.raises(ValueError, match=rf"^{next(iter(probe_change))}="):
+            linear_probe(tiny_encoder(), train, test, ProbeConfig(**probe_change))
