@@ -151,7 +151,7 @@ def _decode(name: str) -> tuple[np.ndarray, int, bool]:
     """Decode a file with soundfile: float32 ``(frames, channels)`` array, its rate, and whether
     the samples may be non-finite (only float formats can hold NaN or Inf)."""
     try:
-        with soundfile.SoundFile(name) as sound:
+        with soundfile.SoundFile(os.fsencode(name)) as sound:  # bytes: any path the OS has
             rate = sound.samplerate
             integer = _INTEGER_READS.get(sound.subtype)
             if integer is None:

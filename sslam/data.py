@@ -35,7 +35,8 @@ def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples
     path = Path(path)
     try:
         # utf-8-sig: a byte-order mark (editors on Windows add one) must not end up in the root.
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        # surrogateescape: a path in another encoding keeps its bytes, as the file system has them.
+        lines = path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()
     except OSError as exc:
         raise ValueError(f"{path}: cannot read manifest ({exc})") from exc
     if not lines or not lines[0].strip():

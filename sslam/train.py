@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_torch_load
-from .features import preprocess
+from .features import norm_stats, preprocess
 from .kernels.switch import use_kernels
 from .masking import MaskConfig, block_masks, kept_indices
 from .mixing import sample_windows
@@ -290,10 +290,20 @@ def validate(cfg: TrainConfig) -> None:
         (r.checkpoint_blocks in BLOCK_CHECKPOINTING, f"run.checkpoint_blocks={r.checkpoint_blocks!r}: one of {BLOCK_CHECKPOINTING}"),
         (r.ckpt_every >= 1 and r.log_every >= 1 and r.keep_last >= 1, "run.ckpt_every, log_every, keep_last >= 1"),
         (r.max_bad_steps >= 1, "run.max_bad_steps must be >= 1"),
+        (o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 or inf: no clipping)"),
+        (d.synth_clips >= 1, "data.synth_clips must be >= 1"),
+        (math.isfinite(d.synth_seconds) and d.synth_seconds >= 0.025,
+         f"data.synth_seconds={d.synth_seconds} must be finite and at least one 25 ms frame"),
+        (r.seed >= 0 and r.threads >= 0, "run.seed and run.threads must be >= 0"),
+        (bool(r.out.strip()), "run.out must name a folder (checkpoints would land in the current one)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    try:
+        norm_stats(d.norm)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"data.norm={d.norm!r}: {exc}") from None
     try:  # the masks must keep and hide at least one patch of the grid
         MaskConfig(grid=(d.target_length // 16, 8), mask_prob=ob.mask_prob, mask_prob_adjust=ob.mask_prob_adjust,
                    mask_length=ob.mask_length)
@@ -497,6 +507,8 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.run.out)
         device_type = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if device_type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("run.device=cuda: no CUDA device is available here")
         self.dist = init_distributed(device_type)
         if device_type == "cuda":
             torch.cuda.set_device(self.dist.local_rank)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 
 import numpy as np
@@ -259,6 +260,15 @@ def test_manifest_bom_crlf_blank_lines_spaces_unicode_absolute(tmp_path):
     assert [p.name for p in manifest_paths(tmp_path / "m.tsv", min_samples=1000)] == ["a b.wav", "x.wav",
                                                                                       "nosize.wav"]
     assert str(manifest_paths(tmp_path / "m.tsv", root="/other")[0]) == "/other/a b.wav"
+
+
+def test_manifest_paths_in_another_encoding_keep_their_bytes(tmp_path):
+    latin1 = "caf\xe9.wav".encode("latin-1")  # b"caf\xe9.wav": not UTF-8
+    sf.write(os.fsencode(tmp_path) + b"/" + latin1, np.zeros(16000), 16000)
+    (tmp_path / "m.tsv").write_bytes(os.fsencode(str(tmp_path)) + b"\n" + latin1 + b"\t16000\n")
+    (path,) = manifest_paths(tmp_path / "m.tsv")
+    assert os.fsencode(path.name) == latin1 and path.is_file()
+    assert build_dataset(str(tmp_path / "m.tsv"))[0][2] == []  # decoded, not skipped
 
 
 def test_manifest_missing_root_line(tmp_path):

@@ -25,6 +25,7 @@ from sslam.train import (
     lr_factor,
     preset,
     set_option,
+    validate,
 )
 
 
@@ -356,3 +357,22 @@ def test_a_bad_file_met_again_counts_once_and_a_long_run_of_them_is_counted_not_
     cfg = small(tmp_path / "run2", steps=12, data__source=str(data), data__max_bad_files=24)
     with pytest.raises((StopTraining, AudioError), match="data.max_bad_files"):
         Trainer(cfg, log=lambda *a: None).fit()
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("data.norm", "bogus", r"data.norm='bogus'"), ("data.synth_clips", "0", "data.synth_clips"),
+    ("data.synth_seconds", "nan", "data.synth_seconds"), ("run.seed", "-1", "run.seed"),
+    ("run.threads", "-1", "run.threads"), ("optim.clip_norm", "-1", "optim.clip_norm"),
+    ("run.out", "", "run.out must name a folder"),
+])
+def test_settings_that_used_to_fail_mid_run_are_refused_up_front(key, value, match):
+    cfg = preset("tiny", 1)
+    set_option(cfg, key, value)
+    with pytest.raises(ValueError, match=match):
+        validate(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="run.device=cuda: no CUDA device"):
+        Trainer(small(tmp_path, run__device="cuda"), log=lambda *a: None)
