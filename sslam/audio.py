@@ -27,7 +27,7 @@ import soundfile
 import torch
 from torch import Tensor
 
-from sslam.resampler import resample
+from sslam.resampler import inputs_needed, resample
 
 __all__ = ["AudioError", "SUPPORTED_RATES", "load_audio", "to_mono", "check_waveform"]
 
@@ -126,38 +126,43 @@ _INTEGER_READS = {
 _READ_BLOCK_FRAMES = 1 << 20
 
 
-def _read_all(sound: soundfile.SoundFile, dtype: str) -> np.ndarray:
-    """Every frame of an open file, ``(frames, channels)`` of ``dtype``, read in blocks until the
-    decoder stops. The frame count in the header only caps each block, because soundfile
-    allocates what it asks for before decoding: a damaged or hostile header (a FLAC STREAMINFO
-    may claim up to 2**36 samples) would otherwise cost gigabytes or a MemoryError.
+def _read_all(sound: soundfile.SoundFile, dtype: str, limit: int | None = None) -> np.ndarray:
+    """Every frame of an open file (the first ``limit`` if given), ``(frames, channels)`` of
+    ``dtype``, read in blocks until the decoder stops. The frame count in the header only caps
+    each block, because soundfile allocates what it asks for before decoding: a damaged or
+    hostile header (a FLAC STREAMINFO may claim up to 2**36 samples) would otherwise cost
+    gigabytes or a MemoryError.
     The result equals ``soundfile.read(..., always_2d=True)``, damaged files included."""
-    blocks = []
-    while True:
-        block = sound.read(_READ_BLOCK_FRAMES, dtype=dtype, always_2d=True)
+    blocks, left = [], limit
+    while left is None or left > 0:
+        asked = _READ_BLOCK_FRAMES if left is None else min(_READ_BLOCK_FRAMES, left)
+        block = sound.read(asked, dtype=dtype, always_2d=True)
         if block.shape[0]:
             blocks.append(block)
+            left = None if left is None else left - block.shape[0]
         # A short read is the end of the file, or a decode error (a damaged Ogg page): stop
         # there, as soundfile.read (the reference's reader) does. Reading on would append the
         # audio after the damage, which the reference never sees.
-        if block.shape[0] < _READ_BLOCK_FRAMES:
+        if block.shape[0] < asked:
             break
     if not blocks:
         return np.empty((0, sound.channels), dtype=dtype)
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
-def _decode(name: str) -> tuple[np.ndarray, int, bool]:
+def _decode(name: str, frames_for=None) -> tuple[np.ndarray, int, bool]:
     """Decode a file with soundfile: float32 ``(frames, channels)`` array, its rate, and whether
-    the samples may be non-finite (only float formats can hold NaN or Inf)."""
+    the samples may be non-finite (only float formats can hold NaN or Inf). ``frames_for(rate)``,
+    if given, says how many leading frames are needed."""
     try:
         with soundfile.SoundFile(os.fsencode(name)) as sound:  # bytes: any path the OS has
             rate = sound.samplerate
+            limit = None if frames_for is None else frames_for(rate)
             integer = _INTEGER_READS.get(sound.subtype)
             if integer is None:
-                return _read_all(sound, "float32"), rate, True
+                return _read_all(sound, "float32", limit), rate, True
             dtype, scale = integer
-            samples = _read_all(sound, dtype)
+            samples = _read_all(sound, dtype, limit)
     except (soundfile.LibsndfileError, RuntimeError) as exc:
         raise _fail(name, f"cannot decode audio ({exc})") from exc
     except TypeError as exc:
@@ -183,7 +188,8 @@ def _check_regular_file(name: str) -> None:
 
 
 def load_audio(
-    path: str | os.PathLike, sample_rate: int | None = None, *, mono: bool = True, exact: bool = True
+    path: str | os.PathLike, sample_rate: int | None = None, *, mono: bool = True, exact: bool = True,
+    max_samples: int | None = None,
 ) -> tuple[Tensor, int]:
     """Read an audio file as float32 on the [-1, 1] scale, downmix, optionally resample.
 
@@ -194,6 +200,10 @@ def load_audio(
         mono: average the channels (before resampling) and return ``(N,)``; with ``False``
             return ``(channels, N)``.
         exact: resample bit-identically to the reference (``False``: the faster path, ~1e-6).
+        max_samples: return at most this many samples. Only the part of the file they depend on
+            is decoded (the resampling filter reaches a few samples past the cut), so the first
+            seconds of an hour-long file cost what a short file costs; the samples equal those
+            of the whole file's (to float rounding where resampled).
 
     Returns:
         ``(waveform, rate)``: float32 tensor ``(N,)`` (or ``(channels, N)``) on the CPU, and the
@@ -208,7 +218,16 @@ def load_audio(
     target = None if sample_rate is None else _check_target_rate(sample_rate)
     _check_regular_file(name)
 
-    samples, rate, may_be_nonfinite = _decode(name)
+    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples={max_samples!r}: must be a positive integer")
+
+    def frames_for(rate: int) -> int | None:
+        if max_samples is None:
+            return None
+        return max_samples if target in (None, rate) else inputs_needed(max_samples, rate, target)
+
+    samples, rate, may_be_nonfinite = _decode(name, frames_for)
     if samples.shape[0] == 0:
         raise _fail(name, "contains no audio samples (zero length)")
     rate = _check_rate(name, rate)
@@ -222,6 +241,8 @@ def load_audio(
     if target is not None and target != rate:
         waveform = resample(waveform, rate, target, exact=exact)
         rate = target
+    if max_samples is not None:
+        waveform = waveform[..., :max_samples]
     return waveform, rate
 
 

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .cached import cached_constant
 
-__all__ = ["resample", "LOWPASS_FILTER_WIDTH", "ROLLOFF"]
+__all__ = ["resample", "inputs_needed", "output_length", "LOWPASS_FILTER_WIDTH", "ROLLOFF"]
 
 LOWPASS_FILTER_WIDTH = 6
 """Half-width of the Hann window, in zero crossings of the low-pass sinc."""
@@ -132,6 +132,16 @@ def output_length(length: int, orig: int, new: int) -> int:
     """
     quotient = torch.tensor(new * length / orig, dtype=torch.float32).item()
     return min(math.ceil(quotient), new * (length // orig + 1))
+
+
+def inputs_needed(outputs: int, orig_freq: int, new_freq: int) -> int:
+    """How many leading input samples determine the first ``outputs`` samples resampled from
+    ``orig_freq`` to ``new_freq`` Hz: output frame ``n`` (``new`` outputs, reduced rates) reads
+    inputs ``n * orig - width .. n * orig + orig + width - 1``."""
+    divisor = math.gcd(orig_freq, new_freq)
+    orig, new = orig_freq // divisor, new_freq // divisor
+    last_frame = (outputs - 1) // new
+    return (last_frame + 1) * orig + _dense_width(orig, new)
 
 
 def _phase_taps(orig: int, new: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

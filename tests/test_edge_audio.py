@@ -23,7 +23,7 @@ from sslam.audio import AudioError, check_waveform, load_audio
 from sslam.cli import main
 from sslam.features import preprocess
 from sslam.model import VARIANTS, Encoder
-from sslam.resampler import resample
+from sslam.resampler import inputs_needed, resample
 
 torchaudio = pytest.importorskip("torchaudio")
 CKPT = str(GOLDEN / "tiny_ckpt.pt")
@@ -235,7 +235,7 @@ def test_regression_exact_path_memory_is_bounded_for_coprime_rates():
         """
         import math, resource, torch
         resource.setrlimit(resource.RLIMIT_AS, (6 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))
-        from sslam.resampler import resample
+        from sslam.resampler import inputs_needed, resample
         for orig, new in ((383999, 16000), (16000, 383999)):
             # float64: the reference rounds its time grid in the waveform's dtype, which in
             # float32 moves these outputs far from the formula (t ~ 1e4 cutoff periods here).
@@ -502,3 +502,25 @@ def test_check_waveform_keeps_the_graph_of_a_tensor_that_requires_grad():
     x = (torch.randn(2, 16000) * 0.1).requires_grad_()
     check_waveform(x, 16000).sum().backward()
     torch.testing.assert_close(x.grad, torch.full_like(x, 0.5))
+
+
+@pytest.mark.parametrize("rate", [16000, 44100, 8000, 7999])
+def test_max_samples_decodes_only_what_it_keeps(tmp_path, monkeypatch, rate):
+    path = tmp_path / "long.wav"
+    soundfile.write(path, np.random.default_rng(3).uniform(-0.5, 0.5, (rate * 20, 2)), rate, subtype="FLOAT")
+    whole, _ = load_audio(path, 16000, exact=False)
+    asked = []
+    read = soundfile.SoundFile.read
+
+    def counting_read(self, frames=-1, *args, **kwargs):
+        asked.append(frames)
+        return read(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(soundfile.SoundFile, "read", counting_read)
+    head, out_rate = load_audio(path, 16000, exact=False, max_samples=163_840)  # 10.24 s
+    assert out_rate == 16000 and head.shape == (163_840,)
+    torch.testing.assert_close(head, whole[:163_840], atol=1e-7, rtol=0)
+    # 10.24 s and the filter's reach (to a whole frame of the reduced rates: 1 s at 7999 Hz)
+    assert sum(asked) == (163_840 if rate == 16000 else inputs_needed(163_840, rate, 16000)) < rate * 12
+    with pytest.raises(ValueError, match="max_samples=0"):
+        load_audio(path, 16000, max_samples=0)
