@@ -86,12 +86,25 @@ def _loader(split: LabeledSplit, batch_size: int, target_length: int, workers: i
 
 def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
     """Both splits hold clips and share the classes (an empty one would fail later as an empty
-    torch.cat, or never yield a training batch)."""
+    torch.cat, or never yield a training batch), and a single-label task is well posed."""
     for split in (train, test):
         if len(split) == 0:
             raise ValueError(f"split {split.name!r} is empty: no clips to {'train on' if split is train else 'score'}")
     if train.class_names != test.class_names:
         raise ValueError(f"{train.name} and {test.name} have different classes")
+    if not train.class_names:
+        raise ValueError(f"split {train.name!r} names no classes: its labels column is empty")
+    if not (train.multilabel or test.multilabel):
+        # Single-label: softmax over the classes and accuracy. One class leaves nothing to learn
+        # (accuracy 1.0 whatever the encoder), and a clip without a label would count as class 0.
+        if len(train.class_names) < 2:
+            raise ValueError(f"split {train.name!r} has one class ({train.class_names[0]!r}): a single-label "
+                             "task needs at least two")
+        for split in (train, test):
+            unlabelled = int((split.targets.sum(1) == 0).sum())
+            if unlabelled:
+                raise ValueError(f"split {split.name!r}: {unlabelled} clip(s) without a label; a single-label "
+                                 "split needs one label per clip")
 
 
 def _collate(items):

@@ -269,3 +269,26 @@ def test_impossible_finetuning_and_probe_settings_are_refused_by_name(tmp_path, 
     if all(hasattr(ProbeConfig, key) for key in probe_change):
         with pytest.raises(ValueError, match=rf"^{next(iter(probe_change))}="):
             linear_probe(tiny_encoder(), train, test, ProbeConfig(**probe_change))
+
+
+def test_degenerate_label_sets_are_refused_before_training(tmp_path):
+    for i in range(4):
+        sf.write(tmp_path / f"c{i}.wav", np.random.default_rng(i).uniform(-0.3, 0.3, 8000), 16000)
+
+    def split(name, rows, classes=None):
+        path = tmp_path / name
+        path.write_text("path,labels\n" + "".join(f"c{i}.wav,{labels}\n" for i, labels in enumerate(rows)))
+        return read_csv_split(path, classes)
+
+    cases = [
+        (split("one.csv", ["dog"] * 4), r"'one' has one class \('dog'\)"),
+        (split("gaps.csv", ["dog", "", "cat", "dog"]), r"'gaps': 1 clip\(s\) without a label"),
+        (split("none.csv", [""] * 4), r"'none' names no classes"),
+    ]
+    for train, match in cases:
+        with pytest.raises(ValueError, match=match):
+            linear_probe(tiny_encoder(), train, train, ProbeConfig(epochs=1, batch_size=2))
+    # Multi-label splits may hold clips without a label (none of the classes is present).
+    multi = split("multi.csv", ["dog;cat", "", "cat", "dog"])
+    assert multi.multilabel
+    linear_probe(tiny_encoder(), multi, multi, ProbeConfig(epochs=1, batch_size=2))
