@@ -13,8 +13,10 @@ Clips are padded or cropped to the encoder's ``target_length`` as in the officia
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -354,15 +356,32 @@ FINETUNE_RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "ckpt_every", "ke
                                         "checkpoint_blocks"})
 
 
+def split_fingerprint(split: LabeledSplit) -> str:
+    """What identifies a split's data for a resume: its labels and its files' names (not their
+    folders: the data may move), as a short hash."""
+    digest = hashlib.sha256(split.targets.numpy().tobytes())
+    if isinstance(split.items, list):
+        for item in split.items:
+            digest.update(os.fsencode(Path(item).name) + b"\0")
+    else:
+        digest.update(split.name.encode())
+    return digest.hexdigest()[:16]
+
+
 def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: list[str], multilabel: bool,
-                              encoder_config: dict, world_size: int) -> list[str]:
+                              encoder_config: dict, world_size: int, train_split: str | None = None) -> list[str]:
     """What differs between the fine-tuning checkpoint ``saved`` and this run in a way a resumed
-    run cannot follow: settings, classes and label kind (the loss), encoder architecture, number
-    of processes (which splits every epoch's clips and sets the global batch). As ``key: <saved>
-    in the checkpoint, <now> now``."""
+    run cannot follow: settings, training data (``train_split``: its :func:`split_fingerprint`),
+    classes and label kind (the loss), encoder architecture, number of processes (which splits
+    every epoch's clips and sets the global batch). As ``key: <saved> in the checkpoint, <now>
+    now``."""
     from .train import changed_settings
 
     conflicts = changed_settings(saved.get("config") or {}, asdict(cfg), FINETUNE_RESUME_MAY_CHANGE)
+    old_split = saved.get("train_split")
+    if old_split is not None and train_split is not None and old_split != train_split:
+        conflicts.append(f"training split: other clips or labels than the checkpoint's ({old_split} in the "
+                         f"checkpoint, {train_split} now)")
     old_names = saved.get("class_names")
     if old_names is not None and list(old_names) != list(class_names):
         conflicts.append(f"classes: {len(old_names)} in the checkpoint ({', '.join(map(str, old_names[:4]))}, ...), "
@@ -468,7 +487,8 @@ class Finetuner:
             raise CheckpointError(f"{path}: not an sslam fine-tuning checkpoint (format {state.get('format')!r}); "
                                   "choose another out folder")
         conflicts = finetune_resume_conflicts(state, self.cfg, self.train_split.class_names, self.multilabel,
-                                              self.model.cfg.to_dict(), self.dist.world_size)
+                                              self.model.cfg.to_dict(), self.dist.world_size,
+                                              split_fingerprint(self.train_split))
         if conflicts:
             raise ValueError(f"{path}: cannot resume fine-tuning with changed settings: " + "; ".join(conflicts)
                              + ". Run with the checkpoint's settings, or choose another out folder.")
@@ -573,6 +593,7 @@ class Finetuner:
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "step": self.step, "best": self.best, "class_names": self.train_split.class_names,
                  "preprocessing": dict(self.model.preprocessing), "rng": rng_state(),
+                 "train_split": split_fingerprint(self.train_split),
                  "world_size": self.dist.world_size, "multilabel": self.multilabel}
         atomic_write(self.out / f"checkpoint_{self.step:08d}.pt", lambda tmp: torch.save(state, tmp))
         for old in checkpoints_in(self.out)[: -self.cfg.keep_last]:

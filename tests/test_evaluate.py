@@ -292,3 +292,13 @@ def test_degenerate_label_sets_are_refused_before_training(tmp_path):
     multi = split("multi.csv", ["dog;cat", "", "cat", "dog"])
     assert multi.multilabel
     linear_probe(tiny_encoder(), multi, multi, ProbeConfig(epochs=1, batch_size=2))
+
+
+def test_finetuning_refuses_to_resume_on_other_training_clips(tmp_path):
+    test = synth_split("poly", False, 8)
+    cfg = FinetuneConfig(steps=2, warmup=0, batch_size=4, eval_every=100, ckpt_every=2, out=str(tmp_path), workers=0)
+    Finetuner(tiny_encoder(), synth_split("poly", True, 16, seed=0), test, cfg, log=lambda *a: None).fit()
+    cfg.steps = 4
+    with pytest.raises(ValueError, match="training split: other clips or labels"):
+        Finetuner(tiny_encoder(), synth_split("poly", True, 16, seed=1), test, cfg, log=lambda *a: None)
+    assert Finetuner(tiny_encoder(), synth_split("poly", True, 16, seed=0), test, cfg, log=lambda *a: None).step == 2
