@@ -534,7 +534,13 @@ class Trainer:
             raise ValueError(f"{self.out} holds checkpoints of an earlier run (newest {existing[-1].name}) and "
                              "run.resume=false: choose a new run.out, or remove them")
         self.resume_from = existing[-1] if existing else None
-        saved = safe_torch_load(self.resume_from) if self.resume_from is not None else None
+        try:
+            saved = safe_torch_load(self.resume_from) if self.resume_from is not None else None
+        except CheckpointError as exc:
+            if len(existing) < 2:
+                raise
+            raise CheckpointError(f"{exc}. The previous checkpoint, {existing[-2].name}, may be intact: move the "
+                                  "damaged file out of the run folder to resume from it") from exc
         if saved is not None and saved.get("format") != "sslam-train":
             raise CheckpointError(f"{self.resume_from}: not an sslam training checkpoint")
         if saved is not None:

@@ -502,3 +502,13 @@ def test_probe_and_finetune_odd_class_counts_and_label_kinds(tmp_path):
     ft = Finetuner(tiny_encoder(), train, test, FinetuneConfig(steps=2, warmup=1, batch_size=3, eval_every=2,
                                                                out=str(tmp_path / "ft"), workers=0), log=quiet)
     assert ft.multilabel and "mAP" in ft.fit()
+
+
+def test_a_damaged_newest_checkpoint_names_the_previous_one(tmp_path):
+    Trainer(small(tmp_path, stage=1, steps=4, run__ckpt_every=2), log=quiet).fit()
+    saved = checkpoints_in(tmp_path)
+    assert len(saved) == 2
+    data = saved[-1].read_bytes()
+    saved[-1].write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"truncated.*previous checkpoint, {saved[-2].name}, may be intact"):
+        Trainer(small(tmp_path, stage=1, steps=6, run__ckpt_every=2), log=quiet)
