@@ -726,6 +726,7 @@ class _EagerAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: an error, not a lost term
     def backward(ctx, grad_out):
         q, k, v, out, lse, key_padding_mask, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = _backward(

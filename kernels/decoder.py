@@ -198,6 +198,7 @@ class _EagerNormAct(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: an error, not a lost term
     def backward(ctx, grad_out):
         y, mean, rstd = ctx.saved_tensors
         return _backward(grad_out, y, mean, rstd), _residual_grad(grad_out, ctx.residual_dtype), None
@@ -292,7 +293,7 @@ def decoder_layer(x, grid, weight, bias, *, groups: int, residual: bool = True, 
     check_conv_arguments(x, grid, weight, bias, groups)
     if residual and weight.shape[0] != x.shape[-1]:
         raise ValueError(f"residual needs C_out == C_in, got weight {tuple(weight.shape)} for {x.shape[-1]} channels")
-    if not use_kernels(x, weight):
+    if not use_kernels(x, weight, *(() if bias is None else (bias,))):
         return decoder_layer_ref(x, grid, weight, bias, groups=groups, residual=residual, eps=eps)
     y = grouped_conv_tokens_kernels(x, grid, weight, bias, groups)  # arguments checked above
     return decoder_norm_act(y, x if residual else None, eps=eps)

@@ -27,6 +27,7 @@ reference, public function.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -361,8 +362,13 @@ def check_conv_arguments(x, grid, weight, bias, groups: int) -> None:
     if x.dim() != 3:
         raise ValueError(f"x: expected (B, N, C) tokens, got shape {tuple(x.shape)}")
     _, n, c = x.shape
-    if len(grid) != 2 or grid[0] * grid[1] != n:
-        raise ValueError(f"grid {tuple(grid)} does not hold the {n} tokens of x")
+    if (not isinstance(grid, (tuple, list, torch.Size)) or len(grid) != 2
+            or any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 1 for g in grid)
+            or grid[0] * grid[1] != n):
+        raise ValueError(f"grid={grid!r}: expected two positive ints (T, F) with T * F = the {n} tokens of x")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name}: on {tensor.device}, x on {x.device}")
     # 'same' padding (k // 2 on both sides) keeps the (T, F) grid only for square, odd kernels;
     # any other kernel changes the grid and the token count silently.
     if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] % 2 == 0:

@@ -443,3 +443,10 @@ def test_cuda_fp32_and_poisoned_buffers(seqlen, poisoned):
     q, k, v = qkv_tensors((3, seqlen, 2, 80), device="cuda")
     mask = padding_mask([seqlen, 0, seqlen // 2], seqlen).cuda()
     check_against_reference(q, k, v, mask, rel=2e-5, atol=1e-5)
+
+
+def test_double_backward_is_refused(kernels_on_cpu):
+    q, k, v = (torch.randn(1, 2, 17, 16, requires_grad=True) for _ in range(3))
+    (dq,) = torch.autograd.grad(attn.attention(q, k, v).square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # not a silently missing term
+        dq.sum().backward()

@@ -152,3 +152,10 @@ def test_cuda_decoder_matches_reference_under_autocast(monkeypatch):
         monkeypatch.setenv("SSLAM_KERNELS", "0")
         ref = decoder(tokens, (64, 8))
     assert_close(out, ref, 3e-2, "out")
+
+
+def test_norm_act_double_backward_is_refused(kernels_on_cpu):
+    y = torch.randn(2, 6, 8, requires_grad=True)
+    (dy,) = torch.autograd.grad(dec.decoder_norm_act(y).square().sum(), y, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):  # not a silently missing term
+        dy.sum().backward()

@@ -145,6 +145,12 @@ def test_bad_arguments_are_named(kernels_on_cpu):
         gc.grouped_conv_tokens(x.long(), (3, 2), w, b, groups=2)
     with pytest.raises(TypeError, match="dtypes differ"):
         gc.grouped_conv_tokens(x.half(), (3, 2), w, b, groups=2)
+    for grid in ((-2, -3), (2.0, 3.0), 6, (6,), (True, 6)):
+        with pytest.raises(ValueError, match=r"grid=.*two positive ints"):
+            gc.grouped_conv_tokens(x, grid, w, b, groups=2)
+    for weight, bias, name in ((w.to("meta"), b, "weight"), (w, b.to("meta"), "bias")):
+        with pytest.raises(ValueError, match=rf"{name}: on meta, x on cpu"):
+            gc.grouped_conv_tokens(x, (3, 2), weight, bias, groups=2)
 
 
 # ---- CUDA: compiled kernels, bf16 and the ViT-B decoder shape ----------------------------------
