@@ -94,6 +94,7 @@ from sslam.features import (
     PREEMPHASIS,
     Norm,
     frame_window,
+    integer_lengths,
     mel_banks,
     norm_stats,
     patchify,
@@ -383,7 +384,7 @@ def _check_lengths(lengths: torch.Tensor | None, batch: int, num_samples: int) -
     if lengths is None:
         lens = torch.full((batch,), num_samples, dtype=torch.int64)
     else:
-        lens = torch.as_tensor(lengths).detach().to("cpu", torch.int64)
+        lens = integer_lengths(lengths)
         if lens.shape != (batch,) or bool((lens < 0).any()) or bool((lens > num_samples).any()):
             raise ValueError(
                 f"lengths: expected {batch} values in [0, {num_samples}], got {lens.tolist()}"

@@ -110,6 +110,15 @@ def frame_window(device: torch.device | str = "cpu") -> torch.Tensor:
     return _window_cpu().to(device)
 
 
+def integer_lengths(lengths) -> torch.Tensor:
+    """Per-clip sample counts as int64 on the CPU; floating-point (400.9) or boolean values are
+    an error rather than truncated. (A GPU tensor costs one device sync.)"""
+    raw = lengths if isinstance(lengths, torch.Tensor) else torch.as_tensor(np.asarray(lengths))
+    if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+        raise ValueError(f"lengths: expected integer sample counts, got {raw.dtype}")
+    return raw.detach().to("cpu", torch.int64)
+
+
 def _as_batch(
     waveforms: torch.Tensor | np.ndarray | Sequence, lengths: torch.Tensor | Sequence[int] | None,
     finite: bool = True,
@@ -132,7 +141,7 @@ def _as_batch(
         if lengths is None:
             lens = torch.full((batch.shape[0],), batch.shape[1], dtype=torch.long)
         else:
-            lens = torch.as_tensor(lengths, dtype=torch.long).cpu()
+            lens = integer_lengths(lengths)
             if lens.shape != (batch.shape[0],) or (lens < 0).any() or (lens > batch.shape[1]).any():
                 raise ValueError(
                     f"lengths: expected {batch.shape[0]} values in [0, {batch.shape[1]}], "

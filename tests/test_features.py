@@ -188,3 +188,12 @@ def test_the_finite_scan_can_be_left_to_the_decoder():
     assert torch.isnan(preprocess(wave, 16000, check_finite=False)).any()
     with pytest.raises(AudioError, match="1 NaN"):
         preprocess(wave, 16000)
+
+
+def test_fractional_or_boolean_lengths_are_refused_not_truncated():
+    batch = torch.randn(2, 16000) * 0.1
+    for lengths in ([400.9, 16000], torch.tensor([16000.0, 800.0]), torch.tensor([True, True])):
+        with pytest.raises(ValueError, match="lengths: expected integer sample counts"):
+            preprocess(batch, 16000, lengths=lengths)
+    for lengths in ([16000, 800], np.array([16000, 800]), torch.tensor([16000, 800], dtype=torch.int32)):
+        assert preprocess(batch, 16000, lengths=lengths, target_length=64).shape == (2, 1, 64, 128)

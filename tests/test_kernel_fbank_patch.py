@@ -199,6 +199,8 @@ def test_errors():
         fp.fbank_patch(torch.randn(2, 300))
     with pytest.raises(ValueError, match="lengths"):
         fp.fbank_patch(waves, torch.tensor([3000, 3001]))
+    with pytest.raises(ValueError, match="lengths: expected integer sample counts"):
+        fp.fbank_patch(waves, [3000.0, 2400.9])
     with pytest.raises(ValueError, match="target_length"):
         fp.fbank_patch(waves, target_length=100)
     with pytest.raises(ValueError, match="dot_precision"):
