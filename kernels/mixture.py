@@ -296,7 +296,8 @@ def mix_spectrograms(
         geometry = (x.shape[3], 1, 1)
         reference = mix_spectrograms_ref
     elif x.dim() == 3:
-        if freq_patches < 1:  # else a ZeroDivisionError (or nonsense) from the checks below
+        # else a ZeroDivisionError, nonsense, or the custom op's schema error from below
+        if isinstance(freq_patches, bool) or not isinstance(freq_patches, int) or freq_patches < 1:
             raise ValueError(f"freq_patches={freq_patches!r}: expected a positive number of "
                              "patches per row")
         if x.shape[1] % freq_patches or x.shape[2] != PATCH * PATCH:
@@ -353,9 +354,9 @@ def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     _check_dtype("tokens", tokens)
     if tokens.dim() != 3:
         raise ValueError(f"tokens: expected (B, N, D), got shape {tuple(tokens.shape)}")
-    if keep.dim() != 1 or keep.dtype != torch.int64:
-        raise ValueError(f"keep: expected a (K,) int64 tensor, got {keep.dtype} "
-                         f"{tuple(keep.shape)}")
+    if not isinstance(keep, torch.Tensor) or keep.dim() != 1 or keep.dtype != torch.int64:
+        got = f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, torch.Tensor) else type(keep).__name__
+        raise ValueError(f"keep: expected a (K,) int64 tensor, got {got}")
     if keep.device != tokens.device:
         raise ValueError(f"keep: on {keep.device}, tokens on {tokens.device}")
     if not torch.compiler.is_compiling() and keep.numel():

@@ -273,7 +273,7 @@ def regression_sums(
     if pred.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"pred: dtype {pred.dtype} not supported; expected one of {_SUPPORTED_DTYPES}")
     rows, n, d = pred.shape
-    if not isinstance(clones, int) or clones < 1 or rows % clones:
+    if isinstance(clones, bool) or not isinstance(clones, int) or clones < 1 or rows % clones:
         raise ValueError(f"clones={clones!r}: expected a positive divisor of pred's {rows} rows")
     _check("target", target, (rows // clones, n, d), pred.device)
     if masked.dtype != torch.bool or tuple(masked.shape) != (rows, n) or masked.device != pred.device:

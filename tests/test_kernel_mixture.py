@@ -81,6 +81,9 @@ def test_mix_validates():
         mx.mix_spectrograms(torch.randn(2, 1, 64, 8).double(), MixWindows((0, 32), 16))
     with pytest.raises(ValueError, match="expected spectrograms"):
         mx.mix_spectrograms(torch.randn(64, 8), MixWindows((0, 32), 16))
+    for freq_patches in (2.0, True, 0):
+        with pytest.raises(ValueError, match="freq_patches="):
+            mx.mix_spectrograms(torch.randn(2, 16, 256), MixWindows((0, 32), 16), freq_patches=freq_patches)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -125,6 +128,8 @@ def test_gather_validates():
         mx.gather_tokens(tokens, torch.tensor([1, 10]))
     with pytest.raises(ValueError, match="dtype"):
         mx.gather_tokens(tokens.double(), torch.tensor([1]))
+    with pytest.raises(ValueError, match="keep: expected a .* int64 tensor, got list"):
+        mx.gather_tokens(tokens, [1, 2])
 
 
 def test_kernels_off_equals_reference(monkeypatch):

@@ -127,6 +127,8 @@ def test_arguments_are_validated():
         rg.regression_sums(pred[0], target, masked, 2)
     with pytest.raises(ValueError, match="clones=3"):
         rg.regression_sums(pred, target, masked, 3)
+    with pytest.raises(ValueError, match="clones=True"):
+        rg.regression_sums(pred, target, masked, True)
     with pytest.raises(ValueError, match=r"target: expected shape \(2, 6, 20\)"):
         rg.regression_sums(pred, target[:1], masked, 2)
     with pytest.raises(ValueError, match="masked: expected"):
