@@ -120,16 +120,24 @@ def _check_rate(name: str, value) -> int:
     return rate
 
 
-def output_length(length: int, orig: int, new: int) -> int:
-    """Number of outputs for ``length`` inputs at the reduced rates ``orig -> new``.
+def _reduced(orig_freq: int, new_freq: int) -> tuple[int, int]:
+    """Both rates divided by their gcd."""
+    divisor = math.gcd(orig_freq, new_freq)
+    return orig_freq // divisor, new_freq // divisor
 
-    The reference takes the ceiling of ``new * length / orig`` after rounding that float64
-    quotient to float32 (``torch.ceil(torch.as_tensor(...))``). The rounding matters: for 44.1 kHz
-    clips over ~4 s it drops the quotient's fractional part in ~4% of lengths (724111 samples at
-    176400 -> 16000 Hz: 65679 outputs, where the exact ceiling is 65680), and one sample can
-    decide whether the spectrogram gets one more frame. The reference's convolution yields
-    ``new * (length // orig + 1)`` outputs, which bounds the count where float32 rounds up.
+
+def output_length(length: int, orig_freq: int, new_freq: int) -> int:
+    """Number of outputs for ``length`` inputs resampled from ``orig_freq`` to ``new_freq`` Hz.
+
+    The reference takes the ceiling of ``new * length / orig`` (reduced rates) after rounding
+    that float64 quotient to float32 (``torch.ceil(torch.as_tensor(...))``). The rounding
+    matters: for 44.1 kHz clips over ~4 s it drops the quotient's fractional part in ~4% of
+    lengths (724111 samples at 176400 -> 16000 Hz: 65679 outputs, where the exact ceiling is
+    65680), and one sample can decide whether the spectrogram gets one more frame. The
+    reference's convolution yields ``new * (length // orig + 1)`` outputs, which bounds the
+    count where float32 rounds up.
     """
+    orig, new = _reduced(orig_freq, new_freq)
     quotient = torch.tensor(new * length / orig, dtype=torch.float32).item()
     return min(math.ceil(quotient), new * (length // orig + 1))
 
@@ -138,8 +146,7 @@ def inputs_needed(outputs: int, orig_freq: int, new_freq: int) -> int:
     """How many leading input samples determine the first ``outputs`` samples resampled from
     ``orig_freq`` to ``new_freq`` Hz: output frame ``n`` (``new`` outputs, reduced rates) reads
     inputs ``n * orig - width .. n * orig + orig + width - 1``."""
-    divisor = math.gcd(orig_freq, new_freq)
-    orig, new = orig_freq // divisor, new_freq // divisor
+    orig, new = _reduced(orig_freq, new_freq)
     last_frame = (outputs - 1) // new
     return (last_frame + 1) * orig + _dense_width(orig, new)
 
@@ -373,8 +380,9 @@ def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = T
         exact: reproduce the reference bit for bit (dense filter bank) rather than fast.
 
     Returns:
-        Tensor ``(..., M)`` of the input's dtype and device, ``M = output_length(N, orig, new)``
-        (``ceil(new * N / orig)`` in float32) with both rates reduced by their gcd. When the rates are equal the input itself is returned
+        Tensor ``(..., M)`` of the input's dtype and device, ``M = output_length(N, orig_freq,
+        new_freq)``: ``ceil(new * N / orig)`` in float32 with both rates reduced by their gcd.
+        When the rates are equal the input itself is returned
         (no copy), as the reference does.
 
     Raises:
@@ -395,10 +403,9 @@ def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = T
     if orig_freq == new_freq:
         return waveform
 
-    divisor = math.gcd(orig_freq, new_freq)
-    orig, new = orig_freq // divisor, new_freq // divisor
+    orig, new = _reduced(orig_freq, new_freq)
     length = waveform.shape[-1]
-    out_length = output_length(length, orig, new)
+    out_length = output_length(length, orig, new)  # the reduced rates give the same count
     rows = waveform.reshape(-1, length)
     if rows.shape[0] == 0:
         return waveform.new_empty(*waveform.shape[:-1], out_length)
