@@ -36,6 +36,7 @@ from .features import (
     FRAME_SHIFT,
     SAMPLE_RATE,
     _integer_rate,
+    layout_hint,
     norm_stats,
     normalize,
     num_frames,
@@ -97,14 +98,9 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
         sample_rate = _integer_rate(sample_rate)  # 44100.0 is 44100, as for preprocess
     if isinstance(audio, (str, bytes, os.PathLike)):
         audio = [audio]
-    layout_hint = ""
+    hint = ""
     if isinstance(audio, (torch.Tensor, np.ndarray)) and audio.ndim == 2:
-        if audio.shape[0] > audio.shape[1]:
-            layout_hint = (
-                f"; audio of shape {tuple(audio.shape)} reads as {audio.shape[0]} clips of "
-                f"{audio.shape[1]} samples: for a (samples, channels) array pass its channel mean, "
-                "or its transpose for one clip per channel"
-            )
+        hint = layout_hint(audio.shape)
         audio = list(audio)
     elif isinstance(audio, (torch.Tensor, np.ndarray)):
         audio = [audio]
@@ -124,7 +120,7 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
         try:
             check_min_length(wave, name)
         except AudioError as exc:
-            raise AudioError(f"{exc}{layout_hint}") from None
+            raise AudioError(f"{exc}{hint}") from None
         clips.append(wave)
     return clips
 

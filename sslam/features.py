@@ -304,22 +304,26 @@ def normalize(features: torch.Tensor, norm: Norm = "audioset") -> torch.Tensor:
     return (features - mean) / (2 * std)
 
 
+def layout_hint(shape) -> str:
+    """For a 2-D input of ``shape`` with more rows than columns, which reads as many tiny clips:
+    the hint that it may be a (samples, channels) array ("" otherwise)."""
+    if len(shape) != 2 or shape[0] <= shape[1]:
+        return ""
+    return (
+        f"; shape {tuple(shape)} reads as {shape[0]} clips of {shape[1]} samples: for a "
+        "(samples, channels) array pass its channel mean, or its transpose for one clip per channel"
+    )
+
+
 def _too_short_message(short: list[int], lens: torch.Tensor, shape: torch.Size) -> str:
-    """Error text for clips under one frame (``lens`` at 16 kHz): the first few of them, and a
-    hint when the input ``shape`` looks like a (samples, channels) array read as tiny clips."""
+    """Error text for clips under one frame (``lens`` at 16 kHz): the first few of them, and
+    :func:`layout_hint` of the input's ``shape``."""
     shown = ", ".join(f"{i} ({int(lens[i])} samples)" for i in short[:5])
     more = f" and {len(short) - 5} more" if len(short) > 5 else ""
-    text = (
+    return (
         f"waveforms: clip(s) {shown}{more} at 16 kHz are shorter than one 25 ms frame "
-        f"({FRAME_LENGTH} samples)"
+        f"({FRAME_LENGTH} samples){layout_hint(shape)}"
     )
-    if shape[0] > shape[1]:
-        text += (
-            f"; shape {tuple(shape)} reads as {shape[0]} clips of {shape[1]} samples: for a "
-            "(samples, channels) array pass its channel mean, or its transpose for one clip per "
-            "channel"
-        )
-    return text
 
 
 def preprocess(
