@@ -252,15 +252,15 @@ _ELEMENTS_PER_FILE_BYTE = 4
 
 def _check_tensor_sizes(path: Path, obj) -> None:
     """Refuse a file whose tensors declare far more elements than its size can store."""
-    budget = _ELEMENTS_PER_FILE_BYTE * path.stat().st_size + (1 << 20)
+    size = path.stat().st_size
+    budget = _ELEMENTS_PER_FILE_BYTE * size + (1 << 20)
     declared = 0
     for tensor in _tensors_in(obj):
         declared += tensor.numel()
         if declared > budget:
             raise CheckpointError(
                 f"{path}: its tensors declare over {declared:,} elements, more than a file of "
-                f"{path.stat().st_size:,} bytes can hold (expanded or crafted tensors); refusing "
-                "to load it"
+                f"{size:,} bytes can hold (expanded or crafted tensors); refusing to load it"
             )
 
 

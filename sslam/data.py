@@ -220,12 +220,12 @@ def build_dataset(source: str, *, root: str | None = None, target_length: int = 
     """'synth', a folder, or a ``.tsv`` manifest -> a dataset of (waveform, index, failures).
     A run stops past ``max_bad_files`` unreadable files, so an item may skip that many (and at
     least 20, so a small limit still meets the run's own count, which names the files)."""
-    max_samples = samples_for_frames(target_length)
+    max_samples, max_tries = samples_for_frames(target_length), max(20, max_bad_files + 1)
     if source == "synth":
         return SynthClips(synth_clips, synth_seconds, seed, max_samples)
     path = Path(source)
     if path.is_dir():
-        return AudioFiles(folder_paths(path), max_samples, max_tries=max(20, max_bad_files + 1))
+        return AudioFiles(folder_paths(path), max_samples, max_tries)
     if path.suffix.lower() == ".tsv":
-        return AudioFiles(manifest_paths(path, root, min_samples), max_samples, max_tries=max(20, max_bad_files + 1))
+        return AudioFiles(manifest_paths(path, root, min_samples), max_samples, max_tries)
     raise ValueError(f"data source {source!r}: expected 'synth', a folder of audio files, or a .tsv manifest")

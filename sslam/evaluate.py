@@ -241,7 +241,8 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
     start = time.perf_counter()
     cache = {} if cache is None else cache
     for split in (train, test):
-        if cache.get(id(split), (None,))[0] is not split:  # the split is kept: its id stays its own
+        cached = cache.get(id(split))
+        if cached is None or cached[0] is not split:  # the entry keeps its split, so its id is unique
             cache[id(split)] = (split, extract_cls(encoder, split, workers=workers))
     train_x, test_x = cache[id(train)][1], cache[id(test)][1]
     results = []

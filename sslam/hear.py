@@ -72,6 +72,8 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: Encoder) -> tuple[torch
     # In float64 milliseconds: float32 seconds times 1000 spaces the rows 159.9995..160.0005 ms.
     times = row_times(rows, model.cfg.patch_size, torch.float64) * 1000
     rows = max(1, int((times <= duration_ms).sum()))
-    times = times[:rows].clamp(max=duration_ms / 2) if times[0] > duration_ms else times[:rows]
+    times = times[:rows]
+    if times[0] > duration_ms:  # a sound shorter than the first row's centre: its middle
+        times[0] = duration_ms / 2
     times = times.float().to(emb.timestamps.device)
     return emb.timestamps[:, :rows], times.expand(len(emb), -1).contiguous()
