@@ -252,8 +252,9 @@ def decoder_norm_act(y: torch.Tensor, residual: torch.Tensor | None = None, *, e
     sum in fp32. ``SSLAM_KERNELS`` picks the Triton kernel or :func:`decoder_norm_act_ref`.
     """
     check_float_tensor("y", y)
-    if y.dim() == 0:
-        raise ValueError("y: expected (..., C), got a 0-d tensor")
+    if y.dim() == 0 or y.shape[-1] == 0:
+        # A LayerNorm over no channels has no mean; say so on both paths alike.
+        raise ValueError(f"y: expected (..., C) with C >= 1, got shape {tuple(y.shape)}")
     if residual is not None:
         check_float_tensor("residual", residual)
         if residual.shape != y.shape:

@@ -167,15 +167,15 @@ def _length_groups(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-def _log_mels(clips: list[torch.Tensor], rate: int, device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Unnormalised log-mel of every clip in full, (F_b, 128) each, and the frame counts (B,).
-    Clips of similar length share a batch (see :func:`_length_groups`)."""
+def _log_mels(clips: list[torch.Tensor], device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Unnormalised log-mel of every 16 kHz clip in full, (F_b, 128) each, and the frame counts
+    (B,). Clips of similar length share a batch (see :func:`_length_groups`)."""
     logmels, frames = [None] * len(clips), torch.zeros(len(clips), dtype=torch.long)
     for group in _length_groups([c.numel() for c in clips]):
-        longest = math.ceil(max(clips[i].numel() for i in group) * SAMPLE_RATE / rate)
+        longest = max(clips[i].numel() for i in group)
         max_frames = max(1, 1 + max(0, longest - FRAME_LENGTH) // FRAME_SHIFT)
         # The clips were checked when loaded (load_audio, check_waveform).
-        logmel, counts = preprocess([clips[i].to(device) for i in group], rate, target_length=max_frames,
+        logmel, counts = preprocess([clips[i].to(device) for i in group], SAMPLE_RATE, target_length=max_frames,
                                     norm=None, return_frames=True, check_finite=False)
         for row, i in enumerate(group):
             frames[i] = int(counts[row])
@@ -192,20 +192,17 @@ def _plan(frames: torch.Tensor, window: int, hop: int, crop: bool) -> list[tuple
     return plan
 
 
-def _fused_patches(clips: list[torch.Tensor], rate: int, window: int, norm, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official-contract model inputs from the fused kernel: (B, window / 16 * 8, 256) patches,
-    and each clip's frame count (B,)."""
+def _fused_patches(clips: list[torch.Tensor], window: int, norm, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official-contract model inputs from the fused kernel, for 16 kHz clips of at least one
+    frame (as :func:`_as_clips` returns them): (B, window / 16 * 8, 256) patches, and each
+    clip's frame count (B,)."""
     from .kernels.fbank_patch import fbank_patch
 
-    waves = [resample(c.to(device), rate, SAMPLE_RATE) for c in clips]
-    lengths = torch.tensor([w.numel() for w in waves], device=device)
-    if int(lengths.min()) < FRAME_LENGTH:
-        short = [i for i, w in enumerate(waves) if w.numel() < FRAME_LENGTH]
-        raise AudioError(f"clip(s) {short}: shorter than one 25 ms frame ({FRAME_LENGTH} samples at 16 kHz)")
-    batch = torch.zeros(len(waves), int(lengths.max()), device=device)
-    for i, w in enumerate(waves):
-        batch[i, : w.numel()] = w
-    return fbank_patch(batch, lengths, target_length=window, norm=norm), num_frames(lengths.cpu())
+    lengths = torch.tensor([c.numel() for c in clips])
+    batch = torch.zeros(len(clips), int(lengths.max()), device=device)
+    for i, c in enumerate(clips):
+        batch[i, : c.numel()] = c
+    return fbank_patch(batch, lengths.to(device), target_length=window, norm=norm), num_frames(lengths)
 
 
 def _window_batch(logmels, plan, length: int, norm, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,15 +255,15 @@ def embed(
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
-    clips, rate = _as_clips(audio, sample_rate), SAMPLE_RATE
-    frames = num_frames(torch.tensor([math.ceil(c.numel() * SAMPLE_RATE / rate) for c in clips]))
+    clips = _as_clips(audio, sample_rate)  # at 16 kHz, each at least one frame long
+    frames = num_frames(torch.tensor([c.numel() for c in clips]))
     one_window = crop or bool((frames <= window).all())
     if padding == "official" and one_window and use_kernels(param):
         # The fused Triton kernel: waveforms straight to normalised patches (GPU extraction).
-        specs, frames = _fused_patches(clips, rate, window, prep.get("norm", "audioset"), param.device)
+        specs, frames = _fused_patches(clips, window, prep.get("norm", "audioset"), param.device)
         plan, length = [(b, 0, min(window, int(f))) for b, f in enumerate(frames)], window
     else:
-        logmels, frames = _log_mels(clips, rate, param.device)
+        logmels, frames = _log_mels(clips, param.device)
         plan = _plan(frames, window, hop, crop)
         if padding == "official":
             length = window

@@ -446,7 +446,8 @@ def test_decoder_layer_rejects_even_or_non_square_kernels(dec_kernels):
 
 def test_decoder_bad_arguments_are_named(dec_kernels):
     """Residual on another device: refused before Triton sees a pointer it cannot read; tokens
-    that are not (B, N, C): a message naming x instead of an unpacking error."""
+    that are not (B, N, C), or no channels: a message naming the argument instead of an
+    unpacking or reshape error."""
     y = torch.randn(3, 8)
     with pytest.raises(ValueError, match="residual: device"):
         dec.decoder_norm_act(y, torch.empty(3, 8, device="meta"))
@@ -455,3 +456,6 @@ def test_decoder_bad_arguments_are_named(dec_kernels):
         dec.decoder_layer(torch.randn(6, 8), (3, 2), w, b, groups=4)
     with pytest.raises(ValueError, match="y: expected"):
         dec.decoder_norm_act(torch.tensor(1.0))
+    # No channels: refused alike on both paths (the kernel's reshape could not infer the rows).
+    with pytest.raises(ValueError, match="C >= 1"):
+        dec.decoder_norm_act(torch.randn(3, 0))
