@@ -86,8 +86,9 @@ def _grad_kernel(
     PRED, TARGET, SRL, MASKED, SCALES, GRAD, tokens, N, D, srl_first,
     CLONES: tl.constexpr, HAS_SRL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """GRAD = scale_frame * masked * 2 (pred - target) [+ scale_srl * masked * 2 (pred - srl)
-    on rows >= srl_first], each term rounded to pred's dtype before the sum."""
+    """GRAD = scale_frame * 2 (pred - target) [+ scale_srl * 2 (pred - srl) on rows >=
+    srl_first] at masked tokens, zero elsewhere; each term rounded to pred's dtype before the
+    sum."""
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = tok < tokens
@@ -97,19 +98,19 @@ def _grad_kernel(
     p = tl.load(pred, mask=inside, other=0.0).to(tl.float32)
     t_rows = _target_rows(tok, 0, N, CLONES)
     t = tl.load(TARGET + t_rows[:, None] * D + d[None, :], mask=inside, other=0.0).to(tl.float32)
-    # The reference's per-token factor is (grad / sqrt(D)) * masked, then times 2 (p - t).
-    frame_scale = tl.where(masked, tl.load(SCALES), 0.0)
+    frame_scale = tl.load(SCALES)
     out_ty = GRAD.dtype.element_ty
-    grad = (frame_scale[:, None] * (2.0 * (p - t))).to(out_ty)
+    grad = (frame_scale * (2.0 * (p - t))).to(out_ty)
     if HAS_SRL:
         in_srl = ok & (tok // N >= srl_first)
         s_rows = _target_rows(tok, srl_first, N, CLONES)
         s = tl.load(SRL + s_rows[:, None] * D + d[None, :], mask=inside & in_srl[:, None],
                     other=0.0).to(tl.float32)
-        srl_scale = tl.where(masked, tl.load(SCALES + 1), 0.0)
-        srl_grad = (srl_scale[:, None] * (2.0 * (p - s))).to(out_ty)
+        srl_grad = (tl.load(SCALES + 1) * (2.0 * (p - s))).to(out_ty)
         both = (grad.to(tl.float32) + srl_grad.to(tl.float32)).to(out_ty)
         grad = tl.where(in_srl[:, None], both, grad)
+    # Selected, as the reference: an unmasked position's pred (even inf) gives a zero gradient.
+    grad = tl.where(masked[:, None], grad, 0.0).to(out_ty)
     tl.store(GRAD + tok.to(tl.int64)[:, None] * D + d[None, :], grad, mask=inside)
 
 

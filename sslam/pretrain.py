@@ -238,14 +238,16 @@ class _MaskedRegressionSum(torch.autograd.Function):
         ctx.clones = clones
         bc, n, d = pred.shape
         per_token = _clone_differences(pred, target, clones).pow(2).sum(-1).view(bc, n)
-        return (per_token * masked).sum() / math.sqrt(d)
+        # Selected, not multiplied by the mask: as the official pred[masked], what an unmasked
+        # position holds (even inf or NaN) does not reach the loss or its gradient.
+        return per_token.where(masked, 0.0).sum() / math.sqrt(d)
 
     @staticmethod
     def backward(ctx, grad):
         pred, target, masked = ctx.saved_tensors
         bc, n, d = pred.shape
-        per_token = (grad / math.sqrt(d) * masked).view(bc // ctx.clones, ctx.clones, n, 1)
-        grad_pred = per_token * (2 * _clone_differences(pred, target, ctx.clones))
+        grad_pred = (grad / math.sqrt(d)) * (2 * _clone_differences(pred, target, ctx.clones))
+        grad_pred = grad_pred.where(masked.view(bc // ctx.clones, ctx.clones, n, 1), 0.0)
         return grad_pred.view(bc, n, d).to(pred.dtype), None, None, None
 
 

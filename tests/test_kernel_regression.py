@@ -100,6 +100,21 @@ def test_empty_mask_and_all_masked(kernels_on_cpu, poisoned):
         assert torch.equal(ours[2], ref[2])
 
 
+@pytest.mark.parametrize("fn", [rg.regression_sums, rg.regression_sums_ref], ids=["kernel", "reference"])
+def test_unmasked_positions_do_not_reach_the_loss(kernels_on_cpu, fn):
+    """As the official pred[masked]: inf or NaN at positions that are not masked leave both sums
+    and the gradient finite, the gradient zero there and unchanged elsewhere."""
+    pred, target, masked, srl = inputs(2, 2, 6, 20, torch.float32, 1)
+    clean = sums_and_grad(fn, pred, target, masked, 2, srl)
+    hostile = pred.clone()
+    hostile[~masked] = float("inf")
+    hostile[~masked, 3] = float("nan")
+    got = sums_and_grad(fn, hostile, target, masked, 2, srl)
+    torch.testing.assert_close(got[0], clean[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1], clean[1], rtol=1e-6, atol=0)
+    assert torch.equal(got[2], clean[2]) and bool((got[2][~masked] == 0).all())
+
+
 def test_torch_compile_traces_the_op(kernels_on_cpu):
     pred, target, masked, srl = inputs(2, 2, 6, 20, torch.float32, 1)
     compiled = torch.compile(rg.regression_sums, backend="aot_eager", fullgraph=True)
