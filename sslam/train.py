@@ -116,6 +116,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 on CPU
 # (sslam.precision), as the official fp16 runs do, instead of autocast.
 TRAIN_PRECISIONS = PRECISIONS + ("bf16-pure", "fp16-pure")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_LOSS_SCALE = 1e-6  # the official fp16 runs stop below this loss scale (SPEC 5.6)
 
 
 @dataclass
@@ -715,8 +716,9 @@ class Trainer:
 
     def train_step(self, micro_batches) -> dict | None:
         """Forward/backward over the accumulation micro-batches, clip, step, EMA. Returns the
-        logged values, or None when the step is skipped (nothing is updated): the loss is not
-        finite, or the gradients are not and no fp16 gradient scaler handles that itself.
+        logged values, or None when the step was skipped (see :meth:`_skip_step`; nothing is
+        updated, the teacher neither): the loss or the gradients are not finite (in fp16, the
+        scaler's overflow).
 
         The host reads the loss terms and the gradient norm together, after every backward and
         the clipping are queued: each read of a GPU value waits for the GPU to finish all queued
@@ -745,11 +747,14 @@ class Trainer:
         names = list(logged[0])
         rows = torch.stack([torch.stack([terms[n].float() for n in names]) for terms in logged]).tolist()
         grad_norm = float(grad_norm)
-        # A scaler (fp16) skips steps with non-finite gradients itself and lowers its scale.
-        if not all(math.isfinite(row[0]) for row in rows) or (
-                not self.scaler.is_enabled() and not math.isfinite(grad_norm)):
+        finite_loss = all(math.isfinite(row[0]) for row in rows)
+        if not finite_loss or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()  # closes the unscale_ above (and lowers the fp16 scale)
+            self.scaler.update()  # closes the unscale_ above (an fp16 scaler lowers its scale)
+            # An fp16 overflow is the scaler finding its scale, not a fault of the run: as
+            # fairseq's, it is no update (no EMA step either) and does not count towards
+            # run.max_bad_steps.
+            self._skip_step(overflow=finite_loss and self.scaler.is_enabled())
             return None
         totals: dict[str, float] = {}
         for row in rows:
@@ -877,10 +882,8 @@ class Trainer:
             while self.step < cfg.optim.max_steps:
                 micro = [next(batches) for _ in range(cfg.optim.accum_steps)]
                 self._count_bad_files(micro)
-                values = self.train_step(micro)
-                if values is None:
-                    self._skip_step()
-                else:
+                values = self.train_step(micro)  # None: skipped (see _skip_step)
+                if values is not None:
                     self.bad_steps = 0
                     window_steps += 1
                     if self.step % cfg.run.log_every == 0 or self.step == cfg.optim.max_steps:
@@ -905,20 +908,35 @@ class Trainer:
                 writer.close()
         return last
 
-    def _skip_step(self) -> None:
-        """Count a step whose loss or gradients were not finite (no update was made), stop after
-        ``run.max_bad_steps`` in a row, and move the data, masks and schedule past it."""
-        self.bad_steps += 1
+    def _skip_step(self, overflow: bool = False) -> None:
+        """Count a step that made no update and move the data, masks and schedule past it. A
+        non-finite loss or gradient stops the run after ``run.max_bad_steps`` in a row; fp16
+        gradient overflows stop it once the loss scale falls below the official minimum."""
         self.skipped_steps += 1
-        self.log(f"step {self.step + 1}: non-finite loss or gradients, step skipped ({self.bad_steps} in a row)")
-        if self.bad_steps >= self.cfg.run.max_bad_steps:
-            saved = checkpoints_in(self.out)
-            raise StopTraining(
-                f"{self.bad_steps} consecutive non-finite losses or gradients at step {self.step + 1}; stopping. "
-                f"The last good checkpoint is {saved[-1] if saved else 'none'}"
-            )
+        if overflow:
+            scale = self.scaler.get_scale()
+            self.log(f"step {self.step + 1}: fp16 gradient overflow, step skipped (loss scale now {scale:g})")
+            if scale < MIN_LOSS_SCALE:
+                raise StopTraining(f"the fp16 loss scale fell below {MIN_LOSS_SCALE:g} at step {self.step + 1}; "
+                                   f"stopping. The last good checkpoint is {self._last_checkpoint()}")
+        else:
+            self.bad_steps += 1
+            self.log(f"step {self.step + 1}: non-finite loss or gradients, step skipped ({self.bad_steps} in a row)")
+            if self.bad_steps >= self.cfg.run.max_bad_steps:
+                raise StopTraining(
+                    f"{self.bad_steps} consecutive non-finite losses or gradients at step {self.step + 1}; "
+                    f"stopping. The last good checkpoint is {self._last_checkpoint()}"
+                )
         self.step += 1
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule moves past the step on purpose; the warning that it moved before any
+            # optimizer step would only alarm.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+
+    def _last_checkpoint(self) -> str:
+        saved = checkpoints_in(self.out)
+        return str(saved[-1]) if saved else "none"
 
     def _count_bad_files(self, micro) -> None:
         # Distinct files: one corrupt file met again every epoch is still one unreadable file.

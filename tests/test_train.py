@@ -295,8 +295,30 @@ def test_a_step_with_nonfinite_gradients_is_skipped(tmp_path):
     before = {k: v.clone() for k, v in params(trainer).items()}
     next(trainer.model.student.parameters()).register_hook(lambda grad: grad * float("nan"))
     assert trainer.train_step([next(iter(trainer.data_loader()))]) is None
-    assert trainer.step == 0 and not trainer.optimizer.state
+    assert trainer.step == 1 and trainer.skipped_steps == 1 and not trainer.optimizer.state
     assert all(torch.equal(before[k], v) for k, v in params(trainer).items())
+
+
+def test_an_fp16_overflow_is_no_update_and_not_a_bad_step(tmp_path, monkeypatch):
+    """The fp16 scaler's overflow: no optimizer or EMA step, the scale lowered, the step skipped
+    without counting towards run.max_bad_steps; a scale below the official minimum stops."""
+    trainer = Trainer(small(tmp_path, steps=3, run__precision="fp16", run__max_bad_steps=1),
+                      log=lambda *a: None)
+    teacher = {k: v.clone() for k, v in trainer.model.teacher.encoder.state_dict().items()}
+    trainer.model.teacher.encoder.cls_token.data += 1  # so an EMA step toward the student shows
+    teacher["cls_token"] += 1
+    before = {k: v.clone() for k, v in params(trainer).items()}
+    scale = trainer.scaler.get_scale()
+    next(trainer.model.student.parameters()).register_hook(lambda grad: grad * float("inf"))
+    batches = iter(trainer.data_loader())
+    assert trainer.train_step([next(batches)]) is None  # one bad step allowed: an overflow is none
+    assert (trainer.step, trainer.skipped_steps, trainer.bad_steps) == (1, 1, 0)
+    assert trainer.scaler.get_scale() == scale / 2 and not trainer.optimizer.state
+    assert all(torch.equal(before[k], v) for k, v in params(trainer).items())
+    assert all(torch.equal(teacher[k], v) for k, v in trainer.model.teacher.encoder.state_dict().items())
+    monkeypatch.setattr("sslam.train.MIN_LOSS_SCALE", scale / 3)
+    with pytest.raises(StopTraining, match="loss scale fell below"):
+        trainer.train_step([next(batches)])
 
 
 def test_unreadable_files_are_skipped_and_capped(tmp_path):
