@@ -182,13 +182,6 @@ class EMATeacher(nn.Module):
 # ---- targets and losses -------------------------------------------------------------------
 
 
-def instance_norm_tokens(y: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Normalise each channel over the token axis: (B, N, D) -> (B, N, D), fp32, no affine."""
-    y = y.float()
-    var, mean = torch.var_mean(y, dim=1, keepdim=True, unbiased=False)
-    return (y - mean) * torch.rsqrt(var + eps)
-
-
 @torch.no_grad()
 def layer_targets(layer_results: list[torch.Tensor], top_k: int) -> torch.Tensor:
     """The data2vec target from the teacher's FFN outputs (each (B, N, D), CLS removed): instance
@@ -326,6 +319,22 @@ class ObjectiveConfig:
     srl_weight: float = 2.0  # the x2 token-count rescaling of the SRL term
     mix_width: int = 240  # frames of each unmixed window
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def __post_init__(self) -> None:
+        # Caught here, not in the forward: stage 3 would run stage 2, a negative weight would
+        # train away from the targets.
+        def positive_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if self.stage not in (1, 2) or isinstance(self.stage, bool):
+            raise ValueError(f"ObjectiveConfig.stage={self.stage!r}: expected 1 (EAT) or 2 (SSLAM)")
+        for name in ("clones", "top_k", "mix_width"):
+            if not positive_int(getattr(self, name)):
+                raise ValueError(f"ObjectiveConfig.{name}={getattr(self, name)!r}: expected a positive int")
+        for name in ("cls_loss", "srl_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"ObjectiveConfig.{name}={value!r}: expected a finite number >= 0")
 
 
 @dataclass
@@ -469,6 +478,9 @@ class Pretrainer(nn.Module):
             return self._stage1(spec, keep, clones, generator)
         if windows is None:
             raise ValueError("stage 2 needs the mixing windows of the step")
+        if spec.shape[0] < 2:
+            # Each clip is mixed with its in-batch neighbour: alone, it would be mixed with itself.
+            raise ValueError(f"stage 2 needs at least 2 clips per batch, got {spec.shape[0]}")
         return self._stage2(spec, keep, clones, windows, generator, mixed)
 
     def _masked(self, keep: torch.Tensor, num_patches: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ from sslam.pretrain import (
     cls_regression_sum,
     decoder_input,
     ema_decay,
-    instance_norm_tokens,
     layer_targets,
     masked_regression_sum,
     masked_regression_sum_copied,
@@ -155,6 +154,12 @@ def test_ema_teacher_update():
     assert torch.equal(after, torch.lerp(before, half.blocks[0].mlp.fc1.weight.float(), 0.5))
 
 
+def instance_norm_tokens(y: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """One layer's instance norm, written plainly: each channel over the tokens of (B, N, D)."""
+    var, mean = torch.var_mean(y.float(), dim=1, keepdim=True, unbiased=False)
+    return (y - mean) * torch.rsqrt(var + eps)
+
+
 def test_instance_norm_and_targets_by_hand():
     y = torch.tensor([[[1.0, 10.0], [3.0, 10.0], [5.0, 16.0]]])  # (1, N=3, D=2)
     normed = instance_norm_tokens(y)
@@ -263,6 +268,17 @@ def test_stage2_forward_terms():
     assert torch.equal(mixed[1, :, 16:64], spec[1, :, 16:64])
     with pytest.raises(ValueError, match="windows"):
         model(spec, keep)
+    with pytest.raises(ValueError, match="at least 2 clips"):  # it would be mixed with itself
+        model(spec[:1], keep[:2], windows=windows)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("stage", 3), ("stage", 0), ("clones", 0), ("top_k", 0), ("clones", 2.0), ("mix_width", -16),
+    ("srl_weight", -1.0), ("cls_loss", float("nan")), ("srl_weight", True),
+])
+def test_objective_settings_are_checked_by_name(field, value):
+    with pytest.raises(ValueError, match=f"ObjectiveConfig.{field}="):
+        ObjectiveConfig(**{field: value})
 
 
 def test_compiled_networks_give_the_eager_losses_and_gradients():
