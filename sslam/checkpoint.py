@@ -496,6 +496,7 @@ def _fairseq_fields(model_cfg: dict, state: dict) -> dict:
         "norm_eps": model_cfg.get("norm_eps"),
         "patch_size": image.get("patch_size"),
         "max_length": None if "pos_embed" in state else image.get("max_length"),
+        "qkv_bias": True,  # data2vec_multi blocks always have one: a file without is damaged
     }
 
 

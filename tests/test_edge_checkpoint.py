@@ -197,6 +197,13 @@ def test_qkv_without_bias(tmp_path):
         loaded = load_encoder(tmp_path / "state.pt")
     assert loaded.cfg == cfg and read_checkpoint.__name__ and loaded.preprocessing["target_length"] == 1024
     assert_same_encoder(loaded, source)
+    # An official (data2vec_multi) file always has the bias: one without it is damaged, not a
+    # bias-free architecture.
+    ft = fairseq_finetuned(random_encoder(cfg.replace(qkv_bias=True, num_classes=2)))
+    ft["model"] = {k: v for k, v in ft["model"].items() if not k.endswith("qkv.bias")}
+    torch.save(ft, tmp_path / "ft.pt")
+    with pytest.raises(CheckpointError, match="qkv_bias: config True, weights False"):
+        load_encoder(tmp_path / "ft.pt")
 
 
 def test_heads_are_guessed_loudly_when_the_file_does_not_record_them(tmp_path):
