@@ -553,8 +553,13 @@ def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -
         raise CheckpointError(f"{path}: use_fc_norm=False heads (no LayerNorm before the head) are not supported")
     mode = mcfg.get("prediction_mode")
     if mode not in (None, "CLS_TOKEN") and not str(mode).endswith("CLS_TOKEN"):
-        warnings.warn(f"{path}: its head was trained on prediction_mode={mode}; Encoder.classify "
-                      "applies it to the CLS token", stacklevel=4)
+        # The encoder is sound, but its head reads a pooling this package does not compute:
+        # applied to the CLS token its logits would be wrong, so it is not loaded at all.
+        warnings.warn(f"{path}: its head was trained on prediction_mode={mode}, not on the CLS token; "
+                      "the encoder is loaded without it (no logits)", stacklevel=4)
+        for name in _HEAD_NAMES:
+            state.pop(name, None)
+        mcfg = {**mcfg, "num_classes": None}
     ignored = [k for k in rest if isinstance(k, str) and (k.startswith("model." + FAIRSEQ_DECODER_PREFIX) or k == "model._ema")]
     unknown = sorted(str(k) for k in rest if k not in ignored)
     if unknown:

@@ -613,6 +613,19 @@ def test_fine_tuned_recipe_preprocessing_and_unknown_keys(tmp_path):
         load_encoder(tmp_path / "extra.pt")
 
 
+def test_a_head_trained_on_another_pooling_is_not_loaded(tmp_path):
+    """A MEAN_POOLING head applied to the CLS token would give wrong logits: the encoder loads
+    without it, with a warning, and a converted copy has no head either."""
+    source = random_encoder(VARIANTS["tiny"].replace(num_classes=3))
+    torch.save(fairseq_finetuned(source, prediction_mode="PredictionMode.MEAN_POOLING"), tmp_path / "mean.pt")
+    with pytest.warns(UserWarning, match="MEAN_POOLING.*without it"):
+        loaded = load_encoder(tmp_path / "mean.pt")
+    assert loaded.cfg.num_classes == 0 and not hasattr(loaded, "head")
+    encoder_only = random_encoder(VARIANTS["tiny"])
+    encoder_only.load_state_dict(source.state_dict(), strict=False)
+    assert_same_encoder(loaded, encoder_only)
+
+
 def test_own_finetune_checkpoint_and_pytorch_model_bin(tmp_path):
     source = random_encoder(VARIANTS["tiny"].replace(num_classes=2))
     torch.save({"format": "sslam-finetune", "encoder_config": source.cfg.to_dict(), "model": source.state_dict(),
