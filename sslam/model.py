@@ -405,8 +405,9 @@ class Encoder(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def set_attention(self, impl: str) -> Encoder:
-        """'auto' (Triton kernel on CUDA when enabled, else SDPA), 'sdpa', 'math' (explicit
-        matmul-softmax, the official computation) or 'triton'."""
+        """'auto' (the Triton kernel on CUDA when enabled and the heads are at most its 128 wide,
+        else SDPA), 'sdpa', 'math' (explicit matmul-softmax, the official computation) or
+        'triton'."""
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention={impl!r}: choose one of {ATTENTION_IMPLS}")
         self.attention_impl = impl
@@ -426,9 +427,10 @@ class Encoder(nn.Module):
     def _attention_impl(self, x: torch.Tensor) -> str:
         if self.attention_impl != "auto":
             return self.attention_impl
+        from .kernels.attention import MAX_HEAD_DIM
         from .kernels.switch import use_kernels
 
-        return "triton" if use_kernels(x) else "sdpa"
+        return "triton" if use_kernels(x) and self.cfg.head_dim <= MAX_HEAD_DIM else "sdpa"
 
     # ---- forward pieces -------------------------------------------------------------------
     def patchify_embed(self, spec: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,11 @@ def test_references_are_chosen_on_cpu(monkeypatch):
     assert model._attention_impl(torch.zeros(1)) == "sdpa"
     monkeypatch.setenv("SSLAM_KERNELS", "1")
     assert model._attention_impl(torch.zeros(1)) == "triton"
+    # Heads wider than the kernel holds (192 > 128) take SDPA, and run.
+    wide = Encoder(EncoderConfig(embed_dim=192, depth=1, num_heads=1, max_length=8)).eval()
+    assert wide._attention_impl(torch.zeros(1)) == "sdpa"
+    with torch.no_grad():
+        assert wide(torch.randn(1, 1, 32, 128)).x.shape == (1, 17, 192)
 
 
 def test_encoder_output_equal_through_the_kernels(monkeypatch):
