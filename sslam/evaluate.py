@@ -665,7 +665,8 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--train", required=True)
     p.add_argument("--test", required=True)
-    p.add_argument("--label-descriptors", default=None, help="index,mid,display_name CSV for .tsv splits")
+    p.add_argument("--label-descriptors", default=None,
+                   help="index,mid,display_name CSV: the classes of .tsv splits (needed) and .csv splits")
     p.add_argument("--root", default=None, help="override the root line of .tsv manifests")
     p.add_argument("--weights", default="student", choices=["student", "teacher"])
     p.add_argument("--seeds", type=int, default=1, help="linear probe: seeds to average")

@@ -5,8 +5,9 @@
   ``label_descriptors.csv`` (``index,mid,display_name``); labels may be written as mids or as
   display names.
 * a plain CSV with a header ``path,labels`` (labels separated by ``;`` or ``,`` inside quotes;
-  relative paths are relative to the CSV's folder). Class names come from the descriptors when
-  given, otherwise from the sorted set of labels of the training split.
+  relative paths are relative to the CSV's folder). The classes are the descriptors' when
+  given (labels then as mids or display names, commas inside a display name kept), otherwise
+  the sorted set of labels of the training split.
 * the built-in benchmark: ``synth:mono`` and ``synth:poly`` (:mod:`sslam.synth`).
 """
 
@@ -77,6 +78,32 @@ def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
 _AMBIGUOUS = -1  # lookup value of a display name that several classes share
 
 
+def _lookup(classes: list[tuple[str, str]]) -> dict[str, int]:
+    """Column of every mid and display name of ``classes`` [(mid, display_name)]."""
+    lookup = {}
+    for i, (_, name) in enumerate(classes):
+        lookup[name] = _AMBIGUOUS if name in lookup else i
+    lookup.update({mid: i for i, (mid, _) in enumerate(classes)})  # mids are unique and win
+    return lookup
+
+
+def split_labels(text: str, known=()) -> list[str]:
+    """The labels of one field, separated by ';' or ','; a comma inside a ``known`` label does
+    not separate (AudioSet display names such as 'Male speech, man speaking' hold commas): at
+    each label the longest known one is taken."""
+    labels = []
+    for part in text.split(";"):
+        pieces = part.split(",")
+        i = 0
+        while i < len(pieces):
+            end = next((j for j in range(len(pieces), i + 1, -1) if ",".join(pieces[i:j]).strip() in known), i + 1)
+            label = ",".join(pieces[i:end]).strip()
+            if label:
+                labels.append(label)
+            i = end
+    return labels
+
+
 def _targets(label_lists: list[list[str]], lookup: dict[str, int], num_classes: int, where: list[str]) -> torch.Tensor:
     targets = torch.zeros(len(label_lists), num_classes)
     for i, labels in enumerate(label_lists):
@@ -113,23 +140,22 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
     if len(label_lines) != len(paths):
         raise LabelError(f"{lbl}: {len(label_lines)} label lines for {len(paths)} clips in {tsv}")
     classes = read_descriptors(descriptors)
-    lookup = {}
-    for i, (_, name) in enumerate(classes):
-        lookup[name] = _AMBIGUOUS if name in lookup else i
-    lookup.update({mid: i for i, (mid, _) in enumerate(classes)})  # mids are unique and win
+    lookup = _lookup(classes)
     label_lists, where = [], []
     for number, line in label_lines:
         parts = line.split("\t")
-        text = parts[1] if len(parts) > 1 else ""
-        label_lists.append([x.strip() for x in text.split(",") if x.strip()])
+        label_lists.append(split_labels(parts[1] if len(parts) > 1 else "", lookup))
         where.append(f"{lbl}:{number}")
     _check_files(str(tsv), paths)
     targets = _targets(label_lists, lookup, len(classes), where)
     return LabeledSplit(tsv.stem, paths, targets, [name for _, name in classes], bool((targets.sum(1) > 1).any()))
 
 
-def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None) -> LabeledSplit:
-    """A ``path,labels`` CSV; ``class_names`` fixes the classes (e.g. those of the train split)."""
+def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None,
+                   descriptors: str | os.PathLike | None = None) -> LabeledSplit:
+    """A ``path,labels`` CSV. The classes are those of ``descriptors`` (labels given as mids or
+    display names), else ``class_names`` (e.g. those of the train split), else the sorted labels
+    found here."""
     path = Path(path)
     try:
         rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
@@ -137,20 +163,27 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
         raise LabelError(f"{path}: cannot read ({exc})") from exc
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:
         raise LabelError(f"{path}: expected a header 'path,labels'")
+    if descriptors:
+        classes = read_descriptors(descriptors)
+        lookup, names = _lookup(classes), [name for _, name in classes]
+    else:
+        names = class_names
+        lookup = {n: i for i, n in enumerate(names or ())}
     paths, label_lists, where = [], [], []
     for number, row in enumerate(rows[1:], start=2):
         if not row or not row[0].strip():
             continue
         file = Path(row[0].strip())
         paths.append(file if file.is_absolute() else path.parent / file)
-        text = ";".join(row[1:])
-        label_lists.append([x.strip() for x in text.replace(",", ";").split(";") if x.strip()])
+        label_lists.append([label for field in row[1:] for label in split_labels(field, lookup)])
         where.append(f"{path}:{number}")
     if not paths:
         raise LabelError(f"{path}: empty split (no rows)")
-    names = class_names or sorted({label for labels in label_lists for label in labels})
+    if names is None:
+        names = sorted({label for labels in label_lists for label in labels})
+        lookup = {n: i for i, n in enumerate(names)}
     _check_files(str(path), paths)
-    targets = _targets(label_lists, {n: i for i, n in enumerate(names)}, len(names), where)
+    targets = _targets(label_lists, lookup, len(names), where)
     return LabeledSplit(path.stem, paths, targets, list(names), bool((targets.sum(1) > 1).any()))
 
 
@@ -178,7 +211,7 @@ def read_split(spec: str, *, train: bool, descriptors: str | None = None, class_
             raise LabelError(f"{spec}: a fairseq manifest needs --label-descriptors (index,mid,display_name CSV)")
         return read_fairseq_split(path, descriptors, root=root)
     if path.suffix == ".csv":
-        return read_csv_split(path, class_names)
+        return read_csv_split(path, class_names, descriptors)
     raise LabelError(f"{spec}: expected synth:mono, synth:poly, a .tsv manifest or a path,labels .csv")
 
 

@@ -19,7 +19,14 @@ from sslam.evaluate import (
     layer_decay_groups,
     linear_probe,
 )
-from sslam.labels import LabelError, read_csv_split, read_fairseq_split, read_split, synth_split
+from sslam.labels import (
+    LabelError,
+    read_csv_split,
+    read_fairseq_split,
+    read_split,
+    split_labels,
+    synth_split,
+)
 from sslam.metrics import accuracy, average_precision, mean_average_precision
 from sslam.model import Encoder, EncoderConfig
 
@@ -120,6 +127,26 @@ def test_csv_labels(tmp_path):
     (tmp_path / "bad.csv").write_text("file,label\n")
     with pytest.raises(LabelError, match="header 'path,labels'"):
         read_csv_split(tmp_path / "bad.csv")
+
+
+def test_display_names_with_commas_are_one_label(tmp_path):
+    """AudioSet display names hold commas: with the descriptors, a CSV (labels by mid or name)
+    and a .lbl file keep 'Male speech, man speaking' whole, and the classes are the
+    descriptors' (a class no train clip has still gets its column)."""
+    sf.write(tmp_path / "x.wav", np.zeros(4000) + 0.1, 16000)
+    (tmp_path / "desc.csv").write_text('index,mid,display_name\n0,/m/09x0r,Speech\n'
+                                       '1,/m/05zppz,"Male speech, man speaking"\n2,/m/new,Bird\n')
+    (tmp_path / "train.csv").write_text('path,labels\nx.wav,"Male speech, man speaking"\n'
+                                        'x.wav,"Speech,Male speech, man speaking"\nx.wav,/m/09x0r;/m/new\n')
+    split = read_split(str(tmp_path / "train.csv"), train=True, descriptors=str(tmp_path / "desc.csv"))
+    assert split.class_names == ["Speech", "Male speech, man speaking", "Bird"]
+    assert split.targets.tolist() == [[0, 1, 0], [1, 1, 0], [1, 0, 1]]
+    (tmp_path / "x.tsv").write_text(f"{tmp_path}\nx.wav\t4000\n")
+    (tmp_path / "x.lbl").write_text("x\tMale speech, man speaking,/m/new\n")
+    assert read_fairseq_split(tmp_path / "x.tsv", tmp_path / "desc.csv").targets.tolist() == [[0, 1, 1]]
+    # Without descriptors every comma separates.
+    assert split_labels("a,b;c") == ["a", "b", "c"] and split_labels("Male speech, man speaking") == [
+        "Male speech", "man speaking"]
 
 
 def test_synth_splits():
