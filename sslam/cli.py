@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_demo_command, add_pretrain_command, add_evaluate_command, _add_extract, _add_convert, _add_info):
         add(sub)
+    # No abbreviations: `evaluate finetune --seed=3` would otherwise be read as --seeds=3 instead
+    # of reaching FinetuneConfig.seed, and `pretrain --out` could shadow a future --output.
+    for p in (parser, *sub.choices.values()):
+        p.allow_abbrev = False
     return parser
 
 
@@ -132,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra  # pretrain's --section.key=value overrides
     try:
         return args.func(args)
-    except (AudioError, CheckpointError, ValueError, FileNotFoundError) as exc:
+    # OSError: e.g. --out naming an existing file, a read-only folder.
+    except (AudioError, CheckpointError, ValueError, OSError) as exc:
         print(f"sslam: error: {exc}", file=sys.stderr)
         return 2
     except StopTraining as exc:  # a run stopped for a reason it explains (bad files, NaN losses)

@@ -235,6 +235,11 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
     _check_splits(train, test)
     cfg = cfg or ProbeConfig()
     check_settings(cfg)
+    seeds = list(seeds)
+    if not seeds:  # checked before the features are extracted, not after
+        raise ValueError("seeds: at least one seed is needed")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers={workers!r}: must be an int >= 0")
     # As the fine-tuner decides: a train split whose clips happen to carry one label each is
     # still multi-label when the test split is (BCE and mAP, not softmax and accuracy).
     multilabel = train.multilabel or test.multilabel
@@ -633,6 +638,8 @@ def apply_overrides(cfg, overrides: list[str]):
 
 
 def run_evaluate(args) -> int:
+    if args.seeds < 1:  # before the checkpoint and the splits are read
+        raise ValueError(f"--seeds={args.seeds}: must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     encoder = load_encoder(args.checkpoint, device=device, weights=args.weights)
     train = read_split(args.train, train=True, descriptors=args.label_descriptors, root=args.root)

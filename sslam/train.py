@@ -1102,10 +1102,11 @@ def add_pretrain_command(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sslam.train", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args, overrides = parser.parse_known_args(argv)
-    return run_pretrain(args, overrides)
+    """``python -m sslam.train ARGS`` (what torchrun runs) is ``sslam pretrain ARGS``, with the
+    same one-line errors."""
+    from .cli import main as cli_main
+
+    return cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""The command line's handling of user mistakes: one line naming the argument, exit status 2,
+never a traceback; and options reach the setting they name."""
+
+import pytest
+
+import sslam.train
+from sslam.cli import build_parser, main
+
+
+def test_options_are_not_abbreviated():
+    """`evaluate finetune --seed=3` sets FinetuneConfig.seed (an override), not --seeds."""
+    args, extra = build_parser().parse_known_args(
+        ["evaluate", "finetune", "--checkpoint", "c", "--train", "a.csv", "--test", "b.csv", "--seed=3"])
+    assert args.seeds == 1 and extra == ["--seed=3"]
+
+
+def test_seeds_are_checked_before_any_work(capsys):
+    argv = ["evaluate", "linear", "--checkpoint", "missing.pt", "--train", "synth:mono", "--test", "synth:mono"]
+    assert main([*argv, "--seeds", "0"]) == 2
+    assert "--seeds=0: must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--preset", "tiny", "--optim.max_steps=1"],
+    ["demo", "--quick"],
+])
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, argv):
+    (tmp_path / "afile").write_text("")
+    assert main([*argv, "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sslam: error:") and "afile" in err and "Traceback" not in err
+
+
+def test_the_torchrun_entry_point_reports_errors_as_sslam_pretrain(capsys):
+    assert sslam.train.main(["--preset", "tiny", "--optim.lr=abc"]) == 2
+    assert "--optim.lr='abc': expected a float" in capsys.readouterr().err
