@@ -336,6 +336,11 @@ def init_architecture(ckpt, given: dict) -> tuple:
     a note naming those it does not use. The file's architecture wins where it states a size or
     its weights' shapes fix one; the number of heads, which shapes cannot show, is taken from
     ``given`` when the file does not state it."""
+    if (ckpt.config.patch_size, ckpt.config.mel_bins) != (16, 128):
+        # The features (and their fused kernel), the mask grid and the mixing windows are all
+        # laid out in 16 x 16 patches of a 128-bin log-mel, as SSLAM and EAT train.
+        raise ValueError(f"run.init={ckpt.path}: patch_size={ckpt.config.patch_size}, mel_bins="
+                         f"{ckpt.config.mel_bins}; pretraining needs 16 x 16 patches of 128 mel bins")
     fixed = {name: value for name, value in given.items() if name != "num_heads" or name in ckpt.declared}
     unused = [f"model.{name}={value} (the file: {getattr(ckpt.config, name)})"
               for name, value in fixed.items() if value != getattr(ckpt.config, name)]

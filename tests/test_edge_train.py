@@ -228,6 +228,15 @@ def test_init_size_comes_from_the_file_not_the_preset(tmp_path):
     assert all(np.isfinite(v) for v in trainer.fit().values())
 
 
+def test_init_with_other_patches_is_refused(tmp_path):
+    """The features, mask grid and mixing windows are in 16 x 16 patches: an encoder of 8 x 8
+    patches would be shown half of each clip, silently."""
+    torch.save(Encoder(EncoderConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8)).state_dict(),
+               tmp_path / "p8.pt")
+    with pytest.raises(ValueError, match="p8.pt: patch_size=8.*needs 16 x 16 patches"):
+        Trainer(small(tmp_path / "run", stage=2, steps=1, run__init=str(tmp_path / "p8.pt")), log=quiet)
+
+
 def test_init_uses_the_given_heads_where_the_file_has_none_and_names_the_sizes_it_ignores(tmp_path):
     bare = tmp_path / "bare.pt"  # the golden encoder (64 wide, 2 heads) as a bare state dict
     torch.save(read_checkpoint(GOLDEN / "tiny_ckpt.pt").state, bare)
