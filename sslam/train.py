@@ -309,7 +309,8 @@ def validate(cfg: TrainConfig) -> None:
         MaskConfig(grid=(d.target_length // 16, 8), mask_prob=ob.mask_prob, mask_prob_adjust=ob.mask_prob_adjust,
                    mask_length=ob.mask_length)
     except ValueError as exc:
-        raise ValueError(f"objective.mask_prob={ob.mask_prob} with data.target_length={d.target_length}: {exc}") from None
+        raise ValueError(f"objective.mask_prob={ob.mask_prob}, mask_length={ob.mask_length} with "
+                         f"data.target_length={d.target_length}: {exc}") from None
     if ob.stage == 2:  # the two unmixed windows cover whole patch rows and fit in the clip
         if ob.mix_width < 16 or ob.mix_width % 16:
             raise ValueError(f"objective.mix_width={ob.mix_width} must be a positive multiple of 16 frames (one patch row)")
