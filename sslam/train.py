@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import native
 from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_torch_load
 from .features import norm_stats, preprocess
 from .kernels.switch import use_kernels
@@ -116,6 +117,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 on CPU
 # (sslam.precision), as the official fp16 runs do, instead of autocast.
 TRAIN_PRECISIONS = PRECISIONS + ("bf16-pure", "fp16-pure")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_MASK_DRAWERS = {True: "the C++ extension", False: "the Python reference"}
 MIN_LOSS_SCALE = 1e-6  # the official fp16 runs stop below this loss scale (SPEC 5.6)
 
 
@@ -807,6 +809,7 @@ class Trainer:
             "rng": rng_state(),
             "bad_files": self.bad_files,
             "skipped_steps": self.skipped_steps,
+            "native_masks": native.available(),
         }
 
     def _optimizer_state(self) -> dict:
@@ -853,6 +856,12 @@ class Trainer:
         self.bad_files = [tuple(f) for f in state.get("bad_files", [])]
         self.skipped_steps = int(state.get("skipped_steps", 0))
         set_rng_state(state["rng"])
+        saved_native = state.get("native_masks")
+        if saved_native is not None and saved_native != native.available():
+            # Both draw the same distribution, from different random streams.
+            self.log(f"note: the masks were drawn by {_MASK_DRAWERS[saved_native]} before and by "
+                     f"{_MASK_DRAWERS[native.available()]} now (SSLAM_NATIVE, or the build): from here "
+                     "on they differ from an uninterrupted run's")
 
     # -- the loop --
     def fit(self) -> dict:

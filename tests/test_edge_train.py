@@ -17,6 +17,7 @@ import torch
 from conftest import GOLDEN
 from test_train import assert_same_state, interrupt_after, pretrain_script, small
 
+from sslam import native
 from sslam.checkpoint import CheckpointError, read_checkpoint, safe_torch_load
 from sslam.evaluate import FinetuneConfig, Finetuner, ProbeConfig, linear_probe, with_head
 from sslam.labels import LabeledSplit, read_csv_split, synth_split
@@ -153,6 +154,17 @@ def test_resume_without_init_keeps_the_ema_schedule(tmp_path, stage1_run, monkey
     resumed.fit()
     assert equal_weights(straight.model.teacher.encoder, resumed.model.teacher.encoder)
     assert equal_weights(straight.model.student, resumed.model.student)
+
+
+@pytest.mark.skipif(not native.built(), reason="needs the C++ extension")
+def test_resume_with_the_other_mask_drawer_says_so(tmp_path, monkeypatch):
+    """The C++ and Python masks come from different random streams: a run resumed with the
+    other one is not exact from there on, and its log says so."""
+    Trainer(small(tmp_path, steps=3, run__ckpt_every=3), log=quiet).fit()
+    lines = []
+    monkeypatch.setenv("SSLAM_NATIVE", "0")
+    Trainer(small(tmp_path, steps=3, run__ckpt_every=3), log=lines.append)
+    assert any("drawn by the C++ extension before and by the Python reference now" in line for line in lines)
 
 
 def test_stage2_two_processes_then_resume_in_one_with_accumulation(tmp_path):
