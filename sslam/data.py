@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .audio import AudioError, load_audio
-from .extract import AUDIO_SUFFIXES
+from .audio import AUDIO_SUFFIXES, AudioError, load_audio
 from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE
 
 
-def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples: int = 0) -> list[Path]:
-    """Audio paths of a fairseq manifest. Entries whose size column is below ``min_samples``
-    are skipped, as fairseq does (``min_sample_size``)."""
+def manifest_entries(path: str | os.PathLike, root: str | None = None, min_samples: int = 0) -> tuple[Path, list[str]]:
+    """(root folder, relative paths) of a fairseq manifest: its first line is the root (``root``
+    replaces it), then one ``relative/path<TAB>size`` line per clip. Entries whose size column
+    is below ``min_samples`` are skipped, as fairseq does (``min_sample_size``)."""
     path = Path(path)
     try:
         # utf-8-sig: a byte-order mark (editors on Windows add one) must not end up in the root.
@@ -48,12 +48,13 @@ def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples
             f"{path}:1: the first line must be the root folder of the audio files, got a clip "
             f"entry {lines[0]!r} (is the root line missing?)"
         )
-    base = Path(root if root else lines[0].strip())
-    out = []
+    relative = []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         parts = line.split("\t")
+        if not parts[0].strip():
+            raise ValueError(f"{path}:{number}: missing relative path")
         if len(parts) > 1 and parts[1].strip():
             try:
                 size = int(parts[1])
@@ -61,10 +62,16 @@ def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples
                 raise ValueError(f"{path}:{number}: size column {parts[1]!r} is not an integer") from None
             if size < min_samples:
                 continue
-        out.append(base / parts[0].strip())
-    if not out:
+        relative.append(parts[0].strip())
+    if not relative:
         raise ValueError(f"{path}: empty split (no clips listed)")
-    return out
+    return Path(root if root else lines[0].strip()), relative
+
+
+def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples: int = 0) -> list[Path]:
+    """Audio paths of a fairseq manifest (see :func:`manifest_entries`)."""
+    base, relative = manifest_entries(path, root, min_samples)
+    return [base / rel for rel in relative]
 
 
 def folder_paths(folder: str | os.PathLike) -> list[Path]:

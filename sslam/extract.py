@@ -23,13 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, load_audio
+from .audio import AUDIO_SUFFIXES, AudioError, load_audio
 from .checkpoint import atomic_write
+from .data import manifest_entries
 from .embedding import check_min_length
 
-AUDIO_SUFFIXES = {
-    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf",
-}
 GRANULARITIES = ("utterance", "mean", "frames", "timestamps", "all")
 
 
@@ -40,23 +38,10 @@ class Item:
 
 
 def read_manifest(path: Path, root: str | None = None) -> list[Item]:
-    """Items of a fairseq manifest: first line the root folder, then ``relpath<TAB>size``."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read manifest ({exc})") from exc
-    if not lines:
-        raise ValueError(f"{path}: empty manifest (the first line must be the root folder)")
-    base = Path(root if root is not None else lines[0].strip())
-    items = []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        rel = line.split("\t")[0].strip()
-        if not rel:
-            raise ValueError(f"{path}:{number}: missing relative path")
-        items.append(Item(rel, base / rel))
-    return items
+    """Items of a fairseq manifest (:func:`sslam.data.manifest_entries`), keyed by their paths
+    relative to its root."""
+    base, relative = manifest_entries(path, root)
+    return [Item(rel, base / rel) for rel in relative]
 
 
 def collect_inputs(inputs: list[str], manifest_root: str | None = None) -> list[Item]:

@@ -334,6 +334,20 @@ def test_regression_the_same_file_twice_is_embedded_once(tmp_path, capsys):
         assert data["keys"].tolist() == ["a.wav"]
 
 
+def test_extract_reads_manifests_as_training_does(tmp_path, capsys):
+    """One manifest reader for extraction and training: a missing root line is refused (it
+    used to be taken as the root, dropping a clip) and a byte-order mark is not in the root."""
+    _write(tmp_path / "a.wav", 1.0)
+    _write(tmp_path / "b.wav", 1.0, seed=1)
+    (tmp_path / "noroot.tsv").write_text(f"{tmp_path / 'a.wav'}\t16000\n{tmp_path / 'b.wav'}\t16000\n")
+    common = ["--checkpoint", CKPT, "--no-progress"]
+    assert main(["extract", str(tmp_path / "noroot.tsv"), "--out", str(tmp_path / "o1.npz"), *common]) == 2
+    assert "is the root line missing?" in capsys.readouterr().err
+    (tmp_path / "bom.tsv").write_text(f"\ufeff{tmp_path}\na.wav\t16000\n", encoding="utf-8")
+    assert main(["extract", str(tmp_path / "bom.tsv"), "--out", str(tmp_path / "o2.npz"), *common]) == 0
+    assert "1 embedded" in capsys.readouterr().out
+
+
 def test_regression_resume_with_another_model_is_refused(tmp_path, capsys):
     """Regression (extract.run_extract): resuming an output with another checkpoint, or the
     teacher instead of the student, silently mixed rows of two models (another width failed
