@@ -551,7 +551,8 @@ class Finetuner:
             trim_metrics(self.out / "metrics.jsonl", self.step)
         metrics = (self.out / "metrics.jsonl").open("a") if self.dist.rank == 0 else None
         augment = ProbeConfig(mixup=cfg.mixup, mixup_prob=cfg.mixup_prob, mask_ratio=cfg.mask_ratio, roll=cfg.roll)
-        last, start = {}, time.perf_counter()
+        # A finished run, run again, has nothing left to do: it reports its best metric.
+        last, start = ({"step": self.step, "best": self.best} if self.step else {}), time.perf_counter()
         batches = self._batches()
         try:
             while self.step < cfg.steps:

@@ -228,6 +228,9 @@ def test_finetune_writes_checkpoints_resumes_and_exports(tmp_path):
     assert again.step == 3
     again.fit()
     assert again.step == 5
+    # Run once more when finished: nothing to do, and it says how the run ended.
+    done = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
+    assert done.fit() == {"step": 5, "best": again.best} and again.best is not None
 
 
 def test_demo_quick(tmp_path):
