@@ -1,6 +1,9 @@
 """The command line's handling of user mistakes: one line naming the argument, exit status 2,
 never a traceback; and options reach the setting they name."""
 
+import subprocess
+import sys
+
 import pytest
 
 import sslam.train
@@ -34,3 +37,8 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, argv):
 def test_the_torchrun_entry_point_reports_errors_as_sslam_pretrain(capsys):
     assert sslam.train.main(["--preset", "tiny", "--optim.lr=abc"]) == 2
     assert "--optim.lr='abc': expected a float" in capsys.readouterr().err
+
+
+def test_python_dash_m_sslam_is_the_command():
+    done = subprocess.run([sys.executable, "-m", "sslam", "info", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: sslam info" in done.stdout
