@@ -1050,7 +1050,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", type=int, default=1, choices=[1, 2])
     p.add_argument("--data", default=None, help="synth (default), a folder of audio files, or a fairseq .tsv manifest")
     p.add_argument("--init", default=None, help="checkpoint to start from (official EAT/SSLAM or ours)")
-    p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, config.json)")
+    p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, config.json; default "
+                   f"{RunSection.out}); a folder that holds checkpoints is resumed")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
