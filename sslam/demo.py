@@ -148,6 +148,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> d
 
 def add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="pretrain stage 1 + stage 2 on built-in data, probe mono/poly, report")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo",
+                   help="output folder (default runs/demo); the pretraining runs in it are resumed, so a "
+                   "--quick folder cannot take a full demo: give each its own")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few steps (seconds)")
     p.set_defaults(func=lambda a: (run_demo(a.out, a.quick), 0)[1])
