@@ -51,6 +51,7 @@ scene stream, for any ``s``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,6 +105,28 @@ def _pair(name: str, value, cast) -> tuple:
     return lo, hi
 
 
+def _integer(name: str, value) -> int:
+    """``value`` as an int (2.0 is 2); ValueError naming ``name`` otherwise (bools included)."""
+    try:
+        whole = not isinstance(value, bool) and int(value) == value
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole:
+        raise ValueError(f"SceneConfig.{name}: expected an integer, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    """``value`` as a finite float; ValueError naming ``name`` otherwise."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"SceneConfig.{name}: expected a finite number, got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class SceneConfig:
     """How to draw scenes. All durations in seconds, levels in dB relative to full scale.
@@ -141,24 +164,17 @@ class SceneConfig:
         def fix(name: str, value) -> None:
             object.__setattr__(self, name, value)
 
-        if isinstance(self.sample_rate, bool) or int(self.sample_rate) != self.sample_rate:
-            raise ValueError(
-                f"SceneConfig.sample_rate: expected an integer, got {self.sample_rate!r}"
-            )
+        fix("sample_rate", _integer("sample_rate", self.sample_rate))
         if self.sample_rate < 16000:
             raise ValueError(
                 f"SceneConfig.sample_rate: must be at least 16000 Hz (the classes use frequencies "
                 f"up to {_MAX_CONTENT_HZ:.0f} Hz), got {self.sample_rate}"
             )
-        fix("sample_rate", int(self.sample_rate))
-        if not np.isfinite(self.seconds) or self.seconds < 0.1:
+        fix("seconds", _real("seconds", self.seconds))
+        if self.seconds < 0.1:
             raise ValueError(f"SceneConfig.seconds: must be at least 0.1, got {self.seconds!r}")
-        fix("seconds", float(self.seconds))
         for name in ("min_sources", "max_sources"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value:
-                raise ValueError(f"SceneConfig.{name}: expected an integer, got {value!r}")
-            fix(name, int(value))
+            fix(name, _integer(name, getattr(self, name)))
         if not 1 <= self.min_sources <= self.max_sources <= NUM_CLASSES:
             raise ValueError(
                 f"SceneConfig.min_sources={self.min_sources}, max_sources={self.max_sources}: "
@@ -186,15 +202,14 @@ class SceneConfig:
                     f"SceneConfig.background_noise_db: levels must be <= 0 dB, got {noise}"
                 )
             fix("background_noise_db", noise)
+        fix("overlap_fraction", _real("overlap_fraction", self.overlap_fraction))
         if not 0.0 < self.overlap_fraction <= 1.0:
             raise ValueError(
                 f"SceneConfig.overlap_fraction: must be in (0, 1], got {self.overlap_fraction!r}"
             )
-        if isinstance(self.seed, bool) or int(self.seed) != self.seed or self.seed < 0:
-            raise ValueError(
-                f"SceneConfig.seed: expected a non-negative integer, got {self.seed!r}"
-            )
-        fix("seed", int(self.seed))
+        fix("seed", _integer("seed", self.seed))
+        if self.seed < 0:
+            raise ValueError(f"SceneConfig.seed: expected a non-negative integer, got {self.seed!r}")
 
     @property
     def num_samples(self) -> int:

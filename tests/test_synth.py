@@ -367,6 +367,12 @@ def test_render_scene_rejects_bad_index():
         ({"overlap_fraction": 1.5}, "overlap_fraction"),
         ({"seed": -1}, "seed"),
         ({"seed": 1.5}, "seed"),
+        # Wrong types: a ValueError naming the field, not numpy's TypeError or int()'s message.
+        ({"seconds": "a"}, "SceneConfig.seconds"),
+        ({"overlap_fraction": "x"}, "SceneConfig.overlap_fraction"),
+        ({"min_sources": "a"}, "SceneConfig.min_sources"),
+        ({"sample_rate": None}, "SceneConfig.sample_rate"),
+        ({"seed": True}, "SceneConfig.seed"),
     ],
 )
 def test_scene_config_validation(kwargs, field):
