@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_rows, environment  # noqa: E402
 
 from sslam.features import preprocess  # noqa: E402
-from sslam.masking import MaskConfig, block_masks, kept_indices  # noqa: E402
+from sslam.masking import MaskConfig, clone_masks, kept_indices  # noqa: E402
 from sslam.mixing import sample_windows  # noqa: E402
 from sslam.precision import MATMUL_MODULES, half_weights  # noqa: E402
 from sslam.pretrain import Pretrainer, ema_decay, train_flops_per_clip  # noqa: E402
@@ -102,7 +102,7 @@ class Step:
         if obj.stage == 2:
             windows = sample_windows(self.cfg.data.target_length, obj.mix_width,
                                      generator=torch.Generator().manual_seed(self.count))
-        masks = block_masks(self.batch * obj.clones, self.mask_cfg, self.count, threads=1)
+        masks = clone_masks(self.batch, obj.clones, self.mask_cfg, self.count, threads=1)
         return windows, kept_indices(masks)[0]
 
     def half_weights(self):

@@ -22,6 +22,7 @@ when built. They agree in distribution, not bit for bit.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import os
 from dataclasses import dataclass
@@ -80,6 +81,10 @@ class MaskConfig:
             raise ValueError(
                 f"MaskConfig.mask_dropout must lie in [0, 1), got {self.mask_dropout!r}"
             )
+        # Plain Python numbers from here on (the C++ extension and hashing take them as such).
+        for name, kind in (("mask_prob", float), ("mask_prob_adjust", float), ("mask_length", int),
+                           ("mask_dropout", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
         if self.num_kept == 0 or self.num_masked == 0:
             raise ValueError(
                 f"MaskConfig(grid={self.grid}, mask_prob={self.mask_prob}, inverse={self.inverse}) "
@@ -142,27 +147,30 @@ _MAX_MASK_LENGTH = 2**31
 _MAX_ELEMENTS = 2**63 - 1
 
 
+# numbers.Integral / Real: numpy and other scalars count too (np.int64(64), np.float32(0.8)).
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_rows(name: str, value) -> int:
     if not _is_int(value) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
+    return int(value)
 
 
-def _check_size(num_rows, config: MaskConfig) -> None:
-    _check_rows("num_rows", num_rows)
+def _check_size(num_rows, config: MaskConfig) -> int:
+    """``num_rows`` as an int, after checking that the masks can exist."""
+    num_rows = _check_rows("num_rows", num_rows)
     if num_rows * config.num_patches > _MAX_ELEMENTS:
         raise ValueError(
             f"num_rows={num_rows} x {config.num_patches} patches = "
             f"{num_rows * config.num_patches} mask elements; at most 2**63 - 1 are supported"
         )
+    return num_rows
 
 
 def mark_blocks(centres: torch.Tensor, config: MaskConfig) -> torch.Tensor:
@@ -213,7 +221,7 @@ def block_masks_ref(num_rows: int, config: MaskConfig, generator: torch.Generato
     Draws from ``generator`` (a CPU ``torch.Generator``); readable reference of
     :func:`block_masks`, vectorised over rows.
     """
-    _check_size(num_rows, config)
+    num_rows = _check_size(num_rows, config)
     centres = torch.randint(
         0, config.num_patches, (num_rows, config.num_centres), generator=generator
     )
@@ -224,6 +232,8 @@ def block_masks_ref(num_rows: int, config: MaskConfig, generator: torch.Generato
 def _seed64(seed) -> int:
     """``seed`` (any Python int) as an unsigned 64-bit integer."""
     try:
+        if isinstance(seed, bool):  # True is an int to Python, but never meant as seed 1
+            raise TypeError
         seed = operator.index(seed)
     except TypeError:
         raise TypeError(f"seed must be an int, got {type(seed).__name__}") from None
@@ -248,12 +258,13 @@ def block_masks(
     :func:`block_masks_ref` with a ``torch.Generator`` seeded by ``seed``. The two paths give
     different masks for the same seed, with the same distribution.
     """
-    _check_size(num_rows, config)
+    num_rows = _check_size(num_rows, config)
     seed = _seed64(seed)
     if threads is None:
         threads = default_threads()
     elif not _is_int(threads) or threads < 1:
         raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+    threads = int(threads)
     if native.available():
         masks = native.extension().block_masks(num_rows, *config.native_args, seed, threads)
         return torch.from_numpy(masks)
@@ -269,10 +280,10 @@ def clone_masks(
     Rows are clip-major (rows ``b * clones .. (b + 1) * clones - 1`` belong to clip ``b``), the
     order of ``x.repeat_interleave(clones, dim=0)``; every row is an independent draw.
     """
-    _check_rows("batch_size", batch_size)
+    batch_size = _check_rows("batch_size", batch_size)
     if not _is_int(clones) or clones < 1:
         raise ValueError(f"clones must be an int >= 1, got {clones!r}")
-    return block_masks(batch_size * clones, config, seed, threads=threads)
+    return block_masks(batch_size * int(clones), config, seed, threads=threads)
 
 
 def kept_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

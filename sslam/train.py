@@ -34,7 +34,7 @@ from . import native
 from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_torch_load
 from .features import norm_stats, preprocess
 from .kernels.switch import use_kernels
-from .masking import MaskConfig, block_masks, kept_indices
+from .masking import MaskConfig, clone_masks, kept_indices
 from .mixing import sample_windows
 from .model import BLOCK_CHECKPOINTING, VARIANTS, EncoderConfig
 from .precision import MATMUL_MODULES, half_weights
@@ -698,7 +698,7 @@ class Trainer:
             g = torch.Generator().manual_seed(mix_seed(seed, self.step, slot, 2))
             windows = sample_windows(self.cfg.data.target_length, self.model.objective.mix_width, generator=g)
         clean, mixed = self.model_inputs(batch, windows)
-        masks = block_masks(clean.shape[0] * self.model.objective.clones, self.mask_cfg, mix_seed(seed, self.step, slot, 1))
+        masks = clone_masks(clean.shape[0], self.model.objective.clones, self.mask_cfg, mix_seed(seed, self.step, slot, 1))
         keep, _ = kept_indices(masks)
         noise = torch.Generator(device=self.device).manual_seed(mix_seed(seed, self.step, slot, 3))
         return clean, mixed, keep.to(self.device, non_blocking=True), windows, noise

@@ -8,6 +8,7 @@ import importlib
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -433,6 +434,17 @@ def test_block_masks_rejects_bad_arguments(kwargs, match):
         block_masks(**kwargs)
     with pytest.raises(TypeError, match="seed"):
         block_masks(2, VIT_B, seed=1.5)
+    with pytest.raises(TypeError, match="seed"):
+        block_masks(2, VIT_B, seed=True)
+
+
+def test_numpy_scalars_are_numbers_like_any_other():
+    """np.int64 / np.float32 settings (read from arrays or configs) are accepted, stored as
+    Python numbers, and give the masks of the equal Python values."""
+    config = MaskConfig(grid=(np.int64(64), 8), mask_prob=np.float64(0.8), mask_length=np.int64(5))
+    assert config == VIT_B and type(config.mask_length) is int and type(config.mask_prob) is float
+    assert torch.equal(block_masks(np.int64(3), config, np.int64(7), threads=np.int64(1)),
+                       block_masks(3, VIT_B, 7, threads=1))
 
 
 def test_clone_masks_are_clip_major_rows_of_block_masks():
