@@ -4,4 +4,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when merely imported (e.g. by a walk over the submodules)
+    sys.exit(main())
