@@ -387,14 +387,20 @@ class Dist:
 
 
 def init_distributed(device_type: str) -> Dist:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPU, gloo on CPU."""
+    """The processes of this run: those of a process group the caller made, or torchrun's
+    (RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPU, gloo on CPU), or this one alone."""
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        gpus = torch.cuda.device_count() if device_type == "cuda" else 0
+        return Dist(rank, world, int(os.environ.get("LOCAL_RANK", rank % gpus if gpus else 0)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Dist(rank, world, local)
+    if "RANK" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world} but RANK is not set: launch the processes with torchrun, "
+                         "which sets RANK, LOCAL_RANK and WORLD_SIZE")
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def mix_seed(*parts) -> int:
@@ -407,6 +413,18 @@ def mix_seed(*parts) -> int:
 
 
 # ---- optimisation -------------------------------------------------------------------------
+
+
+def named_optimizer_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``state``, an optimizer state dict, keyed by the parameters' names in ``model`` as FSDP's
+    full state dicts are. One process or DDP saves ``Optimizer.state_dict()``, which numbers
+    the parameters in the optimizer's order; a run resumed under FSDP needs their names."""
+    if all(isinstance(key, str) for group in state["param_groups"] for key in group["params"]):
+        return state
+    names = {p: name for name, p in model.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {order[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]}
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -756,7 +774,9 @@ class Trainer:
         params = self.model.trainable_parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf"))
         names = list(logged[0])
-        rows = torch.stack([torch.stack([terms[n].float() for n in names]) for terms in logged]).tolist()
+        rows = torch.stack([torch.stack([terms[n].float() for n in names]) for terms in logged])
+        rows, failures = self._across_processes(rows, sum(len(batch.failures) for batch in micro_batches))
+        self._count_bad_files(micro_batches, failures)
         grad_norm = float(grad_norm)
         finite_loss = all(math.isfinite(row[0]) for row in rows)
         if not finite_loss or not math.isfinite(grad_norm):
@@ -780,6 +800,17 @@ class Trainer:
         self.model.update_teacher(decay)
         totals.update(grad_norm=grad_norm, ema_decay=decay, lr=self.scheduler.get_last_lr()[0])
         return totals
+
+    def _across_processes(self, rows: torch.Tensor, failures: int) -> tuple[list[list[float]], int]:
+        """The micro-batches' loss terms (accum, terms) averaged over the processes, and the
+        number of unreadable files all of them met. So every process logs the global batch's
+        loss, skips the same steps and stops at the same one, for one small all-reduce before
+        the host read that follows anyway."""
+        if self.dist.world_size == 1:
+            return rows.tolist(), failures
+        flat = torch.cat([rows.flatten(), rows.new_tensor([float(failures)])])
+        dist.all_reduce(flat)  # a NaN of any process reaches every one
+        return (flat[:-1].view_as(rows) / self.dist.world_size).tolist(), round(float(flat[-1]))
 
     def ema_decay(self) -> float:
         """The teacher's decay after ``self.step`` updates. A run started from a checkpoint
@@ -848,7 +879,7 @@ class Trainer:
                 set_optimizer_state_dict,
             )
 
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"],
+            set_optimizer_state_dict(self.model, self.optimizer, named_optimizer_state(state["optimizer"], self.model, self.optimizer),
                                      options=StateDictOptions(full_state_dict=True))
         else:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -899,7 +930,6 @@ class Trainer:
         try:
             while self.step < cfg.optim.max_steps:
                 micro = [next(batches) for _ in range(cfg.optim.accum_steps)]
-                self._count_bad_files(micro)
                 values = self.train_step(micro)  # None: skipped (see _skip_step)
                 if values is not None:
                     self.bad_steps = 0
@@ -956,15 +986,22 @@ class Trainer:
         saved = checkpoints_in(self.out)
         return str(saved[-1]) if saved else "none"
 
-    def _count_bad_files(self, micro) -> None:
+    def _count_bad_files(self, micro, failures: int) -> None:
+        """Record the step's unreadable files and stop past ``data.max_bad_files``. ``failures``
+        counts those of every process: when there are any, the processes share their lists, so
+        all of them hold the same one and stop at the same step."""
+        found = [failure for batch in micro for failure in batch.failures]
+        if failures and self.dist.world_size > 1:
+            gathered = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, found)
+            found = [failure for part in gathered for failure in part]
         # Distinct files: one corrupt file met again every epoch is still one unreadable file.
         known = {path for path, _ in self.bad_files}
-        for batch in micro:
-            for path, reason in batch.failures:
-                if path not in known:
-                    known.add(path)
-                    self.bad_files.append((path, reason))
-                    self.log(f"skipped unreadable file {reason}")
+        for path, reason in found:
+            if path not in known:
+                known.add(path)
+                self.bad_files.append((path, reason))
+                self.log(f"skipped unreadable file {reason}")
         if len(self.bad_files) > self.cfg.data.max_bad_files:
             raise StopTraining(
                 f"{len(self.bad_files)} unreadable files exceed data.max_bad_files={self.cfg.data.max_bad_files}; "

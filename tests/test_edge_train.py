@@ -25,10 +25,12 @@ from sslam.masking import MaskConfig
 from sslam.model import Encoder, EncoderConfig
 from sslam.pretrain import CNNDecoder
 from sslam.train import (
+    Dist,
     TrainConfig,
     Trainer,
     checkpoints_in,
     encoder_config,
+    named_optimizer_state,
     objective_config,
     preset,
     set_option,
@@ -193,6 +195,77 @@ def test_stage2_two_processes_then_resume_in_one_with_accumulation(tmp_path):
         theirs = b.state_dict()
         for k, v in a.state_dict().items():
             assert torch.allclose(v, theirs[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_a_one_process_checkpoint_resumes_under_fsdp(tmp_path):
+    """One process saves the optimizer state by position, FSDP loads it by name: a run moved
+    to 2 FSDP processes goes on as the one process would (to fp32 reduction order)."""
+    import subprocess
+    import sys
+
+    one = Trainer(small(tmp_path / "one", steps=3, optim__accum_steps=2), log=quiet)
+    one.fit()
+    interrupted = Trainer(small(tmp_path / "moved", steps=2, optim__accum_steps=2, run__ckpt_every=2), log=quiet)
+    interrupted.fit()
+    saved = safe_torch_load(checkpoints_in(tmp_path / "moved")[-1])
+    named = named_optimizer_state(saved["optimizer"], interrupted.model, interrupted.optimizer)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    expected = get_optimizer_state_dict(interrupted.model, interrupted.optimizer,
+                                        options=StateDictOptions(full_state_dict=True))
+    assert list(named["state"]) == list(expected["state"]) and named["param_groups"] == expected["param_groups"]
+    script = tmp_path / "fsdp.py"
+    script.write_text(pretrain_script(small(tmp_path / "moved", steps=3, run__parallel="fsdp")))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = safe_torch_load(checkpoints_in(tmp_path / "moved")[-1])
+    assert resumed["step"] == 3 and resumed["world_size"] == 2
+    for k, v in one.model.student.state_dict().items():
+        assert torch.allclose(v, resumed["model"][k], atol=1e-5, rtol=1e-4), k
+
+
+def test_processes_share_their_unreadable_files_and_stop_together(tmp_path):
+    """Each process meets its own unreadable files: the count is the run's, so every process
+    stops at the same step with the same message (one stopping alone left the other in a
+    collective, failing with an unrelated error or, on NCCL, hanging)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        sf.write(data / f"{i}.wav", np.random.default_rng(i).standard_normal(24000) * 0.1, 16000)
+    for name in ("b0.wav", "b1.wav"):
+        (data / name).write_bytes(b"not audio")
+    script = tmp_path / "run.py"
+    script.write_text(pretrain_script(small(tmp_path / "run", steps=20, data__source=str(data),
+                                            data__max_bad_files=1, data__batch_size=2)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("2 unreadable files exceed data.max_bad_files=1") == 2, result.stderr[-3000:]
+    assert "Connection reset" not in result.stderr
+
+
+def test_a_process_group_made_by_the_caller_is_used(tmp_path, monkeypatch):
+    """A caller's process group (torch.multiprocessing, a file store) gives the trainer its rank
+    and size; WORLD_SIZE without RANK is a clear error, not a KeyError."""
+    import torch.distributed as dist
+
+    from sslam.train import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but RANK is not set: launch the processes with torchrun"):
+        init_distributed("cpu")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert init_distributed("cpu") == Dist(0, 1, 0)
+    finally:
+        dist.destroy_process_group()
 
 
 # ---- initialising from checkpoints ----------------------------------------------------------

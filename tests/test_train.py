@@ -207,6 +207,10 @@ def test_accumulation_equals_two_processes(tmp_path, monkeypatch, parallel, bloc
         assert torch.allclose(v, two.state[k], atol=1e-5, rtol=1e-4), k
     for k, v in one.model.teacher.encoder.state_dict().items():
         assert torch.allclose(v, two.teacher[k], atol=1e-5, rtol=1e-4), k
+    # The logged loss is the global batch's (averaged over the processes), not one process's.
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_autocast_casts_the_matmul_weights_once_per_update_exactly(tmp_path, monkeypatch):
