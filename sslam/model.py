@@ -611,8 +611,16 @@ class Encoder(nn.Module):
         ``torch.inference_mode`` (as :meth:`embed` does), not for training."""
         import torch._inductor.config as inductor_config
 
-        inductor_config.freezing = True  # a process-wide inductor setting: inference only
-        self.compile()
+        compiled = torch.compile(self.forward)
+
+        def forward(*args, **kwargs):
+            # Freezing is a process-wide inductor setting: on only while this model compiles and
+            # runs, so a model compiled later (a pretraining teacher, updated every step) is not
+            # frozen too.
+            with inductor_config.patch(freezing=True):
+                return compiled(*args, **kwargs)
+
+        self.forward = forward
         return self.eval()
 
     def num_parameters(self, trainable_only: bool = True) -> int:

@@ -288,3 +288,28 @@ def test_selective_checkpointing_after_cached_weight_casts():
     plain, selective = grads("off", True), grads("selective", True)
     for n in plain:
         torch.testing.assert_close(selective[n], plain[n], msg=n)
+
+
+@pytest.mark.slow
+def test_compile_for_inference_freezes_this_model_only():
+    """The compiled model equals the eager one with its weights frozen in; the process-wide
+    inductor freezing switch is on only during its calls, so a model compiled afterwards (a
+    pretraining teacher, updated in place) sees its new weights."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, max_length=8)
+    spec = torch.randn(1, 1, 32, 128)
+    eager = Encoder(cfg).eval()
+    frozen = Encoder(cfg).eval()
+    frozen.load_state_dict(eager.state_dict())
+    frozen.compile_for_inference()
+    with torch.inference_mode():
+        torch.testing.assert_close(frozen(spec).x, eager(spec).x, rtol=1e-4, atol=1e-5)
+    assert inductor_config.freezing is False
+    later = Encoder(cfg).eval()
+    later.compile()
+    with torch.no_grad():
+        later(spec)  # compiled here
+        later.blocks[0].mlp.fc2.weight.mul_(3.0)
+        torch.testing.assert_close(later(spec).x, later.forward(spec).x)  # compiled vs eager
