@@ -396,9 +396,11 @@ class Encoder(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        # The official code re-initialises only the patch conv's weight: its bias keeps
+        # PyTorch's default, U(+-1/sqrt(fan_in)) (+-1/16 for 16 x 16 patches).
+        self.patch_embed.reset_parameters()
         w = self.patch_embed.weight
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.cls_token)
         if self.cfg.num_classes > 0:
             nn.init.trunc_normal_(self.head.weight, std=0.02)

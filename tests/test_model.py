@@ -1,5 +1,7 @@
 """The encoder: configuration, position table, attention paths, masked and padded forwards."""
 
+import math
+
 import pytest
 import torch
 
@@ -196,6 +198,12 @@ def test_initialisation():
     assert torch.all(model.blocks[1].attn.qkv.bias == 0)
     assert torch.all(model.pre_norm.weight == 1)
     assert not any(n == "pos_embed" for n, _ in model.named_parameters())
+    # The patch conv: Xavier weight; the bias keeps PyTorch's default U(+-1/16), as the
+    # official (untrained golden) checkpoint's does, not zeros.
+    bias = model.patch_embed.bias
+    assert bias.abs().max() <= 1 / 16 and bias.abs().max() > 1 / 32
+    bound = math.sqrt(6 / (256 + 64))
+    assert model.patch_embed.weight.abs().max() <= bound and model.patch_embed.weight.abs().max() > bound / 2
 
 
 def activation_bytes_kept_for_backward(model: Encoder, run) -> int:
