@@ -151,6 +151,18 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast("cuda", dtype=dtype)
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model`` in eval mode (no stochastic depth: embeddings are deterministic) for the
+    block, then back in the mode it had."""
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+
+
 def _length_groups(lengths: list[int]) -> list[list[int]]:
     """Indices of clips grouped by similar length: each group's padded size (members x its
     longest) stays within twice its real samples, so one long clip is not padded onto many
@@ -272,7 +284,7 @@ def embed(
         specs, row_valid = _window_batch(logmels, plan, length, norm, patch)
 
     cls_out, tokens = [], []
-    with _autocast(param.device, autocast):
+    with _autocast(param.device, autocast), _eval_mode(model):
         for i in range(0, len(plan), batch_size):
             mask = None
             if padding == "mask":

@@ -51,6 +51,18 @@ def quiet(*args, **kwargs):
 # ------------------------------------------------------------------------------ embed()
 
 
+def test_embeddings_of_a_model_in_training_mode_are_deterministic():
+    """A model with stochastic depth, left in training mode (create_model's), embeds in eval
+    mode, as the official extraction does, and is handed back in training mode."""
+    model = Encoder(EncoderConfig(embed_dim=32, depth=3, num_heads=2, max_length=8, drop_path_rate=0.5))
+    model.preprocessing = {"sample_rate": 16000, "target_length": 128, "norm": "audioset"}
+    clip = noise(16000)
+    first, second = model.embed(clip, 16000), model.embed(clip, 16000)
+    assert torch.equal(first.utterance, second.utterance) and model.training
+    model.eval()
+    assert torch.equal(model.embed(clip, 16000).utterance, first.utterance)
+
+
 @pytest.mark.parametrize("padding", ["official", "mask"])
 @torch.inference_mode()
 def test_batch_of_very_different_lengths_equals_each_clip_alone(tiny, padding):
