@@ -200,7 +200,7 @@ def check_keep(keep: torch.Tensor, batch: int, clones: int) -> None:
     silently drop clips."""
     if keep.dtype not in (torch.int64, torch.int32) or keep.dim() not in (1, 2):
         raise ValueError(
-            f"keep must be (K,) or (B * clones, K) int64 patch indices, got {keep.dtype} {tuple(keep.shape)}"
+            f"keep must be (K,) or (B * clones, K) int64 or int32 patch indices, got {keep.dtype} {tuple(keep.shape)}"
         )
     if keep.dim() == 2 and keep.shape[0] != batch * clones:
         raise ValueError(
@@ -475,6 +475,10 @@ class Encoder(nn.Module):
         :mod:`sslam.precision`) takes fp32 features, as the official fp16 runs cast their input."""
         return x.to(self.patch_embed.weight.dtype)
 
+    def _check_tokens(self, name: str, tokens: torch.Tensor) -> None:
+        if tokens.dim() != 3 or tokens.shape[2] != self.cfg.embed_dim:
+            raise ValueError(f"{name}: expected (B, N, {self.cfg.embed_dim}) tokens, got {tuple(tokens.shape)}")
+
     def forward_tokens(
         self,
         tokens: torch.Tensor,
@@ -499,6 +503,7 @@ class Encoder(nn.Module):
         Returns:
             :class:`EncoderOutput` with x of shape (B', 1 + K, D), B' = B * clones.
         """
+        self._check_tokens("tokens", tokens)
         if clones < 1:
             raise ValueError(f"clones={clones} must be >= 1")
         if keep is not None:
@@ -550,8 +555,7 @@ class Encoder(nn.Module):
         sequence), the sets run one after another. Either way each set's output is that of
         :meth:`forward_tokens` up to rounding (the matmuls see other row counts)."""
         for i, t in enumerate(token_sets):
-            if t.dim() != 3 or t.shape[2] != self.cfg.embed_dim:
-                raise ValueError(f"token_sets[{i}]: expected (B, N, {self.cfg.embed_dim}) tokens, got {tuple(t.shape)}")
+            self._check_tokens(f"token_sets[{i}]", t)
         packs = (len(token_sets) > 1 and self._attention_impl(token_sets[0]) == "triton"
                  and not (self.training and self.cfg.drop_path_rate > 0))
         if not packs:
@@ -598,6 +602,9 @@ class Encoder(nn.Module):
         """Fine-tuned head: (B, D) CLS -> (B, num_classes) logits."""
         if self.cfg.num_classes <= 0:
             raise RuntimeError("this encoder has no classification head (num_classes=0)")
+        if cls.dim() != 2 or cls.shape[1] != self.cfg.embed_dim:
+            # e.g. the whole (B, 1 + N, D) output, which the head would map token by token
+            raise ValueError(f"cls: expected the (B, {self.cfg.embed_dim}) CLS outputs, got {tuple(cls.shape)}")
         return self.head(self.fc_norm(cls))
 
     def embed(self, audio, sample_rate: int | None = None, **kwargs):

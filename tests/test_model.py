@@ -189,6 +189,10 @@ def test_classification_head():
     assert model.classify(torch.randn(2, 48)).shape == (2, 5)
     with pytest.raises(RuntimeError, match="no classification head"):
         small_model().classify(torch.randn(2, 48))
+    with pytest.raises(ValueError, match=r"cls: expected the \(B, 48\) CLS outputs, got \(2, 9, 48\)"):
+        model.classify(torch.randn(2, 9, 48))  # the whole output, not its CLS column
+    with pytest.raises(ValueError, match=r"tokens: expected \(B, N, 48\) tokens"):
+        model.forward_tokens(torch.randn(2, 9, 40))
 
 
 def test_initialisation():
