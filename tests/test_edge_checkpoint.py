@@ -717,7 +717,7 @@ def test_keep_rows_must_match_clips_times_clones():
     spec = torch.randn(2, 1, FRAMES, 128)
     with pytest.raises(ValueError, match="keep has 4 rows; expected B \\* clones = 2 \\* 3 = 6"):
         model(spec, keep=torch.zeros(4, 5, dtype=torch.long), clones=3)  # used to drop clip 1 silently
-    with pytest.raises(ValueError, match="int64 patch indices"):
+    with pytest.raises(ValueError, match="int64 or int32 patch indices"):
         model(spec, keep=torch.zeros(6, 5), clones=3)
 
 
