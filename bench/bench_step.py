@@ -45,11 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_rows, environment  # noqa: E402
 
 from sslam.features import preprocess  # noqa: E402
-from sslam.masking import MaskConfig, clone_masks, kept_indices  # noqa: E402
+from sslam.masking import clone_masks, kept_indices  # noqa: E402
 from sslam.mixing import sample_windows  # noqa: E402
 from sslam.precision import MATMUL_MODULES, half_weights  # noqa: E402
 from sslam.pretrain import Pretrainer, ema_decay, train_flops_per_clip  # noqa: E402
-from sslam.train import encoder_config, objective_config, param_groups, preset  # noqa: E402
+from sslam.train import encoder_config, mask_config, objective_config, param_groups, preset  # noqa: E402
 
 VARIANTS = ("official", "eager", "compile", "ours", "ours_compile", "ours_lowmem", "ours_minmem", "ours_pure")
 COMPILED = ("compile", "ours_compile")
@@ -86,8 +86,7 @@ class Step:
             self.amp = None if self.pure else torch.bfloat16
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.pure == torch.float16)
         frames = cfg.data.target_length
-        self.mask_cfg = MaskConfig(grid=(frames // 16, 8), mask_prob=cfg.objective.mask_prob,
-                                   mask_prob_adjust=cfg.objective.mask_prob_adjust, mask_length=cfg.objective.mask_length)
+        self.mask_cfg = mask_config(cfg)
         samples = (frames - 1) * 160 + 400
         g = torch.Generator().manual_seed(1)
         self.waves = (0.1 * torch.randn(batch, samples, generator=g)).to(device)
@@ -301,7 +300,7 @@ def main(argv=None) -> int:
         cfg = preset(args.preset, stage)
         enc_cfg = encoder_config(cfg)
         flops = train_flops_per_clip(enc_cfg, objective_config(cfg, enc_cfg.depth), cfg.data.target_length,
-                                     MaskConfig(grid=(cfg.data.target_length // 16, 8)).num_kept)
+                                     mask_config(cfg).num_kept)  # the preset's masks (large keeps 128)
         print(f"\n== stage {stage}: {flops / 1e12:.3f} TFLOP per clip")
         print(f"{'variant':>12} {'s/step':>9} {'clips/s':>9} {'MFU':>7} {'peak GiB':>9} {'GiB/clip':>9} {'max batch':>10} "
               f"{'x official':>11} {'wall s':>7} {'search s':>9}")

@@ -311,8 +311,7 @@ def validate(cfg: TrainConfig) -> None:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"data.norm={d.norm!r}: {exc}") from None
     try:  # the masks must keep and hide at least one patch of the grid
-        MaskConfig(grid=(d.target_length // 16, 8), mask_prob=ob.mask_prob, mask_prob_adjust=ob.mask_prob_adjust,
-                   mask_length=ob.mask_length)
+        mask_config(cfg)
     except ValueError as exc:
         raise ValueError(f"objective.mask_prob={ob.mask_prob}, mask_length={ob.mask_length} with "
                          f"data.target_length={d.target_length}: {exc}") from None
@@ -355,6 +354,14 @@ def init_architecture(ckpt, given: dict) -> tuple:
         ckpt = dataclasses.replace(ckpt, config=config, declared=ckpt.declared | {"num_heads"})
     note = f"the architecture comes from {ckpt.path}; not used: {', '.join(unused)}" if unused else ""
     return ckpt, note
+
+
+def mask_config(cfg: TrainConfig) -> MaskConfig:
+    """The student's masks: the objective's settings on the (target_length / 16, 8) patch grid
+    (pretraining takes 16 x 16 patches of 128 mel bins, see :func:`init_architecture`)."""
+    ob = cfg.objective
+    return MaskConfig(grid=(cfg.data.target_length // 16, 8), mask_prob=ob.mask_prob,
+                      mask_prob_adjust=ob.mask_prob_adjust, mask_length=ob.mask_length)
 
 
 def encoder_config(cfg: TrainConfig):
@@ -583,11 +590,7 @@ class Trainer:
             # ema_decay); a resume that leaves --init out must keep the original choice.
             cfg.run.init = cfg.run.init or (saved.get("config") or {}).get("run", {}).get("init", "")
         self.model = self._build_model(saved)
-        self.mask_cfg = MaskConfig(
-            grid=(cfg.data.target_length // 16, self.model.student.cfg.freq_patches),
-            mask_prob=cfg.objective.mask_prob, mask_prob_adjust=cfg.objective.mask_prob_adjust,
-            mask_length=cfg.objective.mask_length,
-        )
+        self.mask_cfg = mask_config(cfg)
         self.step = 0
         self.data_start = (0, 0)
         self.bad_files: list[tuple[str, str]] = []
