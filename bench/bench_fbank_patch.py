@@ -41,7 +41,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("SSLAM_KERNELS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, autotune_report, cpu_timing, environment, kernel_device, measure  # noqa: E402
+from common import (  # noqa: E402
+    append_rows,
+    autotune_report,
+    cpu_timing,
+    environment,
+    kernel_device,
+    measure_or_fail,
+)
 from sslam.kernels.fbank_patch import fbank_patch  # noqa: E402
 
 from sslam.features import (  # noqa: E402
@@ -111,10 +118,10 @@ def bench(batch: int, samples: int, target_length: int, device: str, quick: bool
     }
     rows, seen = [], set()
     for name, (fn, nbytes) in variants.items():
-        (med, p20, p80), peak = measure(fn, device)
+        (med, p20, p80), peak, failure = measure_or_fail(fn, device)
         rows.append(dict(variant=name, median_ms=med, p20_ms=p20, p80_ms=p80,
                          throughput=nbytes / med / 1e6, unit="GB/s", peak_mem_mb=peak,
-                         us_per_clip=med * 1e3 / batch, tflops=flop / med / 1e9))
+                         us_per_clip=med * 1e3 / batch, tflops=flop / med / 1e9, note=failure))
         if device == "cuda" and name.startswith("ours"):  # each variant tunes its own key
             print(autotune_report({name: sys.modules["sslam.kernels.fbank_patch"]._autotuned_kernel()}, seen))
 

@@ -37,7 +37,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("SSLAM_KERNELS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, graph_timing, kernel_device, measure  # noqa: E402
+from common import append_rows, environment, graph_timing, kernel_device, measure, measure_or_fail  # noqa: E402
 from sslam.kernels import mixture as mx  # noqa: E402
 
 from sslam.mixing import MixWindows, partner_keep_indices, sample_windows  # noqa: E402
@@ -129,9 +129,9 @@ def main(argv=None) -> None:
             case = f"{name},B={batch}"
             direction = "bwd" if name.endswith("bwd") else "fwd"
             for variant, fn in variants.items():
-                (med, p20, p80), peak = measure(fn, device)
+                (med, p20, p80), peak, failure = measure_or_fail(fn, device)
                 timings = [("wall", (med, p20, p80))]
-                if device == "cuda":
+                if device == "cuda" and not failure:
                     timings.append(("gpu", graph_timing(fn)))
                 for timing, quantiles in timings:
                     if quantiles is None:
@@ -140,8 +140,8 @@ def main(argv=None) -> None:
                     gbs = nbytes / med / 1e6
                     rows.append(dict(case=case, variant=variant, median_ms=med, p20_ms=p20,
                                      p80_ms=p80, throughput=gbs, unit="GB/s", peak_mem_mb=peak,
-                                     note=f"{100 * gbs / copy_gbs:.1f}% of copy "
-                                          f"({copy_gbs:.0f} GB/s); bytes={nbytes}",
+                                     note=failure or f"{100 * gbs / copy_gbs:.1f}% of copy "
+                                                     f"({copy_gbs:.0f} GB/s); bytes={nbytes}",
                                      **{"pass": f"{direction} {timing}"}))
                     print(f"{case:28s} {variant:20s} {timing:>6s} {med:10.4f} {gbs:8.1f} "
                           f"{100 * gbs / copy_gbs:7.1f} {peak:8.1f}")

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, kernel_device, measure  # noqa: E402
+from common import append_rows, environment, kernel_device, measure_or_fail  # noqa: E402
 from sslam.kernels import regression_sums, regression_sums_ref  # noqa: E402
 
 
@@ -84,14 +84,13 @@ def main(argv=None) -> None:
         os.environ["SSLAM_KERNELS"] = "1" if variant == "ours" else "0"
         fns, prepare = passes(fn, pred, target, masked, clones, srl)
         for name, call in fns.items():
-            if name == "bwd":
-                prepare()
-            (med, p20, p80), peak = measure(call, device)
+            (med, p20, p80), peak, failure = measure_or_fail(call, device, prepare if name == "bwd" else None)
             medians[(variant, name)] = med
             rate = moved[name] / med / 1e6
             rows.append(dict(case=f"regression,{case}", variant=variant, median_ms=med, p20_ms=p20,
                              p80_ms=p80, throughput=rate, unit="GB/s", peak_mem_mb=peak,
-                             note=f"clones={clones}; GB counted: the fused passes' traffic", **{"pass": name}))
+                             note=failure or f"clones={clones}; GB counted: the fused passes' traffic",
+                             **{"pass": name}))
             print(f"{variant:10s} {name:5s} {med:10.3f} {p20:8.3f} {p80:8.3f} {rate:8.1f} {peak:8.1f}")
     for base in ("eager", "compile"):
         print(f"ours vs {base} (fwd+bwd): {medians[(base, 'full')] / medians[('ours', 'full')]:.2f}x")

@@ -11,6 +11,7 @@ import datetime as _dt
 import os
 import platform
 import subprocess
+import traceback
 from pathlib import Path
 
 import torch
@@ -159,6 +160,22 @@ def measure(fn, device: str) -> tuple[tuple[float, float, float], float]:
         torch.cuda.synchronize()
         return cuda_timing(fn), peak_memory_mb(fn, device)
     return cpu_timing(fn, repeats=1, warmup=1), 0.0
+
+
+def measure_or_fail(fn, device: str, prepare=None) -> tuple[tuple[float, float, float], float, str]:
+    """:func:`measure` of ``fn`` (after ``prepare()`` when given) and "", or NaNs and
+    "failed: <error>" when either raises (a baseline that does not compile, say): the error is
+    printed, and the benchmark goes on to its other variants, whose rows are still written."""
+    try:
+        if prepare is not None:
+            prepare()
+        timing, peak = measure(fn, device)
+        return timing, peak, ""
+    except Exception as exc:
+        traceback.print_exc()
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
+        nan = float("nan")
+        return (nan, nan, nan), nan, f"failed: {type(exc).__name__}: {first_line}"
 
 
 def autotune_report(autotuners: dict, seen: set) -> str:

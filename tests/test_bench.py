@@ -174,3 +174,21 @@ def test_census_peak_counts_live_storages_once():
         c = b + 1  # 8000 alive again
         del b, c
     assert census.peak_bytes == 8000 and census.live_bytes == 0
+
+
+def test_a_failing_baseline_costs_only_its_own_rows(tmp_path):
+    """torch.compile failing (as inductor has on a GPU) leaves a 'failed' row for the compiled
+    baseline, and the other variants' rows are still measured and written."""
+    results = tmp_path / "rows.csv"
+    script = (f"import sys, torch\nsys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+              "def compile_that_fails(fn, **kwargs):\n"
+              "    def call(*args, **kw):\n        raise RuntimeError('inductor failed here')\n    return call\n"
+              "torch.compile = compile_that_fails\n"
+              f"import bench_regression\nbench_regression.main(['--quick', '--csv', {str(results)!r}])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(results.open()))
+    by_variant = {v: [r for r in rows if r["variant"] == v] for v in ("eager", "compile", "ours")}
+    assert all(len(found) == 3 for found in by_variant.values())  # fwd, bwd, full
+    assert all(r["note"].startswith("failed: RuntimeError: inductor failed here") for r in by_variant["compile"])
+    assert all(float(r["median_ms"]) > 0 for r in by_variant["eager"] + by_variant["ours"])
