@@ -14,7 +14,8 @@ backend that refuses the shape is recorded as unsupported), eager matmul-softmax
 
 Passes: ``fwd`` (with autograd recording, as in training), ``bwd`` (dq, dk, dv from a recorded
 forward) and ``full`` (both), each timed twice on a GPU: as eager Python calls
-(``common.cuda_timing``; includes launch and dispatch overhead, which dominates short kernels)
+(``common.cuda_timing``, events around each call after an L2 clear: launch and dispatch
+overhead shows only where it exceeds the clear's GPU time; ``bench_launch.py`` measures it)
 and as CUDA-graph replays (``*_graph`` rows: GPU time alone). TFLOP/s counts 4 B H L^2 Dh for the
 forward and 2.5x that for the backward. Results are printed and appended as CSV rows
 (``bench/common.py``).

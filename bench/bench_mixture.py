@@ -16,10 +16,11 @@ once, the partner's second read is served by L2 and not counted; gather: kept ro
 written; backward: gradient read + full output written). GB/s is reported and compared with a
 device-to-device copy of 1 GiB measured in the same run (``% copy``).
 
-Two timings per call: ``wall`` (CUDA events around each call, as a training step sees it: the
-host's cost of issuing the call counts where it exceeds the GPU's work, as it does for these
-~20-200 µs ops) and ``gpu`` (replays of a CUDA graph of the call: the kernels' own time, what
-the bandwidth goal is about; at B = 12 the data fits in L2, so that row is L2 speed).
+Two timings per call: ``wall`` (``triton.testing.do_bench``: CUDA events around each call,
+after an L2 clear on the GPU, so the host's cost of issuing the call shows only where it
+exceeds the clear's time; ``bench_launch.py`` measures that cost itself) and ``gpu`` (replays
+of a CUDA graph of the call: the kernels' own time, what the bandwidth goal is about; at
+B = 12 the data fits in L2, so that row is L2 speed).
 
     python bench/bench_mixture.py --csv bench/results/mixture.csv
     python bench/bench_mixture.py --quick     # tiny, runs on CPU under the Triton interpreter

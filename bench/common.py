@@ -89,7 +89,10 @@ def append_rows(path: str | os.PathLike, rows: list[dict], announce: bool = True
 
 
 def cuda_timing(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds of ``fn()`` on the current CUDA device (events)."""
+    """(median, p20, p80) milliseconds of ``fn()`` on the current CUDA device:
+    ``triton.testing.do_bench``, CUDA events around each call after it clears the L2 cache on
+    the GPU. The host's cost of issuing ``fn`` overlaps that clear, so it counts only where it
+    is the longer (``bench_launch.host_us`` measures it alone)."""
     from triton.testing import do_bench
 
     med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
@@ -98,8 +101,7 @@ def cuda_timing(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> tuple[floa
 
 def graph_timing(fn, *, rep_ms: float = 100) -> tuple[float, float, float] | None:
     """(median, p20, p80) milliseconds of ``fn()`` replayed from a CUDA graph: the GPU's time
-    alone, without the host's cost of issuing the call (which :func:`cuda_timing` includes
-    when it is the longer of the two). None, with the reason printed, when ``fn`` cannot be
+    alone, without the host's cost of issuing the call. None, with the reason printed, when ``fn`` cannot be
     captured. Nothing flushes the L2 cache between replays: data that fits in it is timed at
     L2 speed."""
     from triton.testing import do_bench_cudagraph
