@@ -22,7 +22,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, autotune_report, environment, kernel_device, measure_or_fail  # noqa: E402
+from common import (  # noqa: E402
+    append_rows,
+    autotune_report,
+    compile_backend,
+    environment,
+    kernel_device,
+    measure_or_fail,
+)
 from sslam.kernels import grouped_conv  # noqa: E402
 
 from sslam.pretrain import CNNDecoder, DecoderConfig  # noqa: E402
@@ -79,7 +86,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     decoder = CNNDecoder(embed_dim, cfg).to(device)
     tokens = torch.randn(rows, grid[0] * grid[1], embed_dim, device=device, requires_grad=True)
-    compiled = torch.compile(decoder, backend="inductor" if device == "cuda" else "aot_eager")
+    compiled = torch.compile(decoder, backend=compile_backend(device))
     flops = forward_flops(rows * grid[0] * grid[1], embed_dim, cfg)
     env = environment(device)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     append_rows,
     autotune_report,
+    compile_backend,
     cpu_timing,
     environment,
     kernel_device,
@@ -102,8 +103,8 @@ def bench(batch: int, samples: int, target_length: int, device: str, quick: bool
     clean_bytes = waves.numel() * 4 + batch * target_length * NUM_MEL_BINS * 4
     mixed_bytes = clean_bytes + batch * target_length * NUM_MEL_BINS * 4
 
-    compile_backend = "inductor" if device == "cuda" else "aot_eager"
-    compiled = torch.compile(reference_core, backend=compile_backend)
+    backend = compile_backend(device)
+    compiled = torch.compile(reference_core, backend=backend)
 
     variants = {
         "ours": (lambda: fbank_patch(waves, lens_cpu, target_length=target_length), clean_bytes),
@@ -114,7 +115,7 @@ def bench(batch: int, samples: int, target_length: int, device: str, quick: bool
         "eager": (lambda: reference_core(waves, lens, target_length), clean_bytes),
         "eager+mix": (lambda: mix_patches(reference_core(waves, lens, target_length), windows),
                       mixed_bytes),
-        f"compile[{compile_backend}]": (lambda: compiled(waves, lens, target_length), clean_bytes),
+        f"compile[{backend}]": (lambda: compiled(waves, lens, target_length), clean_bytes),
     }
     rows, seen = [], set()
     for name, (fn, nbytes) in variants.items():

@@ -38,7 +38,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("SSLAM_KERNELS", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, graph_timing, kernel_device, measure, measure_or_fail  # noqa: E402
+from common import (  # noqa: E402
+    append_rows,
+    compile_backend,
+    environment,
+    graph_timing,
+    kernel_device,
+    measure,
+    measure_or_fail,
+)
 from sslam.kernels import mixture as mx  # noqa: E402
 
 from sslam.mixing import MixWindows, partner_keep_indices, sample_windows  # noqa: E402
@@ -62,10 +70,10 @@ def cases(batch: int, frames: int, tokens: int, dim: int, windows: MixWindows, d
     toks = torch.randn(batch, tokens, dim, device=device, generator=gen).to(token_dtype)
     grad = torch.randn(batch, keep.numel(), dim, device=device, generator=gen).to(token_dtype)
     item = toks.element_size()
-    compile_backend = "inductor" if device == "cuda" else "aot_eager"
+    backend = compile_backend(device)
 
     def compiled(fn):
-        return torch.compile(fn, backend=compile_backend)
+        return torch.compile(fn, backend=backend)
 
     mix_spec_ref = compiled(mx.mix_spectrograms_ref)
     mix_patch_ref = compiled(mx.mix_patches_ref)
@@ -79,22 +87,22 @@ def cases(batch: int, frames: int, tokens: int, dim: int, windows: MixWindows, d
         ("mix_spec", {
             "ours": lambda: mx.mix_spectrograms(spec, windows),
             "eager": lambda: mx.mix_spectrograms_ref(spec, windows),
-            f"compile[{compile_backend}]": lambda: mix_spec_ref(spec, windows),
+            f"compile[{backend}]": lambda: mix_spec_ref(spec, windows),
         }, 2 * spec.numel() * 4),
         ("mix_patches", {
             "ours": lambda: mx.mix_spectrograms(patches, windows),
             "eager": lambda: mx.mix_patches_ref(patches, windows),
-            f"compile[{compile_backend}]": lambda: mix_patch_ref(patches, windows),
+            f"compile[{backend}]": lambda: mix_patch_ref(patches, windows),
         }, 2 * patches.numel() * 4),
         ("gather", {
             "ours": lambda: mx.gather_tokens(toks, keep),
             "eager": lambda: mx.gather_tokens_ref(toks, keep),
-            f"compile[{compile_backend}]": lambda: gather_ref(toks, keep),
+            f"compile[{backend}]": lambda: gather_ref(toks, keep),
         }, 2 * batch * keep.numel() * dim * item),
         ("gather_bwd", {
             "ours": lambda: mx._gather_tokens_backward_op(grad, keep, tokens),
             "eager": lambda: scatter_ref(grad),
-            f"compile[{compile_backend}]": lambda: scatter_compiled(grad),
+            f"compile[{backend}]": lambda: scatter_compiled(grad),
         }, (batch * keep.numel() + batch * tokens) * dim * item),
     ]
 

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, kernel_device, measure_or_fail  # noqa: E402
+from common import append_rows, compile_backend, environment, kernel_device, measure_or_fail  # noqa: E402
 from sslam.kernels import regression_sums, regression_sums_ref  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     masked = torch.rand(clips * clones, n, device=device, generator=g) < 0.8
     reads = pred.nbytes + target.nbytes + srl.nbytes + masked.nbytes
     moved = {"fwd": reads, "bwd": reads + pred.nbytes, "full": 2 * reads + pred.nbytes}
-    compiled = torch.compile(regression_sums_ref, backend="inductor" if device == "cuda" else "aot_eager")
+    compiled = torch.compile(regression_sums_ref, backend=compile_backend(device))
     env = environment(device)
     case = f"{clips * clones}x{n}x{d},{str(dtype)[6:]}"
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")

@@ -164,6 +164,12 @@ def measure(fn, device: str) -> tuple[tuple[float, float, float], float]:
     return cpu_timing(fn, repeats=1, warmup=1), 0.0
 
 
+def compile_backend(device: str) -> str:
+    """``torch.compile``'s backend for a baseline: inductor on a GPU; on the CPU (``--quick``)
+    aot_eager, which traces without generating code and so runs in seconds."""
+    return "inductor" if torch.device(device).type == "cuda" else "aot_eager"
+
+
 def measure_or_fail(fn, device: str, prepare=None) -> tuple[tuple[float, float, float], float, str]:
     """:func:`measure` of ``fn`` (after ``prepare()`` when given) and "", or NaNs and
     "failed: <error>" when either raises (a baseline that does not compile, say): the error is
