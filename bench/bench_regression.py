@@ -89,7 +89,7 @@ def main(argv=None) -> None:
             rate = moved[name] / med / 1e6
             rows.append(dict(case=f"regression,{case}", variant=variant, median_ms=med, p20_ms=p20,
                              p80_ms=p80, throughput=rate, unit="GB/s", peak_mem_mb=peak,
-                             note=failure or f"clones={clones}; GB counted: the fused passes' traffic",
+                             note=failure or f"clones={clones}; GB counted: every input read once in full (the kernels skip unmasked tokens), the gradient written",
                              **{"pass": name}))
             print(f"{variant:10s} {name:5s} {med:10.3f} {p20:8.3f} {p80:8.3f} {rate:8.1f} {peak:8.1f}")
     for base in ("eager", "compile"):

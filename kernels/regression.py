@@ -9,9 +9,11 @@ pred's size (cast, difference, square, sum; in the backward cast, difference, tw
 cast back) and the SRL term's gradient of the mixtures' rows is padded with zeros to pred's
 size and added to the frame term's. Here:
 
-* forward: one pass reads pred and both targets once and writes one fp32 partial sum per
-  program and term, which the host adds in a fixed order (no atomics: deterministic);
-* backward: one pass writes pred's gradient, both terms added where both apply.
+* forward: one pass reads pred and both targets once (at the masked tokens only) and writes
+  one fp32 partial sum per program and term, which the host adds in a fixed order (no
+  atomics: deterministic);
+* backward: one pass, reading the masked tokens only, writes pred's gradient, both terms
+  added where both apply.
 
 The backward equals the reference's values exactly (the same fp32 products, each term rounded to
 pred's dtype before they are added, as autograd adds them); the forward's sums are the same up
@@ -94,23 +96,26 @@ def _grad_kernel(
     ok = tok < tokens
     inside = ok[:, None] & (d < D)[None, :]
     masked = tl.load(MASKED + tok, mask=ok, other=0) != 0
+    # Only the masked tokens are read (~80 % in pretraining): the others' gradient is zero.
+    used = inside & masked[:, None]
     pred = PRED + tok.to(tl.int64)[:, None] * D + d[None, :]
-    p = tl.load(pred, mask=inside, other=0.0).to(tl.float32)
+    p = tl.load(pred, mask=used, other=0.0).to(tl.float32)
     t_rows = _target_rows(tok, 0, N, CLONES)
-    t = tl.load(TARGET + t_rows[:, None] * D + d[None, :], mask=inside, other=0.0).to(tl.float32)
+    t = tl.load(TARGET + t_rows[:, None] * D + d[None, :], mask=used, other=0.0).to(tl.float32)
     frame_scale = tl.load(SCALES)
     out_ty = GRAD.dtype.element_ty
     grad = (frame_scale * (2.0 * (p - t))).to(out_ty)
     if HAS_SRL:
         in_srl = ok & (tok // N >= srl_first)
         s_rows = _target_rows(tok, srl_first, N, CLONES)
-        s = tl.load(SRL + s_rows[:, None] * D + d[None, :], mask=inside & in_srl[:, None],
+        s = tl.load(SRL + s_rows[:, None] * D + d[None, :], mask=used & in_srl[:, None],
                     other=0.0).to(tl.float32)
         srl_grad = (tl.load(SCALES + 1) * (2.0 * (p - s))).to(out_ty)
         both = (grad.to(tl.float32) + srl_grad.to(tl.float32)).to(out_ty)
         grad = tl.where(in_srl[:, None], both, grad)
-    # Selected, as the reference: an unmasked position's pred (even inf) gives a zero gradient.
-    grad = tl.where(masked[:, None], grad, 0.0).to(out_ty)
+    # Selected, as the reference: an unmasked position's pred (even inf) gives a zero gradient
+    # (its loads above were skipped anyway).
+    grad = tl.where(masked[:, None], grad, 0.0)
     tl.store(GRAD + tok.to(tl.int64)[:, None] * D + d[None, :], grad, mask=inside)
 
 
