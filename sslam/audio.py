@@ -32,11 +32,12 @@ from sslam.resampler import inputs_needed, resample
 __all__ = ["AudioError", "SUPPORTED_RATES", "load_audio", "to_mono", "check_waveform"]
 
 SUPPORTED_RATES = (1000, 384000)
+"""Inclusive range of accepted sample rates in Hz (files, arrays and resampling targets)."""
+
 # The files folders are searched for (training data, extraction).
 AUDIO_SUFFIXES = {
     ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf",
 }
-"""Inclusive range of accepted sample rates in Hz (files, arrays and resampling targets)."""
 
 
 class AudioError(Exception):

@@ -606,7 +606,9 @@ class Trainer:
             **({"fused": True} if self.device.type == "cuda" else {}),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.optim))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision.startswith("fp16"))
+        # fp16: fairseq's first loss scale, 2**7 (torch's default, 2**16, overflows for the first
+        # steps of a run until it has halved its way down, and each overflow is a skipped step).
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**7, enabled=precision.startswith("fp16"))
         if saved is not None:
             self._load_training_state(saved)
             self.log(f"resumed from {self.resume_from} at step {self.step}")
@@ -785,9 +787,10 @@ class Trainer:
         if not finite_loss or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.update()  # closes the unscale_ above (an fp16 scaler lowers its scale)
-            # An fp16 overflow is the scaler finding its scale, not a fault of the run: as
-            # fairseq's, it is no update (no EMA step either) and does not count towards
-            # run.max_bad_steps.
+            # An fp16 overflow is the scaler finding its scale, not a fault of the run: as in
+            # fairseq it makes no update (no EMA step either), and it does not count towards
+            # run.max_bad_steps. Unlike fairseq's, it is still a step, as every skipped step
+            # here: the data, masks and schedule move past it.
             self._skip_step(overflow=finite_loss and self.scaler.is_enabled())
             return None
         totals: dict[str, float] = {}

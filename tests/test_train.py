@@ -313,6 +313,7 @@ def test_an_fp16_overflow_is_no_update_and_not_a_bad_step(tmp_path, monkeypatch)
     teacher["cls_token"] += 1
     before = {k: v.clone() for k, v in params(trainer).items()}
     scale = trainer.scaler.get_scale()
+    assert scale == 2.0**7  # fairseq's first loss scale
     next(trainer.model.student.parameters()).register_hook(lambda grad: grad * float("inf"))
     batches = iter(trainer.data_loader())
     assert trainer.train_step([next(batches)]) is None  # one bad step allowed: an overflow is none
