@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -323,18 +324,19 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         # Caught here, not in the forward: stage 3 would run stage 2, a negative weight would
         # train away from the targets.
-        def positive_int(value) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
+        # numbers.Integral / Real: numpy scalars count too; stored as Python numbers.
         if self.stage not in (1, 2) or isinstance(self.stage, bool):
             raise ValueError(f"ObjectiveConfig.stage={self.stage!r}: expected 1 (EAT) or 2 (SSLAM)")
-        for name in ("clones", "top_k", "mix_width"):
-            if not positive_int(getattr(self, name)):
-                raise ValueError(f"ObjectiveConfig.{name}={getattr(self, name)!r}: expected a positive int")
+        for name in ("stage", "clones", "top_k", "mix_width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"ObjectiveConfig.{name}={value!r}: expected a positive int")
+            object.__setattr__(self, name, int(value))
         for name in ("cls_loss", "srl_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
                 raise ValueError(f"ObjectiveConfig.{name}={value!r}: expected a finite number >= 0")
+            object.__setattr__(self, name, float(value))
 
 
 @dataclass

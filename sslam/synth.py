@@ -52,6 +52,7 @@ scene stream, for any ``s``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,25 +107,21 @@ def _pair(name: str, value, cast) -> tuple:
 
 
 def _integer(name: str, value) -> int:
-    """``value`` as an int (2.0 is 2); ValueError naming ``name`` otherwise (bools included)."""
-    try:
-        whole = not isinstance(value, bool) and int(value) == value
-    except (TypeError, ValueError, OverflowError):
-        whole = False
+    """``value`` as an int (2.0 is 2); ValueError naming ``name`` otherwise (strings and bools
+    included)."""
+    whole = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+             and int(value) == value)
     if not whole:
         raise ValueError(f"SceneConfig.{name}: expected an integer, got {value!r}")
     return int(value)
 
 
 def _real(name: str, value) -> float:
-    """``value`` as a finite float; ValueError naming ``name`` otherwise."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number):
+    """``value`` (a real number, numpy's too; not a string or a bool) as a finite float;
+    ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"SceneConfig.{name}: expected a finite number, got {value!r}")
-    return number
+    return float(value)
 
 
 @dataclass(frozen=True)

@@ -281,6 +281,13 @@ def test_objective_settings_are_checked_by_name(field, value):
         ObjectiveConfig(**{field: value})
 
 
+def test_objective_settings_take_numpy_numbers_as_python_ones():
+    import numpy as np
+
+    objective = ObjectiveConfig(stage=np.int64(2), clones=np.int64(4), srl_weight=np.float32(2.0))
+    assert objective == ObjectiveConfig(stage=2, clones=4) and type(objective.clones) is int
+
+
 def test_compiled_networks_give_the_eager_losses_and_gradients():
     """compile_networks compiles the student, decoder and teacher (both of its stage-2 input
     shapes) in place: parameters and state-dict keys are unchanged, losses and gradients equal."""

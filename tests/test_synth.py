@@ -369,6 +369,8 @@ def test_render_scene_rejects_bad_index():
         ({"seed": 1.5}, "seed"),
         # Wrong types: a ValueError naming the field, not numpy's TypeError or int()'s message.
         ({"seconds": "a"}, "SceneConfig.seconds"),
+        ({"seconds": "2.5"}, "SceneConfig.seconds"),  # a string, even of a number
+        ({"overlap_fraction": "0.5"}, "SceneConfig.overlap_fraction"),
         ({"overlap_fraction": "x"}, "SceneConfig.overlap_fraction"),
         ({"min_sources": "a"}, "SceneConfig.min_sources"),
         ({"sample_rate": None}, "SceneConfig.sample_rate"),
