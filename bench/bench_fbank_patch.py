@@ -146,6 +146,8 @@ def bench(batch: int, samples: int, target_length: int, device: str, quick: bool
         speed = r["median_ms"] / ours
         extra = f"us_per_clip={r['us_per_clip']:.3f}; TFLOP/s={r['tflops']:.2f}; " \
                 f"time/ours={speed:.3f}"
+        if r.get("note", "").startswith("failed"):
+            continue  # its note says why, as every benchmark's failed row does
         r["note"] = f"{extra}; {r['note']}" if r.get("note") else extra
     return rows
 
