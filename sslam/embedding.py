@@ -43,6 +43,7 @@ from .features import (
     preprocess,
 )
 from .kernels.switch import use_kernels
+from .model import eval_mode
 from .resampler import resample
 
 PADDING_MODES = ("official", "mask")
@@ -149,18 +150,6 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     if device.type != "cuda":
         raise ValueError(f"autocast dtype {dtype} is only supported on CUDA (device is {device})")
     return torch.autocast("cuda", dtype=dtype)
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    """``model`` in eval mode (no stochastic depth: embeddings are deterministic) for the
-    block, then back in the mode it had."""
-    training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(training)
 
 
 def _length_groups(lengths: list[int]) -> list[list[int]]:
@@ -284,7 +273,7 @@ def embed(
         specs, row_valid = _window_batch(logmels, plan, length, norm, patch)
 
     cls_out, tokens = [], []
-    with _autocast(param.device, autocast), _eval_mode(model):
+    with _autocast(param.device, autocast), eval_mode(model):
         for i in range(0, len(plan), batch_size):
             mask = None
             if padding == "mask":

@@ -29,10 +29,10 @@ from torch import nn
 
 from .augment import mixup, roll_waveforms, spec_augment
 from .checkpoint import CheckpointError, atomic_write, load_encoder, safe_torch_load
-from .features import preprocess
+from .features import norm_stats, preprocess
 from .labels import LabeledSplit, SplitAudio, read_split
 from .metrics import accuracy, mean_average_precision
-from .model import BLOCK_CHECKPOINTING, Encoder
+from .model import BLOCK_CHECKPOINTING, Encoder, eval_mode
 
 
 class LinearHead(nn.Module):
@@ -56,6 +56,12 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel:
         return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / targets.sum().clamp(min=1)
     soft = targets * (1 - smoothing) + smoothing / targets.shape[1]
     return -(soft * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def augmented_smoothing(cfg) -> float:
+    """The label smoothing of a run that augments its batches: none where mixup is on, as the
+    official loss then takes the (mixed) targets as they are, in every batch (SPEC 6.1)."""
+    return 0.0 if cfg.mixup > 0 else cfg.label_smoothing
 
 
 def score(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, metric: str | None = None) -> tuple[str, float]:
@@ -127,11 +133,12 @@ def _features(encoder: Encoder, waves, lengths) -> torch.Tensor:
 
 @torch.inference_mode()
 def extract_cls(encoder: Encoder, split: LabeledSplit, batch_size: int = 32, workers: int = 0) -> torch.Tensor:
-    """CLS embeddings (N, D) of a split, each clip padded/cropped to the encoder's window."""
-    encoder.eval()
+    """CLS embeddings (N, D) of a split, each clip padded/cropped to the encoder's window (in
+    eval mode; the encoder is handed back in the mode it had)."""
     out = []
-    for waves, lengths, _ in _loader(split, batch_size, encoder.preprocessing.get("target_length", 1024), workers):
-        out.append(encoder(_features(encoder, waves, lengths)).x[:, 0].float().cpu())
+    with eval_mode(encoder):
+        for waves, lengths, _ in _loader(split, batch_size, encoder.preprocessing.get("target_length", 1024), workers):
+            out.append(encoder(_features(encoder, waves, lengths)).x[:, 0].float().cpu())
     return torch.cat(out)
 
 
@@ -205,7 +212,6 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = next(encoder.parameters()).device
-    encoder.eval().requires_grad_(False)
     head = LinearHead(encoder.cfg.embed_dim, train.targets.shape[1]).to(device)
     opt = _head_optimizer(head, cfg)
     loader = _loader(train, cfg.batch_size, encoder.preprocessing.get("target_length", 1024), workers, shuffle=True,
@@ -214,11 +220,13 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
     for _ in range(cfg.epochs):
         for waves, lengths, targets in loader:
             spec, targets = _augmented_spec(encoder, waves, lengths, targets, cfg, rng, train=True)
-            with torch.no_grad():
+            # The frozen encoder in eval mode (no drop-path; the official linear evaluation
+            # leaves it in train mode, SPEC 9.10), handed back in the mode it had.
+            with torch.no_grad(), eval_mode(encoder):
                 cls = encoder(spec).x[:, 0].float()
             for group in opt.param_groups:
                 group["lr"] = cosine(step, total, 0, cfg.lr, cfg.min_lr)
-            loss = classification_loss(head(cls), targets, multilabel, cfg.label_smoothing)
+            loss = classification_loss(head(cls), targets, multilabel, augmented_smoothing(cfg))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -245,15 +253,15 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
     multilabel = train.multilabel or test.multilabel
     start = time.perf_counter()
     cache = {} if cache is None else cache
-    for split in (train, test):
+    for split in (train, test) if cfg.fast else (test,):  # the full path encodes its own batches
         cached = cache.get(id(split))
         if cached is None or cached[0] is not split:  # the entry keeps its split, so its id is unique
             cache[id(split)] = (split, extract_cls(encoder, split, workers=workers))
-    train_x, test_x = cache[id(train)][1], cache[id(test)][1]
+    test_x = cache[id(test)][1]
     results = []
     for seed in seeds:
         if cfg.fast:
-            head = train_probe_on_features(train_x, train.targets, multilabel, cfg, seed)
+            head = train_probe_on_features(cache[id(train)][1], train.targets, multilabel, cfg, seed)
         else:
             head = train_probe_full(encoder, train, cfg, seed, workers, multilabel).cpu()
         with torch.no_grad():
@@ -320,6 +328,8 @@ def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
             raise ValueError(f"{name}={value!r}: must be {span}")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"min_lr={cfg.min_lr} must be at most lr={cfg.lr}")
+    if getattr(cfg, "layer_decay", 1) == 0:
+        raise ValueError("layer_decay=0 would give every block a learning rate of 0 (1 is no decay)")
 
 
 def layer_decay_groups(model: Encoder, cfg: FinetuneConfig) -> list[dict]:
@@ -375,12 +385,13 @@ def split_fingerprint(split: LabeledSplit) -> str:
 
 
 def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: list[str], multilabel: bool,
-                              encoder_config: dict, world_size: int, train_split: str | None = None) -> list[str]:
+                              encoder_config: dict, world_size: int, train_split: str | None = None,
+                              preprocessing: dict | None = None) -> list[str]:
     """What differs between the fine-tuning checkpoint ``saved`` and this run in a way a resumed
     run cannot follow: settings, training data (``train_split``: its :func:`split_fingerprint`),
-    classes and label kind (the loss), encoder architecture, number of processes (which splits
-    every epoch's clips and sets the global batch). As ``key: <saved> in the checkpoint, <now>
-    now``."""
+    classes and label kind (the loss), encoder architecture, the input's preprocessing, number
+    of processes (which splits every epoch's clips and sets the global batch). As ``key:
+    <saved> in the checkpoint, <now> now``."""
     from .train import changed_settings
 
     conflicts = changed_settings(saved.get("config") or {}, asdict(cfg), FINETUNE_RESUME_MAY_CHANGE)
@@ -398,6 +409,9 @@ def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: lis
     # drop-path is a fine-tuning setting and the head size follows the classes: both reported above
     conflicts += changed_settings(encoder(saved.get("encoder_config") or {}), encoder(encoder_config),
                                   {"encoder.drop_path_rate", "encoder.num_classes"})
+    old_prep = saved.get("preprocessing")
+    if old_prep is not None and preprocessing is not None and dict(old_prep) != dict(preprocessing):
+        conflicts.append(f"preprocessing: {dict(old_prep)} in the checkpoint, {dict(preprocessing)} now")
     old_world = int(saved.get("world_size", world_size))
     if old_world != world_size:
         conflicts.append(f"processes: {old_world} in the checkpoint, {world_size} now")
@@ -415,9 +429,30 @@ class Classifier(nn.Module):
         return self.encoder.classify(self.encoder(spec).x[:, 0])
 
 
+def with_preprocessing(encoder: Encoder, *, norm=None, target_length: int | None = None) -> Encoder:
+    """``encoder`` set to a task's input where it differs from the checkpoint's (SPEC 6.2:
+    ESC-50 takes 512 frames and its own statistics, Speech Commands 128 frames): ``norm`` a
+    preset of :data:`sslam.features.NORM_STATS` or a (mean, std) pair, ``target_length``
+    frames, whole patches that the position table covers. Returns ``encoder``."""
+    prep = dict(encoder.preprocessing)
+    if norm is not None:
+        norm_stats(norm)  # raises, naming the value, for an unknown preset or a bad pair
+        prep["norm"] = norm
+    if target_length is not None:
+        patch, covered = encoder.cfg.patch_size, encoder.cfg.max_length * encoder.cfg.patch_size
+        if isinstance(target_length, bool) or not isinstance(target_length, int) or not (
+                0 < target_length <= covered and target_length % patch == 0):
+            raise ValueError(f"target_length={target_length!r}: must be a positive multiple of {patch} frames, "
+                             f"at most the {covered} the position table covers")
+        prep["target_length"] = target_length
+    encoder.preprocessing = prep
+    return encoder
+
+
 def with_head(encoder: Encoder, class_names: list[str], drop_path: float) -> Encoder:
     """A copy of ``encoder`` with a fresh classification head for ``class_names`` and drop-path."""
-    cfg = encoder.cfg.replace(num_classes=len(class_names), drop_path_rate=drop_path)
+    # fc_norm with the official fine-tuning eps, 1e-6, whatever head the encoder came with.
+    cfg = encoder.cfg.replace(num_classes=len(class_names), drop_path_rate=drop_path, head_norm_eps=1e-6)
     model = Encoder(cfg).to(next(encoder.parameters()).device)
     # An already fine-tuned encoder (e.g. the AS-2M model) brings its own head: drop it, or a
     # head for another number of classes fails to load (and one of the same size is not fresh).
@@ -459,7 +494,8 @@ class Finetuner:
             from torch.nn.parallel import DistributedDataParallel
 
             self.module = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = torch.optim.AdamW(layer_decay_groups(self.model, cfg), lr=cfg.lr, betas=(0.9, 0.999))
+        # fairseq's adam with the official recipes' betas (EAT fine-tuning: 0.9, 0.95).
+        self.optimizer = torch.optim.AdamW(layer_decay_groups(self.model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
         self.amp = HALF.get(precision)  # None: fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -494,7 +530,7 @@ class Finetuner:
                                   "choose another out folder")
         conflicts = finetune_resume_conflicts(state, self.cfg, self.train_split.class_names, self.multilabel,
                                               self.model.cfg.to_dict(), self.dist.world_size,
-                                              split_fingerprint(self.train_split))
+                                              split_fingerprint(self.train_split), self.model.preprocessing)
         if conflicts:
             raise ValueError(f"{path}: cannot resume fine-tuning with changed settings: " + "; ".join(conflicts)
                              + ". Run with the checkpoint's settings, or choose another out folder.")
@@ -563,7 +599,7 @@ class Finetuner:
                     group["lr"] = cosine(self.step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr) * group["lr_scale"]
                 with torch.autocast(spec.device.type, dtype=self.amp) if self.amp else nullcontext():
                     logits = self.module(spec)
-                loss = classification_loss(logits, targets, self.multilabel, cfg.label_smoothing)
+                loss = classification_loss(logits, targets, self.multilabel, augmented_smoothing(cfg))
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -572,7 +608,8 @@ class Finetuner:
                 record = {"step": self.step, "loss": float(loss.detach())}
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     name, value = self.evaluate()
-                    self.best = value if self.best is None else max(self.best, value)
+                    if not math.isnan(value):  # an undefined metric (no positives) is no best
+                        self.best = value if self.best is None else max(self.best, value)
                     record.update({name: value, "best": self.best, "seconds": time.perf_counter() - start})
                     self.log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                     last = record
@@ -642,7 +679,8 @@ def run_evaluate(args) -> int:
     if args.seeds < 1:  # before the checkpoint and the splits are read
         raise ValueError(f"--seeds={args.seeds}: must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = load_encoder(args.checkpoint, device=device, weights=args.weights)
+    encoder = with_preprocessing(load_encoder(args.checkpoint, device=device, weights=args.weights),
+                                 norm=args.norm, target_length=args.target_length)
     train = read_split(args.train, train=True, descriptors=args.label_descriptors, root=args.root)
     test = read_split(args.test, train=False, descriptors=args.label_descriptors, root=args.root,
                       class_names=train.class_names)
@@ -676,6 +714,10 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--label-descriptors", default=None,
                    help="index,mid,display_name CSV: the classes of .tsv splits (needed) and .csv splits")
     p.add_argument("--root", default=None, help="override the root line of .tsv manifests")
+    p.add_argument("--norm", default=None,
+                   help="the task's normalisation statistics if not the checkpoint's: audioset, esc50, spass or spcv2")
+    p.add_argument("--target-length", type=int, default=None,
+                   help="the task's frames per clip if not the checkpoint's (ESC-50: 512, Speech Commands: 128)")
     p.add_argument("--weights", default="student", choices=["student", "teacher"])
     p.add_argument("--seeds", type=int, default=1, help="linear probe: seeds to average")
     p.add_argument("--full", action="store_true", help="linear probe: re-encode every batch with augmentations")

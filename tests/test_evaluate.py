@@ -2,6 +2,7 @@
 a short linear probe and fine-tuning run, and the demo smoke run."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -332,3 +333,65 @@ def test_finetuning_refuses_to_resume_on_other_training_clips(tmp_path):
     with pytest.raises(ValueError, match="training split: other clips or labels"):
         Finetuner(tiny_encoder(), synth_split("poly", True, 16, seed=1), test, cfg, log=lambda *a: None)
     assert Finetuner(tiny_encoder(), synth_split("poly", True, 16, seed=0), test, cfg, log=lambda *a: None).step == 2
+
+
+# ---- the recipe's details (SPEC 6) -----------------------------------------------------------
+
+
+def test_fine_tuning_recipe_details(tmp_path, monkeypatch):
+    """AdamW betas (0.9, 0.95) as the official recipes; no label smoothing once mixup is on (the
+    official loss takes the mixed targets as they are); a fresh fc_norm of eps 1e-6 whatever
+    head the encoder had; layer_decay=0 refused; a run resumed with other preprocessing refused."""
+    import sslam.evaluate as ev
+
+    assert ev.augmented_smoothing(FinetuneConfig(mixup=0.8)) == 0.0
+    assert ev.augmented_smoothing(FinetuneConfig(mixup=0.0, label_smoothing=0.1)) == 0.1
+    hf_like = tiny_encoder()
+    hf_like.cfg = hf_like.cfg.replace(head_norm_eps=1e-5)
+    assert ev.with_head(hf_like, ["a", "b"], 0.1).cfg.head_norm_eps == 1e-6
+    with pytest.raises(ValueError, match="layer_decay=0"):
+        ev.check_settings(FinetuneConfig(layer_decay=0.0))
+    train, test = synth_split("mono", True, 12), synth_split("mono", False, 6)
+    cfg = FinetuneConfig(steps=1, warmup=0, batch_size=4, out=str(tmp_path), workers=0)
+    tuner = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
+    assert all(group["betas"] == (0.9, 0.95) for group in tuner.optimizer.param_groups)
+    tuner.fit()
+    other = ev.with_preprocessing(tiny_encoder(), norm="esc50")
+    with pytest.raises(ValueError, match="preprocessing: .*'audioset'.* in the checkpoint, .*'esc50'.* now"):
+        Finetuner(other, train, test, cfg, log=lambda *a: None)
+
+
+def test_task_preprocessing_is_set_and_checked():
+    import sslam.evaluate as ev
+
+    encoder = ev.with_preprocessing(tiny_encoder(), norm="esc50", target_length=64)
+    assert encoder.preprocessing == {"sample_rate": 16000, "target_length": 64, "norm": "esc50"}
+    with pytest.raises(ValueError, match="norm='nope': unknown preset"):
+        ev.with_preprocessing(tiny_encoder(), norm="nope")
+    with pytest.raises(ValueError, match="target_length=520: must be a positive multiple of 16 frames, at most the 256"):
+        ev.with_preprocessing(tiny_encoder(), target_length=520)
+
+
+def test_the_full_probe_hands_the_encoder_back_as_it_was():
+    """The full path encodes its own augmented batches: only the test split's features are
+    extracted, and the encoder keeps its mode and trainable weights."""
+    encoder = tiny_encoder().train()
+    train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
+    cache = {}
+    linear_probe(encoder, train, test, ProbeConfig(fast=False, epochs=1, batch_size=4), cache=cache)
+    assert list(cache) == [id(test)]
+    assert encoder.training and all(p.requires_grad for p in encoder.parameters())
+
+
+def test_an_undefined_metric_is_no_best(tmp_path):
+    """A test split without any positive gives mAP NaN: not a best (max(nan, x) is nan, which
+    would hide every later evaluation)."""
+    import dataclasses
+
+    train = synth_split("poly", True, 8)
+    test = synth_split("poly", False, 4)
+    test = dataclasses.replace(test, targets=torch.zeros_like(test.targets))
+    cfg = FinetuneConfig(steps=1, warmup=0, batch_size=4, out=str(tmp_path), workers=0)
+    tuner = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
+    record = tuner.fit()
+    assert math.isnan(record["mAP"]) and tuner.best is None
