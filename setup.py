@@ -51,6 +51,9 @@ def native_extensions():
         Pybind11Extension(
             "sslam._native",
             sources=sources,
+            # The headers: shipped in the sdist (a wheel built from it needs them) and a change
+            # to one rebuilds the extension.
+            depends=sorted(glob.glob("csrc/*.h")),
             cxx_std=17,
             extra_compile_args=["-O3"],
         )

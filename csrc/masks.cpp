@@ -249,7 +249,10 @@ void block_masks(const MaskParams& params, uint64_t seed, int64_t num_rows, int6
     require(num_rows >= 0, "num_rows must be >= 0, got " + std::to_string(num_rows));
     require(threads >= 0, "threads must be >= 0 (0 = all hardware threads), got " +
                               std::to_string(threads));
-    if (threads == 0) threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    // More threads than the hardware runs only add start-up cost (rows do not depend on the
+    // thread count, so capping changes no result).
+    const int64_t hardware = std::max<int64_t>(1, std::thread::hardware_concurrency());
+    threads = threads == 0 ? hardware : std::min(threads, hardware);
     const int64_t useful = (num_rows + kMinRowsPerThread - 1) / kMinRowsPerThread;
     const int64_t workers = std::max<int64_t>(1, std::min(threads, useful));
     if (workers == 1) {
