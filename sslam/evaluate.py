@@ -29,6 +29,7 @@ from torch import nn
 
 from .augment import mixup, roll_waveforms, spec_augment
 from .checkpoint import CheckpointError, atomic_write, load_encoder, safe_torch_load
+from .data import samples_for_frames
 from .features import norm_stats, preprocess
 from .labels import LabeledSplit, SplitAudio, read_split
 from .metrics import accuracy, mean_average_precision
@@ -87,9 +88,8 @@ def _loader(split: LabeledSplit, batch_size: int, target_length: int, workers: i
             generator: torch.Generator | None = None):
     from torch.utils.data import DataLoader
 
-    max_samples = (target_length - 1) * 160 + 400
-    return DataLoader(SplitAudio(split, max_samples), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=workers, collate_fn=_collate)
+    return DataLoader(SplitAudio(split, samples_for_frames(target_length)), batch_size=batch_size, shuffle=shuffle,
+                      generator=generator, num_workers=workers, collate_fn=_collate)
 
 
 def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
@@ -163,6 +163,12 @@ class ProbeConfig:
     roll: bool = True
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate: ``lr`` times its ``lr_scale`` (layer decay) if it has one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def _head_optimizer(head: LinearHead, cfg: ProbeConfig):
     decay = [head.linear.weight]
     rest = [p for p in head.parameters() if p is not head.linear.weight]
@@ -184,8 +190,7 @@ def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multi
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            for group in opt.param_groups:
-                group["lr"] = cosine(step, total, 0, cfg.lr, cfg.min_lr)
+            set_lr(opt, cosine(step, total, 0, cfg.lr, cfg.min_lr))
             loss = classification_loss(head(features[idx]), targets[idx], multilabel, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -224,8 +229,7 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
             # leaves it in train mode, SPEC 9.10), handed back in the mode it had.
             with torch.no_grad(), eval_mode(encoder):
                 cls = encoder(spec).x[:, 0].float()
-            for group in opt.param_groups:
-                group["lr"] = cosine(step, total, 0, cfg.lr, cfg.min_lr)
+            set_lr(opt, cosine(step, total, 0, cfg.lr, cfg.min_lr))
             loss = classification_loss(head(cls), targets, multilabel, augmented_smoothing(cfg))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -556,7 +560,7 @@ class Finetuner:
 
         epoch, skip = divmod(self.step, self._steps_per_epoch())
         target_length = self.model.preprocessing.get("target_length", 1024)
-        audio = SplitAudio(self.train_split, (target_length - 1) * 160 + 400)
+        audio = SplitAudio(self.train_split, samples_for_frames(target_length))
         while True:
             indices = self._epoch_indices(epoch)[skip * self.cfg.batch_size :].tolist()
             # Its own generator: a loader without one seeds its workers from the global stream,
@@ -595,8 +599,7 @@ class Finetuner:
                 waves, lengths, targets = next(batches)
                 rng = np.random.default_rng([cfg.seed, self.dist.rank, self.step])  # per step: exact resume
                 spec, targets = _augmented_spec(self.model, waves, lengths, targets, augment, rng, train=True)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cosine(self.step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr) * group["lr_scale"]
+                set_lr(self.optimizer, cosine(self.step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr))
                 with torch.autocast(spec.device.type, dtype=self.amp) if self.amp else nullcontext():
                     logits = self.module(spec)
                 loss = classification_loss(logits, targets, self.multilabel, augmented_smoothing(cfg))
