@@ -50,11 +50,14 @@ class LinearHead(nn.Module):
         return self.linear(self.norm(x))
 
 
-def classification_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, smoothing: float = 0.1) -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, smoothing: float = 0.1,
+                        label_sum: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-label: BCE summed and divided by the sum of the (possibly mixed) targets, as the
-    official criterion. Single-label: cross-entropy with label smoothing on (soft) targets."""
+    official criterion (``label_sum`` replaces that sum, e.g. the processes' mean of theirs).
+    Single-label: cross-entropy with label smoothing on (soft) targets."""
     if multilabel:
-        return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / targets.sum().clamp(min=1)
+        label_sum = targets.sum() if label_sum is None else label_sum
+        return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / label_sum.clamp(min=1)
     soft = targets * (1 - smoothing) + smoothing / targets.shape[1]
     return -(soft * F.log_softmax(logits.float(), dim=1)).sum(1).mean()
 
@@ -554,6 +557,19 @@ class Finetuner:
             order = torch.multinomial(self.weights, self._epoch_size(), replacement=False, generator=g)
         return order[self.dist.rank :: self.dist.world_size]
 
+    def _mean_label_sum(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """Under several processes, the mean over them of their batches' label sums: each divides
+        its BCE sum by it, and DDP's mean of their gradients is then the gradient of all the
+        processes' BCE over all their labels, as fairseq divides the summed loss by the total
+        sample size. None in one process (its own sum) and for single-label tasks."""
+        if not self.multilabel or self.dist.world_size == 1:
+            return None
+        import torch.distributed as dist
+
+        total = targets.sum().detach().float()
+        dist.all_reduce(total)  # queued on the device: no wait for the host
+        return total / self.dist.world_size
+
     def _batches(self):
         """Training batches from the current step on (an exact resume skips what was seen)."""
         from torch.utils.data import DataLoader, Subset
@@ -602,7 +618,8 @@ class Finetuner:
                 set_lr(self.optimizer, cosine(self.step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr))
                 with torch.autocast(spec.device.type, dtype=self.amp) if self.amp else nullcontext():
                     logits = self.module(spec)
-                loss = classification_loss(logits, targets, self.multilabel, augmented_smoothing(cfg))
+                loss = classification_loss(logits, targets, self.multilabel, augmented_smoothing(cfg),
+                                           self._mean_label_sum(targets))
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)

@@ -75,6 +75,21 @@ def test_losses():
     assert classification_loss(logits, onehot, multilabel=False).item() == pytest.approx(ce.item(), rel=1e-6)
 
 
+def test_processes_share_the_bce_denominator():
+    """Two processes with unequal label sums (3 and 1 here), each dividing its BCE by their
+    mean label sum: the mean of their gradients (DDP's) is the gradient of the whole batch's
+    BCE over all its labels, as fairseq's sample-size division gives. Their own sums would
+    weight the second process's clips three times more."""
+    logits = torch.randn(4, 3, requires_grad=True)
+    targets = torch.tensor([[1.0, 0, 1], [0, 1, 0], [0, 0, 1], [0, 0, 0]])
+    whole = classification_loss(logits, targets, multilabel=True)
+    (expected,) = torch.autograd.grad(whole, logits)
+    mean_sum = (targets[:2].sum() + targets[2:].sum()) / 2
+    parts = [classification_loss(logits[i:i + 2], targets[i:i + 2], True, label_sum=mean_sum) for i in (0, 2)]
+    (got,) = torch.autograd.grad(sum(parts) / 2, logits)
+    torch.testing.assert_close(got, expected)
+
+
 # ---- labels ---------------------------------------------------------------------------------
 
 
