@@ -123,7 +123,8 @@ def _as_batch(
     waveforms: torch.Tensor | np.ndarray | Sequence, lengths: torch.Tensor | Sequence[int] | None,
     finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack one clip, a list of clips or a (B, N) tensor into (B, N_max) float32 + lengths (B,).
+    """Pack one clip, a list of clips or a (B, N) tensor into (B, N_max) float32 + lengths (B,)
+    int64 on the CPU (checks on them then need no wait for a GPU).
 
     Samples must be floating point, and finite when ``finite`` (``AudioError`` naming
     ``waveforms`` or ``waveforms[i]`` otherwise): integer PCM or NaN would give
@@ -149,8 +150,7 @@ def _as_batch(
                 )
         if finite:
             check_finite("waveforms", batch)
-        # Asynchronous: a blocking host-to-device copy would wait for the GPU's queue.
-        return batch, lens.to(batch.device, non_blocking=True)
+        return batch, lens
     if isinstance(waveforms, (str, bytes)) or not isinstance(waveforms, Sequence):
         raise ValueError(
             f"waveforms: expected a tensor, an array or a list of clips, got {type(waveforms).__name__}"
@@ -175,7 +175,7 @@ def _as_batch(
     batch = torch.zeros(len(clips), int(lens.max()), dtype=torch.float32, device=clips[0].device)
     for i, clip in enumerate(clips):
         batch[i, : clip.numel()] = clip.to(batch.device)
-    return batch, lens.to(batch.device)
+    return batch, lens
 
 
 def _integer_rate(sample_rate) -> int:
@@ -198,7 +198,8 @@ def _resample_each(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample each clip's own samples to 16 kHz on its own, as the reference does, and re-pack.
 
-    (B, N) float32 + lengths (B,) -> (B, M) float32 right-padded with zeros + 16 kHz lengths (B,).
+    (B, N) float32 + CPU lengths (B,) -> (B, M) float32 right-padded with zeros + 16 kHz CPU
+    lengths (B,).
     Resampling the padded batch at once gives the same values only up to float rounding (conv1d
     rounds differently for other batch shapes), and log-mel bins with next to no energy -- all
     bins above the original Nyquist frequency of a low-rate clip -- turn those 1e-7 differences
@@ -212,7 +213,7 @@ def _resample_each(
     out = batch.new_zeros(len(clips), max(1, int(lens.max())))
     for i, clip in enumerate(clips):
         out[i, : clip.numel()] = clip
-    return out, lens.to(batch.device)
+    return out, lens
 
 
 def remove_dc(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -360,9 +361,11 @@ def preprocess(
     shape = batch.shape
     if sample_rate != SAMPLE_RATE:
         batch, lens = _resample_each(batch, lens, sample_rate)
-    short = (lens < FRAME_LENGTH).nonzero().flatten().tolist()
+    short = (lens < FRAME_LENGTH).nonzero().flatten().tolist()  # on the CPU: no wait for the GPU
     if short:
         raise AudioError(_too_short_message(short, lens, shape))
+    # Asynchronous: a blocking host-to-device copy would wait for the GPU's queue.
+    lens = lens.to(batch.device, non_blocking=True)
     centred = remove_dc(batch, lens)
     feats, frames = fbank(centred, lens, max_frames=target_length)
     x = normalize(pad_or_crop(feats, target_length), norm)

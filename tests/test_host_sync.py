@@ -32,3 +32,20 @@ def test_features_forward_and_backward_never_wait_for_the_gpu(tmp_path, stage, r
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(losses.total)
+
+
+def test_preprocess_never_waits_for_the_gpu():
+    """The PyTorch feature path (SSLAM_KERNELS=0, or fine-tuning's): the lengths are checked on
+    the CPU before they are copied to the GPU, so reading them does not drain its queue."""
+    from sslam.features import preprocess
+
+    waves = 0.1 * torch.randn(4, 16000, device="cuda")
+    lengths = torch.tensor([16000, 12000, 8000, 400])
+    preprocess(waves, 16000, lengths=lengths, check_finite=False)  # allocations, kernels loaded
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = preprocess(waves, 16000, lengths=lengths, check_finite=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (4, 1, 1024, 128)
