@@ -699,6 +699,11 @@ def run_evaluate(args) -> int:
     if args.seeds < 1:  # before the checkpoint and the splits are read
         raise ValueError(f"--seeds={args.seeds}: must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        # Under torchrun each process takes its own GPU, as the trainer does (DDP needs them
+        # distinct; every process would otherwise load onto the first).
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
     encoder = with_preprocessing(load_encoder(args.checkpoint, device=device, weights=args.weights),
                                  norm=args.norm, target_length=args.target_length)
     train = read_split(args.train, train=True, descriptors=args.label_descriptors, root=args.root)

@@ -521,16 +521,27 @@ def resolve_init(path: str) -> str:
 
 
 def rng_state() -> dict:
+    """The global random streams: CPU torch, Python's, and the CUDA stream of this process's
+    device (the one it trains on; the others are not its to restore)."""
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s streams. Older checkpoints hold every visible device's CUDA
+    state: this process's device takes its own, when the saving machine had one."""
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):
+        index = torch.cuda.current_device()
+        if index >= len(cuda):  # more GPUs here than where it was saved (restoring them all raised)
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda)
 
 
 # ---- the trainer --------------------------------------------------------------------------

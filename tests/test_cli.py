@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import sslam.train
 from sslam.cli import build_parser, main
@@ -42,3 +43,27 @@ def test_the_torchrun_entry_point_reports_errors_as_sslam_pretrain(capsys):
 def test_python_dash_m_sslam_is_the_command():
     done = subprocess.run([sys.executable, "-m", "sslam", "info", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "usage: sslam info" in done.stdout
+
+
+def test_evaluate_under_torchrun_puts_each_process_on_its_own_gpu(monkeypatch):
+    """LOCAL_RANK picks the GPU (DDP needs distinct ones); every process took cuda:0."""
+    import sslam.evaluate
+
+    chosen = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_encoder(path, device=None, weights="student"):
+        chosen.append(device)
+        raise Loaded
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(sslam.evaluate, "load_encoder", load_encoder)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    args, _ = build_parser().parse_known_args(
+        ["evaluate", "finetune", "--checkpoint", "c.pt", "--train", "synth:poly", "--test", "synth:poly"])
+    with pytest.raises(Loaded):
+        sslam.evaluate.run_evaluate(args)
+    assert chosen == ["cuda:1", "cuda:1"]

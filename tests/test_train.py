@@ -403,3 +403,26 @@ def test_settings_that_used_to_fail_mid_run_are_refused_up_front(key, value, mat
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="run.device=cuda: no CUDA device"):
         Trainer(small(tmp_path, run__device="cuda"), log=lambda *a: None)
+
+
+def test_cuda_random_state_is_this_devices_and_old_all_device_states_load(monkeypatch):
+    """A checkpoint holds the CUDA stream of the device it trained on. An older one holds every
+    visible device's: a process restores its own device's, and one with more GPUs than the
+    saving machine had (restoring all of them raised IndexError) restores none."""
+    from sslam.train import rng_state, set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((4,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    state = rng_state()
+    assert torch.equal(state["cuda"], torch.full((4,), 7, dtype=torch.uint8))
+    set_rng_state(state)
+    assert torch.equal(restored.pop(), state["cuda"])
+    old = {**state, "cuda": [torch.full((4,), i, dtype=torch.uint8) for i in range(2)]}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    set_rng_state(old)
+    assert torch.equal(restored.pop(), old["cuda"][1])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    set_rng_state(old)
+    assert restored == []
