@@ -176,10 +176,10 @@ def _log_mels(clips: list[torch.Tensor], device) -> tuple[list[torch.Tensor], to
         longest = max(clips[i].numel() for i in group)
         max_frames = max(1, 1 + max(0, longest - FRAME_LENGTH) // FRAME_SHIFT)
         # The clips were checked when loaded (load_audio, check_waveform).
-        logmel, counts = preprocess([clips[i].to(device) for i in group], SAMPLE_RATE, target_length=max_frames,
-                                    norm=None, return_frames=True, check_finite=False)
+        logmel = preprocess([clips[i].to(device) for i in group], SAMPLE_RATE, target_length=max_frames,
+                            norm=None, check_finite=False)
         for row, i in enumerate(group):
-            frames[i] = int(counts[row])
+            frames[i] = num_frames(clips[i].numel())  # from the length: no read from the device
             logmels[i] = logmel[row, 0, : frames[i]]
     return logmels, frames
 
@@ -203,7 +203,8 @@ def _fused_patches(clips: list[torch.Tensor], window: int, norm, device) -> tupl
     batch = torch.zeros(len(clips), int(lengths.max()), device=device)
     for i, c in enumerate(clips):
         batch[i, : c.numel()] = c
-    return fbank_patch(batch, lengths.to(device), target_length=window, norm=norm), num_frames(lengths)
+    # The lengths stay on the CPU, where the kernel checks them (a GPU copy would be read back).
+    return fbank_patch(batch, lengths, target_length=window, norm=norm), num_frames(lengths)
 
 
 def _window_batch(logmels, plan, length: int, norm, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
