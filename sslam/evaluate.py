@@ -610,6 +610,10 @@ class Finetuner:
         # A finished run, run again, has nothing left to do: it reports its best metric.
         last, start = ({"step": self.step, "best": self.best} if self.step else {}), time.perf_counter()
         batches = self._batches()
+        # The steps' losses stay on the device until an evaluation or a checkpoint reads them
+        # all at once: reading each would make the host wait for the GPU at every step. (Those
+        # after the last checkpoint are logged again by a resumed run anyway.)
+        pending: list[torch.Tensor] = []
         try:
             while self.step < cfg.steps:
                 waves, lengths, targets = next(batches)
@@ -625,18 +629,25 @@ class Finetuner:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.step += 1
-                record = {"step": self.step, "loss": float(loss.detach())}
-                if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                pending.append(loss.detach())
+                evaluating = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                saving = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+                if not (evaluating or saving):
+                    continue
+                first = self.step - len(pending) + 1
+                records = [{"step": first + i, "loss": value} for i, value in enumerate(torch.stack(pending).tolist())]
+                pending.clear()
+                if evaluating:
                     name, value = self.evaluate()
                     if not math.isnan(value):  # an undefined metric (no positives) is no best
                         self.best = value if self.best is None else max(self.best, value)
-                    record.update({name: value, "best": self.best, "seconds": time.perf_counter() - start})
-                    self.log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-                    last = record
+                    last = records[-1]
+                    last.update({name: value, "best": self.best, "seconds": time.perf_counter() - start})
+                    self.log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
                 if metrics:
-                    metrics.write(json.dumps(record) + "\n")
+                    metrics.writelines(json.dumps(record) + "\n" for record in records)
                     metrics.flush()
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                if saving:
                     self.save()
         finally:
             if metrics:
