@@ -715,14 +715,13 @@ def _check_window(ckpt: Checkpoint) -> None:
     """The preprocessing window must be whole patches that the position table covers; where the
     file gives none, it is AudioSet's 1024 frames, or what the table covers if that is less."""
     config = ckpt.config
-    covered = config.max_length * config.patch_size
     if ckpt.preprocessing.get("target_length") is None:
-        ckpt.preprocessing = {**ckpt.preprocessing, "target_length": min(1024, covered)}
+        ckpt.preprocessing = {**ckpt.preprocessing, "target_length": min(1024, config.max_frames)}
     frames = ckpt.preprocessing["target_length"]
-    if frames % config.patch_size or frames // config.patch_size > config.max_length:
+    if not config.fits_window(frames):
         raise CheckpointError(
             f"{ckpt.path}: preprocessing target_length={frames} frames must be a multiple of the "
-            f"patch size {config.patch_size} and at most the {covered} "
+            f"patch size {config.patch_size} and at most the {config.max_frames} "
             "frames the position table covers"
         )
 

@@ -446,11 +446,10 @@ def with_preprocessing(encoder: Encoder, *, norm=None, target_length: int | None
         norm_stats(norm)  # raises, naming the value, for an unknown preset or a bad pair
         prep["norm"] = norm
     if target_length is not None:
-        patch, covered = encoder.cfg.patch_size, encoder.cfg.max_length * encoder.cfg.patch_size
-        if isinstance(target_length, bool) or not isinstance(target_length, int) or not (
-                0 < target_length <= covered and target_length % patch == 0):
-            raise ValueError(f"target_length={target_length!r}: must be a positive multiple of {patch} frames, "
-                             f"at most the {covered} the position table covers")
+        cfg = encoder.cfg
+        if isinstance(target_length, bool) or not isinstance(target_length, int) or not cfg.fits_window(target_length):
+            raise ValueError(f"target_length={target_length!r}: must be a positive multiple of {cfg.patch_size} "
+                             f"frames, at most the {cfg.max_frames} the position table covers")
         prep["target_length"] = target_length
     encoder.preprocessing = prep
     return encoder

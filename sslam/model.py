@@ -98,6 +98,15 @@ class EncoderConfig:
         return self.embed_dim // self.num_heads
 
     @property
+    def max_frames(self) -> int:
+        """Frames the position table covers: ``max_length`` patch rows."""
+        return self.max_length * self.patch_size
+
+    def fits_window(self, frames: int) -> bool:
+        """Whether ``frames`` can be the input window: whole patch rows that the table covers."""
+        return 0 < frames <= self.max_frames and frames % self.patch_size == 0
+
+    @property
     def mlp_dim(self) -> int:
         # round, not int(): a ratio read from a file (fc1 rows / dim) is not exact in binary, and
         # int() would turn e.g. 88 * (120 / 88) = 119.99999999999999 into 119.
@@ -451,7 +460,7 @@ class Encoder(nn.Module):
         if t // self.cfg.patch_size > self.cfg.max_length:
             raise ValueError(
                 f"T={t} frames exceeds the position table ({self.cfg.max_length} patch rows = "
-                f"{self.cfg.max_length * self.cfg.patch_size} frames); split the audio into windows"
+                f"{self.cfg.max_frames} frames); split the audio into windows"
             )
         x = self.patch_embed(self._as_weights(spec)).flatten(2).transpose(1, 2)  # (B, N, D)
         return x + self.pos_embed[:, : x.shape[1]].to(x.dtype)
