@@ -825,9 +825,11 @@ class Trainer:
         the host read that follows anyway."""
         if self.dist.world_size == 1:
             return rows.tolist(), failures
-        flat = torch.cat([rows.flatten(), rows.new_tensor([float(failures)])])
+        flat = torch.cat([rows.flatten() / self.dist.world_size, rows.new_tensor([float(failures)])])
         dist.all_reduce(flat)  # a NaN of any process reaches every one
-        return (flat[:-1].view_as(rows) / self.dist.world_size).tolist(), round(float(flat[-1]))
+        *means, total = flat.tolist()  # one read of the device
+        width = rows.shape[1]
+        return [means[i : i + width] for i in range(0, len(means), width)], round(total)
 
     def ema_decay(self) -> float:
         """The teacher's decay after ``self.step`` updates. A run started from a checkpoint
