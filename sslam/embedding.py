@@ -168,20 +168,18 @@ def _length_groups(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-def _log_mels(clips: list[torch.Tensor], device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Unnormalised log-mel of every 16 kHz clip in full, (F_b, 128) each, and the frame counts
-    (B,). Clips of similar length share a batch (see :func:`_length_groups`)."""
-    logmels, frames = [None] * len(clips), torch.zeros(len(clips), dtype=torch.long)
+def _log_mels(clips: list[torch.Tensor], device) -> list[torch.Tensor]:
+    """Unnormalised log-mel of every 16 kHz clip (of at least one frame) in full, (F_b, 128)
+    each. Clips of similar length share a batch (see :func:`_length_groups`)."""
+    logmels = [None] * len(clips)
     for group in _length_groups([c.numel() for c in clips]):
-        longest = max(clips[i].numel() for i in group)
-        max_frames = max(1, 1 + max(0, longest - FRAME_LENGTH) // FRAME_SHIFT)
         # The clips were checked when loaded (load_audio, check_waveform).
-        logmel = preprocess([clips[i].to(device) for i in group], SAMPLE_RATE, target_length=max_frames,
+        logmel = preprocess([clips[i].to(device) for i in group], SAMPLE_RATE,
+                            target_length=num_frames(max(clips[i].numel() for i in group)),
                             norm=None, check_finite=False)
         for row, i in enumerate(group):
-            frames[i] = num_frames(clips[i].numel())  # from the length: no read from the device
-            logmels[i] = logmel[row, 0, : frames[i]]
-    return logmels, frames
+            logmels[i] = logmel[row, 0, : num_frames(clips[i].numel())]
+    return logmels
 
 
 def _plan(frames: torch.Tensor, window: int, hop: int, crop: bool) -> list[tuple[int, int, int]]:
@@ -193,10 +191,9 @@ def _plan(frames: torch.Tensor, window: int, hop: int, crop: bool) -> list[tuple
     return plan
 
 
-def _fused_patches(clips: list[torch.Tensor], window: int, norm, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_patches(clips: list[torch.Tensor], window: int, norm, device) -> torch.Tensor:
     """Official-contract model inputs from the fused kernel, for 16 kHz clips of at least one
-    frame (as :func:`_as_clips` returns them): (B, window / 16 * 8, 256) patches, and each
-    clip's frame count (B,)."""
+    frame (as :func:`_as_clips` returns them): (B, window / 16 * 8, 256) patches."""
     from .kernels.fbank_patch import fbank_patch
 
     lengths = torch.tensor([c.numel() for c in clips])
@@ -204,7 +201,7 @@ def _fused_patches(clips: list[torch.Tensor], window: int, norm, device) -> tupl
     for i, c in enumerate(clips):
         batch[i, : c.numel()] = c
     # The lengths stay on the CPU, where the kernel checks them (a GPU copy would be read back).
-    return fbank_patch(batch, lengths, target_length=window, norm=norm), num_frames(lengths)
+    return fbank_patch(batch, lengths, target_length=window, norm=norm)
 
 
 def _window_batch(logmels, plan, length: int, norm, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,14 +255,14 @@ def embed(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
     clips = _as_clips(audio, sample_rate)  # at 16 kHz, each at least one frame long
-    frames = num_frames(torch.tensor([c.numel() for c in clips]))
+    frames = num_frames(torch.tensor([c.numel() for c in clips]))  # (B,), each clip's own
     one_window = crop or bool((frames <= window).all())
     if padding == "official" and one_window and use_kernels(param):
         # The fused Triton kernel: waveforms straight to normalised patches (GPU extraction).
-        specs, frames = _fused_patches(clips, window, prep.get("norm", "audioset"), param.device)
+        specs = _fused_patches(clips, window, prep.get("norm", "audioset"), param.device)
         plan, length = [(b, 0, min(window, int(f))) for b, f in enumerate(frames)], window
     else:
-        logmels, frames = _log_mels(clips, param.device)
+        logmels = _log_mels(clips, param.device)
         plan = _plan(frames, window, hop, crop)
         if padding == "official":
             length = window
