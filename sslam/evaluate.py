@@ -87,11 +87,23 @@ def cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> floa
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _loader(split: LabeledSplit, batch_size: int, target_length: int, workers: int, shuffle: bool = False,
+def _window(encoder: Encoder) -> int:
+    """The samples that fill the encoder's input window (more would be cropped anyway)."""
+    return samples_for_frames(encoder.preprocessing.get("target_length", 1024))
+
+
+def _train_samples(encoder: Encoder, cfg) -> int | None:
+    """What a training loader keeps of each clip: all of it when the waveform roll is on (the
+    roll comes before the crop, SPEC 1.1, so any part of a long clip can reach the window),
+    else the window."""
+    return None if cfg.roll else _window(encoder)
+
+
+def _loader(split: LabeledSplit, batch_size: int, max_samples: int | None, workers: int, shuffle: bool = False,
             generator: torch.Generator | None = None):
     from torch.utils.data import DataLoader
 
-    return DataLoader(SplitAudio(split, samples_for_frames(target_length)), batch_size=batch_size, shuffle=shuffle,
+    return DataLoader(SplitAudio(split, max_samples), batch_size=batch_size, shuffle=shuffle,
                       generator=generator, num_workers=workers, collate_fn=_collate)
 
 
@@ -140,7 +152,7 @@ def extract_cls(encoder: Encoder, split: LabeledSplit, batch_size: int = 32, wor
     eval mode; the encoder is handed back in the mode it had)."""
     out = []
     with eval_mode(encoder):
-        for waves, lengths, _ in _loader(split, batch_size, encoder.preprocessing.get("target_length", 1024), workers):
+        for waves, lengths, _ in _loader(split, batch_size, _window(encoder), workers):
             out.append(encoder(_features(encoder, waves, lengths)).x[:, 0].float().cpu())
     return torch.cat(out)
 
@@ -202,14 +214,16 @@ def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multi
     return head.eval()
 
 
-def _augmented_spec(encoder, waves, lengths, targets, cfg, rng, train: bool):
-    if train and cfg.roll:
+def _augmented_spec(encoder, waves, lengths, targets, cfg, rng):
+    """A training batch's augmented features and targets, in the official order: roll each whole
+    clip, crop it to the window, features, mixup, SpecAugment. waves (B, N), lengths (B,)."""
+    if cfg.roll:
         waves = roll_waveforms(waves, lengths, rng)
-    spec = _features(encoder, waves, lengths)
+    window = _window(encoder)
+    spec = _features(encoder, waves[:, :window], lengths.clamp(max=window))
     targets = targets.to(spec.device)
-    if train:
-        spec, targets = mixup(spec, targets, rng, cfg.mixup, cfg.mixup_prob)
-        spec = spec_augment(spec, spec.shape[3] * cfg.mask_ratio, spec.shape[2] * cfg.mask_ratio, rng)
+    spec, targets = mixup(spec, targets, rng, cfg.mixup, cfg.mixup_prob)
+    spec = spec_augment(spec, spec.shape[3] * cfg.mask_ratio, spec.shape[2] * cfg.mask_ratio, rng)
     return spec, targets
 
 
@@ -222,12 +236,12 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
     device = next(encoder.parameters()).device
     head = LinearHead(encoder.cfg.embed_dim, train.targets.shape[1]).to(device)
     opt = _head_optimizer(head, cfg)
-    loader = _loader(train, cfg.batch_size, encoder.preprocessing.get("target_length", 1024), workers, shuffle=True,
+    loader = _loader(train, cfg.batch_size, _train_samples(encoder, cfg), workers, shuffle=True,
                      generator=torch.Generator().manual_seed(seed))
     total, step = cfg.epochs * len(loader), 0
     for _ in range(cfg.epochs):
         for waves, lengths, targets in loader:
-            spec, targets = _augmented_spec(encoder, waves, lengths, targets, cfg, rng, train=True)
+            spec, targets = _augmented_spec(encoder, waves, lengths, targets, cfg, rng)
             # The frozen encoder in eval mode (no drop-path; the official linear evaluation
             # leaves it in train mode, SPEC 9.10), handed back in the mode it had.
             with torch.no_grad(), eval_mode(encoder):
@@ -574,8 +588,7 @@ class Finetuner:
         from torch.utils.data import DataLoader, Subset
 
         epoch, skip = divmod(self.step, self._steps_per_epoch())
-        target_length = self.model.preprocessing.get("target_length", 1024)
-        audio = SplitAudio(self.train_split, samples_for_frames(target_length))
+        audio = SplitAudio(self.train_split, _train_samples(self.model, self.cfg))
         while True:
             indices = self._epoch_indices(epoch)[skip * self.cfg.batch_size :].tolist()
             # Its own generator: a loader without one seeds its workers from the global stream,
@@ -590,8 +603,7 @@ class Finetuner:
     def evaluate(self) -> tuple[str, float]:
         self.model.eval()
         logits = []
-        target_length = self.model.preprocessing.get("target_length", 1024)
-        for waves, lengths, _ in _loader(self.test_split, self.cfg.batch_size, target_length, 0):
+        for waves, lengths, _ in _loader(self.test_split, self.cfg.batch_size, _window(self.model), 0):
             spec = _features(self.model, waves, lengths)
             logits.append(self.model.classify(self.model(spec).x[:, 0]).float().cpu())
         self.model.train()
@@ -617,7 +629,7 @@ class Finetuner:
             while self.step < cfg.steps:
                 waves, lengths, targets = next(batches)
                 rng = np.random.default_rng([cfg.seed, self.dist.rank, self.step])  # per step: exact resume
-                spec, targets = _augmented_spec(self.model, waves, lengths, targets, augment, rng, train=True)
+                spec, targets = _augmented_spec(self.model, waves, lengths, targets, augment, rng)
                 set_lr(self.optimizer, cosine(self.step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr))
                 with torch.autocast(spec.device.type, dtype=self.amp) if self.amp else nullcontext():
                     logits = self.module(spec)

@@ -177,6 +177,29 @@ def test_synth_splits():
 # ---- augmentations --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("roll", [True, False])
+def test_training_clips_are_rolled_whole_then_cropped(tmp_path, roll):
+    """SPEC 1.1: a training clip is rolled over its whole length, then cropped to the window, so
+    any part of a clip longer than the window can be heard. (The loader used to crop first, and
+    the roll only ever shuffled the first window.) Without the roll, clips are cropped on load."""
+    from sslam.data import samples_for_frames
+    from sslam.evaluate import _augmented_spec
+    from sslam.features import preprocess
+
+    enc = tiny_encoder(target_length=128)
+    train, test = synth_split("mono", True, 4, seconds=3.0), synth_split("mono", False, 2, seconds=1.0)
+    cfg = FinetuneConfig(steps=1, batch_size=2, roll=roll, mixup=0.0, mask_ratio=0.0, out=str(tmp_path), workers=0)
+    waves, lengths, targets = next(Finetuner(enc, train, test, cfg, log=lambda *a, **k: None)._batches())
+    window = samples_for_frames(128)
+    assert lengths.tolist() == [48000 if roll else window] * 2
+    augment = ProbeConfig(mixup=0.0, mask_ratio=0.0, roll=roll)
+    spec, _ = _augmented_spec(enc, waves, lengths, targets, augment, np.random.default_rng(5))
+    if roll:
+        waves = roll_waveforms(waves, lengths, np.random.default_rng(5))
+    expected = preprocess(waves[:, :window], 16000, 128, "audioset", lengths=lengths.clamp(max=window))
+    assert torch.equal(spec, expected)
+
+
 def test_roll_mixup_specaugment():
     rng = np.random.default_rng(0)
     waves = torch.zeros(2, 10)
