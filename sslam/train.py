@@ -776,10 +776,7 @@ class Trainer:
             for k, batch in enumerate(micro_batches):
                 slot = k * self.dist.world_size + self.dist.rank
                 clean, mixed, keep, windows, noise = self.micro_step_inputs(batch, slot)
-                sync = nullcontext()
-                if k < accum - 1 and hasattr(self.train_module, "no_sync"):
-                    sync = self.train_module.no_sync()
-                with sync:
+                with self._gradient_sync(last=k == accum - 1):
                     with self.autocast():
                         losses = self.train_module(clean, keep, windows=windows, generator=noise, mixed=mixed)
                     # Also when the loss is not finite: every process must join the gradient
@@ -817,6 +814,17 @@ class Trainer:
         self.model.update_teacher(decay)
         totals.update(grad_norm=grad_norm, ema_decay=decay, lr=self.scheduler.get_last_lr()[0])
         return totals
+
+    def _gradient_sync(self, last: bool):
+        """Gradients are reduced across the processes after the last micro-batch's backward
+        only; the earlier ones accumulate locally (DDP's ``no_sync``; FSDP2 keeps them
+        unsharded, at the memory of one full gradient, instead of reduce-scattering each)."""
+        module = self.train_module
+        if hasattr(module, "set_requires_gradient_sync"):
+            module.set_requires_gradient_sync(last)
+        elif not last and hasattr(module, "no_sync"):
+            return module.no_sync()
+        return nullcontext()
 
     def _across_processes(self, rows: torch.Tensor, failures: int) -> tuple[list[list[float]], int]:
         """The micro-batches' loss terms (accum, terms) averaged over the processes, and the

@@ -173,35 +173,51 @@ def test_distributed_pretrain_exits_without_the_interpreter_shutdown(tmp_path):
     assert checkpoints_in(tmp_path / "run")
 
 
-@pytest.mark.parametrize("parallel, blocks, precision", [
-    ("ddp", "off", "fp32"), ("fsdp", "off", "fp32"), ("fsdp", "selective", "fp32"),
-    ("ddp", "off", "bf16-pure"), ("fsdp", "off", "bf16-pure"),
+@pytest.mark.parametrize("parallel, blocks, precision, accum", [
+    ("ddp", "off", "fp32", 1), ("fsdp", "off", "fp32", 1), ("fsdp", "selective", "fp32", 1),
+    ("ddp", "off", "bf16-pure", 1), ("fsdp", "off", "bf16-pure", 1), ("fsdp", "off", "fp32", 2),
+    ("fsdp", "off", "bf16-pure", 2),
 ])
-def test_accumulation_equals_two_processes(tmp_path, monkeypatch, parallel, blocks, precision):
+def test_accumulation_equals_two_processes(tmp_path, monkeypatch, parallel, blocks, precision, accum):
     """2 processes on gloo (DDP, or FSDP2 sharding, also with recomputed blocks; also with half
-    weights, which FSDP makes as it gathers the shards) give the parameters of one process that
-    accumulates the same two micro-batches (the global batch is split the same way). The one
-    process casts its half weights once per update, for both micro-batches."""
+    weights, which FSDP makes as it gathers the shards), each accumulating ``accum``
+    micro-batches, give the parameters of one process that accumulates the same 2 * accum
+    micro-batches (the global batch is split the same way). The one process casts its half
+    weights once per update, for all its micro-batches. FSDP reduce-scatters the gradients
+    after the last micro-batch only: once per step for each of its units that trains (the
+    student's two blocks and the root)."""
     casts = []
     cast = sslam.train.half_weights
     monkeypatch.setattr(sslam.train, "half_weights", lambda *a: casts.append(a) or cast(*a))
     threads = torch.get_num_threads()
     try:  # one thread, as each of the two processes: bf16 matmuls round differently on more
-        one = Trainer(small(tmp_path / "one", steps=3, optim__accum_steps=2, run__precision=precision,
+        one = Trainer(small(tmp_path / "one", steps=3, optim__accum_steps=2 * accum, run__precision=precision,
                             run__threads=1), log=lambda *a: None)
         one.fit()
     finally:
         torch.set_num_threads(threads)
     assert len(casts) == (3 if precision.endswith("pure") else 0)
     script = tmp_path / "ddp.py"
-    script.write_text(pretrain_script(small(tmp_path / "two", steps=3, run__parallel=parallel,
-                                            run__checkpoint_blocks=blocks, run__precision=precision)))
+    count_reduce_scatters = (  # a line per call in a file per rank (the run leaves by os._exit)
+        "import os, torch.distributed as dist\n"
+        "reduce_scatter = dist.reduce_scatter_single\n"
+        "def counted(*a, **k):\n"
+        f"    with open({str(tmp_path)!r} + '/rs' + os.environ['RANK'], 'a') as f: f.write('1\\n')\n"
+        "    return reduce_scatter(*a, **k)\n"
+        "dist.reduce_scatter_single = counted\n"
+    )
+    script.write_text(count_reduce_scatters + pretrain_script(
+        small(tmp_path / "two", steps=3, optim__accum_steps=accum, run__parallel=parallel,
+              run__checkpoint_blocks=blocks, run__precision=precision)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(script)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    if parallel == "fsdp":
+        for rank in (0, 1):
+            assert len((tmp_path / f"rs{rank}").read_text().splitlines()) == 3 * 3
     two = read_checkpoint(checkpoints_in(tmp_path / "two")[-1])
     for k, v in one.model.student.state_dict().items():
         assert torch.allclose(v, two.state[k], atol=1e-5, rtol=1e-4), k
