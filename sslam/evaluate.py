@@ -3,7 +3,8 @@ single-label (accuracy).
 
 * :func:`linear_probe` -- frozen encoder, CLS -> LayerNorm -> Linear. The fast path extracts the
   CLS features once and trains the head on them; the full path re-encodes every batch with the
-  official augmentations (roll, mixup, SpecAugment). Several seeds give a mean and a spread.
+  official augmentations (roll, mixup, SpecAugment) and the frozen encoder's drop-path. Several
+  seeds give a mean and a spread.
 * :class:`Finetuner` -- the whole encoder with layer-wise lr decay 0.65, drop-path 0.1, mixup,
   SpecAugment, roll, optional balanced sampling, warm-up + cosine, atomic checkpoints with exact
   resume, JSONL metrics, and torchrun (DDP).
@@ -33,7 +34,7 @@ from .data import samples_for_frames
 from .features import norm_stats, preprocess
 from .labels import LabeledSplit, SplitAudio, read_split
 from .metrics import accuracy, mean_average_precision
-from .model import BLOCK_CHECKPOINTING, Encoder, eval_mode
+from .model import BLOCK_CHECKPOINTING, Encoder, eval_mode, stochastic_depth
 
 
 class LinearHead(nn.Module):
@@ -176,6 +177,9 @@ class ProbeConfig:
     mixup_prob: float = 0.9
     mask_ratio: float = 0.2
     roll: bool = True
+    # Full path only: the frozen encoder keeps stochastic depth while the head trains, as the
+    # official linear evaluation leaves it in train mode (SPEC 9.10); 0 gives fixed features.
+    drop_path: float = 0.1
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -242,9 +246,7 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
     for _ in range(cfg.epochs):
         for waves, lengths, targets in loader:
             spec, targets = _augmented_spec(encoder, waves, lengths, targets, cfg, rng)
-            # The frozen encoder in eval mode (no drop-path; the official linear evaluation
-            # leaves it in train mode, SPEC 9.10), handed back in the mode it had.
-            with torch.no_grad(), eval_mode(encoder):
+            with torch.no_grad(), stochastic_depth(encoder, cfg.drop_path):  # then as it was
                 cls = encoder(spec).x[:, 0].float()
             set_lr(opt, cosine(step, total, 0, cfg.lr, cfg.min_lr))
             loss = classification_loss(head(cls), targets, multilabel, augmented_smoothing(cfg))

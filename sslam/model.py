@@ -277,6 +277,11 @@ def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
     return x * keep / (1 - rate)
 
 
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Each block's stochastic-depth rate: rising linearly from 0 to ``rate`` over the blocks."""
+    return [rate * i / max(1, depth - 1) for i in range(depth)]
+
+
 class Block(nn.Module):
     """Post-LN transformer block; returns (block output, FFN output before residual and LN2)."""
 
@@ -382,8 +387,7 @@ class Encoder(nn.Module):
             persistent=True,
         )
         self.pre_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
-        rates = [cfg.drop_path_rate * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]  # linspace
-        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in drop_path_rates(cfg.drop_path_rate, cfg.depth))
         if cfg.num_classes > 0:
             self.fc_norm = nn.LayerNorm(d, eps=cfg.head_norm_eps)
             self.head = nn.Linear(d, cfg.num_classes)
@@ -655,6 +659,24 @@ def eval_mode(model: nn.Module):
     try:
         yield model
     finally:
+        model.train(training)
+
+
+@contextlib.contextmanager
+def stochastic_depth(model: Encoder, rate: float):
+    """``model`` in train mode with drop-path rising to ``rate`` over its blocks, as if built
+    with ``drop_path_rate=rate``, for the block; then back in the mode and rates it had."""
+    training, cfg, rates = model.training, model.cfg, [block.drop_path_rate for block in model.blocks]
+    model.cfg = cfg.replace(drop_path_rate=rate)
+    for block, new in zip(model.blocks, drop_path_rates(rate, cfg.depth)):
+        block.drop_path_rate = new
+    model.train()
+    try:
+        yield model
+    finally:
+        model.cfg = cfg
+        for block, old in zip(model.blocks, rates):
+            block.drop_path_rate = old
         model.train(training)
 
 

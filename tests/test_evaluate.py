@@ -410,15 +410,21 @@ def test_task_preprocessing_is_set_and_checked():
         ev.with_preprocessing(tiny_encoder(), target_length=520)
 
 
-def test_the_full_probe_hands_the_encoder_back_as_it_was():
-    """The full path encodes its own augmented batches: only the test split's features are
-    extracted, and the encoder keeps its mode and trainable weights."""
-    encoder = tiny_encoder().train()
+@pytest.mark.parametrize("training", [True, False])
+def test_the_full_probe_hands_the_encoder_back_as_it_was(training):
+    """The full path encodes its own augmented batches with the frozen encoder's drop-path on
+    (0 -> 0.1 over the blocks, SPEC 9.10) and the test split in eval mode: only the test split's
+    features are extracted, and the encoder keeps its mode, rates and trainable weights."""
+    encoder = tiny_encoder().train(training)
+    seen = []
+    encoder.register_forward_pre_hook(lambda m, args: seen.append((m.training, [b.drop_path_rate for b in m.blocks])))
     train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
     cache = {}
     linear_probe(encoder, train, test, ProbeConfig(fast=False, epochs=1, batch_size=4), cache=cache)
     assert list(cache) == [id(test)]
-    assert encoder.training and all(p.requires_grad for p in encoder.parameters())
+    assert seen == [(False, [0.0, 0.0])] + [(True, [0.0, 0.1])] * 2  # test features, then 2 batches
+    assert encoder.training == training and [b.drop_path_rate for b in encoder.blocks] == [0.0, 0.0]
+    assert encoder.cfg.drop_path_rate == 0 and all(p.requires_grad for p in encoder.parameters())
 
 
 def test_an_undefined_metric_is_no_best(tmp_path):

@@ -325,3 +325,30 @@ def test_compile_for_inference_freezes_this_model_only():
         later(spec)  # compiled here
         later.blocks[0].mlp.fc2.weight.mul_(3.0)
         torch.testing.assert_close(later(spec).x, later.forward(spec).x)  # compiled vs eager
+
+
+def test_stochastic_depth_is_a_model_built_with_drop_path():
+    """Inside ``stochastic_depth(model, rate)`` a model computes what one built with
+    ``drop_path_rate=rate`` computes in train mode (the same samples dropped, for the same
+    random stream); afterwards it is back in its mode, rates and config."""
+    from sslam.model import stochastic_depth
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(embed_dim=32, depth=3, num_heads=2, max_length=8)
+    model = Encoder(cfg).eval()
+    built = Encoder(cfg.replace(drop_path_rate=0.5))
+    built.load_state_dict(model.state_dict())
+    spec = torch.randn(6, 1, 128, 128)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = built.train()(spec).x
+        with stochastic_depth(model, 0.5):
+            assert [b.drop_path_rate for b in model.blocks] == [0.0, 0.25, 0.5]
+            torch.manual_seed(1)
+            assert torch.equal(model(spec).x, expected)
+        assert not model.training and model.cfg == cfg
+        assert [b.drop_path_rate for b in model.blocks] == [0.0] * 3
+        eval_out = model(spec).x
+        assert not torch.allclose(eval_out, expected)
+        with stochastic_depth(model, 0.0):
+            assert model.training and torch.equal(model(spec).x, eval_out)
