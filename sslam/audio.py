@@ -75,24 +75,30 @@ def _check_target_rate(sample_rate) -> int:
     return int(sample_rate)
 
 
-def check_finite(name: str, samples: Tensor) -> None:
-    """Raise ``AudioError`` naming ``name`` and saying how many float ``samples`` are NaN or
-    infinite (one pass; on CUDA it waits for the GPU)."""
+# Float samples belong on the [-1, 1] scale. Far beyond it the power spectrum overflows float32
+# (from about 1e17; 1e15 leaves a margin) and the features turn infinite without an error.
+MAX_AMPLITUDE = 1e15
+
+
+def check_samples(name: str, samples: Tensor) -> None:
+    """Raise ``AudioError`` naming ``name`` and saying how many float ``samples`` are NaN,
+    infinite or beyond +-:data:`MAX_AMPLITUDE` (one min/max pass; on CUDA it waits for the GPU)."""
+    if samples.numel() == 0:
+        return
     if samples.device.type == "cpu":
-        # numpy's isfinite is several times faster than torch's on CPU for this one pass.
-        array = samples.detach().numpy()
-        if np.isfinite(array).all():
-            return
-        nan = int(np.isnan(array).sum())
-        inf = int(np.isinf(array).sum())
+        array = samples.detach().numpy()  # numpy's reductions are faster than torch's here
+        low, high = array.min(), array.max()  # NaN if any sample is NaN: the test below fails
     else:
-        if bool(torch.isfinite(samples).all()):
-            return
-        nan = int(torch.isnan(samples).sum())
-        inf = int(torch.isinf(samples).sum())
+        low, high = (float(v) for v in torch.aminmax(samples.detach()))
+    if -MAX_AMPLITUDE <= low and high <= MAX_AMPLITUDE:
+        return
+    nan = int(torch.isnan(samples).sum())
+    inf = int(torch.isinf(samples).sum())
+    large = int((torch.isfinite(samples) & (samples.abs() > MAX_AMPLITUDE)).sum())
     raise _fail(
         name,
-        f"{nan + inf} of {samples.numel()} samples are not finite ({nan} NaN, {inf} Inf)",
+        f"{nan + inf + large} of {samples.numel()} samples are not finite or too large ({nan} NaN, "
+        f"{inf} Inf, {large} beyond +-{MAX_AMPLITUDE:g}; samples belong on the [-1, 1] scale)",
     )
 
 
@@ -240,7 +246,7 @@ def load_audio(
     # soundfile's (frames, channels) -> torch's (channels, N), contiguous per channel.
     waveform = torch.from_numpy(np.ascontiguousarray(samples.T))
     if may_be_nonfinite:
-        check_finite(name, waveform)
+        check_samples(name, waveform)
     if mono:
         waveform = to_mono(waveform)
     if target is not None and target != rate:
@@ -312,5 +318,5 @@ def check_waveform(wave, rate: int, name: str = "<array>") -> Tensor:
             "(channels, N): transpose a (N, channels) array",
         )
     wave = wave.to(torch.float32)
-    check_finite(name, wave)
+    check_samples(name, wave)
     return to_mono(wave).contiguous()

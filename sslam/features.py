@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import SUPPORTED_RATES, AudioError, as_float_samples, check_finite
+from .audio import SUPPORTED_RATES, AudioError, as_float_samples, check_samples
 from .cached import cached_constant
 from .resampler import resample
 
@@ -149,7 +149,7 @@ def _as_batch(
                     f"got {lens.tolist()}"
                 )
         if finite:
-            check_finite("waveforms", batch)
+            check_samples("waveforms", batch)
         return batch, lens
     if isinstance(waveforms, (str, bytes)) or not isinstance(waveforms, Sequence):
         raise ValueError(
@@ -169,7 +169,7 @@ def _as_batch(
             raise ValueError(f"{name}: expected a 1-D clip, got shape {tuple(clip.shape)}")
         clip = clip.to(torch.float32)
         if finite:
-            check_finite(name, clip)
+            check_samples(name, clip)
         clips.append(clip)
     lens = torch.tensor([c.numel() for c in clips], dtype=torch.long)
     batch = torch.zeros(len(clips), int(lens.max()), dtype=torch.float32, device=clips[0].device)
@@ -346,7 +346,8 @@ def preprocess(
         target_length: frames after padding/cropping (1024 = 10.24 s for AudioSet).
         norm: 'audioset', 'esc50', 'spcv2', 'spass', a custom (mean, std), or None.
         return_frames: also return each clip's number of real (unpadded) frames.
-        check_finite: scan the samples for NaN/Inf (``AudioError``). ``False`` is for audio
+        check_finite: scan the samples for NaN, Inf or magnitudes that would overflow the
+            features (``AudioError``, see :func:`sslam.audio.check_samples`). ``False`` is for audio
             already checked when it was decoded, such as the training loop's: on CUDA the scan
             waits for the GPU.
 

@@ -11,6 +11,7 @@ import soundfile
 import torch
 
 from sslam.audio import SUPPORTED_RATES, AudioError, check_waveform, load_audio, to_mono
+from sslam.features import preprocess
 from sslam.resampler import resample
 
 RATE = 16000
@@ -191,6 +192,21 @@ def test_non_finite_samples_are_counted(tmp_path):
     with pytest.raises(AudioError) as excinfo:
         load_audio(path)
     assert_audio_error(excinfo, path, "3 of 200 samples are not finite", "2 NaN", "1 Inf")
+
+
+def test_samples_that_would_overflow_the_features_are_refused(tmp_path):
+    """A float file far off the [-1, 1] scale: from about 1e17 the power spectrum overflows and
+    the features would be inf without an error. 1e15 and below still load."""
+    data = random_signal(16000, 1).astype(np.float32)
+    data[10, 0], data[20, 0] = 1e18, -3e15
+    path = write(tmp_path / "loud.wav", data, subtype="FLOAT")
+    with pytest.raises(AudioError) as excinfo:
+        load_audio(path)
+    assert_audio_error(excinfo, path, "2 of 16000 samples are not finite or too large", "2 beyond +-1e+15",
+                       "[-1, 1] scale")
+    data[10, 0], data[20, 0] = 1e15, -1e15
+    wave, _ = load_audio(write(tmp_path / "loud_enough.wav", data, subtype="FLOAT"))
+    assert torch.isfinite(preprocess(wave, 16000)).all()
 
 
 @pytest.mark.parametrize("rate", [500, 400_000])

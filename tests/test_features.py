@@ -125,6 +125,7 @@ def test_sample_rates_outside_the_supported_range_are_refused_before_any_work(ra
         ([torch.zeros(16000), np.arange(16000)], r"waveforms\[1\]: samples must be floating point"),
         (torch.full((2, 16000), float("nan")), r"waveforms: 32000 of 32000 samples are not finite"),
         ([torch.zeros(16000), torch.tensor([0.0, float("inf")] * 8000)], r"waveforms\[1\]: 8000 of"),
+        (torch.full((2, 16000), -1e17), r"waveforms: 32000 of 32000 .* 32000 beyond \+-1e\+15"),
     ],
 )
 def test_integer_boolean_complex_and_non_finite_samples_are_refused(bad, match):
