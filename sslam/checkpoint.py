@@ -884,10 +884,17 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         raise CheckpointError("\n".join(lines))
     out = {}
     for k, v in state.items():
-        if not torch.is_floating_point(v) or not torch.isfinite(v).all():
-            raise CheckpointError(f"{source}: {k} is not a finite floating-point tensor ({v.dtype})")
+        # Dense float tensors of the usual widths only: isfinite has no kernel for sparse, meta
+        # or float8 tensors, whose errors would not name the file.
+        usable = v.layout == torch.strided and not v.is_meta and v.dtype in _WEIGHT_DTYPES
+        if not usable or not torch.isfinite(v).all():
+            kind = f"{v.dtype}, {v.layout}" + (", meta" if v.is_meta else "")
+            raise CheckpointError(f"{source}: {k} is not a finite floating-point tensor ({kind})")
         out[k] = v.to(expected[k].dtype)
     return out
+
+
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _fit_positions(model: Encoder, state: dict) -> dict:
@@ -913,9 +920,15 @@ def encoder_from_checkpoint(ckpt: Checkpoint, device="cpu", dtype: torch.dtype =
     model = Encoder(ckpt.config)
     state = check_state(model, _fit_positions(model, ckpt.state), ckpt.path)
     model.load_state_dict(state, strict=True)
+    return _with_metadata(model, ckpt).to(device=device, dtype=dtype).eval()
+
+
+def _with_metadata(model: Encoder, ckpt: Checkpoint) -> Encoder:
+    """``model`` with what the file says about its input and its classes (an ESC-50 model
+    embeds 512 frames with its own statistics)."""
     model.preprocessing = dict(ckpt.preprocessing)
     model.label_names = list(ckpt.label_names) if ckpt.label_names else None
-    return model.to(device=device, dtype=dtype).eval()
+    return model
 
 
 def usable_device(device) -> torch.device:
@@ -944,7 +957,8 @@ def load_encoder(path, device="cpu", weights: str = "student", dtype: torch.dtyp
 
 
 def load_weights_into(model: Encoder, path, weights: str = "student") -> Encoder:
-    """Load a checkpoint's encoder weights into an existing ``model`` (strict keys and shapes)."""
+    """Load a checkpoint's encoder weights (strict keys and shapes), preprocessing and label
+    names into an existing ``model``, as :func:`load_encoder` would give them."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
     with warnings.catch_warnings():  # the model's own config gives the heads: no guess needed
@@ -952,7 +966,7 @@ def load_weights_into(model: Encoder, path, weights: str = "student") -> Encoder
         ckpt = _read(Path(path), weights)
     _check_shape_blind_fields(model.cfg, ckpt)
     model.load_state_dict(check_state(model, _fit_positions(model, ckpt.state), path), strict=True)
-    return model
+    return _with_metadata(model, ckpt)
 
 
 def _check_shape_blind_fields(config: EncoderConfig, ckpt: Checkpoint) -> None:

@@ -525,6 +525,7 @@ def test_pickled_omegaconf_config_is_read(tmp_path, monkeypatch):
     assert found.preprocessing["target_length"] == 512
 
 
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")  # the sparse case below
 def test_safetensors_dtypes_and_shapes(tmp_path):
     source = random_encoder(VARIANTS["tiny"])
     hf_folder(source, tmp_path / "hf")
@@ -543,6 +544,15 @@ def test_safetensors_dtypes_and_shapes(tmp_path):
     save_file(bad, tmp_path / "hf" / "model.safetensors")
     with pytest.raises(CheckpointError, match="blocks.1.norm2.bias is not a finite floating-point"):
         load_encoder(tmp_path / "hf")
+    # float8, sparse or meta tensors: no finiteness check exists for them, and an error from
+    # inside torch would not name the file.
+    for odd, kind in ((torch.zeros(64, dtype=torch.float8_e4m3fn), "float8_e4m3fn"),
+                      (torch.zeros(64).to_sparse(), "sparse_coo"), (torch.zeros(64, device="meta"), "meta")):
+        ckpt = fairseq_finetuned(random_encoder(VARIANTS["tiny"].replace(num_classes=2)))
+        ckpt["model"]["model.blocks.1.norm2.bias"] = odd
+        torch.save(ckpt, tmp_path / "odd.pt")
+        with pytest.raises(CheckpointError, match=f"odd.pt: blocks.1.norm2.bias is not a finite .*{kind}"):
+            load_encoder(tmp_path / "odd.pt")
     for value in (float("nan"), float("inf")):
         bad = dict(state, **{"model.blocks.0.norm1.weight": torch.full((64,), value)})
         save_file(bad, tmp_path / "hf" / "model.safetensors")
@@ -605,7 +615,18 @@ def test_fine_tuned_recipe_preprocessing_and_unknown_keys(tmp_path):
     """ESC-50 fine-tuning: 512-frame clips and ESC-50 statistics; unknown keys are errors."""
     source = random_encoder(VARIANTS["tiny"].replace(num_classes=50))
     torch.save(fairseq_finetuned(source, target_length=512, esc50_eval=True), tmp_path / "esc.pt")
-    assert load_encoder(tmp_path / "esc.pt").preprocessing == {"sample_rate": 16000, "target_length": 512, "norm": "esc50"}
+    esc50 = {"sample_rate": 16000, "target_length": 512, "norm": "esc50"}
+    assert load_encoder(tmp_path / "esc.pt").preprocessing == esc50
+    # Also when the weights go into a model built first (it used to keep 1024 frames and the
+    # AudioSet statistics: other embeddings from the same weights).
+    from sslam.model import create_model
+
+    built = create_model(source.cfg, checkpoint=tmp_path / "esc.pt")
+    assert built.preprocessing == esc50 and built.label_names is None
+    named = load_encoder(tmp_path / "esc.pt")
+    named.label_names = [f"class {i}" for i in range(50)]
+    save_encoder(named, tmp_path / "named")
+    assert create_model(source.cfg, checkpoint=tmp_path / "named").label_names == named.label_names
     ckpt = fairseq_finetuned(source)
     ckpt["model"]["model.norm.weight"] = torch.ones(64)  # a final norm this encoder does not have
     torch.save(ckpt, tmp_path / "extra.pt")
