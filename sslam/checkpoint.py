@@ -814,6 +814,13 @@ def _read_folder(path: Path, weights: str) -> Checkpoint:
 
 
 def _read(path: Path, weights: str) -> Checkpoint:
+    try:
+        return _read_layout(path, weights)
+    except RecursionError:  # a config (pickled or JSON) nested thousands of levels deep
+        raise CheckpointError(f"{path}: its config is nested too deeply to read (a damaged or crafted file)") from None
+
+
+def _read_layout(path: Path, weights: str) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
@@ -1072,7 +1079,7 @@ def read_label_names(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: cannot read labels ({exc})") from exc
     rows = list(csv.reader(text.splitlines()))
     if rows and len(rows[0]) >= 3 and rows[0][0].strip().lower() == "index":

@@ -865,3 +865,32 @@ def test_unusable_preprocessing_in_an_sslam_folder_is_refused_when_read(tmp_path
         good = {**meta, "preprocessing": {**meta["preprocessing"], "norm": norm}}
         save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(good)})
         assert read_checkpoint(tmp_path / "m").preprocessing["norm"] == norm
+
+
+def test_configs_nested_too_deeply_are_refused_naming_the_file(tmp_path):
+    """A small file whose config nests 100 000 levels (JSON or pickle) exhausted the recursion
+    limit: a bare RecursionError, no file named."""
+    source = random_encoder(VARIANTS["tiny"])
+    folder = hf_folder(source, tmp_path / "hf")
+    (folder / "config.json").write_text('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(state, tmp_path / "own.safetensors", metadata={"format": "sslam", "sslam": "[" * 100_000 + "]" * 100_000})
+    deep = tmp_path / "deep.pt"  # {"cfg": [[[...]]], "model": {}} written as pickle opcodes
+    torch.save({"x": 1}, deep)
+    with zipfile.ZipFile(deep) as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    body = b"\x80\x02}q\x00(X\x03\x00\x00\x00cfg" + b"]" * 50_000 + b"a" * 49_999 + b"X\x05\x00\x00\x00model}u."
+    with zipfile.ZipFile(deep, "w") as archive:
+        for name, data in records.items():
+            archive.writestr(name, body if name.endswith("/data.pkl") else data)
+    for path in (folder, tmp_path / "own.safetensors", deep):
+        with pytest.raises(CheckpointError, match=f"{path.name}: its config is nested too deeply"):
+            load_encoder(path)
+
+
+def test_labels_that_are_not_utf8_name_their_file(tmp_path):
+    from sslam.checkpoint import read_label_names
+
+    (tmp_path / "labels.txt").write_bytes(b"\xff\xfeSpeech\n")
+    with pytest.raises(CheckpointError, match=r"labels.txt: cannot read labels \('utf-8' codec"):
+        read_label_names(tmp_path / "labels.txt")
