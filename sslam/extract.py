@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import zipfile
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AUDIO_SUFFIXES, AudioError, load_audio
+from .audio import AudioError, load_audio
 from .checkpoint import atomic_write
-from .data import manifest_entries
+from .data import folder_paths, manifest_entries
 from .embedding import check_min_length
 
 GRANULARITIES = ("utterance", "mean", "frames", "timestamps", "all")
@@ -45,13 +46,13 @@ def read_manifest(path: Path, root: str | None = None) -> list[Item]:
 
 
 def collect_inputs(inputs: list[str], manifest_root: str | None = None) -> list[Item]:
-    """Expand files, folders and manifests into items with unique keys, in a stable order."""
+    """Expand files, folders and manifests into items with unique keys, in a stable order. A
+    folder without audio files is an error naming it (it would otherwise vanish from the run)."""
     items: list[Item] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-            items += [Item(str(p.relative_to(path)), p) for p in found]
+            items += [Item(str(p.relative_to(path)), p) for p in folder_paths(path)]
         elif path.suffix.lower() == ".tsv":
             items += read_manifest(path, manifest_root)
         else:
@@ -289,10 +290,22 @@ def _decode(item: Item) -> tuple[Item, torch.Tensor | None, str | None]:
         return item, None, str(exc)
 
 
-def _prefetched(items: list[Item], workers: int) -> Iterator[tuple[Item, torch.Tensor | None, str | None]]:
-    """Decode in background threads (soundfile and the resampler release the GIL)."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(_decode, items)
+def _prefetched(items: list[Item], workers: int, ahead: int) -> Iterator[tuple[Item, torch.Tensor | None, str | None]]:
+    """:func:`_decode` of each item, in order, by background threads (soundfile and the
+    resampler release the GIL), at most ``ahead`` items before the one being consumed: a pool
+    given every item at once holds every decoded clip until it is consumed, memory growing with
+    the number of inputs."""
+    pending: deque = deque()
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for item in items:
+            pending.append(pool.submit(_decode, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)  # stopped early: the items not yet started are dropped
 
 
 def run_extract(
@@ -347,7 +360,8 @@ def run_extract(
 
     bar = tqdm(total=len(todo), disable=not progress, unit="clip", file=sys.stderr)
     try:
-        for item, wave, error in _prefetched(todo, workers):
+        # Enough clips ahead to fill the next batch while this one is encoded.
+        for item, wave, error in _prefetched(todo, workers, ahead=batch_size + workers):
             bar.update(1)
             if error is not None:
                 report.failed.append((item.key, error))

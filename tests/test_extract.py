@@ -23,6 +23,37 @@ def audio_dir(tmp_path):
     return root
 
 
+def test_decoding_runs_a_bounded_number_of_clips_ahead(monkeypatch):
+    """The decoding threads stay at most ``ahead`` clips before the consumer (a pool given every
+    input at once held all the decoded clips of a large folder in memory), keep the order, and
+    start no more once the consumer stops."""
+    import threading
+    import time
+
+    import sslam.extract as extract
+
+    decoded, lock = [], threading.Lock()
+
+    def fake_decode(item):
+        with lock:
+            decoded.append(item.key)
+        return item, None, None
+
+    monkeypatch.setattr(extract, "_decode", fake_decode)
+    items = [extract.Item(str(i), None) for i in range(100)]
+    clips = extract._prefetched(items, workers=2, ahead=4)
+    assert next(clips)[0].key == "0"
+    time.sleep(0.3)  # time for an unbounded pool to decode everything
+    assert len(decoded) <= 5
+    assert [item.key for item, _, _ in clips] == [str(i) for i in range(1, 100)]
+    decoded.clear()
+    clips = extract._prefetched(items, workers=2, ahead=4)
+    next(clips)
+    clips.close()
+    time.sleep(0.3)
+    assert len(decoded) <= 5
+
+
 def test_collect_inputs(audio_dir, tmp_path):
     manifest = tmp_path / "train.tsv"
     manifest.write_text(f"{audio_dir}\na.wav\t16000\nsub/b.flac\t30000\n")
@@ -83,6 +114,11 @@ def test_file_sink_round_trip(tmp_path):
     assert again.items["a"]["frames"].shape == (6, 4) and again.items["b"]["times"].shape == (5,)
 
 
-def test_bad_arguments(tmp_path, capsys):
-    assert main(["extract", str(tmp_path), "--checkpoint", CKPT, "--out", str(tmp_path / "o.npz")]) == 2
+def test_bad_arguments(tmp_path, audio_dir, capsys):
+    (tmp_path / "empty.wav").mkdir()
+    assert main(["extract", str(tmp_path / "empty.wav"), "--checkpoint", CKPT, "--out", str(tmp_path / "o.npz")]) == 2
     assert "no audio files" in capsys.readouterr().err
+    # A folder without audio among other inputs is named; it used to vanish from the run.
+    assert main(["extract", str(tmp_path / "empty.wav"), str(audio_dir / "a.wav"), "--checkpoint", CKPT,
+                 "--out", str(tmp_path / "o.npz")]) == 2
+    assert "empty.wav: no audio files" in capsys.readouterr().err and not (tmp_path / "o.npz").exists()
