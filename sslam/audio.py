@@ -196,6 +196,8 @@ def _check_regular_file(name: str) -> None:
         raise _fail(name, "is a directory, not an audio file")
     if not stat.S_ISREG(mode):
         raise _fail(name, "is not a regular file (a pipe, socket or device); read audio from a file")
+    if not os.access(name, os.R_OK):  # libsndfile would only say "System error."
+        raise _fail(name, "cannot open (permission denied)")
 
 
 def load_audio(
