@@ -142,8 +142,9 @@ def _backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, rstd:
 def _norm_act_op(
     y: torch.Tensor, residual: Optional[torch.Tensor], eps: float,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, mean, rstd) of contiguous (R, C) inputs."""
-    return _forward(y, residual, eps)
+    """(out, mean, rstd) of (R, C) inputs."""
+    # Contiguous as the kernel indexes them (a no-op for the wrapper's own calls).
+    return _forward(y.contiguous(), None if residual is None else residual.contiguous(), eps)
 
 
 @_norm_act_op.register_fake
@@ -157,7 +158,7 @@ def _norm_act_backward_op(
     grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
 ) -> torch.Tensor:
     """dL/dy of :func:`_norm_act_op` given dL/d(out)."""
-    return _backward(grad_out, y, mean, rstd)
+    return _backward(grad_out, y.contiguous(), mean.contiguous(), rstd.contiguous())  # contiguous, as indexed
 
 
 @_norm_act_backward_op.register_fake

@@ -344,8 +344,11 @@ def _fbank_patch_op(
     norm_scale: float, mix_starts: list[int], mix_width: int, dot_precision: str,
 ) -> torch.Tensor:
     """Patches (B or 2B, target_length / 16 * 8, 256) float32; see :func:`fbank_patch`."""
-    return _launch(waveforms, lengths, target_length, norm_mean, norm_scale, mix_starts,
-                   mix_width, dot_precision)
+    # The kernel steps over rows by their stride but reads each row's samples contiguously.
+    if waveforms.stride(1) != 1:
+        waveforms = waveforms.contiguous()
+    return _launch(waveforms.to(torch.float32), lengths.to(torch.int32), target_length, norm_mean, norm_scale,
+                   mix_starts, mix_width, dot_precision)
 
 
 @_fbank_patch_op.register_fake
@@ -468,8 +471,6 @@ def fbank_patch(
     stats = norm_stats(norm)
     mean, std = stats if stats is not None else (0.0, 0.5)  # (x - 0) / 1 is exact
     wave = waveforms.to(torch.float32)
-    if wave.stride(1) != 1:
-        wave = wave.contiguous()
     # Checked lengths live on the CPU: an asynchronous copy, so the host does not wait for the
     # GPU here (a blocking one synchronises the stream).
     lens = lens.to(torch.int32).to(wave.device, non_blocking=True)

@@ -259,8 +259,10 @@ def _conv_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], grid_t: int, grid_f: int,  # noqa: UP045
     groups: int,
 ) -> torch.Tensor:
-    """(rows, C_out) conv output of contiguous (rows, C_in) token rows."""
-    return _forward(x, weight, bias, (grid_t, grid_f), groups)
+    """(rows, C_out) conv output of (rows, C_in) token rows."""
+    # Contiguous as the kernel indexes them (a no-op for the wrapper's own calls).
+    bias = None if bias is None else bias.contiguous()
+    return _forward(x.contiguous(), weight.contiguous(), bias, (grid_t, grid_f), groups)
 
 
 @_conv_op.register_fake
@@ -273,7 +275,7 @@ def _conv_backward_op(
     grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, grid_t: int, grid_f: int, groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias fp32) of :func:`_conv_op` given dL/dy."""
-    return _backward(grad_y, x, weight, (grid_t, grid_f), groups)
+    return _backward(grad_y, x.contiguous(), weight.contiguous(), (grid_t, grid_f), groups)  # contiguous, as indexed
 
 
 @_conv_backward_op.register_fake

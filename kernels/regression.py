@@ -185,11 +185,17 @@ def _launch_grad(scales, pred, target, masked, clones: int, srl) -> torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 
+def _rows(pred, target, masked, srl, clones: int) -> tuple:
+    """The kernels' arguments, contiguous as they index them (a no-op for the wrapper's own
+    calls; a direct call of the op may pass views)."""
+    return pred.contiguous(), target.contiguous(), masked.contiguous(), clones, None if srl is None else srl.contiguous()
+
+
 @torch.library.custom_op("sslam::regression_sums", mutates_args=())
 def _sums_op(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, clones: int,
              srl: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
     """(2,) fp32: the frame sum and the SRL sum (0 without an SRL target)."""
-    return _launch_sums(pred, target, masked, clones, srl)
+    return _launch_sums(*_rows(pred, target, masked, srl, clones))
 
 
 @_sums_op.register_fake
@@ -202,12 +208,12 @@ def _grad_op(grad: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, maske
              clones: int, srl: Optional[torch.Tensor]) -> torch.Tensor:  # noqa: UP045
     """pred's gradient given the (2,) gradient of the sums."""
     # As the reference: the gradient of each sum divided by sqrt(D), in the same op.
-    return _launch_grad(grad.float() / math.sqrt(pred.shape[-1]), pred, target, masked, clones, srl)
+    return _launch_grad(grad.float() / math.sqrt(pred.shape[-1]), *_rows(pred, target, masked, srl, clones))
 
 
 @_grad_op.register_fake
 def _grad_fake(grad, pred, target, masked, clones, srl):
-    return torch.empty_like(pred)
+    return pred.new_empty(pred.shape)  # contiguous, as the kernel's output
 
 
 def _setup_context(ctx, inputs, output):
@@ -292,6 +298,5 @@ def regression_sums(
         _check("srl", srl, (srl.shape[0], n, d), pred.device)
     if not use_kernels(pred, target, masked):
         return regression_sums_ref(pred, target, masked, clones, srl)
-    sums = _sums_op(pred.contiguous(), target.contiguous(), masked.contiguous(), clones,
-                    None if srl is None else srl.contiguous())
+    sums = _sums_op(pred, target, masked, clones, srl)
     return sums[0], None if srl is None else sums[1]

@@ -159,3 +159,16 @@ def test_norm_act_double_backward_is_refused(kernels_on_cpu):
     (dy,) = torch.autograd.grad(dec.decoder_norm_act(y).square().sum(), y, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):  # not a silently missing term
         dy.sum().backward()
+
+
+def test_the_op_called_directly_accepts_views(kernels_on_cpu):
+    """torch.ops.sslam.decoder_norm_act with transposed rows gives the contiguous result (the
+    kernel used to index them as contiguous: off by up to 2)."""
+    y, res = torch.randn(9, 40), torch.randn(9, 40)
+    ty, tres = y.t().contiguous().t(), res.t().contiguous().t()
+    for got, want in zip(torch.ops.sslam.decoder_norm_act(ty, tres, 1e-5), torch.ops.sslam.decoder_norm_act(y, res, 1e-5)):
+        assert torch.equal(got, want)
+    _, mean, rstd = torch.ops.sslam.decoder_norm_act(y, res, 1e-5)
+    grad = torch.randn(9, 40)
+    assert torch.equal(torch.ops.sslam.decoder_norm_act_backward(grad.t().contiguous().t(), ty, mean, rstd),
+                       torch.ops.sslam.decoder_norm_act_backward(grad, y, mean, rstd))

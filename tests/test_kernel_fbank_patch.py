@@ -291,3 +291,12 @@ def test_cuda_real_shapes(monkeypatch, precision):
     assert torch.equal(out[48:], mix_patches(out[:48], windows))
     clean = fp.fbank_patch(waves, lens, dot_precision=precision)
     assert torch.equal(clean, out[:48])
+
+
+def test_the_op_called_directly_accepts_views_and_int64_lengths(kernels_on_cpu):
+    """torch.ops.sslam.fbank_patch with column-major clips and int64 lengths gives what the
+    public function's own (row-contiguous, int32) arguments give."""
+    waves, lengths = waveforms_with_lengths([1200, 3000, 2100])
+    args = (32, -4.268, 9.138, [], 0, "ieee")
+    want = torch.ops.sslam.fbank_patch(waves, lengths.to(torch.int32), *args)
+    assert torch.equal(torch.ops.sslam.fbank_patch(waves.t().contiguous().t(), lengths, *args), want)

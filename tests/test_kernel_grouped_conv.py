@@ -180,3 +180,16 @@ def test_torch_compile_traces_the_op_in_one_graph(kernels_on_cpu):
         results.append([out.detach()] + [t.grad for t in leaves])
     for name, a, r in zip(("out", "dx", "dweight", "dbias"), *results):
         assert_close(a, r, 1e-6, name)
+
+
+def test_the_ops_called_directly_accept_views(kernels_on_cpu):
+    """torch.ops.sslam.grouped_conv_tokens(_backward) with column-major rows and a permuted
+    weight give the contiguous results."""
+    x, w, b = torch.randn(30, 16), torch.randn(16, 8, 3, 3), torch.randn(16)
+    tx, tw = x.t().contiguous().t(), w.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    ops = torch.ops.sslam
+    assert torch.equal(ops.grouped_conv_tokens(tx, tw, b, 5, 3, 2), ops.grouped_conv_tokens(x, w, b, 5, 3, 2))
+    grad = torch.randn(30, 16)
+    for got, want in zip(ops.grouped_conv_tokens_backward(grad, tx, tw, 5, 3, 2),
+                         ops.grouped_conv_tokens_backward(grad, x, w, 5, 3, 2)):
+        assert torch.equal(got, want)

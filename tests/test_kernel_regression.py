@@ -172,3 +172,18 @@ def test_cuda_kernel_matches_the_reference(monkeypatch, dtype, case):
     if srl is not None:
         torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=0)
     assert torch.equal(ours[2], ref[2])
+
+
+def test_the_ops_called_directly_accept_views(kernels_on_cpu):
+    """The registered ops (torch.ops.sslam.*) are public too: a transposed ``pred`` gives the
+    contiguous result (the kernels used to index it as contiguous: 81.3 for 64.1), and the
+    gradient op's fake returns the real op's contiguous layout (opcheck compared strides)."""
+    pred, target, masked, srl = inputs(2, 2, 5, 7, torch.float32, srl_clips=1)
+    view = pred.transpose(1, 2).contiguous().transpose(1, 2)  # same values, strides (35, 1, 5)
+    ops = torch.ops.sslam
+    assert torch.equal(ops.regression_sums(view, target, masked, 2, srl), ops.regression_sums(pred, target, masked, 2, srl))
+    scales = torch.tensor([0.7, -1.3])
+    assert torch.equal(ops.regression_sums_backward(scales, view, target, masked, 2, srl),
+                       ops.regression_sums_backward(scales, pred, target, masked, 2, srl))
+    torch.library.opcheck(ops.regression_sums_backward.default, (scales, view, target, masked, 2, srl),
+                          test_utils=("test_schema", "test_faketensor"))
