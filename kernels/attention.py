@@ -657,6 +657,9 @@ def _attention_forward_op(
     max_seqlen: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse): padded (B, L, H, Dh) inputs, or packed (T, H, Dh) with ``cu_seqlens``."""
+    if cu_seqlens is not None and not cu_seqlens.is_cuda:
+        # Traced calls reach the values here only (eager ones were checked by the caller).
+        _check_cu_seqlens_values(cu_seqlens.tolist(), q.shape[0], max_seqlen)
     return _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale)
 
 
@@ -888,7 +891,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
         cu_seqlens: (B + 1,) int32 on q's device: sequence b is rows cu[b]:cu[b + 1];
             cu[0] = 0 and cu[B] = T.
         max_seqlen: python int >= every sequence length (static: no host synchronisation).
-            On CPU tensors both are checked; on GPU they are trusted.
+            On CPU tensors both are checked (also in traced calls); on GPU they are trusted.
         scale: softmax scale, default Dh ** -0.5.
 
     Returns:

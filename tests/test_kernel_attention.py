@@ -295,6 +295,12 @@ def test_torch_compile_traces_the_custom_ops(kernels_on_cpu):
     (rdq,) = grads(ref, (q,), torch.ones_like(ref))
     assert_rel_close(out, ref, 1e-5, 1e-6, "varlen out")
     assert_rel_close(dq, rdq, 1e-5, 1e-6, "varlen dq")
+    # CPU offsets are checked in traced calls too (the op reads them): a max_seqlen below the
+    # longest sequence used to leave rows of the output unwritten.
+    too_short = torch.compile(lambda q, k, v, cu: attn.attention_varlen(q, k, v, cu, 8), backend="aot_eager",
+                              fullgraph=True)
+    with pytest.raises(ValueError, match="max_seqlen=8 is below the longest sequence, 12"):
+        too_short(q, k, v, cu)
 
 
 def test_custom_op_passes_opcheck(kernels_on_cpu):
