@@ -376,6 +376,8 @@ def check_conv_arguments(x, grid, weight, bias, groups: int) -> None:
     if weight.dim() != 4 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] % 2 == 0:
         raise ValueError(f"weight: expected (C_out, C_in / groups, k, k) with odd k, got shape "
                          f"{tuple(weight.shape)}")
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise TypeError(f"groups={groups!r}: expected a positive int")
     if groups < 1 or c % groups or weight.shape[0] % groups or weight.shape[1] * groups != c:
         raise ValueError(f"groups={groups}: weight {tuple(weight.shape)} does not fit {c} input channels")
     if bias is not None and bias.shape != (weight.shape[0],):

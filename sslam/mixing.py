@@ -157,6 +157,7 @@ def mix_spectrograms(spec: torch.Tensor, windows: MixWindows) -> torch.Tensor:
 
 def window_patch_rows(windows: MixWindows, patch: int = PATCH) -> tuple[tuple[int, int], ...]:
     """The windows as half-open ranges of patch rows; they must be aligned to ``patch`` frames."""
+    _check_type(windows)
     if windows.width % patch or any(s % patch for s in windows.starts):
         raise ValueError(
             f"windows {windows}: starts and width must be multiples of {patch} frames to cover "
@@ -165,7 +166,14 @@ def window_patch_rows(windows: MixWindows, patch: int = PATCH) -> tuple[tuple[in
     return tuple((start // patch, stop // patch) for start, stop in windows.ranges())
 
 
+def _check_type(windows) -> None:
+    """A tuple or None where windows belong would fail on a missing attribute, naming nothing."""
+    if not isinstance(windows, MixWindows):
+        raise TypeError(f"windows: expected a MixWindows (two starts and a width, in frames), got {windows!r}")
+
+
 def _check_windows_fit(windows: MixWindows, length: int, unit: str) -> None:
+    _check_type(windows)
     if windows.end > length:
         raise ValueError(
             f"windows {windows}: the second window ends at {windows.end}, past the {length} "

@@ -459,3 +459,19 @@ def test_decoder_bad_arguments_are_named(dec_kernels):
     # No channels: refused alike on both paths (the kernel's reshape could not infer the rows).
     with pytest.raises(ValueError, match="C >= 1"):
         dec.decoder_norm_act(torch.randn(3, 0))
+
+
+def test_arguments_of_the_wrong_type_are_named():
+    """A tuple or None for the windows, a float for groups: TypeErrors naming them (they used to
+    be an AttributeError on a missing ``.width`` / ``.end`` and a reshape error)."""
+    from sslam.kernels import grouped_conv as gc
+
+    for windows in ((0, 16), None):
+        with pytest.raises(TypeError, match=r"windows: expected a MixWindows .*got"):
+            mx.mix_spectrograms(torch.randn(2, 1, 32, 4), windows)
+        with pytest.raises(TypeError, match=r"windows: expected a MixWindows"):
+            mx.mix_spectrograms(torch.randn(2, 16, 256), windows, freq_patches=8)
+        with pytest.raises(TypeError, match=r"windows: expected a MixWindows"):
+            fp.fbank_patch(torch.randn(2, 1000), target_length=32, mix=windows or (0, 16))
+    with pytest.raises(TypeError, match=r"groups=2.0: expected a positive int"):
+        gc.grouped_conv_tokens(torch.randn(1, 6, 4), (2, 3), torch.randn(4, 2, 3, 3), None, groups=2.0)
