@@ -188,7 +188,7 @@ def safe_torch_load(path: str | os.PathLike):
                 "the file was probably cut short while being copied or written"
             )
         if is_zip:
-            _check_crcs(path)
+            _check_archive(path)
             names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
             refused = [name for name in names if not _is_inert(name)]
         else:
@@ -215,13 +215,93 @@ def _starts_like_a_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _check_crcs(path: Path) -> None:
-    """Refuse an archive whose records fail their CRC: loading with ``mmap`` reads the tensor
-    records without checking them, so flipped bits would load as wrong weights."""
+def _check_archive(path: Path) -> None:
+    """Refuse an archive whose records fail their CRC or are not as long as the storages they
+    back: loading with ``mmap`` checks neither, so flipped bits would load as wrong weights and
+    a short record would lend its tensor the bytes of the records after it."""
     with zipfile.ZipFile(path) as archive:
         bad = archive.testzip()
-    if bad is not None:
-        raise CheckpointError(f"{path}: damaged archive: record {bad!r} fails its CRC check")
+        if bad is not None:
+            raise CheckpointError(f"{path}: damaged archive: record {bad!r} fails its CRC check")
+        pickles = [name for name in archive.namelist() if name.rsplit("/", 1)[-1] == "data.pkl"]
+        if len(pickles) != 1:
+            return  # not a torch.save archive: torch.load says what is wrong
+        prefix = pickles[0][: -len("data.pkl")]
+        records = {info.filename: info.file_size for info in archive.infolist()}
+        for key, nbytes in _declared_storages(archive.read(pickles[0])).items():
+            size = records.get(f"{prefix}data/{key}")
+            if size is not None and size != nbytes:  # a missing record: torch.load names it
+                raise CheckpointError(f"{path}: damaged archive: storage record {key!r} holds {size} bytes, "
+                                      f"its tensors need {nbytes}")
+
+
+_SCALAR_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BINUNICODE8", "BININT", "BININT1", "BININT2",
+                   "INT", "LONG", "LONG1", "LONG4", "GLOBAL"}
+
+
+def _declared_storages(pickled: bytes) -> dict[str, int]:
+    """Storage key -> bytes, as a torch.save pickle declares them in its persistent ids
+    (``('storage', torch.<T>Storage, key, location, numel)``). The opcodes are followed on a
+    model of the unpickler's stack (strings, ints, globals, memo and tuples; anything else is an
+    opaque value), so nothing in the file is called or imported."""
+    mark, opaque = object(), object()
+    stack: list = []
+    memo: dict = {}
+    declared: dict[str, int] = {}
+    for op, arg, _ in pickletools.genops(pickled):
+        if pickletools.markobject in op.stack_before:
+            # [below..., MARK, items...]: the items down to the last MARK, then what lies below
+            below = op.stack_before.index(pickletools.markobject)
+            at = next((i for i in range(len(stack) - 1, -1, -1) if stack[i] is mark), len(stack))
+            items = stack[at + 1 :]
+            del stack[max(0, at - below) :]
+        else:
+            count = len(op.stack_before)
+            items = stack[len(stack) - count :] if count else []
+            del stack[len(stack) - count :]
+        if op.name in _SCALAR_OPS:
+            stack.append(arg)
+        elif op.name == "STACK_GLOBAL":
+            stack.append(" ".join(items) if all(isinstance(v, str) for v in items) else opaque)
+        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[arg] = stack[-1] if stack else opaque
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = stack[-1] if stack else opaque
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+            stack.append(memo.get(arg, opaque))
+        elif op.name == "MARK":
+            stack.append(mark)
+        elif op.name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+            stack.append(tuple(items))
+        elif op.name == "BINPERSID":
+            _note_storage(items[0] if items else None, declared)
+            stack.append(opaque)
+        else:
+            stack.extend([opaque] * len(op.stack_after))
+    return declared
+
+
+def _note_storage(pid, declared: dict[str, int]) -> None:
+    """Record a persistent id's storage bytes: numel elements of the storage class's dtype
+    (other storages, quantized ones, are left to torch.load's own checks)."""
+    if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[2], str):
+        dtype, numel = _STORAGE_DTYPES.get(pid[1]), pid[4]
+        if dtype is not None and isinstance(numel, int):
+            declared[pid[2]] = numel * dtype.itemsize
+
+
+# The storage classes torch.save names in its persistent ids (as GLOBAL opcodes' "module name"),
+# and their element types.
+_STORAGE_DTYPES = {
+    "torch.storage UntypedStorage": torch.uint8,  # a storage saved by itself
+} | {
+    f"torch {name}Storage": dtype for name, dtype in [
+        ("Byte", torch.uint8), ("Char", torch.int8), ("Short", torch.int16),
+        ("Int", torch.int32), ("Long", torch.int64), ("Bool", torch.bool), ("Half", torch.float16),
+        ("BFloat16", torch.bfloat16), ("Float", torch.float32), ("Double", torch.float64),
+        ("ComplexFloat", torch.complex64), ("ComplexDouble", torch.complex128),
+    ]
+}
 
 
 def _tensors_in(obj):

@@ -894,3 +894,31 @@ def test_labels_that_are_not_utf8_name_their_file(tmp_path):
     (tmp_path / "labels.txt").write_bytes(b"\xff\xfeSpeech\n")
     with pytest.raises(CheckpointError, match=r"labels.txt: cannot read labels \('utf-8' codec"):
         read_label_names(tmp_path / "labels.txt")
+
+
+def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
+    """A storage record cut short in an archive rewritten with valid CRCs: the memory-mapped
+    load read the next records' bytes into the weight (finite garbage, no error)."""
+    from sslam.checkpoint import _declared_storages
+
+    # What the pickle declares is what torch.save wrote, for every kind of storage.
+    torch.save({"half": torch.randn(3, 4).half(), "long": torch.arange(5), "shared": [torch.randn(2)] * 2,
+                "view": torch.randn(10)[2:5], "bool": torch.zeros(3, dtype=torch.bool),
+                "bf16": torch.randn(4).bfloat16(), "raw": torch.UntypedStorage(7)}, tmp_path / "kinds.pt")
+    for path in (TINY, tmp_path / "kinds.pt"):
+        with zipfile.ZipFile(path) as archive:
+            pickled = next(name for name in archive.namelist() if name.endswith("/data.pkl"))
+            prefix = pickled[: -len("data.pkl")] + "data/"
+            records = {i.filename[len(prefix):]: i.file_size for i in archive.infolist() if i.filename.startswith(prefix)}
+            assert _declared_storages(archive.read(pickled)) == records, path
+    with zipfile.ZipFile(TINY) as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    weight = load_golden("tiny_ckpt.pt")["model"]["blocks.0.mlp.fc1.weight"].numpy().tobytes()
+    cut = next(name for name, data in records.items() if "/data/" in name and data == weight)
+    with zipfile.ZipFile(tmp_path / "short.pt", "w") as archive:
+        for name, data in records.items():
+            archive.writestr(name, data[: len(data) // 2] if name == cut else data)
+    key = cut.rsplit("/", 1)[1]
+    with pytest.raises(CheckpointError, match=rf"short.pt: damaged archive: storage record '{key}' holds "
+                                              rf"{len(weight) // 2} bytes, its tensors need {len(weight)}"):
+        load_encoder(tmp_path / "short.pt")
