@@ -406,6 +406,8 @@ class Pretrainer(nn.Module):
             # (DDP stops on unused parameters) and ride along into every checkpoint.
             state = {k: v for k, v in ckpt.state.items() if k not in _HEAD_NAMES}
             ckpt = dataclasses.replace(ckpt, config=ckpt.config.replace(num_classes=0), state=state)
+        # Nor stochastic depth (SPEC 2.1), which a fine-tuned file's config keeps (0.1).
+        ckpt = dataclasses.replace(ckpt, config=ckpt.config.replace(drop_path_rate=0.0))
         student = encoder_from_checkpoint(ckpt).train()
         if ckpt.decoder:
             objective = dataclasses.replace(objective, decoder=decoder_config_of(ckpt.decoder, objective.decoder))

@@ -313,6 +313,19 @@ def test_init_size_comes_from_the_file_not_the_preset(tmp_path):
     assert all(np.isfinite(v) for v in trainer.fit().values())
 
 
+def test_init_from_a_fine_tuned_model_pretrains_without_its_drop_path(tmp_path):
+    """A fine-tuned export records drop-path 0.1; pretraining has none (SPEC 2.1), so the
+    student built from it must not drop blocks (it used to, keeping the file's rate)."""
+    from sslam.checkpoint import save_encoder
+
+    tuned = Encoder(EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=16, num_classes=3,
+                                  drop_path_rate=0.1))
+    tuned.preprocessing["target_length"] = 128
+    save_encoder(tuned, tmp_path / "tuned")
+    student = Trainer(small(tmp_path / "s2", stage=2, steps=1, run__init=str(tmp_path / "tuned")), log=quiet).model.student
+    assert student.cfg.drop_path_rate == 0 and [b.drop_path_rate for b in student.blocks] == [0.0, 0.0]
+
+
 def test_init_with_other_patches_is_refused(tmp_path):
     """The features, mask grid and mixing windows are in 16 x 16 patches: an encoder of 8 x 8
     patches would be shown half of each clip, silently."""
