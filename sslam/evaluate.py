@@ -614,7 +614,7 @@ class Finetuner:
     def fit(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.dist.rank == 0 and self.step:  # resumed: drop what was logged after its checkpoint
+        if self.dist.rank == 0:  # drop what was logged after the checkpoint resumed from (or any)
             from .train import trim_metrics
 
             trim_metrics(self.out / "metrics.jsonl", self.step)

@@ -870,6 +870,7 @@ class Trainer:
             "rng": rng_state(),
             "bad_files": self.bad_files,
             "skipped_steps": self.skipped_steps,
+            "bad_steps": self.bad_steps,  # the run of non-finite steps so far (run.max_bad_steps)
             "native_masks": native.available(),
         }
 
@@ -916,6 +917,7 @@ class Trainer:
         self.data_start = tuple(state["data_position"])
         self.bad_files = [tuple(f) for f in state.get("bad_files", [])]
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_steps = int(state.get("bad_steps", 0))
         set_rng_state(state["rng"])
         saved_native = state.get("native_masks")
         if saved_native is not None and saved_native != native.available():
@@ -941,7 +943,7 @@ class Trainer:
             (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         loader = self.data_loader()
         self._steps_at_start = self.step
-        if self.dist.main and self.resume_from is not None:
+        if self.dist.main:  # also a fresh start: a run stopped before its first checkpoint left lines
             trim_metrics(self.out / "metrics.jsonl", self.step)
         metrics_file = (self.out / "metrics.jsonl").open("a") if self.dist.main else None
         writer = self._tensorboard()

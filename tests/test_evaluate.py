@@ -326,6 +326,24 @@ def test_finetuning_resumes_exactly_with_stochastic_depth_and_logs_each_step_onc
     assert [r["loss"] for r in logged("cut")] == [r["loss"] for r in logged("whole")]
 
 
+def test_finetuning_restarted_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
+    cfg = FinetuneConfig(steps=3, warmup=0, batch_size=4, eval_every=1, ckpt_every=3, out=str(tmp_path), workers=0)
+    cut = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
+    step = cut.optimizer.step
+
+    def interrupt_at_step_3(*args, **kwargs):
+        if cut.step == 2:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    cut.optimizer.step = interrupt_at_step_3
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("change", [{"eval_every": 0}, {"ckpt_every": 0}, {"steps": 0}, {"layer_decay": -1.0},
                                     {"warmup": -5}, {"mixup_prob": 2.0}, {"mask_ratio": 2.0},
                                     {"mixup": float("nan")}, {"batch_size": 0}, {"min_lr": 1.0}])

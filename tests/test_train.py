@@ -297,6 +297,39 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, mo
     assert trainer.skipped_steps == 2
 
 
+def test_a_resumed_run_keeps_its_count_of_bad_steps(tmp_path, monkeypatch):
+    """Steps 3 and 4 non-finite with run.max_bad_steps=2: the run stops at step 4, also when
+    resumed from the checkpoint written on the skipped step 3 (its count of bad steps in a row
+    was not saved: the resumed run trained on)."""
+    def poisoned_from(trainer, bad_steps):
+        real = trainer.train_module.forward
+
+        def forward(*args, **kwargs):
+            losses = real(*args, **kwargs)
+            if trainer.step + 1 in bad_steps:
+                losses.total = losses.total * float("nan")
+            return losses
+
+        monkeypatch.setattr(trainer.train_module, "forward", forward)
+        return trainer
+
+    cfg = small(tmp_path, steps=6, run__max_bad_steps=2, run__ckpt_every=3)
+    interrupt_after(poisoned_from(Trainer(cfg, log=lambda *a: None), {3}), monkeypatch, 3)
+    resumed = poisoned_from(Trainer(cfg, log=lambda *a: None), {4})
+    assert resumed.step == 3 and resumed.bad_steps == 1
+    with pytest.raises(StopTraining, match="2 consecutive non-finite losses or gradients at step 4"):
+        resumed.fit()
+
+
+def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(tmp_path, monkeypatch):
+    cfg = small(tmp_path, steps=4, run__log_every=1, run__ckpt_every=3)
+    interrupt_after(Trainer(cfg, log=lambda *a: None), monkeypatch, 2)
+    assert not checkpoints_in(tmp_path)
+    Trainer(cfg, log=lambda *a: None).fit()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
 def test_recomputing_decoder_and_blocks_trains_as_the_plain_run(tmp_path):
     plain = Trainer(small(tmp_path / "a", steps=2), log=lambda *a: None)
     plain.fit()
