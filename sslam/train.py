@@ -38,7 +38,14 @@ from .masking import MaskConfig, clone_masks, kept_indices
 from .mixing import sample_windows
 from .model import BLOCK_CHECKPOINTING, VARIANTS, EncoderConfig
 from .precision import MATMUL_MODULES, half_weights
-from .pretrain import DecoderConfig, ObjectiveConfig, Pretrainer, ema_decay, train_flops_per_clip
+from .pretrain import (
+    DecoderConfig,
+    ObjectiveConfig,
+    Pretrainer,
+    decoder_config_of,
+    ema_decay,
+    train_flops_per_clip,
+)
 
 
 class StopTraining(RuntimeError):
@@ -300,12 +307,13 @@ def validate(cfg: TrainConfig) -> None:
         (d.synth_clips >= 1, "data.synth_clips must be >= 1"),
         (math.isfinite(d.synth_seconds) and d.synth_seconds >= 0.025,
          f"data.synth_seconds={d.synth_seconds} must be finite and at least one 25 ms frame"),
-        (r.seed >= 0 and r.threads >= 0, "run.seed and run.threads must be >= 0"),
+        (0 <= r.seed < 2**63 and r.threads >= 0, "run.seed must lie in [0, 2**63) and run.threads be >= 0"),
         (bool(r.out.strip()), "run.out must name a folder (checkpoints would land in the current one)"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    _check_architecture(cfg)
     try:
         norm_stats(d.norm)
     except (TypeError, ValueError) as exc:
@@ -325,14 +333,40 @@ def validate(cfg: TrainConfig) -> None:
                              f"{exc}") from None
 
 
-def given_sizes(model: ModelSection) -> dict:
-    """The encoder sizes (embed_dim, depth, num_heads) of ``model`` that were set apart from
-    its variant's preset: with ``run.init`` those are the user's, the others the preset's."""
+ENCODER_SIZES = ("embed_dim", "depth", "num_heads")
+DECODER_SIZES = ("decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers")
+
+
+def _check_architecture(cfg: TrainConfig) -> None:
+    """Sizes that do not fit together, named (they used to fail when the model was built, with
+    messages that named no option). With ``run.init`` the encoder is the file's: its sizes are
+    checked when it is read."""
+    m, ob = cfg.model, cfg.objective
+    if m.decoder_kernel % 2 == 0:
+        raise ValueError(f"model.decoder_kernel={m.decoder_kernel} must be odd (an even kernel changes the grid)")
+    if m.decoder_dim % m.decoder_groups:
+        raise ValueError(f"model.decoder_dim={m.decoder_dim} is not divisible by model.decoder_groups={m.decoder_groups}")
+    if cfg.run.init:
+        return
+    try:
+        enc = encoder_config(cfg)
+    except ValueError as exc:
+        raise ValueError(f"model.embed_dim / model.num_heads: {exc}") from None
+    if enc.embed_dim % m.decoder_groups:
+        raise ValueError(f"model.embed_dim={enc.embed_dim} is not divisible by model.decoder_groups={m.decoder_groups} "
+                         "(the decoder's first grouped conv reads the encoder's channels)")
+    if ob.top_k > enc.depth:
+        raise ValueError(f"objective.top_k={ob.top_k} exceeds the encoder depth {enc.depth} (model.depth)")
+
+
+def given_sizes(model: ModelSection, names=ENCODER_SIZES) -> dict:
+    """The sizes ``names`` of ``model`` that were set apart from its variant's preset: with
+    ``run.init`` those are the user's, the others the preset's."""
     try:
         defaults = preset(model.variant).model
     except ValueError:  # a variant without a preset (small): its sizes are 0 = the variant's
         defaults = ModelSection(variant=model.variant)
-    return {name: getattr(model, name) for name in ("embed_dim", "depth", "num_heads")
+    return {name: getattr(model, name) for name in names
             if getattr(model, name) and getattr(model, name) != getattr(defaults, name)}
 
 
@@ -645,6 +679,16 @@ class Trainer:
                 ckpt, note = init_architecture(read_checkpoint(resolve_init(cfg.run.init)), given)
             if note:
                 self.log(note)
+            if cfg.objective.top_k > ckpt.config.depth:
+                raise ValueError(f"objective.top_k={cfg.objective.top_k} exceeds the depth {ckpt.config.depth} of "
+                                 f"run.init's encoder ({ckpt.path})")
+            if ckpt.decoder:  # the file's decoder is trained on, whatever the settings say
+                file_decoder = decoder_config_of(ckpt.decoder)
+                unused = [f"model.{name}={value} (the file: {getattr(file_decoder, name.removeprefix('decoder_'))})"
+                          for name, value in given_sizes(cfg.model, DECODER_SIZES).items()
+                          if value != getattr(file_decoder, name.removeprefix("decoder_"))]
+                if unused:
+                    self.log(f"the decoder comes from {ckpt.path}; not used: {', '.join(unused)}")
             objective = dataclasses.replace(objective, top_k=cfg.objective.top_k or ckpt.config.depth)
             model = Pretrainer.from_checkpoint(ckpt, objective)
             self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "

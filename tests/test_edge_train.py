@@ -326,6 +326,18 @@ def test_init_from_a_fine_tuned_model_pretrains_without_its_drop_path(tmp_path):
     assert student.cfg.drop_path_rate == 0 and [b.drop_path_rate for b in student.blocks] == [0.0, 0.0]
 
 
+def test_init_names_the_decoder_sizes_and_top_k_it_cannot_use(tmp_path, stage1_run):
+    """The file's decoder is trained on: decoder settings that differ are logged as not used
+    (they used to be dropped silently); a top_k beyond the file's depth names the option."""
+    lines = []
+    Trainer(small(tmp_path / "a", stage=2, steps=1, run__init=str(stage1_run), model__decoder_dim=24,
+                  model__decoder_groups=2), log=lambda *a: lines.append(" ".join(map(str, a))))
+    assert any("the decoder comes from" in line and "model.decoder_dim=24 (the file: 16)" in line
+               and "model.decoder_groups=2 (the file: 4)" in line for line in lines), lines
+    with pytest.raises(ValueError, match="objective.top_k=5 exceeds the depth 2 of run.init's encoder"):
+        Trainer(small(tmp_path / "b", stage=2, steps=1, run__init=str(stage1_run), objective__top_k=5), log=quiet)
+
+
 def test_init_with_other_patches_is_refused(tmp_path):
     """The features, mask grid and mixing windows are in 16 x 16 patches: an encoder of 8 x 8
     patches would be shown half of each clip, silently."""
@@ -503,6 +515,11 @@ def test_odd_clip_lengths_through_both_objectives(tmp_path, frames):
     ("run.precision", "bf16-true", 1, "run.precision='bf16-true': one of .*bf16-pure"),
     ("run.max_bad_steps", "0", 1, "run.max_bad_steps"),
     ("data.max_bad_files", "-1", 1, "data.max_bad_files"),
+    ("model.num_heads", "3", 1, "model.embed_dim / model.num_heads: embed_dim=32 is not divisible by num_heads=3"),
+    ("model.decoder_groups", "3", 1, "model.decoder_dim=16 is not divisible by model.decoder_groups=3"),
+    ("model.decoder_kernel", "4", 1, "model.decoder_kernel=4 must be odd"),
+    ("objective.top_k", "3", 1, r"objective.top_k=3 exceeds the encoder depth 2 \(model.depth\)"),
+    ("run.seed", str(2**64), 1, r"run.seed must lie in \[0, 2\*\*63\)"),
 ])
 def test_impossible_settings_are_refused_naming_the_key(tmp_path, key, value, stage, message):
     """Regression for most rows: they used to pass validation and then fail deep in the run
