@@ -188,9 +188,11 @@ def safe_torch_load(path: str | os.PathLike):
                 "the file was probably cut short while being copied or written"
             )
         if is_zip:
-            _check_archive(path)
+            _check_crcs(path)
             names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
             refused = [name for name in names if not _is_inert(name)]
+            if not refused:
+                _check_record_sizes(path)
         else:
             # The weights_only unpickler itself refuses unknown globals of legacy files.
             names, refused = {n for n in _legacy_globals(path) if _is_inert(n)}, []
@@ -215,18 +217,28 @@ def _starts_like_a_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _check_archive(path: Path) -> None:
-    """Refuse an archive whose records fail their CRC or are not as long as the storages they
-    back: loading with ``mmap`` checks neither, so flipped bits would load as wrong weights and
-    a short record would lend its tensor the bytes of the records after it."""
+def _check_crcs(path: Path) -> None:
+    """Refuse an archive whose records fail their CRC: loading with ``mmap`` reads the tensor
+    records without checking them, so flipped bits would load as wrong weights."""
     with zipfile.ZipFile(path) as archive:
         bad = archive.testzip()
-        if bad is not None:
-            raise CheckpointError(f"{path}: damaged archive: record {bad!r} fails its CRC check")
-        pickles = [name for name in archive.namelist() if name.rsplit("/", 1)[-1] == "data.pkl"]
-        if len(pickles) != 1:
-            return  # not a torch.save archive: torch.load says what is wrong
-        prefix = pickles[0][: -len("data.pkl")]
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged archive: record {bad!r} fails its CRC check")
+
+
+# A torch.save pickle holds the structure, not the tensors: a few MB for the largest checkpoints.
+_MAX_PICKLE_BYTES = 256 << 20
+
+
+def _check_record_sizes(path: Path) -> None:
+    """Refuse an archive whose storage records are not as long as the storages they back:
+    loading with ``mmap`` does not check, and a short record would lend its tensor the bytes of
+    the records after it."""
+    with zipfile.ZipFile(path) as archive:
+        pickles = [info for info in archive.infolist() if info.filename.rsplit("/", 1)[-1] == "data.pkl"]
+        if len(pickles) != 1 or pickles[0].file_size > _MAX_PICKLE_BYTES:
+            return  # not a torch.save archive (torch.load says what is wrong), or absurd
+        prefix = pickles[0].filename[: -len("data.pkl")]
         records = {info.filename: info.file_size for info in archive.infolist()}
         for key, nbytes in _declared_storages(archive.read(pickles[0])).items():
             size = records.get(f"{prefix}data/{key}")
@@ -235,59 +247,71 @@ def _check_archive(path: Path) -> None:
                                       f"its tensors need {nbytes}")
 
 
-_SCALAR_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BINUNICODE8", "BININT", "BININT1", "BININT2",
-                   "INT", "LONG", "LONG1", "LONG4", "GLOBAL"}
+_SCALAR_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1",
+               "GLOBAL"}
 
 
 def _declared_storages(pickled: bytes) -> dict[str, int]:
-    """Storage key -> bytes, as a torch.save pickle declares them in its persistent ids
-    (``('storage', torch.<T>Storage, key, location, numel)``). The opcodes are followed on a
-    model of the unpickler's stack (strings, ints, globals, memo and tuples; anything else is an
-    opaque value), so nothing in the file is called or imported."""
-    mark, opaque = object(), object()
+    """Storage key -> bytes, as a torch.save pickle (protocol 2) declares them in its persistent
+    ids ``('storage', torch.<T>Storage, key, location, numel)``. The opcodes are followed on a
+    model of the unpickler's stack that holds only strings, ints and flat tuples of them (any
+    other value is opaque), so nothing in the file is called, imported or built, and the work
+    is linear in its length. A stream this model cannot follow declares nothing: torch.load
+    then refuses it."""
+    opaque = object()
     stack: list = []
+    marks: list[int] = []  # stack heights at the MARKs still open
     memo: dict = {}
     declared: dict[str, int] = {}
-    for op, arg, _ in pickletools.genops(pickled):
-        if pickletools.markobject in op.stack_before:
-            # [below..., MARK, items...]: the items down to the last MARK, then what lies below
-            below = op.stack_before.index(pickletools.markobject)
-            at = next((i for i in range(len(stack) - 1, -1, -1) if stack[i] is mark), len(stack))
-            items = stack[at + 1 :]
-            del stack[max(0, at - below) :]
-        else:
-            count = len(op.stack_before)
-            items = stack[len(stack) - count :] if count else []
-            del stack[len(stack) - count :]
-        if op.name in _SCALAR_OPS:
-            stack.append(arg)
-        elif op.name == "STACK_GLOBAL":
-            stack.append(" ".join(items) if all(isinstance(v, str) for v in items) else opaque)
-        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
-            memo[arg] = stack[-1] if stack else opaque
-        elif op.name == "MEMOIZE":
-            memo[len(memo)] = stack[-1] if stack else opaque
-        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
-            stack.append(memo.get(arg, opaque))
-        elif op.name == "MARK":
-            stack.append(mark)
-        elif op.name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
-            stack.append(tuple(items))
-        elif op.name == "BINPERSID":
-            _note_storage(items[0] if items else None, declared)
-            stack.append(opaque)
-        else:
-            stack.extend([opaque] * len(op.stack_after))
+    try:
+        for op, arg, _ in pickletools.genops(pickled):
+            name = op.name
+            if name == "PROTO" and arg > 2:
+                return {}
+            if name in ("BINPUT", "LONG_BINPUT", "PUT"):  # memoise the top, the stack unchanged
+                memo[arg] = stack[-1] if stack else opaque
+                continue
+            if pickletools.markobject in op.stack_before:  # the items down to the last MARK
+                if not marks:
+                    return {}
+                height = marks.pop()
+                items = stack[height:]
+                del stack[max(0, height - op.stack_before.index(pickletools.markobject)) :]
+            else:
+                count = len(op.stack_before)
+                if count > len(stack):
+                    return {}
+                items = stack[len(stack) - count :] if count else []
+                del stack[len(stack) - count :]
+            while marks and marks[-1] > len(stack):
+                marks.pop()
+            if name == "MARK":
+                marks.append(len(stack))
+            elif name in _SCALAR_OPS:
+                stack.append(arg)
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                stack.append(memo.get(arg, opaque))
+            elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
+                flat = all(type(v) in (str, int) for v in items)
+                stack.append(tuple(items) if flat else opaque)
+            elif name == "BINPERSID":
+                _note_storage(items[0], declared)
+                stack.append(opaque)
+            else:
+                stack.extend([opaque] * len(op.stack_after))
+    except ValueError:  # a stream pickletools cannot decode: torch.load refuses it
+        return {}
     return declared
 
 
 def _note_storage(pid, declared: dict[str, int]) -> None:
     """Record a persistent id's storage bytes: numel elements of the storage class's dtype
     (other storages, quantized ones, are left to torch.load's own checks)."""
-    if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[2], str):
-        dtype, numel = _STORAGE_DTYPES.get(pid[1]), pid[4]
-        if dtype is not None and isinstance(numel, int):
-            declared[pid[2]] = numel * dtype.itemsize
+    if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+        _, kind, key, _, numel = pid  # flat: strings and ints only
+        dtype = _STORAGE_DTYPES.get(kind) if isinstance(kind, str) else None
+        if dtype is not None and isinstance(key, str) and isinstance(numel, int):
+            declared[key] = numel * dtype.itemsize
 
 
 # The storage classes torch.save names in its persistent ids (as GLOBAL opcodes' "module name"),

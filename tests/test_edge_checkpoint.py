@@ -922,3 +922,23 @@ def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"short.pt: damaged archive: storage record '{key}' holds "
                                               rf"{len(weight) // 2} bytes, its tensors need {len(weight)}"):
         load_encoder(tmp_path / "short.pt")
+
+
+@pytest.mark.parametrize("body", [
+    # a persistent id whose storage class is a tuple nested 10**6 deep: hashing it overflowed the C stack
+    b"\x80\x02(X\x07\x00\x00\x00storage)" + b"\x85" * 1_000_000
+    + b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ.",
+    b"\x80\x02" + b"N" * 30_000 + b"t" * 30_000 + b".",  # TUPLE without MARK: quadratic in the scan
+    b"\x80\x02" + b"(" * 30_000 + b"N" * 30_000 + b"e" * 30_000 + b".",  # unbalanced MARKs
+], ids=["deep", "unmarked", "marks"])
+def test_crafted_pickles_are_refused_quickly(tmp_path, body):
+    """data.pkl records built to crash, stall or exhaust the record-size scan are refused as
+    unreadable (the scan is linear in the record and builds only flat tuples)."""
+    torch.save({"x": torch.zeros(1)}, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "plain.pt") as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(tmp_path / "crafted.pt", "w") as archive:
+        for name, data in records.items():
+            archive.writestr(name, body if name.endswith("/data.pkl") else data)
+    with pytest.raises(CheckpointError, match="crafted.pt: not a readable PyTorch checkpoint"):
+        safe_torch_load(tmp_path / "crafted.pt")
