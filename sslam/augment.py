@@ -1,7 +1,8 @@
 """Fine-tuning augmentations of the official recipe (SPEC 6.1), each drawing from an explicit
 ``numpy.random.Generator`` (it samples Beta distributions, which torch Generators do not).
 
-Order in a training step: waveform roll (+ gain) -> features -> mixup -> SpecAugment.
+Order in a training step: waveform roll (+ gain) -> crop to the window -> features -> mixup ->
+SpecAugment.
 """
 
 from __future__ import annotations
@@ -10,15 +11,20 @@ import numpy as np
 import torch
 
 
-def roll_waveforms(waves: torch.Tensor, lengths: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Roll each clip's own samples by a uniform offset in [0, length) and scale it by a gain
-    drawn from Beta(10, 10) + 0.5. waves (B, N) zero-padded, lengths (B,)."""
-    out = torch.zeros_like(waves)
-    for i, n in enumerate(lengths.tolist()):
+def roll_crop(clips, rng: np.random.Generator, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Roll each whole clip by a uniform offset in [0, length), scale it by a gain drawn from
+    Beta(10, 10) + 0.5, and keep its first ``window`` samples: ``torch.roll(clip, shift)[:window]
+    * gain``, computed for those samples only, so a long clip costs no more than the window.
+    clips: B 1-D tensors -> waves (B, min(window, longest)) zero-padded, lengths (B,)."""
+    lengths = torch.tensor([min(clip.numel(), window) for clip in clips])
+    out = torch.zeros(len(clips), int(lengths.max()))
+    for i, clip in enumerate(clips):
+        n = clip.numel()
         shift = int(rng.integers(0, max(1, n)))
         gain = float(rng.beta(10.0, 10.0)) + 0.5
-        out[i, :n] = torch.roll(waves[i, :n], shift) * gain
-    return out
+        kept = (torch.arange(int(lengths[i])) - shift) % max(1, n)  # torch.roll: out[j] = x[j - shift]
+        out[i, : kept.numel()] = clip[kept] * gain
+    return out, lengths
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, alpha: float = 0.8,

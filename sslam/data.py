@@ -155,12 +155,18 @@ class Batch:
         return self
 
 
-def collate(items) -> Batch:
-    waves, indices, failures = zip(*items)
+def pad_clips(waves) -> tuple[torch.Tensor, torch.Tensor]:
+    """B 1-D clips -> (B, longest) zero-padded, lengths (B,)."""
     lengths = torch.tensor([w.numel() for w in waves])
     batch = torch.zeros(len(waves), int(lengths.max()))
     for i, w in enumerate(waves):
         batch[i, : w.numel()] = w
+    return batch, lengths
+
+
+def collate(items) -> Batch:
+    waves, indices, failures = zip(*items)
+    batch, lengths = pad_clips(waves)
     return Batch(batch, lengths, torch.tensor(indices), [f for fs in failures for f in fs])
 
 

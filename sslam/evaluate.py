@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import mixup, roll_waveforms, spec_augment
+from .augment import mixup, roll_crop, spec_augment
 from .checkpoint import CheckpointError, atomic_write, load_encoder, safe_torch_load
-from .data import samples_for_frames
+from .data import pad_clips, samples_for_frames
 from .features import norm_stats, preprocess
 from .labels import LabeledSplit, SplitAudio, read_split
 from .metrics import accuracy, mean_average_precision
@@ -101,11 +101,11 @@ def _train_samples(encoder: Encoder, cfg) -> int | None:
 
 
 def _loader(split: LabeledSplit, batch_size: int, max_samples: int | None, workers: int, shuffle: bool = False,
-            generator: torch.Generator | None = None):
+            generator: torch.Generator | None = None, collate_fn=None):
     from torch.utils.data import DataLoader
 
     return DataLoader(SplitAudio(split, max_samples), batch_size=batch_size, shuffle=shuffle,
-                      generator=generator, num_workers=workers, collate_fn=_collate)
+                      generator=generator, num_workers=workers, collate_fn=collate_fn or _collate)
 
 
 def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
@@ -132,12 +132,16 @@ def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
 
 
 def _collate(items):
+    """An evaluation batch: waves (B, N) zero-padded, lengths (B,), targets (B, C)."""
     waves, targets = zip(*items)
-    lengths = torch.tensor([w.numel() for w in waves])
-    batch = torch.zeros(len(waves), int(lengths.max()))
-    for i, w in enumerate(waves):
-        batch[i, : w.numel()] = w
-    return batch, lengths, torch.stack(targets)
+    return *pad_clips(waves), torch.stack(targets)
+
+
+def _collate_clips(items):
+    """A training batch: the clips unpadded (list of B 1-D tensors), targets (B, C). They are
+    padded after the roll has cropped them, so a long clip does not pad the whole batch."""
+    waves, targets = zip(*items)
+    return list(waves), torch.stack(targets)
 
 
 def _features(encoder: Encoder, waves, lengths) -> torch.Tensor:
@@ -218,13 +222,12 @@ def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multi
     return head.eval()
 
 
-def _augmented_spec(encoder, waves, lengths, targets, cfg, rng):
+def _augmented_spec(encoder, clips, targets, cfg, rng):
     """A training batch's augmented features and targets, in the official order: roll each whole
-    clip, crop it to the window, features, mixup, SpecAugment. waves (B, N), lengths (B,)."""
-    if cfg.roll:
-        waves = roll_waveforms(waves, lengths, rng)
-    window = _window(encoder)
-    spec = _features(encoder, waves[:, :window], lengths.clamp(max=window))
+    clip, crop it to the window, features, mixup, SpecAugment. clips: B 1-D tensors (cropped
+    to the window on load when the roll is off), targets (B, C)."""
+    waves, lengths = roll_crop(clips, rng, _window(encoder)) if cfg.roll else pad_clips(clips)
+    spec = _features(encoder, waves, lengths)
     targets = targets.to(spec.device)
     spec, targets = mixup(spec, targets, rng, cfg.mixup, cfg.mixup_prob)
     spec = spec_augment(spec, spec.shape[3] * cfg.mask_ratio, spec.shape[2] * cfg.mask_ratio, rng)
@@ -241,11 +244,11 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
     head = LinearHead(encoder.cfg.embed_dim, train.targets.shape[1]).to(device)
     opt = _head_optimizer(head, cfg)
     loader = _loader(train, cfg.batch_size, _train_samples(encoder, cfg), workers, shuffle=True,
-                     generator=torch.Generator().manual_seed(seed))
+                     generator=torch.Generator().manual_seed(seed), collate_fn=_collate_clips)
     total, step = cfg.epochs * len(loader), 0
     for _ in range(cfg.epochs):
-        for waves, lengths, targets in loader:
-            spec, targets = _augmented_spec(encoder, waves, lengths, targets, cfg, rng)
+        for clips, targets in loader:
+            spec, targets = _augmented_spec(encoder, clips, targets, cfg, rng)
             with torch.no_grad(), stochastic_depth(encoder, cfg.drop_path):  # then as it was
                 cls = encoder(spec).x[:, 0].float()
             set_lr(opt, cosine(step, total, 0, cfg.lr, cfg.min_lr))
@@ -598,7 +601,7 @@ class Finetuner:
             # shift the stochastic depth of every later step.
             seeds = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
             yield from DataLoader(Subset(audio, indices), batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
-                                  collate_fn=_collate, drop_last=True, generator=seeds)
+                                  collate_fn=_collate_clips, drop_last=True, generator=seeds)
             epoch, skip = epoch + 1, 0
 
     @torch.no_grad()
@@ -629,9 +632,9 @@ class Finetuner:
         pending: list[torch.Tensor] = []
         try:
             while self.step < cfg.steps:
-                waves, lengths, targets = next(batches)
+                clips, targets = next(batches)
                 rng = np.random.default_rng([cfg.seed, self.dist.rank, self.step])  # per step: exact resume
-                spec, targets = _augmented_spec(self.model, waves, lengths, targets, augment, rng)
+                spec, targets = _augmented_spec(self.model, clips, targets, augment, rng)
                 set_lr(self.optimizer, cosine(self.step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr))
                 with torch.autocast(spec.device.type, dtype=self.amp) if self.amp else nullcontext():
                     logits = self.module(spec)

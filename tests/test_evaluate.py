@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from sslam.augment import mixup, roll_waveforms, spec_augment
+from sslam.augment import mixup, roll_crop, spec_augment
 from sslam.evaluate import (
     FinetuneConfig,
     Finetuner,
@@ -189,25 +189,39 @@ def test_training_clips_are_rolled_whole_then_cropped(tmp_path, roll):
     enc = tiny_encoder(target_length=128)
     train, test = synth_split("mono", True, 4, seconds=3.0), synth_split("mono", False, 2, seconds=1.0)
     cfg = FinetuneConfig(steps=1, batch_size=2, roll=roll, mixup=0.0, mask_ratio=0.0, out=str(tmp_path), workers=0)
-    waves, lengths, targets = next(Finetuner(enc, train, test, cfg, log=lambda *a, **k: None)._batches())
+    clips, targets = next(Finetuner(enc, train, test, cfg, log=lambda *a, **k: None)._batches())
     window = samples_for_frames(128)
-    assert lengths.tolist() == [48000 if roll else window] * 2
+    assert [clip.numel() for clip in clips] == [48000 if roll else window] * 2
     augment = ProbeConfig(mixup=0.0, mask_ratio=0.0, roll=roll)
-    spec, _ = _augmented_spec(enc, waves, lengths, targets, augment, np.random.default_rng(5))
-    if roll:
-        waves = roll_waveforms(waves, lengths, np.random.default_rng(5))
-    expected = preprocess(waves[:, :window], 16000, 128, "audioset", lengths=lengths.clamp(max=window))
+    spec, _ = _augmented_spec(enc, clips, targets, augment, np.random.default_rng(5))
+    if roll:  # the draws of roll_crop, applied to the whole clips with torch.roll
+        rng = np.random.default_rng(5)
+        draws = [(int(rng.integers(0, clip.numel())), float(rng.beta(10.0, 10.0)) + 0.5) for clip in clips]
+        clips = [torch.roll(clip, shift) * gain for clip, (shift, gain) in zip(clips, draws)]
+    expected = preprocess(torch.stack(clips)[:, :window], 16000, 128, "audioset")
     assert torch.equal(spec, expected)
+
+
+@pytest.mark.parametrize("window", [1, 7, 10, 64])
+def test_roll_crop_is_the_whole_clip_rolled_then_cropped(window):
+    """Exactly torch.roll of the whole clip times the gain, cut to the window, for clips shorter
+    and longer than it (and an empty one); the batch is as wide as its widest kept part."""
+    clips = [torch.randn(n) for n in (10, 1, 33, 0, 5)]
+    waves, lengths = roll_crop(clips, np.random.default_rng(3), window)
+    assert lengths.tolist() == [min(c.numel(), window) for c in clips]
+    assert waves.shape == (5, int(lengths.max()))
+    rng = np.random.default_rng(3)
+    for clip, wave, n in zip(clips, waves, lengths.tolist()):
+        shift, gain = int(rng.integers(0, max(1, clip.numel()))), float(rng.beta(10.0, 10.0)) + 0.5
+        assert torch.equal(wave[:n], (torch.roll(clip, shift) * gain)[:window])
+        assert not wave[n:].any()
 
 
 def test_roll_mixup_specaugment():
     rng = np.random.default_rng(0)
-    waves = torch.zeros(2, 10)
-    waves[0, :6] = torch.arange(1.0, 7.0)
-    waves[1] = torch.arange(1.0, 11.0)
-    rolled = roll_waveforms(waves, torch.tensor([6, 10]), rng)
-    assert torch.all(rolled[0, 6:] == 0)
-    ratio = rolled[0, :6].sum() / waves[0, :6].sum()
+    rolled, lengths = roll_crop([torch.arange(1.0, 7.0), torch.arange(1.0, 11.0)], rng, window=10)
+    assert lengths.tolist() == [6, 10] and torch.all(rolled[0, 6:] == 0)
+    ratio = rolled[0, :6].sum() / 21
     assert 0.5 <= ratio <= 1.5
     assert sorted((rolled[0, :6] / ratio).round().tolist()) == [1, 2, 3, 4, 5, 6]
     x, y = torch.randn(4, 1, 8, 8), torch.eye(4)
