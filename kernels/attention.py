@@ -569,6 +569,7 @@ def _dot_precision(dtype: torch.dtype):
 def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen: int, scale: float):
     """Launch the forward. Returns (out like q but contiguous, lse fp32 in base 2)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()  # read as cu[b] at CU + b
     batch, heads, is_varlen, lse_shape, lse_strides = _geometry(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     out = _new_buffer(q.shape, q.dtype, q.device)
@@ -600,7 +601,10 @@ def _forward(q, k, v, key_padding_mask, cu_seqlens, max_seqlen: int, scale: floa
 def _backward(grad_out, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen: int,
               scale: float):
     """Launch the backward. Returns (dq, dk, dv), contiguous, in the input dtype."""
-    grad_out, q, k, v = (_last_dim_contiguous(t) for t in (grad_out, q, k, v))
+    grad_out, q, k, v, out = (_last_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    # Both are read at offsets computed from their shapes, not their strides.
+    lse = lse.contiguous()
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()
     batch, heads, is_varlen, lse_shape, lse_strides = _geometry(q, cu_seqlens, max_seqlen)
     head_dim = q.shape[-1]
     dq = _new_buffer(q.shape, q.dtype, q.device)

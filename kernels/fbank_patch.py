@@ -344,10 +344,11 @@ def _fbank_patch_op(
     norm_scale: float, mix_starts: list[int], mix_width: int, dot_precision: str,
 ) -> torch.Tensor:
     """Patches (B or 2B, target_length / 16 * 8, 256) float32; see :func:`fbank_patch`."""
-    # The kernel steps over rows by their stride but reads each row's samples contiguously.
+    # The kernel steps over rows by their stride but reads each row's samples, and the lengths,
+    # contiguously.
     if waveforms.stride(1) != 1:
         waveforms = waveforms.contiguous()
-    return _launch(waveforms.to(torch.float32), lengths.to(torch.int32), target_length, norm_mean, norm_scale,
+    return _launch(waveforms.to(torch.float32), lengths.to(torch.int32).contiguous(), target_length, norm_mean, norm_scale,
                    mix_starts, mix_width, dot_precision)
 
 

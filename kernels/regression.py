@@ -298,5 +298,6 @@ def regression_sums(
         _check("srl", srl, (srl.shape[0], n, d), pred.device)
     if not use_kernels(pred, target, masked):
         return regression_sums_ref(pred, target, masked, clones, srl)
-    sums = _sums_op(pred, target, masked, clones, srl)
+    # Contiguous here, so the tensors saved for the backward are too: one copy of a view, not two.
+    sums = _sums_op(*_rows(pred, target, masked, srl, clones))
     return sums[0], None if srl is None else sums[1]

@@ -198,6 +198,31 @@ def test_varlen_non_contiguous_cu_seqlens(attn_kernels):
     assert_all_close(ours, ref, 1e-5, 1e-6)
 
 
+@pytest.mark.parametrize("varlen", [True, False])
+def test_the_ops_called_directly_accept_views(attn_kernels, varlen):
+    """torch.ops.sslam.attention_forward / _backward with a strided cu_seqlens, a lse that is not
+    contiguous and an out with a strided last dim give what contiguous arguments give."""
+    ops, scale = torch.ops.sslam, 32 ** -0.5
+    if varlen:
+        q, k, v = (torch.randn(14, 2, 32) for _ in range(3))
+        cu = cu_of([4, 7, 3])
+        cu_view = torch.stack([cu, torch.zeros_like(cu)], 1)[:, 0]
+        assert not cu_view.is_contiguous()
+    else:
+        q, k, v = (torch.randn(2, 9, 2, 32) for _ in range(3))
+        cu = cu_view = None
+    out, lse = ops.attention_forward(q, k, v, None, cu, 9, scale)
+    out_view, lse_view = ops.attention_forward(q, k, v, None, cu_view, 9, scale)
+    assert torch.equal(out_view, out) and torch.equal(lse_view, lse)
+    grad_out = torch.randn_like(out)
+    want = ops.attention_backward(grad_out, q, k, v, out, lse, None, cu, 9, scale)
+    lse_view = lse.mT.contiguous().mT  # same values, other strides
+    out_view = torch.stack([out, out], -1)[..., 0]
+    assert not lse_view.is_contiguous() and out_view.stride(-1) != 1
+    got = ops.attention_backward(grad_out, q, k, v, out_view, lse_view, None, cu_view, 9, scale)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 # ----------------------------------------------------------------------------------------------
 # fbank_patch
 # ----------------------------------------------------------------------------------------------

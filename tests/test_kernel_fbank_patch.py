@@ -300,3 +300,6 @@ def test_the_op_called_directly_accepts_views_and_int64_lengths(kernels_on_cpu):
     args = (32, -4.268, 9.138, [], 0, "ieee")
     want = torch.ops.sslam.fbank_patch(waves, lengths.to(torch.int32), *args)
     assert torch.equal(torch.ops.sslam.fbank_patch(waves.t().contiguous().t(), lengths, *args), want)
+    strided = torch.stack([lengths, torch.zeros_like(lengths)], 1).to(torch.int32)[:, 0]  # every other entry
+    assert not strided.is_contiguous()
+    assert torch.equal(torch.ops.sslam.fbank_patch(waves, strided, *args), want)
