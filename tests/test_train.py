@@ -200,11 +200,14 @@ def test_accumulation_equals_two_processes(tmp_path, monkeypatch, parallel, bloc
     script = tmp_path / "ddp.py"
     count_reduce_scatters = (  # a line per call in a file per rank (the run leaves by os._exit)
         "import os, torch.distributed as dist\n"
-        "reduce_scatter = dist.reduce_scatter_single\n"
-        "def counted(*a, **k):\n"
-        f"    with open({str(tmp_path)!r} + '/rs' + os.environ['RANK'], 'a') as f: f.write('1\\n')\n"
-        "    return reduce_scatter(*a, **k)\n"
-        "dist.reduce_scatter_single = counted\n"
+        "def counting(reduce_scatter):\n"
+        "    def counted(*a, **k):\n"
+        f"        with open({str(tmp_path)!r} + '/rs' + os.environ['RANK'], 'a') as f: f.write('1\\n')\n"
+        "        return reduce_scatter(*a, **k)\n"
+        "    return counted\n"
+        "for name in ('reduce_scatter_single', 'reduce_scatter_tensor'):  # FSDP2 calls one, by version\n"
+        "    if hasattr(dist, name):\n"
+        "        setattr(dist, name, counting(getattr(dist, name)))\n"
     )
     script.write_text(count_reduce_scatters + pretrain_script(
         small(tmp_path / "two", steps=3, optim__accum_steps=accum, run__parallel=parallel,
