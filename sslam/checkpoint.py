@@ -1068,8 +1068,15 @@ def load_encoder(path, device="cpu", weights: str = "student", dtype: torch.dtyp
 
 
 def load_weights_into(model: Encoder, path, weights: str = "student") -> Encoder:
-    """Load a checkpoint's encoder weights (strict keys and shapes), preprocessing and label
-    names into an existing ``model``, as :func:`load_encoder` would give them."""
+    """Load a checkpoint's encoder weights into an existing ``model`` (strict keys and shapes),
+    as ``load_state_dict`` does: the model's ``preprocessing`` and ``label_names`` stay as they
+    are. (``create_model(cfg, checkpoint=path)`` and :func:`load_encoder` take the file's.)"""
+    _load_weights(model, path, weights)
+    return model
+
+
+def _load_weights(model: Encoder, path, weights: str) -> Checkpoint:
+    """Load the weights into ``model``; the checkpoint they came from."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
     with warnings.catch_warnings():  # the model's own config gives the heads: no guess needed
@@ -1077,7 +1084,13 @@ def load_weights_into(model: Encoder, path, weights: str = "student") -> Encoder
         ckpt = _read(Path(path), weights)
     _check_shape_blind_fields(model.cfg, ckpt)
     model.load_state_dict(check_state(model, _fit_positions(model, ckpt.state), path), strict=True)
-    return _with_metadata(model, ckpt)
+    return ckpt
+
+
+def _load_with_metadata(model: Encoder, path) -> Encoder:
+    """``model`` with the checkpoint's student weights, preprocessing and label names, as
+    :func:`load_encoder` gives them (for ``create_model(cfg, checkpoint=path)``)."""
+    return _with_metadata(model, _load_weights(model, path, "student"))
 
 
 def _check_shape_blind_fields(config: EncoderConfig, ckpt: Checkpoint) -> None:

@@ -701,7 +701,7 @@ def create_model(
     cfg = cfg.replace(**overrides) if overrides else cfg
     model = Encoder(cfg)
     if checkpoint is not None:
-        from .checkpoint import load_weights_into
+        from .checkpoint import _load_with_metadata
 
-        load_weights_into(model, checkpoint)
+        _load_with_metadata(model, checkpoint)
     return model

@@ -32,6 +32,7 @@ from sslam.checkpoint import (
     convert,
     describe,
     load_encoder,
+    load_weights_into,
     read_checkpoint,
     safe_torch_load,
     save_encoder,
@@ -627,6 +628,12 @@ def test_fine_tuned_recipe_preprocessing_and_unknown_keys(tmp_path):
     named.label_names = [f"class {i}" for i in range(50)]
     save_encoder(named, tmp_path / "named")
     assert create_model(source.cfg, checkpoint=tmp_path / "named").label_names == named.label_names
+    # Loading weights into a model of one's own keeps its metadata, as load_state_dict does.
+    own = create_model(source.cfg)
+    own.preprocessing, own.label_names = {"sample_rate": 16000, "target_length": 1024, "norm": "audioset"}, ["a"] * 50
+    assert load_weights_into(own, tmp_path / "named") is own
+    assert own.preprocessing["target_length"] == 1024 and own.label_names == ["a"] * 50
+    assert torch.equal(own.patch_embed.weight, named.patch_embed.weight)
     ckpt = fairseq_finetuned(source)
     ckpt["model"]["model.norm.weight"] = torch.ones(64)  # a final norm this encoder does not have
     torch.save(ckpt, tmp_path / "extra.pt")
