@@ -80,16 +80,20 @@ def _check_target_rate(sample_rate) -> int:
 MAX_AMPLITUDE = 1e15
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 def check_samples(name: str, samples: Tensor) -> None:
     """Raise ``AudioError`` naming ``name`` and saying how many float ``samples`` are NaN,
     infinite or beyond +-:data:`MAX_AMPLITUDE` (one min/max pass; on CUDA it waits for the GPU)."""
     if samples.numel() == 0:
         return
-    if samples.device.type == "cpu":
-        array = samples.detach().numpy()  # numpy's reductions are faster than torch's here
-        low, high = array.min(), array.max()  # NaN if any sample is NaN: the test below fails
-    else:
-        low, high = (float(v) for v in torch.aminmax(samples.detach()))
+    x = samples.detach()
+    if x.device.type == "cpu" and x.dtype in _NUMPY_FLOATS:
+        array = x.numpy()  # numpy's reductions are faster than torch's here
+        low, high = float(array.min()), float(array.max())  # NaN if any is: the test below fails
+    else:  # bfloat16 (numpy has none), or a device: one read of both
+        low, high = torch.stack(torch.aminmax(x)).tolist()
     if -MAX_AMPLITUDE <= low and high <= MAX_AMPLITUDE:
         return
     nan = int(torch.isnan(samples).sum())

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import os
 import struct
+import warnings
 
 import numpy as np
 import pytest
 import soundfile
 import torch
 
-from sslam.audio import SUPPORTED_RATES, AudioError, check_waveform, load_audio, to_mono
+from sslam.audio import (
+    SUPPORTED_RATES,
+    AudioError,
+    check_samples,
+    check_waveform,
+    load_audio,
+    to_mono,
+)
 from sslam.features import preprocess
 from sslam.resampler import resample
 
@@ -207,6 +215,21 @@ def test_samples_that_would_overflow_the_features_are_refused(tmp_path):
     data[10, 0], data[20, 0] = 1e15, -1e15
     wave, _ = load_audio(write(tmp_path / "loud_enough.wav", data, subtype="FLOAT"))
     assert torch.isfinite(preprocess(wave, 16000)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad, kind", [(float("nan"), "1 NaN"), (-float("inf"), "1 Inf"), (3e20, "1 beyond")])
+def test_check_samples_in_every_float_dtype(dtype, bad, kind):
+    """bfloat16 samples (numpy has no such dtype) are checked too, and half precision compares
+    with the limit without overflow warnings (3e20 is inf in float16)."""
+    clip = torch.randn(1000, dtype=torch.float64)
+    check_samples("clip", clip.to(dtype))
+    clip[500] = bad
+    kind = "1 Inf" if dtype == torch.float16 and bad == 3e20 else kind
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(AudioError, match=f"clip: 1 of 1000 samples .*{kind}"):
+            check_samples("clip", clip.to(dtype))
 
 
 @pytest.mark.parametrize("rate", [500, 400_000])
