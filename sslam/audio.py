@@ -200,8 +200,11 @@ def _check_regular_file(name: str) -> None:
         raise _fail(name, "is a directory, not an audio file")
     if not stat.S_ISREG(mode):
         raise _fail(name, "is not a regular file (a pipe, socket or device); read audio from a file")
-    if not os.access(name, os.R_OK):  # libsndfile would only say "System error."
-        raise _fail(name, "cannot open (permission denied)")
+    try:  # libsndfile would only say "System error." (os.access asks for the real, not the effective, user)
+        with open(name, "rb"):
+            pass
+    except PermissionError:
+        raise _fail(name, "cannot open (permission denied)") from None
 
 
 def load_audio(

@@ -208,6 +208,8 @@ def test_unreadable_file(tmp_path):
     code = f"from sslam.audio import load_audio\ntry:\n    load_audio({str(path)!r})\nexcept Exception as e:\n    print(e)"
     result = subprocess.run(["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", sys.executable, "-c", code],
                             capture_output=True, text=True, timeout=120)
+    if result.returncode != 0 and result.stderr.startswith("setpriv"):
+        pytest.skip(f"setpriv cannot drop the capabilities here: {result.stderr.strip()}")
     assert "secret.wav: cannot open (permission denied)" in result.stdout, result.stdout + result.stderr
 
 
