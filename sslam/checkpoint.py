@@ -920,8 +920,8 @@ def _read_folder(path: Path, weights: str) -> Checkpoint:
 def _read(path: Path, weights: str) -> Checkpoint:
     try:
         return _read_layout(path, weights)
-    except RecursionError:  # a config (pickled or JSON) nested thousands of levels deep
-        raise CheckpointError(f"{path}: its config is nested too deeply to read (a damaged or crafted file)") from None
+    except RecursionError:  # containers (a pickled or JSON config, say) nested thousands of levels deep
+        raise CheckpointError(f"{path}: nested too deeply to read (a damaged or crafted file)") from None
 
 
 def _read_layout(path: Path, weights: str) -> Checkpoint:
