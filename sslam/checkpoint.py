@@ -1121,7 +1121,8 @@ def _creation_mode(mode: int) -> int:
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
     The file gets the permissions a plain ``open(path, 'w')`` would give it (the temporary
-    file starts private, and some writers, such as safetensors, create files 0600)."""
+    file starts private, and some writers, such as safetensors, create files 0600). A failed
+    write (a full disk, say) is an ``OSError`` naming ``path``; what was there is kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -1132,6 +1133,11 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(f"{path}: could not write it ({_reason(exc)}; {free / 2**20:.0f} MiB free on its "
+                      "disk); an earlier file of that name is kept") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

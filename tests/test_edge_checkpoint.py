@@ -811,6 +811,37 @@ def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
+class _FullDisk(io.RawIOBase):
+    """A file that takes ``room`` bytes, then fails as a full disk does."""
+
+    def __init__(self, path, room: int):
+        self.file, self.room = open(path, "wb"), room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(28, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def close(self):
+        self.file.close()
+        super().close()
+
+
+def test_a_full_disk_while_saving_is_one_error_naming_the_file(tmp_path):
+    """torch.save on a full disk raised a RuntimeError about 'inline_container.cc' positions,
+    and a run ended in its traceback: now an OSError (the CLI's one-line error) names the file
+    and the free space; the checkpoint written before is intact and no temporary file is left."""
+    atomic_write(tmp_path / "state.pt", lambda tmp: torch.save({"a": torch.ones(4)}, tmp))
+    with pytest.raises(OSError, match=r"state.pt: could not write it \(.*MiB free on its disk\); an earlier"):
+        atomic_write(tmp_path / "state.pt", lambda tmp: torch.save({"a": torch.zeros(10_000)}, _FullDisk(tmp, 1000)))
+    assert torch.equal(safe_torch_load(tmp_path / "state.pt")["a"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
 def _tiny_state_file(tmp_path, **replace) -> Path:
     state = {**Encoder(VARIANTS["tiny"]).state_dict(), **replace}
     path = tmp_path / "state.pt"
