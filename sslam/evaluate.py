@@ -82,8 +82,10 @@ def score(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, metric:
 
 
 def cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """fairseq's ``cosine``: linear warm-up from ``min_lr`` (its ``warmup_init_lr`` default) to
+    ``lr``, then one cosine half-period down to ``min_lr`` at ``total``."""
     if step < warmup:
-        return lr * step / max(1, warmup)
+        return min_lr + (lr - min_lr) * step / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 

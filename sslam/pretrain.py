@@ -314,7 +314,7 @@ class ObjectiveConfig:
     """Loss and target settings (SPEC 4.2, 4.4, 5.4-5.5). ``stage`` 1 = EAT, 2 = SSLAM."""
 
     stage: int = 1
-    clones: int = 16  # 16 in stage 1, 8 in stage 2
+    clones: int | None = None  # None: the stage's, 16 in stage 1 and 8 in stage 2 (SPEC 3)
     top_k: int = 12  # average_top_k_layers
     cls_loss: float = 1.0
     srl_weight: float = 2.0  # the x2 token-count rescaling of the SRL term
@@ -327,6 +327,8 @@ class ObjectiveConfig:
         # numbers.Integral / Real: numpy scalars count too; stored as Python numbers.
         if self.stage not in (1, 2) or isinstance(self.stage, bool):
             raise ValueError(f"ObjectiveConfig.stage={self.stage!r}: expected 1 (EAT) or 2 (SSLAM)")
+        if self.clones is None:
+            object.__setattr__(self, "clones", 16 if self.stage == 1 else 8)
         for name in ("stage", "clones", "top_k", "mix_width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:

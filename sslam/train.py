@@ -91,7 +91,7 @@ class DataSection:
     target_length: int = 1024
     norm: str = "audioset"
     num_workers: int = 2
-    min_samples: int = 0  # manifest entries with a smaller size column are skipped
+    min_samples: int = 10_000  # manifest entries with a smaller size column are skipped (SPEC 1.1)
     max_bad_files: int = 100  # unreadable files tolerated before the run stops
     synth_clips: int = 2000
     synth_seconds: float = 10.0
@@ -479,11 +479,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_factor(step: int, o: OptimSection) -> float:
-    """Linear warm-up from 0, then one cosine half-period to ``min_lr`` at ``max_steps``."""
-    if step < o.warmup_steps:
-        return step / max(1, o.warmup_steps)
-    progress = min(1.0, (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps))
+    """fairseq's ``cosine``, as a fraction of ``lr``: linear warm-up from ``min_lr`` (its
+    ``warmup_init_lr`` default), then one cosine half-period to ``min_lr`` at ``max_steps``."""
     floor = o.min_lr / o.lr if o.lr > 0 else 0.0
+    if step < o.warmup_steps:
+        return floor + (1 - floor) * step / max(1, o.warmup_steps)
+    progress = min(1.0, (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -694,6 +695,9 @@ class Trainer:
             self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "
                      f"from {ckpt.path} ({ckpt.format})")
         else:
+            if objective.stage == 2:
+                self.log("note: stage 2 from random weights; SSLAM continues a stage-1 (EAT) model, given "
+                         "with --init (SPEC 5.6)")
             model = Pretrainer(enc_cfg, objective)
         model.checkpoint_decoder = cfg.run.checkpoint_decoder
         model.student.set_block_checkpointing(cfg.run.checkpoint_blocks)
@@ -1181,6 +1185,9 @@ def config_from_args(args, overrides: list[str]) -> TrainConfig:
             raise ValueError(f"{item!r}: overrides are written --section.key=value")
         key, value = item[2:].split("=", 1)
         set_option(cfg, key, value)
+    if cfg.objective.stage != args.stage:  # it would keep the other stage's lr, steps and clones
+        raise ValueError(f"--objective.stage={cfg.objective.stage}: choose the stage with --stage "
+                         f"{cfg.objective.stage}, which also sets its recipe (SPEC 5.6)")
     validate(cfg)
     return cfg
 

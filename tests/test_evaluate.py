@@ -16,6 +16,7 @@ from sslam.evaluate import (
     ProbeConfig,
     apply_overrides,
     classification_loss,
+    cosine,
     extract_cls,
     layer_decay_groups,
     linear_probe,
@@ -215,6 +216,13 @@ def test_roll_crop_is_the_whole_clip_rolled_then_cropped(window):
         shift, gain = int(rng.integers(0, max(1, clip.numel()))), float(rng.beta(10.0, 10.0)) + 0.5
         assert torch.equal(wave[:n], (torch.roll(clip, shift) * gain)[:window])
         assert not wave[n:].any()
+
+
+def test_fine_tuning_schedule_is_fairseqs_cosine():
+    """Warm-up from min_lr (fairseq's warmup_init_lr default) to the peak, then cosine down to
+    min_lr: AS-20K's 5e-5 -> 1e-6 over 40,000 updates with 4,000 of warm-up (SPEC 6.2)."""
+    lr = [cosine(step, 40_000, 4_000, 5e-5, 1e-6) for step in (0, 2_000, 4_000, 22_000, 40_000, 50_000)]
+    assert lr == pytest.approx([1e-6, 2.55e-5, 5e-5, 2.55e-5, 1e-6, 1e-6])
 
 
 def test_roll_mixup_specaugment():

@@ -118,12 +118,39 @@ def test_cli_overrides_parse(tmp_path):
     assert cfg.optim.max_steps == 7 and cfg.run.seed == 3 and cfg.objective.stage == 2
     with pytest.raises(ValueError, match="--section.key=value"):
         config_from_args(args, ["--lr", "3"])
+    # The stage is chosen with --stage: an override alone kept the other stage's lr, steps, clones.
+    with pytest.raises(ValueError, match=r"--objective.stage=1: choose the stage with --stage 1"):
+        config_from_args(args, ["--objective.stage=1"])
+    assert config_from_args(args, ["--objective.stage=2"]).objective.stage == 2
+
+
+def test_stage_defaults_follow_the_spec():
+    """SPEC 3: 16 clones in stage 1, 8 in stage 2, also for the library objects; SPEC 1.1:
+    manifest entries under 10000 samples are skipped."""
+    from sslam.pretrain import ObjectiveConfig
+
+    assert ObjectiveConfig(stage=1).clones == 16 and ObjectiveConfig(stage=2).clones == 8
+    assert ObjectiveConfig(stage=2, clones=3).clones == 3
+    assert preset("base", 2).objective.clones == 8 and preset("base", 1).objective.clones == 16
+    assert TrainConfig().data.min_samples == 10_000
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_two_from_random_weights_is_noted(tmp_path, stage):
+    lines = []
+    Trainer(small(tmp_path, stage), log=lines.append)
+    assert any("stage 2 from random weights" in line for line in lines) == (stage == 2)
 
 
 def test_lr_schedule():
     o = preset("base", 2).optim
     assert lr_factor(0, o) == 0 and lr_factor(12_500, o) == pytest.approx(0.5)
     assert lr_factor(25_000, o) == pytest.approx(1.0) and lr_factor(200_000, o) == pytest.approx(0.0, abs=1e-12)
+    # With a floor, fairseq's cosine warms up from min_lr (its warmup_init_lr), not from 0.
+    o.min_lr = 1e-6
+    assert lr_factor(0, o) * o.lr == pytest.approx(1e-6) and lr_factor(25_000, o) == pytest.approx(1.0)
+    assert lr_factor(12_500, o) * o.lr == pytest.approx(1e-6 + (5e-5 - 1e-6) / 2)
+    assert lr_factor(200_000, o) * o.lr == pytest.approx(1e-6)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
