@@ -106,8 +106,10 @@ def _loader(split: LabeledSplit, batch_size: int, max_samples: int | None, worke
             generator: torch.Generator | None = None, collate_fn=None):
     from torch.utils.data import DataLoader
 
+    # A generator of its own even unshuffled: the loader draws its workers' seed from it, and
+    # from the global stream without one, which drop-path and the fine-tuning draws also use.
     return DataLoader(SplitAudio(split, max_samples), batch_size=batch_size, shuffle=shuffle,
-                      generator=generator, num_workers=workers, collate_fn=collate_fn or _collate)
+                      generator=generator or torch.Generator(), num_workers=workers, collate_fn=collate_fn or _collate)
 
 
 def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
@@ -322,7 +324,7 @@ class FinetuneConfig:
     mask_ratio: float = 0.2
     roll: bool = True
     balanced_weights: str = ""  # a file with one sampling weight per training clip
-    epoch_size: int = 0  # clips drawn per epoch with balanced sampling (0: the split's size)
+    epoch_size: int = 0  # clips drawn per epoch with balanced sampling (needed with balanced_weights)
     eval_every: int = 500
     ckpt_every: int = 500
     keep_last: int = 2
@@ -351,11 +353,14 @@ def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
         if not hasattr(cfg, name):
             continue
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-            span = f">= {low}" if high == math.inf else f"in [{low}, {high:g}]"
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or not low <= value <= high):
+            span = f"a finite number >= {low}" if high == math.inf else f"in [{low}, {high:g}]"
             raise ValueError(f"{name}={value!r}: must be {span}")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"min_lr={cfg.min_lr} must be at most lr={cfg.lr}")
+    if hasattr(cfg, "warmup") and cfg.warmup >= cfg.steps:  # the lr would never reach its peak
+        raise ValueError(f"warmup={cfg.warmup} must be below steps={cfg.steps} (SPEC 6.2 warms up for 10% of them)")
     if getattr(cfg, "layer_decay", 1) == 0:
         raise ValueError("layer_decay=0 would give every block a learning rate of 0 (1 is no decay)")
 
@@ -377,7 +382,7 @@ def layer_decay_groups(model: Encoder, cfg: FinetuneConfig) -> list[dict]:
 def read_weights(path: str, n: int) -> torch.Tensor:
     """Per-clip sampling weights: one number per line (or the last CSV column), n of them."""
     values = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -527,8 +532,12 @@ class Finetuner:
         self.amp = HALF.get(precision)  # None: fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.weights = read_weights(cfg.balanced_weights, len(train)) if cfg.balanced_weights else None
-        if cfg.epoch_size < 0:
-            raise ValueError(f"epoch_size={cfg.epoch_size}: must be >= 0 (0: as many draws as training clips)")
+        if self.weights is None and cfg.epoch_size:
+            raise ValueError(f"epoch_size={cfg.epoch_size}: used only with balanced_weights; without them an epoch "
+                             "is one pass over the training clips")
+        if self.weights is not None and not cfg.epoch_size:  # drawing all of them is no balancing
+            raise ValueError(f"balanced_weights={cfg.balanced_weights}: balanced sampling needs epoch_size, the clips "
+                             f"drawn per epoch, fewer than the {len(train)} training clips (AS-2M: 200,000 of ~2M)")
         if self.weights is not None:
             # Balanced epochs draw without replacement: torch.multinomial fails for more draws
             # than clips, and silently draws zero-weight clips once the positive ones run out.
@@ -563,19 +572,21 @@ class Finetuner:
                              + ". Run with the checkpoint's settings, or choose another out folder.")
 
     def _epoch_size(self) -> int:
-        return (self.cfg.epoch_size or len(self.train_split)) if self.weights is not None else len(self.train_split)
+        return self.cfg.epoch_size if self.weights is not None else len(self.train_split)
 
     def _steps_per_epoch(self) -> int:
         return max(1, self._epoch_size() // self.dist.world_size // self.cfg.batch_size)
 
     def _epoch_indices(self, epoch: int) -> torch.Tensor:
-        """This rank's clips of an epoch: a permutation, or a balanced draw without replacement."""
+        """This rank's clips of an epoch: a permutation, or a balanced draw without replacement,
+        cut to whole steps so that every process runs the same number of batches."""
         g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
         if self.weights is None:
             order = torch.randperm(len(self.train_split), generator=g)
         else:
             order = torch.multinomial(self.weights, self._epoch_size(), replacement=False, generator=g)
-        return order[self.dist.rank :: self.dist.world_size]
+        used = self._steps_per_epoch() * self.dist.world_size * self.cfg.batch_size
+        return order[:used][self.dist.rank :: self.dist.world_size]
 
     def _mean_label_sum(self, targets: torch.Tensor) -> torch.Tensor | None:
         """Under several processes, the mean over them of their batches' label sums: each divides

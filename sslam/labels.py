@@ -4,8 +4,9 @@
   matching ``split.lbl`` (one line per clip, same order: ``id<TAB>label,label,...``) and a
   ``label_descriptors.csv`` (``index,mid,display_name``); labels may be written as mids or as
   display names.
-* a plain CSV with a header ``path,labels`` (labels separated by ``;`` or ``,`` inside quotes;
-  relative paths are relative to the CSV's folder). The classes are the descriptors' when
+* a plain CSV with a header ``path,labels`` (labels separated by ``;`` or ``,`` inside quotes,
+  or by unquoted commas when the header has just these two columns; further named columns, an
+  ESC-50 fold say, are ignored; relative paths are relative to the CSV's folder). The classes are the descriptors' when
   given (labels then as mids or display names, commas inside a display name kept), otherwise
   the sorted set of labels of the training split.
 * the built-in benchmark: ``synth:mono`` and ``synth:poly`` (:mod:`sslam.synth`).
@@ -116,6 +117,16 @@ def _targets(label_lists: list[list[str]], lookup: dict[str, int], num_classes: 
     return targets
 
 
+def _check_unique(paths: list[Path], where: list[str]) -> None:
+    """A clip listed twice would be trained on or scored twice, perhaps with other labels."""
+    first: dict[str, str] = {}
+    for path, at in zip(paths, where):
+        key = os.path.normpath(path)
+        if key in first:
+            raise LabelError(f"{at}: {path} is listed again (first at {first[key]})")
+        first[key] = at
+
+
 def _check_files(name: str, paths: list[Path]) -> None:
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -141,11 +152,18 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
         raise LabelError(f"{lbl}: {len(label_lines)} label lines for {len(paths)} clips in {tsv}")
     classes = read_descriptors(descriptors)
     lookup = _lookup(classes)
+    stems = {p.stem for p in paths}
     label_lists, where = [], []
-    for number, line in label_lines:
+    for path, (number, line) in zip(paths, label_lines):
         parts = line.split("\t")
+        clip_id = parts[0].strip()
+        # Labels pair with clips by line; an id naming another of the clips means another order.
+        if clip_id != path.stem and clip_id in stems:
+            raise LabelError(f"{lbl}:{number}: labels of {clip_id!r} where the manifest {tsv} has {path.name}; the "
+                             ".lbl lines must follow the manifest's order")
         label_lists.append(split_labels(parts[1] if len(parts) > 1 else "", lookup))
         where.append(f"{lbl}:{number}")
+    _check_unique(paths, where)
     _check_files(str(tsv), paths)
     targets = _targets(label_lists, lookup, len(classes), where)
     return LabeledSplit(tsv.stem, paths, targets, [name for _, name in classes], bool((targets.sum(1) > 1).any()))
@@ -163,6 +181,7 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
         raise LabelError(f"{path}: cannot read ({exc})") from exc
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:
         raise LabelError(f"{path}: expected a header 'path,labels'")
+    columns = len(rows[0])
     if descriptors:
         classes = read_descriptors(descriptors)
         lookup, names = _lookup(classes), [name for _, name in classes]
@@ -173,12 +192,19 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
     for number, row in enumerate(rows[1:], start=2):
         if not row or not row[0].strip():
             continue
+        if columns > 2 and len(row) > columns:
+            raise LabelError(f"{path}:{number}: {len(row)} fields for the {columns} columns of the header; "
+                             "quote a labels field that holds commas")
         file = Path(row[0].strip())
         paths.append(file if file.is_absolute() else path.parent / file)
-        label_lists.append([label for field in row[1:] for label in split_labels(field, lookup)])
+        # With only path and labels, unquoted commas separate labels; else the other columns
+        # (a fold, a split) are not labels.
+        fields = row[1:] if columns == 2 else row[1:2]
+        label_lists.append([label for field in fields for label in split_labels(field, lookup)])
         where.append(f"{path}:{number}")
     if not paths:
         raise LabelError(f"{path}: empty split (no rows)")
+    _check_unique(paths, where)
     if names is None:
         names = sorted({label for labels in label_lists for label in labels})
         lookup = {n: i for i, n in enumerate(names)}

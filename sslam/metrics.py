@@ -49,5 +49,7 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float
 
 def accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """Top-1 accuracy; ``targets`` is (N,) class indices or (N, C) one-hot."""
+    if scores.isnan().any():  # argmax would pick the NaN: a diverged model would get a score
+        raise ValueError(f"scores contain NaN (first in row {int(scores.isnan().any(1).nonzero()[0, 0])})")
     labels = targets.argmax(1) if targets.dim() == 2 else targets
     return float((scores.argmax(1) == labels).double().mean())

@@ -23,7 +23,7 @@ from sslam import hear
 from sslam.audio import AudioError
 from sslam.checkpoint import CheckpointError, convert, load_encoder, save_encoder
 from sslam.cli import main
-from sslam.evaluate import FinetuneConfig, Finetuner
+from sslam.evaluate import FinetuneConfig, Finetuner, read_weights
 from sslam.labels import LabeledSplit, synth_split
 from sslam.model import Encoder, EncoderConfig
 
@@ -513,20 +513,27 @@ def test_regression_balanced_sampling_epoch_size_is_checked(tmp_path, splits):
 
     def finetuner(values, **changes):
         weights.write_text("\n".join(map(str, values)) + "\n")
-        cfg = FinetuneConfig(steps=1, warmup=0, batch_size=2, out=str(tmp_path / "run"), workers=0,
-                             balanced_weights=str(weights), **changes)
+        cfg = FinetuneConfig(**{"steps": 1, "warmup": 0, "batch_size": 2, "out": str(tmp_path / "run"), "workers": 0,
+                                "balanced_weights": str(weights), **changes})
         return Finetuner(tiny_encoder(), train, test, cfg, log=quiet)
 
     with pytest.raises(ValueError, match=r"epoch_size=20: balanced sampling draws clips without replacement, but "
                                          r"only 8 of the 8 training clips have a positive weight"):
         finetuner([1.0] * 8, epoch_size=20)
     with pytest.raises(ValueError, match=r"epoch_size=8: .* only 6 of the 8 .* use --epoch_size=6 or less"):
-        finetuner([1.0] * 6 + [0.0, 0.0])
+        finetuner([1.0] * 6 + [0.0, 0.0], epoch_size=8)
+    # Drawing as many clips as there are is no balancing; an epoch size without weights is unused.
+    with pytest.raises(ValueError, match=r"weights.txt: balanced sampling needs epoch_size"):
+        finetuner([1.0] * 8)
+    with pytest.raises(ValueError, match=r"epoch_size=4: used only with balanced_weights"):
+        finetuner([1.0] * 8, epoch_size=4, balanced_weights="")
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=r"sampling weights must be finite and >= 0; weight\(s\) number \[8\]"):
             finetuner([1.0] * 7 + [bad])
-    with pytest.raises(ValueError, match=r"epoch_size=-4: must be >= 0"):
+    with pytest.raises(ValueError, match=r"epoch_size=-4: must be a finite number >= 0"):
         finetuner([1.0] * 8, epoch_size=-4)
+    weights.write_text("\ufeff" + "\n".join(["1.0"] * 8))  # a byte-order mark is not part of the number
+    assert read_weights(str(weights), 8).tolist() == [1.0] * 8
     ft = finetuner([1.0] * 6 + [0.0, 0.0], epoch_size=6)
     for epoch in range(5):  # zero-weight clips are never drawn
         drawn = ft._epoch_indices(epoch)

@@ -579,7 +579,7 @@ def test_empty_splits_are_refused_clearly(tmp_path):
     (linear probe) or hung (fine-tuning on an empty train split)."""
     train = synth_split("mono", True, 6)
     empty = LabeledSplit("nothing", [], torch.zeros(0, train.targets.shape[1]), list(train.class_names), False)
-    cfg = FinetuneConfig(steps=1, batch_size=2, out=str(tmp_path), workers=0)
+    cfg = FinetuneConfig(steps=1, warmup=0, batch_size=2, out=str(tmp_path), workers=0)
     for a, b, role in [(train, empty, "score"), (empty, train, "train on")]:
         with pytest.raises(ValueError, match=f"split 'nothing' is empty: no clips to {role}"):
             linear_probe(tiny_encoder(), a, b, ProbeConfig(epochs=1, batch_size=2))

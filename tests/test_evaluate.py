@@ -65,6 +65,9 @@ def test_accuracy_by_hand():
     scores = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
     assert accuracy(scores, torch.tensor([1, 0, 0])) == pytest.approx(2 / 3)
     assert accuracy(scores, torch.eye(2)[[1, 0, 0]]) == pytest.approx(2 / 3)
+    scores[2, 0] = float("nan")  # argmax picked the NaN: a diverged model scored 2/3
+    with pytest.raises(ValueError, match=r"scores contain NaN \(first in row 2\)"):
+        accuracy(scores, torch.tensor([1, 0, 0]))
 
 
 def test_losses():
@@ -118,6 +121,12 @@ def test_fairseq_label_errors(fairseq_split):
     (d / "train.lbl").write_text("a\t/m/dog\nb\t/m/unicorn\nc\t/m/cat\n")
     with pytest.raises(LabelError, match=r"train.lbl:2: unknown label '/m/unicorn'"):
         read_fairseq_split(d / "train.tsv", d / "label_descriptors.csv")
+    # Labels pair with clips by line: ids of the manifest's clips in another order are refused.
+    (d / "train.lbl").write_text("c\t/m/dog\na\t/m/dog\nb\t/m/cat\n")
+    with pytest.raises(LabelError, match=r"train.lbl:1: labels of 'c' where the manifest .*train.tsv has a.wav"):
+        read_fairseq_split(d / "train.tsv", d / "label_descriptors.csv")
+    (d / "train.lbl").write_text("id1\t/m/dog\nid2\t/m/dog\nid3\t/m/cat\n")  # ids of their own: by line
+    assert read_fairseq_split(d / "train.tsv", d / "label_descriptors.csv").targets[2].tolist() == [0, 1, 0]
     (d / "train.lbl").write_text("a\t/m/dog\n")
     with pytest.raises(LabelError, match="1 label lines for 3 clips"):
         read_fairseq_split(d / "train.tsv", d / "label_descriptors.csv")
@@ -134,8 +143,9 @@ def test_fairseq_label_errors(fairseq_split):
 
 
 def test_csv_labels(tmp_path):
-    sf.write(tmp_path / "x.wav", np.zeros(4000) + 0.1, 16000)
-    (tmp_path / "train.csv").write_text('path,labels\nx.wav,"dog;cat"\nx.wav,bird\n')
+    for name in ("x", "y"):
+        sf.write(tmp_path / f"{name}.wav", np.zeros(4000) + 0.1, 16000)
+    (tmp_path / "train.csv").write_text('path,labels\nx.wav,"dog;cat"\ny.wav,bird\n')
     split = read_csv_split(tmp_path / "train.csv")
     assert split.class_names == ["bird", "cat", "dog"] and split.targets.tolist() == [[0, 1, 1], [1, 0, 0]]
     (tmp_path / "test.csv").write_text("path,labels\nx.wav,lion\n")
@@ -144,17 +154,32 @@ def test_csv_labels(tmp_path):
     (tmp_path / "bad.csv").write_text("file,label\n")
     with pytest.raises(LabelError, match="header 'path,labels'"):
         read_csv_split(tmp_path / "bad.csv")
+    # Unquoted commas separate labels when the header has two columns; other columns are not
+    # labels (an ESC-50 fold column made a multi-label task with classes '1' and '2').
+    (tmp_path / "loose.csv").write_text("path,labels\nx.wav,dog,cat\ny.wav,bird\n")
+    assert read_csv_split(tmp_path / "loose.csv").targets.tolist() == [[0, 1, 1], [1, 0, 0]]
+    (tmp_path / "folds.csv").write_text("path,labels,fold\nx.wav,dog,1\ny.wav,cat,2\n")
+    folds = read_csv_split(tmp_path / "folds.csv")
+    assert folds.class_names == ["cat", "dog"] and not folds.multilabel
+    (tmp_path / "long.csv").write_text("path,labels,fold\nx.wav,dog,cat,1\n")
+    with pytest.raises(LabelError, match=r"long.csv:2: 4 fields for the 3 columns of the header; quote"):
+        read_csv_split(tmp_path / "long.csv")
+    # A clip listed twice (here with other labels) is refused, naming both lines.
+    (tmp_path / "twice.csv").write_text("path,labels\nx.wav,dog\ny.wav,cat\n./x.wav,cat\n")
+    with pytest.raises(LabelError, match=r"twice.csv:4: .*x.wav is listed again \(first at .*twice.csv:2\)"):
+        read_csv_split(tmp_path / "twice.csv")
 
 
 def test_display_names_with_commas_are_one_label(tmp_path):
     """AudioSet display names hold commas: with the descriptors, a CSV (labels by mid or name)
     and a .lbl file keep 'Male speech, man speaking' whole, and the classes are the
     descriptors' (a class no train clip has still gets its column)."""
-    sf.write(tmp_path / "x.wav", np.zeros(4000) + 0.1, 16000)
+    for name in ("x", "y", "z"):
+        sf.write(tmp_path / f"{name}.wav", np.zeros(4000) + 0.1, 16000)
     (tmp_path / "desc.csv").write_text('index,mid,display_name\n0,/m/09x0r,Speech\n'
                                        '1,/m/05zppz,"Male speech, man speaking"\n2,/m/new,Bird\n')
     (tmp_path / "train.csv").write_text('path,labels\nx.wav,"Male speech, man speaking"\n'
-                                        'x.wav,"Speech,Male speech, man speaking"\nx.wav,/m/09x0r;/m/new\n')
+                                        'y.wav,"Speech,Male speech, man speaking"\nz.wav,/m/09x0r;/m/new\n')
     split = read_split(str(tmp_path / "train.csv"), train=True, descriptors=str(tmp_path / "desc.csv"))
     assert split.class_names == ["Speech", "Male speech, man speaking", "Bird"]
     assert split.targets.tolist() == [[0, 1, 0], [1, 1, 0], [1, 0, 1]]
@@ -189,7 +214,7 @@ def test_training_clips_are_rolled_whole_then_cropped(tmp_path, roll):
 
     enc = tiny_encoder(target_length=128)
     train, test = synth_split("mono", True, 4, seconds=3.0), synth_split("mono", False, 2, seconds=1.0)
-    cfg = FinetuneConfig(steps=1, batch_size=2, roll=roll, mixup=0.0, mask_ratio=0.0, out=str(tmp_path), workers=0)
+    cfg = FinetuneConfig(steps=1, warmup=0, batch_size=2, roll=roll, mixup=0.0, mask_ratio=0.0, out=str(tmp_path), workers=0)
     clips, targets = next(Finetuner(enc, train, test, cfg, log=lambda *a, **k: None)._batches())
     window = samples_for_frames(128)
     assert [clip.numel() for clip in clips] == [48000 if roll else window] * 2
@@ -216,6 +241,28 @@ def test_roll_crop_is_the_whole_clip_rolled_then_cropped(window):
         shift, gain = int(rng.integers(0, max(1, clip.numel()))), float(rng.beta(10.0, 10.0)) + 0.5
         assert torch.equal(wave[:n], (torch.roll(clip, shift) * gain)[:window])
         assert not wave[n:].any()
+
+
+def test_every_process_runs_the_same_steps_per_epoch(tmp_path):
+    """11 clips over 2 processes in batches of 2: each process takes 2 whole steps of the epoch
+    (rank 0 used to get 6 clips, 3 batches, one more than the steps an epoch counts, so its
+    epochs drifted from the other's and from a resumed run's). Evaluating draws nothing from
+    the global random stream that drop-path uses (it changed the training)."""
+    from sslam.train import Dist
+
+    train, test = synth_split("poly", True, 11), synth_split("poly", False, 4)
+    cfg = FinetuneConfig(steps=1, warmup=0, batch_size=2, out=str(tmp_path), workers=0)
+    ft = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
+    shares = []
+    for rank in (0, 1):
+        ft.dist = Dist(rank, 2, 0)
+        assert ft._steps_per_epoch() == 2
+        shares.append(ft._epoch_indices(3).tolist())
+    assert [len(share) for share in shares] == [4, 4] and not set(shares[0]) & set(shares[1])
+    ft.dist = Dist(0, 1, 0)
+    before = torch.get_rng_state()
+    ft.evaluate()
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_fine_tuning_schedule_is_fairseqs_cosine():
@@ -368,7 +415,9 @@ def test_finetuning_restarted_before_its_first_checkpoint_logs_each_step_once(tm
 
 @pytest.mark.parametrize("change", [{"eval_every": 0}, {"ckpt_every": 0}, {"steps": 0}, {"layer_decay": -1.0},
                                     {"warmup": -5}, {"mixup_prob": 2.0}, {"mask_ratio": 2.0},
-                                    {"mixup": float("nan")}, {"batch_size": 0}, {"min_lr": 1.0}])
+                                    {"mixup": float("nan")}, {"batch_size": 0}, {"min_lr": 1.0},
+                                    {"lr": float("inf")}, {"mixup": float("inf")}, {"weight_decay": float("inf")},
+                                    {"warmup": 10**9}])
 def test_impossible_finetuning_and_probe_settings_are_refused_by_name(tmp_path, change):
     train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
     name = next(iter(change))
