@@ -2,7 +2,7 @@
 ``numpy.random.Generator`` (it samples Beta distributions, which torch Generators do not).
 
 Order in a training step: waveform roll (+ gain) -> crop to the window -> features -> mixup ->
-SpecAugment.
+SpecAugment (-> Speech Commands' spectrogram noise, after the masks as in AST's loader).
 """
 
 from __future__ import annotations
@@ -58,4 +58,16 @@ def spec_augment(spec: torch.Tensor, freq_mask: float, time_mask: float, rng: np
         mask = (pos[None] >= lo[:, None]) & (pos[None] < hi[:, None])  # (B, size)
         shape = (b, 1, 1, size) if axis == 3 else (b, 1, size, 1)
         out = out.masked_fill(mask.view(shape).to(out.device), 0.0)
+    return out
+
+
+def spectrogram_noise(spec: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Speech Commands' ``noise`` augmentation (SPEC 6.2): per example, uniform [0, 1) noise
+    scaled by u / 10 with u ~ U(0, 1) is added, then the frames are rolled by a whole number in
+    [-10, 10). spec (B, 1, T, F) normalised -> same shape."""
+    out = torch.empty_like(spec)
+    for i in range(spec.shape[0]):
+        noise = torch.from_numpy(rng.random(tuple(spec.shape[2:]), dtype=np.float32)).to(spec.device)
+        scale = float(rng.random()) / 10
+        out[i, 0] = torch.roll(spec[i, 0] + noise * scale, int(rng.integers(-10, 10)), dims=0)
     return out

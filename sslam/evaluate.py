@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import mixup, roll_crop, spec_augment
+from .augment import mixup, roll_crop, spec_augment, spectrogram_noise
 from .checkpoint import CheckpointError, atomic_write, load_encoder, safe_torch_load
 from .data import pad_clips, samples_for_frames
 from .features import norm_stats, preprocess
@@ -185,6 +185,7 @@ class ProbeConfig:
     mixup_prob: float = 0.9
     mask_ratio: float = 0.2
     roll: bool = True
+    noise: bool = False  # Speech Commands' spectrogram noise and time roll (SPEC 6.2)
     # Full path only: the frozen encoder keeps stochastic depth while the head trains, as the
     # official linear evaluation leaves it in train mode (SPEC 9.10); 0 gives fixed features.
     drop_path: float = 0.1
@@ -235,6 +236,8 @@ def _augmented_spec(encoder, clips, targets, cfg, rng):
     targets = targets.to(spec.device)
     spec, targets = mixup(spec, targets, rng, cfg.mixup, cfg.mixup_prob)
     spec = spec_augment(spec, spec.shape[3] * cfg.mask_ratio, spec.shape[2] * cfg.mask_ratio, rng)
+    if cfg.noise:
+        spec = spectrogram_noise(spec, rng)
     return spec, targets
 
 
@@ -323,6 +326,10 @@ class FinetuneConfig:
     mixup_prob: float = 0.9
     mask_ratio: float = 0.2
     roll: bool = True
+    noise: bool = False  # Speech Commands' spectrogram noise and time roll (SPEC 6.2)
+    # auto: BCE for multi-label tasks, cross-entropy for single-label ones; bce: BCE for these
+    # too, as the Speech Commands recipe with mixup (SPEC 6.1)
+    loss: str = "auto"
     balanced_weights: str = ""  # a file with one sampling weight per training clip
     epoch_size: int = 0  # clips drawn per epoch with balanced sampling (needed with balanced_weights)
     eval_every: int = 500
@@ -519,6 +526,10 @@ class Finetuner:
             raise ValueError(f"precision={cfg.precision!r}: auto, fp32, bf16 or fp16")
         if cfg.checkpoint_blocks not in BLOCK_CHECKPOINTING:
             raise ValueError(f"checkpoint_blocks={cfg.checkpoint_blocks!r}: one of {BLOCK_CHECKPOINTING}")
+        if cfg.loss not in ("auto", "bce"):
+            raise ValueError(f"loss={cfg.loss!r}: 'auto' (BCE for multi-label tasks, cross-entropy otherwise) or "
+                             "'bce' (also for single-label ones)")
+        self.bce = self.multilabel or cfg.loss == "bce"
         self.model = with_head(encoder, train.class_names, cfg.drop_path).train()
         self.model.set_block_checkpointing(cfg.checkpoint_blocks)
         self.module: nn.Module = Classifier(self.model)
@@ -592,8 +603,8 @@ class Finetuner:
         """Under several processes, the mean over them of their batches' label sums: each divides
         its BCE sum by it, and DDP's mean of their gradients is then the gradient of all the
         processes' BCE over all their labels, as fairseq divides the summed loss by the total
-        sample size. None in one process (its own sum) and for single-label tasks."""
-        if not self.multilabel or self.dist.world_size == 1:
+        sample size. None in one process (its own sum) and for the cross-entropy."""
+        if not self.bce or self.dist.world_size == 1:
             return None
         import torch.distributed as dist
 
@@ -635,7 +646,8 @@ class Finetuner:
 
             trim_metrics(self.out / "metrics.jsonl", self.step)
         metrics = (self.out / "metrics.jsonl").open("a") if self.dist.rank == 0 else None
-        augment = ProbeConfig(mixup=cfg.mixup, mixup_prob=cfg.mixup_prob, mask_ratio=cfg.mask_ratio, roll=cfg.roll)
+        augment = ProbeConfig(mixup=cfg.mixup, mixup_prob=cfg.mixup_prob, mask_ratio=cfg.mask_ratio, roll=cfg.roll,
+                              noise=cfg.noise)
         # A finished run, run again, has nothing left to do: it reports its best metric.
         last, start = ({"step": self.step, "best": self.best} if self.step else {}), time.perf_counter()
         batches = self._batches()
@@ -651,7 +663,7 @@ class Finetuner:
                 set_lr(self.optimizer, cosine(self.step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr))
                 with torch.autocast(spec.device.type, dtype=self.amp) if self.amp else nullcontext():
                     logits = self.module(spec)
-                loss = classification_loss(logits, targets, self.multilabel, augmented_smoothing(cfg),
+                loss = classification_loss(logits, targets, self.bce, augmented_smoothing(cfg),
                                            self._mean_label_sum(targets))
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from sslam.augment import mixup, roll_crop, spec_augment
+from sslam.augment import mixup, roll_crop, spec_augment, spectrogram_noise
 from sslam.evaluate import (
     FinetuneConfig,
     Finetuner,
@@ -263,6 +263,36 @@ def test_every_process_runs_the_same_steps_per_epoch(tmp_path):
     before = torch.get_rng_state()
     ft.evaluate()
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_speech_commands_noise_and_bce(tmp_path, monkeypatch):
+    """SPEC 6.2 (Speech Commands): noise of at most 1/10 added to the normalised spectrogram,
+    then a roll of -10..9 frames; SPEC 6.1: BCE on the (mixed) soft labels of a single-label
+    task with --loss=bce, cross-entropy by default."""
+    import sslam.evaluate as ev
+
+    spec = torch.randn(3, 1, 40, 8)
+    noisy = spectrogram_noise(spec, np.random.default_rng(4))
+    rng = np.random.default_rng(4)
+    for i in range(3):
+        noise = torch.from_numpy(rng.random((40, 8), dtype=np.float32)) * (float(rng.random()) / 10)
+        shift = int(rng.integers(-10, 10))
+        assert -10 <= shift < 10
+        assert torch.equal(noisy[i, 0], torch.roll(spec[i, 0] + noise, shift, dims=0))
+        added = noisy[i, 0] - torch.roll(spec[i, 0], shift, dims=0)
+        assert added.min() >= -1e-6 and added.max() < 0.1
+    train, test = synth_split("mono", True, 4), synth_split("mono", False, 2)
+    kinds = []
+    loss = ev.classification_loss
+    monkeypatch.setattr(ev, "classification_loss", lambda logits, targets, bce, *a: kinds.append(bce) or loss(
+        logits, targets, bce, *a))
+    for choice in ("auto", "bce"):
+        cfg = FinetuneConfig(steps=1, warmup=0, batch_size=2, loss=choice, noise=True, out=str(tmp_path / choice),
+                             workers=0)
+        Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
+    assert kinds == [False, True]
+    with pytest.raises(ValueError, match=r"loss='mse': 'auto' .* or 'bce'"):
+        Finetuner(tiny_encoder(), train, test, FinetuneConfig(loss="mse", out=str(tmp_path), workers=0))
 
 
 def test_fine_tuning_schedule_is_fairseqs_cosine():
