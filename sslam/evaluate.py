@@ -678,6 +678,7 @@ class Finetuner:
                 first = self.step - len(pending) + 1
                 records = [{"step": first + i, "loss": value} for i, value in enumerate(torch.stack(pending).tolist())]
                 pending.clear()
+                self._stop_if_diverged(records, metrics)
                 if evaluating:
                     name, value = self.evaluate()
                     if not math.isnan(value):  # an undefined metric (no positives) is no best
@@ -698,6 +699,30 @@ class Finetuner:
 
             save_encoder(self.model, self.out / "model", source={"format": "sslam-finetune", "steps": self.step})
         return last
+
+    def _stop_if_diverged(self, records: list[dict], metrics) -> None:
+        """Stop, saving nothing, after a non-finite loss in any process: its update made the
+        weights NaN (an fp16 run's scaler skips such steps instead). The losses are logged first."""
+        if self.scaler.is_enabled():
+            return
+        from .train import StopTraining, checkpoints_in
+
+        bad = [record["step"] for record in records if not math.isfinite(record["loss"])]
+        anywhere = len(bad)
+        if self.dist.world_size > 1:  # DDP shares one process's NaN gradients with all
+            import torch.distributed as dist
+
+            total = torch.tensor(float(anywhere), device=next(self.model.parameters()).device)
+            dist.all_reduce(total)
+            anywhere = int(total.item())
+        if not anywhere:
+            return
+        if metrics:
+            metrics.writelines(json.dumps(record) + "\n" for record in records)
+        where = f"step {bad[0]}" if bad else f"steps {records[0]['step']}-{records[-1]['step']}, another process"
+        kept = checkpoints_in(self.out)
+        raise StopTraining(f"{where}: the loss is not finite and its update made the weights NaN; nothing was saved "
+                           f"after {kept[-1] if kept else 'the start'}. Try a lower lr or --precision=fp32.")
 
     def save(self) -> None:
         if self.dist.rank != 0:

@@ -295,6 +295,31 @@ def test_speech_commands_noise_and_bce(tmp_path, monkeypatch):
         Finetuner(tiny_encoder(), train, test, FinetuneConfig(loss="mse", out=str(tmp_path), workers=0))
 
 
+def test_a_non_finite_loss_stops_fine_tuning_without_saving_nan_weights(tmp_path, monkeypatch):
+    """A NaN loss made every weight NaN, the run went on and saved and exported them (and the
+    NaN scores then failed the evaluation): it stops at the next read of the losses, keeping
+    the checkpoint before, with the losses logged."""
+    import sslam.evaluate as ev
+    from sslam.train import StopTraining
+
+    loss, calls = ev.classification_loss, []
+
+    def poisoned(*args):
+        calls.append(1)
+        return loss(*args) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(ev, "classification_loss", poisoned)
+    train, test = synth_split("poly", True, 4), synth_split("poly", False, 2)
+    cfg = FinetuneConfig(steps=6, warmup=0, batch_size=2, eval_every=100, ckpt_every=2, out=str(tmp_path), workers=0)
+    with pytest.raises(StopTraining, match=r"step 3: the loss is not finite .* nothing was saved after .*checkpoint_"
+                                           r"00000002.pt"):
+        Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
+    assert [p.name for p in sorted(tmp_path.glob("checkpoint_*"))] == ["checkpoint_00000002.pt"]
+    assert not (tmp_path / "model").exists()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and math.isnan(logged[2]["loss"])
+
+
 def test_fine_tuning_schedule_is_fairseqs_cosine():
     """Warm-up from min_lr (fairseq's warmup_init_lr default) to the peak, then cosine down to
     min_lr: AS-20K's 5e-5 -> 1e-6 over 40,000 updates with 4,000 of warm-up (SPEC 6.2)."""
