@@ -1049,6 +1049,8 @@ def usable_device(device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ValueError(f"device={device!r}: not a device name ({exc})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: sslam runs on 'cpu' or 'cuda' devices")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

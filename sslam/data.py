@@ -75,8 +75,10 @@ def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples
 
 
 def folder_paths(folder: str | os.PathLike) -> list[Path]:
+    """The audio files under ``folder``, sorted. Entries that only look like files (a broken
+    link, a pipe) are listed too, so that reading them reports them instead of skipping them."""
     folder = Path(folder)
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    paths = sorted(p for p in folder.rglob("*") if not p.is_dir() and p.suffix.lower() in AUDIO_SUFFIXES)
     if not paths:
         raise ValueError(f"{folder}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")
     return paths

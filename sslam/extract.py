@@ -3,9 +3,12 @@
 Inputs are files, folders (searched recursively for audio files) and fairseq ``.tsv`` manifests
 (first line: root folder; then ``relative/path<TAB>size``). Output is either one ``.npz`` file
 (all inputs stacked, padded, with masks; flushed atomically every few batches) or a folder with
-one ``.npz`` per input (mirroring the inputs' relative paths). Re-running skips inputs already
-present in the output; a re-run with other settings or another encoder is refused, and a file
-named twice is embedded once. Bad files are reported by name with the reason.
+one ``.npz`` per input (mirroring the inputs' relative paths). Every output records the file it
+came from (path, size, modification time): re-running skips inputs already done, embeds again
+those that changed, and refuses an output name that holds another file's embedding (names of
+files with the same name depend on the inputs given together). A re-run with other settings
+or another encoder is refused, and a file named twice is embedded once. Bad files are
+reported by name with the reason.
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ def collect_inputs(inputs: list[str], manifest_root: str | None = None) -> list[
         files.add(real)
         key = item.key
         if key in seen:  # same file name from different places: disambiguate by full path
-            key = str(item.path)
+            key = os.path.abspath(item.path)
+        if key in seen:
+            raise ValueError(f"{item.path}: its output name {key!r} is another input's")
         seen.add(key)
         unique.append(Item(key, item.path))
     return unique
@@ -96,15 +101,49 @@ def arrays_of(emb, i: int, granularity: str) -> dict[str, np.ndarray]:
     return out
 
 
+def source_of(path: Path) -> dict | None:
+    """What an output records of the file it embeds: where it was read, its size and its
+    modification time (None when it cannot be read: decoding then says why)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def is_done(out: Path, key: str, recorded: dict | None, current: dict | None) -> bool:
+    """Whether the output's ``key``, recorded from the file ``recorded`` (None: not there; {}:
+    written before sources were recorded), is the embedding of the file ``current``. Same size
+    and time: the same file, also where the data has moved; changed at the same place: not
+    done. Elsewhere and changed is another file given the same name: ``ValueError``."""
+    if recorded is None:
+        return False
+    if not recorded or current is None:
+        return True
+    if (recorded.get("size"), recorded.get("mtime_ns")) == (current["size"], current["mtime_ns"]):
+        return True
+    if recorded.get("path") == current["path"]:
+        return False
+    raise ValueError(f"{out}: {key!r} holds the embedding of {recorded.get('path')}, not of {current['path']} (a run "
+                     "with other inputs gave that name to it); choose another --out")
+
+
+def _shown(text: str) -> str:
+    """``text`` printable on any stream: a file name that is not UTF-8 keeps its bytes escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 @dataclass
 class Report:
     done: int = 0
     skipped: int = 0
+    changed: int = 0  # of those done: embedded again, their file having changed since
     failed: list[tuple[str, str]] = field(default_factory=list)
 
     def summary(self) -> str:
-        lines = [f"{self.done} embedded, {self.skipped} already done, {len(self.failed)} failed"]
-        lines += [f"  FAILED {key}: {reason}" for key, reason in self.failed]
+        again = f" ({self.changed} changed since)" if self.changed else ""
+        lines = [f"{self.done} embedded{again}, {self.skipped} already done, {len(self.failed)} failed"]
+        lines += [_shown(f"  FAILED {key}: {reason}") for key, reason in self.failed]
         return "\n".join(lines)
 
 
@@ -134,17 +173,29 @@ class FolderSink:
             atomic_write(record, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def target(self, key: str) -> Path:
+        """Where ``key``'s file goes: its path under the folder (an absolute one under
+        ``__abs__``, each ``..`` as ``__up__``, so that no two keys share a file)."""
         rel = Path(key)
-        if rel.is_absolute() or ".." in rel.parts:
-            rel = Path(*[p for p in rel.parts if p not in ("..", rel.anchor)])
+        absolute = rel.is_absolute()
+        parts = ["__up__" if part == ".." else part for part in rel.parts[1 if absolute else 0 :]]
+        rel = Path("__abs__" if absolute else "", *parts)
         return self.root / rel.with_name(rel.name + ".npz")
 
-    def done(self, key: str) -> bool:
-        return self.target(key).exists()
+    def source(self, key: str) -> dict | None:
+        """The file ``key`` was embedded from, {} if its output does not say, None if none."""
+        target = self.target(key)
+        if not target.exists():
+            return None
+        try:
+            with np.load(target, allow_pickle=False) as data:
+                return json.loads(str(data["source"])) if "source" in data.files else {}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None  # unreadable: embedded again
 
-    def add(self, key: str, arrays: dict, label_names) -> None:
+    def add(self, key: str, arrays: dict, label_names, source: dict | None = None) -> None:
         if label_names:
             arrays = {**arrays, "label_names": np.asarray(label_names)}
+        arrays = {**arrays, "source": np.asarray(json.dumps(source or {}))}
         atomic_write(self.target(key), lambda tmp: _save_npz(tmp, arrays))
 
     def flush(self) -> None:
@@ -166,6 +217,7 @@ class FileSink:
         self.path = path
         self.settings = settings
         self.items: dict[str, dict[str, np.ndarray]] = {}
+        self.sources: dict[str, dict] = {}  # key -> the file it was embedded from
         self.label_names = None
         if path.exists():
             self._read()
@@ -178,6 +230,7 @@ class FileSink:
                 stored = {name: data[name] for name in data.files}
             keys, rows = [str(k) for k in stored.pop("keys")], stored.pop("num_rows")
             settings = json.loads(str(stored.pop("settings"))) if "settings" in stored else None
+            sources = [json.loads(str(s)) for s in stored.pop("sources")] if "sources" in stored else [{}] * len(keys)
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{self.path}: exists but is not an sslam embeddings file ({exc})") from exc
         if self.settings is not None:
@@ -185,6 +238,7 @@ class FileSink:
         label_names = stored.pop("label_names", None)
         self.label_names = None if label_names is None else [str(n) for n in label_names]
         freq = int(stored.pop("freq_patches", 1))
+        self.sources = dict(zip(keys, sources))
         for i, key in enumerate(keys):
             item = {"num_rows": np.int64(rows[i])}
             for name, value in stored.items():
@@ -205,18 +259,21 @@ class FileSink:
             stored_settings = {"granularity": _granularity_of(stored)}
         check_settings(self.path, stored_settings, self.settings)
 
-    def done(self, key: str) -> bool:
-        return key in self.items
+    def source(self, key: str) -> dict | None:
+        """The file ``key`` was embedded from, {} if the file does not say, None if no row."""
+        return self.sources.get(key) if key in self.items else None
 
-    def add(self, key: str, arrays: dict, label_names) -> None:
+    def add(self, key: str, arrays: dict, label_names, source: dict | None = None) -> None:
         self.items[key] = arrays
+        self.sources[key] = source or {}
         self.label_names = label_names
 
     def flush(self) -> None:
         if not self.items:
             return
         keys = list(self.items)
-        out: dict[str, np.ndarray] = {"keys": np.asarray(keys)}
+        out: dict[str, np.ndarray] = {"keys": np.asarray(keys),
+                                      "sources": np.asarray([json.dumps(self.sources[k]) for k in keys])}
         for name in self.items[keys[0]]:
             values = [self.items[k][name] for k in keys]
             if name == "times":
@@ -315,7 +372,6 @@ def run_extract(
     *,
     granularity: str = "utterance",
     batch_size: int = 16,
-    skip_errors: bool = False,
     padding: str = "official",
     crop: bool = False,
     autocast: torch.dtype | None = None,
@@ -331,19 +387,23 @@ def run_extract(
         raise ValueError(f"granularity={granularity!r}: choose one of {GRANULARITIES}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: must be a positive number of decoding threads")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
     items = collect_inputs(inputs, manifest_root)
     if not items:
         raise ValueError(f"no audio files found in {inputs}")
     out_path = Path(out)
     settings = {"granularity": granularity, "padding": padding, "crop": bool(crop),
-                "encoder": encoder_fingerprint(model)}
-    sink = FileSink(out_path, settings) if out_path.suffix == ".npz" else FolderSink(out_path, settings)
+                "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
+    sink = FileSink(out_path, settings) if out_path.suffix.lower() == ".npz" else FolderSink(out_path, settings)
     report = Report()
-    todo = []
+    todo, sources = [], {}
     for item in items:
-        if sink.done(item.key):
+        recorded, sources[item.key] = sink.source(item.key), source_of(item.path)
+        if is_done(out_path, item.key, recorded, sources[item.key]):
             report.skipped += 1
         else:
+            report.changed += recorded is not None
             todo.append(item)
     batch: list[tuple[Item, torch.Tensor]] = []
     batches = 0
@@ -352,7 +412,7 @@ def run_extract(
         nonlocal batches
         emb = model.embed([w for _, w in batch], 16000, padding=padding, crop=crop, batch_size=batch_size, autocast=autocast)
         for i, (item, _) in enumerate(batch):
-            sink.add(item.key, arrays_of(emb, i, granularity), emb.label_names)
+            sink.add(item.key, arrays_of(emb, i, granularity), emb.label_names, sources[item.key])
             report.done += 1
         batches += 1
         if batches % flush_every == 0:
@@ -365,7 +425,7 @@ def run_extract(
             bar.update(1)
             if error is not None:
                 report.failed.append((item.key, error))
-                bar.write(f"FAILED {error}")
+                bar.write(_shown(f"FAILED {error}"), file=sys.stderr)
                 continue
             batch.append((item, wave))
             if len(batch) == batch_size:

@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 from sslam import native
+from sslam.audio import AudioError, load_audio
 from sslam.augment import spec_augment
 from sslam.data import GlobalBatchSampler, build_dataset, collate, folder_paths, manifest_paths
 from sslam.labels import LabelError, read_csv_split, read_descriptors, read_fairseq_split
@@ -288,13 +289,22 @@ def test_manifest_bad_contents_name_the_line(tmp_path, body, match):
 
 
 def test_folder_paths_skip_non_audio_and_symlink_loops(tmp_path):
+    """Audio files are listed, with a link to nowhere and a pipe named as audio (reading them
+    says what they are; they used to vanish from a run without a word)."""
     sf.write(tmp_path / "a.WAV", np.zeros(800), 16000)
     (tmp_path / "notes.txt").write_text("hi")
     (tmp_path / "sub").mkdir()
     sf.write(tmp_path / "sub" / "b.flac", np.zeros(800), 16000)
     (tmp_path / "sub" / "loop").symlink_to(tmp_path, target_is_directory=True)
     (tmp_path / "dangling.wav").symlink_to(tmp_path / "missing.wav")
-    assert [p.relative_to(tmp_path).as_posix() for p in folder_paths(tmp_path)] == ["a.WAV", "sub/b.flac"]
+    os.mkfifo(tmp_path / "sub" / "pipe.wav")
+    listed = folder_paths(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in listed] == ["a.WAV", "dangling.wav", "sub/b.flac",
+                                                                   "sub/pipe.wav"]
+    with pytest.raises(AudioError, match="dangling.wav: file not found"):
+        load_audio(listed[1])
+    with pytest.raises(AudioError, match="pipe.wav: is not a regular file"):
+        load_audio(listed[3])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no audio files"):
         folder_paths(tmp_path / "empty")

@@ -1,5 +1,7 @@
 """`sslam extract`: files, folders, manifests, bad files, resume, atomic outputs."""
 
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -122,3 +124,83 @@ def test_bad_arguments(tmp_path, audio_dir, capsys):
     assert main(["extract", str(tmp_path / "empty.wav"), str(audio_dir / "a.wav"), "--checkpoint", CKPT,
                  "--out", str(tmp_path / "o.npz")]) == 2
     assert "empty.wav: no audio files" in capsys.readouterr().err and not (tmp_path / "o.npz").exists()
+
+
+def _write(path, seconds, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, np.random.default_rng(seed).standard_normal(int(16000 * seconds)) * 0.1, 16000)
+
+
+@pytest.mark.parametrize("out_name", ["emb.npz", "feats"])
+def test_resume_knows_each_output_by_the_file_it_came_from(tmp_path, capsys, out_name):
+    """Keys of files with one name depend on the inputs given together: a/x.wav and b/x.wav
+    together are 'x.wav' and b's full path, b/x.wav alone is 'x.wav'. A re-run with b alone was
+    'already done' with a's embedding; it is refused now. A file changed since its embedding is
+    embedded again; the same file moved elsewhere is still done."""
+    a, b = tmp_path / "a" / "x.wav", tmp_path / "b" / "x.wav"
+    _write(a, 1.0, seed=1)
+    _write(b, 1.5, seed=2)
+    out = tmp_path / out_name
+    run = lambda *inputs: main(["extract", *map(str, inputs), "--checkpoint", CKPT, "--out", str(out),  # noqa: E731
+                                "--no-progress"])
+    assert run(a, b) == 0 and "2 embedded" in capsys.readouterr().out
+    assert run(b) == 2
+    assert f"'x.wav' holds the embedding of {a}, not of {b}" in capsys.readouterr().err
+    _write(a, 2.0, seed=3)  # changed in place
+    assert run(a, b) == 0 and "1 embedded (1 changed since), 1 already done" in capsys.readouterr().out
+    moved = tmp_path / "moved" / "x.wav"
+    moved.parent.mkdir()
+    a.rename(moved)  # same size and time
+    assert run(moved, b) == 0 and "0 embedded, 2 already done" in capsys.readouterr().out
+
+
+def test_output_names_are_unique_and_folder_outputs_do_not_share_files(tmp_path, capsys):
+    """A renamed key could be another input's (A/B/x.wav is 'B/x.wav' in folder A, and B/x.wav's
+    full path used to be 'B/x.wav' when given relative): one row was lost. In a folder output
+    '..' was dropped from a manifest's paths, so '../x.wav' and 'x.wav' wrote one file."""
+    from sslam.extract import FolderSink
+
+    for path, seed in ((tmp_path / "A" / "x.wav", 1), (tmp_path / "A" / "B" / "x.wav", 2),
+                       (tmp_path / "B" / "x.wav", 3), (tmp_path / "root" / "sub" / "x.wav", 4)):
+        _write(path, 0.5, seed)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        keys = [item.key for item in collect_inputs(["A", "B/x.wav"])]
+    finally:
+        os.chdir(cwd)
+    assert len(set(keys)) == 3 and keys[:2] == ["B/x.wav", "x.wav"]
+    (tmp_path / "m.tsv").write_text(f"{tmp_path / 'root' / 'sub'}\n../../A/x.wav\t8000\nx.wav\t8000\n")
+    sink = FolderSink(tmp_path / "feats")
+    targets = {sink.target(key) for key in ("../x.wav", "x.wav", "/x.wav", "__abs__/x.wav")}
+    assert len(targets) == 3 and sink.target("../x.wav") == tmp_path / "feats" / "__up__" / "x.wav.npz"
+    assert main(["extract", str(tmp_path / "m.tsv"), "--checkpoint", CKPT, "--out", str(tmp_path / "feats"),
+                 "--no-progress"]) == 0
+    assert sorted(p.relative_to(tmp_path / "feats").as_posix() for p in (tmp_path / "feats").rglob("*.npz")) == [
+        "__up__/__up__/A/x.wav.npz", "x.wav.npz"]
+
+
+def test_extract_arguments_and_names_that_are_not_utf8(tmp_path, audio_dir, capsys, monkeypatch):
+    """batch_size is checked before any decoding (a bad one failed after decoding every file and
+    holding them all); a failure whose file name is not UTF-8 is printed escaped (it aborted
+    the run with a UnicodeEncodeError); '.NPZ' is a file output; a device sslam does not run on
+    is a one-line error."""
+    import sslam.extract as extract
+    from sslam.checkpoint import load_encoder
+
+    monkeypatch.setattr(extract, "_decode", lambda item: pytest.fail("decoded before checking batch_size"))
+    with pytest.raises(ValueError, match=r"batch_size=0: must be a positive integer"):
+        extract.run_extract(load_encoder(CKPT), [str(audio_dir)], str(tmp_path / "o.npz"), batch_size=0)
+    monkeypatch.undo()
+    summary = extract.Report(failed=[("caf\udce9.wav", "not audio")]).summary()
+    assert "caf\\udce9.wav" in summary and summary.encode("utf-8")
+    bad = os.fsencode(tmp_path) + b"/caf\xe9.wav"
+    with open(bad, "wb") as f:
+        f.write(b"not audio at all")
+    out = tmp_path / "UPPER.NPZ"
+    assert main(["extract", os.fsdecode(bad), str(audio_dir / "a.wav"), "--checkpoint", CKPT, "--out", str(out),
+                 "--no-progress"]) == 1
+    assert "1 embedded" in capsys.readouterr().out and out.is_file()
+    assert main(["extract", str(audio_dir / "a.wav"), "--checkpoint", CKPT, "--out", str(tmp_path / "o.npz"),
+                 "--device", "meta"]) == 2
+    assert "device='meta': sslam runs on 'cpu' or 'cuda' devices" in capsys.readouterr().err
