@@ -261,6 +261,7 @@ def embed(
         # The fused Triton kernel: waveforms straight to normalised patches (GPU extraction).
         specs = _fused_patches(clips, window, prep.get("norm", "audioset"), param.device)
         plan, length = [(b, 0, min(window, int(f))) for b, f in enumerate(frames)], window
+        windows = lambda i, j: (specs[i:j], None)  # noqa: E731
     else:
         logmels = _log_mels(clips, param.device)
         plan = _plan(frames, window, hop, crop)
@@ -268,43 +269,51 @@ def embed(
             length = window
         else:
             length = min(window, math.ceil(max(real for _, _, real in plan) / patch) * patch)
-        specs, row_valid = _window_batch(logmels, plan, length, norm, patch)
+        # Built batch by batch: a long clip's windows, all at once, would be twice its log-mel.
+        windows = lambda i, j: _window_batch(logmels, plan[i:j], length, norm, patch)  # noqa: E731
 
-    cls_out, tokens = [], []
-    with _autocast(param.device, autocast), eval_mode(model):
-        for i in range(0, len(plan), batch_size):
-            mask = None
-            if padding == "mask":
-                mask = ~row_valid[i : i + batch_size].repeat_interleave(freq, dim=1)
-            x = model(specs[i : i + batch_size].to(param.dtype), key_padding_mask=mask).x.float()
-            cls_out.append(x[:, 0])
-            tokens.append(x[:, 1:])
     real_frames = frames.clamp(max=window) if crop else frames
     real_rows = (real_frames + patch - 1) // patch
     num_rows = real_rows.clamp(min=length // patch) if padding == "official" else real_rows
-    return _merge(model, torch.cat(cls_out), torch.cat(tokens), plan, real_frames, num_rows, patch, freq)
+    # Each batch's patch tokens are added to their clips' rows as they come: kept for every
+    # window, a long clip's tokens would be some ten times its embeddings.
+    sums = torch.zeros(len(clips), int(num_rows.max()), freq, model.cfg.embed_dim, device=param.device)
+    counts = torch.zeros(len(clips), int(num_rows.max()), device=param.device)
+    cls_out = []
+    with _autocast(param.device, autocast), eval_mode(model):
+        for i in range(0, len(plan), batch_size):
+            spec, row_valid = windows(i, i + batch_size)
+            mask = None if padding == "official" else ~row_valid.repeat_interleave(freq, dim=1)
+            x = model(spec.to(param.dtype), key_padding_mask=mask).x.float()
+            cls_out.append(x[:, 0])
+            _add_rows(sums, counts, x[:, 1:], plan[i : i + batch_size], num_rows, patch)
+    return _merge(model, torch.cat(cls_out), sums, counts, plan, real_frames, num_rows, patch)
 
 
-def _merge(model, cls_out, tokens, plan, real_frames, num_rows, patch, freq) -> Embeddings:
-    """Per-clip embeddings from window outputs: overlapping rows averaged, CLS (and logits)
-    averaged over a clip's windows. A clip keeps ``num_rows`` rows: with official padding a
-    short clip keeps its padded rows too (the official 'frame' output), marked not real."""
-    num_clips, rows = len(real_frames), tokens.shape[1] // freq
+def _add_rows(sums, counts, tokens, plan, num_rows, patch: int) -> None:
+    """Add windows' patch tokens (W, rows * freq, D) to their clips' row sums (B, R, freq, D)
+    and counts (B, R), up to each clip's ``num_rows``."""
+    rows, freq = tokens.shape[1] // sums.shape[2], sums.shape[2]
     grid = tokens.view(tokens.shape[0], rows, freq, -1)
-    total_rows = int(num_rows.max())
-    sums = grid.new_zeros(num_clips, total_rows, freq, grid.shape[-1])
-    counts = grid.new_zeros(num_clips, total_rows)
     for w, (b, start, _) in enumerate(plan):
         r0 = start // patch
         take = min(rows, int(num_rows[b]) - r0)
         sums[b, r0 : r0 + take] += grid[w, :take]
         counts[b, r0 : r0 + take] += 1
-    owners = torch.tensor([b for b, _, _ in plan], device=grid.device)
-    per_window = torch.bincount(owners, minlength=num_clips).to(grid.dtype)[:, None]
-    utterance = grid.new_zeros(num_clips, grid.shape[-1]).index_add_(0, owners, cls_out) / per_window
 
-    frames_grid = sums / counts.clamp(min=1)[..., None, None]
-    real_rows = torch.arange(total_rows, device=grid.device)[None] * patch < real_frames.to(grid.device)[:, None]
+
+def _merge(model, cls_out, sums, counts, plan, real_frames, num_rows, patch) -> Embeddings:
+    """Per-clip embeddings from the windows' CLS outputs (W, D) and row sums (B, R, freq, D) with
+    their counts (B, R): overlapping rows averaged, CLS (and logits) averaged over a clip's
+    windows. A clip keeps ``num_rows`` rows: with official padding a short clip keeps its padded
+    rows too (the official 'frame' output), marked not real."""
+    (num_clips, total_rows, freq, dim), device = sums.shape, sums.device
+    owners = torch.tensor([b for b, _, _ in plan], device=device)
+    per_window = torch.bincount(owners, minlength=num_clips).to(sums.dtype)[:, None]
+    utterance = sums.new_zeros(num_clips, dim).index_add_(0, owners, cls_out) / per_window
+
+    frames_grid = sums.div_(counts.clamp(min=1)[..., None, None])  # in place: the sums are not needed after
+    real_rows = torch.arange(total_rows, device=device)[None] * patch < real_frames.to(device)[:, None]
     frame_mask = real_rows[..., None].expand(-1, -1, freq).reshape(num_clips, -1)
     flat = frames_grid.reshape(num_clips, total_rows * freq, -1)
     mean = (flat * frame_mask[..., None]).sum(1) / frame_mask.sum(1, keepdim=True).clamp(min=1)
@@ -321,7 +330,7 @@ def _merge(model, cls_out, tokens, plan, real_frames, num_rows, patch, freq) -> 
     if model.cfg.num_classes > 0:
         dtype = next(model.parameters()).dtype
         window_logits = model.classify(cls_out.to(dtype)).float()
-        out.logits = grid.new_zeros(num_clips, window_logits.shape[1]).index_add_(0, owners, window_logits) / per_window
+        out.logits = sums.new_zeros(num_clips, window_logits.shape[1]).index_add_(0, owners, window_logits) / per_window
         out.probabilities = out.logits.sigmoid()
         out.label_names = model.label_names
     return out
