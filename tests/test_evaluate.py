@@ -417,6 +417,20 @@ def test_probe_features_of_two_splits_with_one_name_are_their_own():
     assert torch.equal(cache[id(train)][1], extract_cls(encoder, train))
 
 
+def interrupt(finetuner: Finetuner, at_step: int) -> None:
+    """Run ``finetuner`` until a KeyboardInterrupt stops it before its update ``at_step``."""
+    step = finetuner.optimizer.step
+
+    def interrupted(*args, **kwargs):
+        if finetuner.step == at_step - 1:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    finetuner.optimizer.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        finetuner.fit()
+
+
 def test_finetuning_resumes_exactly_with_stochastic_depth_and_logs_each_step_once(tmp_path):
     train, test = synth_split("poly", True, 16), synth_split("poly", False, 8)
 
@@ -426,17 +440,7 @@ def test_finetuning_resumes_exactly_with_stochastic_depth_and_logs_each_step_onc
 
     whole = Finetuner(tiny_encoder(), train, test, config(tmp_path / "whole"), log=lambda *a: None)
     whole.fit()
-    cut = Finetuner(tiny_encoder(), train, test, config(tmp_path / "cut"), log=lambda *a: None)
-    step = cut.optimizer.step
-
-    def interrupt_at_step_5(*args, **kwargs):
-        if cut.step == 4:
-            raise KeyboardInterrupt
-        return step(*args, **kwargs)
-
-    cut.optimizer.step = interrupt_at_step_5
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
+    interrupt(Finetuner(tiny_encoder(), train, test, config(tmp_path / "cut"), log=lambda *a: None), at_step=5)
     resumed = Finetuner(tiny_encoder(), train, test, config(tmp_path / "cut"), log=lambda *a: None)
     assert resumed.step == 3
     resumed.fit()
@@ -453,17 +457,7 @@ def test_finetuning_resumes_exactly_with_stochastic_depth_and_logs_each_step_onc
 def test_finetuning_restarted_before_its_first_checkpoint_logs_each_step_once(tmp_path):
     train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
     cfg = FinetuneConfig(steps=3, warmup=0, batch_size=4, eval_every=1, ckpt_every=3, out=str(tmp_path), workers=0)
-    cut = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
-    step = cut.optimizer.step
-
-    def interrupt_at_step_3(*args, **kwargs):
-        if cut.step == 2:
-            raise KeyboardInterrupt
-        return step(*args, **kwargs)
-
-    cut.optimizer.step = interrupt_at_step_3
-    with pytest.raises(KeyboardInterrupt):
-        cut.fit()
+    interrupt(Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None), at_step=3)
     Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
