@@ -2,7 +2,7 @@
 
 The top-level ``kernels/`` folder is installed as ``sslam.kernels``. The optional C++ extension
 ``sslam._native`` (``csrc/``) is built with pybind11; if it cannot be built the install still
-succeeds and the pure-Python references are used (``sslam.native.available()`` says which).
+succeeds and the pure-Python references are used (``sslam.native.built()`` says which).
 """
 
 import glob

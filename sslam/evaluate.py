@@ -773,8 +773,14 @@ def apply_overrides(cfg, overrides: list[str]):
 
 
 def run_evaluate(args) -> int:
-    if args.seeds < 1:  # before the checkpoint and the splits are read
+    if args.seeds < 1:  # before the checkpoint and the splits are read, as the settings
         raise ValueError(f"--seeds={args.seeds}: must be >= 1")
+    overrides = getattr(args, "overrides", [])
+    if args.mode == "linear":
+        cfg = apply_overrides(ProbeConfig(fast=not args.full), overrides)
+    else:
+        cfg = apply_overrides(FinetuneConfig(out=args.out or FinetuneConfig.out, workers=args.workers), overrides)
+    check_settings(cfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         # Under torchrun each process takes its own GPU, as the trainer does (DDP needs them
@@ -786,16 +792,13 @@ def run_evaluate(args) -> int:
     train = read_split(args.train, train=True, descriptors=args.label_descriptors, root=args.root)
     test = read_split(args.test, train=False, descriptors=args.label_descriptors, root=args.root,
                       class_names=train.class_names)
-    overrides = getattr(args, "overrides", [])
     if args.mode == "linear":
-        cfg = apply_overrides(ProbeConfig(fast=not args.full), overrides)
         result = linear_probe(encoder, train, test, cfg, seeds=range(args.seeds), workers=args.workers)
         spread = f" +- {result['std']:.4f} over {args.seeds} seeds" if args.seeds > 1 else ""
         print(f"linear probe {train.name} -> {test.name}: {result['metric']} {result['mean']:.4f}{spread} "
               f"({result['seconds']:.1f} s)")
         print(json.dumps(result))
     else:
-        cfg = apply_overrides(FinetuneConfig(out=args.out or FinetuneConfig.out, workers=args.workers), overrides)
         result = Finetuner(encoder, train, test, cfg).fit()
         print(json.dumps(result))
         from .train import finish_distributed

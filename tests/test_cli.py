@@ -22,6 +22,12 @@ def test_seeds_are_checked_before_any_work(capsys):
     argv = ["evaluate", "linear", "--checkpoint", "missing.pt", "--train", "synth:mono", "--test", "synth:mono"]
     assert main([*argv, "--seeds", "0"]) == 2
     assert "--seeds=0: must be >= 1" in capsys.readouterr().err
+    # The settings too: they were read after the checkpoint and every clip of both splits.
+    for mode, option, message in (("linear", "--lr=-1", "lr=-1.0: must be a finite number >= 0"),
+                                  ("finetune", "--layer_decay=1.5", "layer_decay=1.5: must be in [0, 1]"),
+                                  ("finetune", "--foo=1", "--foo: unknown option")):
+        assert main(["evaluate", mode, *argv[2:], option]) == 2
+        assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [
