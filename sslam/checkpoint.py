@@ -252,7 +252,7 @@ _SCALAR_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BININT", "BININT1",
 
 
 def _declared_storages(pickled: bytes) -> dict[str, int]:
-    """Storage key -> bytes, as a torch.save pickle (protocol 2) declares them in its persistent
+    """Storage key -> bytes, as a torch.save pickle (protocol 2 or 3) declares them in its persistent
     ids ``('storage', torch.<T>Storage, key, location, numel)``. The opcodes are followed on a
     model of the unpickler's stack that holds only strings, ints and flat tuples of them (any
     other value is opaque), so nothing in the file is called, imported or built, and the work
@@ -266,7 +266,7 @@ def _declared_storages(pickled: bytes) -> dict[str, int]:
     try:
         for op, arg, _ in pickletools.genops(pickled):
             name = op.name
-            if name == "PROTO" and arg > 2:
+            if name == "PROTO" and arg > 3:  # torch.load reads protocols 2 and 3 only
                 return {}
             if name in ("BINPUT", "LONG_BINPUT", "PUT"):  # memoise the top, the stack unchanged
                 memo[arg] = stack[-1] if stack else opaque
@@ -1135,14 +1135,28 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+    except (OSError, RuntimeError) as exc:
         Path(tmp).unlink(missing_ok=True)
-        free = shutil.disk_usage(path.parent).free
-        raise OSError(f"{path}: could not write it ({_reason(exc)}; {free / 2**20:.0f} MiB free on its "
-                      "disk); an earlier file of that name is kept") from exc
+        # torch.save reports a full disk as a RuntimeError of its zip writer; other
+        # RuntimeErrors are the writer's own faults.
+        if isinstance(exc, RuntimeError) and "inline_container" not in str(exc):
+            raise
+        raise _write_error(path, exc) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_error(path: Path, exc: BaseException) -> OSError:
+    """An OSError of ``exc``'s kind naming ``path``, the reason, the free space and what is kept."""
+    try:
+        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on its disk"
+    except OSError:
+        free = ""
+    kept = "; the earlier file of that name is kept" if path.exists() else ""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _reason(exc)
+    errno = exc.errno if isinstance(exc, OSError) else None
+    return (type(exc) if isinstance(exc, OSError) else OSError)(errno, f"{path}: could not write it ({reason}{free}){kept}")
 
 
 def export_metadata(model: Encoder, source: dict | None = None) -> dict:

@@ -530,7 +530,10 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int) -> list[str
     """The settings of ``cfg`` that differ from the checkpoint ``saved`` in a way a resumed run
     cannot follow exactly, as ``section.key: <saved> in the checkpoint, <now> now``."""
     before = saved.get("config") or {}
-    conflicts = changed_settings(_flat(before), _flat(cfg.to_dict()), RESUME_MAY_CHANGE)
+    # Only a manifest's size column is filtered: elsewhere min_samples changes nothing (runs
+    # saved before its default became fairseq's 10000 resume as they were).
+    ignored = set() if cfg.data.source.endswith(".tsv") else {"data.min_samples"}
+    conflicts = changed_settings(_flat(before), _flat(cfg.to_dict()), RESUME_MAY_CHANGE | ignored)
     old_init = before.get("run", {}).get("init", "")
     if cfg.run.init and cfg.run.init != old_init:
         conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now")

@@ -836,7 +836,7 @@ def test_a_full_disk_while_saving_is_one_error_naming_the_file(tmp_path):
     and a run ended in its traceback: now an OSError (the CLI's one-line error) names the file
     and the free space; the checkpoint written before is intact and no temporary file is left."""
     atomic_write(tmp_path / "state.pt", lambda tmp: torch.save({"a": torch.ones(4)}, tmp))
-    with pytest.raises(OSError, match=r"state.pt: could not write it \(.*MiB free on its disk\); an earlier"):
+    with pytest.raises(OSError, match=r"state.pt: could not write it \(.*MiB free on its disk\); the earlier"):
         atomic_write(tmp_path / "state.pt", lambda tmp: torch.save({"a": torch.zeros(10_000)}, _FullDisk(tmp, 1000)))
     assert torch.equal(safe_torch_load(tmp_path / "state.pt")["a"], torch.ones(4))
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
@@ -960,6 +960,15 @@ def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"short.pt: damaged archive: storage record '{key}' holds "
                                               rf"{len(weight) // 2} bytes, its tensors need {len(weight)}"):
         load_encoder(tmp_path / "short.pt")
+    # Protocol 3, which torch.load also reads, is scanned too.
+    torch.save({"w": torch.arange(500.0)}, tmp_path / "p3.pt", pickle_protocol=3)
+    with zipfile.ZipFile(tmp_path / "p3.pt") as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(tmp_path / "p3.pt", "w") as archive:
+        for name, data in records.items():
+            archive.writestr(name, data[:1000] if name.endswith("/data/0") else data)
+    with pytest.raises(CheckpointError, match=r"p3.pt: damaged archive: storage record '0' holds 1000 bytes"):
+        safe_torch_load(tmp_path / "p3.pt")
 
 
 @pytest.mark.parametrize("body", [

@@ -133,6 +133,16 @@ def test_stage_defaults_follow_the_spec():
     assert ObjectiveConfig(stage=2, clones=3).clones == 3
     assert preset("base", 2).objective.clones == 8 and preset("base", 1).objective.clones == 16
     assert TrainConfig().data.min_samples == 10_000
+    # Runs saved with the former default resume where it filters nothing: only manifests.
+    from sslam.train import resume_conflicts
+
+    saved = TrainConfig()
+    saved.data.min_samples = 0
+    assert resume_conflicts({"config": saved.to_dict()}, TrainConfig(), 1) == []
+    manifest = TrainConfig()
+    manifest.data.source = saved.data.source = "train.tsv"
+    assert resume_conflicts({"config": saved.to_dict()}, manifest, 1) == [
+        "data.min_samples: 0 in the checkpoint, 10000 now"]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
