@@ -4,9 +4,10 @@ Inputs are files, folders (searched recursively for audio files) and fairseq ``.
 (first line: root folder; then ``relative/path<TAB>size``). Output is either one ``.npz`` file
 (all inputs stacked, padded, with masks; flushed atomically every few batches) or a folder with
 one ``.npz`` per input (mirroring the inputs' relative paths). Every output records the file it
-came from (path, size, modification time): re-running skips inputs already done, embeds again
-those that changed, and refuses an output name that holds another file's embedding (names of
-files with the same name depend on the inputs given together). A re-run with other settings
+came from (path, size, modification time, a digest of its first and last 64 KiB): re-running
+skips inputs already done (also moved or copied ones), embeds again those that changed, and
+refuses an output name that holds another file's embedding (names of files with the same name
+depend on the inputs given together). A re-run with other settings
 or another encoder is refused, and a file named twice is embedded once. Bad files are
 reported by name with the reason.
 """
@@ -69,10 +70,10 @@ def collect_inputs(inputs: list[str], manifest_root: str | None = None) -> list[
             continue
         files.add(real)
         key = item.key
-        if key in seen:  # same file name from different places: disambiguate by full path
-            key = os.path.abspath(item.path)
-        if key in seen:
-            raise ValueError(f"{item.path}: its output name {key!r} is another input's")
+        if key in seen:  # same file name from different places: disambiguate by its path
+            key = str(item.path)
+        if key in seen:  # that too (a folder's relative path): the real path is unique
+            key = real
         seen.add(key)
         unique.append(Item(key, item.path))
     return unique
@@ -101,31 +102,54 @@ def arrays_of(emb, i: int, granularity: str) -> dict[str, np.ndarray]:
     return out
 
 
+_DIGEST_SPAN = 64 << 10
+
+
+def digest_of(path: Path) -> str:
+    """A digest of a file's size and its first and last 64 KiB (the whole of a small file):
+    enough to tell clips apart, without reading all of a large collection again on a resume."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(size.to_bytes(8, "little") + f.read(_DIGEST_SPAN))
+        if size > 2 * _DIGEST_SPAN:
+            f.seek(size - _DIGEST_SPAN)
+        h.update(f.read())
+    return h.hexdigest()[:32]
+
+
 def source_of(path: Path) -> dict | None:
-    """What an output records of the file it embeds: where it was read, its size and its
-    modification time (None when it cannot be read: decoding then says why)."""
+    """What an output records of the file it embeds (None when it cannot be read: decoding
+    then says why)."""
     try:
         st = os.stat(path)
+        return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "digest": digest_of(path)}
     except OSError:
         return None
-    return {"path": os.path.realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def is_done(out: Path, key: str, recorded: dict | None, current: dict | None) -> bool:
+def is_done(out: Path, key: str, recorded: dict | None, path: Path) -> bool:
     """Whether the output's ``key``, recorded from the file ``recorded`` (None: not there; {}:
-    written before sources were recorded), is the embedding of the file ``current``. Same size
-    and time: the same file, also where the data has moved; changed at the same place: not
-    done. Elsewhere and changed is another file given the same name: ``ValueError``."""
+    written before sources were recorded), is the embedding of the file at ``path``: the same
+    bytes wherever they are now. Changed at the same place: not done. Other bytes elsewhere are
+    another file given the same name: ``ValueError``."""
     if recorded is None:
         return False
-    if not recorded or current is None:
+    if not recorded:
         return True
-    if (recorded.get("size"), recorded.get("mtime_ns")) == (current["size"], current["mtime_ns"]):
+    try:
+        st, real = os.stat(path), os.path.realpath(path)
+    except OSError:
+        return True  # gone since: its embedding stays
+    if real == recorded.get("path") and (st.st_size, st.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns")):
+        return True  # untouched: no need to read it
+    if digest_of(path) == recorded.get("digest"):
         return True
-    if recorded.get("path") == current["path"]:
+    if real == recorded.get("path"):
         return False
-    raise ValueError(f"{out}: {key!r} holds the embedding of {recorded.get('path')}, not of {current['path']} (a run "
-                     "with other inputs gave that name to it); choose another --out")
+    raise ValueError(f"{out}: {key!r} holds the embedding of {recorded.get('path')}, not of {real} (a run with other "
+                     "inputs gave that name to it); choose another --out")
 
 
 def _shown(text: str) -> str:
@@ -177,7 +201,10 @@ class FolderSink:
         ``__abs__``, each ``..`` as ``__up__``, so that no two keys share a file)."""
         rel = Path(key)
         absolute = rel.is_absolute()
-        parts = ["__up__" if part == ".." else part for part in rel.parts[1 if absolute else 0 :]]
+        # A name of the folder's own starting with "__" gets one "_" more: no key's part can
+        # then read as the markers.
+        parts = ["__up__" if part == ".." else "_" + part if part.startswith("__") else part
+                 for part in rel.parts[1 if absolute else 0 :]]
         rel = Path("__abs__" if absolute else "", *parts)
         return self.root / rel.with_name(rel.name + ".npz")
 
@@ -397,14 +424,15 @@ def run_extract(
                 "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
     sink = FileSink(out_path, settings) if out_path.suffix.lower() == ".npz" else FolderSink(out_path, settings)
     report = Report()
-    todo, sources = [], {}
+    todo, again = [], set()
     for item in items:
-        recorded, sources[item.key] = sink.source(item.key), source_of(item.path)
-        if is_done(out_path, item.key, recorded, sources[item.key]):
+        recorded = sink.source(item.key)
+        if is_done(out_path, item.key, recorded, item.path):
             report.skipped += 1
         else:
-            report.changed += recorded is not None
             todo.append(item)
+            if recorded is not None:
+                again.add(item.key)
     batch: list[tuple[Item, torch.Tensor]] = []
     batches = 0
 
@@ -412,8 +440,9 @@ def run_extract(
         nonlocal batches
         emb = model.embed([w for _, w in batch], 16000, padding=padding, crop=crop, batch_size=batch_size, autocast=autocast)
         for i, (item, _) in enumerate(batch):
-            sink.add(item.key, arrays_of(emb, i, granularity), emb.label_names, sources[item.key])
+            sink.add(item.key, arrays_of(emb, i, granularity), emb.label_names, source_of(item.path))
             report.done += 1
+            report.changed += item.key in again
         batches += 1
         if batches % flush_every == 0:
             sink.flush()

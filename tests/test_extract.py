@@ -136,7 +136,8 @@ def test_resume_knows_each_output_by_the_file_it_came_from(tmp_path, capsys, out
     """Keys of files with one name depend on the inputs given together: a/x.wav and b/x.wav
     together are 'x.wav' and b's full path, b/x.wav alone is 'x.wav'. A re-run with b alone was
     'already done' with a's embedding; it is refused now. A file changed since its embedding is
-    embedded again; the same file moved elsewhere is still done."""
+    embedded again; the same file moved or copied elsewhere is still done, and another file of
+    the same size and time is not taken for it."""
     a, b = tmp_path / "a" / "x.wav", tmp_path / "b" / "x.wav"
     _write(a, 1.0, seed=1)
     _write(b, 1.5, seed=2)
@@ -152,6 +153,14 @@ def test_resume_knows_each_output_by_the_file_it_came_from(tmp_path, capsys, out
     moved.parent.mkdir()
     a.rename(moved)  # same size and time
     assert run(moved, b) == 0 and "0 embedded, 2 already done" in capsys.readouterr().out
+    copied = tmp_path / "copied" / "x.wav"
+    copied.parent.mkdir()
+    copied.write_bytes(moved.read_bytes())  # a new time
+    assert run(copied, b) == 0 and "0 embedded, 2 already done" in capsys.readouterr().out
+    other = tmp_path / "other" / "x.wav"
+    _write(other, 2.0, seed=4)  # a's size
+    os.utime(other, ns=(moved.stat().st_atime_ns, moved.stat().st_mtime_ns))
+    assert run(other, b) == 2 and "holds the embedding of" in capsys.readouterr().err
 
 
 def test_output_names_are_unique_and_folder_outputs_do_not_share_files(tmp_path, capsys):
@@ -172,8 +181,9 @@ def test_output_names_are_unique_and_folder_outputs_do_not_share_files(tmp_path,
     assert len(set(keys)) == 3 and keys[:2] == ["B/x.wav", "x.wav"]
     (tmp_path / "m.tsv").write_text(f"{tmp_path / 'root' / 'sub'}\n../../A/x.wav\t8000\nx.wav\t8000\n")
     sink = FolderSink(tmp_path / "feats")
-    targets = {sink.target(key) for key in ("../x.wav", "x.wav", "/x.wav", "__abs__/x.wav")}
-    assert len(targets) == 3 and sink.target("../x.wav") == tmp_path / "feats" / "__up__" / "x.wav.npz"
+    keys = ("../x.wav", "x.wav", "/x.wav", "__abs__/x.wav", "__up__/x.wav", "/__abs__/x.wav")
+    assert len({sink.target(key) for key in keys}) == len(keys)
+    assert sink.target("../x.wav") == tmp_path / "feats" / "__up__" / "x.wav.npz"
     assert main(["extract", str(tmp_path / "m.tsv"), "--checkpoint", CKPT, "--out", str(tmp_path / "feats"),
                  "--no-progress"]) == 0
     assert sorted(p.relative_to(tmp_path / "feats").as_posix() for p in (tmp_path / "feats").rglob("*.npz")) == [
