@@ -314,7 +314,7 @@ class FinetuneConfig:
     """Fine-tuning (SPEC 6.1-6.2; defaults: the AS-20K / SPASS recipe scaled by ``steps``)."""
 
     steps: int = 4000
-    warmup: int = 400
+    warmup: int | None = None  # None: 10 % of the steps, as every recipe of SPEC 6.2
     lr: float = 5e-5
     min_lr: float = 1e-6
     batch_size: int = 48
@@ -328,7 +328,8 @@ class FinetuneConfig:
     roll: bool = True
     noise: bool = False  # Speech Commands' spectrogram noise and time roll (SPEC 6.2)
     # auto: BCE for multi-label tasks, cross-entropy for single-label ones; bce: BCE for these
-    # too, as the Speech Commands recipe with mixup (SPEC 6.1)
+    # too, as the Speech Commands recipe with mixup (SPEC 6.1; BCE takes the targets as they
+    # are, without label smoothing)
     loss: str = "auto"
     balanced_weights: str = ""  # a file with one sampling weight per training clip
     epoch_size: int = 0  # clips drawn per epoch with balanced sampling (needed with balanced_weights)
@@ -340,6 +341,10 @@ class FinetuneConfig:
     checkpoint_blocks: str = "off"  # off | selective | full: recompute block activations in the backward
     workers: int = 2
     seed: int = 0
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.steps // 10 if self.warmup is None else self.warmup
 
 
 # Ranges of the probe's and the fine-tuner's settings; a field either config lacks is skipped.
@@ -353,6 +358,13 @@ _SETTING_RANGES = {
 }
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past any float
+        return False
+
+
 def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
     """Refuse a setting outside its range, naming it: a zero eval_every divides by zero after
     the first step, a negative layer_decay gives some blocks negative learning rates."""
@@ -360,13 +372,14 @@ def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
         if not hasattr(cfg, name):
             continue
         value = getattr(cfg, name)
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or not low <= value <= high):
+        if name == "warmup" and value is None:  # 10 % of the steps
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not low <= value <= high:
             span = f"a finite number >= {low}" if high == math.inf else f"in [{low}, {high:g}]"
             raise ValueError(f"{name}={value!r}: must be {span}")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"min_lr={cfg.min_lr} must be at most lr={cfg.lr}")
-    if hasattr(cfg, "warmup") and cfg.warmup >= cfg.steps:  # the lr would never reach its peak
+    if hasattr(cfg, "warmup") and cfg.warmup_steps >= cfg.steps:  # the lr would never reach its peak
         raise ValueError(f"warmup={cfg.warmup} must be below steps={cfg.steps} (SPEC 6.2 warms up for 10% of them)")
     if getattr(cfg, "layer_decay", 1) == 0:
         raise ValueError("layer_decay=0 would give every block a learning rate of 0 (1 is no decay)")
@@ -660,7 +673,7 @@ class Finetuner:
                 clips, targets = next(batches)
                 rng = np.random.default_rng([cfg.seed, self.dist.rank, self.step])  # per step: exact resume
                 spec, targets = _augmented_spec(self.model, clips, targets, augment, rng)
-                set_lr(self.optimizer, cosine(self.step, cfg.steps, cfg.warmup, cfg.lr, cfg.min_lr))
+                set_lr(self.optimizer, cosine(self.step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr))
                 with torch.autocast(spec.device.type, dtype=self.amp) if self.amp else nullcontext():
                     logits = self.module(spec)
                 loss = classification_loss(logits, targets, self.bce, augmented_smoothing(cfg),

@@ -121,7 +121,7 @@ def _check_unique(paths: list[Path], where: list[str]) -> None:
     """A clip listed twice would be trained on or scored twice, perhaps with other labels."""
     first: dict[str, str] = {}
     for path, at in zip(paths, where):
-        key = os.path.normpath(path)
+        key = os.path.realpath(path)  # written relative and absolute, or through a link
         if key in first:
             raise LabelError(f"{at}: {path} is listed again (first at {first[key]})")
         first[key] = at
@@ -181,7 +181,7 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
         raise LabelError(f"{path}: cannot read ({exc})") from exc
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:
         raise LabelError(f"{path}: expected a header 'path,labels'")
-    columns = len(rows[0])
+    columns = len([name for name in rows[0] if name.strip()])  # a trailing comma names no column
     if descriptors:
         classes = read_descriptors(descriptors)
         lookup, names = _lookup(classes), [name for _, name in classes]
@@ -192,7 +192,7 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
     for number, row in enumerate(rows[1:], start=2):
         if not row or not row[0].strip():
             continue
-        if columns > 2 and len(row) > columns:
+        if columns > 2 and len([field for field in row if field.strip()]) > columns:
             raise LabelError(f"{path}:{number}: {len(row)} fields for the {columns} columns of the header; "
                              "quote a labels field that holds commas")
         file = Path(row[0].strip())

@@ -314,7 +314,9 @@ class ObjectiveConfig:
     """Loss and target settings (SPEC 4.2, 4.4, 5.4-5.5). ``stage`` 1 = EAT, 2 = SSLAM."""
 
     stage: int = 1
-    clones: int | None = None  # None: the stage's, 16 in stage 1 and 8 in stage 2 (SPEC 3)
+    # None: the stage's, 16 in stage 1 and 8 in stage 2 (SPEC 3), fixed when the config is made
+    # (dataclasses.replace(cfg, stage=2) keeps cfg's clones)
+    clones: int | None = None
     top_k: int = 12  # average_top_k_layers
     cls_loss: float = 1.0
     srl_weight: float = 2.0  # the x2 token-count rescaling of the SRL term

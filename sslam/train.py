@@ -206,7 +206,12 @@ def preset(name: str = "base", stage: int = 1) -> TrainConfig:
 
 def parse_option(value, annotation: str, key: str):
     """A ``--key=value`` string converted to the field type named by ``annotation``; a value
-    that is not a string (from a dict or a JSON file) must already have that type."""
+    that is not a string (from a dict or a JSON file) must already have that type. ``T | None``
+    also takes ``none``."""
+    if annotation.endswith(" | None"):
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        annotation = annotation.removesuffix(" | None")
     if not isinstance(value, str):
         # Checked here, or a batch size of 2.5 or an lr of True would only fail deep in a run.
         ok = {"bool": isinstance(value, bool),

@@ -158,6 +158,8 @@ def test_csv_labels(tmp_path):
     # labels (an ESC-50 fold column made a multi-label task with classes '1' and '2').
     (tmp_path / "loose.csv").write_text("path,labels\nx.wav,dog,cat\ny.wav,bird\n")
     assert read_csv_split(tmp_path / "loose.csv").targets.tolist() == [[0, 1, 1], [1, 0, 0]]
+    (tmp_path / "trailing.csv").write_text("path,labels,\nx.wav,dog,cat\ny.wav,bird,\n")  # a spreadsheet's comma
+    assert read_csv_split(tmp_path / "trailing.csv").targets.tolist() == [[0, 1, 1], [1, 0, 0]]
     (tmp_path / "folds.csv").write_text("path,labels,fold\nx.wav,dog,1\ny.wav,cat,2\n")
     folds = read_csv_split(tmp_path / "folds.csv")
     assert folds.class_names == ["cat", "dog"] and not folds.multilabel
@@ -165,7 +167,7 @@ def test_csv_labels(tmp_path):
     with pytest.raises(LabelError, match=r"long.csv:2: 4 fields for the 3 columns of the header; quote"):
         read_csv_split(tmp_path / "long.csv")
     # A clip listed twice (here with other labels) is refused, naming both lines.
-    (tmp_path / "twice.csv").write_text("path,labels\nx.wav,dog\ny.wav,cat\n./x.wav,cat\n")
+    (tmp_path / "twice.csv").write_text(f"path,labels\nx.wav,dog\ny.wav,cat\n{tmp_path / 'x.wav'},cat\n")
     with pytest.raises(LabelError, match=r"twice.csv:4: .*x.wav is listed again \(first at .*twice.csv:2\)"):
         read_csv_split(tmp_path / "twice.csv")
 
@@ -325,6 +327,10 @@ def test_fine_tuning_schedule_is_fairseqs_cosine():
     min_lr: AS-20K's 5e-5 -> 1e-6 over 40,000 updates with 4,000 of warm-up (SPEC 6.2)."""
     lr = [cosine(step, 40_000, 4_000, 5e-5, 1e-6) for step in (0, 2_000, 4_000, 22_000, 40_000, 50_000)]
     assert lr == pytest.approx([1e-6, 2.55e-5, 5e-5, 2.55e-5, 1e-6, 1e-6])
+    # The warm-up is 10 % of the steps unless given (a fixed 400 refused runs of 400 steps or less).
+    assert FinetuneConfig(steps=300).warmup_steps == 30 and FinetuneConfig(steps=300, warmup=0).warmup_steps == 0
+    assert apply_overrides(FinetuneConfig(), ["--warmup=50"]).warmup == 50
+    assert apply_overrides(FinetuneConfig(warmup=5), ["--warmup=none"]).warmup is None
 
 
 def test_roll_mixup_specaugment():
@@ -466,7 +472,7 @@ def test_finetuning_restarted_before_its_first_checkpoint_logs_each_step_once(tm
                                     {"warmup": -5}, {"mixup_prob": 2.0}, {"mask_ratio": 2.0},
                                     {"mixup": float("nan")}, {"batch_size": 0}, {"min_lr": 1.0},
                                     {"lr": float("inf")}, {"mixup": float("inf")}, {"weight_decay": float("inf")},
-                                    {"warmup": 10**9}])
+                                    {"warmup": 10**9}, {"steps": 10**400}, {"lr": 10**400}])
 def test_impossible_finetuning_and_probe_settings_are_refused_by_name(tmp_path, change):
     train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
     name = next(iter(change))
