@@ -447,7 +447,11 @@ def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: lis
     <saved> in the checkpoint, <now> now``."""
     from .train import changed_settings
 
-    conflicts = changed_settings(saved.get("config") or {}, asdict(cfg), FINETUNE_RESUME_MAY_CHANGE)
+    def effective(config: dict) -> dict:  # the warm-up a run uses, given or 10 % of its steps
+        warmup = config.get("warmup", 0)
+        return {**config, "warmup": config.get("steps", 0) // 10 if warmup is None else warmup}
+
+    conflicts = changed_settings(effective(saved.get("config") or {}), effective(asdict(cfg)), FINETUNE_RESUME_MAY_CHANGE)
     old_split = saved.get("train_split")
     if old_split is not None and train_split is not None and old_split != train_split:
         conflicts.append(f"training split: other clips or labels than the checkpoint's ({old_split} in the "

@@ -331,6 +331,15 @@ def test_fine_tuning_schedule_is_fairseqs_cosine():
     assert FinetuneConfig(steps=300).warmup_steps == 30 and FinetuneConfig(steps=300, warmup=0).warmup_steps == 0
     assert apply_overrides(FinetuneConfig(), ["--warmup=50"]).warmup == 50
     assert apply_overrides(FinetuneConfig(warmup=5), ["--warmup=none"]).warmup is None
+    # A run saved with the former fixed default resumes: the same warm-up in effect.
+    from dataclasses import asdict
+
+    from sslam.evaluate import finetune_resume_conflicts
+
+    saved = {"config": asdict(FinetuneConfig(warmup=400))}
+    assert finetune_resume_conflicts(saved, FinetuneConfig(), [], False, {}, 1) == []
+    assert finetune_resume_conflicts(saved, FinetuneConfig(warmup=100), [], False, {}, 1) == [
+        "warmup: 400 in the checkpoint, 100 now"]
 
 
 def test_roll_mixup_specaugment():
