@@ -7,9 +7,9 @@ one ``.npz`` per input (mirroring the inputs' relative paths). Every output reco
 came from (path, size, modification time, a digest of its first and last 64 KiB): re-running
 skips inputs already done (also moved or copied ones), embeds again those that changed, and
 refuses an output name that holds another file's embedding (names of files with the same name
-depend on the inputs given together). A re-run with other settings
-or another encoder is refused, and a file named twice is embedded once. Bad files are
-reported by name with the reason.
+depend on the inputs given together). A re-run with other settings or another encoder is
+refused, and a file named twice is embedded once. Bad files are reported by name with the
+reason.
 """
 
 from __future__ import annotations
@@ -140,12 +140,12 @@ def is_done(out: Path, key: str, recorded: dict | None, path: Path) -> bool:
         return True
     try:
         st, real = os.stat(path), os.path.realpath(path)
+        if real == recorded.get("path") and (st.st_size, st.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns")):
+            return True  # untouched: no need to read it
+        if digest_of(path) == recorded.get("digest"):
+            return True
     except OSError:
-        return True  # gone since: its embedding stays
-    if real == recorded.get("path") and (st.st_size, st.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns")):
-        return True  # untouched: no need to read it
-    if digest_of(path) == recorded.get("digest"):
-        return True
+        return True  # gone or unreadable since: its embedding stays
     if real == recorded.get("path"):
         return False
     raise ValueError(f"{out}: {key!r} holds the embedding of {recorded.get('path')}, not of {real} (a run with other "
