@@ -6,9 +6,9 @@
   display names.
 * a plain CSV with a header ``path,labels`` (labels separated by ``;`` or ``,`` inside quotes,
   or by unquoted commas when the header has just these two columns; further named columns, an
-  ESC-50 fold say, are ignored; relative paths are relative to the CSV's folder). The classes are the descriptors' when
-  given (labels then as mids or display names, commas inside a display name kept), otherwise
-  the sorted set of labels of the training split.
+  ESC-50 fold say, are ignored; relative paths are relative to the CSV's folder). The classes
+  are the descriptors' when given (labels then as mids or display names, commas inside a
+  display name kept), otherwise the sorted set of labels of the training split.
 * the built-in benchmark: ``synth:mono`` and ``synth:poly`` (:mod:`sslam.synth`).
 """
 
@@ -192,8 +192,9 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
     for number, row in enumerate(rows[1:], start=2):
         if not row or not row[0].strip():
             continue
-        if columns > 2 and len([field for field in row if field.strip()]) > columns:
-            raise LabelError(f"{path}:{number}: {len(row)} fields for the {columns} columns of the header; "
+        filled = len([field for field in row if field.strip()])
+        if columns > 2 and filled > columns:
+            raise LabelError(f"{path}:{number}: {filled} fields for the {columns} columns of the header; "
                              "quote a labels field that holds commas")
         file = Path(row[0].strip())
         paths.append(file if file.is_absolute() else path.parent / file)
