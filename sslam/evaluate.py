@@ -35,6 +35,7 @@ from .features import norm_stats, preprocess
 from .labels import LabeledSplit, SplitAudio, read_split
 from .metrics import accuracy, mean_average_precision
 from .model import BLOCK_CHECKPOINTING, Encoder, eval_mode, stochastic_depth
+from .schedule import cosine
 
 
 class LinearHead(nn.Module):
@@ -79,15 +80,6 @@ def score(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, metric:
     if metric == "accuracy":
         return "accuracy", accuracy(logits, targets)
     raise ValueError(f"metric={metric!r}: 'mAP' or 'accuracy'")
-
-
-def cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """fairseq's ``cosine``: linear warm-up from ``min_lr`` (its ``warmup_init_lr`` default) to
-    ``lr``, then one cosine half-period down to ``min_lr`` at ``total``."""
-    if step < warmup:
-        return min_lr + (lr - min_lr) * step / max(1, warmup)
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _window(encoder: Encoder) -> int:
@@ -344,7 +336,12 @@ class FinetuneConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return self.steps // 10 if self.warmup is None else self.warmup
+        return warmup_steps(self.steps, self.warmup)
+
+
+def warmup_steps(steps: int, warmup: int | None) -> int:
+    """The warm-up a fine-tuning run uses: ``warmup``, or 10 % of its steps when None."""
+    return steps // 10 if warmup is None else warmup
 
 
 # Ranges of the probe's and the fine-tuner's settings; a field either config lacks is skipped.
@@ -447,9 +444,8 @@ def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: lis
     <saved> in the checkpoint, <now> now``."""
     from .train import changed_settings
 
-    def effective(config: dict) -> dict:  # the warm-up a run uses, given or 10 % of its steps
-        warmup = config.get("warmup", 0)
-        return {**config, "warmup": config.get("steps", 0) // 10 if warmup is None else warmup}
+    def effective(config: dict) -> dict:  # the warm-up in effect, compared
+        return {**config, "warmup": warmup_steps(config.get("steps", 0), config.get("warmup", 0))}
 
     conflicts = changed_settings(effective(saved.get("config") or {}), effective(asdict(cfg)), FINETUNE_RESUME_MAY_CHANGE)
     old_split = saved.get("train_split")

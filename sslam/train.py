@@ -46,6 +46,7 @@ from .pretrain import (
     ema_decay,
     train_flops_per_clip,
 )
+from .schedule import cosine
 
 
 class StopTraining(RuntimeError):
@@ -484,13 +485,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_factor(step: int, o: OptimSection) -> float:
-    """fairseq's ``cosine``, as a fraction of ``lr``: linear warm-up from ``min_lr`` (its
-    ``warmup_init_lr`` default), then one cosine half-period to ``min_lr`` at ``max_steps``."""
-    floor = o.min_lr / o.lr if o.lr > 0 else 0.0
-    if step < o.warmup_steps:
-        return floor + (1 - floor) * step / max(1, o.warmup_steps)
-    progress = min(1.0, (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps))
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    """:func:`sslam.schedule.cosine` as a fraction of ``lr`` (what LambdaLR multiplies)."""
+    return cosine(step, o.max_steps, o.warmup_steps, 1.0, o.min_lr / o.lr if o.lr > 0 else 0.0)
 
 
 # ---- checkpoints --------------------------------------------------------------------------

@@ -1,0 +1,15 @@
+"""The learning-rate schedule of the official recipes: fairseq's ``cosine`` (SPEC 5.6, 6.2)."""
+
+from __future__ import annotations
+
+import math
+
+
+def cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """The learning rate of update ``step``: linear warm-up from ``min_lr`` (fairseq's
+    ``warmup_init_lr`` default) to ``lr`` over ``warmup`` updates, then one cosine half-period
+    down to ``min_lr`` at ``total``."""
+    if step < warmup:
+        return min_lr + (lr - min_lr) * step / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
