@@ -1135,15 +1135,12 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        # torch.save reports a full disk as a RuntimeError of its zip writer; other
-        # RuntimeErrors are the writer's own faults.
-        if isinstance(exc, RuntimeError) and "inline_container" not in str(exc):
-            raise
-        raise _write_error(path, exc) from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a full disk as a RuntimeError of its zip writer; other errors
+        # are the writer's own faults (or an interruption) and pass as they are.
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "inline_container" in str(exc)):
+            raise _write_error(path, exc) from exc
         raise
 
 
