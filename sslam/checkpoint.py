@@ -1124,7 +1124,9 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file.
     The file gets the permissions a plain ``open(path, 'w')`` would give it (the temporary
     file starts private, and some writers, such as safetensors, create files 0600). A failed
-    write (a full disk, say) is an ``OSError`` naming ``path``; what was there is kept."""
+    write (a full disk, say) is an ``OSError`` naming ``path``; what was there is kept. The
+    file and then its folder are synced, so after a power loss ``path`` holds the old or the
+    new file, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -1142,6 +1144,18 @@ def atomic_write(path: str | os.PathLike, write) -> None:
         if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "inline_container" in str(exc)):
             raise _write_error(path, exc) from exc
         raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable: the new entry is on disk only once the folder is."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder (EINVAL); the rename itself has happened
+    finally:
+        os.close(fd)
 
 
 def _write_error(path: Path, exc: BaseException) -> OSError:

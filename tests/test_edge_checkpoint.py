@@ -14,6 +14,7 @@ import io
 import json
 import os
 import pickle
+import stat
 import sys
 import types
 import warnings
@@ -809,6 +810,20 @@ def test_written_files_get_the_permissions_the_umask_gives(tmp_path, umask):
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
     for name in ("model.safetensors", "config.json"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
+    """A rename is durable only once its folder is synced: without that a power loss after the
+    write could leave the old file (or none) although the run went on as if it were saved."""
+    synced, real_fsync = [], os.fsync
+
+    def fsync(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic_write(tmp_path / "sub" / "state.pt", lambda tmp: torch.save({"a": torch.ones(1)}, tmp))
+    assert synced == ["file", "folder"]
 
 
 class _FullDisk(io.RawIOBase):
