@@ -137,31 +137,34 @@ _INTEGER_READS = {
 }
 
 
-# Frames decoded per read call; a clip shorter than this (23 s at 44.1 kHz) takes one read.
+# soundfile.read (the reference's reader) decodes a file in ONE call of the header's frame
+# count, and for a damaged Ogg file libsndfile's result depends on how the reads are cut: a
+# read that starts after the damage re-delivers frames an earlier one returned. So a file is
+# read in one call like that when its claimed output fits in _ONE_READ_BYTES (46 minutes of
+# 48 kHz stereo); a larger claim, honest or hostile (a FLAC STREAMINFO may claim 2**36
+# samples), is read in blocks of _READ_BLOCK_FRAMES, as soundfile allocates what it asks for.
+_ONE_READ_BYTES = 1 << 30
 _READ_BLOCK_FRAMES = 1 << 20
 
 
 def _read_all(sound: soundfile.SoundFile, dtype: str, limit: int | None = None) -> np.ndarray:
     """Every frame of an open file (the first ``limit`` if given), ``(frames, channels)`` of
-    ``dtype``, read in blocks until the decoder stops. The frame count in the header only caps
-    each block, because soundfile allocates what it asks for before decoding: a damaged or
-    hostile header (a FLAC STREAMINFO may claim up to 2**36 samples) would otherwise cost
-    gigabytes or a MemoryError.
-    The result equals ``soundfile.read(..., always_2d=True)``, damaged files included."""
-    blocks, left = [], limit
-    while left is None or left > 0:
-        asked = _READ_BLOCK_FRAMES if left is None else min(_READ_BLOCK_FRAMES, left)
-        block = sound.read(asked, dtype=dtype, always_2d=True)
-        if block.shape[0]:
-            blocks.append(block)
-            left = None if left is None else left - block.shape[0]
-        # A short read is the end of the file, or a decode error (a damaged Ogg page): stop
-        # there, as soundfile.read (the reference's reader) does. Reading on would append the
-        # audio after the damage, which the reference never sees.
-        if block.shape[0] < asked:
+    ``dtype``. The result equals ``soundfile.read(..., always_2d=True)``, damaged files
+    included, except for a damaged Ogg file too long for one read (see ``_ONE_READ_BYTES``)."""
+    claimed = sound.frames if limit is None else min(limit, sound.frames)
+    if claimed * sound.channels * np.dtype(dtype).itemsize <= _ONE_READ_BYTES:
+        samples = sound.read(claimed, dtype=dtype, always_2d=True)
+        # A short read (damage, a false claim) is a view of the whole allocation: copy it out.
+        return samples if 2 * len(samples) >= claimed else samples.copy()
+    blocks, left = [], claimed
+    while left > 0:
+        asked = min(_READ_BLOCK_FRAMES, left)
+        blocks.append(sound.read(asked, dtype=dtype, always_2d=True))
+        left -= len(blocks[-1])
+        # A short read is the end of the file or a decode error (a damaged Ogg page): stop
+        # there, as soundfile.read does, rather than append the audio after the damage.
+        if len(blocks[-1]) < asked:
             break
-    if not blocks:
-        return np.empty((0, sound.channels), dtype=dtype)
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 

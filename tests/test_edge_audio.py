@@ -169,8 +169,26 @@ def test_damaged_ogg_decodes_as_soundfile_read_does(tmp_path):
     assert torch.equal(waveform, torch.from_numpy(expected.T))
 
 
+def test_damaged_ogg_longer_than_a_read_block_decodes_as_soundfile_read_does(tmp_path, monkeypatch):
+    """Regression: the file was read in blocks, and after the damage libsndfile re-delivered
+    frames at the next block's start (here 4992 frames too many; 469 ms twice in a 25-s file
+    with the real 2**20-frame blocks). soundfile.read reads it in one call; so do we now."""
+    monkeypatch.setattr(audio, "_READ_BLOCK_FRAMES", 1 << 15)
+    path = tmp_path / "damaged.ogg"
+    noise = 0.2 * np.random.default_rng(0).standard_normal(10 * 16000)
+    soundfile.write(path, noise.astype(np.float32), 16000, format="OGG", subtype="VORBIS")
+    data = bytearray(path.read_bytes())
+    start = len(data) // 4
+    data[start : start + 300] = bytes(b ^ 0x3C for b in data[start : start + 300])
+    path.write_bytes(bytes(data))
+    expected, _ = soundfile.read(path, dtype="float32", always_2d=True)
+    waveform, _ = load_audio(path, mono=False)
+    assert torch.equal(waveform, torch.from_numpy(expected.T))
+
+
 @pytest.mark.parametrize("frames", [999, 1000, 1001, 3000, 3001])
 def test_files_longer_than_one_read_block_decode_whole(tmp_path, monkeypatch, frames):
+    monkeypatch.setattr(audio, "_ONE_READ_BYTES", 0)  # every file in blocks
     monkeypatch.setattr(audio, "_READ_BLOCK_FRAMES", 1000)
     path = tmp_path / "long.wav"
     soundfile.write(path, np.random.default_rng(2).uniform(-0.5, 0.5, (frames, 2)), 16000, subtype="FLOAT")
