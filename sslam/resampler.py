@@ -21,7 +21,7 @@ How it is applied. Two paths compute the same sums:
 * ``exact=True`` (default): the dense filter bank, ``orig + 2 * width`` taps per phase, built with
   the reference's float arithmetic and applied as one strided ``conv1d``, exactly as the reference
   does -- its outputs are bit-identical on the CPU. Banks over 1 GiB (coprime rates such as
-  383999 -> 16000 Hz, where the reference needs 25 GB) take the fast path instead. Bit identity matters more than one would
+  383999 -> 16000 Hz, where the reference needs 25 GB) take the fast path instead, with a warning. Bit identity matters more than one would
   think: log-mel bins whose energy sits at Kaldi's float-epsilon floor (quiet low frequencies) turn
   1e-7 waveform differences into 1e-3 log-domain differences.
 * ``exact=False``: only about ``2 * width`` of those taps are non-zero (for 44.1 kHz -> 16 kHz:
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -369,8 +370,8 @@ def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = T
     arguments: bit for bit on the CPU with ``exact=True``; to ~1e-6 in float32 with
     ``exact=False`` (the grouped-matmul path, 3-4x faster; see the module docstring). Rate pairs
     whose reduced rates make the reference's dense filter bank larger than 1 GiB (coprime pairs
-    like 383999 -> 16000 Hz, where the reference needs 25 GB) take the fast path even with
-    ``exact=True``. On CUDA the
+    like 383999 -> 16000 Hz, where the reference needs 25 GB; but also 16777 or 22051 Hz ->
+    16 kHz) take the fast path even with ``exact=True``, with a warning. On CUDA the
     matmul/convolution follows torch's float32 precision settings (TF32 costs ~5e-4).
 
     Args:
@@ -409,7 +410,16 @@ def resample(waveform: Tensor, orig_freq: int, new_freq: int, *, exact: bool = T
     rows = waveform.reshape(-1, length)
     if rows.shape[0] == 0:
         return waveform.new_empty(*waveform.shape[:-1], out_length)
-    if exact and _dense_elements(orig, new) * waveform.element_size() <= _DENSE_MAX_BYTES:
+    bank_bytes = _dense_elements(orig, new) * waveform.element_size()
+    if exact and bank_bytes > _DENSE_MAX_BYTES:
+        warnings.warn(
+            f"resample {orig_freq} -> {new_freq} Hz: the reference's filter bank for these rates "
+            f"takes {bank_bytes / 2**20:,.0f} MiB, over the {_DENSE_MAX_BYTES / 2**20:,.0f} MiB that "
+            "exact=True builds; resampled with the fast path instead (within ~1e-6 of the "
+            "reference, not bit for bit)",
+            stacklevel=2,
+        )
+    if exact and bank_bytes <= _DENSE_MAX_BYTES:
         out = _apply_dense(rows, orig, new, out_length)
     else:
         out = _apply_plan(rows, _plan(orig, new, waveform.dtype, waveform.device), out_length)

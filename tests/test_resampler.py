@@ -180,6 +180,20 @@ def test_threads_resampling_at_a_new_rate_build_its_bank_once(monkeypatch):
     assert all(torch.equal(out, outs[0]) for out in outs)
 
 
+def test_exact_resampling_too_large_to_build_says_it_is_not_bit_identical(monkeypatch, recwarn):
+    """Rates whose reference filter bank is over the build limit (16777 Hz -> 16 kHz: 1,025 MiB)
+    took the fast path silently although the docs promised bit identity."""
+    x = torch.randn(2, 4000)
+    with pytest.warns(UserWarning, match=r"16777 -> 16000 Hz: .* 1,025 MiB, over the 1,024 MiB .* not bit for bit"):
+        out = resample(x, 16777, 16000)
+    assert torch.equal(out, resample(x, 16777, 16000, exact=False))
+    monkeypatch.setattr(resampler, "_DENSE_MAX_BYTES", 80_000 * 4)  # 44.1 kHz -> 16 kHz: 76,200 taps
+    recwarn.clear()
+    resample(x, 44100, 16000)
+    resample(x, 16777, 16000, exact=False)
+    assert not recwarn.list
+
+
 def test_equal_rates_return_the_input():
     x = torch.randn(3, 101)
     assert resample(x, 16000, 16000) is x
