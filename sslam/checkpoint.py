@@ -125,15 +125,19 @@ def _pickle_globals(stream) -> set[str]:
     return found
 
 
-def _legacy_globals(path: Path) -> set[str]:
+def _legacy_globals(path: Path) -> tuple[set[str], bool]:
     """Globals of a legacy (non-zip, ``_use_new_zipfile_serialization=False``) ``torch.save``
-    file. ``torch.load`` unpickles five pickles from it (magic number, protocol, system info, the
-    object, storage keys) before the raw storage bytes; all five are scanned."""
+    file, and whether the file is a plain pickle instead. ``torch.load`` unpickles five pickles
+    from a legacy file (magic number, protocol, system info, the object, storage keys) before the
+    raw storage bytes; all five are scanned. The first, a bare int, names no global: a file whose
+    first pickle does is a plain ``pickle.dump``, and only that pickle is scanned."""
     names: set[str] = set()
     with path.open("rb") as f:
-        for _ in range(5):
+        for index in range(5):
             names |= _pickle_globals(f)
-    return names
+            if index == 0 and names:
+                return names, True
+    return names, False
 
 
 def _clean(exc: BaseException) -> str:
@@ -194,8 +198,11 @@ def safe_torch_load(path: str | os.PathLike):
             if not refused:
                 _check_record_sizes(path)
         else:
-            # The weights_only unpickler itself refuses unknown globals of legacy files.
-            names, refused = {n for n in _legacy_globals(path) if _is_inert(n)}, []
+            # The weights_only unpickler itself refuses unknown globals of torch.save files (it
+            # allows torch's own); a plain pickle, which it would call unreadable, is refused here.
+            found, plain = _legacy_globals(path)
+            names = {n for n in found if _is_inert(n)}
+            refused = [n for n in found if not _is_inert(n)] if plain else []
     except CheckpointError:
         raise
     except Exception as exc:
@@ -422,6 +429,13 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)
     # Config fields the file states (the rest were read from shapes or are defaults/guesses).
     declared: frozenset[str] = frozenset(f.name for f in dataclasses.fields(EncoderConfig))
+    # Where ``state`` sits in the file, for messages: "" (the file's main weights) or a part.
+    part: str = ""
+
+    @property
+    def source(self) -> str:
+        """The file, and the part of it that ``state`` comes from, as messages name it."""
+        return f"{self.path} ({self.part})" if self.part else str(self.path)
 
 
 # ---- key maps -------------------------------------------------------------------------------
@@ -697,12 +711,13 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
         if teacher is None:
             raise CheckpointError(f"{path}: weights='teacher' but the file has no (non-empty) '_ema' teacher")
         state = teacher
+    part = "its EMA teacher, model['_ema']" if weights == "teacher" else ""
     image = _section(mcfg, "modalities", "image")
     fields = _fairseq_fields(mcfg, state)
-    config = infer_config(state, source=path, **fields)
+    config = infer_config(state, source=f"{path} ({part})" if part else path, **fields)
     prep = _check_preprocessing({"target_length": image.get("target_length")}, path)
     return Checkpoint(path, "fairseq-pretrain", config, state, preprocessing=prep, decoder=decoder or None,
-                      teacher=teacher, raw_config=mcfg, declared=_stated(fields))
+                      teacher=teacher, raw_config=mcfg, declared=_stated(fields), part=part)
 
 
 # ---- Hugging Face / bare state dicts ---------------------------------------------------------
@@ -960,7 +975,7 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "student") -> Checkp
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
     ckpt = _read(Path(path), weights)
-    _check_architecture(ckpt.config, ckpt.state, ckpt.path)
+    _check_architecture(ckpt.config, ckpt.state, ckpt.source)
     _check_window(ckpt)
     return ckpt
 
@@ -1027,9 +1042,9 @@ def _fit_positions(model: Encoder, state: dict) -> dict:
 def encoder_from_checkpoint(ckpt: Checkpoint, device="cpu", dtype: torch.dtype = torch.float32) -> Encoder:
     # Cheap check first: a config that disagrees with the weights (e.g. an absurd depth) must
     # not get as far as allocating a model.
-    _check_architecture(ckpt.config, ckpt.state, ckpt.path)
+    _check_architecture(ckpt.config, ckpt.state, ckpt.source)
     model = Encoder(ckpt.config)
-    state = check_state(model, _fit_positions(model, ckpt.state), ckpt.path)
+    state = check_state(model, _fit_positions(model, ckpt.state), ckpt.source)
     model.load_state_dict(state, strict=True)
     return _with_metadata(model, ckpt).to(device=device, dtype=dtype).eval()
 
@@ -1106,7 +1121,7 @@ def _check_shape_blind_fields(config: EncoderConfig, ckpt: Checkpoint) -> None:
     ]
     if conflicts:
         raise CheckpointError(
-            f"{ckpt.path}: the model differs from the file's config where weight shapes cannot "
+            f"{ckpt.source}: the model differs from the file's config where weight shapes cannot "
             f"tell ({'; '.join(conflicts)}); build it with the file's values, or use "
             "sslam.load_encoder(path)"
         )
@@ -1267,7 +1282,7 @@ def describe(path, weights: str = "student") -> str:
     ckpt = read_checkpoint(path, weights)
     cfg = ckpt.config
     with torch.device("meta"):  # shapes only: no memory, even for ViT-L
-        check_state(Encoder(cfg), ckpt.state, ckpt.path)  # `info` fails where loading would
+        check_state(Encoder(cfg), ckpt.state, ckpt.source)  # `info` fails where loading would
     n = sum(v.numel() for k, v in ckpt.state.items() if k != "pos_embed")
     if weights == "teacher":
         which = "teacher (the EMA copy; the file also holds the student)"

@@ -419,7 +419,7 @@ class Pretrainer(nn.Module):
         if ckpt.decoder:  # every key and shape, and finite values, as for the encoders
             model.decoder.load_state_dict(check_state(model.decoder, ckpt.decoder, ckpt.path), strict=True)
         if ckpt.teacher:
-            model.teacher.encoder.load_state_dict(check_state(model.teacher.encoder, ckpt.teacher, ckpt.path))
+            model.teacher.encoder.load_state_dict(check_state(model.teacher.encoder, ckpt.teacher, f"{ckpt.path} (its EMA teacher)"))
         return model
 
     def trainable_parameters(self):

@@ -4,6 +4,7 @@ the official outputs; key/shape checks; safe loading of hostile files."""
 import argparse
 import json
 import os
+import pickle
 import sys
 import types
 from pathlib import Path
@@ -304,6 +305,20 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tmp_path, tiny):
     with pytest.raises(CheckpointError, match="refusing to load.*builtins.eval"):
         safe_torch_load(tmp_path / "sneaky.pt")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_plain_pickle_that_would_run_code_is_refused_by_name(tmp_path, protocol):
+    """A ``pickle.dump`` (not torch.save) of a payload was refused only as "pickle exhausted
+    before seeing STOP": safe, but the message did not say that the file holds code."""
+    marker = tmp_path / "pwned"
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"model": _Evil(marker)}, protocol=protocol))
+    with pytest.raises(CheckpointError, match=r"plain\.pt: refusing to load.*(posix|os|nt)\.system"):
+        safe_torch_load(tmp_path / "plain.pt")
+    assert not marker.exists()
+    (tmp_path / "harmless.pt").write_bytes(pickle.dumps({"a": [1, 2]}, protocol=protocol))
+    with pytest.raises(CheckpointError, match=r"harmless\.pt: not a readable PyTorch checkpoint"):
+        safe_torch_load(tmp_path / "harmless.pt")
 
 
 def test_fairseq_extras_still_load(tmp_path, tiny, monkeypatch):

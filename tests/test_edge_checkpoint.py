@@ -347,6 +347,23 @@ def test_teacher_without_its_own_patch_embedding(tmp_path):
     assert torch.equal(teacher.cls_token, ema.cls_token)
 
 
+def test_a_damaged_teacher_is_named_as_the_teacher(tmp_path):
+    """A file whose student is sound but whose ``_ema`` teacher is not: the errors named only the
+    file (and a key the student has intact), not the teacher."""
+    cfg = VARIANTS["tiny"]
+    ckpt = fairseq_pretrain(random_encoder(cfg, seed=4), random_encoder(cfg, seed=5))
+    ema = ckpt["model"]["_ema"]
+    short = {k: v for k, v in ema.items() if not k.startswith("blocks.1.")}
+    bad_shape = {**ema, "blocks.0.norm1.weight": torch.randn(7)}
+    for name, teacher in [("short.pt", short), ("bad_shape.pt", bad_shape)]:
+        torch.save({**ckpt, "model": {**ckpt["model"], "_ema": teacher}}, tmp_path / name)
+        load_encoder(tmp_path / name)  # the student loads
+        with pytest.raises(CheckpointError, match=rf"{name} \(its EMA teacher, model\['_ema'\]\): "):
+            load_encoder(tmp_path / name, weights="teacher")
+        with pytest.raises(CheckpointError, match=r"\(its EMA teacher, model\['_ema'\]\)"):
+            describe(tmp_path / name, "teacher")
+
+
 def test_files_without_a_teacher_say_so(tmp_path):
     cfg = VARIANTS["tiny"]
     student = random_encoder(cfg)

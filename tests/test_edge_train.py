@@ -396,6 +396,15 @@ def test_official_checkpoint_teacher_from_ema_or_from_student(tmp_path):
                for k, v in official.state.items() if k != "pos_embed")
 
 
+def test_a_damaged_init_teacher_is_named_as_the_teacher(tmp_path):
+    raw = safe_torch_load(GOLDEN / "tiny_ckpt.pt")
+    name = next(k for k in raw["model"]["_ema"] if k.startswith("blocks.0."))
+    raw["model"]["_ema"][name] = torch.full_like(raw["model"]["_ema"][name], float("nan"))
+    torch.save(raw, tmp_path / "nan_teacher.pt")
+    with pytest.raises(CheckpointError, match=r"nan_teacher\.pt \(its EMA teacher\): blocks\.0\..* is not a finite"):
+        Trainer(small(tmp_path / "run", stage=2, steps=1, run__init=str(tmp_path / "nan_teacher.pt")), log=quiet)
+
+
 def test_hostile_or_truncated_init_is_refused_and_the_folder_is_untouched(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
