@@ -182,7 +182,7 @@ def _decode(name: str, frames_for=None) -> tuple[np.ndarray, int, bool]:
             dtype, scale = integer
             samples = _read_all(sound, dtype, limit)
     except (soundfile.LibsndfileError, RuntimeError) as exc:
-        raise _fail(name, f"cannot decode audio ({exc})") from exc
+        raise _fail(name, f"cannot decode audio ({_libsndfile_reason(exc)})") from exc
     except TypeError as exc:
         # Raised for header-less formats (RAW) that need the rate and layout from the caller.
         raise _fail(name, f"cannot decode audio without a header ({exc})") from exc
@@ -190,19 +190,31 @@ def _decode(name: str, frames_for=None) -> tuple[np.ndarray, int, bool]:
     return floats, rate, False
 
 
+def _libsndfile_reason(exc: RuntimeError) -> str:
+    """libsndfile's reason without soundfile's "Error opening b'<path>': " (the message names the
+    file already). Its "not a regular file (possibly a pipe?)" means undecodable data here: the
+    file was checked to be a regular one."""
+    reason = getattr(exc, "error_string", None) or str(exc)
+    if "possibly a pipe" in reason:
+        return "not audio in a format libsndfile reads, or damaged"
+    return reason
+
+
 def _check_regular_file(name: str) -> None:
     """Raise ``AudioError`` unless ``name`` is a readable regular file (not missing, not a
     directory, not a FIFO or device, whose read would block or never end)."""
     try:
-        mode = os.stat(name).st_mode
+        info = os.stat(name)
     except FileNotFoundError:
         raise _fail(name, "file not found") from None
     except OSError as exc:  # a symlink loop, a path through a non-directory, no permission
         raise _fail(name, f"cannot open ({exc.strerror})") from None
-    if stat.S_ISDIR(mode):
+    if stat.S_ISDIR(info.st_mode):
         raise _fail(name, "is a directory, not an audio file")
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(info.st_mode):
         raise _fail(name, "is not a regular file (a pipe, socket or device); read audio from a file")
+    if info.st_size == 0:
+        raise _fail(name, "is empty (0 bytes)")
     try:  # libsndfile would only say "System error." (os.access asks for the real, not the effective, user)
         with open(name, "rb"):
             pass

@@ -90,7 +90,7 @@ def _hostile(tmp_path, kind: str):
         return path, ["directory"]
     if kind == "empty":
         path.write_bytes(b"")
-        return path, ["cannot decode"]
+        return path, ["is empty (0 bytes)"]
     if kind == "random_wav":
         path.write_bytes(rng.bytes(4000))
         return path, ["cannot decode"]
@@ -98,6 +98,10 @@ def _hostile(tmp_path, kind: str):
         path = tmp_path / "random.flac"
         path.write_bytes(rng.bytes(4000))
         return path, ["cannot decode"]
+    if kind == "random_mp3":  # libsndfile: "not a regular file (possibly a pipe?)"
+        path = tmp_path / "random.mp3"
+        path.write_bytes(rng.bytes(4000))
+        return path, ["cannot decode audio (not audio in a format libsndfile reads, or damaged)"]
     if kind == "header_only":
         path.write_bytes(_wav_bytes(tmp_path)[:44])
         return path, ["no audio samples"]
@@ -130,7 +134,7 @@ def _hostile(tmp_path, kind: str):
     raise AssertionError(kind)
 
 
-HOSTILE = ["missing", "directory", "empty", "random_wav", "random_flac", "header_only", "zero_channels",
+HOSTILE = ["missing", "directory", "empty", "random_wav", "random_flac", "random_mp3", "header_only", "zero_channels",
            "zero_length", "nan_float", "inf_double", "flac_huge_claim", "fifo", "symlink_loop"]
 
 
@@ -143,6 +147,7 @@ def test_hostile_files_raise_audio_error_naming_the_file(tmp_path, kind):
     assert message.startswith(f"{os.fspath(path)}: "), message
     for word in words:
         assert word in message, message
+    assert "Error opening" not in message, message  # soundfile's prefix repeats the path, as bytes
 
 
 def test_regression_header_frame_count_is_not_trusted_for_allocation(tmp_path):
