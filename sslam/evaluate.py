@@ -20,7 +20,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -588,6 +588,12 @@ class Finetuner:
         if state.get("format") != "sslam-finetune":
             raise CheckpointError(f"{path}: not an sslam fine-tuning checkpoint (format {state.get('format')!r}); "
                                   "choose another out folder")
+        saved = state.get("config") or {}
+        if self.cfg.warmup is None and "steps" in saved:
+            # A run extended or shortened without --warmup keeps the warm-up it started with:
+            # 10 % of the new steps would move the lr schedule under the steps already taken.
+            self.cfg = replace(self.cfg, warmup=warmup_steps(saved["steps"], saved.get("warmup")))
+            check_settings(self.cfg)
         conflicts = finetune_resume_conflicts(state, self.cfg, self.train_split.class_names, self.multilabel,
                                               self.model.cfg.to_dict(), self.dist.world_size,
                                               split_fingerprint(self.train_split), self.model.preprocessing)

@@ -3,6 +3,7 @@ a short linear probe and fine-tuning run, and the demo smoke run."""
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -467,6 +468,23 @@ def test_finetuning_resumes_exactly_with_stochastic_depth_and_logs_each_step_onc
 
     assert [r["step"] for r in logged("cut")] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in logged("cut")] == [r["loss"] for r in logged("whole")]
+
+
+def test_a_run_extended_without_warmup_keeps_its_warmup(tmp_path):
+    """Regression: --steps may change on resume, but the default warm-up (10 % of the steps)
+    changed with it and the resume was refused ("warmup: 1 in the checkpoint, 2 now")."""
+    train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
+
+    def config(steps):
+        return FinetuneConfig(steps=steps, batch_size=4, eval_every=100, ckpt_every=10, out=str(tmp_path), workers=0)
+
+    Finetuner(tiny_encoder(), train, test, config(10), log=lambda *a: None).fit()
+    extended = Finetuner(tiny_encoder(), train, test, config(20), log=lambda *a: None)
+    assert extended.step == 10 and extended.cfg.warmup_steps == 1
+    extended.fit()
+    assert extended.step == 20
+    with pytest.raises(ValueError, match="warmup: 1 in the checkpoint, 3 now"):
+        Finetuner(tiny_encoder(), train, test, replace(config(30), warmup=3), log=lambda *a: None)
 
 
 def test_finetuning_restarted_before_its_first_checkpoint_logs_each_step_once(tmp_path):
