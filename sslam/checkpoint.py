@@ -29,6 +29,7 @@ is unpickled.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pickletools
@@ -1176,13 +1177,20 @@ def _sync_folder(folder: Path) -> None:
 def _write_error(path: Path, exc: BaseException) -> OSError:
     """An OSError of ``exc``'s kind naming ``path``, the reason, the free space and what is kept."""
     try:
-        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free on its disk"
+        free_bytes = shutil.disk_usage(path.parent).free
+        free = f"; {free_bytes / 2**20:.0f} MiB free on its disk"
     except OSError:
-        free = ""
+        free_bytes, free = None, ""
     kept = "; the earlier file of that name is kept" if path.exists() else ""
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _reason(exc)
-    errno = exc.errno if isinstance(exc, OSError) else None
-    return (type(exc) if isinstance(exc, OSError) else OSError)(errno, f"{path}: could not write it ({reason}{free}){kept}")
+    if isinstance(exc, OSError):
+        kind, code, reason = type(exc), exc.errno, exc.strerror or _reason(exc)
+    elif free_bytes is not None and free_bytes < 1 << 20:
+        # torch's zip writer only says "unexpected pos" when a write stops short; the disk is full
+        kind, code, reason = OSError, errno.ENOSPC, os.strerror(errno.ENOSPC)
+    else:
+        kind, code, reason = OSError, None, "a write stopped short"
+    message = f"{path}: could not write it ({reason}{free}){kept}"
+    return kind(code, message) if code is not None else kind(message)
 
 
 def export_metadata(model: Encoder, source: dict | None = None) -> dict:

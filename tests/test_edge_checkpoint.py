@@ -10,6 +10,7 @@ file was made from"."""
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -872,6 +873,24 @@ def test_a_full_disk_while_saving_is_one_error_naming_the_file(tmp_path):
         atomic_write(tmp_path / "state.pt", lambda tmp: torch.save({"a": torch.zeros(10_000)}, _FullDisk(tmp, 1000)))
     assert torch.equal(safe_torch_load(tmp_path / "state.pt")["a"], torch.ones(4))
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+def test_a_full_disk_is_reported_as_one(tmp_path, monkeypatch):
+    """The CLI printed "[Errno None] ... ([enforce fail at inline_container.cc:672] . unexpected
+    pos ...)" for a checkpoint written to a full disk: torch's zip writer hides the cause."""
+    import shutil
+
+    atomic_write(tmp_path / "state.pt", lambda tmp: torch.save({"a": torch.ones(4)}, tmp))
+    save = lambda tmp: torch.save({"a": torch.zeros(10_000)}, _FullDisk(tmp, 1000))  # noqa: E731
+    with pytest.raises(OSError) as excinfo:
+        atomic_write(tmp_path / "state.pt", save)
+    assert "a write stopped short" in str(excinfo.value) and excinfo.value.errno is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(OSError) as excinfo:
+        atomic_write(tmp_path / "state.pt", save)
+    assert excinfo.value.errno == errno.ENOSPC
+    assert str(excinfo.value).endswith("state.pt: could not write it (No space left on device; 0 MiB free on its "
+                                       "disk); the earlier file of that name is kept")
 
 
 def _tiny_state_file(tmp_path, **replace) -> Path:
