@@ -14,6 +14,7 @@ reason.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import zipfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -392,6 +394,23 @@ def _prefetched(items: list[Item], workers: int, ahead: int) -> Iterator[tuple[I
         pool.shutdown(cancel_futures=True)  # stopped early: the items not yet started are dropped
 
 
+@contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive lock on an extraction output for a run. Two runs writing one ``.npz``
+    would each rewrite it from their own rows at every flush, silently dropping the other's;
+    the second run is refused instead. The lock is a hidden empty file beside (``.npz``) or in
+    (folder) the output, left in place: removing it could let a third run lock a new file."""
+    lock_path = out.parent / f".{out.name}.lock" if out.suffix.lower() == ".npz" else out / ".sslam_extract.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)  # an unusable location fails here, first
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{out}: another sslam extract is writing to it; wait for it to finish, "
+                             "or choose another --out") from None
+        yield
+
+
 def run_extract(
     model,
     inputs: list[str],
@@ -422,47 +441,48 @@ def run_extract(
     out_path = Path(out)
     settings = {"granularity": granularity, "padding": padding, "crop": bool(crop),
                 "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
-    sink = FileSink(out_path, settings) if out_path.suffix.lower() == ".npz" else FolderSink(out_path, settings)
-    report = Report()
-    todo, again = [], set()
-    for item in items:
-        recorded = sink.source(item.key)
-        if is_done(out_path, item.key, recorded, item.path):
-            report.skipped += 1
-        else:
-            todo.append(item)
-            if recorded is not None:
-                again.add(item.key)
-    batch: list[tuple[Item, torch.Tensor]] = []
-    batches = 0
+    with output_lock(out_path):
+        sink = FileSink(out_path, settings) if out_path.suffix.lower() == ".npz" else FolderSink(out_path, settings)
+        report = Report()
+        todo, again = [], set()
+        for item in items:
+            recorded = sink.source(item.key)
+            if is_done(out_path, item.key, recorded, item.path):
+                report.skipped += 1
+            else:
+                todo.append(item)
+                if recorded is not None:
+                    again.add(item.key)
+        batch: list[tuple[Item, torch.Tensor]] = []
+        batches = 0
 
-    def encode(batch):
-        nonlocal batches
-        emb = model.embed([w for _, w in batch], 16000, padding=padding, crop=crop, batch_size=batch_size, autocast=autocast)
-        for i, (item, _) in enumerate(batch):
-            sink.add(item.key, arrays_of(emb, i, granularity), emb.label_names, source_of(item.path))
-            report.done += 1
-            report.changed += item.key in again
-        batches += 1
-        if batches % flush_every == 0:
-            sink.flush()
+        def encode(batch):
+            nonlocal batches
+            emb = model.embed([w for _, w in batch], 16000, padding=padding, crop=crop, batch_size=batch_size, autocast=autocast)
+            for i, (item, _) in enumerate(batch):
+                sink.add(item.key, arrays_of(emb, i, granularity), emb.label_names, source_of(item.path))
+                report.done += 1
+                report.changed += item.key in again
+            batches += 1
+            if batches % flush_every == 0:
+                sink.flush()
 
-    bar = tqdm(total=len(todo), disable=not progress, unit="clip", file=sys.stderr)
-    try:
-        # Enough clips ahead to fill the next batch while this one is encoded.
-        for item, wave, error in _prefetched(todo, workers, ahead=batch_size + workers):
-            bar.update(1)
-            if error is not None:
-                report.failed.append((item.key, error))
-                bar.write(_shown(f"FAILED {error}"), file=sys.stderr)
-                continue
-            batch.append((item, wave))
-            if len(batch) == batch_size:
+        bar = tqdm(total=len(todo), disable=not progress, unit="clip", file=sys.stderr)
+        try:
+            # Enough clips ahead to fill the next batch while this one is encoded.
+            for item, wave, error in _prefetched(todo, workers, ahead=batch_size + workers):
+                bar.update(1)
+                if error is not None:
+                    report.failed.append((item.key, error))
+                    bar.write(_shown(f"FAILED {error}"), file=sys.stderr)
+                    continue
+                batch.append((item, wave))
+                if len(batch) == batch_size:
+                    encode(batch)
+                    batch = []
+            if batch:
                 encode(batch)
-                batch = []
-        if batch:
-            encode(batch)
-    finally:
-        bar.close()
-        sink.flush()
-    return report
+        finally:
+            bar.close()
+            sink.flush()
+        return report

@@ -8,7 +8,7 @@ import soundfile as sf
 from conftest import GOLDEN
 
 from sslam.cli import main
-from sslam.extract import FileSink, collect_inputs
+from sslam.extract import FileSink, collect_inputs, output_lock
 
 CKPT = str(GOLDEN / "tiny_ckpt.pt")
 
@@ -91,7 +91,7 @@ def test_extract_to_one_file_reports_bad_files_and_resumes(audio_dir, tmp_path, 
     with np.load(out) as data:
         np.testing.assert_array_equal(data["utterance"], first)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".emb.npz")]
-    assert leftovers == []
+    assert leftovers == [".emb.npz.lock"]  # the run's lock, kept; no temporary files
 
 
 def test_extract_to_folder(audio_dir, tmp_path, capsys):
@@ -102,6 +102,19 @@ def test_extract_to_folder(audio_dir, tmp_path, capsys):
         assert data["timestamps"].shape == (64, 64) and data["times"].shape == (64,)
         assert "utterance" not in data
     assert "2 embedded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("out_name", ["emb.npz", "feats"])
+def test_a_second_run_writing_the_same_output_is_refused(audio_dir, tmp_path, capsys, out_name):
+    """Two runs writing one .npz each rewrote it from their own rows at every flush: both said
+    "embedded", and the file kept only the rows of the one that flushed last."""
+    out = tmp_path / out_name
+    args = ["extract", str(audio_dir / "a.wav"), "--checkpoint", CKPT, "--out", str(out), "--no-progress"]
+    with output_lock(out):  # another run holds it
+        assert main(args) == 2
+        assert "another sslam extract is writing to it" in capsys.readouterr().err
+        assert not list(tmp_path.rglob("*.npz"))  # nothing written
+    assert main(args) == 0  # once it has finished
 
 
 def test_file_sink_round_trip(tmp_path):
