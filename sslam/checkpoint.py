@@ -1163,6 +1163,16 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     _sync_folder(path.parent)
 
 
+def remove_temporaries(folder: Path, target: str = "*", recursive: bool = False) -> None:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` for ``target`` (a glob of
+    file names) when its process was killed mid-write: each is as large as the file it was
+    writing. Only for a folder that no other process is writing to."""
+    if folder.is_dir():
+        for tmp in (folder.rglob if recursive else folder.glob)(f".{target}.*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+
+
 def _sync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable: the new entry is on disk only once the folder is."""
     fd = os.open(folder, os.O_RDONLY)

@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import mixup, roll_crop, spec_augment, spectrogram_noise
-from .checkpoint import CheckpointError, atomic_write, load_encoder, safe_torch_load
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_encoder,
+    remove_temporaries,
+    safe_torch_load,
+)
 from .data import pad_clips, samples_for_frames
 from .features import norm_stats, preprocess
 from .labels import LabeledSplit, SplitAudio, read_split
@@ -579,6 +585,8 @@ class Finetuner:
                              f"[1, {per_rank}] (or use more clips / fewer processes)")
         self.step, self.best = 0, None
         existing = checkpoints_in(self.out)
+        if self.dist.rank == 0:  # what a killed run was writing
+            remove_temporaries(self.out)
         if existing:
             self._load(existing[-1])
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .audio import AudioError, load_audio
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, remove_temporaries
 from .data import folder_paths, manifest_entries
 from .embedding import check_min_length
 
@@ -442,6 +442,10 @@ def run_extract(
     settings = {"granularity": granularity, "padding": padding, "crop": bool(crop),
                 "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
     with output_lock(out_path):
+        if out_path.suffix.lower() == ".npz":  # what a killed run was writing
+            remove_temporaries(out_path.parent, out_path.name)
+        else:
+            remove_temporaries(out_path, recursive=True)
         sink = FileSink(out_path, settings) if out_path.suffix.lower() == ".npz" else FolderSink(out_path, settings)
         report = Report()
         todo, again = [], set()

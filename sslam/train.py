@@ -31,7 +31,13 @@ import torch
 import torch.distributed as dist
 
 from . import native
-from .checkpoint import CheckpointError, atomic_write, read_checkpoint, safe_torch_load
+from .checkpoint import (
+    CheckpointError,
+    atomic_write,
+    read_checkpoint,
+    remove_temporaries,
+    safe_torch_load,
+)
 from .features import norm_stats, preprocess
 from .kernels.switch import use_kernels
 from .masking import MaskConfig, clone_masks, kept_indices
@@ -615,6 +621,8 @@ class Trainer:
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         existing = checkpoints_in(self.out)
+        if self.dist.main:  # what a killed run was writing
+            remove_temporaries(self.out)
         if existing and not cfg.run.resume:
             # A fresh run there would overwrite some of them and keep_last would prune the rest
             # by name, leaving two runs mixed (and a later resume picking the wrong one).

@@ -396,6 +396,15 @@ def test_official_checkpoint_teacher_from_ema_or_from_student(tmp_path):
                for k, v in official.state.items() if k != "pos_embed")
 
 
+def test_a_restarted_run_removes_what_a_killed_run_was_writing(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / ".checkpoint_00000008.pt.a1b2c3.tmp"  # as large as a checkpoint, kept forever
+    stale.write_bytes(b"half a checkpoint")
+    Trainer(small(out, stage=1, steps=1), log=quiet)
+    assert not stale.exists()
+
+
 def test_a_damaged_init_teacher_is_named_as_the_teacher(tmp_path):
     raw = safe_torch_load(GOLDEN / "tiny_ckpt.pt")
     name = next(k for k in raw["model"]["_ema"] if k.startswith("blocks.0."))

@@ -487,6 +487,15 @@ def test_a_run_extended_without_warmup_keeps_its_warmup(tmp_path):
         Finetuner(tiny_encoder(), train, test, replace(config(30), warmup=3), log=lambda *a: None)
 
 
+def test_a_restarted_finetuning_removes_what_a_killed_run_was_writing(tmp_path):
+    stale = tmp_path / ".checkpoint_00000004.pt.a1b2c3.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
+    Finetuner(tiny_encoder(), train, test, FinetuneConfig(steps=2, batch_size=4, out=str(tmp_path), workers=0),
+              log=lambda *a: None)
+    assert not stale.exists()
+
+
 def test_finetuning_restarted_before_its_first_checkpoint_logs_each_step_once(tmp_path):
     train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
     cfg = FinetuneConfig(steps=3, warmup=0, batch_size=4, eval_every=1, ckpt_every=3, out=str(tmp_path), workers=0)

@@ -117,6 +117,18 @@ def test_a_second_run_writing_the_same_output_is_refused(audio_dir, tmp_path, ca
     assert main(args) == 0  # once it has finished
 
 
+def test_a_run_removes_what_a_killed_run_was_writing(audio_dir, tmp_path):
+    stale = [tmp_path / ".emb.npz.k2j3.tmp", tmp_path / "feats" / "sub" / ".c.wav.npz.x8q.tmp"]
+    kept = tmp_path / ".other.npz.k2j3.tmp"  # not this output's
+    for path in [*stale, kept]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    for out in ("emb.npz", "feats"):
+        assert main(["extract", str(audio_dir / "a.wav"), "--checkpoint", CKPT, "--out", str(tmp_path / out),
+                     "--no-progress"]) == 0
+    assert not any(path.exists() for path in stale) and kept.exists()
+
+
 def test_file_sink_round_trip(tmp_path):
     sink = FileSink(tmp_path / "x.npz")
     for key, rows in (("a", 3), ("b", 5)):
