@@ -1163,6 +1163,19 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     _sync_folder(path.parent)
 
 
+def check_output_folder(folder: Path, out: Path | None = None) -> None:
+    """Refuse, before any work, an output folder that cannot be made: an existing file (or
+    broken link), or a path under one. ``mkdir`` would say only "File exists" or "Not a
+    directory", and only once the model and the data were ready. ``out`` is the ``--out``
+    argument that names the folder (the folder itself by default)."""
+    out = folder if out is None else out
+    for path in (folder, *folder.parents):
+        if path.is_dir():
+            return
+        if path.exists() or path.is_symlink():
+            raise ValueError(f"--out {out}: {'it' if path == out else path} is not a folder")
+
+
 def remove_temporaries(folder: Path, target: str = "*", recursive: bool = False) -> None:
     """Delete the temporary files :func:`atomic_write` left in ``folder`` for ``target`` (a glob of
     file names) when its process was killed mid-write: each is as large as the file it was

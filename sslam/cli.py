@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,8 +23,9 @@ def _device(name: str | None) -> str:
 
 def cmd_extract(args) -> int:
     from .checkpoint import load_encoder
-    from .extract import run_extract
+    from .extract import check_output, run_extract
 
+    check_output(Path(args.out))  # before the checkpoint is read
     model = load_encoder(args.checkpoint, device=_device(args.device), weights=args.weights)
     if args.compile:
         model.compile_for_inference()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_encoder
+from .checkpoint import check_output_folder, load_encoder
 from .evaluate import ProbeConfig, linear_probe
 from .labels import synth_split
 from .model import Encoder
@@ -127,6 +127,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> d
         raise RuntimeError("sslam demo draws a figure: pip install matplotlib (or sslam[dev])") from exc
     settings = QUICK if quick else FULL
     out = Path(out)
+    check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     timings, curves = {}, {}

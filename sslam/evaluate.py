@@ -32,6 +32,7 @@ from .augment import mixup, roll_crop, spec_augment, spectrogram_noise
 from .checkpoint import (
     CheckpointError,
     atomic_write,
+    check_output_folder,
     load_encoder,
     remove_temporaries,
     safe_torch_load,
@@ -370,7 +371,8 @@ def _finite(value: int | float) -> bool:
 
 def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
     """Refuse a setting outside its range, naming it: a zero eval_every divides by zero after
-    the first step, a negative layer_decay gives some blocks negative learning rates."""
+    the first step, a negative layer_decay gives some blocks negative learning rates. A
+    fine-tuning run's ``out`` must be able to be a folder."""
     for name, (low, high) in _SETTING_RANGES.items():
         if not hasattr(cfg, name):
             continue
@@ -386,6 +388,8 @@ def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
         raise ValueError(f"warmup={cfg.warmup} must be below steps={cfg.steps} (SPEC 6.2 warms up for 10% of them)")
     if getattr(cfg, "layer_decay", 1) == 0:
         raise ValueError("layer_decay=0 would give every block a learning rate of 0 (1 is no decay)")
+    if isinstance(cfg, FinetuneConfig):
+        check_output_folder(Path(cfg.out))
 
 
 def layer_decay_groups(model: Encoder, cfg: FinetuneConfig) -> list[dict]:

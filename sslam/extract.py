@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .audio import AudioError, load_audio
-from .checkpoint import atomic_write, remove_temporaries
+from .checkpoint import atomic_write, check_output_folder, remove_temporaries
 from .data import folder_paths, manifest_entries
 from .embedding import check_min_length
 
@@ -411,6 +411,15 @@ def output_lock(out: Path):
         yield
 
 
+def check_output(out: Path) -> None:
+    """Refuse, before any work, an ``--out`` that cannot be written: a ``.npz`` that is a folder,
+    or a folder (or a ``.npz``'s folder) that is a file or lies under one."""
+    if out.suffix.lower() == ".npz" and out.is_dir():
+        raise ValueError(f"--out {out}: it is a folder, and an output ending in .npz is one file (name a folder "
+                         "without .npz for one .npz per input)")
+    check_output_folder(out.parent if out.suffix.lower() == ".npz" else out, out)
+
+
 def run_extract(
     model,
     inputs: list[str],
@@ -435,10 +444,11 @@ def run_extract(
         raise ValueError(f"workers={workers!r}: must be a positive number of decoding threads")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
+    out_path = Path(out)
+    check_output(out_path)
     items = collect_inputs(inputs, manifest_root)
     if not items:
         raise ValueError(f"no audio files found in {inputs}")
-    out_path = Path(out)
     settings = {"granularity": granularity, "padding": padding, "crop": bool(crop),
                 "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
     with output_lock(out_path):

@@ -34,6 +34,7 @@ from . import native
 from .checkpoint import (
     CheckpointError,
     atomic_write,
+    check_output_folder,
     read_checkpoint,
     remove_temporaries,
     safe_torch_load,
@@ -599,6 +600,7 @@ class Trainer:
         validate(cfg)
         self.cfg = cfg
         self.out = Path(cfg.run.out)
+        check_output_folder(self.out)
         device_type = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device_type == "cuda" and not torch.cuda.is_available():
             raise ValueError("run.device=cuda: no CUDA device is available here")

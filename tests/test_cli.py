@@ -33,12 +33,30 @@ def test_seeds_are_checked_before_any_work(capsys):
 @pytest.mark.parametrize("argv", [
     ["pretrain", "--preset", "tiny", "--optim.max_steps=1"],
     ["demo", "--quick"],
+    # The checkpoint is never read: the output is checked first, with the settings.
+    ["evaluate", "finetune", "--checkpoint", "missing.pt", "--train", "synth:mono", "--test", "synth:mono"],
+    ["extract", "clips/", "--checkpoint", "missing.pt"],
 ])
-def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, argv):
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, argv, under):
+    """Regression: a run folder that was a file (or under one) failed with "[Errno 17] File
+    exists" (or "Not a directory"), once the model and the data were ready."""
     (tmp_path / "afile").write_text("")
-    assert main([*argv, "--out", str(tmp_path / "afile")]) == 2
+    out = tmp_path / "afile" / under if under else tmp_path / "afile"
+    assert main([*argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sslam: error:") and "afile" in err and "Traceback" not in err
+    assert err.startswith(f"sslam: error: --out {out}: ") and "Traceback" not in err
+    assert f"{tmp_path / 'afile' if under else 'it'} is not a folder" in err
+
+
+def test_an_npz_output_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "emb.npz").mkdir()
+    assert main(["extract", "clips/", "--checkpoint", "missing.pt", "--out", str(tmp_path / "emb.npz")]) == 2
+    assert "it is a folder, and an output ending in .npz is one file" in capsys.readouterr().err
+    # Under a file: the .npz's folder is named.
+    (tmp_path / "afile").write_text("")
+    assert main(["extract", "clips/", "--checkpoint", "missing.pt", "--out", str(tmp_path / "afile" / "e.npz")]) == 2
+    assert f"{tmp_path / 'afile'} is not a folder" in capsys.readouterr().err
 
 
 def test_the_torchrun_entry_point_reports_errors_as_sslam_pretrain(capsys):

@@ -417,7 +417,7 @@ def test_regression_unusable_output_location_is_one_line_before_any_work(tmp_pat
     for out in (blocker, blocker / "sub", blocker / "emb.npz"):
         assert main(["extract", str(tmp_path / "a.wav"), "--checkpoint", CKPT, "--out", str(out), "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"sslam: error: cannot extract to {out}") and len(err.strip().splitlines()) == 1
+        assert err.startswith(f"sslam: error: --out {out}: ") and len(err.strip().splitlines()) == 1
     assert main(["extract", str(tmp_path / "a.wav"), "--checkpoint", CKPT, "--out", str(tmp_path / "o.npz"),
                  "--workers", "0", "--no-progress"]) == 2
     assert "workers=0" in capsys.readouterr().err
