@@ -35,7 +35,6 @@ from .checkpoint import (
     check_output_folder,
     load_encoder,
     remove_temporaries,
-    safe_torch_load,
 )
 from .data import pad_clips, samples_for_frames
 from .features import norm_stats, preprocess
@@ -534,7 +533,7 @@ class Finetuner:
     sslam format (``out/model``) with its label names, ready for ``sslam extract``."""
 
     def __init__(self, encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: FinetuneConfig, log=print):
-        from .train import HALF, PRECISIONS, checkpoints_in, init_distributed
+        from .train import HALF, PRECISIONS, checkpoints_in, init_distributed, load_newest
 
         _check_splits(train, test)
         check_settings(cfg)
@@ -592,7 +591,7 @@ class Finetuner:
         if self.dist.rank == 0:  # what a killed run was writing
             remove_temporaries(self.out)
         if existing:
-            self._load(existing[-1])
+            self._load(existing[-1], load_newest(existing))
 
     def _check_resume(self, path: Path, state: dict) -> None:
         """Refuse to resume from ``path`` when it is not a fine-tuning checkpoint or was written
@@ -771,10 +770,10 @@ class Finetuner:
         for old in checkpoints_in(self.out)[: -self.cfg.keep_last]:
             old.unlink(missing_ok=True)
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path, state: dict) -> None:
+        """Resume from ``state``, read from ``path``."""
         from .train import set_rng_state
 
-        state = safe_torch_load(path)
         self._check_resume(path, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -509,6 +509,19 @@ def checkpoints_in(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def load_newest(saved: list[Path]) -> dict:
+    """:func:`safe_torch_load` of the newest of a run's checkpoints (``saved``, oldest first).
+    A damaged one names the one before it, which a resume uses once the damaged file is moved
+    out of the folder (a run killed while the disk filled, say)."""
+    try:
+        return safe_torch_load(saved[-1])
+    except CheckpointError as exc:
+        if len(saved) < 2:
+            raise
+        raise CheckpointError(f"{exc}. The previous checkpoint, {saved[-2].name}, may be intact: move the "
+                              "damaged file out of the run folder to resume from it") from exc
+
+
 # Settings a resumed run may change: where and how it runs and reports, not what it computes.
 # optim.max_steps may change to extend or shorten a run (the rest of the schedule stretches);
 # optim.accum_steps only together with the number of processes (the global batch stays);
@@ -631,13 +644,7 @@ class Trainer:
             raise ValueError(f"{self.out} holds checkpoints of an earlier run (newest {existing[-1].name}) and "
                              "run.resume=false: choose a new run.out, or remove them")
         self.resume_from = existing[-1] if existing else None
-        try:
-            saved = safe_torch_load(self.resume_from) if self.resume_from is not None else None
-        except CheckpointError as exc:
-            if len(existing) < 2:
-                raise
-            raise CheckpointError(f"{exc}. The previous checkpoint, {existing[-2].name}, may be intact: move the "
-                                  "damaged file out of the run folder to resume from it") from exc
+        saved = load_newest(existing) if existing else None
         if saved is not None and saved.get("format") != "sslam-train":
             raise CheckpointError(f"{self.resume_from}: not an sslam training checkpoint")
         if saved is not None:

@@ -656,3 +656,20 @@ def test_a_damaged_newest_checkpoint_names_the_previous_one(tmp_path):
     saved[-1].write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=rf"truncated.*previous checkpoint, {saved[-2].name}, may be intact"):
         Trainer(small(tmp_path, stage=1, steps=6, run__ckpt_every=2), log=quiet)
+
+
+def test_a_damaged_newest_finetuning_checkpoint_names_the_previous_one(tmp_path):
+    """Regression: fine-tuning said only that its newest checkpoint was damaged, not that the
+    one before it may be intact (pretraining did)."""
+    train, test = synth_split("poly", True, 6, seconds=1.0), synth_split("poly", False, 3, seconds=1.0)
+    cfg = FinetuneConfig(steps=2, warmup=0, batch_size=3, eval_every=1, ckpt_every=1, keep_last=2,
+                         out=str(tmp_path), workers=0)
+    Finetuner(tiny_encoder(), train, test, cfg, log=quiet).fit()
+    saved = checkpoints_in(tmp_path)
+    assert len(saved) == 2
+    data = saved[-1].read_bytes()
+    saved[-1].write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"truncated.*previous checkpoint, {saved[-2].name}, may be intact"):
+        Finetuner(tiny_encoder(), train, test, cfg, log=quiet)
+    saved[-1].rename(tmp_path / "damaged.pt")  # what the message says: it resumes from the one before
+    assert Finetuner(tiny_encoder(), train, test, cfg, log=quiet).step == 1
