@@ -592,6 +592,8 @@ def set_rng_state(state: dict) -> None:
     """Restore :func:`rng_state`'s streams. Older checkpoints hold every visible device's CUDA
     state: this process's device takes its own, when the saving machine had one."""
     torch.set_rng_state(state["torch"])
+    if "python" in state:
+        random.setstate((3, tuple(state["python"]), None))  # version 3: the Mersenne Twister's
     cuda = state.get("cuda")
     if cuda is None or not torch.cuda.is_available():
         return
@@ -771,8 +773,11 @@ class Trainer:
                                 seed=self.cfg.run.seed, min_samples=d.min_samples, max_bad_files=d.max_bad_files)
         self.sampler = GlobalBatchSampler(len(dataset), d.batch_size, self.dist.world_size, self.dist.rank,
                                           self.cfg.optim.accum_steps, self.cfg.run.seed, start=self.data_start)
+        # A generator of its own: without one, each iteration draws the workers' base seed from
+        # the global stream, which a resume has restored, and leaves it one draw ahead.
         return DataLoader(dataset, batch_sampler=self.sampler, num_workers=d.num_workers, collate_fn=collate,
-                          pin_memory=self.device.type == "cuda", persistent_workers=d.num_workers > 0)
+                          pin_memory=self.device.type == "cuda", persistent_workers=d.num_workers > 0,
+                          generator=torch.Generator().manual_seed(self.cfg.run.seed))
 
     # -- one step --
     def model_inputs(self, batch, windows):

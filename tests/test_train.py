@@ -3,6 +3,7 @@ checkpoints, stage 2 from the official checkpoint, bad data and bad losses."""
 
 import json
 import os
+import random
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -190,6 +191,20 @@ def test_resume_is_exact(tmp_path, monkeypatch, precision):
     assert resumed.step == 3
     resumed.fit()
     assert_same_state(straight, resumed)
+
+
+def test_resume_restores_the_global_random_streams(tmp_path, monkeypatch):
+    """Regression: after a resume the global torch stream was one draw ahead of the
+    uninterrupted run's (iterating the data loader drew its workers' base seed from it), and
+    Python's stream, saved in every checkpoint, was not restored."""
+    quiet = lambda *a: None  # noqa: E731
+    Trainer(small(tmp_path / "a", steps=5), log=quiet).fit()
+    after = torch.get_rng_state(), random.getstate()
+    interrupt_after(Trainer(small(tmp_path / "b", steps=5), log=quiet), monkeypatch, 4)
+    random.random()  # the process's own use of Python's stream, between the two runs
+    Trainer(small(tmp_path / "b", steps=5), log=quiet).fit()
+    assert torch.equal(torch.get_rng_state(), after[0])
+    assert random.getstate() == after[1]
 
 
 def test_distributed_pretrain_exits_without_the_interpreter_shutdown(tmp_path):
