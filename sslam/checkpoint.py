@@ -50,20 +50,22 @@ from .model import VARIANTS, Encoder, EncoderConfig
 FAIRSEQ_ENCODER_PREFIX = "modality_encoders.IMAGE."
 FAIRSEQ_DECODER_PREFIX = "modality_encoders.IMAGE.decoder."
 
-# Embedding-stage names: official (fairseq, Hugging Face) and ours -> ours. Block names are shared.
-_EMBEDDING_NAMES = {
-    "extra_tokens": "cls_token",
-    "local_encoder.proj.weight": "patch_embed.weight",
-    "local_encoder.proj.bias": "patch_embed.bias",
-    "fixed_positional_encoder.positions": "pos_embed",
-    "context_encoder.norm.weight": "pre_norm.weight",  # fairseq
-    "context_encoder.norm.bias": "pre_norm.bias",
-    "pre_norm.weight": "pre_norm.weight",  # Hugging Face and ours
+# Embedding-stage names, ours -> Hugging Face's and fairseq's (SPEC 7.3); block names are shared.
+_HF_EMBEDDING_NAMES = {
+    "cls_token": "extra_tokens",
+    "patch_embed.weight": "local_encoder.proj.weight",
+    "patch_embed.bias": "local_encoder.proj.bias",
+    "pos_embed": "fixed_positional_encoder.positions",
+    "pre_norm.weight": "pre_norm.weight",
     "pre_norm.bias": "pre_norm.bias",
-    "cls_token": "cls_token",  # ours (a bare Encoder.state_dict())
-    "patch_embed.weight": "patch_embed.weight",
-    "patch_embed.bias": "patch_embed.bias",
-    "pos_embed": "pos_embed",
+}
+_FAIRSEQ_EMBEDDING_NAMES = {ours: FAIRSEQ_ENCODER_PREFIX + name.replace("pre_norm.", "context_encoder.norm.")
+                            for ours, name in _HF_EMBEDDING_NAMES.items()}
+# Any of them (fairseq's without its prefix, which renaming removes first) -> ours.
+_EMBEDDING_NAMES = {
+    **{ours: ours for ours in _HF_EMBEDDING_NAMES},
+    **{name: ours for ours, name in _HF_EMBEDDING_NAMES.items()},
+    **{name.removeprefix(FAIRSEQ_ENCODER_PREFIX): ours for ours, name in _FAIRSEQ_EMBEDDING_NAMES.items()},
 }
 _HEAD_NAMES = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
@@ -432,11 +434,23 @@ class Checkpoint:
     declared: frozenset[str] = frozenset(f.name for f in dataclasses.fields(EncoderConfig))
     # Where ``state`` sits in the file, for messages: "" (the file's main weights) or a part.
     part: str = ""
+    # How the file names the weights, for messages: (prefix, "fairseq" | "hf" | "sslam").
+    naming: tuple[str, str] = ("", "sslam")
 
     @property
     def source(self) -> str:
         """The file, and the part of it that ``state`` comes from, as messages name it."""
         return f"{self.path} ({self.part})" if self.part else str(self.path)
+
+    def file_key(self, key: str) -> str:
+        """The name the file gives the weight ``key`` (ours) of ``state``: the official files
+        name the embedding stage otherwise, and prefix the encoder with ``model.`` (fairseq's
+        fine-tuned heads excepted)."""
+        prefix, style = self.naming
+        if self.format == "fairseq-finetune" and key.split(".")[0] in ("fc_norm", "head"):
+            return key
+        names = {"fairseq": _FAIRSEQ_EMBEDDING_NAMES, "hf": _HF_EMBEDDING_NAMES}.get(style, {})
+        return prefix + names.get(key, key)
 
 
 # ---- key maps -------------------------------------------------------------------------------
@@ -459,6 +473,16 @@ def _rename_encoder(state: dict, prefix: str = "") -> tuple[dict, dict]:
         else:
             rest[name] = value
     return out, rest
+
+
+def _naming(keys, prefix: str = "") -> tuple[str, str]:
+    """How a file names its encoder weights (:attr:`Checkpoint.naming`), from its keys."""
+    names = {k[len(prefix):] for k in keys if isinstance(k, str) and k.startswith(prefix)}
+    if any(name.startswith(FAIRSEQ_ENCODER_PREFIX) for name in names):
+        return prefix, "fairseq"
+    if names & {_HF_EMBEDDING_NAMES[k] for k in ("cls_token", "patch_embed.weight", "pos_embed")}:
+        return prefix, "hf"
+    return prefix, "sslam"
 
 
 # ---- architecture ---------------------------------------------------------------------------
@@ -689,7 +713,8 @@ def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -
     fields["num_classes"] = mcfg.get("num_classes")
     config = infer_config(state, source=path, **fields)
     return Checkpoint(path, "fairseq-finetune", config, state, preprocessing=_finetune_preprocessing(mcfg, path),
-                      raw_config=mcfg, extra={"ignored": sorted(ignored)}, declared=_stated(fields))
+                      raw_config=mcfg, extra={"ignored": sorted(ignored)}, declared=_stated(fields),
+                      naming=_naming(model, "model."))
 
 
 def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
@@ -718,7 +743,7 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
     config = infer_config(state, source=f"{path} ({part})" if part else path, **fields)
     prep = _check_preprocessing({"target_length": image.get("target_length")}, path)
     return Checkpoint(path, "fairseq-pretrain", config, state, preprocessing=prep, decoder=decoder or None,
-                      teacher=teacher, raw_config=mcfg, declared=_stated(fields), part=part)
+                      teacher=teacher, raw_config=mcfg, declared=_stated(fields), part=part, naming=_naming(model))
 
 
 # ---- Hugging Face / bare state dicts ---------------------------------------------------------
@@ -800,7 +825,8 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str) 
     length = image[0] if isinstance(image, (list, tuple)) and image else cfg.get("target_length")
     prep = _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": "audioset"}, path)
     return Checkpoint(path, fmt, config, state, preprocessing=prep,
-                      label_names=_hf_labels(cfg, config.num_classes, path), raw_config=cfg, declared=_stated(fields))
+                      label_names=_hf_labels(cfg, config.num_classes, path), raw_config=cfg, declared=_stated(fields),
+                      naming=_naming(tensors, prefix))
 
 
 # ---- ours ------------------------------------------------------------------------------------
@@ -981,20 +1007,28 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "student") -> Checkp
     return ckpt
 
 
-def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> dict:
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
+                file_key=None) -> dict:
     """Compare ``state`` with ``model.state_dict()``: every key present, no extras, every shape
     equal. Returns the state with dtypes converted to the model's (fp16 / bf16 files are cast);
-    raises CheckpointError listing every problem otherwise. Official files may omit the fixed
-    position table; it is recomputed. Non-finite weights (NaN / inf) are an error."""
+    raises CheckpointError listing every problem otherwise, each key also under the name the
+    file gives it (``file_key``: ours -> the file's, e.g. :meth:`Checkpoint.file_key`). Official
+    files may omit the fixed position table; it is recomputed. Non-finite weights (NaN / inf)
+    are an error."""
+
+    def shown(key: str) -> str:
+        name = file_key(key) if file_key is not None else key
+        return key if name == key else f"{name} (sslam: {key})"
+
     expected = model.state_dict()
     state = dict(state)
     if "pos_embed" in expected and "pos_embed" not in state:
         state["pos_embed"] = expected["pos_embed"]
     not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(str(k) for k in set(state) - set(expected))
+    missing = [shown(k) for k in sorted(set(expected) - set(state))]
+    unexpected = [shown(k) for k in sorted(str(k) for k in set(state) - set(expected))]
     shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{shown(k)}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in sorted(set(expected) & set(state))
         if isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape
     ]
@@ -1045,7 +1079,7 @@ def encoder_from_checkpoint(ckpt: Checkpoint, device="cpu", dtype: torch.dtype =
     # not get as far as allocating a model.
     _check_architecture(ckpt.config, ckpt.state, ckpt.source)
     model = Encoder(ckpt.config)
-    state = check_state(model, _fit_positions(model, ckpt.state), ckpt.source)
+    state = check_state(model, _fit_positions(model, ckpt.state), ckpt.source, ckpt.file_key)
     model.load_state_dict(state, strict=True)
     return _with_metadata(model, ckpt).to(device=device, dtype=dtype).eval()
 
@@ -1101,7 +1135,7 @@ def _load_weights(model: Encoder, path, weights: str) -> Checkpoint:
         warnings.filterwarnings("ignore", message=".*does not record num_heads")
         ckpt = _read(Path(path), weights)
     _check_shape_blind_fields(model.cfg, ckpt)
-    model.load_state_dict(check_state(model, _fit_positions(model, ckpt.state), path), strict=True)
+    model.load_state_dict(check_state(model, _fit_positions(model, ckpt.state), path, ckpt.file_key), strict=True)
     return ckpt
 
 
@@ -1313,7 +1347,7 @@ def describe(path, weights: str = "student") -> str:
     ckpt = read_checkpoint(path, weights)
     cfg = ckpt.config
     with torch.device("meta"):  # shapes only: no memory, even for ViT-L
-        check_state(Encoder(cfg), ckpt.state, ckpt.source)  # `info` fails where loading would
+        check_state(Encoder(cfg), ckpt.state, ckpt.source, ckpt.file_key)  # `info` fails where loading would
     n = sum(v.numel() for k, v in ckpt.state.items() if k != "pos_embed")
     if weights == "teacher":
         which = "teacher (the EMA copy; the file also holds the student)"

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pickle
+import re
 import stat
 import sys
 import types
@@ -26,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import GOLDEN, load_golden
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sslam.checkpoint import (
     CheckpointError,
@@ -295,6 +296,40 @@ def test_block_numbering_gap_is_reported(tmp_path):
         read_checkpoint(tmp_path / "gap.pt")
 
 
+def _without_pre_norm_weight(fmt: str, folder: Path) -> tuple[Path, str]:
+    """A file of format ``fmt`` lacking the pre-LN weight, and the name that file gives it."""
+    model = random_encoder(EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=64, num_classes=3))
+    if fmt == "hf":
+        hf_folder(model, folder)
+        state = load_file(folder / "model.safetensors")
+        del state[HF["pre_norm.weight"]]
+        save_file(state, folder / "model.safetensors")
+        return folder, HF["pre_norm.weight"]
+    if fmt == "fairseq-finetune":
+        ckpt, name = fairseq_finetuned(model), "model." + FAIRSEQ["pre_norm.weight"]
+        del ckpt["model"][name]
+    elif fmt == "fairseq-pretrain":
+        ckpt, name = fairseq_pretrain(random_encoder(model.cfg.replace(num_classes=0))), FAIRSEQ["pre_norm.weight"]
+        del ckpt["model"][name]
+    else:  # a bare state dict under our names
+        ckpt, name = model.state_dict(), "pre_norm.weight"
+        del ckpt[name]
+    torch.save(ckpt, folder / "ckpt.pt")
+    return folder / "ckpt.pt", name
+
+
+@pytest.mark.parametrize("fmt", ["fairseq-pretrain", "fairseq-finetune", "hf", "ours"])
+def test_missing_keys_are_named_as_the_file_names_them(tmp_path, fmt):
+    """Regression: a missing official key was reported under its sslam name (pre_norm.weight),
+    which the file does not contain (modality_encoders.IMAGE.context_encoder.norm.weight)."""
+    path, name = _without_pre_norm_weight(fmt, tmp_path)
+    shown = name if fmt == "ours" else f"{name} (sslam: pre_norm.weight)"
+    with pytest.raises(CheckpointError, match=re.escape(f"missing keys (1): [{shown!r}]")):
+        load_encoder(path)
+    with pytest.raises(CheckpointError, match=re.escape(f"missing keys (1): [{shown!r}]")):
+        describe(path)
+
+
 def test_encoder_config_rejects_bad_values():
     good = dict(embed_dim=64, depth=1, num_heads=2)
     for bad in ({"num_classes": -3}, {"drop_path_rate": 2.0}, {"norm_eps": -1.0}, {"mlp_ratio": 0.001},
@@ -558,7 +593,7 @@ def test_safetensors_dtypes_and_shapes(tmp_path):
         assert torch.allclose(outputs(loaded, x), outputs(source, x), atol=atol)
     bad = dict(state, **{"model.blocks.1.attn.proj.weight": torch.zeros(64, 32)})
     save_file(bad, tmp_path / "hf" / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"blocks.1.attn.proj.weight: file \(64, 32\) vs model \(64, 64\)"):
+    with pytest.raises(CheckpointError, match=r"model.blocks.1.attn.proj.weight \(sslam: blocks.1.attn.proj.weight\): file \(64, 32\) vs model \(64, 64\)"):
         load_encoder(tmp_path / "hf")
     bad = dict(state, **{"model.blocks.1.norm2.bias": torch.zeros(64, dtype=torch.int32)})
     save_file(bad, tmp_path / "hf" / "model.safetensors")
@@ -617,8 +652,8 @@ def test_fairseq_configs_the_encoder_does_not_compute_are_refused(tmp_path):
 def test_malformed_entries_are_named(tmp_path):
     tiny = load_golden("tiny_ckpt.pt")
     pos = "modality_encoders.IMAGE.fixed_positional_encoder.positions"
-    for name, value, pattern in [("wide_pos", torch.zeros(1, 6144, 32), r"pos_embed: file \(1, 6144, 32\)"),
-                                 ("flat_pos", torch.zeros(6144, 64), r"pos_embed: file \(6144, 64\)"),
+    for name, value, pattern in [("wide_pos", torch.zeros(1, 6144, 32), r"positions \(sslam: pos_embed\): file \(1, 6144, 32\)"),
+                                 ("flat_pos", torch.zeros(6144, 64), r"positions \(sslam: pos_embed\): file \(6144, 64\)"),
                                  ("list_value", [1.0, 2.0], r"non-tensor values.*blocks.0.norm1.weight")]:
         key = pos if "pos" in name else "blocks.0.norm1.weight"
         torch.save(dict(tiny, model={**tiny["model"], key: value}), tmp_path / f"{name}.pt")
