@@ -216,7 +216,7 @@ def _window_batch(logmels, plan, length: int, norm, patch: int) -> tuple[torch.T
     return specs, torch.arange(length // patch, device=device)[None] < real_rows[:, None]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: its tensors could not feed a model being trained
 def embed(
     model,
     audio,

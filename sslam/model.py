@@ -631,7 +631,7 @@ class Encoder(nn.Module):
         """Compile ``forward`` with ``torch.compile`` for inference, weights frozen into the graph
         (fused LayerNorm/GELU/bias epilogues, prepacked matmul weights on the CPU). The first
         call of each input shape compiles (about 40 s for ViT-B on 2 CPU cores); use it under
-        ``torch.inference_mode`` (as :meth:`embed` does), not for training."""
+        ``torch.no_grad`` (as :meth:`embed` does), not for training."""
         import torch._inductor.config as inductor_config
 
         compiled = torch.compile(self.forward)

@@ -106,6 +106,19 @@ def test_finetuned_model_returns_probabilities():
     assert torch.all((emb.probabilities > 0) & (emb.probabilities < 1))
 
 
+def test_embeddings_are_ordinary_tensors(tiny):
+    """Regression: ``embed`` ran under ``torch.inference_mode``, so its outputs (and HEAR's) could
+    not be changed in place nor feed a model that is trained (a probe on ``utterance``)."""
+    emb = tiny.embed(torch.randn(2, 16000) * 0.1, 16000)
+    scene = hear.get_scene_embeddings(torch.randn(2, 16000) * 0.1, hear.load_model(str(GOLDEN / "tiny_ckpt.pt")))
+    for x in (emb.utterance, emb.frames, scene):
+        assert not x.is_inference() and not x.requires_grad
+        probe = torch.nn.Linear(x.shape[-1], 2)
+        probe(x).sum().backward()
+        assert probe.weight.grad is not None
+        x.mul_(2)
+
+
 def test_hear_api(tmp_path):
     model = hear.load_model(str(GOLDEN / "tiny_ckpt.pt"), device="cpu")
     assert model.sample_rate == 16000
