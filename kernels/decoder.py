@@ -280,7 +280,8 @@ def decoder_layer(x, grid, weight, bias, *, groups: int, residual: bool = True, 
     Args:
         x: (B, N, C_in) tokens in grid order (N = T * F, time-major), float32/float16/bfloat16.
         grid: (T, F), the patch grid.
-        weight: (C_out, C_in / groups, k, k) grouped-conv weight (odd k, 'same' padding); bias: (C_out,).
+        weight: (C_out, C_in / groups, k, k) grouped-conv weight (odd k, 'same' padding); bias: None
+            or (C_out,). x, weight and bias share one dtype outside autocast.
         groups: the conv's groups.
         residual: add x after the GELU (needs C_out == C_in).
         eps: the channel LayerNorm's epsilon (no affine parameters).

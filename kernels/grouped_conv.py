@@ -378,7 +378,7 @@ def check_conv_arguments(x, grid, weight, bias, groups: int) -> None:
                          f"{tuple(weight.shape)}")
     if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
         raise TypeError(f"groups={groups!r}: expected a positive int")
-    if groups < 1 or c % groups or weight.shape[0] % groups or weight.shape[1] * groups != c:
+    if groups < 1 or c % groups or weight.shape[0] % groups or weight.shape[0] < groups or weight.shape[1] * groups != c:
         raise ValueError(f"groups={groups}: weight {tuple(weight.shape)} does not fit {c} input channels")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
@@ -392,7 +392,8 @@ def grouped_conv_tokens(x, grid, weight, bias=None, *, groups: int):
         grid: (T, F), the patch grid of every row of x.
         weight: (C_out, C_in / groups, k, k) with odd k, as ``nn.Conv2d`` holds it.
         bias: None or (C_out,).
-        groups: the conv's groups; C_in and C_out must be multiples of it.
+        groups: the conv's groups; C_in and C_out must be positive multiples of it.
+        x, weight and bias share one dtype (outside autocast, as ``F.conv2d`` requires).
 
     Returns (B, N, C_out), the same as ``nn.Conv2d(..., padding=k // 2, groups=groups)`` on the
     (B, C_in, T, F) image. Differentiable in x, weight and bias. Under autocast, the inputs are
@@ -418,4 +419,5 @@ def grouped_conv_tokens_kernels(x, grid, weight, bias, groups: int) -> torch.Ten
                         f"{None if bias is None else bias.dtype}); F.conv2d refuses that too")
     rows = x.reshape(b * n, c).contiguous()
     bias = None if bias is None else bias.contiguous()  # the kernels index every tensor as contiguous
-    return _conv_kernels(rows, weight.contiguous(), bias, tuple(grid), groups).reshape(b, n, weight.shape[0])
+    grid, groups = (int(grid[0]), int(grid[1])), int(groups)  # Triton takes Python ints, not numpy's
+    return _conv_kernels(rows, weight.contiguous(), bias, grid, groups).reshape(b, n, weight.shape[0])

@@ -12,6 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from conftest import interpret_kernels, poison_buffers, requires_cuda  # noqa: E402
 from sslam.kernels import grouped_conv as gc  # noqa: E402
@@ -151,6 +152,16 @@ def test_bad_arguments_are_named(kernels_on_cpu):
     for weight, bias, name in ((w.to("meta"), b, "weight"), (w, b.to("meta"), "bias")):
         with pytest.raises(ValueError, match=rf"{name}: on meta, x on cpu"):
             gc.grouped_conv_tokens(x, (3, 2), weight, bias, groups=2)
+    # No output channels: F.conv2d refuses that; the kernels returned (B, N, 0).
+    with pytest.raises(ValueError, match="groups=2: weight"):
+        gc.grouped_conv_tokens(x, (3, 2), torch.randn(0, 4, 3, 3), torch.randn(0), groups=2)
+
+
+def test_numpy_integers_as_grid_and_groups(kernels_on_cpu):
+    """Regression: a grid of numpy ints passed the checks, then failed inside the kernel."""
+    x, w, b = torch.randn(2, 6, 8), torch.randn(8, 4, 3, 3), torch.randn(8)
+    out = gc.grouped_conv_tokens(x, (np.int64(3), np.int32(2)), w, b, groups=np.int64(2))
+    assert torch.allclose(out, gc.grouped_conv_tokens_ref(x, (3, 2), w, b, groups=2), atol=1e-5)
 
 
 # ---- CUDA: compiled kernels, bf16 and the ViT-B decoder shape ----------------------------------
