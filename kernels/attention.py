@@ -782,7 +782,7 @@ def attention_ref(q, k, v, *, key_padding_mask=None, scale=None, upcast=True):
     if key_padding_mask is not None:
         probs = probs.masked_fill(no_keys, 0.0)
     out = probs.to(v.dtype) @ v
-    return out.transpose(1, 2).to(dtype)
+    return out.transpose(1, 2).contiguous().to(dtype)
 
 
 def attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, upcast=True):
@@ -859,6 +859,7 @@ def attention(q, k, v, *, key_padding_mask=None, scale=None):
             copied); other layouts are copied once.
         key_padding_mask: optional (B, L) bool, True = padded key (ignored), the
             ``nn.MultiheadAttention`` convention. Rows whose keys are all padded output zeros.
+            Padded keys' values must be finite: their weight is 0, and 0 x inf is NaN.
         scale: softmax scale, default Dh ** -0.5.
 
     Returns:
@@ -870,6 +871,8 @@ def attention(q, k, v, *, key_padding_mask=None, scale=None):
     _check_qkv(q, k, v, 4, "(B, L, H, Dh)")
     batch, seqlen = q.shape[0], q.shape[1]
     if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask: expected a bool tensor, got {type(key_padding_mask).__name__}")
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask: expected dtype bool, got {key_padding_mask.dtype}")
         if tuple(key_padding_mask.shape) != (batch, seqlen):
@@ -908,7 +911,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
         raise TypeError(f"cu_seqlens: expected dtype int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens: device {cu_seqlens.device} differs from q's {q.device}")
-    if isinstance(max_seqlen, torch.Tensor) or int(max_seqlen) != max_seqlen or max_seqlen < 0:
+    # bool and float are refused by type (True would read as 1); a traced SymInt passes.
+    if isinstance(max_seqlen, (bool, float, torch.Tensor)) or int(max_seqlen) != max_seqlen or max_seqlen < 0:
         raise TypeError(f"max_seqlen: expected a non-negative python int, got {max_seqlen!r}")
     max_seqlen = int(max_seqlen)
     scale = _resolve_scale(q.shape[-1], scale)

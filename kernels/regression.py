@@ -280,6 +280,9 @@ def regression_sums(
     Returns:
         (frame sum, SRL sum or None), fp32 scalars, differentiable with respect to pred.
     """
+    for name, t in (("pred", pred), ("target", target), ("masked", masked), ("srl", srl)):
+        if not isinstance(t, torch.Tensor) and not (name == "srl" and t is None):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if pred.dim() != 3:
         raise ValueError(f"pred: expected (B * C, N, D), got shape {tuple(pred.shape)}")
     if pred.dtype not in _SUPPORTED_DTYPES:

@@ -364,6 +364,23 @@ def test_invalid_arguments_are_named(change, error, match):
         attn.attention(q, k, v, key_padding_mask=m)
 
 
+def test_a_list_as_padding_mask_is_named():
+    q = torch.randn(2, 7, 2, 16)
+    with pytest.raises(TypeError, match="key_padding_mask: expected a bool tensor, got list"):
+        attn.attention(q, q, q, key_padding_mask=padding_mask([7, 2], 7).tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_reference_output_is_contiguous(dtype):
+    """Regression: attention's contract (a contiguous output, so that the (B, L, H * Dh) view is
+    free) did not hold for the reference, which returned a transposed view."""
+    q, k, v = (torch.randn(2, 5, 3, 8).to(dtype) for _ in range(3))
+    for upcast in (True, False):
+        out = attn.attention_ref(q, k, v, upcast=upcast)
+        assert out.is_contiguous() and out.dtype == dtype
+        out.view(2, 5, 24)
+
+
 def test_invalid_varlen_arguments_are_named(kernels_on_cpu):
     q, k, v, cu = varlen_inputs([4, 6], 2, 64)
     with pytest.raises(TypeError, match="cu_seqlens: expected dtype int32"):
@@ -372,8 +389,9 @@ def test_invalid_varlen_arguments_are_named(kernels_on_cpu):
         attn.attention_varlen(q, k, v, cu, 5)
     with pytest.raises(ValueError, match="cu_seqlens: must start at 0 and end at 10"):
         attn.attention_varlen(q, k, v, torch.tensor([0, 4, 9], dtype=torch.int32), 6)
-    with pytest.raises(TypeError, match="max_seqlen"):
-        attn.attention_varlen(q, k, v, cu, torch.tensor(6))
+    for bad in (torch.tensor(6), True, 6.0):
+        with pytest.raises(TypeError, match="max_seqlen"):
+            attn.attention_varlen(q, k, v, cu, bad)
 
 
 def test_head_dim_above_kernel_limit_is_refused(kernels_on_cpu):

@@ -154,6 +154,11 @@ def test_arguments_are_validated():
         rg.regression_sums(pred, target.requires_grad_(), masked, 2)
     with pytest.raises(ValueError, match="dtype"):
         rg.regression_sums(pred.double(), target, masked, 2)
+    # Not tensors at all: named, not an AttributeError.
+    for args, name in (((pred.tolist(), target, masked, 2), "pred"), ((pred, target.tolist(), masked, 2), "target"),
+                       ((pred, target, masked.tolist(), 2), "masked"), ((pred, target, masked, 2, srl.tolist()), "srl")):
+        with pytest.raises(TypeError, match=f"{name}: expected a torch.Tensor, got list"):
+            rg.regression_sums(*args)
 
 
 # ---- CUDA: the compiled kernels, bf16 and the ViT-B stage-2 shape ----------------------------
