@@ -1264,6 +1264,15 @@ def export_metadata(model: Encoder, source: dict | None = None) -> dict:
 _EXPORT_FILES = ("model.safetensors", "config.json")
 
 
+def _check_exportable(model: Encoder, out: Path) -> None:
+    """Refuse to write what :func:`read_checkpoint` would refuse to read: ``preprocessing`` and
+    ``label_names`` are attributes a user may set."""
+    source = f"{out} (model.preprocessing, model.label_names)"
+    prep = _check_preprocessing(model.preprocessing, source)
+    _check_labels(model.label_names, model.cfg.num_classes, source)
+    _check_window(Checkpoint(out, "sslam", model.cfg, {}, preprocessing=prep))
+
+
 def save_encoder(model: Encoder, out_dir: str | os.PathLike, source: dict | None = None) -> Path:
     """Write our format: ``out_dir/model.safetensors`` (float32 weights, config in its metadata)
     and ``out_dir/config.json``.
@@ -1277,6 +1286,7 @@ def save_encoder(model: Encoder, out_dir: str | os.PathLike, source: dict | None
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a folder")
+    _check_exportable(model, out)
     meta = export_metadata(model, source)
     text = json.dumps(meta, indent=2) + "\n"  # fails here, before anything is written, if not JSON
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}

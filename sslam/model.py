@@ -394,7 +394,9 @@ class Encoder(nn.Module):
         self.attention_impl = "auto"
         self.checkpoint_blocks = "off"  # see set_block_checkpointing
         self.label_names: list[str] | None = None
-        self.preprocessing: dict = {"sample_rate": 16000, "target_length": 1024, "norm": "audioset"}
+        # AudioSet's 10.24-s window, or what a shorter position table covers (as loading gives)
+        self.preprocessing: dict = {"sample_rate": 16000, "target_length": min(1024, cfg.max_frames),
+                                    "norm": "audioset"}
         self.reset_parameters()
 
     # ---- initialisation -------------------------------------------------------------------

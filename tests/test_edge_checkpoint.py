@@ -769,6 +769,35 @@ def test_convert_writes_nothing_when_it_fails(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no temporary leftovers
 
 
+def test_save_encoder_refuses_what_loading_would_refuse(tmp_path):
+    """Regression: ``preprocessing`` and ``label_names`` are attributes a user may set; saved
+    unchecked, an encoder was written that load_encoder then refused."""
+    model = Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, num_classes=5))
+    cases = [({"preprocessing": {**model.preprocessing, "target_length": 1000}}, "target_length=1000 frames must be"),
+             ({"preprocessing": {**model.preprocessing, "norm": (0.0, 0.0)}}, r"norm=\(0.0, 0.0\) is not usable"),
+             ({"label_names": ["a", "b", "c"]}, r"label names \(3\) must be 5 strings")]
+    for change, message in cases:
+        changed = Encoder(model.cfg)
+        for name, value in change.items():
+            setattr(changed, name, value)
+        with pytest.raises(CheckpointError, match=message):
+            save_encoder(changed, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_encoder_with_a_short_position_table_embeds_and_round_trips(tmp_path):
+    """Regression: an Encoder built with a table shorter than AudioSet's 1024 frames kept a
+    1024-frame window, so embed refused every clip and save_encoder wrote an unloadable file.
+    Its default window is what the table covers, as loading gives."""
+    model = Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, max_length=32)).eval()
+    assert model.preprocessing["target_length"] == 512
+    clip = torch.randn(16000 * 3) * 0.1
+    emb = model.embed(clip, 16000)
+    loaded = load_encoder(save_encoder(model, tmp_path / "short"))
+    assert loaded.preprocessing == model.preprocessing
+    assert torch.equal(loaded.embed(clip, 16000).utterance, emb.utterance)
+
+
 def test_cli_reports_output_and_input_problems_in_one_line(tmp_path, capsys):
     from sslam.cli import main
 
