@@ -1116,6 +1116,8 @@ def load_encoder(path, device="cpu", weights: str = "student", dtype: torch.dtyp
     The architecture (tiny to large) is read from the file; every key and shape is checked.
     ``weights='teacher'`` selects the EMA teacher of a pretraining checkpoint."""
     device = usable_device(device)  # before reading what may be a large file
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype!r}: expected a floating-point torch.dtype (torch.float32, torch.bfloat16, ...)")
     return encoder_from_checkpoint(read_checkpoint(path, weights), device=device, dtype=dtype)
 
 

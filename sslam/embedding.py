@@ -106,7 +106,8 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
     elif isinstance(audio, (torch.Tensor, np.ndarray)):
         audio = [audio]
     if not isinstance(audio, Sequence) or len(audio) == 0:
-        raise ValueError("audio: expected a clip, a (B, N) tensor, a list of clips or paths")
+        got = type(audio).__name__ if not isinstance(audio, Sequence) else "no clips"
+        raise ValueError(f"audio: expected a clip, a (B, N) tensor, a list of clips or paths; got {got}")
     clips = []
     for i, item in enumerate(audio):
         if isinstance(item, (str, bytes, os.PathLike)):
@@ -241,6 +242,8 @@ def embed(
         batch_size: windows encoded per forward pass.
         autocast: torch.bfloat16 / torch.float16 to run the encoder under autocast on CUDA.
     """
+    if not isinstance(getattr(model, "preprocessing", None), dict):  # e.g. sslam.embed(path, audio)
+        raise TypeError(f"model: expected an sslam Encoder (sslam.load_encoder(path)), got {type(model).__name__}")
     if padding not in PADDING_MODES:
         raise ValueError(f"padding={padding!r}: choose one of {PADDING_MODES}")
     prep = model.preprocessing

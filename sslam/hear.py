@@ -45,7 +45,8 @@ def load_model(model_file_path: str = "", *, device: str | None = None, weights:
 
 def _embed(audio: torch.Tensor, model: Encoder):
     if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
-        raise ValueError(f"audio: expected a (n_sounds, n_samples) tensor, got {getattr(audio, 'shape', type(audio))}")
+        got = f"shape {tuple(audio.shape)}" if isinstance(audio, torch.Tensor) else type(audio).__name__
+        raise ValueError(f"audio: expected a (n_sounds, n_samples) torch tensor, got {got}")
     # No .float() here: embed checks the samples (integer PCM is refused, not rescaled).
     return model.embed(audio, model.sample_rate, batch_size=model.hear_batch_size)
 

@@ -591,6 +591,9 @@ class Encoder(nn.Module):
     def embed_input(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with positions from a (B, 1, T, mel_bins) spectrogram or from its
         (B, N, 256) patches (:func:`sslam.features.patchify`, e.g. the fused feature kernel)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a (B, 1, T, {self.cfg.mel_bins}) spectrogram tensor (sslam.preprocess) or "
+                            f"its (B, N, {self.cfg.patch_size ** 2}) patches, got {type(x).__name__}")
         return self.patchify_embed(x) if x.dim() == 4 else self.embed_patches(x)
 
     def forward(

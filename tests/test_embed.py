@@ -119,6 +119,25 @@ def test_embeddings_are_ordinary_tensors(tiny):
         x.mul_(2)
 
 
+def test_arguments_of_the_wrong_kind_are_named(tiny):
+    """Regression: these failed inside torch or Python (AttributeError: 'numpy.ndarray' object
+    has no attribute 'dim', 'str' object has no attribute 'preprocessing', ...)."""
+    import sslam
+
+    clip = np.zeros(16000, np.float32)
+    cases = [(lambda: tiny(np.zeros((1, 1, 64, 128), np.float32)), TypeError, "x: expected a .* tensor .*got ndarray"),
+             (lambda: sslam.embed("ckpt.pt", clip, 16000), TypeError, "model: expected an sslam Encoder .*got str"),
+             (lambda: tiny.embed(np.zeros((0, 16000)), 16000), ValueError, "audio: expected .*; got no clips"),
+             (lambda: tiny.embed(3.0, 16000), ValueError, "audio: expected .*; got float"),
+             (lambda: hear.get_scene_embeddings(np.zeros((2, 16000)), tiny), ValueError,
+              r"expected a \(n_sounds, n_samples\) torch tensor, got ndarray"),
+             (lambda: load_encoder(GOLDEN / "tiny_ckpt.pt", dtype=torch.int32), TypeError, "dtype=torch.int32"),
+             (lambda: load_encoder(GOLDEN / "tiny_ckpt.pt", dtype="float16"), TypeError, "dtype='float16'")]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
 def test_hear_api(tmp_path):
     model = hear.load_model(str(GOLDEN / "tiny_ckpt.pt"), device="cpu")
     assert model.sample_rate == 16000
