@@ -291,6 +291,9 @@ def as_float_samples(wave, name: str) -> Tensor:
         AudioError naming ``name``: not a tensor or array, or integer/bool/complex samples.
     """
     if isinstance(wave, np.ndarray):
+        if wave.dtype.kind in "US":
+            raise _fail(name, f"got numpy {wave.dtype} text, not samples: paths are decoded by "
+                              "sslam.load_audio or Encoder.embed")
         if not np.issubdtype(wave.dtype, np.floating):
             raise _fail(
                 name,

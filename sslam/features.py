@@ -58,7 +58,10 @@ def norm_stats(norm: Norm) -> tuple[float, float] | None:
                 f"norm={norm!r}: unknown preset; choose one of {sorted(NORM_STATS)} "
                 "or pass a (mean, std) pair"
             ) from None
-    mean, std = (float(v) for v in norm)
+    try:
+        mean, std = (float(v) for v in norm)
+    except (TypeError, ValueError):
+        raise ValueError(f"norm={norm!r}: expected a preset name, a (mean, std) pair of numbers, or None") from None
     if not std > 0 or not math.isfinite(mean) or not math.isfinite(std):
         raise ValueError(f"norm=({mean}, {std}): std must be positive and both finite")
     return mean, std
@@ -113,7 +116,10 @@ def frame_window(device: torch.device | str = "cpu") -> torch.Tensor:
 def integer_lengths(lengths) -> torch.Tensor:
     """Per-clip sample counts as int64 on the CPU; floating-point (400.9) or boolean values are
     an error rather than truncated. (A GPU tensor costs one device sync.)"""
-    raw = lengths if isinstance(lengths, torch.Tensor) else torch.as_tensor(np.asarray(lengths))
+    try:
+        raw = lengths if isinstance(lengths, torch.Tensor) else torch.as_tensor(np.asarray(lengths))
+    except (TypeError, ValueError, RuntimeError):  # text, None, ragged lists
+        raise ValueError(f"lengths: expected integer sample counts, got {lengths!r}") from None
     if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
         raise ValueError(f"lengths: expected integer sample counts, got {raw.dtype}")
     return raw.detach().to("cpu", torch.int64)
@@ -358,6 +364,7 @@ def preprocess(
     if isinstance(target_length, bool) or not isinstance(target_length, (int, np.integer)) or target_length < 1:
         raise ValueError(f"target_length must be a positive number of frames, got {target_length!r}")
     sample_rate = _integer_rate(sample_rate)
+    norm_stats(norm)  # a bad norm fails before any work
     batch, lens = _as_batch(waveforms, lengths, check_finite)
     shape = batch.shape
     if sample_rate != SAMPLE_RATE:

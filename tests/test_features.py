@@ -163,6 +163,15 @@ def test_custom_and_bad_norm():
         preprocess(wave, 16000, norm="librispeech")
     with pytest.raises(ValueError, match="std must be positive"):
         normalize(torch.zeros(3), (0.0, 0.0))
+    # Not a pair of numbers: named, and before any features are computed.
+    for bad in ((0.0,), 5, ("a", "b"), (1.0, 2.0, 3.0)):
+        with pytest.raises(ValueError, match=r"norm=.*: expected a preset name, a \(mean, std\) pair of numbers"):
+            preprocess(wave, 16000, norm=bad)
+
+
+def test_paths_given_to_preprocess_are_named_as_such():
+    with pytest.raises(AudioError, match=r"waveforms\[0\]: .*text, not samples: paths are decoded by"):
+        preprocess(["a.wav"], 16000)
 
 
 def test_patchify_layout_matches_the_patch_convolution():
@@ -193,7 +202,8 @@ def test_the_finite_scan_can_be_left_to_the_decoder():
 
 def test_fractional_or_boolean_lengths_are_refused_not_truncated():
     batch = torch.randn(2, 16000) * 0.1
-    for lengths in ([400.9, 16000], torch.tensor([16000.0, 800.0]), torch.tensor([True, True])):
+    for lengths in ([400.9, 16000], torch.tensor([16000.0, 800.0]), torch.tensor([True, True]), ["a", "b"],
+                    [None, None]):
         with pytest.raises(ValueError, match="lengths: expected integer sample counts"):
             preprocess(batch, 16000, lengths=lengths)
     for lengths in ([16000, 800], np.array([16000, 800]), torch.tensor([16000, 800], dtype=torch.int32)):
