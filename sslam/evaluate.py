@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .data import pad_clips, samples_for_frames
 from .features import norm_stats, preprocess
-from .labels import LabeledSplit, SplitAudio, read_split
+from .labels import LabeledSplit, LabelError, SplitAudio, read_split, read_text
 from .metrics import accuracy, mean_average_precision
 from .model import BLOCK_CHECKPOINTING, Encoder, eval_mode, stochastic_depth
 from .schedule import cosine
@@ -405,21 +405,39 @@ def layer_decay_groups(model: Encoder, cfg: FinetuneConfig) -> list[dict]:
     return [{"params": ps, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in groups.items()]
 
 
-def read_weights(path: str, n: int) -> torch.Tensor:
-    """Per-clip sampling weights: one number per line (or the last CSV column), n of them."""
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_weights(path: str, n: int, items=None) -> torch.Tensor:
+    """Per-clip sampling weights of the n training clips, in their order: one number per line,
+    or ``path,weight`` lines (the last column is the weight). Where lines name files and
+    ``items`` lists the split's files, each line must name the clip at its position: weights
+    in another order would go to other clips."""
     values = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(read_text(Path(path)).splitlines(), start=1):
         if not line.strip():
             continue
+        fields = line.split(",")
         try:
-            values.append(float(line.split(",")[-1]))
+            values.append(float(fields[-1]))
         except ValueError:
-            raise ValueError(f"{path}:{number}: {line!r} is not a number") from None
+            raise LabelError(f"{path}:{number}: {line!r} is not a number") from None
+        named = Path(fields[0].strip()).name if len(fields) > 1 and not _is_number(fields[0]) else None
+        if named and isinstance(items, list) and len(values) <= len(items):
+            expected = Path(items[len(values) - 1]).name
+            if named != expected:
+                raise LabelError(f"{path}:{number}: the weight of {named} where the training split has {expected}; "
+                                 "the weights must follow the split's order")
     if len(values) != n:
-        raise ValueError(f"{path}: {len(values)} weights for {n} training clips")
+        raise LabelError(f"{path}: {len(values)} weights for {n} training clips")
     bad = [i + 1 for i, v in enumerate(values) if not (math.isfinite(v) and v >= 0)]
     if bad:  # torch.multinomial would fail with "probability tensor contains inf, nan or < 0"
-        raise ValueError(f"{path}: sampling weights must be finite and >= 0; weight(s) number {bad[:10]} "
+        raise LabelError(f"{path}: sampling weights must be finite and >= 0; weight(s) number {bad[:10]} "
                          "(counting from 1) are not")
     return torch.tensor(values, dtype=torch.float64)
 
@@ -564,7 +582,7 @@ class Finetuner:
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
         self.amp = HALF.get(precision)  # None: fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.weights = read_weights(cfg.balanced_weights, len(train)) if cfg.balanced_weights else None
+        self.weights = read_weights(cfg.balanced_weights, len(train), train.items) if cfg.balanced_weights else None
         if self.weights is None and cfg.epoch_size:
             raise ValueError(f"epoch_size={cfg.epoch_size}: used only with balanced_weights; without them an epoch "
                              "is one pass over the training clips")

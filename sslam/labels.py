@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,17 +46,35 @@ class LabeledSplit:
         return self.targets.shape[0]
 
 
+def read_text(path: Path) -> str:
+    """A label file's text; a byte-order mark (Windows editors write one) is not part of it.
+    Unreadable or not UTF-8: ``LabelError`` naming the file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise LabelError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise LabelError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+
+
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every CSV row; a quoted field may hold line breaks."""
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    rows, start = [], 1
+    for row in reader:
+        rows.append((start, row))
+        start = reader.line_num + 1
+    return rows
+
+
 def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``index,mid,display_name`` rows -> [(mid, display_name)] in index order."""
     path = Path(path)
-    try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except OSError as exc:
-        raise LabelError(f"{path}: cannot read label descriptors ({exc})") from exc
-    if not rows or [c.strip().lower() for c in rows[0][:3]] != ["index", "mid", "display_name"]:
+    rows = _csv_rows(path)
+    if not rows or [c.strip().lower() for c in rows[0][1][:3]] != ["index", "mid", "display_name"]:
         raise LabelError(f"{path}: expected a header 'index,mid,display_name'")
     entries, seen = [], {}
-    for number, row in enumerate(rows[1:], start=2):
+    for number, row in rows[1:]:
         if not row:
             continue
         if len(row) < 3:
@@ -92,12 +111,14 @@ def split_labels(text: str, known=()) -> list[str]:
     """The labels of one field, separated by ';' or ','; a comma inside a ``known`` label does
     not separate (AudioSet display names such as 'Male speech, man speaking' hold commas): at
     each label the longest known one is taken."""
+    span = 1 + max((label.count(",") for label in known), default=0)  # pieces a known label spans
     labels = []
     for part in text.split(";"):
         pieces = part.split(",")
         i = 0
         while i < len(pieces):
-            end = next((j for j in range(len(pieces), i + 1, -1) if ",".join(pieces[i:j]).strip() in known), i + 1)
+            longest = min(len(pieces), i + span)
+            end = next((j for j in range(longest, i + 1, -1) if ",".join(pieces[i:j]).strip() in known), i + 1)
             label = ",".join(pieces[i:end]).strip()
             if label:
                 labels.append(label)
@@ -133,6 +154,30 @@ def _check_files(name: str, paths: list[Path]) -> None:
         raise LabelError(f"{name}: {len(missing)} audio file(s) not found, e.g. {missing[:3]}")
 
 
+def _clip_key(name: str) -> str:
+    """What a .lbl id and a manifest file have in common: the file name without folder or
+    extension, in one case ('audio/B.wav' -> 'b')."""
+    return os.path.splitext(os.path.basename(name.strip()))[0].casefold()
+
+
+def _lbl_fields(line: str, known, where: str) -> tuple[str, str]:
+    """``(id, labels)`` of a .lbl line ``id<TAB>label,label,...``; a line that would lose
+    labels is an error: more tab fields (only the first would be read), or an id with a space
+    or a label instead of a tab-separated id (the clip would get no labels)."""
+    fields = line.split("\t")
+    if len(fields) > 2:
+        raise LabelError(f"{where}: {len(fields)} tab-separated fields; expected 'id<TAB>labels' with the "
+                         "labels separated by commas")
+    if len(fields) == 1:
+        text = line.strip()
+        if any(c.isspace() for c in text):
+            raise LabelError(f"{where}: no tab between the id and the labels in {text!r}")
+        if text in known:
+            raise LabelError(f"{where}: a label without an id ({text!r}); expected 'id<TAB>labels'")
+        return text, ""
+    return fields[0].strip(), fields[1]
+
+
 def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, lbl: str | os.PathLike | None = None,
                        root: str | None = None) -> LabeledSplit:
     """A fairseq manifest with its ``.lbl`` file (default: the manifest's name with ``.lbl``)."""
@@ -140,28 +185,26 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
     lbl = Path(lbl) if lbl else tsv.with_suffix(".lbl")
     try:
         paths = manifest_paths(tsv, root)
-        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first line.
-        # Each label line keeps its number in the file (blank lines skipped) for the messages.
-        label_lines = [(number, line) for number, line in enumerate(lbl.read_text(encoding="utf-8-sig").splitlines(), 1)
-                       if line.strip()]
     except OSError as exc:
         raise LabelError(f"cannot read {exc.filename}: {exc.strerror}") from exc
     except ValueError as exc:  # the manifest itself: its message names the file and line
         raise LabelError(str(exc)) from None
+    # Each label line keeps its number in the file (blank lines skipped) for the messages.
+    label_lines = [(number, line) for number, line in enumerate(read_text(lbl).splitlines(), 1) if line.strip()]
     if len(label_lines) != len(paths):
         raise LabelError(f"{lbl}: {len(label_lines)} label lines for {len(paths)} clips in {tsv}")
     classes = read_descriptors(descriptors)
     lookup = _lookup(classes)
-    stems = {p.stem for p in paths}
+    stems = {_clip_key(p.name) for p in paths}
     label_lists, where = [], []
     for path, (number, line) in zip(paths, label_lines):
-        parts = line.split("\t")
-        clip_id = parts[0].strip()
-        # Labels pair with clips by line; an id naming another of the clips means another order.
-        if clip_id != path.stem and clip_id in stems:
+        clip_id, labels = _lbl_fields(line, lookup, f"{lbl}:{number}")
+        # Labels pair with clips by line; an id naming another of the clips (as a file name, a
+        # path, or in other case) means another order.
+        if _clip_key(clip_id) != _clip_key(path.name) and _clip_key(clip_id) in stems:
             raise LabelError(f"{lbl}:{number}: labels of {clip_id!r} where the manifest {tsv} has {path.name}; the "
                              ".lbl lines must follow the manifest's order")
-        label_lists.append(split_labels(parts[1] if len(parts) > 1 else "", lookup))
+        label_lists.append(split_labels(labels, lookup))
         where.append(f"{lbl}:{number}")
     _check_unique(paths, where)
     _check_files(str(tsv), paths)
@@ -175,13 +218,10 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
     display names), else ``class_names`` (e.g. those of the train split), else the sorted labels
     found here."""
     path = Path(path)
-    try:
-        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
-    except OSError as exc:
-        raise LabelError(f"{path}: cannot read ({exc})") from exc
-    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["path", "labels"]:
+    rows = _csv_rows(path)
+    if not rows or [c.strip().lower() for c in rows[0][1][:2]] != ["path", "labels"]:
         raise LabelError(f"{path}: expected a header 'path,labels'")
-    columns = len([name for name in rows[0] if name.strip()])  # a trailing comma names no column
+    columns = len([name for name in rows[0][1] if name.strip()])  # a trailing comma names no column
     if descriptors:
         classes = read_descriptors(descriptors)
         lookup, names = _lookup(classes), [name for _, name in classes]
@@ -189,19 +229,24 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
         names = class_names
         lookup = {n: i for i, n in enumerate(names or ())}
     paths, label_lists, where = [], [], []
-    for number, row in enumerate(rows[1:], start=2):
-        if not row or not row[0].strip():
+    for number, row in rows[1:]:
+        if not any(field.strip() for field in row):
             continue
+        if not row[0].strip():
+            raise LabelError(f"{path}:{number}: labels without a path")
         filled = len([field for field in row if field.strip()])
         if columns > 2 and filled > columns:
             raise LabelError(f"{path}:{number}: {filled} fields for the {columns} columns of the header; "
                              "quote a labels field that holds commas")
         file = Path(row[0].strip())
         paths.append(file if file.is_absolute() else path.parent / file)
-        # With only path and labels, unquoted commas separate labels; else the other columns
-        # (a fold, a split) are not labels.
-        fields = row[1:] if columns == 2 else row[1:2]
-        label_lists.append([label for field in fields for label in split_labels(field, lookup)])
+        # With only path and labels, unquoted commas separate labels (the fields are joined
+        # again: a comma inside a known display name does not); else the other columns (a
+        # fold, a split) are not labels.
+        field = ",".join(row[1:]) if columns == 2 else "".join(row[1:2])
+        if "\n" in field or "\r" in field:
+            raise LabelError(f"{path}:{number}: a labels field spans lines; separate labels with ';' or ','")
+        label_lists.append(split_labels(field, lookup))
         where.append(f"{path}:{number}")
     if not paths:
         raise LabelError(f"{path}: empty split (no rows)")
@@ -233,11 +278,11 @@ def read_split(spec: str, *, train: bool, descriptors: str | None = None, class_
     if spec.startswith("synth:"):
         return synth_split(spec.split(":", 1)[1], train, num_clips, seed)
     path = Path(spec)
-    if path.suffix == ".tsv":
+    if path.suffix.lower() == ".tsv":
         if not descriptors:
             raise LabelError(f"{spec}: a fairseq manifest needs --label-descriptors (index,mid,display_name CSV)")
         return read_fairseq_split(path, descriptors, root=root)
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         return read_csv_split(path, class_names, descriptors)
     raise LabelError(f"{spec}: expected synth:mono, synth:poly, a .tsv manifest or a path,labels .csv")
 

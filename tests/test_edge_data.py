@@ -20,7 +20,15 @@ from sslam import native
 from sslam.audio import AudioError, load_audio
 from sslam.augment import spec_augment
 from sslam.data import GlobalBatchSampler, build_dataset, collate, folder_paths, manifest_paths
-from sslam.labels import LabelError, read_csv_split, read_descriptors, read_fairseq_split
+from sslam.evaluate import read_weights
+from sslam.labels import (
+    LabelError,
+    read_csv_split,
+    read_descriptors,
+    read_fairseq_split,
+    read_split,
+    split_labels,
+)
 from sslam.masking import MaskConfig, block_masks, block_masks_ref, clone_masks, kept_indices
 from sslam.metrics import accuracy, average_precision, mean_average_precision
 from sslam.mixing import MixWindows, mix_spectrograms, sample_windows
@@ -474,6 +482,77 @@ def test_csv_split_unknown_label_names_line(tmp_path, audio):
     (tmp_path / "t.csv").write_text(f"path,labels\n\n{audio}/a.wav,dog\n{audio}/b.wav,zebra\n")
     with pytest.raises(LabelError, match=r"t.csv:4: unknown label 'zebra'"):
         read_csv_split(tmp_path / "t.csv", class_names=["dog"])
+
+
+@pytest.mark.parametrize("ids", [("b.wav", "a.wav"), ("audio/b", "audio/a"), ("B", "A")])
+def test_lbl_ids_of_other_clips_in_any_spelling_are_refused(tmp_path, audio, ids):
+    """Regression: only a bare stem ('b') was recognised as another clip's id; 'b.wav',
+    'audio/b' or 'B' put each clip's labels on the other clip."""
+    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t800\nb.wav\t800\n")
+    (tmp_path / "s.lbl").write_text(f"{ids[0]}\t/m/dog\n{ids[1]}\t/m/cat\n")
+    with pytest.raises(LabelError, match=r"s.lbl:1: labels of .* where the manifest .* has a.wav"):
+        read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv")
+    (tmp_path / "s.lbl").write_text(f"{ids[1]}\t/m/dog\n{ids[0]}\t/m/cat\n")  # the right order
+    assert read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv").targets.tolist() == [[1, 0, 0], [0, 1, 0]]
+
+
+@pytest.mark.parametrize("line, match", [("a\t/m/dog\t/m/cat", "3 tab-separated fields"),
+                                         ("a /m/dog", "no tab between the id and the labels"),
+                                         ("/m/dog", "a label without an id")])
+def test_lbl_lines_that_would_lose_labels_are_refused(tmp_path, audio, line, match):
+    """Regression: a tab between labels dropped all but the first, a space after the id (or no
+    id) left the clip without labels, silently."""
+    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t800\n")
+    (tmp_path / "s.lbl").write_text(line + "\n")
+    with pytest.raises(LabelError, match=f"s.lbl:1: {match}"):
+        read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv")
+
+
+def test_label_files_that_are_not_utf8_are_named(tmp_path, audio):
+    """Regression: a CSV split, descriptors or weights file with a Latin-1 byte raised a bare
+    UnicodeDecodeError that named no file."""
+    (tmp_path / "latin.csv").write_bytes(b"path,labels\n" + f"{audio}/a.wav,".encode() + b"caf\xe9\n")
+    (tmp_path / "latin_desc.csv").write_bytes(b"index,mid,display_name\n0,/m/c,Caf\xe9\n")
+    for read, name in ((lambda: read_csv_split(tmp_path / "latin.csv"), "latin.csv"),
+                       (lambda: read_descriptors(tmp_path / "latin_desc.csv"), "latin_desc.csv"),
+                       (lambda: read_weights(str(tmp_path / "latin.csv"), 1), "latin.csv")):
+        with pytest.raises(LabelError, match=rf"{name}: not UTF-8 text \(byte 0xe9 at offset \d+\)"):
+            read()
+
+
+def test_csv_split_details(tmp_path, audio):
+    """Regression: an unquoted comma inside a known display name split it (the README says it
+    does not); a quoted label spanning two lines lost its line break; a row with labels but
+    no path was skipped silently; an upper-case .CSV suffix was not recognised; one field of
+    many commas took seconds (cubic)."""
+    (tmp_path / "d.csv").write_text('index,mid,display_name\n0,/m/ms,"Male speech, man speaking"\n1,/m/dog,Dog\n')
+    (tmp_path / "u.csv").write_text(f"path,labels\n{audio}/a.wav,Male speech, man speaking\n{audio}/b.wav,Dog\n")
+    assert read_csv_split(tmp_path / "u.csv", descriptors=tmp_path / "d.csv").targets.tolist() == [[1, 0], [0, 1]]
+    (tmp_path / "m.csv").write_text(f'path,labels\n{audio}/a.wav,"dog\ncat"\n{audio}/b.wav,bird\n')
+    with pytest.raises(LabelError, match=r"m.csv:2: a labels field spans lines"):
+        read_csv_split(tmp_path / "m.csv")
+    (tmp_path / "e.csv").write_text(f"path,labels\n{audio}/a.wav,dog\n,cat\n")
+    with pytest.raises(LabelError, match=r"e.csv:3: labels without a path"):
+        read_csv_split(tmp_path / "e.csv")
+    (tmp_path / "UP.CSV").write_text(f"path,labels\n{audio}/a.wav,dog\n")
+    assert read_split(str(tmp_path / "UP.CSV"), train=True).class_names == ["dog"]
+    many = ",".join(f"l{i}" for i in range(3000))
+    assert split_labels(many, {"x, y"}) == [f"l{i}" for i in range(3000)]
+
+
+def test_balanced_weights_in_another_order_than_the_split_are_refused(tmp_path, audio):
+    """Regression: a path,weight file was read by its last column only, so weights listed in
+    another order than the training split went to the wrong clips."""
+    items = [audio / f"{name}.wav" for name in "abc"]
+    (tmp_path / "w.csv").write_text("c.wav,0\nb.wav,1\na.wav,1\n")
+    with pytest.raises(LabelError, match=r"w.csv:1: the weight of c.wav where the training split has a.wav"):
+        read_weights(str(tmp_path / "w.csv"), 3, items)
+    (tmp_path / "w.csv").write_text("a.wav,0\nb.wav,1\nc.wav,1\n")
+    assert read_weights(str(tmp_path / "w.csv"), 3, items).tolist() == [0.0, 1.0, 1.0]
+    (tmp_path / "plain.csv").write_text("0\n1\n1\n")
+    assert read_weights(str(tmp_path / "plain.csv"), 3, items).tolist() == [0.0, 1.0, 1.0]
+    (tmp_path / "indexed.csv").write_text("0,0\n1,1\n2,1\n")  # index,weight: no names to check
+    assert read_weights(str(tmp_path / "indexed.csv"), 3, items).tolist() == [0.0, 1.0, 1.0]
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
