@@ -204,10 +204,11 @@ def gather_shared(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return tokens[:, keep]
 
 
-def check_keep(keep: torch.Tensor, batch: int, clones: int) -> None:
-    """Validate the kept-patch indices of :meth:`Encoder.forward_tokens` (shapes only, so no
-    device sync): a 2-D keep needs exactly one row per clone of every clip; fewer rows would
-    silently drop clips."""
+def check_keep(keep: torch.Tensor, batch: int, clones: int, patches: int) -> None:
+    """Validate the kept-patch indices of :meth:`Encoder.forward_tokens`: a 2-D keep needs
+    exactly one row per clone of every clip (fewer rows would silently drop clips); values in
+    [0, patches), checked on the CPU only (on a GPU reading them would wait for it), where a
+    negative index would silently pick a patch from the end."""
     if keep.dtype not in (torch.int64, torch.int32) or keep.dim() not in (1, 2):
         raise ValueError(
             f"keep must be (K,) or (B * clones, K) int64 or int32 patch indices, got {keep.dtype} {tuple(keep.shape)}"
@@ -216,6 +217,10 @@ def check_keep(keep: torch.Tensor, batch: int, clones: int) -> None:
         raise ValueError(
             f"keep has {keep.shape[0]} rows; expected B * clones = {batch} * {clones} = {batch * clones}"
         )
+    if keep.device.type == "cpu" and keep.numel() and not torch.compiler.is_compiling():
+        low, high = int(keep.min()), int(keep.max())
+        if low < 0 or high >= patches:
+            raise ValueError(f"keep: patch indices must lie in [0, {patches}), got {low}..{high}")
 
 
 def check_padding_mask(mask: torch.Tensor, rows: int, tokens: int) -> None:
@@ -523,7 +528,7 @@ class Encoder(nn.Module):
         if clones < 1:
             raise ValueError(f"clones={clones} must be >= 1")
         if keep is not None:
-            check_keep(keep, tokens.shape[0], clones)
+            check_keep(keep, tokens.shape[0], clones, tokens.shape[1])
         if keep is not None and keep.dim() == 2:  # per-row kept patches: gather and clone at once
             rows = torch.arange(keep.shape[0], device=keep.device) // clones
             tokens = tokens[rows[:, None], keep]

@@ -830,6 +830,10 @@ def test_keep_rows_must_match_clips_times_clones():
         model(spec, keep=torch.zeros(4, 5, dtype=torch.long), clones=3)  # used to drop clip 1 silently
     with pytest.raises(ValueError, match="int64 or int32 patch indices"):
         model(spec, keep=torch.zeros(6, 5), clones=3)
+    # Out of range: an IndexError from torch, and a negative index silently kept another patch.
+    for bad in (torch.tensor([[0, 32]] * 2), torch.tensor([[-1, 2]] * 2), torch.tensor([0, 99])):
+        with pytest.raises(ValueError, match=r"keep: patch indices must lie in \[0, 32\)"):
+            model(spec, keep=bad)
 
 
 def test_padding_mask_validation():
