@@ -133,23 +133,22 @@ def source_of(path: Path) -> dict | None:
 
 def is_done(out: Path, key: str, recorded: dict | None, path: Path) -> bool:
     """Whether the output's ``key``, recorded from the file ``recorded`` (None: not there; {}:
-    written before sources were recorded), is the embedding of the file at ``path``: the same
-    bytes wherever they are now. Changed at the same place: not done. Other bytes elsewhere are
-    another file given the same name: ``ValueError``."""
+    written before sources were recorded), is the embedding of the file at ``path``. At the
+    same place: its size and modification time are unchanged (a change anywhere in it, the
+    digest's parts or not, is caught). Elsewhere (moved or copied): the same digest; other
+    bytes there are another file given the same name: ``ValueError``."""
     if recorded is None:
         return False
     if not recorded:
         return True
     try:
         st, real = os.stat(path), os.path.realpath(path)
-        if real == recorded.get("path") and (st.st_size, st.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns")):
-            return True  # untouched: no need to read it
+        if real == recorded.get("path"):
+            return (st.st_size, st.st_mtime_ns) == (recorded.get("size"), recorded.get("mtime_ns"))
         if digest_of(path) == recorded.get("digest"):
             return True
     except OSError:
         return True  # gone or unreadable since: its embedding stays
-    if real == recorded.get("path"):
-        return False
     raise ValueError(f"{out}: {key!r} holds the embedding of {recorded.get('path')}, not of {real} (a run with other "
                      "inputs gave that name to it); choose another --out")
 

@@ -188,6 +188,21 @@ def test_resume_knows_each_output_by_the_file_it_came_from(tmp_path, capsys, out
     assert run(other, b) == 2 and "holds the embedding of" in capsys.readouterr().err
 
 
+def test_a_file_changed_in_place_beyond_its_digest_is_embedded_again(tmp_path, capsys):
+    """Regression: a file changed in place between its first and last 64 KiB (the digest) kept
+    its old embedding though its modification time had changed."""
+    clip = tmp_path / "long.wav"
+    _write(clip, 10.0, seed=1)  # 320 KB
+    out = tmp_path / "emb.npz"
+    run = lambda: main(["extract", str(clip), "--checkpoint", CKPT, "--out", str(out), "--no-progress"])  # noqa: E731
+    assert run() == 0 and "1 embedded" in capsys.readouterr().out
+    wave, rate = sf.read(clip, dtype="float32")
+    wave[16000 * 4 : 16000 * 6] = 0.0  # the middle only: same size, same first and last 64 KiB
+    sf.write(clip, wave, rate)
+    os.utime(clip, ns=(clip.stat().st_atime_ns, clip.stat().st_mtime_ns + 10**9))
+    assert run() == 0 and "1 embedded (1 changed since)" in capsys.readouterr().out
+
+
 def test_output_names_are_unique_and_folder_outputs_do_not_share_files(tmp_path, capsys):
     """A renamed key could be another input's (A/B/x.wav is 'B/x.wav' in folder A, and B/x.wav's
     full path used to be 'B/x.wav' when given relative): one row was lost. In a folder output
