@@ -688,9 +688,7 @@ class Trainer:
     def _build_model(self, saved: dict | None) -> Pretrainer:
         """The model of a resumed run (its saved architecture), or one initialised from
         ``run.init``, or a fresh one."""
-        cfg = self.cfg
-        enc_cfg = encoder_config(cfg)
-        objective = objective_config(cfg, enc_cfg.depth)
+        cfg = self.cfg  # the encoder sizes of cfg.model count only for a fresh model
         if saved is not None:
             enc_cfg = EncoderConfig.from_dict(saved["encoder_config"])
             objective = ObjectiveConfig(**{**saved["objective"], "decoder": DecoderConfig(**saved["objective"]["decoder"])})
@@ -713,15 +711,15 @@ class Trainer:
                           if value != getattr(file_decoder, name.removeprefix("decoder_"))]
                 if unused:
                     self.log(f"the decoder comes from {ckpt.path}; not used: {', '.join(unused)}")
-            objective = dataclasses.replace(objective, top_k=cfg.objective.top_k or ckpt.config.depth)
-            model = Pretrainer.from_checkpoint(ckpt, objective)
+            model = Pretrainer.from_checkpoint(ckpt, objective_config(cfg, ckpt.config.depth))
             self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "
                      f"from {ckpt.path} ({ckpt.format})")
         else:
-            if objective.stage == 2:
+            if cfg.objective.stage == 2:
                 self.log("note: stage 2 from random weights; SSLAM continues a stage-1 (EAT) model, given "
                          "with --init (SPEC 5.6)")
-            model = Pretrainer(enc_cfg, objective)
+            enc_cfg = encoder_config(cfg)
+            model = Pretrainer(enc_cfg, objective_config(cfg, enc_cfg.depth))
         model.checkpoint_decoder = cfg.run.checkpoint_decoder
         model.student.set_block_checkpointing(cfg.run.checkpoint_blocks)
         return model.to(self.device).train()

@@ -367,6 +367,12 @@ def test_init_uses_the_given_heads_where_the_file_has_none_and_names_the_sizes_i
                             model__num_heads=4), log=lines.append)
     assert trainer.model.student.cfg.num_heads == 2
     assert any("model.num_heads=4 (the file: 2)" in line for line in lines), lines
+    # Sizes the file replaces are not checked against the preset's heads (64 / 3 stopped the run).
+    lines.clear()
+    trainer = Trainer(small(tmp_path / "wide", stage=2, steps=1, run__init=str(GOLDEN / "tiny_ckpt.pt"),
+                            model__embed_dim=100, model__num_heads=3), log=lines.append)
+    assert trainer.model.student.cfg.embed_dim == 64
+    assert any("model.embed_dim=100 (the file: 64)" in line for line in lines), lines
 
 
 def test_init_decoder_weights_are_checked_like_the_encoders(tmp_path, stage1_run):
