@@ -14,6 +14,7 @@ Clips are padded or cropped to the encoder's ``target_length`` as in the officia
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
@@ -38,7 +39,15 @@ from .checkpoint import (
 )
 from .data import pad_clips, samples_for_frames
 from .features import norm_stats, preprocess
-from .labels import LabeledSplit, LabelError, SplitAudio, read_split, read_text
+from .labels import (
+    LabeledSplit,
+    LabelError,
+    SplitAudio,
+    clip_id_key,
+    clip_names,
+    read_split,
+    read_text,
+)
 from .metrics import accuracy, mean_average_precision
 from .model import BLOCK_CHECKPOINTING, Encoder, eval_mode, stochastic_depth
 from .schedule import cosine
@@ -422,16 +431,16 @@ def read_weights(path: str, n: int, items=None) -> torch.Tensor:
     for number, line in enumerate(read_text(Path(path)).splitlines(), start=1):
         if not line.strip():
             continue
-        fields = line.split(",")
+        fields = next(csv.reader([line]))
         try:
             values.append(float(fields[-1]))
         except ValueError:
             raise LabelError(f"{path}:{number}: {line!r} is not a number") from None
-        named = Path(fields[0].strip()).name if len(fields) > 1 and not _is_number(fields[0]) else None
+        named = fields[0].strip() if len(fields) > 1 and not _is_number(fields[0]) else None
         if named and isinstance(items, list) and len(values) <= len(items):
-            expected = Path(items[len(values) - 1]).name
-            if named != expected:
-                raise LabelError(f"{path}:{number}: the weight of {named} where the training split has {expected}; "
+            clip = Path(items[len(values) - 1])
+            if clip_id_key(named) not in clip_names(clip):
+                raise LabelError(f"{path}:{number}: the weight of {named} where the training split has {clip.name}; "
                                  "the weights must follow the split's order")
     if len(values) != n:
         raise LabelError(f"{path}: {len(values)} weights for {n} training clips")

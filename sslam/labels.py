@@ -107,11 +107,17 @@ def _lookup(classes: list[tuple[str, str]]) -> dict[str, int]:
     return lookup
 
 
-def split_labels(text: str, known=()) -> list[str]:
+def label_span(known) -> int:
+    """How many comma-separated pieces the longest ``known`` label spans."""
+    return 1 + max((label.count(",") for label in known), default=0)
+
+
+def split_labels(text: str, known=(), span: int | None = None) -> list[str]:
     """The labels of one field, separated by ';' or ','; a comma inside a ``known`` label does
     not separate (AudioSet display names such as 'Male speech, man speaking' hold commas): at
-    each label the longest known one is taken."""
-    span = 1 + max((label.count(",") for label in known), default=0)  # pieces a known label spans
+    each label the longest known one is taken. ``span``: :func:`label_span` of ``known``
+    (pass it when splitting many fields)."""
+    span = label_span(known) if span is None else span
     labels = []
     for part in text.split(";"):
         pieces = part.split(",")
@@ -154,28 +160,33 @@ def _check_files(name: str, paths: list[Path]) -> None:
         raise LabelError(f"{name}: {len(missing)} audio file(s) not found, e.g. {missing[:3]}")
 
 
-def _clip_key(name: str) -> str:
-    """What a .lbl id and a manifest file have in common: the file name without folder or
-    extension, in one case ('audio/B.wav' -> 'b')."""
-    return os.path.splitext(os.path.basename(name.strip()))[0].casefold()
+def clip_names(path: Path) -> set[str]:
+    """The ids a label file may give the clip at ``path``: its file name or its stem, in any
+    case ('x.1.wav': 'x.1.wav' or 'x.1')."""
+    return {path.name.casefold(), path.stem.casefold()}
 
 
-def _lbl_fields(line: str, known, where: str) -> tuple[str, str]:
-    """``(id, labels)`` of a .lbl line ``id<TAB>label,label,...``; a line that would lose
-    labels is an error: more tab fields (only the first would be read), or an id with a space
-    or a label instead of a tab-separated id (the clip would get no labels)."""
-    fields = line.split("\t")
+def clip_id_key(clip_id: str) -> str:
+    """A label file's clip id as :func:`clip_names` lists them: without folders, in one case."""
+    return os.path.basename(clip_id.strip()).casefold()
+
+
+def _lbl_fields(line: str, known, names: set[str], where: str) -> tuple[str, str]:
+    """``(id, labels)`` of a .lbl line ``id<TAB>label,label,...`` for the clip with ``names``;
+    a line that would lose labels is an error: more tab fields (only the first would be read),
+    or labels without a tab-separated id (the clip would get none)."""
+    fields = line.rstrip("\t\r\n").split("\t")  # a trailing tab holds nothing
     if len(fields) > 2:
         raise LabelError(f"{where}: {len(fields)} tab-separated fields; expected 'id<TAB>labels' with the "
                          "labels separated by commas")
-    if len(fields) == 1:
-        text = line.strip()
-        if any(c.isspace() for c in text):
-            raise LabelError(f"{where}: no tab between the id and the labels in {text!r}")
-        if text in known:
-            raise LabelError(f"{where}: a label without an id ({text!r}); expected 'id<TAB>labels'")
-        return text, ""
-    return fields[0].strip(), fields[1]
+    if len(fields) == 2:
+        return fields[0].strip(), fields[1]
+    text = line.strip()
+    if clip_id_key(text) not in names:  # not this clip's id: perhaps labels, or an id and labels
+        after_space = text.split(None, 1)[1:]
+        if any(label in known for part in [text, *after_space] for label in split_labels(part, known)):
+            raise LabelError(f"{where}: labels without an id in {text!r}; expected 'id<TAB>labels'")
+    return text, ""
 
 
 def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, lbl: str | os.PathLike | None = None,
@@ -195,16 +206,17 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
         raise LabelError(f"{lbl}: {len(label_lines)} label lines for {len(paths)} clips in {tsv}")
     classes = read_descriptors(descriptors)
     lookup = _lookup(classes)
-    stems = {_clip_key(p.name) for p in paths}
+    every_name, span = set().union(*map(clip_names, paths)), label_span(lookup)
     label_lists, where = [], []
     for path, (number, line) in zip(paths, label_lines):
-        clip_id, labels = _lbl_fields(line, lookup, f"{lbl}:{number}")
-        # Labels pair with clips by line; an id naming another of the clips (as a file name, a
-        # path, or in other case) means another order.
-        if _clip_key(clip_id) != _clip_key(path.name) and _clip_key(clip_id) in stems:
+        names = clip_names(path)
+        clip_id, labels = _lbl_fields(line, lookup, names, f"{lbl}:{number}")
+        # Labels pair with clips by line; an id naming another of the clips (by file name or
+        # stem, through a folder, in other case) means another order.
+        if clip_id_key(clip_id) not in names and clip_id_key(clip_id) in every_name:
             raise LabelError(f"{lbl}:{number}: labels of {clip_id!r} where the manifest {tsv} has {path.name}; the "
                              ".lbl lines must follow the manifest's order")
-        label_lists.append(split_labels(labels, lookup))
+        label_lists.append(split_labels(labels, lookup, span))
         where.append(f"{lbl}:{number}")
     _check_unique(paths, where)
     _check_files(str(tsv), paths)
@@ -228,7 +240,7 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
     else:
         names = class_names
         lookup = {n: i for i, n in enumerate(names or ())}
-    paths, label_lists, where = [], [], []
+    paths, label_lists, where, span = [], [], [], label_span(lookup)
     for number, row in rows[1:]:
         if not any(field.strip() for field in row):
             continue
@@ -246,7 +258,7 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
         field = ",".join(row[1:]) if columns == 2 else "".join(row[1:2])
         if "\n" in field or "\r" in field:
             raise LabelError(f"{path}:{number}: a labels field spans lines; separate labels with ';' or ','")
-        label_lists.append(split_labels(field, lookup))
+        label_lists.append(split_labels(field, lookup, span))
         where.append(f"{path}:{number}")
     if not paths:
         raise LabelError(f"{path}: empty split (no rows)")

@@ -496,9 +496,33 @@ def test_lbl_ids_of_other_clips_in_any_spelling_are_refused(tmp_path, audio, ids
     assert read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv").targets.tolist() == [[1, 0, 0], [0, 1, 0]]
 
 
+def test_lbl_ids_with_dots_spaces_or_label_names_pair_with_their_clips(tmp_path):
+    """Ids are matched to clips by file name or stem: ids with dots ('x.1', 'A_30.000') in
+    another order are refused, in the right order accepted; a trailing tab, an id with a space
+    or one that is also a label's name, without labels, are ids."""
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    names = ["x.wav", "x.1.wav", "A_30.000.wav", "B_30.000.wav", "my clip.wav", "Dog.wav"]
+    for name in names:
+        sf.write(folder / name, np.zeros(800), 16000)
+    (tmp_path / "d.csv").write_text("index,mid,display_name\n0,/m/dog,Dog\n1,/m/cat,Cat\n")
+    (tmp_path / "s.tsv").write_text(f"{folder}\n" + "".join(f"{n}\t800\n" for n in names))
+    good = "x\t/m/dog\nx.1\t/m/cat\nA_30.000\t/m/dog\nB_30.000\t/m/cat\t\nmy clip\nDog\n"
+    (tmp_path / "s.lbl").write_text(good)
+    split = read_fairseq_split(tmp_path / "s.tsv", tmp_path / "d.csv")
+    assert split.targets.tolist() == [[1, 0], [0, 1], [1, 0], [0, 1], [0, 0], [0, 0]]
+    (tmp_path / "s.lbl").write_text(good.replace("A_30.000\t", "TMP\t").replace("B_30.000\t", "A_30.000\t")
+                                    .replace("TMP\t", "B_30.000\t"))
+    with pytest.raises(LabelError, match=r"s.lbl:3: labels of 'B_30.000' where the manifest .* has A_30.000.wav"):
+        read_fairseq_split(tmp_path / "s.tsv", tmp_path / "d.csv")
+    (tmp_path / "s.lbl").write_text(good.replace("my clip\n", "/m/dog,/m/cat\n"))
+    with pytest.raises(LabelError, match="s.lbl:5: labels without an id"):
+        read_fairseq_split(tmp_path / "s.tsv", tmp_path / "d.csv")
+
+
 @pytest.mark.parametrize("line, match", [("a\t/m/dog\t/m/cat", "3 tab-separated fields"),
-                                         ("a /m/dog", "no tab between the id and the labels"),
-                                         ("/m/dog", "a label without an id")])
+                                         ("a /m/dog", "labels without an id"),
+                                         ("/m/dog", "labels without an id")])
 def test_lbl_lines_that_would_lose_labels_are_refused(tmp_path, audio, line, match):
     """Regression: a tab between labels dropped all but the first, a space after the id (or no
     id) left the clip without labels, silently."""
@@ -553,6 +577,8 @@ def test_balanced_weights_in_another_order_than_the_split_are_refused(tmp_path, 
     assert read_weights(str(tmp_path / "plain.csv"), 3, items).tolist() == [0.0, 1.0, 1.0]
     (tmp_path / "indexed.csv").write_text("0,0\n1,1\n2,1\n")  # index,weight: no names to check
     assert read_weights(str(tmp_path / "indexed.csv"), 3, items).tolist() == [0.0, 1.0, 1.0]
+    (tmp_path / "ids.csv").write_text('A,0\n"b.wav",1\naudio/c,1\n')  # stems, quotes, folders, case
+    assert read_weights(str(tmp_path / "ids.csv"), 3, items).tolist() == [0.0, 1.0, 1.0]
 
 
 # ---- metrics ---------------------------------------------------------------------------------------
