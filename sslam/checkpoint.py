@@ -445,10 +445,11 @@ class Checkpoint:
     def file_key(self, key: str) -> str:
         """The name the file gives the weight ``key`` (ours) of ``state``: the official files
         name the embedding stage otherwise, and prefix the encoder with ``model.`` (fairseq's
-        fine-tuned heads excepted)."""
+        fine-tuned heads excepted). For messages: an EMA teacher stored as a bare block list
+        is named as blocks."""
         prefix, style = self.naming
-        if self.format == "fairseq-finetune" and key.split(".")[0] in ("fc_norm", "head"):
-            return key
+        if style == "fairseq" and prefix and key.split(".")[0] in ("fc_norm", "head"):
+            return key  # a fine-tuned fairseq model's head is outside its "model." encoder
         names = {"fairseq": _FAIRSEQ_EMBEDDING_NAMES, "hf": _HF_EMBEDDING_NAMES}.get(style, {})
         return prefix + names.get(key, key)
 
@@ -860,13 +861,15 @@ def _check_preprocessing(prep, source) -> dict:
 def _check_window(ckpt: Checkpoint) -> None:
     """The preprocessing window must be whole patches that the position table covers; where the
     file gives none, it is AudioSet's 1024 frames, or what the table covers if that is less."""
-    config = ckpt.config
     if ckpt.preprocessing.get("target_length") is None:
-        ckpt.preprocessing = {**ckpt.preprocessing, "target_length": min(1024, config.max_frames)}
-    frames = ckpt.preprocessing["target_length"]
+        ckpt.preprocessing = {**ckpt.preprocessing, "target_length": min(1024, ckpt.config.max_frames)}
+    _check_frames(ckpt.config, ckpt.preprocessing["target_length"], ckpt.path)
+
+
+def _check_frames(config: EncoderConfig, frames: int, source) -> None:
     if not config.fits_window(frames):
         raise CheckpointError(
-            f"{ckpt.path}: preprocessing target_length={frames} frames must be a multiple of the "
+            f"{source}: preprocessing target_length={frames} frames must be a multiple of the "
             f"patch size {config.patch_size} and at most the {config.max_frames} "
             "frames the position table covers"
         )
@@ -1258,7 +1261,7 @@ def export_metadata(model: Encoder, source: dict | None = None) -> dict:
         "format_version": 1,
         "encoder": model.cfg.to_dict(),
         "preprocessing": model.preprocessing,
-        "label_names": model.label_names,
+        "label_names": None if model.label_names is None else list(model.label_names),
         "source": source or {},
     }
 
@@ -1271,8 +1274,9 @@ def _check_exportable(model: Encoder, out: Path) -> None:
     ``label_names`` are attributes a user may set."""
     source = f"{out} (model.preprocessing, model.label_names)"
     prep = _check_preprocessing(model.preprocessing, source)
-    _check_labels(model.label_names, model.cfg.num_classes, source)
-    _check_window(Checkpoint(out, "sslam", model.cfg, {}, preprocessing=prep))
+    _check_labels(export_metadata(model)["label_names"], model.cfg.num_classes, source)
+    if prep["target_length"] is not None:  # None: the default window, which fits
+        _check_frames(model.cfg, prep["target_length"], source)
 
 
 def save_encoder(model: Encoder, out_dir: str | os.PathLike, source: dict | None = None) -> Path:

@@ -775,7 +775,8 @@ def test_save_encoder_refuses_what_loading_would_refuse(tmp_path):
     model = Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, num_classes=5))
     cases = [({"preprocessing": {**model.preprocessing, "target_length": 1000}}, "target_length=1000 frames must be"),
              ({"preprocessing": {**model.preprocessing, "norm": (0.0, 0.0)}}, r"norm=\(0.0, 0.0\) is not usable"),
-             ({"label_names": ["a", "b", "c"]}, r"label names \(3\) must be 5 strings")]
+             ({"label_names": ["a", "b", "c"]}, r"label names \(3\) must be 5 strings"),
+             ({"label_names": ("a", "b", "c", "d", 5)}, r"label names \(5\) must be 5 strings")]
     for change, message in cases:
         changed = Encoder(model.cfg)
         for name, value in change.items():
@@ -783,6 +784,8 @@ def test_save_encoder_refuses_what_loading_would_refuse(tmp_path):
         with pytest.raises(CheckpointError, match=message):
             save_encoder(changed, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+    model.label_names = ("a", "b", "c", "d", "e")  # any sequence of names, saved as a list
+    assert load_encoder(save_encoder(model, tmp_path / "tuple")).label_names == ["a", "b", "c", "d", "e"]
 
 
 def test_an_encoder_with_a_short_position_table_embeds_and_round_trips(tmp_path):
