@@ -582,7 +582,8 @@ def resolve_init(path: str) -> str:
 def rng_state() -> dict:
     """The global random streams: CPU torch, Python's, and the CUDA stream of this process's
     device (the one it trains on; the others are not its to restore)."""
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    _, python, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(), "python": list(python), "python_gauss": gauss_next}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -593,7 +594,7 @@ def set_rng_state(state: dict) -> None:
     state: this process's device takes its own, when the saving machine had one."""
     torch.set_rng_state(state["torch"])
     if "python" in state:
-        random.setstate((3, tuple(state["python"]), None))  # version 3: the Mersenne Twister's
+        random.setstate((3, tuple(state["python"]), state.get("python_gauss")))  # 3: the Mersenne Twister's
     cuda = state.get("cuda")
     if cuda is None or not torch.cuda.is_available():
         return

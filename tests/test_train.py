@@ -198,10 +198,11 @@ def test_resume_restores_the_global_random_streams(tmp_path, monkeypatch):
     uninterrupted run's (iterating the data loader drew its workers' base seed from it), and
     Python's stream, saved in every checkpoint, was not restored."""
     quiet = lambda *a: None  # noqa: E731
+    random.gauss(0.0, 1.0)  # one of a pair drawn: Python keeps the other for the next call
     Trainer(small(tmp_path / "a", steps=5), log=quiet).fit()
     after = torch.get_rng_state(), random.getstate()
     interrupt_after(Trainer(small(tmp_path / "b", steps=5), log=quiet), monkeypatch, 4)
-    random.random()  # the process's own use of Python's stream, between the two runs
+    random.random(), random.gauss(0.0, 1.0)  # the process's own use of Python's stream, between the two runs
     Trainer(small(tmp_path / "b", steps=5), log=quiet).fit()
     assert torch.equal(torch.get_rng_state(), after[0])
     assert random.getstate() == after[1]
