@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import sys
 import time
@@ -84,14 +85,15 @@ class Step:
         if device.type == "cuda":
             self.pure = PURE.get(variant)
             self.amp = None if self.pure else torch.bfloat16
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.pure == torch.float16)
+        # The trainer's (fairseq's) initial loss scale: torch's 2^16 would skip early fp16 steps.
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=2.0**7, enabled=self.pure == torch.float16)
         frames = cfg.data.target_length
         self.mask_cfg = mask_config(cfg)
         samples = (frames - 1) * 160 + 400
         g = torch.Generator().manual_seed(1)
         self.waves = (0.1 * torch.randn(batch, samples, generator=g)).to(device)
         self.lengths = torch.full((batch,), samples)  # on the CPU, as a data loader gives them
-        self.count = 0
+        self.count = self.skipped = 0
 
     def masks(self):
         """(mixing windows or None in stage 1, (B * clones, K) kept patch indices on the CPU) of
@@ -117,7 +119,9 @@ class Step:
     def forward(self, windows, keep):
         """The step's losses: features from the waveforms (the fused kernel for ours on a GPU)
         and the model, under the variant's autocast."""
-        os.environ["SSLAM_KERNELS"] = "auto" if self.variant.startswith("ours") else "0"
+        # Ours on a GPU must run the kernels: "auto" would fall back to the references unseen.
+        ours_kernels = self.variant.startswith("ours") and self.device.type == "cuda"
+        os.environ["SSLAM_KERNELS"] = "1" if ours_kernels else "0"
         cfg = self.cfg
         with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
             mixed = None
@@ -132,6 +136,9 @@ class Step:
             return self.model(clean, keep, windows=windows, mixed=mixed)
 
     def __call__(self) -> float:
+        """One step; its loss. Every variant reads the loss and the gradient norm once, as the
+        trainer does (fp16's loss scaler reads its overflow flag besides); a step whose
+        gradient is not finite makes no update and is counted in ``skipped``."""
         cfg = self.cfg
         windows, keep = self.masks()
         keep = keep.to(self.device, non_blocking=True)
@@ -139,13 +146,15 @@ class Step:
             losses = self.forward(windows, keep)
             self.scaler.scale(losses.total).backward()
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), cfg.optim.clip_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), cfg.optim.clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.count += 1
         self.model.update_teacher(ema_decay(self.count))
-        return losses.total.detach()
+        loss, norm = torch.stack([losses.total.detach().float(), norm.float()]).tolist()
+        self.skipped += not math.isfinite(norm)
+        return loss
 
 
 def sync(device):
@@ -155,8 +164,9 @@ def sync(device):
 
 def time_steps(step: Step, warmup: int, steps: int) -> tuple[float, list[float], float]:
     """(mean seconds per step, (median, p20, p80) of the steps' seconds, peak memory GiB over
-    the timed steps). The steps run back to back as in training; on a GPU each one's time is
-    the gap between CUDA events recorded after consecutive steps (nothing waits for them)."""
+    the timed steps). The steps run back to back as in training, each reading its loss and
+    gradient norm as the trainer does; on a GPU each one's time is the gap between CUDA events
+    recorded after consecutive steps."""
     cuda = step.device.type == "cuda"
     for _ in range(warmup):
         step()
@@ -178,7 +188,7 @@ def time_steps(step: Step, warmup: int, steps: int) -> tuple[float, list[float],
         marks.append(mark())
     sync(step.device)
     seconds = (time.perf_counter() - start) / steps
-    if not torch.isfinite(loss):
+    if not math.isfinite(loss):
         raise RuntimeError(f"{step.variant}: non-finite loss")
     each = [a.elapsed_time(b) / 1e3 if cuda else b - a for a, b in zip(marks, marks[1:])]
     quantiles = torch.tensor(each, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
@@ -326,8 +336,10 @@ def main(argv=None) -> int:
         for variant in args.variants:
             began = time.perf_counter()  # the variant's whole cost here: build, compile, tuning, search
             try:
-                seconds, (median, p20, p80), peak = time_steps(Step(variant, cfg, args.batch, device),
-                                                                args.warmup, args.steps)
+                step = Step(variant, cfg, args.batch, device)
+                seconds, (median, p20, p80), peak = time_steps(step, args.warmup, args.steps)
+                skipped = step.skipped
+                del step  # its model and optimizer would take memory from the batch search
             except Exception as exc:  # a variant that cannot run is reported, not fatal
                 print(f"{variant:>12} failed after {time.perf_counter() - began:.0f} s: {type(exc).__name__}: "
                       f"{(str(exc).splitlines() or [''])[0][:120]}")
@@ -352,7 +364,7 @@ def main(argv=None) -> int:
                     "variant": variant, "pass": "full", "median_ms": median * 1e3, "p20_ms": p20 * 1e3,
                     "p80_ms": p80 * 1e3, "throughput": clips, "unit": "clips/s", "peak_mem_mb": peak * 1024,
                     "note": f"mfu={mfu:.4f}; max_batch={most}; flops_per_clip={flops:.4e}; wall_s={wall:.0f}; "
-                            f"search_s={searched:.0f}"})
+                            f"search_s={searched:.0f}; skipped_steps={skipped}"})
         if args.profile:
             for variant in ("eager", "ours", "ours_pure"):
                 if variant in args.variants:
