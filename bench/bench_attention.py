@@ -206,9 +206,10 @@ def bench_case(case, shape, heads, dtype, device, quick):
             calls = passes_of(fn, inputs)
         except RuntimeError as exc:  # e.g. "No available kernel" from a forced SDPA backend
             reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else repr(exc)
+            kind = "failed" if isinstance(exc, torch.OutOfMemoryError) else "unsupported"  # OOM: not a backend's gap
             for pass_name in PASSES:
                 rows.append(dict(case=case, variant=name, **{"pass": pass_name},
-                                 note=f"{shape_note}; unsupported: {reason}"))
+                                 note=f"{shape_note}; {kind}: {reason}"))
             continue
         for pass_name in PASSES:
             median, p20, p80 = measure(calls[pass_name], device, quick)

@@ -33,7 +33,7 @@ def git_commit() -> str:
             cwd=Path(__file__).resolve().parent,
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
             text=True, cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
@@ -69,7 +69,8 @@ def environment(device: str | torch.device = "cuda") -> dict:
         "device": device_name(device),
         "torch": torch.__version__,
         "triton": triton_version,
-        "cuda": torch.version.cuda or "none",
+        # The CUDA that ran the rows: none for a CPU device, whatever torch was built with.
+        "cuda": (torch.version.cuda or "none") if torch.device(device).type == "cuda" else "none",
     }
 
 
@@ -126,7 +127,8 @@ def cpu_timing(fn, *, repeats: int = 5, warmup: int = 1) -> tuple[float, float, 
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     t = torch.tensor(times, dtype=torch.float64)
-    return (float(t.median()), float(t.quantile(0.2)), float(t.quantile(0.8)))
+    # quantile, not median: of an even count, torch.median returns the lower middle value
+    return (float(t.quantile(0.5)), float(t.quantile(0.2)), float(t.quantile(0.8)))
 
 
 def peak_memory_mb(fn, device: str | torch.device = "cuda") -> float:

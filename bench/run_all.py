@@ -65,17 +65,21 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("mixture", ["bench_mixture.py"]),
             ("decoder", ["bench_decoder.py"]),
             ("regression", ["bench_regression.py"]),
-            # Stage 2 in full (every variant, largest batch, profiles); stage 1 timed only, for the
-            # four implementations compared (official, eager, compile, ours): the largest-batch
-            # search and the compiled variants' compilation are most of the step benchmark's time.
-            ("step", ["bench_step.py", "--preset", "base", "--stage", "2", "--batch", "12", "--max-batch",
-                      "--profile", str(out / "profile"), "--variants", *STEP_VARIANTS]),
+            *steps,  # the CPU's, short
+            # Stage 2 in full (every variant, largest batch, profiles), each variant in a process
+            # of its own: one variant after another in one process ran slower than alone (the
+            # host issues the step, and what the earlier ones left behind slowed it). Stage 1
+            # timed only, for the four implementations compared: the largest-batch search and
+            # the compiled variants' compilation are most of the step benchmark's time.
+            *[(f"step-{variant}", ["bench_step.py", "--preset", "base", "--stage", "2", "--batch", "12",
+                                   "--max-batch", "--profile", str(out / "profile"), "--variants", variant])
+              for variant in STEP_VARIANTS],
             ("step_stage1", ["bench_step.py", "--preset", "base", "--stage", "1", "--batch", "12",
                              "--variants", *STEP_VARIANTS[:4]]),
             ("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16"]),
             # Where the activation memory goes, by module (per clip, so a small batch is enough).
             ("memory", ["bench_memory.py", "--preset", "base", "--stage", "2", "--batch", "4"]),
-        ] + steps
+        ]
     else:
         steps = [("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16", "--repeats", "2"]),
                  ("step", ["bench_step.py", "--preset", "tiny"])] + steps
@@ -141,10 +145,14 @@ def read_rows(csv_path: Path) -> list[dict]:
 def report(rows: list[dict], out: Path, timings: dict[str, tuple[str, float]]) -> str:
     """Markdown tables (one per benchmark and case) and one bar plot per benchmark."""
     lines = ["# Benchmark report", ""]
-    if rows:
-        first = rows[0]
-        lines += [f"Device: {first['device']}; torch {first['torch']}; triton {first['triton']}; CUDA {first['cuda']}; "
-                  f"commit {first['commit']}; {first['date']}", ""]
+    # Where and with what the rows were measured: a line for each combination (the GPU's rows
+    # and those of the host's CPU benchmarks differ in device, say).
+    setups = dict.fromkeys((r["device"], r["torch"], r["triton"], r["cuda"], r["commit"]) for r in rows)
+    for device, torch_version, triton_version, cuda, commit in setups:
+        first = min(r["date"] for r in rows if (r["device"], r["commit"]) == (device, commit))
+        lines.append(f"- Device: {device}; torch {torch_version}; triton {triton_version}; CUDA {cuda}; "
+                     f"commit {commit}; from {first}")
+    lines += [""] if setups else []
     lines += ["| script | status | seconds |", "|---|---|---|"]
     lines += [f"| {n} | {status} | {s:.0f} |" for n, (status, s) in timings.items()]
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -253,9 +261,14 @@ def main(argv=None) -> int:
     if args.quick and not gpu:
         env["TRITON_INTERPRET"] = "1"
     scripts = plan(args.quick, gpu, out)
-    unknown = set(args.only or ()) - {name for name, _ in scripts}
+    # "step" names the stage-2 step's variants where each runs on its own ("step-ours", ...).
+    only = [n for name in args.only or () for n in
+            ([s for s, _ in scripts if s.startswith("step-")] if name == "step" and "step" not in dict(scripts) else [name])]
+    unknown = set(only) - {name for name, _ in scripts}
     if unknown:
         p.error(f"--only: no benchmark named {sorted(unknown)} in this plan; choose from {[n for n, _ in scripts]}")
+    if csv_path.exists() and csv_path.stat().st_size:  # rows of two runs would mix in one report
+        p.error(f"--out {out}: holds the results.csv of an earlier run; choose a new folder")
     chosen = dict(scripts)
     timings = {}
     deadline = time.monotonic() + args.budget if args.budget is not None else float("inf")
@@ -266,7 +279,7 @@ def main(argv=None) -> int:
         report(read_rows(csv_path), out, timings)
     if args.budget is None and gpu and not args.quick:  # the benchmarks' 8 minutes, after any tests
         deadline = time.monotonic() + GPU_BUDGET_S
-    for name in args.only or chosen:  # --only runs in the order given
+    for name in only or chosen:  # --only runs in the order given
         left = deadline - time.monotonic()
         if left < 10:
             print(f"{name:>12}: not started, the --budget is spent", flush=True)

@@ -75,6 +75,40 @@ def test_unknown_benchmark_names_are_refused(tmp_path):
     assert not (tmp_path / "results.csv").exists()
 
 
+def _run_all_module():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run_all
+
+    return run_all
+
+
+def test_the_gpu_plan_runs_each_step_variant_in_a_process_of_its_own(tmp_path):
+    """One variant after another in one process ran slower than alone: each now has its own."""
+    run_all = _run_all_module()
+    scripts = dict(run_all.plan(quick=False, gpu=True, out=tmp_path))
+    steps = {name: args for name, args in scripts.items() if name.startswith("step-")}
+    assert [name.removeprefix("step-") for name in steps] == run_all.STEP_VARIANTS
+    for name, args in steps.items():
+        assert args[args.index("--variants") + 1:] == [name.removeprefix("step-")]
+
+
+def test_a_folder_with_earlier_results_is_refused(tmp_path):
+    (tmp_path / "results.csv").write_text("date,commit\n2026-01-01,abc\n")
+    done = run_all("--quick", "--only", "masks", out=tmp_path)
+    assert done.returncode == 2 and "holds the results.csv of an earlier run" in done.stderr
+
+
+def test_the_report_names_every_device_and_commit_its_rows_come_from(tmp_path):
+    run_all = _run_all_module()
+    row = {"benchmark": "masks", "case": "c", "variant": "v", "pass": "full", "median_ms": "1", "torch": "2",
+           "triton": "3", "date": "2026-12-06T00:00:00Z"}
+    rows = [{**row, "device": "NVIDIA H100", "cuda": "13.0", "commit": "abc"},
+            {**row, "device": "CPU X (1 threads)", "cuda": "none", "commit": "abc"}]
+    text = run_all.report(rows, tmp_path, {})
+    assert "- Device: NVIDIA H100; torch 2; triton 3; CUDA 13.0; commit abc" in text
+    assert "- Device: CPU X (1 threads); torch 2; triton 3; CUDA none; commit abc" in text
+
+
 def test_autotune_report_lists_each_new_table_once_fastest_first():
     from types import SimpleNamespace
 
