@@ -93,7 +93,10 @@ class AudioFiles(Dataset):
     """Decoded 16-kHz mono clips of a list of files, cropped to ``max_samples``.
 
     ``__getitem__`` returns ``(waveform float32 (n,), index, failures)`` where ``failures``
-    lists ``(path, reason)`` of unreadable files skipped on the way to a readable one."""
+    lists ``(path, reason)`` of unreadable files skipped on the way to a readable one, and a
+    waveform of None when ``max_tries`` files in a row (or all of them) were unreadable: the
+    trainer then stops on its count of them (an error raised here would reach it wrapped in a
+    data-loader worker's traceback)."""
 
     def __init__(self, paths: list[Path], max_samples: int | None = None, max_tries: int = 20):
         if not paths:
@@ -117,10 +120,7 @@ class AudioFiles(Dataset):
                 failures.append((str(path), str(exc)))
                 continue
             return wave, index, failures
-        raise AudioError(
-            f"{len(failures)} unreadable files in a row from index {index}, more than the run tolerates "
-            "(data.max_bad_files); the last ones: " + "; ".join(r for _, r in failures[-3:])
-        )
+        return None, index, failures
 
 
 class SynthClips(Dataset):
@@ -145,15 +145,17 @@ class SynthClips(Dataset):
 @dataclass
 class Batch:
     """Padded 16-kHz waveforms (B, N), their lengths (B,), dataset indices (B,), and the files
-    that had to be skipped to fill it."""
+    that had to be skipped to fill it. Waveforms and lengths are None when some clip found no
+    readable file (see :class:`AudioFiles`)."""
 
-    waveforms: torch.Tensor
-    lengths: torch.Tensor
+    waveforms: torch.Tensor | None
+    lengths: torch.Tensor | None
     indices: torch.Tensor
     failures: list
 
     def pin_memory(self):
-        self.waveforms = self.waveforms.pin_memory()
+        if self.waveforms is not None:
+            self.waveforms = self.waveforms.pin_memory()
         return self
 
 
@@ -168,8 +170,10 @@ def pad_clips(waves) -> tuple[torch.Tensor, torch.Tensor]:
 
 def collate(items) -> Batch:
     waves, indices, failures = zip(*items)
-    batch, lengths = pad_clips(waves)
-    return Batch(batch, lengths, torch.tensor(indices), [f for fs in failures for f in fs])
+    failures = [f for fs in failures for f in fs]
+    if any(w is None for w in waves):
+        return Batch(None, None, torch.tensor(indices), failures)
+    return Batch(*pad_clips(waves), torch.tensor(indices), failures)
 
 
 class GlobalBatchSampler(Sampler):

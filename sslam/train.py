@@ -1032,6 +1032,8 @@ class Trainer:
         try:
             while self.step < cfg.optim.max_steps:
                 micro = [next(batches) for _ in range(cfg.optim.accum_steps)]
+                if any(batch.waveforms is None for batch in micro):
+                    self._stop_on_unreadable(micro, len(loader.dataset))
                 values = self.train_step(micro)  # None: skipped (see _skip_step)
                 if values is not None:
                     self.bad_steps = 0
@@ -1109,6 +1111,14 @@ class Trainer:
                 f"{len(self.bad_files)} unreadable files exceed data.max_bad_files={self.cfg.data.max_bad_files}; "
                 f"first ones: {[p for p, _ in self.bad_files[:5]]}"
             )
+
+    def _stop_on_unreadable(self, micro, size: int) -> None:
+        """A clip found no readable file among the many it tried: stop past data.max_bad_files
+        (as :meth:`_count_bad_files` does), or, where the data holds fewer files than that,
+        because every one of them is unreadable."""
+        self._count_bad_files(micro, 0)
+        raise StopTraining(f"every one of the {size} audio files of the data is unreadable; first ones: "
+                           f"{[p for p, _ in self.bad_files[:5]]}")
 
     def _log_step(self, values, seconds, steps, eff, metrics_file, writer) -> dict:
         step_time = seconds / max(1, steps)
