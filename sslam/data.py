@@ -28,10 +28,12 @@ from .audio import AUDIO_SUFFIXES, AudioError, load_audio
 from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE
 
 
-def manifest_entries(path: str | os.PathLike, root: str | None = None, min_samples: int = 0) -> tuple[Path, list[str]]:
-    """(root folder, relative paths) of a fairseq manifest: its first line is the root (``root``
-    replaces it), then one ``relative/path<TAB>size`` line per clip. Entries whose size column
-    is below ``min_samples`` are skipped, as fairseq does (``min_sample_size``)."""
+def manifest_entries(path: str | os.PathLike, root: str | None = None,
+                     min_samples: int = 0) -> tuple[Path, list[str], int]:
+    """(root folder, relative paths, entries skipped) of a fairseq manifest: its first line is
+    the root (``root`` replaces it), then one ``relative/path<TAB>size`` line per clip. Entries
+    whose size column is below ``min_samples`` are skipped, as fairseq does
+    (``min_sample_size``), and counted."""
     path = Path(path)
     try:
         # utf-8-sig: a byte-order mark (editors on Windows add one) must not end up in the root.
@@ -48,7 +50,7 @@ def manifest_entries(path: str | os.PathLike, root: str | None = None, min_sampl
             f"{path}:1: the first line must be the root folder of the audio files, got a clip "
             f"entry {lines[0]!r} (is the root line missing?)"
         )
-    relative = []
+    relative, skipped = [], 0
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -61,16 +63,18 @@ def manifest_entries(path: str | os.PathLike, root: str | None = None, min_sampl
             except ValueError:
                 raise ValueError(f"{path}:{number}: size column {parts[1]!r} is not an integer") from None
             if size < min_samples:
+                skipped += 1
                 continue
         relative.append(parts[0].strip())
     if not relative:
-        raise ValueError(f"{path}: empty split (no clips listed)")
-    return Path(root if root else lines[0].strip()), relative
+        short = f": all {skipped} entries are below min_samples={min_samples} samples" if skipped else " (no clips listed)"
+        raise ValueError(f"{path}: empty split{short}")
+    return Path(root if root else lines[0].strip()), relative, skipped
 
 
 def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples: int = 0) -> list[Path]:
     """Audio paths of a fairseq manifest (see :func:`manifest_entries`)."""
-    base, relative = manifest_entries(path, root, min_samples)
+    base, relative, _ = manifest_entries(path, root, min_samples)
     return [base / rel for rel in relative]
 
 
@@ -98,10 +102,11 @@ class AudioFiles(Dataset):
     trainer then stops on its count of them (an error raised here would reach it wrapped in a
     data-loader worker's traceback)."""
 
-    def __init__(self, paths: list[Path], max_samples: int | None = None, max_tries: int = 20):
+    def __init__(self, paths: list[Path], max_samples: int | None = None, max_tries: int = 20, skipped: int = 0):
         if not paths:
             raise ValueError("AudioFiles: no paths")
         self.paths, self.max_samples, self.max_tries = list(paths), max_samples, max_tries
+        self.skipped = skipped  # manifest entries under min_samples, for the run's log
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -246,5 +251,6 @@ def build_dataset(source: str, *, root: str | None = None, target_length: int = 
     if path.is_dir():
         return AudioFiles(folder_paths(path), max_samples, max_tries)
     if path.suffix.lower() == ".tsv":
-        return AudioFiles(manifest_paths(path, root, min_samples), max_samples, max_tries)
+        base, relative, skipped = manifest_entries(path, root, min_samples)
+        return AudioFiles([base / rel for rel in relative], max_samples, max_tries, skipped=skipped)
     raise ValueError(f"data source {source!r}: expected 'synth', a folder of audio files, or a .tsv manifest")

@@ -47,7 +47,7 @@ class Item:
 def read_manifest(path: Path, root: str | None = None) -> list[Item]:
     """Items of a fairseq manifest (:func:`sslam.data.manifest_entries`), keyed by their paths
     relative to its root."""
-    base, relative = manifest_entries(path, root)
+    base, relative, _ = manifest_entries(path, root)
     return [Item(rel, base / rel) for rel in relative]
 
 

@@ -770,6 +770,9 @@ class Trainer:
         dataset = build_dataset(d.source, root=d.root or None, target_length=d.target_length,
                                 synth_clips=d.synth_clips, synth_seconds=d.synth_seconds,
                                 seed=self.cfg.run.seed, min_samples=d.min_samples, max_bad_files=d.max_bad_files)
+        skipped = getattr(dataset, "skipped", 0)
+        self.log(f"data: {len(dataset)} clips from {d.source}" + (
+            f" ({skipped} manifest entries under data.min_samples={d.min_samples} samples skipped)" if skipped else ""))
         self.sampler = GlobalBatchSampler(len(dataset), d.batch_size, self.dist.world_size, self.dist.rank,
                                           self.cfg.optim.accum_steps, self.cfg.run.seed, start=self.data_start)
         # A generator of its own: without one, each iteration draws the workers' base seed from

@@ -318,6 +318,16 @@ def test_folder_paths_skip_non_audio_and_symlink_loops(tmp_path):
         folder_paths(tmp_path / "empty")
 
 
+def test_entries_under_min_samples_are_counted_and_named_when_none_is_left(tmp_path):
+    """Regression: a manifest whose every entry was under min_samples was called an "empty
+    split (no clips listed)"; the entries skipped were reported nowhere."""
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t5000\nb.wav\t5000\n")
+    with pytest.raises(ValueError, match="m.tsv: empty split: all 2 entries are below min_samples=10000 samples"):
+        build_dataset(str(tmp_path / "m.tsv"), min_samples=10000)
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t5000\nb.wav\t20000\n")
+    assert build_dataset(str(tmp_path / "m.tsv"), min_samples=10000).skipped == 1
+
+
 def test_build_dataset_upper_case_tsv(tmp_path):
     """Regression: 'M.TSV' was not recognised as a manifest (audio suffixes are case-blind)."""
     sf.write(tmp_path / "a.wav", np.zeros(1600, dtype=np.float32), 16000)

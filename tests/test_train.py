@@ -463,6 +463,7 @@ def test_a_run_of_unreadable_files_longer_than_tolerated_stops_in_one_line(tmp_p
         Trainer(cfg, log=lines.append).fit()
     assert "Traceback" not in str(err.value) and "\n" not in str(err.value)
     assert any(line.startswith("skipped unreadable file") for line in lines)
+    assert f"data: 12 clips from {data}" in lines  # the run says what it found
     cfg = small(tmp_path / "run2", steps=2, data__source=str(data), data__num_workers=workers)  # limit 100
     with pytest.raises(StopTraining, match=r"^every one of the 12 audio files of the data is unreadable"):
         Trainer(cfg, log=lambda *a: None).fit()
