@@ -79,10 +79,21 @@ def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples
 
 
 def folder_paths(folder: str | os.PathLike) -> list[Path]:
-    """The audio files under ``folder``, sorted. Entries that only look like files (a broken
-    link, a pipe) are listed too, so that reading them reports them instead of skipping them."""
+    """The audio files under ``folder`` and the folders it links to, sorted. Entries that only
+    look like files (a broken link, a pipe) are listed too, so that reading them reports them
+    instead of skipping them."""
     folder = Path(folder)
-    paths = sorted(p for p in folder.rglob("*") if not p.is_dir() and p.suffix.lower() in AUDIO_SUFFIXES)
+    paths, seen = [], set()
+    # Links to folders are followed (as fairseq's manifest script does); a folder reached twice,
+    # or again through a link loop, is listed once.
+    for top, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            folders[:] = []
+            continue
+        seen.add(real)
+        paths += [Path(top) / name for name in files if Path(name).suffix.lower() in AUDIO_SUFFIXES]
+    paths.sort()
     if not paths:
         raise ValueError(f"{folder}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")
     return paths

@@ -318,6 +318,23 @@ def test_folder_paths_skip_non_audio_and_symlink_loops(tmp_path):
         folder_paths(tmp_path / "empty")
 
 
+def test_folder_paths_follow_links_to_folders_once(tmp_path):
+    """Regression: audio under a linked folder was left out without a word (Path.rglob does not
+    follow links to folders; fairseq's manifest script does). A folder reached twice counts once."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for name in ("x.wav", "y.wav"):
+        sf.write(shared / name, np.zeros(800), 16000)
+    data = tmp_path / "data"
+    (data / "own").mkdir(parents=True)
+    sf.write(data / "own" / "a.wav", np.zeros(800), 16000)
+    (data / "linked").symlink_to(shared, target_is_directory=True)
+    (data / "own" / "again").symlink_to(shared, target_is_directory=True)  # the same folder twice
+    (data / "own" / "up").symlink_to(data, target_is_directory=True)  # a loop
+    listed = [p.relative_to(data).as_posix() for p in folder_paths(data)]
+    assert sorted(p.rsplit("/", 1)[-1] for p in listed) == ["a.wav", "x.wav", "y.wav"] and "own/a.wav" in listed
+
+
 def test_entries_under_min_samples_are_counted_and_named_when_none_is_left(tmp_path):
     """Regression: a manifest whose every entry was under min_samples was called an "empty
     split (no clips listed)"; the entries skipped were reported nowhere."""
