@@ -28,6 +28,12 @@ from .audio import AUDIO_SUFFIXES, AudioError, load_audio
 from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE
 
 
+def text_lines(text: str) -> list[str]:
+    """``text`` split at line ends (\\n, \\r\\n, \\r) only: ``str.splitlines`` also splits at
+    characters a file name may hold (U+2028, NEL, form feed)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def manifest_entries(path: str | os.PathLike, root: str | None = None,
                      min_samples: int = 0) -> tuple[Path, list[str], int]:
     """(root folder, relative paths, entries skipped) of a fairseq manifest: its first line is
@@ -38,7 +44,7 @@ def manifest_entries(path: str | os.PathLike, root: str | None = None,
     try:
         # utf-8-sig: a byte-order mark (editors on Windows add one) must not end up in the root.
         # surrogateescape: a path in another encoding keeps its bytes, as the file system has them.
-        lines = path.read_text(encoding="utf-8-sig", errors="surrogateescape").splitlines()
+        lines = text_lines(path.read_text(encoding="utf-8-sig", errors="surrogateescape"))
     except OSError as exc:
         raise ValueError(f"{path}: cannot read manifest ({exc})") from exc
     if not lines or not lines[0].strip():
@@ -57,6 +63,8 @@ def manifest_entries(path: str | os.PathLike, root: str | None = None,
         parts = line.split("\t")
         if not parts[0].strip():
             raise ValueError(f"{path}:{number}: missing relative path")
+        if len(parts) > 2:  # fairseq's reader asserts two
+            raise ValueError(f"{path}:{number}: {len(parts)} tab-separated columns; expected 'path<TAB>size'")
         if len(parts) > 1 and parts[1].strip():
             try:
                 size = int(parts[1])

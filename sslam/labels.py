@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .audio import AudioError, load_audio
-from .data import manifest_paths
+from .data import manifest_paths, text_lines
 
 
 class LabelError(ValueError):
@@ -201,7 +201,7 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
     except ValueError as exc:  # the manifest itself: its message names the file and line
         raise LabelError(str(exc)) from None
     # Each label line keeps its number in the file (blank lines skipped) for the messages.
-    label_lines = [(number, line) for number, line in enumerate(read_text(lbl).splitlines(), 1) if line.strip()]
+    label_lines = [(number, line) for number, line in enumerate(text_lines(read_text(lbl)), 1) if line.strip()]
     if len(label_lines) != len(paths):
         raise LabelError(f"{lbl}: {len(label_lines)} label lines for {len(paths)} clips in {tsv}")
     classes = read_descriptors(descriptors)

@@ -335,6 +335,16 @@ def test_folder_paths_follow_links_to_folders_once(tmp_path):
     assert sorted(p.rsplit("/", 1)[-1] for p in listed) == ["a.wav", "x.wav", "y.wav"] and "own/a.wav" in listed
 
 
+def test_manifest_lines_end_at_line_ends_only_and_hold_two_columns(tmp_path):
+    """Regression: a path holding U+2028 (or NEL, form feed) was split into two entries, the
+    first without a size; a line of three columns was read as if it had two."""
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\r\na\u2028b.wav\t16000\rc\x0cd.wav\t16000\n")
+    assert [p.name for p in manifest_paths(tmp_path / "m.tsv")] == ["a\u2028b.wav", "c\x0cd.wav"]
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t16000\t7\n")
+    with pytest.raises(ValueError, match=r"m.tsv:2: 3 tab-separated columns; expected 'path<TAB>size'"):
+        manifest_paths(tmp_path / "m.tsv")
+
+
 def test_entries_under_min_samples_are_counted_and_named_when_none_is_left(tmp_path):
     """Regression: a manifest whose every entry was under min_samples was called an "empty
     split (no clips listed)"; the entries skipped were reported nowhere."""
