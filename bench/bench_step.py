@@ -21,7 +21,8 @@ four implementations of the same step, measured in one run.
 
 Every variant runs the full step: features from 16-kHz waveforms on the device, masks, student
 + decoder forward/backward, teacher forward(s), optimizer step, EMA update. MFU uses the model
-FLOPs of DESIGN.md (:func:`sslam.pretrain.train_flops_per_clip`) against 790 TFLOP/s (H100).
+FLOPs of DESIGN.md (:func:`sslam.pretrain.train_flops_per_clip`) against the card's peak
+(:func:`sslam.train.peak_tflops`: 790 TFLOP/s for an H100 or H200, none for other cards).
 
     python bench/bench_step.py --stage 2 --preset base --batch 12 --csv bench/results/step.csv \\
         --profile bench/results/profile      # ViT-B shapes on a GPU
@@ -50,7 +51,14 @@ from sslam.masking import clone_masks, kept_indices  # noqa: E402
 from sslam.mixing import sample_windows  # noqa: E402
 from sslam.precision import MATMUL_MODULES, half_weights  # noqa: E402
 from sslam.pretrain import Pretrainer, ema_decay, train_flops_per_clip  # noqa: E402
-from sslam.train import encoder_config, mask_config, objective_config, param_groups, preset  # noqa: E402
+from sslam.train import (  # noqa: E402
+    encoder_config,
+    mask_config,
+    objective_config,
+    param_groups,
+    peak_tflops,
+    preset,
+)
 
 VARIANTS = ("official", "eager", "compile", "ours", "ours_compile", "ours_lowmem", "ours_minmem", "ours_pure")
 COMPILED = ("compile", "ours_compile")
@@ -58,7 +66,6 @@ RECOMPUTED_BLOCKS = {"ours_lowmem": "selective", "ours_minmem": "full"}
 # On GPU, variants whose networks run wholly in a half type over fp32 master weights (the others
 # run under bf16 autocast).
 PURE = {"official": torch.float16, "ours_pure": torch.bfloat16}
-PEAK_TFLOPS = 790.0
 
 
 class Step:
@@ -349,7 +356,8 @@ def main(argv=None) -> int:
                         "variant": variant, "pass": "full", "note": f"failed: {type(exc).__name__}"})
                 continue
             clips = args.batch / seconds
-            mfu = flops * clips / (PEAK_TFLOPS * 1e12) if device.type == "cuda" else float("nan")
+            peak_flops = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+            mfu = flops * clips / (peak_flops * 1e12) if peak_flops else float("nan")  # nan: a card of unknown peak
             # The search recompiles a compiled variant for every size: measured for the others.
             search = args.max_batch and device.type == "cuda" and variant not in COMPILED
             searching = time.perf_counter()

@@ -1135,7 +1135,7 @@ class Trainer:
         parts += [f"lr {values['lr']:.2e}", f"ema {values['ema_decay']:.5f}", f"{step_time:.3f} s/step",
                   f"{clips_per_s:.1f} clips/s"]
         if self.device.type == "cuda":
-            peak = _peak_tflops(torch.cuda.get_device_name(self.device))
+            peak = peak_tflops(torch.cuda.get_device_name(self.device))
             if peak:
                 record["mfu"] = self.flops_per_clip * clips_per_s / self.dist.world_size / (peak * 1e12)
                 parts.append(f"MFU {100 * record['mfu']:.1f}%")
@@ -1190,7 +1190,8 @@ def _cpu_state(module: torch.nn.Module) -> dict:
     return out
 
 
-def _peak_tflops(device_name: str) -> float | None:
+def peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak that MFU is measured against, for the cards this project knows."""
     for key, value in PEAK_TFLOPS.items():
         if key in device_name:
             return value
