@@ -60,7 +60,7 @@ def manifest_entries(path: str | os.PathLike, root: str | None = None,
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
-        parts = line.split("\t")
+        parts = line.rstrip().split("\t")  # a trailing tab (spreadsheet exports) holds nothing
         if not parts[0].strip():
             raise ValueError(f"{path}:{number}: missing relative path")
         if len(parts) > 2:  # fairseq's reader asserts two
@@ -91,16 +91,20 @@ def folder_paths(folder: str | os.PathLike) -> list[Path]:
     look like files (a broken link, a pipe) are listed too, so that reading them reports them
     instead of skipping them."""
     folder = Path(folder)
-    paths, seen = [], set()
-    # Links to folders are followed (as fairseq's manifest script does); a folder reached twice,
-    # or again through a link loop, is listed once.
-    for top, folders, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:
-            folders[:] = []
-            continue
-        seen.add(real)
-        paths += [Path(top) / name for name in files if Path(name).suffix.lower() in AUDIO_SUFFIXES]
+    paths, seen, tops = [], set(), [folder]
+    # Links to folders are followed (as fairseq's manifest script does) once the folders
+    # themselves are walked, in name order: a folder reached twice (or again through a link
+    # loop) is listed once, under its own path where the walk meets it.
+    while tops:
+        for top, folders, files in os.walk(tops.pop(0)):
+            real = os.path.realpath(top)
+            if real in seen:
+                folders[:] = []
+                continue
+            seen.add(real)
+            folders.sort()
+            tops += [Path(top) / name for name in folders if (Path(top) / name).is_symlink()]
+            paths += [Path(top) / name for name in files if Path(name).suffix.lower() in AUDIO_SUFFIXES]
     paths.sort()
     if not paths:
         raise ValueError(f"{folder}: no audio files ({', '.join(sorted(AUDIO_SUFFIXES))})")

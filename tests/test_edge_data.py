@@ -332,7 +332,10 @@ def test_folder_paths_follow_links_to_folders_once(tmp_path):
     (data / "own" / "again").symlink_to(shared, target_is_directory=True)  # the same folder twice
     (data / "own" / "up").symlink_to(data, target_is_directory=True)  # a loop
     listed = [p.relative_to(data).as_posix() for p in folder_paths(data)]
-    assert sorted(p.rsplit("/", 1)[-1] for p in listed) == ["a.wav", "x.wav", "y.wav"] and "own/a.wav" in listed
+    assert listed == ["linked/x.wav", "linked/y.wav", "own/a.wav"]  # "linked" before "own/again"
+    # A folder of the tree, also reached through a link, is listed under its own path.
+    (data / "alias").symlink_to(data / "own", target_is_directory=True)
+    assert "own/a.wav" in [p.relative_to(data).as_posix() for p in folder_paths(data)]
 
 
 def test_manifest_lines_end_at_line_ends_only_and_hold_two_columns(tmp_path):
@@ -340,6 +343,8 @@ def test_manifest_lines_end_at_line_ends_only_and_hold_two_columns(tmp_path):
     first without a size; a line of three columns was read as if it had two."""
     (tmp_path / "m.tsv").write_text(f"{tmp_path}\r\na\u2028b.wav\t16000\rc\x0cd.wav\t16000\n")
     assert [p.name for p in manifest_paths(tmp_path / "m.tsv")] == ["a\u2028b.wav", "c\x0cd.wav"]
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t16000\t\n")  # a trailing tab holds nothing
+    assert [p.name for p in manifest_paths(tmp_path / "m.tsv")] == ["a.wav"]
     (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t16000\t7\n")
     with pytest.raises(ValueError, match=r"m.tsv:2: 3 tab-separated columns; expected 'path<TAB>size'"):
         manifest_paths(tmp_path / "m.tsv")
