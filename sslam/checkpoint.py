@@ -28,6 +28,7 @@ is unpickled.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import errno
 import json
@@ -1273,6 +1274,9 @@ def _check_exportable(model: Encoder, out: Path) -> None:
     """Refuse to write what :func:`read_checkpoint` would refuse to read: ``preprocessing`` and
     ``label_names`` are attributes a user may set."""
     source = f"{out} (model.preprocessing, model.label_names)"
+    names = model.label_names
+    if names is not None and (isinstance(names, str) or not isinstance(names, collections.abc.Sequence)):
+        raise CheckpointError(f"{source}: label names must be a list of strings, got {type(names).__name__}")
     prep = _check_preprocessing(model.preprocessing, source)
     _check_labels(export_metadata(model)["label_names"], model.cfg.num_classes, source)
     if prep["target_length"] is not None:  # None: the default window, which fits

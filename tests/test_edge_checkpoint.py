@@ -776,7 +776,9 @@ def test_save_encoder_refuses_what_loading_would_refuse(tmp_path):
     cases = [({"preprocessing": {**model.preprocessing, "target_length": 1000}}, "target_length=1000 frames must be"),
              ({"preprocessing": {**model.preprocessing, "norm": (0.0, 0.0)}}, r"norm=\(0.0, 0.0\) is not usable"),
              ({"label_names": ["a", "b", "c"]}, r"label names \(3\) must be 5 strings"),
-             ({"label_names": ("a", "b", "c", "d", 5)}, r"label names \(5\) must be 5 strings")]
+             ({"label_names": ("a", "b", "c", "d", 5)}, r"label names \(5\) must be 5 strings"),
+             ({"label_names": "abcde"}, "label names must be a list of strings, got str"),
+             ({"label_names": (n for n in "abcde")}, "label names must be a list of strings, got generator")]
     for change, message in cases:
         changed = Encoder(model.cfg)
         for name, value in change.items():
