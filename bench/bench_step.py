@@ -144,8 +144,8 @@ class Step:
 
     def __call__(self) -> float:
         """One step; its loss. Every variant reads the loss and the gradient norm once, as the
-        trainer does (fp16's loss scaler reads its overflow flag besides); a step whose
-        gradient is not finite makes no update and is counted in ``skipped``."""
+        trainer does (fp16's loss scaler reads its overflow flag besides). A step whose gradient
+        norm is not finite is counted in ``skipped`` (fp16's scaler makes no update there)."""
         cfg = self.cfg
         windows, keep = self.masks()
         keep = keep.to(self.device, non_blocking=True)
@@ -346,8 +346,11 @@ def main(argv=None) -> int:
                 step = Step(variant, cfg, args.batch, device)
                 seconds, (median, p20, p80), peak = time_steps(step, args.warmup, args.steps)
                 skipped = step.skipped
-                del step  # its model and optimizer would take memory from the batch search
+                step = None  # its model and optimizer would take memory from the batch search
+                gc.collect()
             except Exception as exc:  # a variant that cannot run is reported, not fatal
+                step = None  # nor would the memory of a variant that failed be the next one's
+                gc.collect()
                 print(f"{variant:>12} failed after {time.perf_counter() - began:.0f} s: {type(exc).__name__}: "
                       f"{(str(exc).splitlines() or [''])[0][:120]}")
                 # Where it failed, for the log (an inductor assertion can carry no message).

@@ -262,8 +262,9 @@ def main(argv=None) -> int:
         env["TRITON_INTERPRET"] = "1"
     scripts = plan(args.quick, gpu, out)
     # "step" names the stage-2 step's variants where each runs on its own ("step-ours", ...).
-    only = [n for name in args.only or () for n in
-            ([s for s, _ in scripts if s.startswith("step-")] if name == "step" and "step" not in dict(scripts) else [name])]
+    only = list(dict.fromkeys(  # in the order given, each once
+        n for name in args.only or () for n in
+        ([s for s, _ in scripts if s.startswith("step-")] if name == "step" and "step" not in dict(scripts) else [name])))
     unknown = set(only) - {name for name, _ in scripts}
     if unknown:
         p.error(f"--only: no benchmark named {sorted(unknown)} in this plan; choose from {[n for n, _ in scripts]}")

@@ -37,7 +37,7 @@ from .checkpoint import (
     load_encoder,
     remove_temporaries,
 )
-from .data import pad_clips, samples_for_frames
+from .data import pad_clips, samples_for_frames, text_lines
 from .features import norm_stats, preprocess
 from .labels import (
     LabeledSplit,
@@ -428,7 +428,7 @@ def read_weights(path: str, n: int, items=None) -> torch.Tensor:
     ``items`` lists the split's files, each line must name the clip at its position: weights
     in another order would go to other clips."""
     values = []
-    for number, line in enumerate(read_text(Path(path)).splitlines(), start=1):
+    for number, line in enumerate(text_lines(read_text(Path(path))), start=1):
         if not line.strip():
             continue
         fields = next(csv.reader([line]))
