@@ -446,8 +446,8 @@ class Checkpoint:
     def file_key(self, key: str) -> str:
         """The name the file gives the weight ``key`` (ours) of ``state``: the official files
         name the embedding stage otherwise, and prefix the encoder with ``model.`` (fairseq's
-        fine-tuned heads excepted). For messages: an EMA teacher stored as a bare block list
-        is named as blocks."""
+        fine-tuned heads excepted). For messages only: an EMA teacher stored as a bare block
+        list (``0.*``) is still named ``blocks.0.*``."""
         prefix, style = self.naming
         if style == "fairseq" and prefix and key.split(".")[0] in ("fc_norm", "head"):
             return key  # a fine-tuned fairseq model's head is outside its "model." encoder
@@ -1278,7 +1278,7 @@ def _check_exportable(model: Encoder, out: Path) -> None:
     if names is not None and (isinstance(names, str) or not isinstance(names, collections.abc.Sequence)):
         raise CheckpointError(f"{source}: label names must be a list of strings, got {type(names).__name__}")
     prep = _check_preprocessing(model.preprocessing, source)
-    _check_labels(export_metadata(model)["label_names"], model.cfg.num_classes, source)
+    _check_labels(None if names is None else list(names), model.cfg.num_classes, source)
     if prep["target_length"] is not None:  # None: the default window, which fits
         _check_frames(model.cfg, prep["target_length"], source)
 
