@@ -454,6 +454,10 @@ class Checkpoint:
         names = {"fairseq": _FAIRSEQ_EMBEDDING_NAMES, "hf": _HF_EMBEDDING_NAMES}.get(style, {})
         return prefix + names.get(key, key)
 
+    def decoder_file_key(self, key: str) -> str:
+        """The name the file gives the decoder weight ``key`` (ours) of ``decoder``."""
+        return FAIRSEQ_DECODER_PREFIX + key if self.naming[1] == "fairseq" else key
+
 
 # ---- key maps -------------------------------------------------------------------------------
 def _rename_encoder(state: dict, prefix: str = "") -> tuple[dict, dict]:
@@ -1054,7 +1058,7 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         usable = v.layout == torch.strided and not v.is_meta and v.dtype in _WEIGHT_DTYPES
         if not usable or not torch.isfinite(v).all():
             kind = f"{v.dtype}, {v.layout}" + (", meta" if v.is_meta else "")
-            raise CheckpointError(f"{source}: {k} is not a finite floating-point tensor ({kind})")
+            raise CheckpointError(f"{source}: {shown(k)} is not a finite floating-point tensor ({kind})")
         out[k] = v.to(expected[k].dtype)
     return out
 

@@ -417,9 +417,11 @@ class Pretrainer(nn.Module):
             objective = dataclasses.replace(objective, decoder=decoder_config_of(ckpt.decoder, objective.decoder))
         model = cls(student.cfg, objective, student=student)
         if ckpt.decoder:  # every key and shape, and finite values, as for the encoders
-            model.decoder.load_state_dict(check_state(model.decoder, ckpt.decoder, ckpt.path), strict=True)
-        if ckpt.teacher:
-            model.teacher.encoder.load_state_dict(check_state(model.teacher.encoder, ckpt.teacher, f"{ckpt.path} (its EMA teacher)"))
+            model.decoder.load_state_dict(check_state(model.decoder, ckpt.decoder, ckpt.path, ckpt.decoder_file_key),
+                                          strict=True)
+        if ckpt.teacher:  # named in the file as the student is (model['_ema'] holds the same names)
+            model.teacher.encoder.load_state_dict(check_state(model.teacher.encoder, ckpt.teacher,
+                                                              f"{ckpt.path} (its EMA teacher)", ckpt.file_key))
         return model
 
     def trainable_parameters(self):

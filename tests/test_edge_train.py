@@ -384,6 +384,22 @@ def test_init_decoder_weights_are_checked_like_the_encoders(tmp_path, stage1_run
         Trainer(small(tmp_path / "run", stage=2, steps=1, run__init=str(tmp_path / "nan_decoder.pt")), log=quiet)
 
 
+def test_init_decoder_and_teacher_problems_are_named_as_the_official_file_names_them(tmp_path):
+    """Regression: a bad decoder or teacher tensor of an official file was named under sslam's
+    names only (blocks.0.0.weight, pre_norm.weight), which the file does not contain."""
+    raw = safe_torch_load(GOLDEN / "tiny_ckpt.pt")
+    decoder_key = "modality_encoders.IMAGE.decoder.blocks.0.0.weight"
+    bad_decoder = dict(raw, model={**raw["model"], decoder_key: raw["model"][decoder_key] * float("nan")})
+    torch.save(bad_decoder, tmp_path / "decoder.pt")
+    with pytest.raises(CheckpointError, match=rf"decoder.pt: {decoder_key} \(sslam: blocks.0.0.weight\) is not a finite"):
+        Trainer(small(tmp_path / "a", stage=2, steps=1, run__init=str(tmp_path / "decoder.pt")), log=quiet)
+    norm = "modality_encoders.IMAGE.context_encoder.norm.weight"
+    ema = {k: v for k, v in raw["model"]["_ema"].items() if k != norm}
+    torch.save(dict(raw, model={**raw["model"], "_ema": ema}), tmp_path / "teacher.pt")
+    with pytest.raises(CheckpointError, match=rf"(?s)teacher.pt \(its EMA teacher\).*missing keys \(1\): \['{norm} \(sslam: pre_norm.weight\)'\]"):
+        Trainer(small(tmp_path / "b", stage=2, steps=1, run__init=str(tmp_path / "teacher.pt")), log=quiet)
+
+
 def test_official_checkpoint_teacher_from_ema_or_from_student(tmp_path):
     """An official (fairseq) checkpoint's `_ema` becomes the teacher; the same file without
     `_ema` gives a teacher equal to the student."""
