@@ -393,13 +393,18 @@ def _prefetched(items: list[Item], workers: int, ahead: int) -> Iterator[tuple[I
         pool.shutdown(cancel_futures=True)  # stopped early: the items not yet started are dropped
 
 
+def is_one_file(out: Path) -> bool:
+    """Whether ``--out`` names one ``.npz`` for every input (else a folder of one per input)."""
+    return out.suffix.lower() == ".npz"
+
+
 @contextmanager
 def output_lock(out: Path):
     """Hold an exclusive lock on an extraction output for a run. Two runs writing one ``.npz``
     would each rewrite it from their own rows at every flush, silently dropping the other's;
     the second run is refused instead. The lock is a hidden empty file beside (``.npz``) or in
     (folder) the output, left in place: removing it could let a third run lock a new file."""
-    lock_path = out.parent / f".{out.name}.lock" if out.suffix.lower() == ".npz" else out / ".sslam_extract.lock"
+    lock_path = out.parent / f".{out.name}.lock" if is_one_file(out) else out / ".sslam_extract.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)  # an unusable location fails here, first
     with open(lock_path, "a") as lock:
         try:
@@ -413,10 +418,10 @@ def output_lock(out: Path):
 def check_output(out: Path) -> None:
     """Refuse, before any work, an ``--out`` that cannot be written: a ``.npz`` that is a folder,
     or a folder (or a ``.npz``'s folder) that is a file or lies under one."""
-    if out.suffix.lower() == ".npz" and out.is_dir():
+    if is_one_file(out) and out.is_dir():
         raise ValueError(f"--out {out}: it is a folder, and an output ending in .npz is one file (name a folder "
                          "without .npz for one .npz per input)")
-    check_output_folder(out.parent if out.suffix.lower() == ".npz" else out, out)
+    check_output_folder(out.parent if is_one_file(out) else out, out)
 
 
 def run_extract(
@@ -451,11 +456,12 @@ def run_extract(
     settings = {"granularity": granularity, "padding": padding, "crop": bool(crop),
                 "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
     with output_lock(out_path):
-        if out_path.suffix.lower() == ".npz":  # what a killed run was writing
+        if is_one_file(out_path):  # what a killed run was writing
             remove_temporaries(out_path.parent, out_path.name)
+            sink = FileSink(out_path, settings)
         else:
             remove_temporaries(out_path, recursive=True)
-        sink = FileSink(out_path, settings) if out_path.suffix.lower() == ".npz" else FolderSink(out_path, settings)
+            sink = FolderSink(out_path, settings)
         report = Report()
         todo, again = [], set()
         for item in items:
