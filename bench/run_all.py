@@ -260,17 +260,16 @@ def main(argv=None) -> int:
     env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     if args.quick and not gpu:
         env["TRITON_INTERPRET"] = "1"
-    scripts = plan(args.quick, gpu, out)
+    chosen = dict(plan(args.quick, gpu, out))
     # "step" names the stage-2 step's variants where each runs on its own ("step-ours", ...).
+    variants = [name for name in chosen if name.startswith("step-")]
     only = list(dict.fromkeys(  # in the order given, each once
-        n for name in args.only or () for n in
-        ([s for s, _ in scripts if s.startswith("step-")] if name == "step" and "step" not in dict(scripts) else [name])))
-    unknown = set(only) - {name for name, _ in scripts}
+        n for name in args.only or () for n in (variants if name == "step" and variants else [name])))
+    unknown = set(only) - set(chosen)
     if unknown:
-        p.error(f"--only: no benchmark named {sorted(unknown)} in this plan; choose from {[n for n, _ in scripts]}")
+        p.error(f"--only: no benchmark named {sorted(unknown)} in this plan; choose from {list(chosen)}")
     if csv_path.exists() and csv_path.stat().st_size:  # rows of two runs would mix in one report
         p.error(f"--out {out}: holds the results.csv of an earlier run; choose a new folder")
-    chosen = dict(scripts)
     timings = {}
     deadline = time.monotonic() + args.budget if args.budget is not None else float("inf")
     if args.tests:
