@@ -435,8 +435,11 @@ class Checkpoint:
     declared: frozenset[str] = frozenset(f.name for f in dataclasses.fields(EncoderConfig))
     # Where ``state`` sits in the file, for messages: "" (the file's main weights) or a part.
     part: str = ""
-    # How the file names the weights, for messages: (prefix, "fairseq" | "hf" | "sslam").
+    # How the file names the weights, for messages: (prefix, "fairseq" | "hf" | "sslam"), and
+    # whether its EMA teacher is a bare block list (``0.*`` for our ``blocks.0.*``) and is ``state``.
     naming: tuple[str, str] = ("", "sslam")
+    teacher_is_block_list: bool = False
+    state_is_teacher: bool = False
 
     @property
     def source(self) -> str:
@@ -446,8 +449,16 @@ class Checkpoint:
     def file_key(self, key: str) -> str:
         """The name the file gives the weight ``key`` (ours) of ``state``: the official files
         name the embedding stage otherwise, and prefix the encoder with ``model.`` (fairseq's
-        fine-tuned heads excepted). For messages only: an EMA teacher stored as a bare block
-        list (``0.*``) is still named ``blocks.0.*``."""
+        fine-tuned heads excepted). For messages only."""
+        return self._file_key(key, teacher=self.state_is_teacher)
+
+    def teacher_file_key(self, key: str) -> str:
+        """The name the file gives the weight ``key`` (ours) of ``teacher``."""
+        return self._file_key(key, teacher=True)
+
+    def _file_key(self, key: str, teacher: bool) -> str:
+        if teacher and self.teacher_is_block_list and key.startswith("blocks."):
+            return key.removeprefix("blocks.")  # the rest is the student's, named as the student is
         prefix, style = self.naming
         if style == "fairseq" and prefix and key.split(".")[0] in ("fc_norm", "head"):
             return key  # a fine-tuned fairseq model's head is outside its "model." encoder
@@ -649,6 +660,12 @@ def _fairseq_fields(model_cfg: dict, state: dict) -> dict:
     }
 
 
+def _is_block_list(ema) -> bool:
+    """Whether an EMA teacher dict is data2vec's ``ema_encoder_only`` block list (``{i}.*``)."""
+    names = [k for k, v in ema.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
+    return bool(names) and all(_EMA_BLOCKS_ONLY_KEY.match(k) for k in names)
+
+
 def _teacher_state(ema, student: dict, model_cfg: dict) -> dict | None:
     """The EMA teacher's encoder weights (our names) from ``model['_ema']``, or None.
 
@@ -662,7 +679,7 @@ def _teacher_state(ema, student: dict, model_cfg: dict) -> dict | None:
     tensors = {k: v for k, v in ema.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         return None
-    if all(_EMA_BLOCKS_ONLY_KEY.match(k) for k in tensors):
+    if _is_block_list(tensors):
         teacher = {f"blocks.{k}": v for k, v in tensors.items()}
         shared = [k for k in student if not k.startswith("blocks.")]
     else:
@@ -749,7 +766,9 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
     config = infer_config(state, source=f"{path} ({part})" if part else path, **fields)
     prep = _check_preprocessing({"target_length": image.get("target_length")}, path)
     return Checkpoint(path, "fairseq-pretrain", config, state, preprocessing=prep, decoder=decoder or None,
-                      teacher=teacher, raw_config=mcfg, declared=_stated(fields), part=part, naming=_naming(model))
+                      teacher=teacher, raw_config=mcfg, declared=_stated(fields), part=part,
+                      naming=_naming(model), state_is_teacher=weights == "teacher",
+                      teacher_is_block_list=teacher is not None and _is_block_list(model["_ema"]))
 
 
 # ---- Hugging Face / bare state dicts ---------------------------------------------------------

@@ -421,7 +421,7 @@ class Pretrainer(nn.Module):
                                           strict=True)
         if ckpt.teacher:  # named in the file as the student is (model['_ema'] holds the same names)
             model.teacher.encoder.load_state_dict(check_state(model.teacher.encoder, ckpt.teacher,
-                                                              f"{ckpt.path} (its EMA teacher)", ckpt.file_key))
+                                                              f"{ckpt.path} (its EMA teacher)", ckpt.teacher_file_key))
         return model
 
     def trainable_parameters(self):

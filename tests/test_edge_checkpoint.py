@@ -367,6 +367,15 @@ def test_teacher_of_ema_encoder_only_checkpoints(tmp_path):
     teacher = load_encoder(tmp_path / "pt.pt", weights="teacher")
     expected = {**student.state_dict(), **{k: v for k, v in ema.state_dict().items() if k.startswith("blocks.")}}
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in expected.items())
+    # Damaged weights are named as the file names them: a block as in the list
+    # (``1.mlp.fc2.weight``), the parts taken from the student as the student's are.
+    ckpt["model"]["_ema"]["1.mlp.fc2.weight"] = torch.randn(3, 3)
+    ckpt["model"]["modality_encoders.IMAGE.context_encoder.norm.weight"] = torch.randn(3)
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as error:
+        load_encoder(tmp_path / "bad.pt", weights="teacher")
+    assert "['1.mlp.fc2.weight (sslam: blocks.1.mlp.fc2.weight): file" in str(error.value)
+    assert "'modality_encoders.IMAGE.context_encoder.norm.weight (sslam: pre_norm.weight): file" in str(error.value)
 
 
 def test_teacher_without_its_own_patch_embedding(tmp_path):

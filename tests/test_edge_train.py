@@ -436,6 +436,17 @@ def test_a_damaged_init_teacher_is_named_as_the_teacher(tmp_path):
         Trainer(small(tmp_path / "run", stage=2, steps=1, run__init=str(tmp_path / "nan_teacher.pt")), log=quiet)
 
 
+def test_a_damaged_init_teacher_block_list_is_named_as_the_file_names_it(tmp_path):
+    """data2vec's ``ema_encoder_only`` teacher is a bare block list: ``0.norm1.weight``."""
+    raw = safe_torch_load(GOLDEN / "tiny_ckpt.pt")
+    raw["model"]["_ema"] = {k.removeprefix("blocks."): v for k, v in raw["model"]["_ema"].items() if k.startswith("blocks.")}
+    raw["cfg"]["model"]["ema_encoder_only"] = True
+    raw["model"]["_ema"]["0.norm1.weight"] = torch.full_like(raw["model"]["_ema"]["0.norm1.weight"], float("nan"))
+    torch.save(raw, tmp_path / "nan_teacher.pt")
+    with pytest.raises(CheckpointError, match=r"\(its EMA teacher\): 0\.norm1\.weight \(sslam: blocks\.0\.norm1\.weight\) is not a finite"):
+        Trainer(small(tmp_path / "run", stage=2, steps=1, run__init=str(tmp_path / "nan_teacher.pt")), log=quiet)
+
+
 def test_hostile_or_truncated_init_is_refused_and_the_folder_is_untouched(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
