@@ -344,6 +344,5 @@ def check_waveform(wave, rate: int, name: str = "<array>") -> Tensor:
             f"shape {tuple(wave.shape)} has more channels than samples; expected "
             "(channels, N): transpose a (N, channels) array",
         )
-    wave = wave.to(torch.float32)
-    check_samples(name, wave)
-    return to_mono(wave).contiguous()
+    check_samples(name, wave)  # before the cast: 1e300 in float64 is too large, not Inf
+    return to_mono(wave.to(torch.float32)).contiguous()

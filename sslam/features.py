@@ -144,6 +144,8 @@ def _as_batch(
                 f"waveforms: expected a 1-D clip or a (batch, samples) tensor with at least one "
                 f"clip, got shape {tuple(waveforms.shape)}"
             )
+        if finite:  # before the cast: 1e300 in float64 is too large, not Inf
+            check_samples("waveforms", waveforms)
         batch = waveforms.to(torch.float32)
         if lengths is None:
             lens = torch.full((batch.shape[0],), batch.shape[1], dtype=torch.long)
@@ -154,8 +156,6 @@ def _as_batch(
                     f"lengths: expected {batch.shape[0]} values in [0, {batch.shape[1]}], "
                     f"got {lens.tolist()}"
                 )
-        if finite:
-            check_samples("waveforms", batch)
         return batch, lens
     if isinstance(waveforms, (str, bytes)) or not isinstance(waveforms, Sequence):
         raise ValueError(
@@ -173,10 +173,9 @@ def _as_batch(
         clip = as_float_samples(clip, name)
         if clip.dim() != 1:
             raise ValueError(f"{name}: expected a 1-D clip, got shape {tuple(clip.shape)}")
-        clip = clip.to(torch.float32)
         if finite:
             check_samples(name, clip)
-        clips.append(clip)
+        clips.append(clip.to(torch.float32))
     lens = torch.tensor([c.numel() for c in clips], dtype=torch.long)
     batch = torch.zeros(len(clips), int(lens.max()), dtype=torch.float32, device=clips[0].device)
     for i, clip in enumerate(clips):

@@ -217,6 +217,17 @@ def test_samples_that_would_overflow_the_features_are_refused(tmp_path):
     assert torch.isfinite(preprocess(wave, 16000)).all()
 
 
+def test_huge_float64_samples_are_called_too_large_not_inf():
+    """1e300 fits float64 but not float32: it is checked before the cast, so it is reported as
+    a sample beyond the limit rather than as an Inf the input does not hold."""
+    clip = np.zeros(16000)
+    clip[5] = 1e300
+    for call in (lambda: check_waveform(clip, 16000, name="clip"), lambda: preprocess(clip),
+                 lambda: preprocess([clip]), lambda: preprocess(clip[None])):
+        with pytest.raises(AudioError, match=r"\(0 NaN, 0 Inf, 1 beyond"):
+            call()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("bad, kind", [(float("nan"), "1 NaN"), (-float("inf"), "1 Inf"), (3e20, "1 beyond")])
 def test_check_samples_in_every_float_dtype(dtype, bad, kind):
