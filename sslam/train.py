@@ -161,6 +161,10 @@ class RunSection:
 
 @dataclass
 class TrainConfig:
+    """A pretraining run's settings. The defaults are ``preset("base", stage=1)``; take another
+    stage's recipe (its lr, schedule and clones) from :func:`preset`, not by setting
+    ``objective.stage`` alone."""
+
     model: ModelSection = field(default_factory=ModelSection)
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     data: DataSection = field(default_factory=DataSection)
