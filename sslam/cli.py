@@ -125,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(exc: BaseException) -> str:
+    """``exc``'s message. One a DataLoader worker met is re-raised with the worker's traceback in
+    its text ("Caught X in DataLoader worker process 0. Original Traceback ..."): its last
+    line, the original message, is what the user needs."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return text
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return text.rpartition(f"\n{name}: ")[2].strip() or text
+
+
 def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
     from .checkpoint import CheckpointError
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     # OSError: e.g. --out naming an existing file, a read-only folder.
     except (AudioError, CheckpointError, ValueError, OSError) as exc:
-        print(f"sslam: error: {exc}", file=sys.stderr)
+        print(f"sslam: error: {_message(exc)}", file=sys.stderr)
         return 2
     except StopTraining as exc:  # a run stopped for a reason it explains (bad files, NaN losses)
         print(f"sslam: {exc}", file=sys.stderr)

@@ -36,6 +36,7 @@ from .features import (
     FRAME_SHIFT,
     SAMPLE_RATE,
     _integer_rate,
+    check_min_length,
     layout_hint,
     norm_stats,
     normalize,
@@ -125,15 +126,6 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
             raise AudioError(f"{exc}{hint}") from None
         clips.append(wave)
     return clips
-
-
-def check_min_length(wave: torch.Tensor, name: str) -> None:
-    """Raise ``AudioError`` naming the input when a 16 kHz clip ``(N,)`` has no whole frame."""
-    if wave.shape[-1] < FRAME_LENGTH:
-        raise AudioError(
-            f"{name}: too short: {wave.shape[-1]} samples at 16 kHz, less than one 25 ms frame "
-            f"({FRAME_LENGTH} samples)"
-        )
 
 
 def _windows(num_frames: int, window: int, hop: int, crop: bool) -> list[int]:

@@ -33,7 +33,7 @@ import torch
 from .audio import AudioError, load_audio
 from .checkpoint import atomic_write, check_output_folder, remove_temporaries
 from .data import folder_paths, manifest_entries
-from .embedding import check_min_length
+from .features import check_min_length
 
 GRANULARITIES = ("utterance", "mean", "frames", "timestamps", "all")
 

@@ -321,6 +321,15 @@ def layout_hint(shape) -> str:
     )
 
 
+def check_min_length(wave: torch.Tensor, name: str) -> None:
+    """Raise ``AudioError`` naming the input when a 16 kHz clip ``(N,)`` has no whole frame."""
+    if wave.shape[-1] < FRAME_LENGTH:
+        raise AudioError(
+            f"{name}: too short: {wave.shape[-1]} samples at 16 kHz, less than one 25 ms frame "
+            f"({FRAME_LENGTH} samples)"
+        )
+
+
 def _too_short_message(short: list[int], lens: torch.Tensor, shape: torch.Size) -> str:
     """Error text for clips under one frame (``lens`` at 16 kHz): the first few of them, and
     :func:`layout_hint` of the input's ``shape``."""

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from .audio import AudioError, load_audio
 from .data import manifest_paths, text_lines
+from .features import check_min_length
 
 
 class LabelError(ValueError):
@@ -314,6 +315,7 @@ class SplitAudio(Dataset):
         else:
             try:
                 wave, _ = load_audio(self.split.items[i], sample_rate=16000)
+                check_min_length(wave, str(self.split.items[i]))  # not "clip 4" of a batch later
             except AudioError as exc:
                 raise LabelError(f"{self.split.name}: {exc}") from exc
         if self.max_samples is not None:

@@ -619,3 +619,28 @@ def test_an_undefined_metric_is_no_best(tmp_path):
     tuner = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
     record = tuner.fit()
     assert math.isnan(record["mAP"]) and tuner.best is None
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unusable_test_clips_are_named_by_file_on_one_line(tmp_path, capsys, workers):
+    """A clip shorter than one 25 ms frame is named by its file (it was named by its place in a
+    batch, 'clip(s) 4'), and an error met in a loader worker is the file's one-line message,
+    not 'Caught LabelError in DataLoader worker process 0' and the worker's traceback."""
+    from sslam.checkpoint import save_encoder
+    from sslam.cli import main
+
+    save_encoder(tiny_encoder(), tmp_path / "enc")
+    for i in range(4):
+        sf.write(tmp_path / f"c{i}.wav", np.random.default_rng(i).uniform(-0.3, 0.3, 4000), 16000)
+    sf.write(tmp_path / "short.wav", np.full(200, 0.1), 16000)
+    (tmp_path / "bad.wav").write_bytes(b"not audio at all")
+    rows = "path,labels\n" + "".join(f"c{i}.wav,{'ab'[i % 2]}\n" for i in range(4))
+    (tmp_path / "train.csv").write_text(rows)
+    for name, message in [("short", "short: " + str(tmp_path / "short.wav") + ": too short: 200 samples"),
+                          ("bad", "bad: " + str(tmp_path / "bad.wav") + ": cannot decode audio")]:
+        (tmp_path / f"{name}.csv").write_text(rows + f"{name}.wav,a\n")
+        argv = ["evaluate", "linear", "--checkpoint", str(tmp_path / "enc"), "--train", str(tmp_path / "train.csv"),
+                "--test", str(tmp_path / f"{name}.csv"), "--device", "cpu", f"--workers={workers}", "--epochs=1"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"sslam: error: {message}") and err.count("\n") == 1, err
