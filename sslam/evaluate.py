@@ -738,8 +738,9 @@ class Finetuner:
                 self._stop_if_diverged(records, metrics)
                 if evaluating:
                     name, value = self.evaluate()
-                    if not math.isnan(value):  # an undefined metric (no positives) is no best
-                        self.best = value if self.best is None else max(self.best, value)
+                    if not math.isnan(value) and (self.best is None or value > self.best):  # NaN: no positives
+                        self.best = value
+                        self._export("best", {name: value})  # the official runs' checkpoint_best.pt
                     last = records[-1]
                     last.update({name: value, "best": self.best, "seconds": time.perf_counter() - start})
                     self.log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
@@ -751,11 +752,16 @@ class Finetuner:
         finally:
             if metrics:
                 metrics.close()
+        self._export("model")
+        return last
+
+    def _export(self, folder: str, metric: dict | None = None) -> None:
+        """The encoder with its head, labels and preprocessing, as ``out/folder`` (main process)."""
         if self.dist.rank == 0:
             from .checkpoint import save_encoder
 
-            save_encoder(self.model, self.out / "model", source={"format": "sslam-finetune", "steps": self.step})
-        return last
+            source = {"format": "sslam-finetune", "steps": self.step, **(metric or {})}
+            save_encoder(self.model, self.out / folder, source=source)
 
     def _stop_if_diverged(self, records: list[dict], metrics) -> None:
         """Stop, saving nothing, after a non-finite loss in any process: its update made the

@@ -644,3 +644,31 @@ def test_unusable_test_clips_are_named_by_file_on_one_line(tmp_path, capsys, wor
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"sslam: error: {message}") and err.count("\n") == 1, err
+
+
+def test_fine_tuning_exports_the_best_evaluated_weights(tmp_path, monkeypatch):
+    """As the official runs keep checkpoint_best.pt (selected on the eval split's metric, SPEC
+    9.12), out/best holds the weights of the best evaluation; out/model the last ones."""
+    import sslam.evaluate as ev
+    from sslam.checkpoint import load_encoder
+
+    scores = iter([0.3, 0.7, 0.5])
+    monkeypatch.setattr(ev.Finetuner, "evaluate", lambda self: ("mAP", next(scores)))
+    saved = {}
+    real_save = ev.Finetuner.save
+
+    def save(self):
+        saved[self.step] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        real_save(self)
+
+    monkeypatch.setattr(ev.Finetuner, "save", save)
+    train, test = synth_split("poly", True, 4), synth_split("poly", False, 2)
+    cfg = FinetuneConfig(steps=3, warmup=0, batch_size=2, eval_every=1, ckpt_every=1, out=str(tmp_path), workers=0)
+    result = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
+    assert result["best"] == 0.7
+    best, last = load_encoder(tmp_path / "best"), load_encoder(tmp_path / "model")
+    assert all(torch.equal(v, saved[2][k]) for k, v in best.state_dict().items())
+    assert all(torch.equal(v, saved[3][k]) for k, v in last.state_dict().items())
+    assert not all(torch.equal(v, saved[3][k]) for k, v in best.state_dict().items())
+    config = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert config["source"] == {"format": "sslam-finetune", "steps": 2, "mAP": 0.7}
