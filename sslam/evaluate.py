@@ -134,12 +134,14 @@ def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
         # (accuracy 1.0 whatever the encoder), and a clip without a label would count as class 0.
         if len(train.class_names) < 2:
             raise ValueError(f"split {train.name!r} has one class ({train.class_names[0]!r}): a single-label "
-                             "task needs at least two")
+                             "task needs at least two (detecting one class is multi-label: --task multilabel)")
         for split in (train, test):
-            unlabelled = int((split.targets.sum(1) == 0).sum())
-            if unlabelled:
-                raise ValueError(f"split {split.name!r}: {unlabelled} clip(s) without a label; a single-label "
-                                 "split needs one label per clip")
+            counts = split.targets.sum(1)
+            for count, problem in ((int((counts == 0).sum()), "without a label"),
+                                   (int((counts > 1).sum()), "with several labels")):
+                if count:
+                    raise ValueError(f"split {split.name!r}: {count} clip(s) {problem}; a single-label split "
+                                     "needs one label per clip")
 
 
 def _collate(items):
@@ -855,6 +857,8 @@ def run_evaluate(args) -> int:
     train = read_split(args.train, train=True, descriptors=args.label_descriptors, root=args.root)
     test = read_split(args.test, train=False, descriptors=args.label_descriptors, root=args.root,
                       class_names=train.class_names)
+    if args.task != "auto":  # else multi-label when a clip of either split has several labels
+        train, test = (replace(split, multilabel=args.task == "multilabel") for split in (train, test))
     if args.mode == "linear":
         result = linear_probe(encoder, train, test, cfg, seeds=range(args.seeds), workers=args.workers)
         spread = f" +- {result['std']:.4f} over {args.seeds} seeds" if args.seeds > 1 else ""
@@ -887,6 +891,9 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--target-length", type=int, default=None,
                    help="the task's frames per clip if not the checkpoint's (ESC-50: 512, Speech Commands: 128)")
     p.add_argument("--weights", default="student", choices=["student", "teacher"])
+    p.add_argument("--task", default="auto", choices=["auto", "multilabel", "single-label"],
+                   help="multilabel: sigmoid, BCE and mAP; single-label: softmax, cross-entropy and accuracy; "
+                   "auto: multilabel when a clip has several labels")
     p.add_argument("--seeds", type=int, default=1, help="linear probe: seeds to average")
     p.add_argument("--full", action="store_true", help="linear probe: re-encode every batch with augmentations")
     p.add_argument("--out", default=None, help="fine-tuning run folder")

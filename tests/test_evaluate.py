@@ -672,3 +672,30 @@ def test_fine_tuning_exports_the_best_evaluated_weights(tmp_path, monkeypatch):
     assert not all(torch.equal(v, saved[3][k]) for k, v in best.state_dict().items())
     config = json.loads((tmp_path / "best" / "config.json").read_text())
     assert config["source"] == {"format": "sslam-finetune", "steps": 2, "mAP": 0.7}
+
+
+def test_the_task_type_can_be_set_when_the_labels_do_not_show_it(tmp_path, capsys):
+    """An AudioSet-style split whose clips happen to carry one label each reads as single-label
+    (softmax, accuracy); --task=multilabel makes it BCE and mAP, and a one-class detection task
+    possible. --task=single-label refuses a clip with two labels, naming the split."""
+    from sslam.checkpoint import save_encoder
+    from sslam.cli import main
+
+    save_encoder(tiny_encoder(), tmp_path / "enc")
+    for i in range(4):
+        sf.write(tmp_path / f"c{i}.wav", np.random.default_rng(i).uniform(-0.3, 0.3, 4000), 16000)
+    (tmp_path / "one.csv").write_text("path,labels\n" + "".join(f"c{i}.wav,{'ab'[i % 2]}\n" for i in range(4)))
+    (tmp_path / "gun.csv").write_text("path,labels\nc0.wav,gun\nc1.wav,\nc2.wav,gun\nc3.wav,\n")
+    (tmp_path / "two.csv").write_text("path,labels\nc0.wav,a;b\nc1.wav,a\nc2.wav,b\nc3.wav,a\n")
+
+    def run(split, *task):
+        argv = ["evaluate", "linear", "--checkpoint", str(tmp_path / "enc"), "--train", str(tmp_path / split),
+                "--test", str(tmp_path / split), "--device", "cpu", *task, "--epochs=1"]
+        return main(argv), capsys.readouterr()
+
+    assert "accuracy" in run("one.csv")[1].out
+    assert "mAP" in run("one.csv", "--task", "multilabel")[1].out
+    code, out = run("gun.csv", "--task", "multilabel")
+    assert code == 0 and "mAP" in out.out
+    code, out = run("two.csv", "--task", "single-label")
+    assert code == 2 and "split 'two': 1 clip(s) with several labels; a single-label split needs one label per clip" in out.err
