@@ -8,7 +8,7 @@ import torch
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-class average precision (the area under the precision-recall step curve, as
     scikit-learn's ``average_precision_score``); NaN for a class without positives (where
-    scikit-learn >= 0.22 gives 0).
+    recent scikit-learn versions give 0).
 
     scores, targets: (N, C); targets are 0/1. Ties are broken as scikit-learn does: all items
     with the same score count together."""
@@ -44,9 +44,9 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """mAP: the mean over classes of the average precision, ignoring classes without positives.
 
-    The official evaluation takes the NaN-mean of scikit-learn's per-class scores; scikit-learn
-    scores a class without positives NaN before version 0.22 and 0 (with a warning) since, so
-    that mean skips such a class or counts it as a miss depending on the version. Skipping it
+    The official evaluation takes the NaN-mean of scikit-learn's per-class scores; old
+    scikit-learn versions score a class without positives NaN, recent ones 0 (with a warning),
+    so that mean skips such a class or counts it as a miss depending on the version. Skipping it
     scores a split that lacks a class on the classes it holds; on AudioSet's eval set every
     class has positives and both agree."""
     ap = average_precision(scores, targets)
