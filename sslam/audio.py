@@ -151,6 +151,8 @@ def _read_all(sound: soundfile.SoundFile, dtype: str, limit: int | None = None) 
     """Every frame of an open file (the first ``limit`` if given), ``(frames, channels)`` of
     ``dtype``. The result equals ``soundfile.read(..., always_2d=True)``, damaged files
     included, except for a damaged Ogg file too long for one read (see ``_ONE_READ_BYTES``)."""
+    if sound.seekable():  # as soundfile.read: without it, the MP3 decoder's last bits differ
+        sound.seek(0)
     claimed = sound.frames if limit is None else min(limit, sound.frames)
     if claimed * sound.channels * np.dtype(dtype).itemsize <= _ONE_READ_BYTES:
         samples = sound.read(claimed, dtype=dtype, always_2d=True)
