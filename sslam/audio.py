@@ -205,6 +205,8 @@ def _libsndfile_reason(exc: RuntimeError) -> str:
 def _check_regular_file(name: str) -> None:
     """Raise ``AudioError`` unless ``name`` is a readable regular file (not missing, not a
     directory, not a FIFO or device, whose read would block or never end)."""
+    if "\0" in name:  # os.stat would raise a ValueError that names no file
+        raise _fail(name, "the path holds a NUL byte")
     try:
         info = os.stat(name)
     except FileNotFoundError:

@@ -63,6 +63,8 @@ def manifest_entries(path: str | os.PathLike, root: str | None = None,
         parts = line.rstrip().split("\t")  # a trailing tab (spreadsheet exports) holds nothing
         if not parts[0].strip():
             raise ValueError(f"{path}:{number}: missing relative path")
+        if "\0" in parts[0]:  # no file name holds one: the manifest is damaged
+            raise ValueError(f"{path}:{number}: the path holds a NUL byte")
         if len(parts) > 2:  # fairseq's reader asserts two
             raise ValueError(f"{path}:{number}: {len(parts)} tab-separated columns; expected 'path<TAB>size'")
         if len(parts) > 1 and parts[1].strip():
@@ -86,6 +88,12 @@ def manifest_paths(path: str | os.PathLike, root: str | None = None, min_samples
     return [base / rel for rel in relative]
 
 
+def _unlistable(exc: OSError):
+    """os.walk's onerror: a folder it cannot list would be left out of the run without a word."""
+    raise ValueError(f"{exc.filename}: cannot list this folder ({exc.strerror}); its audio would be "
+                     "left out") from None
+
+
 def folder_paths(folder: str | os.PathLike) -> list[Path]:
     """The audio files under ``folder`` and the folders it links to, sorted. Entries that only
     look like files (a broken link, a pipe) are listed too, so that reading them reports them
@@ -96,7 +104,7 @@ def folder_paths(folder: str | os.PathLike) -> list[Path]:
     # themselves are walked, in name order: a folder reached twice (or again through a link
     # loop) is listed once, under its own path where the walk meets it.
     while tops:
-        for top, folders, files in os.walk(tops.pop(0)):
+        for top, folders, files in os.walk(tops.pop(0), onerror=_unlistable):
             real = os.path.realpath(top)
             if real in seen:
                 folders[:] = []

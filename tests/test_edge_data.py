@@ -338,6 +338,35 @@ def test_folder_paths_follow_links_to_folders_once(tmp_path):
     assert "own/a.wav" in [p.relative_to(data).as_posix() for p in folder_paths(data)]
 
 
+def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeypatch):
+    """Regression: os.walk skips a folder it cannot list without a word, so the audio of an
+    unreadable subfolder vanished from a run (and an unreadable top folder read as empty)."""
+    sf.write(tmp_path / "a.wav", np.zeros(800), 16000)
+    (tmp_path / "locked").mkdir()
+    sf.write(tmp_path / "locked" / "b.wav", np.zeros(800), 16000)
+    scandir = os.scandir
+
+    def refusing(path="."):  # as for a folder without read permission (tests run as root)
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    for top in (tmp_path, tmp_path / "locked"):
+        with pytest.raises(ValueError, match=r"locked: cannot list this folder \(Permission denied\)"):
+            folder_paths(top)
+
+
+def test_a_nul_byte_in_a_path_is_named(tmp_path):
+    """No file name holds a NUL byte: a manifest with one is damaged (it stopped a whole
+    extraction with a bare 'embedded null byte'), and load_audio names the path."""
+    (tmp_path / "m.tsv").write_text(f"{tmp_path}\ngood.wav\t16000\nba\x00d.wav\t16000\n")
+    with pytest.raises(ValueError, match=r"m\.tsv:3: the path holds a NUL byte"):
+        manifest_paths(tmp_path / "m.tsv")
+    with pytest.raises(AudioError, match=r"ba\x00d\.wav: the path holds a NUL byte"):
+        load_audio(str(tmp_path / "ba\x00d.wav"))
+
+
 def test_manifest_lines_end_at_line_ends_only_and_hold_two_columns(tmp_path):
     """Regression: a path holding U+2028 (or NEL, form feed) was split into two entries, the
     first without a size; a line of three columns was read as if it had two."""
