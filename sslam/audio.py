@@ -36,7 +36,8 @@ SUPPORTED_RATES = (1000, 384000)
 
 # The files folders are searched for (training data, extraction).
 AUDIO_SUFFIXES = {
-    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".w64", ".caf",
+    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".w64",
+    ".rf64", ".caf", ".sph", ".nist",
 }
 
 

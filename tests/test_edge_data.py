@@ -338,6 +338,16 @@ def test_folder_paths_follow_links_to_folders_once(tmp_path):
     assert "own/a.wav" in [p.relative_to(data).as_posix() for p in folder_paths(data)]
 
 
+def test_folders_list_every_container_libsndfile_reads(tmp_path):
+    """NIST Sphere (.sph, .nist: TIMIT and other speech corpora), RF64 and .snd decode; a folder
+    search left them out without a word."""
+    for name, kind in [("a.sph", "NIST"), ("b.nist", "NIST"), ("c.rf64", "RF64"), ("d.snd", "AU")]:
+        sf.write(tmp_path / name, np.full(800, 0.1), 16000, format=kind, subtype="PCM_16")
+    listed = folder_paths(tmp_path)
+    assert [p.name for p in listed] == ["a.sph", "b.nist", "c.rf64", "d.snd"]
+    assert all(load_audio(p)[0].shape == (800,) for p in listed)
+
+
 def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeypatch):
     """Regression: os.walk skips a folder it cannot list without a word, so the audio of an
     unreadable subfolder vanished from a run (and an unreadable top folder read as empty)."""
