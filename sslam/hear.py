@@ -3,27 +3,31 @@
 
 Scene embeddings are the utterance (CLS) embedding by default (``scene="cls"``; ``"mean"`` or
 ``"cls+mean"`` on request). Timestamp embeddings are one per 16-frame patch row (160 ms), the
-mean over the frequency patches, at the row centres. Audio longer than the 10.24-s window is
+mean over the frequency patches, at the row centres. A finer hop (``hop_ms=40``: HEAR suggests
+50 ms or less for event detection) embeds the sound again from each hop up to 160 ms on and
+interleaves the rows, at that many times the cost. Audio longer than the 10.24-s window is
 covered by overlapping windows (see :mod:`sslam.embedding`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
 from .checkpoint import load_encoder
-from .embedding import row_times
+from .embedding import FRAME_SECONDS, row_times
 from .model import Encoder
 
 SCENE_MODES = ("cls", "mean", "cls+mean")
 
 
 def load_model(model_file_path: str = "", *, device: str | None = None, weights: str = "student",
-               scene: str = "cls", batch_size: int = 16) -> Encoder:
+               scene: str = "cls", batch_size: int = 16, hop_ms: float = 160.0) -> Encoder:
     """Load an encoder for HEAR. ``model_file_path``: any checkpoint :func:`sslam.load_encoder`
-    reads; when empty, the ``SSLAM_CHECKPOINT`` environment variable names it."""
+    reads; when empty, the ``SSLAM_CHECKPOINT`` environment variable names it. ``hop_ms``: the
+    timestamp embeddings' spacing, a patch row's 160 ms divided by a whole number."""
     path = model_file_path or os.environ.get("SSLAM_CHECKPOINT", "")
     if not path:
         raise ValueError(
@@ -34,13 +38,22 @@ def load_model(model_file_path: str = "", *, device: str | None = None, weights:
         raise ValueError(f"scene={scene!r}: choose one of {SCENE_MODES}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_encoder(path, device=device, weights=weights)
+    starts = _row_ms(model) / hop_ms if isinstance(hop_ms, (int, float)) and hop_ms > 0 else math.nan
+    if not (starts >= 1 and starts == round(starts)):
+        raise ValueError(f"hop_ms={hop_ms!r}: must be a patch row's {_row_ms(model):g} ms divided by a whole number")
     dim = model.cfg.embed_dim
     model.sample_rate = model.preprocessing.get("sample_rate", 16000)
     model.scene_embedding_size = 2 * dim if scene == "cls+mean" else dim
     model.timestamp_embedding_size = dim
     model.hear_scene = scene
     model.hear_batch_size = batch_size
+    model.hear_hop_ms = float(hop_ms)
     return model
+
+
+def _row_ms(model: Encoder) -> float:
+    """A patch row's duration in milliseconds: 160 for 16-frame patches."""
+    return 1000 * FRAME_SECONDS * model.cfg.patch_size
 
 
 def _embed(audio: torch.Tensor, model: Encoder):
@@ -64,17 +77,39 @@ def get_scene_embeddings(audio: torch.Tensor, model: Encoder) -> torch.Tensor:
 def get_timestamp_embeddings(audio: torch.Tensor, model: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
     """(n_sounds, n_samples) -> embeddings (n_sounds, n_timestamps, timestamp_embedding_size)
     and timestamps (n_sounds, n_timestamps) in milliseconds: the centres of the patch rows
-    that lie within the audio (at least one row). A last, partly filled row whose centre falls
-    after the end is left out: HEAR requires timestamps within the audio, evenly spaced. A
-    sound shorter than the first row's centre (87.5 ms) gets its one timestamp at its middle."""
+    that lie within the audio (at least one row), every ``hop_ms`` (:func:`load_model`). A
+    last, partly filled row whose centre falls after the end is left out: HEAR requires
+    timestamps within the audio, evenly spaced. A sound shorter than the first row's centre
+    (87.5 ms) gets its one timestamp at its middle."""
+    duration_ms = 1000 * audio.shape[-1] / model.sample_rate if isinstance(audio, torch.Tensor) else 0.0
+    hop_ms = getattr(model, "hear_hop_ms", _row_ms(model))
+    embeddings, times = [], []
+    for step in range(round(_row_ms(model) / hop_ms)):
+        skip = round(step * hop_ms * model.sample_rate / 1000)  # the sound from this hop on
+        start_ms = 1000 * skip / model.sample_rate
+        if step and start_ms + 1000 * float(row_times(1, model.cfg.patch_size)[0]) > duration_ms:
+            break  # no row of this or later starts is centred within the audio
+        emb, centres = _rows_within(audio[:, skip:] if step else audio, model, start_ms, duration_ms)
+        embeddings.append(emb)
+        times.append(centres)
+    # Interleaved in time order: the starts' row k lie between the first start's rows k and k+1.
+    order = torch.cat(times).argsort(stable=True)
+    times = torch.cat(times)[order].float().to(embeddings[0].device)
+    embeddings = torch.cat(embeddings, dim=1)[:, order.to(embeddings[0].device)]
+    return embeddings, times.expand(len(embeddings), -1).contiguous()
+
+
+def _rows_within(audio: torch.Tensor, model: Encoder, start_ms: float,
+                 duration_ms: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timestamp embeddings (n_sounds, rows, D) of ``audio`` (the sound from ``start_ms`` on)
+    and their centres (rows,) in float64 ms of the whole sound, for the rows centred within
+    its ``duration_ms`` (at least one: a sound shorter than a row's centre gets its middle)."""
     emb = _embed(audio, model)
     rows = int(emb.timestamp_mask.sum(1).max())  # every sound has the same length in HEAR
-    duration_ms = 1000 * audio.shape[-1] / model.sample_rate
     # In float64 milliseconds: float32 seconds times 1000 spaces the rows 159.9995..160.0005 ms.
-    times = row_times(rows, model.cfg.patch_size, torch.float64) * 1000
+    times = start_ms + row_times(rows, model.cfg.patch_size, torch.float64) * 1000
     rows = max(1, int((times <= duration_ms).sum()))
     times = times[:rows]
     if times[0] > duration_ms:  # a sound shorter than the first row's centre: its middle
         times[0] = duration_ms / 2
-    times = times.float().to(emb.timestamps.device)
-    return emb.timestamps[:, :rows], times.expand(len(emb), -1).contiguous()
+    return emb.timestamps[:, :rows], times

@@ -190,6 +190,26 @@ def test_hear_timestamps_are_exactly_spaced_and_inside_even_a_25_ms_sound(hear_m
         assert ts.shape == (1, 1) and 0 < float(ts[0, 0]) <= duration_ms, n
 
 
+def test_hear_timestamps_at_a_finer_hop(hear_model):
+    """hop_ms=40 (HEAR suggests 50 ms or less for event detection): the rows of the sound
+    started 0, 40, 80 and 120 ms later, interleaved, evenly spaced and inside the audio."""
+    model = hear.load_model(CKPT, device="cpu", hop_ms=40)
+    for n in (1000, 16000, 44_123):
+        audio = torch.stack([noise(n, seed=s) for s in range(2)])
+        emb, ts = hear.get_timestamp_embeddings(audio, model)
+        duration_ms = 1000 * n / 16000
+        expected = torch.arange(87.5, duration_ms + 1e-9, 40.0) if duration_ms >= 87.5 else torch.tensor([n / 32])
+        assert torch.equal(ts, expected.expand(2, -1)) and emb.shape == (2, len(expected), model.timestamp_embedding_size)
+        coarse, _ = hear.get_timestamp_embeddings(audio, hear_model)
+        torch.testing.assert_close(emb[:, ::4], coarse[:, : emb[:, ::4].shape[1]], atol=1e-5, rtol=0)
+        if n > 2000:  # the row at 127.5 ms is the first row of the sound from 40 ms on
+            later = hear_model.embed(audio[:, 640:], 16000).timestamps[:, 0]
+            torch.testing.assert_close(emb[:, 1], later, atol=1e-5, rtol=0)
+    for bad in (50, 0, -40, 320, float("nan")):
+        with pytest.raises(ValueError, match="hop_ms"):
+            hear.load_model(CKPT, device="cpu", hop_ms=bad)
+
+
 def test_hear_refuses_integer_pcm_instead_of_embedding_it_at_its_scale(hear_model):
     pcm = (torch.rand(2, 16000) * 2000 - 1000).to(torch.int16)
     with pytest.raises(AudioError, match="samples must be floating point on the \\[-1, 1\\] scale"):
