@@ -108,9 +108,10 @@ class EncoderConfig:
 
     @property
     def mlp_dim(self) -> int:
-        # round, not int(): a ratio read from a file (fc1 rows / dim) is not exact in binary, and
-        # int() would turn e.g. 88 * (120 / 88) = 119.99999999999999 into 119.
-        return round(self.embed_dim * self.mlp_ratio)
+        # int(), as the official blocks (and timm's) size fc1: 384 * 2.7 = 1036.8 -> 1036. The
+        # 1e-6 keeps a ratio read back from a file's fc1 rows (not exact in binary) from falling
+        # one short: 88 * (120 / 88) = 119.99999999999999 is 120 rows.
+        return int(self.embed_dim * self.mlp_ratio + 1e-6)
 
     @property
     def freq_patches(self) -> int:

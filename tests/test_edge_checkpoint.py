@@ -173,9 +173,22 @@ def test_official_pretraining_files_of_any_size(tmp_path, name):
 
 
 def test_mlp_width_read_from_fc1_is_exact():
-    """int(88 * (120 / 88)) is 119: the MLP width must round, not truncate."""
+    """int(88 * (120 / 88)) is 119: a ratio read back from fc1's rows must give them back."""
     assert EncoderConfig(embed_dim=88, num_heads=2, mlp_ratio=120 / 88).mlp_dim == 120
     assert Encoder(EncoderConfig(embed_dim=88, depth=1, num_heads=2, mlp_ratio=120 / 88)).blocks[0].mlp.fc1.out_features == 120
+
+
+def test_mlp_width_of_a_stated_ratio_truncates_as_the_official_blocks(tmp_path):
+    """The official blocks (as timm's) make int(dim * mlp_ratio) hidden units: 384 * 2.7 =
+    1036.8 gives 1036, and a file stating 2.7 with 1036 rows was refused (1037 expected)."""
+    assert EncoderConfig(embed_dim=384, num_heads=6, mlp_ratio=2.7).mlp_dim == 1036
+    assert EncoderConfig(embed_dim=64, num_heads=2, mlp_ratio=2.7).mlp_dim == 172
+    cfg = EncoderConfig(embed_dim=64, depth=1, num_heads=2, mlp_ratio=2.7, max_length=8)
+    student = random_encoder(cfg)
+    torch.save(fairseq_pretrain(student), tmp_path / "ckpt.pt")
+    loaded = load_encoder(tmp_path / "ckpt.pt")
+    assert loaded.blocks[0].mlp.fc1.out_features == 172 and loaded.cfg.mlp_ratio == 2.7
+    assert_same_encoder(loaded, student)
 
 
 @pytest.mark.parametrize("fmt", ["fairseq", "hf"])
