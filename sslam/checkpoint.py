@@ -577,11 +577,12 @@ def _default_heads(dim: int, source) -> int:
 
 
 def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, *, source="checkpoint",
-                 **fields) -> EncoderConfig:
+                 config_source=None, **fields) -> EncoderConfig:
     """Architecture from the shapes of an encoder state (our names), with ``fields`` (values the
     file's config declares; None = not declared) taking precedence -- :func:`read_checkpoint`
     then checks they agree with the shapes. Heads cannot be read from shapes: pass
-    ``num_heads`` (from the file's config); otherwise :func:`_default_heads` guesses, warning."""
+    ``num_heads`` (from the file's config); otherwise :func:`_default_heads` guesses, warning.
+    Errors in ``fields`` name ``config_source`` (a config.json beside the weights) if given."""
     found = shape_architecture(state)
     missing = [name for name in ("embed_dim", "patch_size", "depth", "mlp_dim") if name not in found]
     if missing:
@@ -602,7 +603,8 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, *
     try:
         return EncoderConfig(**values)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: invalid architecture in the file's config: {exc}") from None
+        where = f"{config_source}: invalid architecture" if config_source else f"{source}: invalid architecture in the file's config"
+        raise CheckpointError(f"{where}: {exc}") from None
 
 
 # ---- fairseq (official EAT / SSLAM) ---------------------------------------------------------
@@ -819,9 +821,11 @@ def _hf_labels(cfg: dict, num_classes: int, source) -> list[str] | None:
     return names
 
 
-def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str) -> Checkpoint:
+def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str,
+                  config_path: Path | None = None) -> Checkpoint:
     """A flat dict of encoder tensors: Hugging Face EAT (``model.`` prefix, names of SPEC 7.3),
-    official fairseq names, or ours; ``cfg`` is the Hugging Face config.json (or {})."""
+    official fairseq names, or ours; ``cfg`` is the Hugging Face config.json at ``config_path``
+    (or {})."""
     prefix = "model." if any(isinstance(k, str) and k.startswith("model.") for k in tensors) else ""
     if prefix and "model.pre_norm.weight" in tensors:
         fmt = "hf"  # Hugging Face names (a fairseq fine-tuned state dict has context_encoder.norm)
@@ -835,17 +839,17 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str) 
     if weights != "student":
         raise CheckpointError(f"{path}: this file holds one set of weights (no EMA teacher)")
     image = cfg.get("img_size")
-    fields = _hf_fields(cfg, "head.weight" in state, path)
+    fields = _hf_fields(cfg, "head.weight" in state, config_path or path)
     if fields.get("mel_bins") is None and isinstance(image, (list, tuple)) and len(image) == 2:
         fields["mel_bins"] = image[1]
     # Hugging Face's fc_norm is nn.LayerNorm with its default eps (1e-5); fairseq's uses 1e-6.
     fields["head_norm_eps"] = 1e-5 if fmt == "hf" else None
-    config = infer_config(state, source=path, **fields)
+    config = infer_config(state, source=path, config_source=config_path, **fields)
     stride = cfg.get("stride")
     if isinstance(stride, (list, tuple)) and len(set(stride)) == 1:  # (16, 16)
         stride = stride[0]
     if stride not in (None, config.patch_size):
-        raise CheckpointError(f"{path}: unsupported encoder configuration: stride={cfg['stride']} differs from the "
+        raise CheckpointError(f"{config_path or path}: unsupported encoder configuration: stride={cfg['stride']} differs from the "
                               f"patch size {config.patch_size} (overlapping patches)")
     length = image[0] if isinstance(image, (list, tuple)) and image else cfg.get("target_length")
     prep = _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": "audioset"}, path)
@@ -937,7 +941,7 @@ def _from_safetensors(path: Path, config_path: Path | None, weights: str) -> Che
     cfg = _read_json(config_path) if config_path else {}
     if metadata.get("format") == "sslam" or cfg.get("format") == "sslam":
         return _from_sslam(path, tensors, metadata, config_path, weights)
-    return _from_tensors(path, tensors, cfg, weights, "hf")
+    return _from_tensors(path, tensors, cfg, weights, "hf", config_path)
 
 
 def _from_own_torch(path: Path, ckpt: dict, weights: str) -> Checkpoint:
@@ -982,7 +986,8 @@ def _read_folder(path: Path, weights: str) -> Checkpoint:
         tensors = safe_torch_load(path / "pytorch_model.bin")
         if not isinstance(tensors, dict):
             raise CheckpointError(f"{path / 'pytorch_model.bin'}: expected a dict of tensors")
-        return _from_tensors(path / "pytorch_model.bin", tensors, _read_json(config_file) if config_file else {}, weights, "hf")
+        return _from_tensors(path / "pytorch_model.bin", tensors, _read_json(config_file) if config_file else {}, weights,
+                             "hf", config_file)
     raise CheckpointError(f"{path}: folder without model.safetensors (or pytorch_model.bin)")
 
 

@@ -647,8 +647,9 @@ def test_safetensors_dtypes_and_shapes(tmp_path):
     ({"stride": 10}, "stride=10"),
 ])
 def test_hugging_face_config_problems(tmp_path, config, pattern):
+    """Each is named against config.json (they named model.safetensors)."""
     folder = hf_folder(random_encoder(VARIANTS["tiny"]), tmp_path / "hf", **config)
-    with pytest.raises(CheckpointError, match=pattern):
+    with pytest.raises(CheckpointError, match=rf"hf/config\.json: .*{pattern}"):
         load_encoder(folder)
 
 
