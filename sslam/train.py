@@ -538,11 +538,11 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
-def changed_settings(before: dict, now: dict, may_change=frozenset()) -> list[str]:
-    """``key: <before> in the checkpoint, <now> now`` for every setting of ``now`` that differs
-    from ``before`` and is not in ``may_change``; a key ``before`` lacks (a setting newer than
-    the file) counts as unchanged."""
-    return [f"{key}: {before[key]!r} in the checkpoint, {value!r} now" for key, value in now.items()
+def changed_settings(before: dict, now: dict, may_change=frozenset(), where: str = "the checkpoint") -> list[str]:
+    """``key: <before> in <where>, <now> now`` for every setting of ``now`` that differs from
+    ``before`` and is not in ``may_change``; a key ``before`` lacks (a setting newer than the
+    file) counts as unchanged."""
+    return [f"{key}: {before[key]!r} in {where}, {value!r} now" for key, value in now.items()
             if key in before and before[key] != value and key not in may_change]
 
 
@@ -551,23 +551,23 @@ def _flat(config: dict) -> dict:
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
 
 
-def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int) -> list[str]:
+def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, where: str = "the checkpoint") -> list[str]:
     """The settings of ``cfg`` that differ from the checkpoint ``saved`` in a way a resumed run
-    cannot follow exactly, as ``section.key: <saved> in the checkpoint, <now> now``."""
+    cannot follow exactly, as ``section.key: <saved> in <where>, <now> now``."""
     before = saved.get("config") or {}
     # Only a manifest's size column is filtered: elsewhere min_samples changes nothing (runs
     # saved before its default became fairseq's 10000 resume as they were).
-    ignored = set() if cfg.data.source.endswith(".tsv") else {"data.min_samples"}
-    conflicts = changed_settings(_flat(before), _flat(cfg.to_dict()), RESUME_MAY_CHANGE | ignored)
+    ignored = set() if cfg.data.source.lower().endswith(".tsv") else {"data.min_samples"}
+    conflicts = changed_settings(_flat(before), _flat(cfg.to_dict()), RESUME_MAY_CHANGE | ignored, where)
     old_init = before.get("run", {}).get("init", "")
     if cfg.run.init and cfg.run.init != old_init:
-        conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now")
+        conflicts.append(f"run.init: {old_init!r} in {where}, {cfg.run.init!r} now")
     # The data position and the per-slot random streams count global batches of
     # batch_size x processes x accum_steps clips; only how they are split may change.
     old_world = int(saved.get("world_size", world_size))
     old_accum = before.get("optim", {}).get("accum_steps", cfg.optim.accum_steps)
     if old_world * old_accum != world_size * cfg.optim.accum_steps:
-        conflicts.append(f"optim.accum_steps x processes: {old_accum} x {old_world} in the checkpoint, "
+        conflicts.append(f"optim.accum_steps x processes: {old_accum} x {old_world} in {where}, "
                          f"{cfg.optim.accum_steps} x {world_size} now (the global batch must stay the same)")
     return conflicts
 
@@ -650,6 +650,8 @@ class Trainer:
             # by name, leaving two runs mixed (and a later resume picking the wrong one).
             raise ValueError(f"{self.out} holds checkpoints of an earlier run (newest {existing[-1].name}) and "
                              "run.resume=false: choose a new run.out, or remove them")
+        if not existing:
+            self._check_no_other_record()
         self.resume_from = existing[-1] if existing else None
         saved = load_newest(existing) if existing else None
         if saved is not None and saved.get("format") != "sslam-train":
@@ -688,6 +690,26 @@ class Trainer:
             self.log(f"resumed from {self.resume_from} at step {self.step}")
         self.flops_per_clip = train_flops_per_clip(self.model.student.cfg, self.model.objective,
                                                    cfg.data.target_length, self.mask_cfg.num_kept)
+
+    def _check_no_other_record(self) -> None:
+        """A fresh start writes config.json and cuts metrics.jsonl to nothing: in a folder that
+        holds another run's record without a checkpoint (or an exported model's config.json),
+        that is refused. The same run started again (stopped before its first checkpoint) goes on."""
+        path = self.out / "config.json"
+        if not path.is_file():
+            return
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            before = None
+        if not isinstance(before, dict) or set(before) != set(self.cfg.to_dict()):
+            raise ValueError(f"{self.out} holds config.json of something else than a pretraining run: choose a "
+                             "new run.out")
+        conflicts = resume_conflicts({"config": before}, self.cfg, self.dist.world_size, "config.json")
+        if conflicts:
+            raise ValueError(f"{self.out} holds the record of another run and no checkpoint: config.json with other "
+                             f"settings ({'; '.join(conflicts)}); starting here would overwrite it and cut its "
+                             "metrics.jsonl: choose a new run.out, or remove them")
 
     # -- building --
     def _build_model(self, saved: dict | None) -> Pretrainer:

@@ -447,6 +447,32 @@ def test_a_damaged_init_teacher_block_list_is_named_as_the_file_names_it(tmp_pat
         Trainer(small(tmp_path / "run", stage=2, steps=1, run__init=str(tmp_path / "nan_teacher.pt")), log=quiet)
 
 
+def test_a_fresh_run_keeps_another_runs_record_without_checkpoints(tmp_path):
+    """A folder holding another run's config.json and metrics.jsonl but no checkpoint (its
+    checkpoints removed, or an exported model's folder): a fresh start there overwrote the
+    config and cut the metrics to nothing. It is refused, the files untouched; the same run
+    started again (a run stopped before its first checkpoint) goes on."""
+    out = tmp_path / "run"
+    Trainer(small(out, stage=1, steps=3), log=quiet).fit()
+    for path in out.glob("checkpoint_*.pt"):
+        path.unlink()
+    kept = {name: (out / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
+    with pytest.raises(ValueError, match=r"run holds the record of another run and no checkpoint: config.json "
+                                         r"with other settings \(run.seed: 1 in config.json, 5 now\)"):
+        Trainer(small(out, stage=1, steps=3, run__seed=5, run__resume=False), log=quiet)
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    Trainer(small(out, stage=1, steps=3), log=quiet).fit()  # the same run, started again
+    assert [r["step"] for r in records(out)] == [2, 3]
+    export = tmp_path / "export"
+    from sslam.checkpoint import save_encoder
+
+    save_encoder(Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, max_length=8)), export)
+    before = (export / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"export holds config.json of something else than a pretraining run"):
+        Trainer(small(export, stage=1, steps=2), log=quiet)
+    assert (export / "config.json").read_bytes() == before
+
+
 def test_hostile_or_truncated_init_is_refused_and_the_folder_is_untouched(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
