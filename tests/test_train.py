@@ -143,6 +143,9 @@ def test_stage_defaults_follow_the_spec():
     manifest.data.source = saved.data.source = "train.tsv"
     assert resume_conflicts({"config": saved.to_dict()}, manifest, 1) == [
         "data.min_samples: 0 in the checkpoint, 10000 now"]
+    manifest.data.source = saved.data.source = "TRAIN.TSV"  # read as a manifest too
+    assert resume_conflicts({"config": saved.to_dict()}, manifest, 1) == [
+        "data.min_samples: 0 in the checkpoint, 10000 now"]
 
 
 @pytest.mark.parametrize("stage", [1, 2])
