@@ -1014,6 +1014,11 @@ class Trainer:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # The saved optimizer holds the lr the saved schedule gave this step; optim.max_steps
+        # may have changed since, and the next update must take this schedule's.
+        step = self.scheduler.last_epoch
+        for group, base, rule in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * rule(step)
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.data_start = tuple(state["data_position"])

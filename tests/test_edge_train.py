@@ -447,6 +447,20 @@ def test_a_damaged_init_teacher_block_list_is_named_as_the_file_names_it(tmp_pat
         Trainer(small(tmp_path / "run", stage=2, steps=1, run__init=str(tmp_path / "nan_teacher.pt")), log=quiet)
 
 
+def test_a_resume_with_other_max_steps_takes_the_new_schedules_lr_at_once(tmp_path):
+    """optim.max_steps may change on resume; the saved optimizer held the old schedule's lr for
+    the next step, which the first update after the resume then used."""
+    from sslam.train import lr_factor
+
+    out = tmp_path / "run"
+    Trainer(small(out, stage=1, steps=4, run__ckpt_every=2), log=quiet).fit()
+    cfg = small(out, stage=1, steps=12, run__ckpt_every=2)
+    trainer = Trainer(cfg, log=quiet)
+    expected = cfg.optim.lr * lr_factor(4, cfg.optim)
+    assert expected != pytest.approx(cfg.optim.lr * lr_factor(4, small(out, stage=1, steps=4).optim))
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([expected] * 2)
+
+
 def test_a_fresh_run_keeps_another_runs_record_without_checkpoints(tmp_path):
     """A folder holding another run's config.json and metrics.jsonl but no checkpoint (its
     checkpoints removed, or an exported model's folder): a fresh start there overwrote the
