@@ -694,7 +694,8 @@ class Trainer:
     def _check_no_other_record(self) -> None:
         """A fresh start writes config.json and cuts metrics.jsonl to nothing: in a folder that
         holds another run's record without a checkpoint (or an exported model's config.json),
-        that is refused. The same run started again (stopped before its first checkpoint) goes on."""
+        that is refused. The same run started again (stopped before its first checkpoint), or
+        one whose earlier attempt logged no step (stopped at its start), goes on."""
         path = self.out / "config.json"
         if not path.is_file():
             return
@@ -706,7 +707,8 @@ class Trainer:
             raise ValueError(f"{self.out} holds config.json of something else than a pretraining run: choose a "
                              "new run.out")
         conflicts = resume_conflicts({"config": before}, self.cfg, self.dist.world_size, "config.json")
-        if conflicts:
+        metrics = self.out / "metrics.jsonl"
+        if conflicts and metrics.is_file() and metrics.stat().st_size:
             raise ValueError(f"{self.out} holds the record of another run and no checkpoint: config.json with other "
                              f"settings ({'; '.join(conflicts)}); starting here would overwrite it and cut its "
                              "metrics.jsonl: choose a new run.out, or remove them")

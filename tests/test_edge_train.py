@@ -477,6 +477,10 @@ def test_a_fresh_run_keeps_another_runs_record_without_checkpoints(tmp_path):
     assert {name: (out / name).read_bytes() for name in kept} == kept
     Trainer(small(out, stage=1, steps=3), log=quiet).fit()  # the same run, started again
     assert [r["step"] for r in records(out)] == [2, 3]
+    for path in out.glob("checkpoint_*.pt"):
+        path.unlink()
+    (out / "metrics.jsonl").write_text("")  # an attempt that stopped before logging a step
+    Trainer(small(out, stage=1, steps=3, run__seed=5), log=quiet)
     export = tmp_path / "export"
     from sslam.checkpoint import save_encoder
 
