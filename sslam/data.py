@@ -279,6 +279,8 @@ def build_dataset(source: str, *, root: str | None = None, target_length: int = 
     if source == "synth":
         return SynthClips(synth_clips, synth_seconds, seed, max_samples)
     path = Path(source)
+    if not path.exists():
+        raise ValueError(f"data source {source!r}: no such file or folder")
     if path.is_dir():
         return AudioFiles(folder_paths(path), max_samples, max_tries)
     if path.suffix.lower() == ".tsv":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -322,8 +323,11 @@ def validate(cfg: TrainConfig) -> None:
         (r.max_bad_steps >= 1, "run.max_bad_steps must be >= 1"),
         (o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 or inf: no clipping)"),
         (d.synth_clips >= 1, "data.synth_clips must be >= 1"),
-        (math.isfinite(d.synth_seconds) and d.synth_seconds >= 0.025,
-         f"data.synth_seconds={d.synth_seconds} must be finite and at least one 25 ms frame"),
+        (math.isfinite(d.synth_seconds) and d.synth_seconds >= 0.1,
+         f"data.synth_seconds={d.synth_seconds} must be finite and at least 0.1 (s, the shortest synthetic scene)"),
+        (bool(d.source.strip()), "data.source is empty: 'synth', a folder of audio files or a .tsv manifest"),
+        (not r.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+         "run.tensorboard=true needs the tensorboard package (pip install tensorboard)"),
         (0 <= r.seed < 2**63 and r.threads >= 0, "run.seed must lie in [0, 2**63) and run.threads be >= 0"),
         (bool(r.out.strip()), "run.out must name a folder (checkpoints would land in the current one)"),
     ]
@@ -662,6 +666,9 @@ class Trainer:
                 raise ValueError(f"{self.resume_from}: cannot resume with changed settings: " + "; ".join(conflicts)
                                  + ". Run with the checkpoint's settings, or start a new run.out (--run.init can "
                                  "start it from this checkpoint).")
+            if int(saved["step"]) > cfg.optim.max_steps:
+                raise ValueError(f"{self.resume_from}: the run is at step {saved['step']}, past optim.max_steps="
+                                 f"{cfg.optim.max_steps}: give a larger one to train on")
             # The EMA schedule depends on whether the run started from a checkpoint (see
             # ema_decay); a resume that leaves --init out must keep the original choice.
             cfg.run.init = cfg.run.init or (saved.get("config") or {}).get("run", {}).get("init", "")
@@ -801,6 +808,11 @@ class Trainer:
         skipped = getattr(dataset, "skipped", 0)
         self.log(f"data: {len(dataset)} clips from {d.source}" + (
             f" ({skipped} manifest entries under data.min_samples={d.min_samples} samples skipped)" if skipped else ""))
+        world, accum = self.dist.world_size, self.cfg.optim.accum_steps
+        if d.batch_size * world * accum > len(dataset):
+            raise ValueError(f"data.batch_size={d.batch_size} x {world} process(es) x {accum} accumulation step(s): a "
+                             f"global batch of {d.batch_size * world * accum} clips, more than the {len(dataset)} of "
+                             f"{d.source}")
         self.sampler = GlobalBatchSampler(len(dataset), d.batch_size, self.dist.world_size, self.dist.rank,
                                           self.cfg.optim.accum_steps, self.cfg.run.seed, start=self.data_start)
         # A generator of its own: without one, each iteration draws the workers' base seed from
@@ -1187,10 +1199,8 @@ class Trainer:
     def _tensorboard(self):
         if not (self.cfg.run.tensorboard and self.dist.main):
             return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise RuntimeError("run.tensorboard=true needs the tensorboard package (pip install tensorboard)") from exc
+        from torch.utils.tensorboard import SummaryWriter  # validate() checked that it is installed
+
         return SummaryWriter(str(self.out / "tensorboard"))
 
 

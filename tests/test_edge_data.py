@@ -367,6 +367,12 @@ def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monke
             folder_paths(top)
 
 
+def test_a_missing_data_source_says_so(tmp_path):
+    for name in ("nowhere", "nowhere.tsv"):
+        with pytest.raises(ValueError, match=rf"data source '.*{name}': no such file or folder"):
+            build_dataset(str(tmp_path / name))
+
+
 def test_a_nul_byte_in_a_path_is_named(tmp_path):
     """No file name holds a NUL byte: a manifest with one is damaged (it stopped a whole
     extraction with a bare 'embedded null byte'), and load_audio names the path."""

@@ -528,6 +528,39 @@ def test_init_from_a_finetuned_checkpoint_drops_the_head(tmp_path):
     assert read_checkpoint(checkpoints_in(tmp_path / "s2")[-1]).config.num_classes == 0
 
 
+def test_settings_that_would_fail_late_are_refused_up_front(tmp_path, monkeypatch):
+    """Each failed only once the model was built and the run folder written (or, for an empty
+    data source, trained on the current folder)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    for key, value, message in [("run.tensorboard", True, "run.tensorboard=true needs the tensorboard package"),
+                                ("data.source", " ", "data.source is empty"),
+                                ("data.synth_seconds", 0.05, r"data.synth_seconds=0.05 must be .* at least 0.1")]:
+        cfg = small(tmp_path / "run", stage=1, steps=2)
+        set_option(cfg, key, value)
+        with pytest.raises(ValueError, match=message):
+            validate(cfg)
+
+
+def test_a_data_source_smaller_than_the_global_batch_is_named(tmp_path):
+    for i in range(3):
+        sf.write(tmp_path / f"c{i}.wav", np.full(16000, 0.1), 16000)
+    cfg = small(tmp_path / "run", stage=1, steps=2, data__source=str(tmp_path))
+    with pytest.raises(ValueError, match=r"data.batch_size=4 x 1 process\(es\) x 1 accumulation step\(s\): a global "
+                                         r"batch of 4 clips, more than the 3 of .*"):
+        Trainer(cfg, log=quiet).fit()
+
+
+def test_a_resume_past_max_steps_is_refused(tmp_path):
+    """Resumed at step 4 with optim.max_steps=2: it did nothing and said nothing."""
+    out = tmp_path / "run"
+    Trainer(small(out, stage=1, steps=4, run__ckpt_every=2), log=quiet).fit()
+    with pytest.raises(ValueError, match=r"checkpoint_00000004.pt: the run is at step 4, past optim.max_steps=2"):
+        Trainer(small(out, stage=1, steps=2, run__ckpt_every=2), log=quiet)
+
+
 # ---- model sizes and clip lengths -----------------------------------------------------------
 
 
