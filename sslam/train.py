@@ -564,7 +564,7 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, where: str 
     ignored = set() if cfg.data.source.lower().endswith(".tsv") else {"data.min_samples"}
     conflicts = changed_settings(_flat(before), _flat(cfg.to_dict()), RESUME_MAY_CHANGE | ignored, where)
     old_init = before.get("run", {}).get("init", "")
-    if cfg.run.init and cfg.run.init != old_init:
+    if cfg.run.init and not (old_init and Path(cfg.run.init).resolve() == Path(old_init).resolve()):
         conflicts.append(f"run.init: {old_init!r} in {where}, {cfg.run.init!r} now")
     # The data position and the per-slot random streams count global batches of
     # batch_size x processes x accum_steps clips; only how they are split may change.
