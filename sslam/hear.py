@@ -24,10 +24,11 @@ SCENE_MODES = ("cls", "mean", "cls+mean")
 
 
 def load_model(model_file_path: str = "", *, device: str | None = None, weights: str = "student",
-               scene: str = "cls", batch_size: int = 16, hop_ms: float = 160.0) -> Encoder:
+               scene: str = "cls", batch_size: int = 16, hop_ms: float | None = None) -> Encoder:
     """Load an encoder for HEAR. ``model_file_path``: any checkpoint :func:`sslam.load_encoder`
     reads; when empty, the ``SSLAM_CHECKPOINT`` environment variable names it. ``hop_ms``: the
-    timestamp embeddings' spacing, a patch row's 160 ms divided by a whole number."""
+    timestamp embeddings' spacing, a patch row's duration (160 ms for 16-frame patches, the
+    default) divided by a whole number."""
     path = model_file_path or os.environ.get("SSLAM_CHECKPOINT", "")
     if not path:
         raise ValueError(
@@ -38,6 +39,7 @@ def load_model(model_file_path: str = "", *, device: str | None = None, weights:
         raise ValueError(f"scene={scene!r}: choose one of {SCENE_MODES}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_encoder(path, device=device, weights=weights)
+    hop_ms = _row_ms(model) if hop_ms is None else hop_ms
     starts = _row_ms(model) / hop_ms if isinstance(hop_ms, (int, float)) and hop_ms > 0 else math.nan
     if not (starts >= 1 and starts == round(starts)):
         raise ValueError(f"hop_ms={hop_ms!r}: must be a patch row's {_row_ms(model):g} ms divided by a whole number")
