@@ -497,8 +497,12 @@ def test_regression_finetune_resume_with_changed_settings_is_refused(tmp_path, s
     with pytest.raises(ValueError, match=r"classes: 12 in the checkpoint"):
         Finetuner(tiny_encoder(), renamed, LabeledSplit(test.name, test.items, test.targets, renamed.class_names, True),
                   cfg, log=quiet)
-    single = LabeledSplit(train.name, train.items, train.targets, train.class_names, False)
-    test_single = LabeledSplit(test.name, test.items, test.targets, test.class_names, False)
+    def one_label(split):  # a single-label task of the same clips and classes
+        targets = torch.zeros_like(split.targets)
+        targets[torch.arange(len(split)), split.targets.argmax(1)] = 1
+        return LabeledSplit(split.name, split.items, targets, split.class_names, False)
+
+    single, test_single = one_label(train), one_label(test)
     with pytest.raises(ValueError, match=r"multilabel: True in the checkpoint, False now"):
         Finetuner(tiny_encoder(), single, test_single, cfg, log=quiet)
     wider = Encoder(EncoderConfig(embed_dim=64, depth=2, num_heads=2, max_length=16)).eval()
