@@ -664,20 +664,30 @@ class Encoder(nn.Module):
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """``model`` in eval mode (no stochastic depth: deterministic outputs) for the block, then
-    back in the mode it had."""
-    training = model.training
+    back in the modes it and each of its submodules had."""
+    modes = _modes(model)
     model.eval()
     try:
         yield model
     finally:
-        model.train(training)
+        _restore_modes(modes)
+
+
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Each submodule's train/eval mode: ``model.train(mode)`` would set them all to one."""
+    return [(module, module.training) for module in model.modules()]
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
 
 
 @contextlib.contextmanager
 def stochastic_depth(model: Encoder, rate: float):
     """``model`` in train mode with drop-path rising to ``rate`` over its blocks, as if built
     with ``drop_path_rate=rate``, for the block; then back in the mode and rates it had."""
-    training, cfg, rates = model.training, model.cfg, [block.drop_path_rate for block in model.blocks]
+    modes, cfg, rates = _modes(model), model.cfg, [block.drop_path_rate for block in model.blocks]
     model.cfg = cfg.replace(drop_path_rate=rate)
     for block, new in zip(model.blocks, drop_path_rates(rate, cfg.depth)):
         block.drop_path_rate = new
@@ -688,7 +698,7 @@ def stochastic_depth(model: Encoder, rate: float):
         model.cfg = cfg
         for block, old in zip(model.blocks, rates):
             block.drop_path_rate = old
-        model.train(training)
+        _restore_modes(modes)
 
 
 def create_model(

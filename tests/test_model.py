@@ -352,3 +352,20 @@ def test_stochastic_depth_is_a_model_built_with_drop_path():
         assert not torch.allclose(eval_out, expected)
         with stochastic_depth(model, 0.0):
             assert model.training and torch.equal(model(spec).x, eval_out)
+
+
+def test_eval_mode_and_stochastic_depth_give_back_every_submodules_mode():
+    """A user's mix of modes (a frozen block in eval inside a training model) came back as the
+    top level's: model.train(training) sets every submodule."""
+    from sslam.model import eval_mode, stochastic_depth
+
+    model = small_model()
+    model.train()
+    model.blocks[0].eval()
+    before = [m.training for m in model.modules()]
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before
+    with stochastic_depth(model, 0.1):
+        assert all(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before
