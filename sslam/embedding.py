@@ -145,7 +145,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _length_groups(lengths: list[int]) -> list[list[int]]:
+def length_groups(lengths: list[int]) -> list[list[int]]:
     """Indices of clips grouped by similar length: each group's padded size (members x its
     longest) stays within twice its real samples, so one long clip is not padded onto many
     short ones (16 clips beside a 1-hour file would otherwise take 16 hours of memory)."""
@@ -163,9 +163,9 @@ def _length_groups(lengths: list[int]) -> list[list[int]]:
 
 def _log_mels(clips: list[torch.Tensor], device) -> list[torch.Tensor]:
     """Unnormalised log-mel of every 16 kHz clip (of at least one frame) in full, (F_b, 128)
-    each. Clips of similar length share a batch (see :func:`_length_groups`)."""
+    each. Clips of similar length share a batch (see :func:`length_groups`)."""
     logmels = [None] * len(clips)
-    for group in _length_groups([c.numel() for c in clips]):
+    for group in length_groups([c.numel() for c in clips]):
         # The clips were checked when loaded (load_audio, check_waveform).
         logmel = preprocess([clips[i].to(device) for i in group], SAMPLE_RATE,
                             target_length=num_frames(max(clips[i].numel() for i in group)),

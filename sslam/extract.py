@@ -33,6 +33,7 @@ import torch
 from .audio import AudioError, load_audio
 from .checkpoint import atomic_write, check_output_folder, remove_temporaries
 from .data import folder_paths, manifest_entries
+from .embedding import length_groups
 from .features import check_min_length
 
 GRANULARITIES = ("utterance", "mean", "frames", "timestamps", "all")
@@ -477,9 +478,16 @@ def run_extract(
 
         def encode(batch):
             nonlocal batches
-            emb = model.embed([w for _, w in batch], 16000, padding=padding, crop=crop, batch_size=batch_size, autocast=autocast)
-            for i, (item, _) in enumerate(batch):
-                sink.add(item.key, arrays_of(emb, i, granularity), emb.label_names, source_of(item.path))
+            # Files of similar length per call: its embeddings are padded to its longest clip.
+            arrays, names = [None] * len(batch), None
+            for group in length_groups([wave.numel() for _, wave in batch]):
+                emb = model.embed([batch[i][1] for i in group], 16000, padding=padding, crop=crop,
+                                  batch_size=batch_size, autocast=autocast)
+                names = emb.label_names
+                for row, i in enumerate(group):
+                    arrays[i] = arrays_of(emb, row, granularity)
+            for (item, _), clip_arrays in zip(batch, arrays):
+                sink.add(item.key, clip_arrays, names, source_of(item.path))
                 report.done += 1
                 report.changed += item.key in again
             batches += 1

@@ -156,12 +156,12 @@ def test_hear_api(tmp_path):
 
 
 def test_clips_share_a_feature_batch_only_with_clips_of_similar_length():
-    from sslam.embedding import _length_groups
+    from sslam.embedding import length_groups
 
-    assert _length_groups([16000] * 15 + [2_880_000]) == [list(range(15)), [15]]
+    assert length_groups([16000] * 15 + [2_880_000]) == [list(range(15)), [15]]
     rng = np.random.default_rng(0)
     lengths = rng.integers(400, 2_000_000, 200).tolist()
-    groups = _length_groups(lengths)
+    groups = length_groups(lengths)
     assert sorted(i for g in groups for i in g) == list(range(200))
     for group in groups:
         real = sum(lengths[i] for i in group)

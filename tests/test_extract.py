@@ -254,3 +254,35 @@ def test_extract_arguments_and_names_that_are_not_utf8(tmp_path, audio_dir, caps
     assert main(["extract", str(audio_dir / "a.wav"), "--checkpoint", CKPT, "--out", str(tmp_path / "o.npz"),
                  "--device", "meta"]) == 2
     assert "device='meta': sslam runs on 'cpu' or 'cuda' devices" in capsys.readouterr().err
+
+
+def test_a_long_file_is_not_embedded_beside_short_ones(tmp_path, capsys, monkeypatch):
+    """Embeddings of one call are padded to its longest clip: a long file in a batch of short
+    ones made each short one's frames as long as it (16 clips beside a 1-hour file: ~9 GB for
+    ViT-B). Files of similar length share a call; the output keeps the input order."""
+    from sslam.model import Encoder
+
+    for i, seconds in enumerate([1.0, 30.0, 1.2, 0.9]):
+        _write(tmp_path / "in" / f"{i}.wav", seconds, seed=i)
+    calls, embed = [], Encoder.embed
+
+    def recording(self, audio, *args, **kwargs):
+        calls.append(sorted(round(len(wave) / 16000, 1) for wave in audio))
+        return embed(self, audio, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "embed", recording)
+    out = tmp_path / "emb.npz"
+    assert main(["extract", str(tmp_path / "in"), "--checkpoint", CKPT, "--out", str(out), "--granularity", "all",
+                 "--batch-size", "4", "--no-progress"]) == 0
+    assert sorted(calls) == [[0.9, 1.0, 1.2], [30.0]]
+    with np.load(out) as data:
+        assert data["keys"].tolist() == ["0.wav", "1.wav", "2.wav", "3.wav"]
+        alone = {}
+        for key in ("0.wav", "1.wav"):
+            single = tmp_path / f"{key}.npz"
+            assert main(["extract", str(tmp_path / "in" / key), "--checkpoint", CKPT, "--out", str(single),
+                         "--granularity", "all", "--no-progress"]) == 0
+            with np.load(single) as one:
+                alone[key] = one["utterance"][0]
+        np.testing.assert_allclose(data["utterance"][0], alone["0.wav"], atol=1e-6)
+        np.testing.assert_allclose(data["utterance"][1], alone["1.wav"], atol=1e-6)
