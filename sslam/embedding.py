@@ -247,8 +247,11 @@ def embed(
         raise ValueError(f"hop={hop!r}: must be a positive multiple of {patch} frames, at most {window}")
     param = next(model.parameters())
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
+    batch_size = int(batch_size)
+    if param.is_meta:  # its first copy would fail with a bare NotImplementedError
+        raise ValueError("model: its weights are on the meta device (shapes, no values); load them first")
     clips = _as_clips(audio, sample_rate)  # at 16 kHz, each at least one frame long
     frames = num_frames(torch.tensor([c.numel() for c in clips]))  # (B,), each clip's own
     one_window = crop or bool((frames <= window).all())
@@ -327,5 +330,5 @@ def _merge(model, cls_out, sums, counts, plan, real_frames, num_rows, patch) -> 
         window_logits = model.classify(cls_out.to(dtype)).float()
         out.logits = sums.new_zeros(num_clips, window_logits.shape[1]).index_add_(0, owners, window_logits) / per_window
         out.probabilities = out.logits.sigmoid()
-        out.label_names = model.label_names
+        out.label_names = None if model.label_names is None else list(model.label_names)  # the model's stay its own
     return out

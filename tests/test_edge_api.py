@@ -230,6 +230,12 @@ def test_embed_arguments_are_checked_as_preprocess_checks_them(tiny):
     stereo = np.stack([clip.numpy()] * 2, axis=1)  # (samples, channels), as soundfile.read gives
     with pytest.raises(AudioError, match=r"reads as 16000 clips of 2 samples.*channel mean"):
         tiny.embed(stereo, 16000)
+    assert torch.equal(tiny.embed(clip, 16000, batch_size=np.int64(2)).utterance, expected)
+    with torch.device("meta"):
+        shapes_only = Encoder(tiny.cfg)
+    shapes_only.preprocessing = tiny.preprocessing
+    with pytest.raises(ValueError, match="model: its weights are on the meta device"):
+        shapes_only.embed(clip, 16000)
 
 
 @pytest.mark.parametrize("device", ["bogus", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"]))
