@@ -186,15 +186,20 @@ def _plan(frames: torch.Tensor, window: int, hop: int, crop: bool) -> list[tuple
 
 def _fused_patches(clips: list[torch.Tensor], window: int, norm, device) -> torch.Tensor:
     """Official-contract model inputs from the fused kernel, for 16 kHz clips of at least one
-    frame (as :func:`_as_clips` returns them): (B, window / 16 * 8, 256) patches."""
+    frame (as :func:`_as_clips` returns them): (B, window / 16 * 8, 256) patches. Each launch
+    takes clips of similar length: a cropped clip's DC removal still reads all of it."""
     from .kernels.fbank_patch import fbank_patch
 
-    lengths = torch.tensor([c.numel() for c in clips])
-    batch = torch.zeros(len(clips), int(lengths.max()), device=device)
-    for i, c in enumerate(clips):
-        batch[i, : c.numel()] = c
-    # The lengths stay on the CPU, where the kernel checks them (a GPU copy would be read back).
-    return fbank_patch(batch, lengths, target_length=window, norm=norm)
+    patches = [None] * len(clips)
+    for group in length_groups([c.numel() for c in clips]):
+        lengths = torch.tensor([clips[i].numel() for i in group])
+        batch = torch.zeros(len(group), int(lengths.max()), device=device)
+        for row, i in enumerate(group):
+            batch[row, : clips[i].numel()] = clips[i]
+        # The lengths stay on the CPU, where the kernel checks them (a GPU copy would be read back).
+        for i, clip_patches in zip(group, fbank_patch(batch, lengths, target_length=window, norm=norm)):
+            patches[i] = clip_patches
+    return torch.stack(patches)
 
 
 def _window_batch(logmels, plan, length: int, norm, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
