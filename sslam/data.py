@@ -232,10 +232,8 @@ class GlobalBatchSampler(Sampler):
         self.world_size, self.rank, self.accum_steps, self.seed = world_size, rank, accum_steps, seed
         self.global_batch = batch_size * world_size * accum_steps
         if self.global_batch > size:
-            raise ValueError(
-                f"global batch {self.global_batch} (batch {batch_size} x world {world_size} x accum "
-                f"{accum_steps}) exceeds the dataset size {size}"
-            )
+            raise ValueError(f"data.batch_size={batch_size} x {world_size} process(es) x {accum_steps} accumulation "
+                             f"step(s): a global batch of {self.global_batch} clips, more than the {size} of the data")
         self.steps_per_epoch = size // self.global_batch
         # A step past the end of an epoch (saved with a larger epoch, e.g. before the dataset
         # shrank) carries into the next epochs exactly as position() counts it; iterating from

@@ -555,23 +555,32 @@ def _flat(config: dict) -> dict:
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
 
 
-def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, where: str = "the checkpoint") -> list[str]:
+def _unused_settings(cfg: TrainConfig) -> set[str]:
+    """Settings that change nothing for ``cfg``'s data: min_samples filters a manifest's size
+    column only (runs saved before its default became fairseq's 10000 resume as they were)."""
+    return set() if cfg.data.source.lower().endswith(".tsv") else {"data.min_samples"}
+
+
+def _same_init(before: str, now: str) -> bool:
+    """Whether two run.init values name the same start: none, or one file however written
+    (runs/s1/ is runs/./s1)."""
+    return before == now or bool(before and now) and Path(before).resolve() == Path(now).resolve()
+
+
+def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int) -> list[str]:
     """The settings of ``cfg`` that differ from the checkpoint ``saved`` in a way a resumed run
-    cannot follow exactly, as ``section.key: <saved> in <where>, <now> now``."""
+    cannot follow exactly, as ``section.key: <saved> in the checkpoint, <now> now``."""
     before = saved.get("config") or {}
-    # Only a manifest's size column is filtered: elsewhere min_samples changes nothing (runs
-    # saved before its default became fairseq's 10000 resume as they were).
-    ignored = set() if cfg.data.source.lower().endswith(".tsv") else {"data.min_samples"}
-    conflicts = changed_settings(_flat(before), _flat(cfg.to_dict()), RESUME_MAY_CHANGE | ignored, where)
+    conflicts = changed_settings(_flat(before), _flat(cfg.to_dict()), RESUME_MAY_CHANGE | _unused_settings(cfg))
     old_init = before.get("run", {}).get("init", "")
-    if cfg.run.init and not (old_init and Path(cfg.run.init).resolve() == Path(old_init).resolve()):
-        conflicts.append(f"run.init: {old_init!r} in {where}, {cfg.run.init!r} now")
+    if cfg.run.init and not _same_init(old_init, cfg.run.init):
+        conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now")
     # The data position and the per-slot random streams count global batches of
     # batch_size x processes x accum_steps clips; only how they are split may change.
     old_world = int(saved.get("world_size", world_size))
     old_accum = before.get("optim", {}).get("accum_steps", cfg.optim.accum_steps)
     if old_world * old_accum != world_size * cfg.optim.accum_steps:
-        conflicts.append(f"optim.accum_steps x processes: {old_accum} x {old_world} in {where}, "
+        conflicts.append(f"optim.accum_steps x processes: {old_accum} x {old_world} in the checkpoint, "
                          f"{cfg.optim.accum_steps} x {world_size} now (the global batch must stay the same)")
     return conflicts
 
@@ -713,7 +722,14 @@ class Trainer:
         if not isinstance(before, dict) or set(before) != set(self.cfg.to_dict()):
             raise ValueError(f"{self.out} holds config.json of something else than a pretraining run: choose a "
                              "new run.out")
-        conflicts = resume_conflicts({"config": before}, self.cfg, self.dist.world_size, "config.json")
+        # As for a resume, less the global batch's split (the processes of that attempt are
+        # not recorded); but a start without run.init is from random weights, another run.
+        now = self.cfg
+        conflicts = changed_settings(_flat(before), _flat(now.to_dict()), RESUME_MAY_CHANGE | _unused_settings(now),
+                                     "config.json")
+        old_init = before.get("run", {}).get("init", "")
+        if not _same_init(old_init, now.run.init):
+            conflicts.append(f"run.init: {old_init!r} in config.json, {now.run.init!r} now")
         metrics = self.out / "metrics.jsonl"
         if conflicts and metrics.is_file() and metrics.stat().st_size:
             raise ValueError(f"{self.out} holds the record of another run and no checkpoint: config.json with other "
@@ -808,11 +824,6 @@ class Trainer:
         skipped = getattr(dataset, "skipped", 0)
         self.log(f"data: {len(dataset)} clips from {d.source}" + (
             f" ({skipped} manifest entries under data.min_samples={d.min_samples} samples skipped)" if skipped else ""))
-        world, accum = self.dist.world_size, self.cfg.optim.accum_steps
-        if d.batch_size * world * accum > len(dataset):
-            raise ValueError(f"data.batch_size={d.batch_size} x {world} process(es) x {accum} accumulation step(s): a "
-                             f"global batch of {d.batch_size * world * accum} clips, more than the {len(dataset)} of "
-                             f"{d.source}")
         self.sampler = GlobalBatchSampler(len(dataset), d.batch_size, self.dist.world_size, self.dist.rank,
                                           self.cfg.optim.accum_steps, self.cfg.run.seed, start=self.data_start)
         # A generator of its own: without one, each iteration draws the workers' base seed from
@@ -1061,7 +1072,8 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.trainable_parameters())
         self.log(f"trainable parameters: {n_params:,}")
         if self.dist.main:
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+            atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(text))
         loader = self.data_loader()
         self._steps_at_start = self.step
         if self.dist.main:  # also a fresh start: a run stopped before its first checkpoint left lines
