@@ -805,6 +805,15 @@ class Finetuner:
         for old in checkpoints_in(self.out)[: -self.cfg.keep_last]:
             old.unlink(missing_ok=True)
 
+    def _exported_best(self) -> float | None:
+        """The metric of the weights in ``OUT/best`` (what :meth:`_export` recorded), or None."""
+        try:
+            source = json.loads((self.out / "best" / "config.json").read_text())["source"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        value = source.get("mAP" if self.multilabel else "accuracy")  # the metric evaluate() gives
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
     def _load(self, path: Path, state: dict) -> None:
         """Resume from ``state``, read from ``path``."""
         from .train import set_rng_state
@@ -814,6 +823,9 @@ class Finetuner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.best = int(state["step"]), state["best"]
+        exported = self._exported_best()
+        if exported is not None and (self.best is None or exported > self.best):
+            self.best = exported  # found after this checkpoint, before the run stopped: OUT/best holds it
         set_rng_state(state["rng"])
         self.log(f"resumed fine-tuning from {path} at step {self.step}")
 

@@ -699,3 +699,21 @@ def test_the_task_type_can_be_set_when_the_labels_do_not_show_it(tmp_path, capsy
     assert code == 0 and "mAP" in out.out
     code, out = run("two.csv", "--task", "single-label")
     assert code == 2 and "split 'two': 1 clip(s) with several labels; a single-label split needs one label per clip" in out.err
+
+
+def test_a_resumed_fine_tuning_keeps_a_better_best_exported_after_its_checkpoint(tmp_path, monkeypatch):
+    """The best evaluation came after the checkpoint a run resumed from (0.85 at step 3; the
+    checkpoint of step 2 holds best 0.8): a later 0.82 overwrote OUT/best with worse weights."""
+    import sslam.evaluate as ev
+
+    scores = iter([0.8, 0.7, 0.85, 0.82])
+    monkeypatch.setattr(ev.Finetuner, "evaluate", lambda self: ("mAP", next(scores)))
+    train, test = synth_split("poly", True, 4), synth_split("poly", False, 2)
+    cfg = FinetuneConfig(steps=3, warmup=0, batch_size=2, eval_every=1, ckpt_every=2, out=str(tmp_path), workers=0)
+    Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
+    best = (tmp_path / "best" / "model.safetensors").read_bytes()
+    (tmp_path / "checkpoint_00000003.pt").unlink()  # as if it stopped before saving step 3
+    resumed = Finetuner(tiny_encoder(), train, test, replace(cfg, steps=4, eval_every=2), log=lambda *a: None)
+    assert resumed.best == 0.85
+    assert resumed.fit()["best"] == 0.85
+    assert (tmp_path / "best" / "model.safetensors").read_bytes() == best
