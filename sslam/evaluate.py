@@ -811,6 +811,8 @@ class Finetuner:
             source = json.loads((self.out / "best" / "config.json").read_text())["source"]
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        if not isinstance(source, dict):
+            return None
         value = source.get("mAP" if self.multilabel else "accuracy")  # the metric evaluate() gives
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
