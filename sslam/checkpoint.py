@@ -852,9 +852,9 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str,
         raise CheckpointError(f"{config_path or path}: unsupported encoder configuration: stride={cfg['stride']} differs from the "
                               f"patch size {config.patch_size} (overlapping patches)")
     length = image[0] if isinstance(image, (list, tuple)) and image else cfg.get("target_length")
-    prep = _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": "audioset"}, path)
+    prep = _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": "audioset"}, config_path or path)
     return Checkpoint(path, fmt, config, state, preprocessing=prep,
-                      label_names=_hf_labels(cfg, config.num_classes, path), raw_config=cfg, declared=_stated(fields),
+                      label_names=_hf_labels(cfg, config.num_classes, config_path or path), raw_config=cfg, declared=_stated(fields),
                       naming=_naming(tensors, prefix))
 
 

@@ -39,12 +39,15 @@ def load_model(model_file_path: str = "", *, device: str | None = None, weights:
         raise ValueError(f"scene={scene!r}: choose one of {SCENE_MODES}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_encoder(path, device=device, weights=weights)
-    hop_ms = _row_ms(model) if hop_ms is None else hop_ms
-    starts = _row_ms(model) / hop_ms if isinstance(hop_ms, (int, float)) and hop_ms > 0 else math.nan
-    if not (starts >= 1 and starts == round(starts)):
-        raise ValueError(f"hop_ms={hop_ms!r}: must be a patch row's {_row_ms(model):g} ms divided by a whole number")
-    dim = model.cfg.embed_dim
     model.sample_rate = model.preprocessing.get("sample_rate", 16000)
+    hop_ms = _row_ms(model) if hop_ms is None else hop_ms
+    number = isinstance(hop_ms, (int, float)) and hop_ms > 0
+    starts, samples = (_row_ms(model) / hop_ms, hop_ms * model.sample_rate / 1000) if number else (math.nan, math.nan)
+    # Whole samples too: a rounded start would space the timestamps unevenly.
+    if not (starts >= 1 and abs(starts - round(starts)) < 1e-9 and abs(samples - round(samples)) < 1e-6):
+        raise ValueError(f"hop_ms={hop_ms!r}: must be a patch row's {_row_ms(model):g} ms divided by a whole number, "
+                         f"and a whole number of samples at {model.sample_rate} Hz")
+    dim = model.cfg.embed_dim
     model.scene_embedding_size = 2 * dim if scene == "cls+mean" else dim
     model.timestamp_embedding_size = dim
     model.hear_scene = scene

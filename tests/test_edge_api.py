@@ -193,6 +193,7 @@ def test_hear_timestamps_are_exactly_spaced_and_inside_even_a_25_ms_sound(hear_m
 def test_hear_timestamps_at_a_finer_hop(hear_model):
     """hop_ms=40 (HEAR suggests 50 ms or less for event detection): the rows of the sound
     started 0, 40, 80 and 120 ms later, interleaved, evenly spaced and inside the audio."""
+    assert hear.load_model(CKPT, device="cpu", hop_ms=160 / 32).hear_hop_ms == 5  # 80 samples
     model = hear.load_model(CKPT, device="cpu", hop_ms=40)
     for n in (1000, 16000, 44_123):
         audio = torch.stack([noise(n, seed=s) for s in range(2)])
@@ -205,7 +206,7 @@ def test_hear_timestamps_at_a_finer_hop(hear_model):
         if n > 2000:  # the row at 127.5 ms is the first row of the sound from 40 ms on
             later = hear_model.embed(audio[:, 640:], 16000).timestamps[:, 0]
             torch.testing.assert_close(emb[:, 1], later, atol=1e-5, rtol=0)
-    for bad in (50, 0, -40, 320, float("nan")):
+    for bad in (50, 0, -40, 320, float("nan"), 160 / 3):  # 160/3 ms is 853.3 samples: uneven starts
         with pytest.raises(ValueError, match="hop_ms"):
             hear.load_model(CKPT, device="cpu", hop_ms=bad)
 

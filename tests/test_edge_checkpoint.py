@@ -645,6 +645,7 @@ def test_safetensors_dtypes_and_shapes(tmp_path):
     ({"layer_norm_first": True}, "layer_norm_first"),
     ({"fixed_positions": False}, "fixed_positions"),
     ({"stride": 10}, "stride=10"),
+    ({"img_size": [0, 128]}, "target_length"),
 ])
 def test_hugging_face_config_problems(tmp_path, config, pattern):
     """Each is named against config.json (they named model.safetensors)."""
