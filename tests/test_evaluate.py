@@ -412,13 +412,20 @@ def test_finetune_writes_checkpoints_resumes_and_exports(tmp_path):
     assert done.fit() == {"step": 5, "best": again.best} and again.best is not None
 
 
-def test_demo_quick(tmp_path):
+def test_demo_quick(tmp_path, monkeypatch, capsys):
     from sslam.cli import main
 
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "results.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quick", "--out", "demo"]) == 0
+    out = tmp_path / "demo"
+    result = json.loads((out / "results.json").read_text())
     assert set(result["table"]) == {"random", "stage 1", "stage 2"}
-    assert (tmp_path / "demo.png").stat().st_size > 10_000 and "| stage 2 |" in (tmp_path / "results.md").read_text()
+    assert (out / "demo.png").stat().st_size > 10_000 and "| stage 2 |" in (out / "results.md").read_text()
+    # Run again from elsewhere: stage 2 recorded its start by a path relative to the first
+    # run's folder, and refused to go on ("run.init: 'demo/stage1/...' in the checkpoint").
+    monkeypatch.chdir(out / "stage1")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--out", ""]) == 2 and "--out must name a folder" in capsys.readouterr().err
 
 
 def test_probe_features_of_two_splits_with_one_name_are_their_own():
