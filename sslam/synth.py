@@ -95,12 +95,14 @@ _LAYOUT, _BACKGROUND, _EVENT = 0, 1, 2
 # --------------------------------------------------------------------------------------------
 
 
-def _pair(name: str, value, cast) -> tuple:
-    """``value`` as an ascending 2-tuple of ``cast``; ValueError naming ``name`` otherwise."""
+def _pair(name: str, value, check) -> tuple:
+    """``value`` as an ascending 2-tuple, each checked by ``check`` (:func:`_integer` or
+    :func:`_real`); ValueError naming ``name`` otherwise."""
     try:
-        lo, hi = (cast(v) for v in value)
+        lo, hi = value
     except (TypeError, ValueError) as err:
         raise ValueError(f"SceneConfig.{name}: expected a pair (low, high), got {value!r}") from err
+    lo, hi = check(name, lo), check(name, hi)
     if lo > hi:
         raise ValueError(f"SceneConfig.{name}: low {lo} is above high {hi}")
     return lo, hi
@@ -178,22 +180,22 @@ class SceneConfig:
                 f"expected 1 <= min_sources <= max_sources <= {NUM_CLASSES} (sources are distinct "
                 "classes)"
             )
-        events = _pair("events_per_source", self.events_per_source, int)
+        events = _pair("events_per_source", self.events_per_source, _integer)
         if events[0] < 1:
             raise ValueError(f"SceneConfig.events_per_source: need at least 1 event, got {events}")
         fix("events_per_source", events)
-        durations = _pair("event_seconds", self.event_seconds, float)
+        durations = _pair("event_seconds", self.event_seconds, _real)
         if durations[0] <= 0:
             raise ValueError(
                 f"SceneConfig.event_seconds: durations must be positive, got {durations}"
             )
         fix("event_seconds", durations)
-        gains = _pair("event_gain_db", self.event_gain_db, float)
+        gains = _pair("event_gain_db", self.event_gain_db, _real)
         if gains[1] > 0:
             raise ValueError(f"SceneConfig.event_gain_db: levels must be <= 0 dB, got {gains}")
         fix("event_gain_db", gains)
         if self.background_noise_db is not None:
-            noise = _pair("background_noise_db", self.background_noise_db, float)
+            noise = _pair("background_noise_db", self.background_noise_db, _real)
             if noise[1] > 0:
                 raise ValueError(
                     f"SceneConfig.background_noise_db: levels must be <= 0 dB, got {noise}"

@@ -386,6 +386,13 @@ def test_scene_config_normalises_pairs():
     config = SceneConfig(events_per_source=[1, 2], event_seconds=[1, 2])
     assert config.events_per_source == (1, 2) and config.event_seconds == (1.0, 2.0)
     assert hash(config) == hash(SceneConfig(events_per_source=(1, 2), event_seconds=(1.0, 2.0)))
+    # Each member is checked as a single field is: 2.9 was truncated to 2, '3' read as 3, and
+    # NaN accepted until a clip was rendered (then an error naming no field).
+    for field, value in [("events_per_source", (2.9, 3)), ("events_per_source", (2, "3")),
+                         ("event_seconds", ("0.5", 1.0)), ("event_seconds", (float("nan"), 1.0)),
+                         ("event_gain_db", (float("nan"), -10.0)), ("background_noise_db", (-60.0, float("inf")))]:
+        with pytest.raises(ValueError, match=f"SceneConfig.{field}"):
+            SceneConfig(**{field: value})
 
 
 # ------------------------------------------------------------------------------ the datasets
