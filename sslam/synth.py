@@ -674,7 +674,9 @@ class SynthDataset(Dataset):
     """
 
     def __init__(self, num_clips: int, config: SceneConfig) -> None:
-        if isinstance(num_clips, bool) or int(num_clips) != num_clips or num_clips < 1:
+        whole = (isinstance(num_clips, numbers.Real) and not isinstance(num_clips, bool)
+                 and math.isfinite(num_clips) and int(num_clips) == num_clips)
+        if not whole or num_clips < 1:
             raise ValueError(f"num_clips: expected a positive integer, got {num_clips!r}")
         if not isinstance(config, SceneConfig):
             raise TypeError(f"config: expected a SceneConfig, got {type(config).__name__}")
@@ -697,6 +699,8 @@ class SynthDataset(Dataset):
         return self.config.sample_rate
 
     def _check_index(self, index: int) -> int:
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise TypeError(f"index {index!r}: expected an integer")
         if not -self.num_clips <= index < self.num_clips:
             raise IndexError(f"index {index} out of range for {self.num_clips} clips")
         return int(index) % self.num_clips

@@ -398,6 +398,20 @@ def test_scene_config_normalises_pairs():
 # ------------------------------------------------------------------------------ the datasets
 
 
+def test_dataset_indices_and_sizes_are_whole_numbers():
+    """ds[1.5] quietly gave clip 1; num_clips=nan failed with a message naming nothing."""
+    dataset = SynthDataset(3, SceneConfig(seconds=0.5))
+    for bad in (1.5, "1", True):
+        with pytest.raises((TypeError, IndexError), match="index"):
+            dataset[bad]
+        with pytest.raises((TypeError, IndexError), match="index"):
+            dataset.labels(bad)
+    assert dataset.labels(np.int64(1)) == dataset.labels(1)
+    for bad in (float("nan"), float("inf"), 2.5, "3"):
+        with pytest.raises(ValueError, match="num_clips: expected a positive integer"):
+            SynthDataset(bad, SceneConfig(seconds=0.5))
+
+
 def test_dataset_items():
     config = SceneConfig(seconds=0.61, min_sources=1, max_sources=3, seed=4)
     dataset = SynthDataset(5, config)
