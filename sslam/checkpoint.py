@@ -1245,13 +1245,15 @@ def check_output_folder(folder: Path, out: Path | None = None) -> None:
 
 
 def remove_temporaries(folder: Path, target: str = "*", recursive: bool = False) -> None:
-    """Delete the temporary files :func:`atomic_write` left in ``folder`` for ``target`` (a glob of
-    file names) when its process was killed mid-write: each is as large as the file it was
-    writing. Only for a folder that no other process is writing to."""
+    """Delete the temporary files :func:`atomic_write` (and folders :func:`save_encoder`) left in
+    ``folder`` for ``target`` (a glob of names) when its process was killed mid-write: each is
+    as large as what it was writing. Only for a folder that no other process is writing to."""
     if folder.is_dir():
         for tmp in (folder.rglob if recursive else folder.glob)(f".{target}.*.tmp"):
             if tmp.is_file():
                 tmp.unlink(missing_ok=True)
+            elif tmp.is_dir() and not tmp.is_symlink() and {p.name for p in tmp.iterdir()} <= set(_EXPORT_FILES):
+                shutil.rmtree(tmp, ignore_errors=True)  # holds an export's files and nothing else
 
 
 def _sync_folder(folder: Path) -> None:
