@@ -735,7 +735,7 @@ class Finetuner:
                 if not (evaluating or saving):
                     continue
                 first = self.step - len(pending) + 1
-                records = [{"step": first + i, "loss": value} for i, value in enumerate(torch.stack(pending).tolist())]
+                records = [{"step": first + i, "loss": value} for i, value in enumerate(self._global_losses(pending))]
                 pending.clear()
                 self._stop_if_diverged(records, metrics)
                 if evaluating:
@@ -765,28 +765,32 @@ class Finetuner:
             source = {"format": "sslam-finetune", "steps": self.step, **(metric or {})}
             save_encoder(self.model, self.out / folder, source=source)
 
+    def _global_losses(self, pending: list[torch.Tensor]) -> list[float]:
+        """The steps' losses (each a scalar tensor) averaged over the processes, as the update
+        averages their gradients, in one read; a NaN of any process reaches every one."""
+        losses = torch.stack(pending)
+        if self.dist.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(losses)
+            losses = losses / self.dist.world_size
+        return losses.tolist()
+
     def _stop_if_diverged(self, records: list[dict], metrics) -> None:
-        """Stop, saving nothing, after a non-finite loss in any process: its update made the
-        weights NaN (an fp16 run's scaler skips such steps instead). The losses are logged first."""
+        """Stop, saving nothing, after a non-finite loss (``records`` hold the processes' mean,
+        so any process's): its update made the weights NaN (an fp16 run's scaler skips such
+        steps instead). The losses are logged first."""
         if self.scaler.is_enabled():
             return
         from .train import StopTraining, checkpoints_in
 
         bad = [record["step"] for record in records if not math.isfinite(record["loss"])]
-        anywhere = len(bad)
-        if self.dist.world_size > 1:  # DDP shares one process's NaN gradients with all
-            import torch.distributed as dist
-
-            total = torch.tensor(float(anywhere), device=next(self.model.parameters()).device)
-            dist.all_reduce(total)
-            anywhere = int(total.item())
-        if not anywhere:
+        if not bad:
             return
         if metrics:
             metrics.writelines(json.dumps(record) + "\n" for record in records)
-        where = f"step {bad[0]}" if bad else f"steps {records[0]['step']}-{records[-1]['step']}, another process"
         kept = checkpoints_in(self.out)
-        raise StopTraining(f"{where}: the loss is not finite and its update made the weights NaN; nothing was saved "
+        raise StopTraining(f"step {bad[0]}: the loss is not finite and its update made the weights NaN; nothing was saved "
                            f"after {kept[-1] if kept else 'the start'}. Try a lower lr or --precision=fp32.")
 
     def save(self) -> None:
@@ -880,8 +884,10 @@ def run_evaluate(args) -> int:
               f"({result['seconds']:.1f} s)")
         print(json.dumps(result))
     else:
-        result = Finetuner(encoder, train, test, cfg).fit()
-        print(json.dumps(result))
+        finetuner = Finetuner(encoder, train, test, cfg)
+        result = finetuner.fit()
+        if finetuner.dist.rank == 0:  # one line for the run, not one per process
+            print(json.dumps(result))
         from .train import finish_distributed
 
         finish_distributed()  # under torchrun: end as `sslam pretrain` does

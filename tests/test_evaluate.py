@@ -738,3 +738,34 @@ def test_a_killed_export_leaves_no_folder_behind(tmp_path):
     Finetuner(tiny_encoder(), train, test, FinetuneConfig(steps=1, batch_size=2, out=str(tmp_path), workers=0),
               log=lambda *a: None)
     assert not killed.exists() and (tmp_path / ".notes.mine.tmp" / "notes.txt").read_text() == "keep me"
+
+
+def test_fine_tuning_under_two_processes_logs_the_global_batchs_loss(tmp_path):
+    """Each process logged (and printed) its own batch's loss; the record is now the mean over
+    the processes, as the update is, and the result is printed once."""
+    import os
+    import subprocess
+    import sys
+
+    from sslam.checkpoint import save_encoder
+
+    save_encoder(tiny_encoder(), tmp_path / "enc")
+    out = tmp_path / "ft"
+    argv = ["evaluate", "finetune", "--checkpoint", str(tmp_path / "enc"), "--train", "synth:poly", "--test",
+            "synth:poly", "--device", "cpu", "--out", str(out), "--steps=2", "--batch_size=4", "--eval_every=2"]
+    script = tmp_path / "ft.py"
+    script.write_text(
+        "import os, sys\nimport sslam.evaluate as ev\nreal = ev.classification_loss\n"
+        "def recording(*args, **kwargs):\n    loss = real(*args, **kwargs)\n"
+        f"    with open(os.path.join({str(tmp_path)!r}, 'losses.' + os.environ['RANK']), 'a') as f:\n"
+        "        f.write(repr(loss.item()) + '\\n')\n    return loss\n"
+        f"ev.classification_loss = recording\nfrom sslam.cli import main\nsys.exit(main({argv!r}))\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('"best"') == 1, result.stdout
+    ranks = [[float(x) for x in (tmp_path / f"losses.{r}").read_text().split()] for r in (0, 1)]
+    logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert ranks[0] != ranks[1]
+    assert logged == pytest.approx([(a + b) / 2 for a, b in zip(*ranks)], rel=1e-6)
