@@ -188,6 +188,7 @@ class Batch:
     lengths: torch.Tensor | None
     indices: torch.Tensor
     failures: list
+    exhausted: bool = False  # a stand-in: some clip found no readable file (see silent_stand_in)
 
     def pin_memory(self):
         if self.waveforms is not None:
@@ -210,6 +211,14 @@ def collate(items) -> Batch:
     if any(w is None for w in waves):
         return Batch(None, None, torch.tensor(indices), failures)
     return Batch(*pad_clips(waves), torch.tensor(indices), failures)
+
+
+def silent_stand_in(batch: Batch, samples: int) -> Batch:
+    """``batch``, one of whose clips found no readable file, with ``samples`` of silence per
+    clip: what a process feeds to the step whose collectives the other processes are in, so
+    that all of them can stop after it together."""
+    size = len(batch.indices)
+    return Batch(torch.zeros(size, samples), torch.full((size,), samples), batch.indices, batch.failures, exhausted=True)
 
 
 class GlobalBatchSampler(Sampler):

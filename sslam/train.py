@@ -822,6 +822,7 @@ class Trainer:
                                 synth_clips=d.synth_clips, synth_seconds=d.synth_seconds,
                                 seed=self.cfg.run.seed, min_samples=d.min_samples, max_bad_files=d.max_bad_files)
         skipped = getattr(dataset, "skipped", 0)
+        self.data_size = len(dataset)
         self.log(f"data: {len(dataset)} clips from {d.source}" + (
             f" ({skipped} manifest entries under data.min_samples={d.min_samples} samples skipped)" if skipped else ""))
         self.sampler = GlobalBatchSampler(len(dataset), d.batch_size, self.dist.world_size, self.dist.rank,
@@ -915,8 +916,12 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf"))
         names = list(logged[0])
         rows = torch.stack([torch.stack([terms[n].float() for n in names]) for terms in logged])
-        rows, failures = self._across_processes(rows, sum(len(batch.failures) for batch in micro_batches))
+        rows, failures, exhausted = self._across_processes(
+            rows, sum(len(batch.failures) for batch in micro_batches), sum(batch.exhausted for batch in micro_batches))
         self._count_bad_files(micro_batches, failures)
+        if exhausted:
+            raise StopTraining(f"every one of the {self.data_size} audio files of the data is unreadable; first ones: "
+                               f"{[p for p, _ in self.bad_files[:5]]}")
         grad_norm = float(grad_norm)
         finite_loss = all(math.isfinite(row[0]) for row in rows)
         if not finite_loss or not math.isfinite(grad_norm):
@@ -953,18 +958,20 @@ class Trainer:
             return module.no_sync()
         return nullcontext()
 
-    def _across_processes(self, rows: torch.Tensor, failures: int) -> tuple[list[list[float]], int]:
-        """The micro-batches' loss terms (accum, terms) averaged over the processes, and the
-        number of unreadable files all of them met. So every process logs the global batch's
-        loss, skips the same steps and stops at the same one, for one small all-reduce before
-        the host read that follows anyway."""
+    def _across_processes(self, rows: torch.Tensor, failures: int,
+                          exhausted: int) -> tuple[list[list[float]], int, int]:
+        """The micro-batches' loss terms (accum, terms) averaged over the processes, the number
+        of unreadable files all of them met, and of their micro-batches that are silent stand-ins.
+        So every process logs the global batch's loss, skips the same steps and stops at the
+        same one, for one small all-reduce before the host read that follows anyway."""
         if self.dist.world_size == 1:
-            return rows.tolist(), failures
-        flat = torch.cat([rows.flatten() / self.dist.world_size, rows.new_tensor([float(failures)])])
+            return rows.tolist(), failures, exhausted
+        counts = rows.new_tensor([float(failures), float(exhausted)])
+        flat = torch.cat([rows.flatten() / self.dist.world_size, counts])
         dist.all_reduce(flat)  # a NaN of any process reaches every one
-        *means, total = flat.tolist()  # one read of the device
+        *means, total, stand_ins = flat.tolist()  # one read of the device
         width = rows.shape[1]
-        return [means[i : i + width] for i in range(0, len(means), width)], round(total)
+        return [means[i : i + width] for i in range(0, len(means), width)], round(total), round(stand_ins)
 
     def ema_decay(self) -> float:
         """The teacher's decay after ``self.step`` updates. A run started from a checkpoint
@@ -1089,11 +1096,15 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         batches = iter(loader)
+        from .data import samples_for_frames, silent_stand_in
+
+        samples = samples_for_frames(cfg.data.target_length)
         try:
             while self.step < cfg.optim.max_steps:
                 micro = [next(batches) for _ in range(cfg.optim.accum_steps)]
-                if any(batch.waveforms is None for batch in micro):
-                    self._stop_on_unreadable(micro, len(loader.dataset))
+                # A clip that found no readable file: the other processes are about to enter this
+                # step's collectives, so silence takes its place and train_step stops them all.
+                micro = [batch if batch.waveforms is not None else silent_stand_in(batch, samples) for batch in micro]
                 values = self.train_step(micro)  # None: skipped (see _skip_step)
                 if values is not None:
                     self.bad_steps = 0
@@ -1171,14 +1182,6 @@ class Trainer:
                 f"{len(self.bad_files)} unreadable files exceed data.max_bad_files={self.cfg.data.max_bad_files}; "
                 f"first ones: {[p for p, _ in self.bad_files[:5]]}"
             )
-
-    def _stop_on_unreadable(self, micro, size: int) -> None:
-        """A clip found no readable file among the many it tried: stop past data.max_bad_files
-        (as :meth:`_count_bad_files` does), or, where the data holds fewer files than that,
-        because every one of them is unreadable."""
-        self._count_bad_files(micro, 0)
-        raise StopTraining(f"every one of the {size} audio files of the data is unreadable; first ones: "
-                           f"{[p for p, _ in self.bad_files[:5]]}")
 
     def _log_step(self, values, seconds, steps, eff, metrics_file, writer) -> dict:
         step_time = seconds / max(1, steps)

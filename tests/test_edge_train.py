@@ -794,3 +794,29 @@ def test_a_damaged_newest_finetuning_checkpoint_names_the_previous_one(tmp_path)
         Finetuner(tiny_encoder(), train, test, cfg, log=quiet)
     saved[-1].rename(tmp_path / "damaged.pt")  # what the message says: it resumes from the one before
     assert Finetuner(tiny_encoder(), train, test, cfg, log=quiet).step == 1
+
+
+def test_a_process_that_finds_no_readable_file_stops_every_process_at_the_same_step(tmp_path):
+    """Under 2 processes, one meets a clip whose every try is unreadable: it stopped alone,
+    before the step's collectives, and the other failed in its backward ("Connection closed by
+    peer") or, with NCCL, hung. Both now stop at that step, with the same one-line message."""
+    import subprocess
+    import sys
+
+    for i in range(16):
+        sf.write(tmp_path / f"{i:02d}.wav", np.random.default_rng(i).uniform(-0.3, 0.3, 16000), 16000)
+    cfg = small(tmp_path / "run", stage=1, steps=3, data__source=str(tmp_path), data__batch_size=2)
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import os\nimport sslam.data as data\nreal = data.AudioFiles.__getitem__\n"
+        "def exhausted(self, index):\n"
+        "    if os.environ['RANK'] == '0':  # every try of this rank's first clip fails\n"
+        "        return None, index, [(f'gone{i}.wav', f'gone{i}.wav: unreadable') for i in range(3)]\n"
+        "    return real(self, index)\n"
+        "data.AudioFiles.__getitem__ = exhausted\n" + pretrain_script(cfg))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode != 0 and "Connection closed" not in result.stderr, result.stderr[-3000:]
+    stops = [line for line in result.stderr.splitlines() if "audio files of the data is unreadable" in line]
+    assert len(stops) == 2 and stops[0] == stops[1], result.stderr[-3000:]
