@@ -567,11 +567,19 @@ def _same_init(before: str, now: str) -> bool:
     return before == now or bool(before and now) and Path(before).resolve() == Path(now).resolve()
 
 
-def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int) -> list[str]:
+def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: str | None = None) -> list[str]:
     """The settings of ``cfg`` that differ from the checkpoint ``saved`` in a way a resumed run
-    cannot follow exactly, as ``section.key: <saved> in the checkpoint, <now> now``."""
+    cannot follow exactly, as ``section.key: <saved> in the checkpoint, <now> now``. Settings
+    written otherwise that compute the same are compared as they take effect: top_k 0 (every
+    layer) and, with ``precision`` (this run's, resolved), run.precision=auto."""
     before = saved.get("config") or {}
-    conflicts = changed_settings(_flat(before), _flat(cfg.to_dict()), RESUME_MAY_CHANGE | _unused_settings(cfg))
+    old, now = _flat(before), _flat(cfg.to_dict())
+    objective, encoder = saved.get("objective") or {}, saved.get("encoder_config") or {}
+    if "top_k" in objective and "depth" in encoder:
+        old["objective.top_k"], now["objective.top_k"] = objective["top_k"], cfg.objective.top_k or encoder["depth"]
+    if saved.get("precision") and precision:
+        old["run.precision"], now["run.precision"] = saved["precision"], precision
+    conflicts = changed_settings(old, now, RESUME_MAY_CHANGE | _unused_settings(cfg))
     old_init = before.get("run", {}).get("init", "")
     if cfg.run.init and not _same_init(old_init, cfg.run.init):
         conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now")
@@ -670,7 +678,7 @@ class Trainer:
         if saved is not None and saved.get("format") != "sslam-train":
             raise CheckpointError(f"{self.resume_from}: not an sslam training checkpoint")
         if saved is not None:
-            conflicts = resume_conflicts(saved, cfg, self.dist.world_size)
+            conflicts = resume_conflicts(saved, cfg, self.dist.world_size, self.precision)
             if conflicts:
                 raise ValueError(f"{self.resume_from}: cannot resume with changed settings: " + "; ".join(conflicts)
                                  + ". Run with the checkpoint's settings, or start a new run.out (--run.init can "
@@ -1000,6 +1008,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "step": self.step,
             "world_size": self.dist.world_size,
+            "precision": self.precision,  # run.precision as resolved (auto: by the device)
             "data_position": [epoch, step_in_epoch],
             "rng": rng_state(),
             "bad_files": self.bad_files,

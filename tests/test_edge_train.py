@@ -447,6 +447,17 @@ def test_a_damaged_init_teacher_block_list_is_named_as_the_file_names_it(tmp_pat
         Trainer(small(tmp_path / "run", stage=2, steps=1, run__init=str(tmp_path / "nan_teacher.pt")), log=quiet)
 
 
+def test_a_resume_accepts_settings_written_otherwise_that_compute_the_same(tmp_path):
+    """objective.top_k=0 is every layer and run.precision=auto is fp32 on a CPU: naming them
+    was refused as a changed setting."""
+    out = tmp_path / "run"
+    Trainer(small(out, stage=1, steps=2, run__ckpt_every=2), log=quiet).fit()
+    resumed = Trainer(small(out, stage=1, steps=3, objective__top_k=2, run__precision="fp32"), log=quiet)
+    assert resumed.step == 2
+    with pytest.raises(ValueError, match=r"objective.top_k: 2 in the checkpoint, 1 now"):
+        Trainer(small(out, stage=1, steps=3, objective__top_k=1), log=quiet)
+
+
 def test_a_resume_with_other_max_steps_takes_the_new_schedules_lr_at_once(tmp_path):
     """optim.max_steps may change on resume; the saved optimizer held the old schedule's lr for
     the next step, which the first update after the resume then used."""
