@@ -577,9 +577,14 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
     objective, encoder = saved.get("objective") or {}, saved.get("encoder_config") or {}
     if "top_k" in objective and "depth" in encoder:
         old["objective.top_k"], now["objective.top_k"] = objective["top_k"], cfg.objective.top_k or encoder["depth"]
-    if saved.get("precision") and precision:
-        old["run.precision"], now["run.precision"] = saved["precision"], precision
+    resolved = saved.get("precision") and precision  # else (older checkpoints) as written
+    if resolved:
+        del old["run.precision"], now["run.precision"]
     conflicts = changed_settings(old, now, RESUME_MAY_CHANGE | _unused_settings(cfg))
+    if resolved and saved["precision"] != precision:
+        conflicts.append(f"run.precision: {saved['precision']} in the checkpoint (run.precision="
+                         f"{before.get('run', {}).get('precision')!r}), {precision} now ({cfg.run.precision!r}); "
+                         f"--run.precision={saved['precision']} resumes it")
     old_init = before.get("run", {}).get("init", "")
     if cfg.run.init and not _same_init(old_init, cfg.run.init):
         conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now")
