@@ -1252,8 +1252,17 @@ def remove_temporaries(folder: Path, target: str = "*", recursive: bool = False)
         for tmp in (folder.rglob if recursive else folder.glob)(f".{target}.*.tmp"):
             if tmp.is_file():
                 tmp.unlink(missing_ok=True)
-            elif tmp.is_dir() and not tmp.is_symlink() and {p.name for p in tmp.iterdir()} <= set(_EXPORT_FILES):
-                shutil.rmtree(tmp, ignore_errors=True)  # holds an export's files and nothing else
+            elif tmp.is_dir() and not tmp.is_symlink() and _holds_only_an_export(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _holds_only_an_export(folder: Path) -> bool:
+    """Whether ``folder`` holds :func:`save_encoder`'s files and nothing else (False when it
+    cannot be listed: not ours to remove)."""
+    try:
+        return {p.name for p in folder.iterdir()} <= set(_EXPORT_FILES)
+    except OSError:
+        return False
 
 
 def _sync_folder(folder: Path) -> None:

@@ -726,7 +726,7 @@ def test_a_resumed_fine_tuning_keeps_a_better_best_exported_after_its_checkpoint
     assert (tmp_path / "best" / "model.safetensors").read_bytes() == best
 
 
-def test_a_killed_export_leaves_no_folder_behind(tmp_path):
+def test_a_killed_export_leaves_no_folder_behind(tmp_path, monkeypatch):
     """save_encoder writes OUT/best and OUT/model through a temporary folder: a run killed
     there left it (a whole model) for good; the next run removes it. Other folders stay."""
     killed = tmp_path / ".best.k1ll3d.tmp"
@@ -734,10 +734,17 @@ def test_a_killed_export_leaves_no_folder_behind(tmp_path):
     (killed / "model.safetensors").write_bytes(b"half a model")
     (tmp_path / ".notes.mine.tmp").mkdir()
     (tmp_path / ".notes.mine.tmp" / "notes.txt").write_text("keep me")
+    (tmp_path / ".locked.theirs.tmp").mkdir()  # another user's, unreadable: left alone, no crash
+    from pathlib import Path
+
+    iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: (_ for _ in ()).throw(PermissionError(13, "denied"))
+                        if self.name == ".locked.theirs.tmp" else iterdir(self))
     train, test = synth_split("poly", True, 4), synth_split("poly", False, 2)
     Finetuner(tiny_encoder(), train, test, FinetuneConfig(steps=1, batch_size=2, out=str(tmp_path), workers=0),
               log=lambda *a: None)
     assert not killed.exists() and (tmp_path / ".notes.mine.tmp" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / ".locked.theirs.tmp").is_dir()
 
 
 def test_fine_tuning_under_two_processes_logs_the_global_batchs_loss(tmp_path):
