@@ -196,10 +196,11 @@ class Batch:
         return self
 
 
-def pad_clips(waves) -> tuple[torch.Tensor, torch.Tensor]:
-    """B 1-D clips -> (B, longest) zero-padded, lengths (B,)."""
+def pad_clips(waves, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """B 1-D clips -> (B, longest) zero-padded on ``device`` (default: the CPU), lengths (B,)
+    on the CPU."""
     lengths = torch.tensor([w.numel() for w in waves])
-    batch = torch.zeros(len(waves), int(lengths.max()))
+    batch = torch.zeros(len(waves), int(lengths.max()), device=device)
     for i, w in enumerate(waves):
         batch[i, : w.numel()] = w
     return batch, lengths

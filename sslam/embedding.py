@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .audio import AudioError, check_waveform, load_audio
+from .data import pad_clips
 from .features import (
     FRAME_LENGTH,
     FRAME_SHIFT,
@@ -192,11 +193,8 @@ def _fused_patches(clips: list[torch.Tensor], window: int, norm, device) -> torc
 
     patches = [None] * len(clips)
     for group in length_groups([c.numel() for c in clips]):
-        lengths = torch.tensor([clips[i].numel() for i in group])
-        batch = torch.zeros(len(group), int(lengths.max()), device=device)
-        for row, i in enumerate(group):
-            batch[row, : clips[i].numel()] = clips[i]
         # The lengths stay on the CPU, where the kernel checks them (a GPU copy would be read back).
+        batch, lengths = pad_clips([clips[i] for i in group], device)
         for i, clip_patches in zip(group, fbank_patch(batch, lengths, target_length=window, norm=norm)):
             patches[i] = clip_patches
     return torch.stack(patches)
@@ -255,7 +253,7 @@ def embed(
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
     batch_size = int(batch_size)
-    if param.is_meta:  # its first copy would fail with a bare NotImplementedError
+    if param.is_meta:  # refused here: copying its weights would raise a bare NotImplementedError
         raise ValueError("model: its weights are on the meta device (shapes, no values); load them first")
     clips = _as_clips(audio, sample_rate)  # at 16 kHz, each at least one frame long
     frames = num_frames(torch.tensor([c.numel() for c in clips]))  # (B,), each clip's own
