@@ -85,10 +85,15 @@ def augmented_smoothing(cfg) -> float:
     return 0.0 if cfg.mixup > 0 else cfg.label_smoothing
 
 
+def default_metric(multilabel: bool) -> str:
+    """The metric a task is scored with: mAP when multi-label, accuracy when single-label."""
+    return "mAP" if multilabel else "accuracy"
+
+
 def score(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, metric: str | None = None) -> tuple[str, float]:
     """mAP for multi-label heads (sigmoid scores), accuracy for single-label ones; ``metric``
     forces 'mAP' (softmax scores for a single-label head) or 'accuracy'."""
-    metric = metric or ("mAP" if multilabel else "accuracy")
+    metric = metric or default_metric(multilabel)
     if metric == "mAP":
         scores = logits.sigmoid() if multilabel else logits.softmax(1)
         return "mAP", mean_average_precision(scores, targets)
@@ -817,7 +822,7 @@ class Finetuner:
             return None
         if not isinstance(source, dict):
             return None
-        value = source.get("mAP" if self.multilabel else "accuracy")  # the metric evaluate() gives
+        value = source.get(default_metric(self.multilabel))  # the metric evaluate() gives
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
     def _load(self, path: Path, state: dict) -> None:
