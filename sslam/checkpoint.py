@@ -436,10 +436,9 @@ class Checkpoint:
     # Where ``state`` sits in the file, for messages: "" (the file's main weights) or a part.
     part: str = ""
     # How the file names the weights, for messages: (prefix, "fairseq" | "hf" | "sslam"), and
-    # whether its EMA teacher is a bare block list (``0.*`` for our ``blocks.0.*``) and is ``state``.
+    # whether its EMA teacher is a bare block list (``0.*`` for our ``blocks.0.*``).
     naming: tuple[str, str] = ("", "sslam")
     teacher_is_block_list: bool = False
-    state_is_teacher: bool = False
 
     @property
     def source(self) -> str:
@@ -450,7 +449,7 @@ class Checkpoint:
         """The name the file gives the weight ``key`` (ours) of ``state``: the official files
         name the embedding stage otherwise, and prefix the encoder with ``model.`` (fairseq's
         fine-tuned heads excepted). For messages only."""
-        return self._file_key(key, teacher=self.state_is_teacher)
+        return self._file_key(key, teacher=self.state is self.teacher)  # weights="teacher" selects it
 
     def teacher_file_key(self, key: str) -> str:
         """The name the file gives the weight ``key`` (ours) of ``teacher``."""
@@ -769,8 +768,7 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
     prep = _check_preprocessing({"target_length": image.get("target_length")}, path)
     return Checkpoint(path, "fairseq-pretrain", config, state, preprocessing=prep, decoder=decoder or None,
                       teacher=teacher, raw_config=mcfg, declared=_stated(fields), part=part,
-                      naming=_naming(model), state_is_teacher=weights == "teacher",
-                      teacher_is_block_list=teacher is not None and _is_block_list(model["_ema"]))
+                      naming=_naming(model), teacher_is_block_list=teacher is not None and _is_block_list(model["_ema"]))
 
 
 # ---- Hugging Face / bare state dicts ---------------------------------------------------------
@@ -838,8 +836,8 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str,
         raise CheckpointError(f"{path}: unexpected keys for an EAT encoder: {sorted(map(str, rest))[:20]}")
     if weights != "student":
         raise CheckpointError(f"{path}: this file holds one set of weights (no EMA teacher)")
-    image = cfg.get("img_size")
-    fields = _hf_fields(cfg, "head.weight" in state, config_path or path)
+    image, config_source = cfg.get("img_size"), config_path or path  # what names config problems
+    fields = _hf_fields(cfg, "head.weight" in state, config_source)
     if fields.get("mel_bins") is None and isinstance(image, (list, tuple)) and len(image) == 2:
         fields["mel_bins"] = image[1]
     # Hugging Face's fc_norm is nn.LayerNorm with its default eps (1e-5); fairseq's uses 1e-6.
@@ -849,12 +847,12 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str,
     if isinstance(stride, (list, tuple)) and len(set(stride)) == 1:  # (16, 16)
         stride = stride[0]
     if stride not in (None, config.patch_size):
-        raise CheckpointError(f"{config_path or path}: unsupported encoder configuration: stride={cfg['stride']} differs from the "
+        raise CheckpointError(f"{config_source}: unsupported encoder configuration: stride={cfg['stride']} differs from the "
                               f"patch size {config.patch_size} (overlapping patches)")
     length = image[0] if isinstance(image, (list, tuple)) and image else cfg.get("target_length")
-    prep = _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": "audioset"}, config_path or path)
+    prep = _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": "audioset"}, config_source)
     return Checkpoint(path, fmt, config, state, preprocessing=prep,
-                      label_names=_hf_labels(cfg, config.num_classes, config_path or path), raw_config=cfg, declared=_stated(fields),
+                      label_names=_hf_labels(cfg, config.num_classes, config_source), raw_config=cfg, declared=_stated(fields),
                       naming=_naming(tensors, prefix))
 
 
