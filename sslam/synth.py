@@ -108,12 +108,16 @@ def _pair(name: str, value, check) -> tuple:
     return lo, hi
 
 
+def _is_whole(value) -> bool:
+    """Whether ``value`` is a whole number (2 or 2.0; not a string, a bool, NaN or inf)."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and int(value) == value)
+
+
 def _integer(name: str, value) -> int:
     """``value`` as an int (2.0 is 2); ValueError naming ``name`` otherwise (strings and bools
     included)."""
-    whole = (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-             and int(value) == value)
-    if not whole:
+    if not _is_whole(value):
         raise ValueError(f"SceneConfig.{name}: expected an integer, got {value!r}")
     return int(value)
 
@@ -674,9 +678,7 @@ class SynthDataset(Dataset):
     """
 
     def __init__(self, num_clips: int, config: SceneConfig) -> None:
-        whole = (isinstance(num_clips, numbers.Real) and not isinstance(num_clips, bool)
-                 and math.isfinite(num_clips) and int(num_clips) == num_clips)
-        if not whole or num_clips < 1:
+        if not _is_whole(num_clips) or num_clips < 1:
             raise ValueError(f"num_clips: expected a positive integer, got {num_clips!r}")
         if not isinstance(config, SceneConfig):
             raise TypeError(f"config: expected a SceneConfig, got {type(config).__name__}")
