@@ -61,10 +61,15 @@ def _row_ms(model: Encoder) -> float:
     return 1000 * FRAME_SECONDS * model.cfg.patch_size
 
 
-def _embed(audio: torch.Tensor, model: Encoder):
+def _check_audio(audio) -> None:
+    """HEAR's input: a (n_sounds, n_samples) torch tensor; ValueError otherwise."""
     if not isinstance(audio, torch.Tensor) or audio.dim() != 2:
         got = f"shape {tuple(audio.shape)}" if isinstance(audio, torch.Tensor) else type(audio).__name__
         raise ValueError(f"audio: expected a (n_sounds, n_samples) torch tensor, got {got}")
+
+
+def _embed(audio: torch.Tensor, model: Encoder):
+    _check_audio(audio)
     # No .float() here: embed checks the samples (integer PCM is refused, not rescaled).
     return model.embed(audio, model.sample_rate, batch_size=model.hear_batch_size)
 
@@ -86,7 +91,8 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: Encoder) -> tuple[torch
     last, partly filled row whose centre falls after the end is left out: HEAR requires
     timestamps within the audio, evenly spaced. A sound shorter than the first row's centre
     (87.5 ms) gets its one timestamp at its middle."""
-    duration_ms = 1000 * audio.shape[-1] / model.sample_rate if isinstance(audio, torch.Tensor) else 0.0
+    _check_audio(audio)
+    duration_ms = 1000 * audio.shape[-1] / model.sample_rate
     hop_ms = getattr(model, "hear_hop_ms", _row_ms(model))
     embeddings, times = [], []
     for step in range(round(_row_ms(model) / hop_ms)):
@@ -94,7 +100,7 @@ def get_timestamp_embeddings(audio: torch.Tensor, model: Encoder) -> tuple[torch
         start_ms = 1000 * skip / model.sample_rate
         if step and start_ms + 1000 * float(row_times(1, model.cfg.patch_size)[0]) > duration_ms:
             break  # no row of this or later starts is centred within the audio
-        emb, centres = _rows_within(audio[:, skip:] if step else audio, model, start_ms, duration_ms)
+        emb, centres = _rows_within(audio[:, skip:], model, start_ms, duration_ms)
         embeddings.append(emb)
         times.append(centres)
     # Interleaved in time order: the starts' row k lie between the first start's rows k and k+1.
