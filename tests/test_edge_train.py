@@ -814,6 +814,7 @@ def test_a_process_that_finds_no_readable_file_stops_every_process_at_the_same_s
     """Under 2 processes, one meets a clip whose every try is unreadable: it stopped alone,
     before the step's collectives, and the other failed in its backward ("Connection closed by
     peer") or, with NCCL, hung. Both now stop at that step, with the same one-line message."""
+    import signal
     import subprocess
     import sys
 
@@ -840,7 +841,10 @@ def test_a_process_that_finds_no_readable_file_stops_every_process_at_the_same_s
     ranks = [subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
     errors = [rank.communicate(timeout=300)[1] for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [1, 1], errors
+    # 1; or SIGABRT after the message, as gloo's worker threads sometimes end a process at the
+    # interpreter's shutdown ("terminate called without an active exception", see
+    # sslam.train.finish_distributed): the run had stopped by then.
+    assert all(rank.returncode in (1, -signal.SIGABRT) for rank in ranks), errors
     stops = [[line for line in err.splitlines() if "audio files of the data is unreadable" in line] for err in errors]
     assert [len(lines) for lines in stops] == [1, 1] and stops[0] == stops[1], errors
     assert not any("Traceback" in err for err in errors), errors
