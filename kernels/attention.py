@@ -47,9 +47,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from .switch import interpreting, use_kernels
+from .switch import call_custom_op, interpreting, traced, use_kernels
 
 # Sequences up to this length take the single-block path (one key block holds every key).
 SINGLE_BLOCK_MAX_SEQLEN = 128
@@ -743,10 +742,9 @@ class _EagerAttention(torch.autograd.Function):
 
 
 def _attention_kernels(q, k, v, key_padding_mask, cu_seqlens, max_seqlen: int, scale: float):
-    """Differentiable kernel call: the custom op when something must see an op (torch.compile;
-    a dispatch mode such as selective activation checkpointing, which keeps the op's outputs
-    instead of running the kernel again in the backward), else the eager Function."""
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+    """Differentiable kernel call: the custom op when something must see it (see
+    :func:`~sslam.kernels.switch.call_custom_op`), else the eager Function."""
+    if call_custom_op():
         out, _ = _attention_forward_op(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale)
         return out
     return _EagerAttention.apply(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, scale)
@@ -919,7 +917,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
     if not use_kernels(q, k, v):
         return attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, scale=scale)
     _check_kernel_head_dim(q.shape[-1])
-    if not cu_seqlens.is_cuda and not torch.compiler.is_compiling():
+    if not cu_seqlens.is_cuda and not traced(cu_seqlens):
         _check_cu_seqlens_values(cu_seqlens.tolist(), q.shape[0], max_seqlen)
     # The kernels read offset b at CU_SEQLENS + b: a strided view (cu[::2]) would give them
     # other entries than the ones checked above.

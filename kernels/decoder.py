@@ -22,6 +22,8 @@ functions.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Optional
 
 import torch
@@ -30,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .grouped_conv import check_conv_arguments, check_float_tensor, grouped_conv_tokens_kernels
-from .switch import use_kernels
+from .switch import call_custom_op, use_kernels
 
 _MAX_CHANNELS = 8192  # one row per register tile
 
@@ -206,7 +208,7 @@ class _EagerNormAct(torch.autograd.Function):
 
 
 def _norm_act_kernels(y: torch.Tensor, residual: torch.Tensor | None, eps: float) -> torch.Tensor:
-    if torch.compiler.is_compiling():
+    if call_custom_op():
         return _norm_act_op(y, residual, eps)[0]
     return _EagerNormAct.apply(y, residual, eps)
 
@@ -241,6 +243,13 @@ def decoder_layer_ref(x, grid, weight, bias, *, groups: int, residual: bool = Tr
 # ----------------------------------------------------------------------------------------------
 
 
+def _checked_eps(eps) -> float:
+    """The LayerNorm epsilon as the Python float the kernels take (a numpy float is one too)."""
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps={eps!r}: expected a finite number >= 0")
+    return float(eps)
+
+
 def decoder_norm_act(y: torch.Tensor, residual: torch.Tensor | None = None, *, eps: float = 1e-5):
     """GELU(LayerNorm over the last dimension of ``y``) (+ ``residual``), in one pass.
 
@@ -253,6 +262,7 @@ def decoder_norm_act(y: torch.Tensor, residual: torch.Tensor | None = None, *, e
     sum in fp32. ``SSLAM_KERNELS`` picks the Triton kernel or :func:`decoder_norm_act_ref`.
     """
     check_float_tensor("y", y)
+    eps = _checked_eps(eps)
     if y.dim() == 0 or y.shape[-1] == 0:
         # A LayerNorm over no channels has no mean; say so on both paths alike.
         raise ValueError(f"y: expected (..., C) with C >= 1, got shape {tuple(y.shape)}")
@@ -294,6 +304,7 @@ def decoder_layer(x, grid, weight, bias, *, groups: int, residual: bool = True, 
     layer's output is rounded once more (a relative error of at most 2^-8 in bf16).
     """
     check_conv_arguments(x, grid, weight, bias, groups)
+    eps = _checked_eps(eps)
     if residual and weight.shape[0] != x.shape[-1]:
         raise ValueError(f"residual needs C_out == C_in, got weight {tuple(weight.shape)} for {x.shape[-1]} channels")
     if not use_kernels(x, weight, *(() if bias is None else (bias,))):

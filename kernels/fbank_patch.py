@@ -94,6 +94,7 @@ from sslam.features import (
     PREEMPHASIS,
     Norm,
     frame_window,
+    integer_counts,
     integer_lengths,
     mel_banks,
     norm_stats,
@@ -102,7 +103,7 @@ from sslam.features import (
 )
 from sslam.mixing import MixWindows, mix_patches, window_patch_rows
 
-from .switch import interpreting, use_kernels
+from .switch import interpreting, traced, use_kernels
 
 # FFT bins that carry mel weight: 0..255 (bin 0 and the Nyquist bin 256 have weight 0; checked
 # when the basis is built). Each contributes a cosine and a sine column.
@@ -403,11 +404,13 @@ def _check_lengths(lengths: torch.Tensor | None, batch: int, num_samples: int) -
 
 
 def _traced_lengths(lengths, batch: int, num_samples: int, device) -> torch.Tensor:
-    """Lengths for a traced call: shape-checked only (see :func:`fbank_patch`)."""
+    """Lengths for a traced call: their type and shape checked, not their values (see
+    :func:`fbank_patch`)."""
     if lengths is None:
         if num_samples < FRAME_LENGTH:
             raise AudioError(f"waveforms: {num_samples} samples, shorter than one 25 ms frame")
         return torch.full((batch,), num_samples, dtype=torch.int64, device=device)
+    lengths = integer_counts(lengths)
     if lengths.shape != (batch,):
         raise ValueError(f"lengths: expected shape ({batch},), got {tuple(lengths.shape)}")
     return lengths
@@ -461,8 +464,8 @@ def fbank_patch(
         if mix.end > target_length:
             raise ValueError(f"mix={mix}: the second window ends past target_length={target_length}")
     batch, num_samples = waveforms.shape
-    if torch.compiler.is_compiling():
-        # Checking length values needs them on the host, which a traced graph cannot do.
+    if traced(waveforms, *([lengths] if isinstance(lengths, torch.Tensor) else [])):
+        # Checking length values needs them on the host, which a traced call cannot do.
         lens = _traced_lengths(lengths, batch, num_samples, waveforms.device)
     else:
         lens = _check_lengths(lengths, batch, num_samples)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .switch import interpreting, use_kernels
+from .switch import call_custom_op, interpreting, use_kernels
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -323,7 +323,7 @@ class _EagerConv(torch.autograd.Function):
 
 
 def _conv_kernels(x, weight, bias, grid, groups) -> torch.Tensor:
-    if torch.compiler.is_compiling():
+    if call_custom_op():
         return _conv_op(x, weight, bias, grid[0], grid[1], groups)
     return _EagerConv.apply(x, weight, bias, grid, groups)
 

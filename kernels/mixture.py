@@ -28,7 +28,7 @@ import triton.language as tl
 from sslam.mixing import MixWindows, mix_patches, window_frame_mask, window_patch_rows
 from sslam.mixing import mix_spectrograms as _mix_spectrograms_ref
 
-from .switch import interpreting, use_kernels
+from .switch import interpreting, traced, use_kernels
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PATCH = 16
@@ -359,7 +359,7 @@ def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"keep: expected a (K,) int64 tensor, got {got}")
     if keep.device != tokens.device:
         raise ValueError(f"keep: on {keep.device}, tokens on {tokens.device}")
-    if not torch.compiler.is_compiling() and keep.numel():
+    if not traced(keep) and keep.numel():
         _check_indices(keep, tokens.shape[1])
     if not use_kernels(tokens, keep):
         return gather_tokens_ref(tokens, keep)

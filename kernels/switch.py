@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 _VALUES = ("", "auto", "0", "1")
 
@@ -61,3 +63,19 @@ def use_kernels(*tensors: torch.Tensor) -> bool:
             )
         return True
     return on_cuda and triton_available()
+
+
+def call_custom_op() -> bool:
+    """Whether a differentiable kernel call must go through its custom op rather than its eager
+    ``autograd.Function``: under torch.compile, and under a dispatch mode (fake tensors for
+    export or make_fx, where the Function would launch Triton on tensors without data;
+    selective activation checkpointing, which keeps the op's outputs instead of running the
+    kernel again in the backward). Each mode must see the op."""
+    return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
+def traced(*tensors: torch.Tensor) -> bool:
+    """Whether the values of ``tensors`` cannot be read on the host to check them: under
+    torch.compile, or when one is a fake tensor (FakeTensorMode, export, make_fx). Checks of
+    shapes still apply then; checks of values are skipped."""
+    return torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)

@@ -113,16 +113,22 @@ def frame_window(device: torch.device | str = "cpu") -> torch.Tensor:
     return _window_cpu().to(device)
 
 
-def integer_lengths(lengths) -> torch.Tensor:
-    """Per-clip sample counts as int64 on the CPU; floating-point (400.9) or boolean values are
-    an error rather than truncated. (A GPU tensor costs one device sync.)"""
+def integer_counts(lengths) -> torch.Tensor:
+    """``lengths`` (a tensor, array or sequence) as a tensor of an integer dtype, where it is;
+    floating-point (400.9) or boolean values are an error rather than truncated."""
     try:
         raw = lengths if isinstance(lengths, torch.Tensor) else torch.as_tensor(np.asarray(lengths))
     except (TypeError, ValueError, RuntimeError):  # text, None, ragged lists
         raise ValueError(f"lengths: expected integer sample counts, got {lengths!r}") from None
     if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
         raise ValueError(f"lengths: expected integer sample counts, got {raw.dtype}")
-    return raw.detach().to("cpu", torch.int64)
+    return raw
+
+
+def integer_lengths(lengths) -> torch.Tensor:
+    """Per-clip sample counts as int64 on the CPU (:func:`integer_counts`; a GPU tensor costs
+    one device sync)."""
+    return integer_counts(lengths).detach().to("cpu", torch.int64)
 
 
 def _as_batch(

@@ -486,6 +486,26 @@ def test_decoder_bad_arguments_are_named(dec_kernels):
         dec.decoder_norm_act(torch.randn(3, 0))
 
 
+
+def test_decoder_eps_is_a_number_on_both_paths(dec_kernels, monkeypatch):
+    """A numpy float eps gives the Python float's result on the kernel path as on the reference
+    (Triton took it for an unknown type); a tensor or a negative eps is refused by name."""
+    import numpy as np
+
+    y, x = torch.randn(3, 8), torch.randn(2, 6, 8)
+    w, b = decoder_weights(8, 8, 4)
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("SSLAM_KERNELS", kernels)
+        assert torch.equal(dec.decoder_norm_act(y, eps=np.float32(1e-3)),
+                           dec.decoder_norm_act(y, eps=float(np.float32(1e-3))))
+        assert torch.equal(dec.decoder_layer(x, (3, 2), w, b, groups=4, eps=np.float64(1e-3)),
+                           dec.decoder_layer(x, (3, 2), w, b, groups=4, eps=1e-3))
+        for eps in (torch.tensor(1e-5), -1.0, float("nan"), True, "1e-5"):
+            with pytest.raises(ValueError, match="eps="):
+                dec.decoder_norm_act(y, eps=eps)
+            with pytest.raises(ValueError, match="eps="):
+                dec.decoder_layer(x, (3, 2), w, b, groups=4, eps=eps)
+
 def test_arguments_of_the_wrong_type_are_named():
     """A tuple or None for the windows, a float for groups: TypeErrors naming them (they used to
     be an AttributeError on a missing ``.width`` / ``.end`` and a reshape error)."""
@@ -500,3 +520,59 @@ def test_arguments_of_the_wrong_type_are_named():
             fp.fbank_patch(torch.randn(2, 1000), target_length=32, mix=windows or (0, 16))
     with pytest.raises(TypeError, match=r"groups=2.0: expected a positive int"):
         gc.grouped_conv_tokens(torch.randn(1, 6, 4), (2, 3), torch.randn(4, 2, 3, 3), None, groups=2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every public kernel under fake tensors
+# ----------------------------------------------------------------------------------------------
+
+
+def _public_kernel_calls():
+    """(name, call) of every public kernel function on small CPU inputs made when called."""
+    import sslam.kernels as K
+
+    r = torch.randn
+    return [
+        ("attention", lambda: K.attention(r(2, 9, 2, 16), r(2, 9, 2, 16), r(2, 9, 2, 16))),
+        ("attention_varlen", lambda: K.attention_varlen(r(9, 2, 16), r(9, 2, 16), r(9, 2, 16),
+                                                        torch.tensor([0, 4, 9], dtype=torch.int32), 5)),
+        ("fbank_patch", lambda: K.fbank_patch(r(2, 4000), torch.tensor([4000, 3000]), target_length=16)),
+        ("mix_spectrograms", lambda: K.mix_spectrograms(r(2, 1, 64, 128), MixWindows(starts=(0, 32), width=16))),
+        ("gather_tokens", lambda: K.gather_tokens(r(2, 12, 8), torch.tensor([0, 5, 11]))),
+        ("decoder_norm_act", lambda: K.decoder_norm_act(r(3, 12))),
+        ("grouped_conv_tokens", lambda: K.grouped_conv_tokens(r(2, 15, 6), (3, 5), r(6, 3, 3, 3), groups=2)),
+        ("decoder_layer", lambda: K.decoder_layer(r(2, 15, 6), (3, 5), r(6, 3, 3, 3), None, groups=2)),
+        ("regression_sums", lambda: K.regression_sums(r(4, 6, 8), r(2, 6, 8), torch.rand(4, 6) > 0.5, 2)[0]),
+    ]
+
+
+@pytest.mark.parametrize("name", [name for name, _ in _public_kernel_calls()])
+def test_kernel_path_under_fake_tensors_gives_the_reference_shape(name, monkeypatch):
+    """Under a dispatch mode (FakeTensorMode, as export and make_fx use) the kernel path calls
+    its custom op, whose fake implementation gives the reference's shape and dtype; it neither
+    launches Triton on fake tensors nor reads their values on the host."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    call = dict(_public_kernel_calls())[name]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SSLAM_KERNELS", "0")
+    expected = call()
+    monkeypatch.setenv("SSLAM_KERNELS", "1")
+    with FakeTensorMode():
+        out = call()
+    assert (out.shape, out.dtype) == (expected.shape, expected.dtype)
+
+
+def test_fbank_patch_traced_checks_the_lengths_type_as_eager(fbank_kernels):
+    """Under torch.compile the length values cannot be checked, but their type can: float
+    lengths are refused as in eager mode (not truncated), and a list is taken as in eager mode."""
+    waves = torch.randn(2, 5000)
+    call = lambda w, lengths: fp.fbank_patch(w, lengths, target_length=16)  # noqa: E731
+    compiled = torch.compile(call, backend="eager")
+    for fn in (call, compiled):
+        torch._dynamo.reset()
+        with pytest.raises(ValueError, match="lengths: expected integer sample counts, got torch.float32"):
+            fn(waves, torch.tensor([4999.7, 4000.0]))
+    expected = call(waves, torch.tensor([5000, 4000]))
+    torch._dynamo.reset()
+    assert torch.equal(compiled(waves, [5000, 4000]), expected)
