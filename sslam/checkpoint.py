@@ -36,6 +36,7 @@ import os
 import pickletools
 import re
 import shutil
+import stat
 import tempfile
 import warnings
 import zipfile
@@ -184,7 +185,10 @@ def safe_torch_load(path: str | os.PathLike):
     Zip and legacy (non-zip) ``torch.save`` files are both read; any failure is a
     :class:`CheckpointError` naming the file."""
     path = Path(path)
-    if path.is_dir():
+    kind = _kind(path)
+    if kind is None:
+        raise CheckpointError(f"{path}: no such file")
+    if kind == "folder":
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     # Arbitrary bytes make the scanners and torch.load fail with arbitrary exception types
     # (IndexError, KeyError, ValueError, ...): all of them mean "not a readable checkpoint".
@@ -975,12 +979,42 @@ def _is_encoder_state(obj: dict) -> bool:
     return any(n in _EMBEDDING_NAMES or n.startswith("blocks.") for n in names)
 
 
+def _kind(path: Path) -> str | None:
+    """'file', 'folder', or None where nothing is. Anything else (a pipe would block the first
+    read forever, /dev/zero never end it), a link loop, or a file name that is not UTF-8 (torch
+    and safetensors open files by UTF-8 names) is a CheckpointError naming it."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file or folder (a pipe, device or socket)")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(f"{path}: the file name is not UTF-8, which the loaders cannot open; "
+                              "rename the file") from None
+    return "file"
+
+
+def _weights_file(path: Path) -> bool:
+    """Whether the weights file ``path`` of a folder is there (a folder or a loop there is an error)."""
+    kind = _kind(path)
+    if kind == "folder":
+        raise CheckpointError(f"{path}: is a folder, not a weights file")
+    return kind == "file"
+
+
 def _read_folder(path: Path, weights: str) -> Checkpoint:
     config_file = path / "config.json"
     config_file = config_file if config_file.exists() else None
-    if (path / "model.safetensors").exists():
+    if _weights_file(path / "model.safetensors"):
         return _from_safetensors(path / "model.safetensors", config_file, weights)
-    if (path / "pytorch_model.bin").exists():  # Hugging Face, saved without safetensors
+    if _weights_file(path / "pytorch_model.bin"):  # Hugging Face, saved without safetensors
         tensors = safe_torch_load(path / "pytorch_model.bin")
         if not isinstance(tensors, dict):
             raise CheckpointError(f"{path / 'pytorch_model.bin'}: expected a dict of tensors")
@@ -997,9 +1031,11 @@ def _read(path: Path, weights: str) -> Checkpoint:
 
 
 def _read_layout(path: Path, weights: str) -> Checkpoint:
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_dir():
+    kind = _kind(path)
+    if kind is None:
+        broken = " (a link to nothing)" if path.is_symlink() else ""
+        raise CheckpointError(f"{path}: no such file or folder{broken}")
+    if kind == "folder":
         return _read_folder(path, weights)
     with path.open("rb") as f:
         head = f.read(16)

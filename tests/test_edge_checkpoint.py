@@ -1138,3 +1138,33 @@ def test_crafted_pickles_are_refused_quickly(tmp_path, body):
             archive.writestr(name, body if name.endswith("/data.pkl") else data)
     with pytest.raises(CheckpointError, match="crafted.pt: not a readable PyTorch checkpoint"):
         safe_torch_load(tmp_path / "crafted.pt")
+
+
+def test_what_is_not_a_file_or_folder_is_named_before_reading(tmp_path):
+    """A pipe would block the first read forever and /dev/zero never end it: both are refused
+    by what they are. A link loop is one, not a missing file; a weights file that is a folder
+    or a loop is named as such; a file name that is not UTF-8 (torch and safetensors open files
+    by UTF-8 names) is named as the reason instead of calling a good file unreadable."""
+    pipe = tmp_path / "pipe.pt"
+    os.mkfifo(pipe)
+    (tmp_path / "zero.pt").symlink_to("/dev/zero")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for name, pattern in [("pipe.pt", "not a regular file or folder"), ("zero.pt", "not a regular file or folder"),
+                          ("a", "cannot be opened .*symbolic links")]:
+        for load in (read_checkpoint, describe, safe_torch_load):
+            with pytest.raises(CheckpointError, match=f"{name}: {pattern}"):
+                load(tmp_path / name)
+    convert(TINY, tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    (tmp_path / "m" / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: is a folder, not a weights file"):
+        read_checkpoint(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").rmdir()
+    (tmp_path / "m" / "model.safetensors").symlink_to(tmp_path / "a")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot be opened .*symbolic links"):
+        read_checkpoint(tmp_path / "m")
+    latin1 = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.pt"))
+    latin1.write_bytes(Path(TINY).read_bytes())
+    with pytest.raises(CheckpointError, match=re.escape("caf\udce9.pt: the file name is not UTF-8")):
+        read_checkpoint(latin1)
