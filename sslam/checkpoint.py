@@ -1087,11 +1087,9 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         return key if name == key else f"{name} (sslam: {key})"
 
     expected = model.state_dict()
-    state = dict(state)
-    if "pos_embed" in expected and "pos_embed" not in state:
-        state["pos_embed"] = expected["pos_embed"]
+    recomputed = ({"pos_embed"} - set(state)) & set(expected)  # the model's own table, unchecked
     not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
-    missing = [shown(k) for k in sorted(set(expected) - set(state))]
+    missing = [shown(k) for k in sorted(set(expected) - set(state) - recomputed)]
     unexpected = [shown(k) for k in sorted(str(k) for k in set(state) - set(expected))]
     shapes = [
         f"{shown(k)}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -1118,7 +1116,7 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
             kind = f"{v.dtype}, {v.layout}" + (", meta" if v.is_meta else "")
             raise CheckpointError(f"{source}: {shown(k)} is not a finite floating-point tensor ({kind})")
         out[k] = v.to(expected[k].dtype)
-    return out
+    return out | {k: expected[k] for k in recomputed}
 
 
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -1140,10 +1138,17 @@ def _fit_positions(model: Encoder, state: dict) -> dict:
     return {**state, "pos_embed": table}
 
 
-def encoder_from_checkpoint(ckpt: Checkpoint, device="cpu", dtype: torch.dtype = torch.float32) -> Encoder:
-    # Cheap check first: a config that disagrees with the weights (e.g. an absurd depth) must
-    # not get as far as allocating a model.
+def _check_on_meta(ckpt: Checkpoint) -> None:
+    """Keys and shapes of ``ckpt`` against its config's model built on the meta device (no
+    memory, even for ViT-L): a config whose size no weight shows (a file without them, say)
+    could otherwise claim a model of any size, allocated before anything is compared."""
     _check_architecture(ckpt.config, ckpt.state, ckpt.source)
+    with torch.device("meta"):
+        check_state(Encoder(ckpt.config), ckpt.state, ckpt.source, ckpt.file_key)
+
+
+def encoder_from_checkpoint(ckpt: Checkpoint, device="cpu", dtype: torch.dtype = torch.float32) -> Encoder:
+    _check_on_meta(ckpt)
     model = Encoder(ckpt.config)
     state = check_state(model, _fit_positions(model, ckpt.state), ckpt.source, ckpt.file_key)
     model.load_state_dict(state, strict=True)
@@ -1439,8 +1444,7 @@ def describe(path, weights: str = "student") -> str:
     """A short human-readable summary (format, architecture, parameter count)."""
     ckpt = read_checkpoint(path, weights)
     cfg = ckpt.config
-    with torch.device("meta"):  # shapes only: no memory, even for ViT-L
-        check_state(Encoder(cfg), ckpt.state, ckpt.source, ckpt.file_key)  # `info` fails where loading would
+    _check_on_meta(ckpt)  # `info` fails where loading would
     n = sum(v.numel() for k, v in ckpt.state.items() if k != "pos_embed")
     if weights == "teacher":
         which = "teacher (the EMA copy; the file also holds the student)"

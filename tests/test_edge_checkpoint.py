@@ -295,6 +295,7 @@ def test_position_rows_come_from_the_file(tmp_path):
     model = {k: v for k, v in tiny["model"].items() if "fixed_positional_encoder" not in k}
     torch.save(dict(tiny, cfg=cfg, model=model), tmp_path / "nopos.pt")
     assert load_encoder(tmp_path / "nopos.pt").cfg.max_length == 32
+    assert "nopos.pt" in describe(tmp_path / "nopos.pt")  # checked on the meta device alike
     model["modality_encoders.IMAGE.fixed_positional_encoder.positions"] = torch.zeros(1, 40 * 8, 64)
     torch.save(dict(tiny, cfg=cfg, model=model), tmp_path / "pos40.pt")
     assert load_encoder(tmp_path / "pos40.pt").cfg.max_length == 40
@@ -1168,3 +1169,23 @@ def test_what_is_not_a_file_or_folder_is_named_before_reading(tmp_path):
     latin1.write_bytes(Path(TINY).read_bytes())
     with pytest.raises(CheckpointError, match=re.escape("caf\udce9.pt: the file name is not UTF-8")):
         read_checkpoint(latin1)
+
+
+def test_a_config_no_weight_shows_is_checked_before_the_model_is_built(tmp_path, monkeypatch):
+    """An sslam file without weights whose config claims a ViT of width 16384: the missing keys
+    are reported without building that model (about 13 GB in fp32)."""
+    convert(TINY, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    meta["encoder"].update(embed_dim=16384, num_heads=1, depth=4)
+    save_file({}, tmp_path / "m" / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(meta)})
+    (tmp_path / "m" / "config.json").unlink()
+    real_init = Encoder.__init__
+
+    def init(self, cfg, *args, **kwargs):
+        device = torch.empty(0).device.type  # the default device the model is built on
+        assert device == "meta", f"a {cfg.embed_dim}-wide encoder built on {device} before checking"
+        real_init(self, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "__init__", init)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_encoder(tmp_path / "m")
