@@ -595,7 +595,8 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, *
     dim, patch = found["embed_dim"], found["patch_size"]
     values = dict(embed_dim=dim, depth=found["depth"], mlp_ratio=found["mlp_dim"] / dim, patch_size=patch,
                   qkv_bias=found["qkv_bias"], num_classes=found["num_classes"])
-    freq = (fields.get("mel_bins") or NUM_MEL_BINS) // patch
+    mel_bins = fields.get("mel_bins") or NUM_MEL_BINS  # a bad value is EncoderConfig's to name
+    freq = mel_bins // patch if isinstance(mel_bins, int) and not isinstance(mel_bins, bool) else 0
     pos = state.get("pos_embed")
     if isinstance(pos, torch.Tensor) and pos.dim() == 3 and freq > 0 and pos.shape[1] % freq == 0 and pos.shape[1]:
         values["max_length"] = pos.shape[1] // freq
@@ -779,7 +780,7 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON, integers over 4300 digits
         raise CheckpointError(f"{path}: unreadable JSON config ({exc})") from exc
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
@@ -848,7 +849,7 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str,
     fields["head_norm_eps"] = 1e-5 if fmt == "hf" else None
     config = infer_config(state, source=path, config_source=config_path, **fields)
     stride = cfg.get("stride")
-    if isinstance(stride, (list, tuple)) and len(set(stride)) == 1:  # (16, 16)
+    if isinstance(stride, (list, tuple)) and stride and all(s == stride[0] for s in stride):  # (16, 16)
         stride = stride[0]
     if stride not in (None, config.patch_size):
         raise CheckpointError(f"{config_source}: unsupported encoder configuration: stride={cfg['stride']} differs from the "
@@ -925,7 +926,7 @@ def _from_sslam(path: Path, tensors: dict, metadata: dict, config_path: Path | N
     if "sslam" in metadata:
         try:
             meta = json.loads(metadata["sslam"])
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # not JSON, or integers over 4300 digits
             raise CheckpointError(f"{path}: unreadable sslam metadata ({exc})") from None
     else:
         meta = _read_json(config_path)

@@ -60,7 +60,7 @@ def norm_stats(norm: Norm) -> tuple[float, float] | None:
             ) from None
     try:
         mean, std = (float(v) for v in norm)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
         raise ValueError(f"norm={norm!r}: expected a preset name, a (mean, std) pair of numbers, or None") from None
     if not std > 0 or not math.isfinite(mean) or not math.isfinite(std):
         raise ValueError(f"norm=({mean}, {std}): std must be positive and both finite")

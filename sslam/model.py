@@ -60,6 +60,8 @@ class EncoderConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be an integer")
+            if value >= 2**31:  # no tensor dimension is this large; the repr of such an int may fail
+                raise ValueError(f"{name}: a {value.bit_length()}-bit integer, over the 2**31 - 1 supported")
         for name in ("mlp_ratio", "norm_eps", "drop_path_rate", "head_norm_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
@@ -86,6 +88,8 @@ class EncoderConfig:
                 f"{self.max_length * self.freq_patches} positions, over the {MAX_POSITIONS} "
                 f"supported ({MAX_POSITIONS // self.freq_patches * self.patch_size} frames)"
             )
+        if not math.isfinite(self.embed_dim * self.mlp_ratio):
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} gives no finite MLP width for embed_dim={self.embed_dim}")
         if self.mlp_dim < 1:
             raise ValueError(f"mlp_ratio={self.mlp_ratio} gives an MLP of {self.mlp_dim} units for embed_dim={self.embed_dim}")
         if self.norm_eps <= 0 or self.head_norm_eps <= 0:

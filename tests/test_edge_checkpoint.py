@@ -349,7 +349,8 @@ def test_encoder_config_rejects_bad_values():
     good = dict(embed_dim=64, depth=1, num_heads=2)
     for bad in ({"num_classes": -3}, {"drop_path_rate": 2.0}, {"norm_eps": -1.0}, {"mlp_ratio": 0.001},
                 {"depth": 2.5}, {"qkv_bias": "yes"}, {"embed_dim": 0}, {"max_length": 0},
-                {"mlp_ratio": float("nan")}):
+                {"mlp_ratio": float("nan")}, {"mlp_ratio": 1e308}, {"embed_dim": 4 * 10**400},
+                {"max_length": 2**70}):
         with pytest.raises(ValueError):
             EncoderConfig(**{**good, **bad})
     with pytest.raises(ValueError, match="expected a dict"):
@@ -647,6 +648,11 @@ def test_safetensors_dtypes_and_shapes(tmp_path):
     ({"fixed_positions": False}, "fixed_positions"),
     ({"stride": 10}, "stride=10"),
     ({"img_size": [0, 128]}, "target_length"),
+    ({"mel_bins": "128"}, "mel_bins='128' must be an integer"),
+    ({"mel_bins": None, "img_size": [1024, "128"]}, "mel_bins='128' must be an integer"),
+    ({"stride": [[16], [16]]}, r"stride=\[\[16\], \[16\]\]"),
+    ({"mlp_ratio": 1e308}, "mlp_ratio=1e.308 gives no finite MLP width"),
+    ({"embed_dim": 4 * 10**400}, "embed_dim: a 1331-bit integer, over the 2\\*\\*31 - 1 supported"),
 ])
 def test_hugging_face_config_problems(tmp_path, config, pattern):
     """Each is named against config.json (they named model.safetensors)."""
@@ -1189,3 +1195,18 @@ def test_a_config_no_weight_shows_is_checked_before_the_model_is_built(tmp_path,
     monkeypatch.setattr(Encoder, "__init__", init)
     with pytest.raises(CheckpointError, match="missing keys"):
         load_encoder(tmp_path / "m")
+
+
+def test_integers_over_python_s_digit_limit_are_a_config_error(tmp_path):
+    """json refuses integers of over 4300 digits with a plain ValueError: the file is named."""
+    convert(TINY, tmp_path / "m")
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    meta = '{"format": "sslam", "encoder": {"embed_dim": ' + "4" * 4400 + "}}"
+    save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "sslam", "sslam": meta})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unreadable sslam metadata .*4300"):
+        load_encoder(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    hf = hf_folder(random_encoder(VARIANTS["tiny"]), tmp_path / "hf")
+    (hf / "config.json").write_text('{"embed_dim": ' + "9" * 5000 + "}")
+    with pytest.raises(CheckpointError, match=r"config\.json: unreadable JSON config .*4300"):
+        load_encoder(hf)

@@ -164,7 +164,7 @@ def test_custom_and_bad_norm():
     with pytest.raises(ValueError, match="std must be positive"):
         normalize(torch.zeros(3), (0.0, 0.0))
     # Not a pair of numbers: named, and before any features are computed.
-    for bad in ((0.0,), 5, ("a", "b"), (1.0, 2.0, 3.0)):
+    for bad in ((0.0,), 5, ("a", "b"), (1.0, 2.0, 3.0), (10**400, 1.0)):
         with pytest.raises(ValueError, match=r"norm=.*: expected a preset name, a \(mean, std\) pair of numbers"):
             preprocess(wave, 16000, norm=bad)
 
