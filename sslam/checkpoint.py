@@ -486,12 +486,13 @@ def _rename_encoder(state: dict, prefix: str = "") -> tuple[dict, dict]:
         key = name[len(prefix):]
         if key.startswith(FAIRSEQ_ENCODER_PREFIX):
             key = key[len(FAIRSEQ_ENCODER_PREFIX):]
-        if key in _EMBEDDING_NAMES:
-            out[_EMBEDDING_NAMES[key]] = value
-        elif key.startswith("blocks.") or key in _HEAD_NAMES:
-            out[key] = value
-        else:
+        ours = _EMBEDDING_NAMES.get(key, key if key.startswith("blocks.") or key in _HEAD_NAMES else None)
+        # A second name for a weight already read (pre_norm.weight beside the official name)
+        # is left over, so the caller reports it rather than one of the two silently winning.
+        if ours is None or ours in out:
             rest[name] = value
+        else:
+            out[ours] = value
     return out, rest
 
 
@@ -835,7 +836,7 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str,
     state, rest = _rename_encoder(tensors, prefix)
     for name in _HEAD_NAMES:  # Hugging Face: model.head.*; fairseq fine-tuned: head.*
         for key in (prefix + name, name):
-            if isinstance(rest.get(key), torch.Tensor):
+            if isinstance(rest.get(key), torch.Tensor) and name not in state:
                 state[name] = rest.pop(key)
     if rest:
         raise CheckpointError(f"{path}: unexpected keys for an EAT encoder: {sorted(map(str, rest))[:20]}")

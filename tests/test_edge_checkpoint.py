@@ -1210,3 +1210,21 @@ def test_integers_over_python_s_digit_limit_are_a_config_error(tmp_path):
     (hf / "config.json").write_text('{"embed_dim": ' + "9" * 5000 + "}")
     with pytest.raises(CheckpointError, match=r"config\.json: unreadable JSON config .*4300"):
         load_encoder(hf)
+
+
+def test_two_names_for_one_weight_are_reported_not_one_dropped(tmp_path):
+    """An official file holding pre_norm.weight besides its official name for that weight, or a
+    block under both its names, or a head under both of Hugging Face's: the second is an
+    unexpected key (one of the two used to win silently)."""
+    tiny = load_golden("tiny_ckpt.pt")
+    assert "pre_norm.weight" not in tiny["model"] and "blocks.0.norm1.bias" in tiny["model"]
+    for name in ("pre_norm.weight", "modality_encoders.IMAGE.blocks.0.norm1.bias"):
+        model = {**tiny["model"], name: torch.full((64,), 7.0)}
+        torch.save(dict(tiny, model=model), tmp_path / "alias.pt")
+        with pytest.raises(CheckpointError, match=rf"unexpected keys.*{re.escape(name)}"):
+            load_encoder(tmp_path / "alias.pt")
+    folder = hf_folder(random_encoder(VARIANTS["tiny"].replace(num_classes=3)), tmp_path / "hf")
+    state = load_file(folder / "model.safetensors")
+    save_file({**state, "head.weight": torch.zeros_like(state["model.head.weight"])}, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected keys .*'head\.weight'"):
+        load_encoder(folder)
