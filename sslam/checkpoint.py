@@ -613,14 +613,26 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, *
 
 
 # ---- fairseq (official EAT / SSLAM) ---------------------------------------------------------
-def _fairseq_model_cfg(ckpt: dict) -> dict:
+def _fairseq_model_cfg(ckpt: dict, source) -> dict:
     """``cfg['model']`` as plain dicts (hydra-era files; a pickled DictConfig also works), else
-    the legacy flat ``args`` namespace, else {}."""
+    the legacy flat ``args`` namespace, else {}. A tensor in it is an error naming where."""
     model = _section(_plain(ckpt.get("cfg")), "model")
-    if model:
-        return model
-    args = _plain(ckpt.get("args"))
-    return args if isinstance(args, dict) else {}
+    if not model:
+        args = _plain(ckpt.get("args"))
+        model = args if isinstance(args, dict) else {}
+    where = _tensor_in(model)
+    if where is not None:
+        raise CheckpointError(f"{source}: the model config holds a tensor at {where}, where numbers or text belong")
+    return model
+
+
+def _tensor_in(cfg, where: str = "model") -> str | None:
+    """Where the first tensor in the plain config ``cfg`` is (one would make the config's
+    comparisons ambiguous), else None."""
+    if isinstance(cfg, torch.Tensor):
+        return where
+    items = cfg.items() if isinstance(cfg, dict) else enumerate(cfg) if isinstance(cfg, list) else ()
+    return next((found for key, value in items if (found := _tensor_in(value, f"{where}.{key}"))), None)
 
 
 def _unsupported(model_cfg: dict, source, image: dict | None = None) -> None:
@@ -716,7 +728,7 @@ def _finetune_preprocessing(model_cfg: dict, source) -> dict:
 def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -> Checkpoint:
     state, rest = _rename_encoder(model, "model.")
     for name in _HEAD_NAMES:
-        if name in rest and isinstance(rest[name], torch.Tensor):
+        if name in rest and isinstance(rest[name], torch.Tensor) and name not in state:
             state[name] = rest.pop(name)
     if weights == "teacher":
         raise CheckpointError(f"{path}: a fine-tuned checkpoint has no EMA teacher")
@@ -749,7 +761,7 @@ def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -
 
 def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
     model = ckpt["model"]
-    mcfg = _fairseq_model_cfg(ckpt)
+    mcfg = _fairseq_model_cfg(ckpt, path)
     if any(isinstance(k, str) and k.startswith("model.") for k in model):
         return _from_fairseq_finetuned(path, model, mcfg, weights)
     _unsupported(mcfg, path)

@@ -1228,3 +1228,18 @@ def test_two_names_for_one_weight_are_reported_not_one_dropped(tmp_path):
     save_file({**state, "head.weight": torch.zeros_like(state["model.head.weight"])}, folder / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"unexpected keys .*'head\.weight'"):
         load_encoder(folder)
+
+
+def test_a_tensor_in_an_official_config_is_named(tmp_path):
+    """A tensor where the config holds a number made its comparisons ambiguous (a RuntimeError
+    traceback); fine-tuned files read more of the config (target_length, esc50_eval)."""
+    tiny = load_golden("tiny_ckpt.pt")
+    cfg = {"model": {**tiny["cfg"]["model"], "modalities": {"image": {
+        **tiny["cfg"]["model"]["modalities"]["image"], "num_extra_tokens": torch.tensor([1, 1])}}}}
+    torch.save(dict(tiny, cfg=cfg), tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match=r"t\.pt: the model config holds a tensor at model\.modalities\.image\.num_extra_tokens"):
+        load_encoder(tmp_path / "t.pt")
+    ckpt = fairseq_finetuned(random_encoder(VARIANTS["tiny"].replace(num_classes=2)), esc50_eval=torch.ones(2))
+    torch.save(ckpt, tmp_path / "ft.pt")
+    with pytest.raises(CheckpointError, match=r"ft\.pt: the model config holds a tensor at model\.esc50_eval"):
+        load_encoder(tmp_path / "ft.pt")
