@@ -211,15 +211,20 @@ class FolderSink:
         return self.root / rel.with_name(rel.name + ".npz")
 
     def source(self, key: str) -> dict | None:
-        """The file ``key`` was embedded from, {} if its output does not say, None if none."""
+        """The file ``key`` was embedded from, {} if its output does not say, None if none.
+        A file there that is not an embedding is the user's, never taken for one or replaced
+        (outputs are written whole, so a damaged one is not ours either): ``ValueError``."""
         target = self.target(key)
         if not target.exists():
             return None
         try:
             with np.load(target, allow_pickle=False) as data:
+                if "num_rows" not in data.files:  # every output has it
+                    raise ValueError("no num_rows array")
                 return json.loads(str(data["source"])) if "source" in data.files else {}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            return None  # unreadable: embedded again
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{target}: exists but is not an sslam embedding ({exc}); move it away or "
+                             "choose another --out") from None
 
     def add(self, key: str, arrays: dict, label_names, source: dict | None = None) -> None:
         if label_names:

@@ -286,3 +286,21 @@ def test_a_long_file_is_not_embedded_beside_short_ones(tmp_path, capsys, monkeyp
                 alone[key] = one["utterance"][0]
         np.testing.assert_allclose(data["utterance"][0], alone["0.wav"], atol=1e-6)
         np.testing.assert_allclose(data["utterance"][1], alone["1.wav"], atol=1e-6)
+
+
+def test_a_file_in_the_output_folder_that_is_not_an_embedding_is_refused_and_kept(audio_dir, tmp_path, capsys):
+    """A file of the user's where an output goes: an .npz without our arrays was taken for a
+    finished embedding (the clip never embedded, yet reported done), and an unreadable one was
+    overwritten. Both are refused by name, before any work, and left as they were."""
+    for name, content in (("foreign", None), ("text", b"keep me")):
+        out = tmp_path / name
+        out.mkdir()
+        target = out / "a.wav.npz"
+        if content is None:
+            np.savez(target, precious=np.arange(3))
+        else:
+            target.write_bytes(content)
+        before = target.read_bytes()
+        assert main(["extract", str(audio_dir / "a.wav"), "--checkpoint", CKPT, "--out", str(out), "--no-progress"]) == 2
+        assert "a.wav.npz: exists but is not an sslam embedding" in capsys.readouterr().err
+        assert target.read_bytes() == before
