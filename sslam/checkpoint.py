@@ -1362,6 +1362,20 @@ def export_metadata(model: Encoder, source: dict | None = None) -> dict:
 _EXPORT_FILES = ("model.safetensors", "config.json")
 
 
+def _check_no_other_config(out: Path) -> None:
+    """Refuse a folder whose config.json is not an export's (a training run's, a Hugging Face
+    model's): replacing it would lose it, and it would not describe the weights written."""
+    config = out / "config.json"
+    if not config.exists():
+        return
+    try:
+        ours = json.loads(config.read_text()).get("format") == "sslam"
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        ours = False
+    if not ours:
+        raise CheckpointError(f"{config}: not the config of an exported encoder; it is kept: choose another folder")
+
+
 def _check_exportable(model: Encoder, out: Path) -> None:
     """Refuse to write what :func:`read_checkpoint` would refuse to read: ``preprocessing`` and
     ``label_names`` are attributes a user may set."""
@@ -1388,6 +1402,7 @@ def save_encoder(model: Encoder, out_dir: str | os.PathLike, source: dict | None
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a folder")
+    _check_no_other_config(out)
     _check_exportable(model, out)
     meta = export_metadata(model, source)
     text = json.dumps(meta, indent=2) + "\n"  # fails here, before anything is written, if not JSON
@@ -1440,6 +1455,7 @@ def convert(src, out_dir, weights: str = "student", labels: str | os.PathLike | 
     """Convert any readable checkpoint to our format; ``labels`` names a fine-tuned model's
     classes (AudioSet ``class_labels_indices.csv`` style or one name per line). An encoder
     already exported in ``out_dir`` is replaced only with ``overwrite=True``."""
+    _check_no_other_config(Path(out_dir))
     existing = [name for name in _EXPORT_FILES if (Path(out_dir) / name).exists()]
     if existing and not overwrite:  # checked first: a refusal costs no checkpoint read
         raise CheckpointError(f"{out_dir}: already holds an exported encoder ({', '.join(existing)}); "

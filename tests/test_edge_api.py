@@ -473,6 +473,25 @@ def test_regression_convert_refuses_to_overwrite_unless_asked(tmp_path, capsys):
     assert torch.equal(converted.embed(clip, 16000).frames, teacher.embed(clip, 16000).frames)
 
 
+
+def test_convert_never_replaces_a_config_json_that_is_not_an_export(tmp_path, capsys):
+    """A training run's (or a Hugging Face model's) config.json where the export would go: it
+    was called an exported encoder, and --overwrite replaced it beside the run's checkpoints."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"model": {"variant": "tiny"}, "optim": {"lr": 0.0005}}\n')
+    (run / "checkpoint_00000002.pt").write_bytes(b"a run's checkpoint")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        assert main(["convert", CKPT, str(run), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "config.json: not the config of an exported encoder; it is kept: choose another folder" in err
+        assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    with pytest.raises(CheckpointError, match="not the config of an exported encoder"):
+        save_encoder(load_encoder(CKPT), run)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 # ------------------------------------------------------------------------------ fine-tuning
 
 
