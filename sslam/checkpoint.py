@@ -1286,12 +1286,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def check_output_folder(folder: Path, out: Path | None = None) -> None:
     """Refuse, before any work, an output folder that cannot be made: an existing file (or
-    broken link), or a path under one. ``mkdir`` would say only "File exists" or "Not a
+    broken link), a path under one, or under a folder this process cannot write to. ``mkdir`` would say only "File exists" or "Not a
     directory", and only once the model and the data were ready. ``out`` is the ``--out``
     argument that names the folder (the folder itself by default)."""
     out = folder if out is None else out
     for path in (folder, *folder.parents):
         if path.is_dir():
+            if not os.access(path, os.W_OK | os.X_OK):
+                where = "it is not writable" if path == folder else f"cannot be made in {path}, which is not writable"
+                raise ValueError(f"--out {out}: {where}")
             return
         if path.exists() or path.is_symlink():
             raise ValueError(f"--out {out}: {'it' if path == out else path} is not a folder")

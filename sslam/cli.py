@@ -25,6 +25,8 @@ def cmd_extract(args) -> int:
     from .checkpoint import load_encoder
     from .extract import check_output, run_extract
 
+    if not args.out.strip():  # Path("") is the current folder
+        raise ValueError("--out is empty: name a .npz file or a folder")
     check_output(Path(args.out))  # before the checkpoint is read
     model = load_encoder(args.checkpoint, device=_device(args.device), weights=args.weights)
     if args.compile:

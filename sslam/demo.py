@@ -127,7 +127,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> d
         raise RuntimeError("sslam demo draws a figure: pip install matplotlib (or sslam[dev])") from exc
     settings = QUICK if quick else FULL
     if not str(out).strip():
-        raise ValueError("--out must name a folder (the demo's files would land in the current one)")
+        raise ValueError("--out is empty: name a folder (the demo's files would land in the current one)")
     out = Path(out).absolute()  # stage 2 records its start by this path: a rerun from elsewhere must match
     check_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -404,6 +404,8 @@ def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
     if getattr(cfg, "layer_decay", 1) == 0:
         raise ValueError("layer_decay=0 would give every block a learning rate of 0 (1 is no decay)")
     if isinstance(cfg, FinetuneConfig):
+        if not str(cfg.out).strip():  # Path("") is the current folder
+            raise ValueError("--out is empty: name a folder for the fine-tuning run")
         check_output_folder(Path(cfg.out))
 
 
@@ -867,7 +869,7 @@ def run_evaluate(args) -> int:
     if args.mode == "linear":
         cfg = apply_overrides(ProbeConfig(fast=not args.full), overrides)
     else:
-        cfg = apply_overrides(FinetuneConfig(out=args.out or FinetuneConfig.out, workers=args.workers), overrides)
+        cfg = apply_overrides(FinetuneConfig(out=FinetuneConfig.out if args.out is None else args.out, workers=args.workers), overrides)
     check_settings(cfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:

@@ -1285,11 +1285,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args, overrides: list[str]) -> TrainConfig:
     cfg = preset(args.preset, args.stage)
-    if args.data:
+    # "is not None": an empty --out or --data is refused by validate(), not taken as the default
+    if args.data is not None:
         cfg.data.source = args.data
-    if args.init:
+    if args.init is not None:
         cfg.run.init = args.init
-    if args.out:
+    if args.out is not None:
         cfg.run.out = args.out
     for item in overrides:
         if not item.startswith("--") or "=" not in item:

@@ -1,8 +1,10 @@
 """The command line's handling of user mistakes: one line naming the argument, exit status 2,
 never a traceback; and options reach the setting they name."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +50,33 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, argv, under
     assert err.startswith(f"sslam: error: --out {out}: ") and "Traceback" not in err
     assert f"{tmp_path / 'afile' if under else 'it'} is not a folder" in err
 
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--preset", "tiny", "--optim.max_steps=1"],
+    ["demo", "--quick"],
+    ["evaluate", "finetune", "--checkpoint", "missing.pt", "--train", "synth:mono", "--test", "synth:mono"],
+    ["extract", "clips/", "--checkpoint", "missing.pt"],
+])
+def test_an_empty_or_unwritable_output_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv):
+    """An empty --out was taken as the default folder (runs/pretrain, runs/finetune); a folder
+    that cannot be made under a read-only one failed once the model and data were ready."""
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "--out", ""]) == 2
+    assert ("run.out must name a folder" if argv[0] == "pretrain" else "--out is empty") in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != tmp_path and real_access(path, mode, **kw))
+    assert main([*argv, "--out", str(tmp_path / "new" / "run")]) == 2
+    assert f"--out {tmp_path / 'new' / 'run'}: cannot be made in {tmp_path}, which is not writable" in capsys.readouterr().err
+
+
+def test_an_empty_data_source_is_not_the_default(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--preset", "tiny", "--data", "", "--optim.max_steps=1"]) == 2
+    assert "data.source is empty" in capsys.readouterr().err
+    assert main(["pretrain", "--preset", "tiny", "--out", "", "--optim.max_steps=1"]) == 2
+    assert "run.out must name a folder" in capsys.readouterr().err
 
 def test_an_npz_output_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "emb.npz").mkdir()

@@ -425,7 +425,7 @@ def test_demo_quick(tmp_path, monkeypatch, capsys):
     # run's folder, and refused to go on ("run.init: 'demo/stage1/...' in the checkpoint").
     monkeypatch.chdir(out / "stage1")
     assert main(["demo", "--quick", "--out", str(out)]) == 0
-    assert main(["demo", "--quick", "--out", ""]) == 2 and "--out must name a folder" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", ""]) == 2 and "--out is empty: name a folder" in capsys.readouterr().err
 
 
 def test_probe_features_of_two_splits_with_one_name_are_their_own():
