@@ -27,6 +27,9 @@ from torch.utils.data import Dataset, Sampler
 from .audio import AUDIO_SUFFIXES, AudioError, load_audio
 from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE
 
+# The most worker processes (or threads) a setting may ask for: more than any machine has cores;
+# a loader starts every one of them before the first batch.
+MAX_WORKERS = 1024
 
 def text_lines(text: str) -> list[str]:
     """``text`` split at line ends (\\n, \\r\\n, \\r) only: ``str.splitlines`` also splits at

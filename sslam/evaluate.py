@@ -37,7 +37,7 @@ from .checkpoint import (
     load_encoder,
     remove_temporaries,
 )
-from .data import pad_clips, samples_for_frames, text_lines
+from .data import MAX_WORKERS, pad_clips, samples_for_frames, text_lines
 from .features import norm_stats, preprocess
 from .labels import (
     LabeledSplit,
@@ -370,7 +370,7 @@ def warmup_steps(steps: int, warmup: int | None) -> int:
 _SETTING_RANGES = {
     "epochs": (1, math.inf), "steps": (1, math.inf), "batch_size": (1, math.inf),
     "eval_every": (1, math.inf), "ckpt_every": (1, math.inf), "keep_last": (1, math.inf),
-    "warmup": (0, math.inf), "epoch_size": (0, math.inf), "workers": (0, math.inf), "seed": (0, math.inf),
+    "warmup": (0, math.inf), "epoch_size": (0, math.inf), "workers": (0, MAX_WORKERS), "seed": (0, 2**63 - 1),
     "lr": (0, math.inf), "min_lr": (0, math.inf), "weight_decay": (0, math.inf), "mixup": (0, math.inf),
     "layer_decay": (0, 1), "mixup_prob": (0, 1), "drop_path": (0, 0.999), "label_smoothing": (0, 0.999),
     "mask_ratio": (0, 0.999),
@@ -395,7 +395,7 @@ def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
         if name == "warmup" and value is None:  # 10 % of the steps
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not low <= value <= high:
-            span = f"a finite number >= {low}" if high == math.inf else f"in [{low}, {high:g}]"
+            span = f"a finite number >= {low}" if high == math.inf else f"in [{low}, {high}]"
             raise ValueError(f"{name}={value!r}: must be {span}")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"min_lr={cfg.min_lr} must be at most lr={cfg.lr}")

@@ -40,6 +40,7 @@ from .checkpoint import (
     remove_temporaries,
     safe_torch_load,
 )
+from .data import MAX_WORKERS
 from .features import norm_stats, preprocess
 from .kernels.switch import use_kernels
 from .masking import MaskConfig, clone_masks, kept_indices
@@ -296,7 +297,7 @@ def validate(cfg: TrainConfig) -> None:
         (min(m.decoder_dim, m.decoder_groups, m.decoder_kernel, m.decoder_layers) >= 1,
          "model.decoder_dim, decoder_groups, decoder_kernel and decoder_layers must be >= 1"),
         (ob.stage in (1, 2), "objective.stage must be 1 or 2"),
-        (ob.clones >= 1, "objective.clones must be >= 1"),
+        (1 <= ob.clones <= 1024, "objective.clones must be in [1, 1024] (the recipes use 16 and 8)"),
         (ob.top_k >= 0, "objective.top_k must be >= 0 (0: all layers)"),
         (0 < ob.mask_prob < 1, f"objective.mask_prob={ob.mask_prob} must lie in (0, 1)"),
         (0 <= ob.mask_prob_adjust <= 1, f"objective.mask_prob_adjust={ob.mask_prob_adjust} must lie in [0, 1]"),
@@ -306,7 +307,8 @@ def validate(cfg: TrainConfig) -> None:
         (o.accum_steps >= 1, f"optim.accum_steps={o.accum_steps} must be >= 1"),
         (ob.stage == 1 or d.batch_size >= 2, "stage 2 mixes in-batch pairs: data.batch_size >= 2"),
         (d.target_length >= 16 and d.target_length % 16 == 0, "data.target_length must be a positive multiple of 16"),
-        (d.num_workers >= 0 and d.max_bad_files >= 0, "data.num_workers and data.max_bad_files must be >= 0"),
+        (0 <= d.num_workers <= MAX_WORKERS, f"data.num_workers must be in [0, {MAX_WORKERS}]"),
+        (d.max_bad_files >= 0, "data.max_bad_files must be >= 0"),
         (o.max_steps >= 1 and o.warmup_steps >= 0, "optim.max_steps >= 1 and warmup_steps >= 0"),
         (o.lr >= 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} and optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr"),
         (0 <= o.beta1 < 1, f"optim.beta1={o.beta1} must lie in [0, 1)"),
@@ -328,7 +330,8 @@ def validate(cfg: TrainConfig) -> None:
         (bool(d.source.strip()), "data.source is empty: 'synth', a folder of audio files or a .tsv manifest"),
         (not r.tensorboard or importlib.util.find_spec("tensorboard") is not None,
          "run.tensorboard=true needs the tensorboard package (pip install tensorboard)"),
-        (0 <= r.seed < 2**63 and r.threads >= 0, "run.seed must lie in [0, 2**63) and run.threads be >= 0"),
+        (0 <= r.seed < 2**63, "run.seed must lie in [0, 2**63)"),
+        (0 <= r.threads <= MAX_WORKERS, f"run.threads must be in [0, {MAX_WORKERS}] (0: torch's default)"),
         (bool(r.out.strip()), "run.out must name a folder (checkpoints would land in the current one)"),
     ]
     for ok, message in checks:
@@ -378,6 +381,9 @@ def _check_architecture(cfg: TrainConfig) -> None:
                          "(the decoder's first grouped conv reads the encoder's channels)")
     if ob.top_k > enc.depth:
         raise ValueError(f"objective.top_k={ob.top_k} exceeds the encoder depth {enc.depth} (model.depth)")
+    if cfg.data.target_length > enc.max_frames:
+        raise ValueError(f"data.target_length={cfg.data.target_length}: at most {enc.max_frames} frames, the "
+                         f"position table of the {cfg.model.variant} encoder")
 
 
 def given_sizes(model: ModelSection, names=ENCODER_SIZES) -> dict:

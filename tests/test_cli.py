@@ -27,7 +27,9 @@ def test_seeds_are_checked_before_any_work(capsys):
     # The settings too: they were read after the checkpoint and every clip of both splits.
     for mode, option, message in (("linear", "--lr=-1", "lr=-1.0: must be a finite number >= 0"),
                                   ("finetune", "--layer_decay=1.5", "layer_decay=1.5: must be in [0, 1]"),
-                                  ("finetune", "--foo=1", "--foo: unknown option")):
+                                  ("finetune", "--foo=1", "--foo: unknown option"),
+                                  ("finetune", "--seed=99999999999999999999", "seed=99999999999999999999: must be in [0, 9223372036854775807]"),
+                                  ("finetune", "--workers=99999999999999999999", "workers=99999999999999999999: must be in [0, 1024]")):
         assert main(["evaluate", mode, *argv[2:], option]) == 2
         assert message in capsys.readouterr().err
 

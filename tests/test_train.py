@@ -527,6 +527,10 @@ def test_a_bad_file_met_again_counts_once_and_a_long_run_of_them_is_counted_not_
     ("data.synth_seconds", "nan", "data.synth_seconds"), ("run.seed", "-1", "run.seed"),
     ("run.threads", "-1", "run.threads"), ("optim.clip_norm", "-1", "optim.clip_norm"),
     ("run.out", "", "run.out must name a folder"),
+    ("run.threads", "99999999999", r"run.threads must be in \[0, 1024\]"),
+    ("data.num_workers", "99999999999999999999", r"data.num_workers must be in \[0, 1024\]"),
+    ("objective.clones", "99999999999999999999", r"objective.clones must be in \[1, 1024\]"),
+    ("data.target_length", "1600000", r"data.target_length=1600000: at most 12288 frames"),
 ])
 def test_settings_that_used_to_fail_mid_run_are_refused_up_front(key, value, match):
     cfg = preset("tiny", 1)
