@@ -31,6 +31,7 @@ from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE
 # a loader starts every one of them before the first batch.
 MAX_WORKERS = 1024
 
+
 def text_lines(text: str) -> list[str]:
     """``text`` split at line ends (\\n, \\r\\n, \\r) only: ``str.splitlines`` also splits at
     characters a file name may hold (U+2028, NEL, form feed)."""
