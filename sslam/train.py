@@ -36,6 +36,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_write,
     check_output_folder,
+    check_state,
     read_checkpoint,
     remove_temporaries,
     safe_torch_load,
@@ -573,6 +574,32 @@ def _same_init(before: str, now: str) -> bool:
     return before == now or bool(before and now) and Path(before).resolve() == Path(now).resolve()
 
 
+# The parts of a training checkpoint (Trainer.state) a resume reads, and their types.
+_RECORD_PARTS = {"config": dict, "encoder_config": dict, "objective": dict, "model": dict, "decoder": dict,
+                 "teacher": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "step": int,
+                 "data_position": (list, tuple), "rng": dict}
+
+
+def check_training_record(saved: dict, path: Path) -> None:
+    """Refuse a training checkpoint that lacks a part or holds one of another type (damaged, or
+    edited by hand), naming the file and the part: a resume would otherwise fail somewhere
+    inside with a bare KeyError or TypeError."""
+    problems = []
+    for key, kind in _RECORD_PARTS.items():
+        value = saved.get(key)
+        if key not in saved:
+            problems.append(f"{key}: missing")
+        elif not isinstance(value, kind) or isinstance(value, bool):
+            problems.append(f"{key}: a {type(value).__name__}, not {'an int' if kind is int else 'a ' + getattr(kind, '__name__', 'list')}")
+    if not problems and saved["step"] < 0:
+        problems.append(f"step: {saved['step']} is negative")
+    position = saved.get("data_position")
+    if not problems and not (len(position) == 2 and all(isinstance(v, int) and v >= 0 for v in position)):
+        problems.append(f"data_position: {list(position)!r}, not two counts (epoch, step in epoch)")
+    if problems:
+        raise CheckpointError(f"{path}: damaged training checkpoint: {'; '.join(problems)}")
+
+
 def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: str | None = None) -> list[str]:
     """The settings of ``cfg`` that differ from the checkpoint ``saved`` in a way a resumed run
     cannot follow exactly, as ``section.key: <saved> in the checkpoint, <now> now``. Settings
@@ -689,6 +716,8 @@ class Trainer:
         if saved is not None and saved.get("format") != "sslam-train":
             raise CheckpointError(f"{self.resume_from}: not an sslam training checkpoint")
         if saved is not None:
+            check_training_record(saved, self.resume_from)
+        if saved is not None:
             conflicts = resume_conflicts(saved, cfg, self.dist.world_size, self.precision)
             if conflicts:
                 raise ValueError(f"{self.resume_from}: cannot resume with changed settings: " + "; ".join(conflicts)
@@ -761,8 +790,17 @@ class Trainer:
         ``run.init``, or a fresh one."""
         cfg = self.cfg  # the encoder sizes of cfg.model count only for a fresh model
         if saved is not None:
-            enc_cfg = EncoderConfig.from_dict(saved["encoder_config"])
-            objective = ObjectiveConfig(**{**saved["objective"], "decoder": DecoderConfig(**saved["objective"]["decoder"])})
+            source = self.resume_from
+            try:
+                enc_cfg = EncoderConfig.from_dict(saved["encoder_config"])
+                decoder = DecoderConfig(**saved["objective"]["decoder"])
+                objective = ObjectiveConfig(**{**saved["objective"], "decoder": decoder})
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{source}: damaged training checkpoint: its architecture ({exc})") from None
+            with torch.device("meta"):  # keys, shapes and values checked before any memory is taken
+                shape = Pretrainer(enc_cfg, objective)
+            for part, module in (("model", shape.student), ("decoder", shape.decoder), ("teacher", shape.teacher.encoder)):
+                check_state(module, saved[part], f"{source} ({part})")
             model = Pretrainer(enc_cfg, objective)
         elif cfg.run.init:
             given = given_sizes(cfg.model)
@@ -1055,6 +1093,13 @@ class Trainer:
         self.model.teacher.encoder.load_state_dict(state["teacher"])
 
     def _load_training_state(self, state: dict) -> None:
+        try:
+            self._restore_training_state(state)
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.resume_from}: damaged training checkpoint: its optimizer, schedule, loss "
+                                  f"scale or random streams do not load ({exc})") from None
+
+    def _restore_training_state(self, state: dict) -> None:
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,

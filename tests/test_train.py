@@ -566,3 +566,49 @@ def test_cuda_random_state_is_this_devices_and_old_all_device_states_load(monkey
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
     set_rng_state(old)
     assert restored == []
+
+
+def _damaged(ckpt: dict, change: str) -> dict:
+    """``ckpt`` (a training checkpoint) with one part damaged as ``change`` names."""
+    ckpt = {**ckpt, "model": dict(ckpt["model"]), "teacher": dict(ckpt["teacher"]),
+            "encoder_config": dict(ckpt["encoder_config"])}
+    weight = ckpt["model"]["blocks.0.norm1.weight"]
+    if change.startswith("no "):
+        del ckpt[change[3:]]
+    elif change == "step='two'":
+        ckpt["step"] = "two"
+    elif change == "data_position=None":
+        ckpt["data_position"] = None
+    elif change == "wrong shape":
+        ckpt["model"]["blocks.0.norm1.weight"] = torch.ones(3)
+    elif change == "missing weight":
+        del ckpt["model"]["blocks.0.norm1.weight"]
+    elif change == "NaN teacher":
+        ckpt["teacher"]["blocks.0.norm1.weight"] = torch.full_like(weight, float("nan"))
+    elif change == "bad rng":
+        ckpt["rng"] = {"torch": torch.zeros(3, dtype=torch.uint8)}
+    elif change == "huge encoder_config":
+        ckpt["encoder_config"].update(embed_dim=96_000, num_heads=3)
+    return ckpt
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ("no optimizer", "optimizer: missing"), ("no step", "step: missing"), ("no objective", "objective: missing"),
+    ("step='two'", "step: a str, not an int"), ("data_position=None", "data_position: a NoneType"),
+    ("wrong shape", r"\(model\): weights do not match.*blocks\.0\.norm1\.weight"),
+    ("missing weight", r"\(model\): weights do not match.*missing keys"),
+    ("NaN teacher", r"\(teacher\): blocks\.0\.norm1\.weight is not a finite"),
+    ("bad rng", "random streams do not load"),
+    ("huge encoder_config", r"\(model\): weights do not match.*shape mismatches"),
+])
+def test_a_damaged_training_checkpoint_is_named_with_its_damaged_part(tmp_path, change, pattern):
+    """A resume from a checkpoint damaged or edited by hand: one CheckpointError naming the
+    file and the part, not a KeyError or TypeError from inside the resume, nor NaN weights
+    trained on, nor a model of the damaged size allocated."""
+    from sslam.checkpoint import CheckpointError
+
+    Trainer(small(tmp_path / "run", steps=3), log=lambda *a: None).fit()
+    path = tmp_path / "run" / "checkpoint_00000003.pt"
+    torch.save(_damaged(torch.load(path, weights_only=True), change), path)
+    with pytest.raises(CheckpointError, match=f"(?s)checkpoint_00000003.pt.*{pattern}"):
+        Trainer(small(tmp_path / "run", steps=6), log=lambda *a: None)
