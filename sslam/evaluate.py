@@ -34,6 +34,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_write,
     check_output_folder,
+    check_state,
     load_encoder,
     remove_temporaries,
 )
@@ -632,9 +633,12 @@ class Finetuner:
     def _check_resume(self, path: Path, state: dict) -> None:
         """Refuse to resume from ``path`` when it is not a fine-tuning checkpoint or was written
         with settings this run changes (the run would silently continue with a mix of both)."""
+        from .train import FINETUNING_PARTS, check_record
+
         if state.get("format") != "sslam-finetune":
             raise CheckpointError(f"{path}: not an sslam fine-tuning checkpoint (format {state.get('format')!r}); "
                                   "choose another out folder")
+        check_record(state, path, FINETUNING_PARTS)
         saved = state.get("config") or {}
         if self.cfg.warmup is None and "steps" in saved:
             # A run extended or shortened without --warmup keeps the warm-up it started with:
@@ -832,14 +836,18 @@ class Finetuner:
         from .train import set_rng_state
 
         self._check_resume(path, state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.best = int(state["step"]), state["best"]
+        self.model.load_state_dict(check_state(self.model, state["model"], f"{path} (model)"))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: damaged training checkpoint: its optimizer, loss scale or random "
+                                  f"streams do not load ({exc})") from None
+        self.step, self.best = state["step"], state["best"]
         exported = self._exported_best()
         if exported is not None and (self.best is None or exported > self.best):
             self.best = exported  # found after this checkpoint, before the run stopped: OUT/best holds it
-        set_rng_state(state["rng"])
         self.log(f"resumed fine-tuning from {path} at step {self.step}")
 
 

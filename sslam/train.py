@@ -574,27 +574,31 @@ def _same_init(before: str, now: str) -> bool:
     return before == now or bool(before and now) and Path(before).resolve() == Path(now).resolve()
 
 
-# The parts of a training checkpoint (Trainer.state) a resume reads, and their types.
-_RECORD_PARTS = {"config": dict, "encoder_config": dict, "objective": dict, "model": dict, "decoder": dict,
-                 "teacher": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "step": int,
-                 "data_position": (list, tuple), "rng": dict}
+# The parts of a training checkpoint (Trainer.state) a resume reads: their types, as named.
+_DICT, _INT = (dict, "a dict"), (int, "an int")
+TRAINING_PARTS = {"config": _DICT, "encoder_config": _DICT, "objective": _DICT, "model": _DICT, "decoder": _DICT,
+                  "teacher": _DICT, "optimizer": _DICT, "scheduler": _DICT, "scaler": _DICT, "step": _INT,
+                  "data_position": ((list, tuple), "a list"), "rng": _DICT}
+FINETUNING_PARTS = {"config": _DICT, "model": _DICT, "optimizer": _DICT, "scaler": _DICT, "step": _INT,
+                    "best": ((int, float, type(None)), "a number or None"), "rng": _DICT}
 
 
-def check_training_record(saved: dict, path: Path) -> None:
-    """Refuse a training checkpoint that lacks a part or holds one of another type (damaged, or
-    edited by hand), naming the file and the part: a resume would otherwise fail somewhere
+def check_record(saved: dict, path: Path, parts: dict = TRAINING_PARTS) -> None:
+    """Refuse a checkpoint that lacks one of ``parts`` or holds one of another type (damaged,
+    or edited by hand), naming the file and the part: a resume would otherwise fail somewhere
     inside with a bare KeyError or TypeError."""
     problems = []
-    for key, kind in _RECORD_PARTS.items():
+    for key, (kind, name) in parts.items():
         value = saved.get(key)
         if key not in saved:
             problems.append(f"{key}: missing")
         elif not isinstance(value, kind) or isinstance(value, bool):
-            problems.append(f"{key}: a {type(value).__name__}, not {'an int' if kind is int else 'a ' + getattr(kind, '__name__', 'list')}")
+            problems.append(f"{key}: a {type(value).__name__}, not {name}")
     if not problems and saved["step"] < 0:
         problems.append(f"step: {saved['step']} is negative")
     position = saved.get("data_position")
-    if not problems and not (len(position) == 2 and all(isinstance(v, int) and v >= 0 for v in position)):
+    if not problems and "data_position" in parts and not (
+            len(position) == 2 and all(isinstance(v, int) and v >= 0 for v in position)):
         problems.append(f"data_position: {list(position)!r}, not two counts (epoch, step in epoch)")
     if problems:
         raise CheckpointError(f"{path}: damaged training checkpoint: {'; '.join(problems)}")
@@ -716,7 +720,7 @@ class Trainer:
         if saved is not None and saved.get("format") != "sslam-train":
             raise CheckpointError(f"{self.resume_from}: not an sslam training checkpoint")
         if saved is not None:
-            check_training_record(saved, self.resume_from)
+            check_record(saved, self.resume_from)
         if saved is not None:
             conflicts = resume_conflicts(saved, cfg, self.dist.world_size, self.precision)
             if conflicts:

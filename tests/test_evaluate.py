@@ -412,6 +412,28 @@ def test_finetune_writes_checkpoints_resumes_and_exports(tmp_path):
     assert done.fit() == {"step": 5, "best": again.best} and again.best is not None
 
 
+
+@pytest.mark.parametrize("change, pattern", [
+    (lambda c: c.pop("optimizer"), "optimizer: missing"),
+    (lambda c: c.update(step="3"), "step: a str, not an int"),
+    (lambda c: c.update(best="0.5"), "best: a str, not a number or None"),
+    (lambda c: c["model"].update({"head.bias": torch.full((12,), float("nan"))}), r"\(model\): head\.bias is not a finite"),
+    (lambda c: c.update(rng={"torch": torch.zeros(3, dtype=torch.uint8)}), "random streams do not load"),
+])
+def test_a_damaged_fine_tuning_checkpoint_is_named_with_its_damaged_part(tmp_path, change, pattern):
+    from sslam.checkpoint import CheckpointError
+
+    train, test = synth_split("poly", True, 16), synth_split("poly", False, 8)
+    cfg = FinetuneConfig(steps=2, warmup=1, batch_size=4, eval_every=2, ckpt_every=2, out=str(tmp_path), workers=0)
+    Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
+    path = sorted(tmp_path.glob("checkpoint_*.pt"))[-1]
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = dict(ckpt["model"])
+    change(ckpt)
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=f"{path.name}.*{pattern}"):
+        Finetuner(tiny_encoder(), train, test, replace(cfg, steps=4), log=lambda *a: None)
+
 def test_demo_quick(tmp_path, monkeypatch, capsys):
     from sslam.cli import main
 
