@@ -120,10 +120,20 @@ class CNNDecoder(nn.Module):
 
 
 def decoder_config_of(state: dict[str, torch.Tensor], base: DecoderConfig = DecoderConfig()) -> DecoderConfig:
-    """The decoder architecture implied by its weights (names blocks.{i}.0.weight, proj.*)."""
+    """The decoder architecture implied by its weights (names blocks.{i}.0.weight, proj.*);
+    ValueError naming the weight whose shape implies none."""
+    for key in ("blocks.0.0.weight", "proj.weight"):
+        if not isinstance(state.get(key), torch.Tensor):
+            raise ValueError(f"{key}: missing, and it gives the decoder's shape")
     convs = sorted(k for k in state if k.endswith(".0.weight") and k.startswith("blocks."))
-    first = state["blocks.0.0.weight"]
-    in_dim = state["proj.weight"].shape[0]
+    first, proj = state["blocks.0.0.weight"], state["proj.weight"]
+    if proj.dim() != 2 or first.dim() != 4 or first.shape[-1] != first.shape[-2] or first.shape[-1] % 2 == 0:
+        raise ValueError(f"blocks.0.0.weight {tuple(first.shape)} and proj.weight {tuple(proj.shape)}: not a "
+                         "grouped conv with an odd square kernel and a linear projection")
+    in_dim = proj.shape[0]
+    if min(first.shape) < 1 or in_dim % first.shape[1]:
+        raise ValueError(f"blocks.0.0.weight {tuple(first.shape)}: its {first.shape[1]} input channels per group "
+                         f"do not divide the {in_dim} of proj.weight")
     return dataclasses.replace(
         base, dim=first.shape[0], groups=in_dim // first.shape[1], kernel=first.shape[-1], layers=len(convs)
     )
@@ -403,7 +413,7 @@ class Pretrainer(nn.Module):
         """Student, decoder and teacher from a :class:`sslam.checkpoint.Checkpoint` (an official
         pretraining file or one of ours). The decoder's shape is read from its weights; without a
         teacher in the file the teacher starts as a copy of the student."""
-        from .checkpoint import _HEAD_NAMES, check_state, encoder_from_checkpoint
+        from .checkpoint import _HEAD_NAMES, CheckpointError, check_state, encoder_from_checkpoint
 
         if ckpt.config.num_classes:
             # A fine-tuned file: pretraining trains no head. Kept, it would get no gradient
@@ -412,13 +422,18 @@ class Pretrainer(nn.Module):
             ckpt = dataclasses.replace(ckpt, config=ckpt.config.replace(num_classes=0), state=state)
         # Nor stochastic depth (SPEC 2.1), which a fine-tuned file's config keeps (0.1).
         ckpt = dataclasses.replace(ckpt, config=ckpt.config.replace(drop_path_rate=0.0))
+        if ckpt.decoder:  # every key and shape, and finite values, before anything is built
+            try:
+                objective = dataclasses.replace(objective, decoder=decoder_config_of(ckpt.decoder, objective.decoder))
+            except ValueError as exc:
+                raise CheckpointError(f"{ckpt.path}: its decoder: {exc}") from None
+            with torch.device("meta"):
+                decoder = check_state(CNNDecoder(ckpt.config.embed_dim, objective.decoder), ckpt.decoder, ckpt.path,
+                                      ckpt.decoder_file_key)
         student = encoder_from_checkpoint(ckpt).train()
-        if ckpt.decoder:
-            objective = dataclasses.replace(objective, decoder=decoder_config_of(ckpt.decoder, objective.decoder))
         model = cls(student.cfg, objective, student=student)
-        if ckpt.decoder:  # every key and shape, and finite values, as for the encoders
-            model.decoder.load_state_dict(check_state(model.decoder, ckpt.decoder, ckpt.path, ckpt.decoder_file_key),
-                                          strict=True)
+        if ckpt.decoder:
+            model.decoder.load_state_dict(decoder, strict=True)
         if ckpt.teacher:  # named in the file as the student is (model['_ema'] holds the same names)
             model.teacher.encoder.load_state_dict(check_state(model.teacher.encoder, ckpt.teacher,
                                                               f"{ckpt.path} (its EMA teacher)", ckpt.teacher_file_key))

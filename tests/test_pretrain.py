@@ -360,3 +360,29 @@ def test_teacher_targets_are_made_before_the_student_runs(stage):
     model.teacher.encoder.blocks[0].register_forward_pre_hook(lambda *_: order.append("teacher"))
     model(spec, keep, windows=windows if stage == 2 else None)
     assert order == ["teacher"] * stage + ["student"]  # on the CPU the teacher's passes are not packed
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"blocks.0.0.weight": None}, "blocks.0.0.weight: missing"),
+    ({"proj.weight": None}, "proj.weight: missing"),
+    ({"blocks.0.0.weight": torch.ones(32)}, r"blocks.0.0.weight \(32,\) .*not a grouped conv"),
+    ({"blocks.0.0.weight": torch.ones(32, 0, 3, 3)}, "input channels per group"),
+    # A 1-MB tensor declaring 4001 x 4001 kernels: the decoder it implies (about 2 GB per layer)
+    # is compared on the meta device, never built.
+    ({"blocks.0.0.weight": torch.ones(32, 2, 1, 4001)}, "not a grouped conv"),
+    ({"blocks.0.0.weight": torch.ones(32, 2, 4001, 4001)[:, :, :1].expand(32, 2, 4001, 4001)},
+     r"shape mismatches .*blocks\.1\.0\.weight"),
+])
+def test_a_damaged_decoder_in_an_init_file_is_named_before_anything_is_built(change, pattern):
+    from sslam.checkpoint import CheckpointError
+
+    ckpt = read_checkpoint(GOLDEN / "tiny_ckpt.pt")
+    decoder = dict(ckpt.decoder)
+    for key, value in change.items():
+        if value is None:
+            del decoder[key]
+        else:
+            decoder[key] = value
+    damaged = dataclasses.replace(ckpt, decoder=decoder)
+    with pytest.raises(CheckpointError, match=f"(?s)tiny_ckpt.pt.*{pattern}"):
+        Pretrainer.from_checkpoint(damaged, ObjectiveConfig(stage=1, clones=8, top_k=2))
