@@ -870,10 +870,31 @@ def apply_overrides(cfg, overrides: list[str]):
     return cfg
 
 
+def _check_options_are_used(args, overrides: list[str]) -> None:
+    """Refuse options that this mode or these splits do not read: they were silently ignored."""
+    linear, splits = args.mode == "linear", (args.train, args.test)
+    unused = []
+    if linear and args.out is not None:
+        unused.append("--out (fine-tuning's run folder; a linear probe writes none)")
+    if not linear and args.seeds != 1:
+        unused.append("--seeds (linear probes; fine-tuning takes --seed=N)")
+    if not linear and args.full:
+        unused.append("--full (linear probes)")
+    if args.full and any(item.startswith("--fast=") for item in overrides):
+        unused.append("--fast with --full (--full is --fast=false)")
+    if args.root is not None and not any(Path(s).suffix.lower() == ".tsv" for s in splits):
+        unused.append("--root (the root of .tsv manifests; neither split is one)")
+    if args.label_descriptors is not None and all(s.startswith("synth:") for s in splits):
+        unused.append("--label-descriptors (synthetic splits name their own classes)")
+    if unused:
+        raise ValueError(f"not used by evaluate {args.mode} with these splits: {'; '.join(unused)}")
+
+
 def run_evaluate(args) -> int:
     if args.seeds < 1:  # before the checkpoint and the splits are read, as the settings
         raise ValueError(f"--seeds={args.seeds}: must be >= 1")
     overrides = getattr(args, "overrides", [])
+    _check_options_are_used(args, overrides)
     if args.mode == "linear":
         cfg = apply_overrides(ProbeConfig(fast=not args.full), overrides)
     else:

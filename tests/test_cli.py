@@ -34,6 +34,22 @@ def test_seeds_are_checked_before_any_work(capsys):
         assert message in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("mode, options, unused", [
+    ("linear", ["--out", "runs/x"], "--out (fine-tuning's run folder"),
+    ("finetune", ["--seeds", "5"], "--seeds (linear probes"),
+    ("finetune", ["--full"], "--full (linear probes)"),
+    ("linear", ["--full", "--fast=true"], "--fast with --full"),
+    ("linear", ["--root", "/data"], "--root (the root of .tsv manifests"),
+    ("finetune", ["--label-descriptors", "classes.csv"], "--label-descriptors (synthetic splits"),
+])
+def test_evaluate_options_the_mode_or_splits_do_not_read_are_refused(capsys, mode, options, unused):
+    """Each was silently ignored (a linear probe with --out wrote nothing there; --seeds 5
+    fine-tuned once), after the checkpoint and both splits were read."""
+    argv = ["evaluate", mode, "--checkpoint", "missing.pt", "--train", "synth:mono", "--test", "synth:mono"]
+    assert main([*argv, *options]) == 2
+    assert f"not used by evaluate {mode} with these splits: {unused}" in capsys.readouterr().err
+
 @pytest.mark.parametrize("argv", [
     ["pretrain", "--preset", "tiny", "--optim.max_steps=1"],
     ["demo", "--quick"],
