@@ -651,6 +651,9 @@ class Finetuner:
         if conflicts:
             raise ValueError(f"{path}: cannot resume fine-tuning with changed settings: " + "; ".join(conflicts)
                              + ". Run with the checkpoint's settings, or choose another out folder.")
+        if state["step"] > self.cfg.steps:  # as pretraining: it would stop at once, having done nothing
+            raise ValueError(f"{path}: the run is at step {state['step']}, past steps={self.cfg.steps}: give a "
+                             "larger one to train on")
 
     def _epoch_size(self) -> int:
         return self.cfg.epoch_size if self.weights is not None else len(self.train_split)

@@ -410,6 +410,8 @@ def test_finetune_writes_checkpoints_resumes_and_exports(tmp_path):
     # Run once more when finished: nothing to do, and it says how the run ended.
     done = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
     assert done.fit() == {"step": 5, "best": again.best} and again.best is not None
+    with pytest.raises(ValueError, match=r"checkpoint_00000005.pt: the run is at step 5, past steps=4"):
+        Finetuner(tiny_encoder(), train, test, replace(cfg, steps=4), log=lambda *a: None)
 
 
 
