@@ -1340,6 +1340,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args, overrides: list[str]) -> TrainConfig:
     cfg = preset(args.preset, args.stage)
+    for flag, key in (("data", "data.source"), ("init", "run.init"), ("out", "run.out")):
+        if getattr(args, flag) is not None and any(item.startswith(f"--{key}=") for item in overrides):
+            raise ValueError(f"--{flag} and --{key}= both set {key}: give one of them")
     # "is not None": an empty --out or --data is refused by validate(), not taken as the default
     if args.data is not None:
         cfg.data.source = args.data

@@ -138,3 +138,13 @@ def test_evaluate_under_torchrun_puts_each_process_on_its_own_gpu(monkeypatch):
     with pytest.raises(Loaded):
         sslam.evaluate.run_evaluate(args)
     assert chosen == ["cuda:1", "cuda:1"]
+
+
+
+def test_a_setting_given_twice_is_refused(capsys):
+    """--out and --run.out= set one value; the override won whatever the order."""
+    for argv in (["--run.out=AAA", "--out", "BBB"], ["--data.source=x.tsv", "--data", "synth"],
+                 ["--init", "a.pt", "--run.init=b.pt"]):
+        assert main(["pretrain", "--preset", "tiny", "--print-config", *argv]) == 2
+        key = next(a for a in argv if "=" in a)[2:].split("=")[0]
+        assert f"both set {key}: give one of them" in capsys.readouterr().err
