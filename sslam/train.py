@@ -570,8 +570,10 @@ def _unused_settings(cfg: TrainConfig) -> set[str]:
 
 def _same_init(before: str, now: str) -> bool:
     """Whether two run.init values name the same start: none, or one file however written
-    (runs/s1/ is runs/./s1)."""
-    return before == now or bool(before and now) and Path(before).resolve() == Path(now).resolve()
+    (runs/s1/ is runs/./s1; a run folder is its newest checkpoint, as :func:`resolve_init`
+    reads it)."""
+    return before == now or bool(before and now) and (
+        Path(resolve_init(before)).resolve() == Path(resolve_init(now)).resolve())
 
 
 # The parts of a training checkpoint (Trainer.state) a resume reads: their types, as named.

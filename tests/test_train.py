@@ -150,6 +150,7 @@ def test_stage_defaults_follow_the_spec():
     now.run.init = "runs/s2"
     assert resume_conflicts({"config": initialised.to_dict()}, now, 1) == [
         "run.init: 'runs/s1' in the checkpoint, 'runs/s2' now"]
+
     manifest.data.source = saved.data.source = "TRAIN.TSV"  # read as a manifest too
     assert resume_conflicts({"config": saved.to_dict()}, manifest, 1) == [
         "data.min_samples: 0 in the checkpoint, 10000 now"]
@@ -612,3 +613,19 @@ def test_a_damaged_training_checkpoint_is_named_with_its_damaged_part(tmp_path, 
     torch.save(_damaged(torch.load(path, weights_only=True), change), path)
     with pytest.raises(CheckpointError, match=f"(?s)checkpoint_00000003.pt.*{pattern}"):
         Trainer(small(tmp_path / "run", steps=6), log=lambda *a: None)
+
+
+def test_init_given_as_a_run_folder_or_its_newest_checkpoint_is_one_start(tmp_path, monkeypatch):
+    """--init s1 takes s1's newest checkpoint: a resume naming that file is the same start; once
+    s1 holds a newer one, the folder names another start."""
+    from sslam.train import resume_conflicts
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "checkpoint_00000002.pt").write_bytes(b"")
+    saved, now = TrainConfig(), TrainConfig()
+    saved.run.init, now.run.init = "s1", "s1/checkpoint_00000002.pt"
+    assert resume_conflicts({"config": saved.to_dict()}, now, 1) == []
+    (tmp_path / "s1" / "checkpoint_00000004.pt").write_bytes(b"")
+    assert resume_conflicts({"config": saved.to_dict()}, now, 1) == [
+        "run.init: 's1' in the checkpoint, 's1/checkpoint_00000002.pt' now"]
