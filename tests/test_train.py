@@ -150,7 +150,6 @@ def test_stage_defaults_follow_the_spec():
     now.run.init = "runs/s2"
     assert resume_conflicts({"config": initialised.to_dict()}, now, 1) == [
         "run.init: 'runs/s1' in the checkpoint, 'runs/s2' now"]
-
     manifest.data.source = saved.data.source = "TRAIN.TSV"  # read as a manifest too
     assert resume_conflicts({"config": saved.to_dict()}, manifest, 1) == [
         "data.min_samples: 0 in the checkpoint, 10000 now"]
