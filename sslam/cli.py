@@ -160,8 +160,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sslam: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("sslam: interrupted", file=sys.stderr)
+        print(f"sslam: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str:
+    """What rerunning an interrupted command does: runs resume from their last checkpoint (every
+    write is atomic, so an interrupted one leaves the previous file whole)."""
+    if args.command in ("pretrain", "demo") or getattr(args, "mode", None) == "finetune":
+        return "; the same command resumes from the last checkpoint in its output folder"
+    if args.command == "extract":
+        return "; the same command embeds the inputs not yet done"
+    return ""
 
 
 if __name__ == "__main__":

@@ -148,3 +148,23 @@ def test_a_setting_given_twice_is_refused(capsys):
         assert main(["pretrain", "--preset", "tiny", "--print-config", *argv]) == 2
         key = next(a for a in argv if "=" in a)[2:].split("=")[0]
         assert f"both set {key}: give one of them" in capsys.readouterr().err
+
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["pretrain", "--preset", "tiny"], "the same command resumes from the last checkpoint in its output folder"),
+    (["evaluate", "finetune", "--checkpoint", "c.pt", "--train", "synth:mono", "--test", "synth:mono"],
+     "the same command resumes from the last checkpoint in its output folder"),
+    (["extract", "clips/", "--checkpoint", "c.pt", "--out", "e.npz"], "the same command embeds the inputs not yet done"),
+    (["info", "c.pt"], None),
+])
+def test_ctrl_c_says_what_rerunning_does(monkeypatch, capsys, argv, hint):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for target in ("sslam.train.Trainer", "sslam.evaluate.load_encoder", "sslam.extract.check_output",
+                   "sslam.checkpoint.describe"):
+        monkeypatch.setattr(target, interrupted)
+    code, err = main(argv), capsys.readouterr().err.strip()
+    assert code == 130, err
+    assert err == (f"sslam: interrupted; {hint}" if hint else "sslam: interrupted")
