@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_output_folder, load_encoder
+from .checkpoint import atomic_write, check_output_folder, load_encoder
 from .evaluate import ProbeConfig, linear_probe
 from .labels import synth_split
 from .model import Encoder
@@ -120,6 +120,23 @@ def _figure(path: Path, table: dict, curves: dict) -> None:
     plt.close(fig)
 
 
+def _check_same_kind(out: Path, quick: bool) -> None:
+    """Make ``out`` a demo folder of this kind (--quick or full) or refuse one of the other:
+    its stage runs, resumed, would refuse the other kind's settings by options that the demo
+    does not have."""
+    kinds = {True: "a --quick demo", False: "the full demo"}
+    record = out / "demo.json"
+    if record.exists():
+        try:
+            before = json.loads(record.read_text()).get("quick")
+        except (OSError, ValueError, AttributeError):
+            before = None
+        if before is not None and before != quick:
+            raise ValueError(f"--out {out}: holds {kinds[before]}; {kinds[quick]} needs another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps({"quick": quick}) + "\n"))
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> dict:
     try:
         import matplotlib  # noqa: F401
@@ -130,7 +147,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> d
         raise ValueError("--out is empty: name a folder (the demo's files would land in the current one)")
     out = Path(out).absolute()  # stage 2 records its start by this path: a rerun from elsewhere must match
     check_output_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_same_kind(out, quick)
     torch.manual_seed(0)
     timings, curves = {}, {}
     ckpt1, curves["stage 1 (EAT)"], timings["pretrain stage 1"] = pretrain(out / "stage1", 1, settings["stage1"], log=log)

@@ -436,6 +436,7 @@ def test_a_damaged_fine_tuning_checkpoint_is_named_with_its_damaged_part(tmp_pat
     with pytest.raises(CheckpointError, match=f"{path.name}.*{pattern}"):
         Finetuner(tiny_encoder(), train, test, replace(cfg, steps=4), log=lambda *a: None)
 
+
 def test_demo_quick(tmp_path, monkeypatch, capsys):
     from sslam.cli import main
 
@@ -450,6 +451,11 @@ def test_demo_quick(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(out / "stage1")
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     assert main(["demo", "--quick", "--out", ""]) == 2 and "--out is empty: name a folder" in capsys.readouterr().err
+    # The full demo in a --quick one's folder: named as such (its stage runs refused to resume
+    # with "changed settings" of options the demo does not have).
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out)]) == 2
+    assert f"--out {out}: holds a --quick demo; the full demo needs another folder" in capsys.readouterr().err
 
 
 def test_probe_features_of_two_splits_with_one_name_are_their_own():
