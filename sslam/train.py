@@ -219,6 +219,9 @@ def preset(name: str = "base", stage: int = 1) -> TrainConfig:
     raise ValueError(f"unknown preset {name!r}: tiny, base or large")
 
 
+_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}
+
+
 def parse_option(value, annotation: str, key: str):
     """A ``--key=value`` string converted to the field type named by ``annotation``; a value
     that is not a string (from a dict or a JSON file) must already have that type. ``T | None``
@@ -235,7 +238,7 @@ def parse_option(value, annotation: str, key: str):
         if annotation == "int" and isinstance(value, float) and value.is_integer():
             return int(value)
         if not ok:
-            raise ValueError(f"--{key}={value!r}: expected a {annotation}, got {type(value).__name__}")
+            raise ValueError(f"--{key}={value!r}: expected {_KINDS.get(annotation, annotation)}, got {type(value).__name__}")
         return float(value) if annotation == "float" else value
     try:
         if annotation == "bool":
@@ -256,7 +259,7 @@ def parse_option(value, annotation: str, key: str):
             return float(value)
         return value
     except ValueError:
-        raise ValueError(f"--{key}={value!r}: expected a {annotation}") from None
+        raise ValueError(f"--{key}={value!r}: expected {_KINDS.get(annotation, annotation)}") from None
 
 
 def set_option(cfg: TrainConfig, key: str, value) -> None:

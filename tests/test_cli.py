@@ -108,7 +108,7 @@ def test_an_npz_output_that_is_a_folder_is_refused_before_any_work(tmp_path, cap
 
 def test_the_torchrun_entry_point_reports_errors_as_sslam_pretrain(capsys):
     assert sslam.train.main(["--preset", "tiny", "--optim.lr=abc"]) == 2
-    assert "--optim.lr='abc': expected a float" in capsys.readouterr().err
+    assert "--optim.lr='abc': expected a number" in capsys.readouterr().err
 
 
 def test_python_dash_m_sslam_is_the_command():

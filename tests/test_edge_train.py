@@ -692,13 +692,13 @@ def test_values_that_are_not_strings_are_type_checked():
     """Regression: set_option / TrainConfig.from_dict took non-string values unchecked (a
     batch size of 2.5, an lr of True); integral floats still give ints."""
     cfg = preset("tiny", 1)
-    with pytest.raises(ValueError, match=r"--data.batch_size=2.5: expected a int"):
+    with pytest.raises(ValueError, match=r"--data.batch_size=2.5: expected an integer"):
         set_option(cfg, "data.batch_size", 2.5)
-    with pytest.raises(ValueError, match=r"--optim.lr=True: expected a float"):
+    with pytest.raises(ValueError, match=r"--optim.lr=True: expected a number"):
         TrainConfig.from_dict({"optim": {"lr": True}})
-    with pytest.raises(ValueError, match=r"--run.compile=1: expected a bool"):
+    with pytest.raises(ValueError, match=r"--run.compile=1: expected true or false"):
         set_option(cfg, "run.compile", 1)
-    with pytest.raises(ValueError, match=r"--model.variant=5: expected a str"):
+    with pytest.raises(ValueError, match=r"--model.variant=5: expected text"):
         set_option(cfg, "model.variant", 5)
     set_option(cfg, "optim.max_steps", 2e5)
     set_option(cfg, "optim.lr", 1)

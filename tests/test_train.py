@@ -99,7 +99,7 @@ def test_overrides_and_errors():
         set_option(cfg, "optim.learning_rate", "1")
     with pytest.raises(ValueError, match="unknown section 'optimizer'"):
         set_option(cfg, "optimizer.lr", "1")
-    with pytest.raises(ValueError, match="expected a int"):
+    with pytest.raises(ValueError, match="expected an integer"):
         set_option(cfg, "data.batch_size", "many")
     base2 = preset("base", 2)
     assert (base2.optim.lr, base2.optim.warmup_steps, base2.optim.max_steps, base2.objective.clones) == (5e-5, 25_000, 200_000, 8)
