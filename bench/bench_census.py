@@ -3,7 +3,8 @@
 The forward of ours (fused features, student, decoder, teacher passes, targets, losses) runs
 on fake CUDA tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no data), under
 bf16 autocast (``ours``) or with bf16 half weights (``ours_pure``). Every ATen operation
-is recorded; Triton launches are counted, not run. The census lists what the host issues, the
+is recorded; under the fake mode each kernel call goes through its custom op (``sslam::*``,
+whose fake implementation runs instead), so each counts once. The census lists what the host issues, the
 dtype casts with the bytes they move (read + written), which are most of a step's copies, and
 the peak of the bytes the forward's tensors hold (activations, targets, temporaries).
 Views and allocations are counted apart: they launch nothing. The backward cannot run
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import importlib
 import os
 import sys
 import weakref
@@ -94,35 +94,10 @@ class Census(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def triton_launches_counted(counter: collections.Counter):
-    """Triton kernels are not run (no GPU): each launch is counted under the kernel's name."""
-    import triton.runtime.autotuner as autotuner
-    import triton.runtime.interpreter as interpreter
-    import triton.runtime.jit as jit
-
-    def count(self, *args, **kwargs):
-        fn = self
-        while hasattr(fn, "fn"):  # autotuners and heuristics wrap the JIT function
-            fn = fn.fn
-        counter[getattr(fn, "__name__", repr(fn))] += 1
-
-    classes = (jit.JITFunction, interpreter.InterpretedFunction, autotuner.Autotuner, autotuner.Heuristics)
-    saved = [(cls, cls.run) for cls in classes]  # (the interpreter's, under TRITON_INTERPRET=1)
-    try:
-        for cls, _ in saved:
-            cls.run = count
-        yield
-    finally:
-        for cls, run in saved:
-            cls.run = run
-
-
-@contextlib.contextmanager
 def host_side_on_real_tensors():
-    """The step's CPU-side helpers (lengths checks, partner indices) compute on real CPU tensors,
-    as they do in a real step; under the fake mode their data would be unknown."""
-    fbank = importlib.import_module("sslam.kernels.fbank_patch")
-    patched = [(fbank, "_check_lengths"), (sslam.pretrain, "partner_keep_indices")]
+    """The step's CPU-side helper (the partner's indices) computes on real CPU tensors, as it
+    does in a real step; under the fake mode its data would be unknown."""
+    patched = [(sslam.pretrain, "partner_keep_indices")]
     saved = [getattr(module, name) for module, name in patched]
 
     def real(fn):
@@ -169,16 +144,15 @@ def autograd_nodes(loss: torch.Tensor) -> collections.Counter:
     return nodes
 
 
-def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter, collections.Counter]:
-    """The forward of one step of ``variant`` as the GPU would get it: (its ops, its Triton
-    launches, its backward graph's nodes)."""
+def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter]:
+    """The forward of one step of ``variant`` as the GPU would get it: (its ops, its backward
+    graph's nodes)."""
     step = Step(variant, cfg, batch, torch.device("cpu"))  # built on the CPU, moved to fake CUDA
     windows, keep = step.masks()
-    ops, launches = Census(), collections.Counter()
+    ops = Census()
     previous = os.environ.get("SSLAM_KERNELS")  # (the step sets it)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), host_side_on_real_tensors(), \
-                triton_launches_counted(launches):
+        with FakeTensorMode(allow_non_fake_inputs=True), host_side_on_real_tensors():
             step.model.to("cuda")
             step.waves, step.device = step.waves.to("cuda"), torch.device("cuda")
             # The variant's precision on a GPU: its half weights as the step makes them there;
@@ -195,15 +169,13 @@ def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter, 
             os.environ.pop("SSLAM_KERNELS", None)
         else:
             os.environ["SSLAM_KERNELS"] = previous
-    return ops, launches, nodes
+    return ops, nodes
 
 
-def summary(variant: str, ops: Census, launches: collections.Counter, nodes: collections.Counter,
-            top: int = 12) -> str:
+def summary(variant: str, ops: Census, nodes: collections.Counter, top: int = 12) -> str:
     activations = sum(n for (shape, _, _), n in ops.casts.items() if len(shape) >= 3)
-    lines = [f"{variant}: {sum(ops.ops.values())} ATen ops ({ops.views} views and {ops.allocations} "
-             f"allocations apart) + "
-             f"{sum(launches.values())} Triton launches; {sum(ops.casts.values())} casts "
+    lines = [f"{variant}: {sum(ops.ops.values())} ops ({ops.views} views and {ops.allocations} "
+             f"allocations apart; each Triton kernel call is one custom op); {sum(ops.casts.values())} casts "
              f"({activations} of activations) moving {ops.cast_bytes / 1e9:.2f} GB; "
              f"the tensors it makes peak at {ops.peak_bytes / 2**30:.2f} GiB",
              "  ops: " + ", ".join(f"{name} {n}" for name, n in ops.ops.most_common(top)),
