@@ -685,7 +685,7 @@ def _is_block_list(ema) -> bool:
     return bool(names) and all(_EMA_BLOCKS_ONLY_KEY.match(k) for k in names)
 
 
-def _teacher_state(ema, student: dict, model_cfg: dict) -> dict | None:
+def _teacher_state(ema, student: dict, model_cfg: dict, source) -> dict | None:
     """The EMA teacher's encoder weights (our names) from ``model['_ema']``, or None.
 
     data2vec 2.0 (which EAT / SSLAM train with) stores the teacher as a nested dict of fp32
@@ -703,6 +703,9 @@ def _teacher_state(ema, student: dict, model_cfg: dict) -> dict | None:
         shared = [k for k in student if not k.startswith("blocks.")]
     else:
         teacher, rest = _rename_encoder(tensors)
+        twice = sorted(k for k in rest if k in teacher)  # pre_norm.weight beside its official name
+        if twice:
+            raise CheckpointError(f"{source}: model['_ema'] holds {twice} under two names")
         # Unknown teacher tensors stay under their names so that loading lists them.
         teacher.update({k: v for k, v in rest.items() if not k.startswith(FAIRSEQ_DECODER_PREFIX)})
         shared = []
@@ -774,7 +777,7 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
             unknown.append(str(key))
     if unknown:
         raise CheckpointError(f"{path}: unexpected keys (or non-tensor values) in the fairseq model: {sorted(unknown)[:20]}")
-    teacher = _teacher_state(model.get("_ema"), state, mcfg)
+    teacher = _teacher_state(model.get("_ema"), state, mcfg, path)
     if weights == "teacher":
         if teacher is None:
             raise CheckpointError(f"{path}: weights='teacher' but the file has no (non-empty) '_ema' teacher")

@@ -1223,6 +1223,11 @@ def test_two_names_for_one_weight_are_reported_not_one_dropped(tmp_path):
         torch.save(dict(tiny, model=model), tmp_path / "alias.pt")
         with pytest.raises(CheckpointError, match=rf"unexpected keys.*{re.escape(name)}"):
             load_encoder(tmp_path / "alias.pt")
+    # The same in the EMA teacher: its second name wrote over the official weight.
+    ema = {**tiny["model"]["_ema"], "pre_norm.weight": torch.full((64,), 7.0)}
+    torch.save(dict(tiny, model={**tiny["model"], "_ema": ema}), tmp_path / "alias.pt")
+    with pytest.raises(CheckpointError, match=r"alias\.pt: model\['_ema'\] holds \['pre_norm\.weight'\] under two names"):
+        load_encoder(tmp_path / "alias.pt", weights="teacher")
     folder = hf_folder(random_encoder(VARIANTS["tiny"].replace(num_classes=3)), tmp_path / "hf")
     state = load_file(folder / "model.safetensors")
     save_file({**state, "head.weight": torch.zeros_like(state["model.head.weight"])}, folder / "model.safetensors")
