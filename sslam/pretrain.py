@@ -119,6 +119,17 @@ class CNNDecoder(nn.Module):
                              residual=conv.out_channels == x.shape[-1], eps=norm.eps)
 
 
+def file_decoder_config(ckpt, base: DecoderConfig = DecoderConfig()) -> DecoderConfig:
+    """:func:`decoder_config_of` the decoder of a :class:`sslam.checkpoint.Checkpoint`; a
+    CheckpointError naming the file when its weights imply none."""
+    from .checkpoint import CheckpointError
+
+    try:
+        return decoder_config_of(ckpt.decoder, base)
+    except ValueError as exc:
+        raise CheckpointError(f"{ckpt.path}: its decoder: {exc}") from None
+
+
 def decoder_config_of(state: dict[str, torch.Tensor], base: DecoderConfig = DecoderConfig()) -> DecoderConfig:
     """The decoder architecture implied by its weights (names blocks.{i}.0.weight, proj.*);
     ValueError naming the weight whose shape implies none."""
@@ -413,7 +424,7 @@ class Pretrainer(nn.Module):
         """Student, decoder and teacher from a :class:`sslam.checkpoint.Checkpoint` (an official
         pretraining file or one of ours). The decoder's shape is read from its weights; without a
         teacher in the file the teacher starts as a copy of the student."""
-        from .checkpoint import _HEAD_NAMES, CheckpointError, check_state, encoder_from_checkpoint
+        from .checkpoint import _HEAD_NAMES, check_state, encoder_from_checkpoint
 
         if ckpt.config.num_classes:
             # A fine-tuned file: pretraining trains no head. Kept, it would get no gradient
@@ -423,10 +434,7 @@ class Pretrainer(nn.Module):
         # Nor stochastic depth (SPEC 2.1), which a fine-tuned file's config keeps (0.1).
         ckpt = dataclasses.replace(ckpt, config=ckpt.config.replace(drop_path_rate=0.0))
         if ckpt.decoder:  # every key and shape, and finite values, before anything is built
-            try:
-                objective = dataclasses.replace(objective, decoder=decoder_config_of(ckpt.decoder, objective.decoder))
-            except ValueError as exc:
-                raise CheckpointError(f"{ckpt.path}: its decoder: {exc}") from None
+            objective = dataclasses.replace(objective, decoder=file_decoder_config(ckpt, objective.decoder))
             with torch.device("meta"):
                 decoder = check_state(CNNDecoder(ckpt.config.embed_dim, objective.decoder), ckpt.decoder, ckpt.path,
                                       ckpt.decoder_file_key)

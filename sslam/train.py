@@ -52,8 +52,8 @@ from .pretrain import (
     DecoderConfig,
     ObjectiveConfig,
     Pretrainer,
-    decoder_config_of,
     ema_decay,
+    file_decoder_config,
     train_flops_per_clip,
 )
 from .schedule import cosine
@@ -823,7 +823,7 @@ class Trainer:
                 raise ValueError(f"objective.top_k={cfg.objective.top_k} exceeds the depth {ckpt.config.depth} of "
                                  f"run.init's encoder ({ckpt.path})")
             if ckpt.decoder:  # the file's decoder is trained on, whatever the settings say
-                file_decoder = decoder_config_of(ckpt.decoder)
+                file_decoder = file_decoder_config(ckpt)
                 unused = [f"model.{name}={value} (the file: {getattr(file_decoder, name.removeprefix('decoder_'))})"
                           for name, value in given_sizes(cfg.model, DECODER_SIZES).items()
                           if value != getattr(file_decoder, name.removeprefix("decoder_"))]

@@ -386,3 +386,16 @@ def test_a_damaged_decoder_in_an_init_file_is_named_before_anything_is_built(cha
     damaged = dataclasses.replace(ckpt, decoder=decoder)
     with pytest.raises(CheckpointError, match=f"(?s)tiny_ckpt.pt.*{pattern}"):
         Pretrainer.from_checkpoint(damaged, ObjectiveConfig(stage=1, clones=8, top_k=2))
+
+
+def test_pretrain_init_with_a_damaged_decoder_names_the_file(tmp_path, capsys):
+    """The trainer reads the file's decoder sizes first (to note unused settings): the error
+    there names the file too."""
+    from sslam.cli import main
+
+    tiny = torch.load(GOLDEN / "tiny_ckpt.pt", weights_only=True)
+    model = {k: v for k, v in tiny["model"].items() if k != "modality_encoders.IMAGE.decoder.proj.weight"}
+    torch.save(dict(tiny, model=model), tmp_path / "init.pt")
+    assert main(["pretrain", "--preset", "tiny", "--init", str(tmp_path / "init.pt"), "--out", str(tmp_path / "run"),
+                 "--model.decoder_layers=2", "--optim.max_steps=1"]) == 2
+    assert f"{tmp_path / 'init.pt'}: its decoder: proj.weight: missing" in capsys.readouterr().err
