@@ -574,7 +574,7 @@ def _unused_settings(cfg: TrainConfig) -> set[str]:
 def _same_init(before: str, now: str) -> bool:
     """Whether two run.init values name the same start: none, or one file however written
     (runs/s1/ is runs/./s1; a run folder is its newest checkpoint, as :func:`resolve_init`
-    reads it)."""
+    reads it; runs record the file they started from)."""
     return before == now or bool(before and now) and (
         Path(resolve_init(before)).resolve() == Path(resolve_init(now)).resolve())
 
@@ -719,6 +719,9 @@ class Trainer:
             raise ValueError(f"{self.out} holds checkpoints of an earlier run (newest {existing[-1].name}) and "
                              "run.resume=false: choose a new run.out, or remove them")
         if not existing:
+            # The record names the file the run starts from: a run folder's newest checkpoint
+            # now, which a resume can then tell from the folder's later ones.
+            cfg.run.init = resolve_init(cfg.run.init) if cfg.run.init else cfg.run.init
             self._check_no_other_record()
         self.resume_from = existing[-1] if existing else None
         saved = load_newest(existing) if existing else None

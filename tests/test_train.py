@@ -628,3 +628,18 @@ def test_init_given_as_a_run_folder_or_its_newest_checkpoint_is_one_start(tmp_pa
     (tmp_path / "s1" / "checkpoint_00000004.pt").write_bytes(b"")
     assert resume_conflicts({"config": saved.to_dict()}, now, 1) == [
         "run.init: 's1' in the checkpoint, 's1/checkpoint_00000002.pt' now"]
+
+
+def test_a_run_records_the_checkpoint_its_init_folder_gave(tmp_path):
+    """--init s1 starts from s1's newest checkpoint; once s1 has trained on, a resume naming
+    that file is the same start, and s1 itself (now its newer checkpoint) is not."""
+    quiet = lambda *a: None  # noqa: E731
+    Trainer(small(tmp_path / "s1", steps=3), log=quiet).fit()
+    Trainer(small(tmp_path / "s2", steps=3, run__init=str(tmp_path / "s1")), log=quiet).fit()
+    first = str(tmp_path / "s1" / "checkpoint_00000003.pt")
+    assert json.loads((tmp_path / "s2" / "config.json").read_text())["run"]["init"] == first
+    Trainer(small(tmp_path / "s1", steps=6), log=quiet).fit()
+    assert Trainer(small(tmp_path / "s2", steps=6, run__init=first), log=quiet).step == 3
+    for later in (str(tmp_path / "s1"), str(tmp_path / "s1" / "checkpoint_00000006.pt")):
+        with pytest.raises(ValueError, match="cannot resume with changed settings: run.init"):
+            Trainer(small(tmp_path / "s2", steps=6, run__init=later), log=quiet)
