@@ -131,7 +131,7 @@ def _check_same_kind(out: Path, quick: bool) -> None:
             before = json.loads(record.read_text()).get("quick")
         except (OSError, ValueError, AttributeError):
             before = None
-        if before is not None and before != quick:
+        if isinstance(before, bool) and before != quick:  # else not a record of this package's
             raise ValueError(f"--out {out}: holds {kinds[before]}; {kinds[quick]} needs another folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps({"quick": quick}) + "\n"))

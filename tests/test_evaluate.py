@@ -458,6 +458,17 @@ def test_demo_quick(tmp_path, monkeypatch, capsys):
     assert f"--out {out}: holds a --quick demo; the full demo needs another folder" in capsys.readouterr().err
 
 
+def test_a_demo_record_of_another_shape_is_not_one(tmp_path):
+    from sslam.demo import _check_same_kind
+
+    for text in ('{"quick": "yes"}', "[1]", "not json"):
+        (tmp_path / "demo.json").write_text(text)
+        _check_same_kind(tmp_path, quick=True)
+        assert json.loads((tmp_path / "demo.json").read_text()) == {"quick": True}
+    with pytest.raises(ValueError, match="holds a --quick demo; the full demo needs another folder"):
+        _check_same_kind(tmp_path, quick=False)
+
+
 def test_probe_features_of_two_splits_with_one_name_are_their_own():
     import dataclasses
 
