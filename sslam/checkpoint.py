@@ -1091,13 +1091,14 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "student") -> Checkp
 
 
 def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike,
-                file_key=None) -> dict:
+                file_key=None, *, values: bool = True) -> dict:
     """Compare ``state`` with ``model.state_dict()``: every key present, no extras, every shape
     equal. Returns the state with dtypes converted to the model's (fp16 / bf16 files are cast);
     raises CheckpointError listing every problem otherwise, each key also under the name the
     file gives it (``file_key``: ours -> the file's, e.g. :meth:`Checkpoint.file_key`). Official
     files may omit the fixed position table; it is recomputed. Non-finite weights (NaN / inf)
-    are an error."""
+    are an error (with ``values``; without, only keys and shapes are compared and ``state`` is
+    returned as it is)."""
 
     def shown(key: str) -> str:
         name = file_key(key) if file_key is not None else key
@@ -1124,6 +1125,8 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         if not_tensors:
             lines.append(f"  not tensors ({len(not_tensors)}): {not_tensors}")
         raise CheckpointError("\n".join(lines))
+    if not values:
+        return dict(state)
     out = {}
     for k, v in state.items():
         # Dense float tensors of the usual widths only: isfinite has no kernel for sparse, meta
@@ -1155,17 +1158,18 @@ def _fit_positions(model: Encoder, state: dict) -> dict:
     return {**state, "pos_embed": table}
 
 
-def _check_on_meta(ckpt: Checkpoint) -> None:
-    """Keys and shapes of ``ckpt`` against its config's model built on the meta device (no
-    memory, even for ViT-L): a config whose size no weight shows (a file without them, say)
-    could otherwise claim a model of any size, allocated before anything is compared."""
+def _check_on_meta(ckpt: Checkpoint, values: bool = True) -> None:
+    """Keys and shapes of ``ckpt`` (and its values: see :func:`check_state`) against its
+    config's model built on the meta device (no memory, even for ViT-L): a config whose size no
+    weight shows (a file without them, say) could otherwise claim a model of any size,
+    allocated before anything is compared."""
     _check_architecture(ckpt.config, ckpt.state, ckpt.source)
     with torch.device("meta"):
-        check_state(Encoder(ckpt.config), ckpt.state, ckpt.source, ckpt.file_key)
+        check_state(Encoder(ckpt.config), ckpt.state, ckpt.source, ckpt.file_key, values=values)
 
 
 def encoder_from_checkpoint(ckpt: Checkpoint, device="cpu", dtype: torch.dtype = torch.float32) -> Encoder:
-    _check_on_meta(ckpt)
+    _check_on_meta(ckpt, values=False)  # the values once, below
     model = Encoder(ckpt.config)
     state = check_state(model, _fit_positions(model, ckpt.state), ckpt.source, ckpt.file_key)
     model.load_state_dict(state, strict=True)
