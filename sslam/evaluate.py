@@ -836,17 +836,14 @@ class Finetuner:
 
     def _load(self, path: Path, state: dict) -> None:
         """Resume from ``state``, read from ``path``."""
-        from .train import set_rng_state
+        from .train import loading_parts, set_rng_state
 
         self._check_resume(path, state)
         self.model.load_state_dict(check_state(self.model, state["model"], f"{path} (model)"))
-        try:
+        with loading_parts(path, "its optimizer, loss scale or random streams"):
             self.optimizer.load_state_dict(state["optimizer"])
             self.scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: damaged training checkpoint: its optimizer, loss scale or random "
-                                  f"streams do not load ({exc})") from None
         self.step, self.best = state["step"], state["best"]
         exported = self._exported_best()
         if exported is not None and (self.best is None or exported > self.best):

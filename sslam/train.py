@@ -24,7 +24,7 @@ import re
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -609,6 +609,16 @@ def check_record(saved: dict, path: Path, parts: dict = TRAINING_PARTS) -> None:
         raise CheckpointError(f"{path}: damaged training checkpoint: {'; '.join(problems)}")
 
 
+@contextmanager
+def loading_parts(path: Path, parts: str):
+    """Load state ``parts`` of the checkpoint ``path`` within the block: an error of the kinds
+    torch's load_state_dict methods raise for a damaged part is a CheckpointError naming both."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: damaged training checkpoint: {parts} do not load ({exc})") from None
+
+
 def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: str | None = None) -> list[str]:
     """The settings of ``cfg`` that differ from the checkpoint ``saved`` in a way a resumed run
     cannot follow exactly, as ``section.key: <saved> in the checkpoint, <now> now``. Settings
@@ -729,7 +739,6 @@ class Trainer:
             raise CheckpointError(f"{self.resume_from}: not an sslam training checkpoint")
         if saved is not None:
             check_record(saved, self.resume_from)
-        if saved is not None:
             conflicts = resume_conflicts(saved, cfg, self.dist.world_size, self.precision)
             if conflicts:
                 raise ValueError(f"{self.resume_from}: cannot resume with changed settings: " + "; ".join(conflicts)
@@ -1105,11 +1114,8 @@ class Trainer:
         self.model.teacher.encoder.load_state_dict(state["teacher"])
 
     def _load_training_state(self, state: dict) -> None:
-        try:
+        with loading_parts(self.resume_from, "its optimizer, schedule, loss scale or random streams"):
             self._restore_training_state(state)
-        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-            raise CheckpointError(f"{self.resume_from}: damaged training checkpoint: its optimizer, schedule, loss "
-                                  f"scale or random streams do not load ({exc})") from None
 
     def _restore_training_state(self, state: dict) -> None:
         if self.sharded:
