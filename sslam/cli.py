@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -25,9 +24,7 @@ def cmd_extract(args) -> int:
     from .checkpoint import load_encoder
     from .extract import check_output, run_extract
 
-    if not args.out.strip():  # Path("") is the current folder
-        raise ValueError("--out is empty: name a .npz file or a folder")
-    check_output(Path(args.out))  # before the checkpoint is read
+    check_output(args.out)  # before the checkpoint is read
     model = load_encoder(args.checkpoint, device=_device(args.device), weights=args.weights)
     if args.compile:
         model.compile_for_inference()
@@ -167,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 def _resume_hint(args) -> str:
     """What rerunning an interrupted command does: runs resume from their last checkpoint (every
     write is atomic, so an interrupted one leaves the previous file whole)."""
+    fresh = any(item.startswith("--run.resume=") and item.split("=", 1)[1].lower() in ("0", "false", "no", "off")
+                for item in getattr(args, "overrides", []))
+    if fresh:  # the same command is refused where checkpoints now are
+        return "; without --run.resume=false the same command resumes from the last checkpoint"
     if args.command in ("pretrain", "demo") or getattr(args, "mode", None) == "finetune":
         return "; the same command resumes from the last checkpoint in its output folder"
     if args.command == "extract":

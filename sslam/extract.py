@@ -421,13 +421,18 @@ def output_lock(out: Path):
         yield
 
 
-def check_output(out: Path) -> None:
-    """Refuse, before any work, an ``--out`` that cannot be written: a ``.npz`` that is a folder,
-    or a folder (or a ``.npz``'s folder) that is a file or lies under one."""
+def check_output(out: str | os.PathLike) -> Path:
+    """``out`` as a Path; refuses, before any work, an ``--out`` that cannot be written: none
+    (empty: Path("") is the current folder), a ``.npz`` that is a folder, or a folder (or a
+    ``.npz``'s folder) that is a file or lies under one."""
+    if not str(out).strip():
+        raise ValueError("--out is empty: name a .npz file or a folder")
+    out = Path(out)
     if is_one_file(out) and out.is_dir():
         raise ValueError(f"--out {out}: it is a folder, and an output ending in .npz is one file (name a folder "
                          "without .npz for one .npz per input)")
     check_output_folder(out.parent if is_one_file(out) else out, out)
+    return out
 
 
 def run_extract(
@@ -454,8 +459,7 @@ def run_extract(
         raise ValueError(f"workers={workers!r}: must be a positive number of decoding threads")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
-    out_path = Path(out)
-    check_output(out_path)
+    out_path = check_output(out)
     items = collect_inputs(inputs, manifest_root)
     if not items:
         raise ValueError(f"no audio files found in {inputs}")

@@ -304,3 +304,14 @@ def test_a_file_in_the_output_folder_that_is_not_an_embedding_is_refused_and_kep
         assert main(["extract", str(audio_dir / "a.wav"), "--checkpoint", CKPT, "--out", str(out), "--no-progress"]) == 2
         assert "a.wav.npz: exists but is not an sslam embedding" in capsys.readouterr().err
         assert target.read_bytes() == before
+
+
+def test_run_extract_refuses_an_empty_out(audio_dir, tmp_path, monkeypatch):
+    """Path("") is the current folder: the API wrote one .npz per input there."""
+    from sslam.checkpoint import load_encoder
+    from sslam.extract import run_extract
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="--out is empty"):
+        run_extract(load_encoder(CKPT), [str(audio_dir / "a.wav")], "", progress=False)
+    assert not list(tmp_path.glob("*.npz"))
