@@ -34,7 +34,6 @@ def test_seeds_are_checked_before_any_work(capsys):
         assert message in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize("mode, options, unused", [
     ("linear", ["--out", "runs/x"], "--out (fine-tuning's run folder"),
     ("finetune", ["--seeds", "5"], "--seeds (linear probes"),
@@ -49,6 +48,7 @@ def test_evaluate_options_the_mode_or_splits_do_not_read_are_refused(capsys, mod
     argv = ["evaluate", mode, "--checkpoint", "missing.pt", "--train", "synth:mono", "--test", "synth:mono"]
     assert main([*argv, *options]) == 2
     assert f"not used by evaluate {mode} with these splits: {unused}" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("argv", [
     ["pretrain", "--preset", "tiny", "--optim.max_steps=1"],
@@ -67,7 +67,6 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, argv, under
     err = capsys.readouterr().err
     assert err.startswith(f"sslam: error: --out {out}: ") and "Traceback" not in err
     assert f"{tmp_path / 'afile' if under else 'it'} is not a folder" in err
-
 
 
 @pytest.mark.parametrize("argv", [
@@ -95,6 +94,7 @@ def test_an_empty_data_source_is_not_the_default(tmp_path, capsys, monkeypatch):
     assert "data.source is empty" in capsys.readouterr().err
     assert main(["pretrain", "--preset", "tiny", "--out", "", "--optim.max_steps=1"]) == 2
     assert "run.out must name a folder" in capsys.readouterr().err
+
 
 def test_an_npz_output_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "emb.npz").mkdir()
@@ -140,7 +140,6 @@ def test_evaluate_under_torchrun_puts_each_process_on_its_own_gpu(monkeypatch):
     assert chosen == ["cuda:1", "cuda:1"]
 
 
-
 def test_a_setting_given_twice_is_refused(capsys):
     """--out and --run.out= set one value; the override won whatever the order."""
     for argv in (["--run.out=AAA", "--out", "BBB"], ["--data.source=x.tsv", "--data", "synth"],
@@ -148,7 +147,6 @@ def test_a_setting_given_twice_is_refused(capsys):
         assert main(["pretrain", "--preset", "tiny", "--print-config", *argv]) == 2
         key = next(a for a in argv if "=" in a)[2:].split("=")[0]
         assert f"both set {key}: give one of them" in capsys.readouterr().err
-
 
 
 @pytest.mark.parametrize("argv, hint", [

@@ -473,7 +473,6 @@ def test_regression_convert_refuses_to_overwrite_unless_asked(tmp_path, capsys):
     assert torch.equal(converted.embed(clip, 16000).frames, teacher.embed(clip, 16000).frames)
 
 
-
 def test_convert_never_replaces_a_config_json_that_is_not_an_export(tmp_path, capsys):
     """A training run's (or a Hugging Face model's) config.json where the export would go: it
     was called an exported encoder, and --overwrite replaced it beside the run's checkpoints."""

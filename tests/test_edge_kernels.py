@@ -486,7 +486,6 @@ def test_decoder_bad_arguments_are_named(dec_kernels):
         dec.decoder_norm_act(torch.randn(3, 0))
 
 
-
 def test_decoder_eps_is_a_number_on_both_paths(dec_kernels, monkeypatch):
     """A numpy float eps gives the Python float's result on the kernel path as on the reference
     (Triton took it for an unknown type); a tensor or a negative eps is refused by name."""
@@ -505,6 +504,7 @@ def test_decoder_eps_is_a_number_on_both_paths(dec_kernels, monkeypatch):
                 dec.decoder_norm_act(y, eps=eps)
             with pytest.raises(ValueError, match="eps="):
                 dec.decoder_layer(x, (3, 2), w, b, groups=4, eps=eps)
+
 
 def test_arguments_of_the_wrong_type_are_named():
     """A tuple or None for the windows, a float for groups: TypeErrors naming them (they used to

@@ -414,7 +414,6 @@ def test_finetune_writes_checkpoints_resumes_and_exports(tmp_path):
         Finetuner(tiny_encoder(), train, test, replace(cfg, steps=4), log=lambda *a: None)
 
 
-
 @pytest.mark.parametrize("change, pattern", [
     (lambda c: c.pop("optimizer"), "optimizer: missing"),
     (lambda c: c.update(step="3"), "step: a str, not an int"),
