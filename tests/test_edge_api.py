@@ -522,6 +522,7 @@ def test_regression_finetune_resume_with_changed_settings_is_refused(tmp_path, s
     with pytest.raises(ValueError, match=r"classes: 12 in the checkpoint"):
         Finetuner(tiny_encoder(), renamed, LabeledSplit(test.name, test.items, test.targets, renamed.class_names, True),
                   cfg, log=quiet)
+
     def one_label(split):  # a single-label task of the same clips and classes
         targets = torch.zeros_like(split.targets)
         targets[torch.arange(len(split)), split.targets.argmax(1)] = 1
