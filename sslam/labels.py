@@ -184,8 +184,10 @@ def _lbl_fields(line: str, known, names: set[str], where: str) -> tuple[str, str
         return fields[0].strip(), fields[1]
     text = line.strip()
     if clip_id_key(text) not in names:  # not this clip's id: perhaps labels, or an id and labels
-        after_space = text.split(None, 1)[1:]
-        if any(label in known for part in [text, *after_space] for label in split_labels(part, known)):
+        first, *after_space = text.split(None, 1)
+        # This clip's id, a space, then anything: labels known or not (another descriptors file).
+        id_then_text = bool(after_space) and clip_id_key(first) in names
+        if id_then_text or any(label in known for part in [text, *after_space] for label in split_labels(part, known)):
             raise LabelError(f"{where}: labels without an id in {text!r}; expected 'id<TAB>labels'")
     return text, ""
 

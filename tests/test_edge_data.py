@@ -609,6 +609,7 @@ def test_lbl_ids_with_dots_spaces_or_label_names_pair_with_their_clips(tmp_path)
 
 @pytest.mark.parametrize("line, match", [("a\t/m/dog\t/m/cat", "3 tab-separated fields"),
                                          ("a /m/dog", "labels without an id"),
+                                         ("a /m/unknown", "labels without an id"),
                                          ("/m/dog", "labels without an id")])
 def test_lbl_lines_that_would_lose_labels_are_refused(tmp_path, audio, line, match):
     """Regression: a tab between labels dropped all but the first, a space after the id (or no
