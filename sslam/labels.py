@@ -75,13 +75,20 @@ def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
     if not rows or [c.strip().lower() for c in rows[0][1][:3]] != ["index", "mid", "display_name"]:
         raise LabelError(f"{path}: expected a header 'index,mid,display_name'")
     entries, seen = [], {}
+    columns = len(rows[0][1])
     for number, row in rows[1:]:
         if not row:
             continue
         if len(row) < 3:
             raise LabelError(f"{path}:{number}: expected index,mid,display_name")
+        if len(row) > columns and columns > 3:
+            raise LabelError(f"{path}:{number}: {len(row)} fields for the {columns} columns of the header; quote "
+                             "a display name that holds commas")
+        # Three columns: the fields after the mid are one display name whose commas were not
+        # quoted ("Male speech, man speaking").
+        name = ",".join(row[2:]) if columns == 3 else row[2]
         try:
-            entry = (int(row[0]), row[1].strip(), row[2].strip())
+            entry = (int(row[0]), row[1].strip(), name.strip())
         except ValueError:
             raise LabelError(f"{path}:{number}: index {row[0]!r} is not an integer") from None
         # A repeated index or mid would silently map two classes onto one column.

@@ -536,6 +536,16 @@ def test_descriptor_errors_name_file_and_line(tmp_path, rows, match):
         read_descriptors(tmp_path / "desc2.csv")
 
 
+def test_a_display_name_with_unquoted_commas_is_whole(tmp_path):
+    """Its fields after the mid were dropped: 'Male speech, man speaking' became 'Male speech'
+    (and its .lbl names an 'unknown label'). With more header columns it is refused."""
+    (tmp_path / "d.csv").write_text("index,mid,display_name\n0,/m/09x0r,Speech\n1,/m/05zppz,Male speech, man speaking\n")
+    assert read_descriptors(tmp_path / "d.csv") == [("/m/09x0r", "Speech"), ("/m/05zppz", "Male speech, man speaking")]
+    (tmp_path / "d.csv").write_text("index,mid,display_name,group\n0,/m/05zppz,Male speech, man speaking,voice\n")
+    with pytest.raises(LabelError, match="d.csv:2: 5 fields for the 4 columns of the header; quote"):
+        read_descriptors(tmp_path / "d.csv")
+
+
 def test_lbl_errors_count_blank_lines(tmp_path, audio):
     """Regression: .lbl line numbers in errors skipped blank lines (said :3 for line 4)."""
     (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t1\n\nb.wav\t1\nc.wav\t1\n")
