@@ -256,9 +256,10 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
             continue
         if not row[0].strip():
             raise LabelError(f"{path}:{number}: labels without a path")
-        filled = len([field for field in row if field.strip()])
-        if columns > 2 and filled > columns:
-            raise LabelError(f"{path}:{number}: {filled} fields for the {columns} columns of the header; "
+        # Wider than the header (its trailing commas included), even by an empty field: some
+        # field then sits in another's column (a label read as the fold, or one dropped).
+        if columns > 2 and len(row) > len(rows[0][1]):
+            raise LabelError(f"{path}:{number}: {len(row)} fields for the {columns} columns of the header; "
                              "quote a labels field that holds commas")
         file = Path(row[0].strip())
         paths.append(file if file.is_absolute() else path.parent / file)
