@@ -655,18 +655,22 @@ def test_the_full_probe_hands_the_encoder_back_as_it_was(training):
     assert encoder.cfg.drop_path_rate == 0 and all(p.requires_grad for p in encoder.parameters())
 
 
-def test_an_undefined_metric_is_no_best(tmp_path):
-    """A test split without any positive gives mAP NaN: not a best (max(nan, x) is nan, which
-    would hide every later evaluation)."""
+def test_a_split_without_any_label_is_refused(tmp_path):
+    """Classes named by descriptors can have no clip: a test split without any positive gave
+    mAP NaN (printed as the non-JSON token NaN, exit status 0), a train split without any an
+    untrained head scored as if trained."""
     import dataclasses
 
     train = synth_split("poly", True, 8)
     test = synth_split("poly", False, 4)
-    test = dataclasses.replace(test, targets=torch.zeros_like(test.targets))
     cfg = FinetuneConfig(steps=1, warmup=0, batch_size=4, out=str(tmp_path), workers=0)
-    tuner = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
-    record = tuner.fit()
-    assert math.isnan(record["mAP"]) and tuner.best is None
+    for which, split in (("test", test), ("train", train)):
+        empty = dataclasses.replace(split, targets=torch.zeros_like(split.targets))
+        pair = (train, empty) if which == "test" else (empty, test)
+        with pytest.raises(ValueError, match=f"split '{split.name}': no clip has a label"):
+            Finetuner(tiny_encoder(), *pair, cfg, log=lambda *a: None)
+        with pytest.raises(ValueError, match=f"split '{split.name}': no clip has a label"):
+            linear_probe(tiny_encoder(), *pair, ProbeConfig(epochs=1, batch_size=4))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
