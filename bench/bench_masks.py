@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--csv", type=Path, default=None, help="append one row per measurement here"
     )
+    parser.add_argument("--quick", action="store_true", help="3 repeats (CI)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats = 3
 
     if not native.available():
         raise SystemExit(

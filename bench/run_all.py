@@ -47,7 +47,7 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
             ("mixture", ["bench_mixture.py", "--quick"]),
             ("decoder", ["bench_decoder.py", "--quick"]),
             ("regression", ["bench_regression.py", "--quick"]),
-            ("masks", ["bench_masks.py", "--rows", "192", "--repeats", "3"]),
+            ("masks", ["bench_masks.py", "--rows", "192", "--quick"]),
             ("encoder", ["bench_encoder.py", "--quick"]),
             ("step", ["bench_step.py", "--quick", "--profile", str(out / "profile")]),
             ("memory", ["bench_memory.py", "--quick"]),
