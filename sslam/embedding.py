@@ -63,8 +63,10 @@ class Embeddings:
         timestamp_mask (B, R) True where real; times (R,) centre of each row in seconds.
     num_rows: (B,) patch rows produced per clip (the rest of the padded batch is zeros): the
         whole window for a short clip with official padding, else its real rows.
-    logits / probabilities: (B, C) for fine-tuned models (sigmoid, multi-label), with
-        label_names; None otherwise.
+    logits / probabilities: (B, C) for fine-tuned models, with label_names; None otherwise.
+        probabilities is the logits' sigmoid, as the official evaluation computes it, for
+        single-label heads too (their class is the argmax; logits.softmax(-1) gives their
+        distribution).
     """
 
     utterance: torch.Tensor
