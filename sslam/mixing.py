@@ -96,11 +96,13 @@ def sample_windows(
         align: granularity of the starts (16 = one patch row).
         generator: the torch.Generator to draw from (the global one when None).
     """
+    sizes = {}
     for name, value in (("num_frames", num_frames), ("width", width), ("align", align)):
         try:
-            _frame_index(value)
+            sizes[name] = _frame_index(value)  # Python ints: unsigned numpy or torch ones wrap around below
         except TypeError:
             raise ValueError(f"sample_windows: {name} must be an int, got {value!r}") from None
+    num_frames, width, align = sizes["num_frames"], sizes["width"], sizes["align"]
     if num_frames <= 0 or width <= 0 or align <= 0:
         raise ValueError(
             f"sample_windows: num_frames={num_frames}, width={width} and align={align} must be "

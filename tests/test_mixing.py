@@ -57,6 +57,12 @@ def test_sample_windows_rejects_impossible_sizes():
         sample_windows(num_frames=400, width=240)
     with pytest.raises(ValueError, match="positive"):
         sample_windows(num_frames=64, width=16, align=0)
+    # Unsigned sizes: their differences wrapped around, and windows past the end were drawn.
+    import numpy as np
+
+    for unsigned in (lambda v: torch.tensor(v, dtype=torch.uint8), np.uint64):
+        with pytest.raises(ValueError, match="too short"):
+            sample_windows(unsigned(100), unsigned(100))
 
 
 def test_window_frame_mask():
