@@ -63,9 +63,11 @@ class MaskConfig:
             raise ValueError(
                 f"MaskConfig.grid {self.grid} has {self.num_patches} patches; at most 2**31 are supported"
             )
-        if not (_is_real(self.mask_prob) and 0.0 < self.mask_prob < 1.0):
+        # Ranges are checked on the floats stored: 1 - 1e-30 passes "< 1" but is stored as 1.0.
+        prob, adjust, dropout = (_as_float(getattr(self, name)) for name in ("mask_prob", "mask_prob_adjust", "mask_dropout"))
+        if not (prob is not None and 0.0 < prob < 1.0):
             raise ValueError(f"MaskConfig.mask_prob must lie in (0, 1), got {self.mask_prob!r}")
-        if not (_is_real(self.mask_prob_adjust) and 0.0 <= self.mask_prob_adjust <= 1.0):
+        if not (adjust is not None and 0.0 <= adjust <= 1.0):
             raise ValueError(
                 f"MaskConfig.mask_prob_adjust must lie in [0, 1], got {self.mask_prob_adjust!r}"
             )
@@ -77,14 +79,14 @@ class MaskConfig:
             )
         if not isinstance(self.inverse, bool):
             raise ValueError(f"MaskConfig.inverse must be a bool, got {self.inverse!r}")
-        if not (_is_real(self.mask_dropout) and 0.0 <= self.mask_dropout < 1.0):
+        if not (dropout is not None and 0.0 <= dropout < 1.0):
             raise ValueError(
                 f"MaskConfig.mask_dropout must lie in [0, 1), got {self.mask_dropout!r}"
             )
         # Plain Python numbers from here on (the C++ extension and hashing take them as such).
-        for name, kind in (("mask_prob", float), ("mask_prob_adjust", float), ("mask_length", int),
-                           ("mask_dropout", float)):
-            object.__setattr__(self, name, kind(getattr(self, name)))
+        for name, value in (("mask_prob", prob), ("mask_prob_adjust", adjust), ("mask_length", int(self.mask_length)),
+                            ("mask_dropout", dropout)):
+            object.__setattr__(self, name, value)
         if self.num_kept == 0 or self.num_masked == 0:
             raise ValueError(
                 f"MaskConfig(grid={self.grid}, mask_prob={self.mask_prob}, inverse={self.inverse}) "
@@ -152,8 +154,16 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+def _as_float(value) -> float | None:
+    """``value`` as a finite Python float, or None if it is not one (a bool, text, NaN, or an int
+    past any float)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _check_rows(name: str, value) -> int:
@@ -262,8 +272,8 @@ def block_masks(
     seed = _seed64(seed)
     if threads is None:
         threads = default_threads()
-    elif not _is_int(threads) or threads < 1:
-        raise ValueError(f"threads must be an int >= 1 or None, got {threads!r}")
+    elif not _is_int(threads) or not 1 <= threads < 2**31:
+        raise ValueError(f"threads must be an int in [1, 2**31) or None, got {threads!r}")
     threads = int(threads)
     if native.available():
         masks = native.extension().block_masks(num_rows, *config.native_args, seed, threads)

@@ -4,6 +4,7 @@ extension) go through the same checks."""
 
 from __future__ import annotations
 
+import fractions
 import importlib
 import itertools
 import math
@@ -124,6 +125,9 @@ def test_config_mask_dropout_only_scales_the_centres():
         ("inverse", 1),
         ("mask_dropout", -0.1),
         ("mask_dropout", 1.0),
+        # just under 1 as a Fraction, stored as the float 1.0: the C++ extension refused it later
+        ("mask_dropout", 1 - fractions.Fraction(1, 10**30)),
+        ("mask_prob", 10**400),  # past any float: an OverflowError
     ],
 )
 def test_config_rejects_bad_values(field, value):
@@ -664,3 +668,10 @@ def test_module_exports():
         "clone_masks",
         "kept_indices",
     }
+
+
+def test_threads_past_what_the_extension_takes_are_named():
+    """2**63 threads: a pybind 'incompatible function arguments' TypeError (the reference took it)."""
+    for threads in (2**63, 0, True):
+        with pytest.raises(ValueError, match="threads must be an int in"):
+            block_masks(2, MaskConfig(), 0, threads=threads)
