@@ -76,6 +76,18 @@ def _frame_index(value) -> int:
     return operator.index(value)
 
 
+def _size(name: str, value) -> int:
+    """``value`` as a positive Python int; ValueError naming ``name`` otherwise (a float, a bool,
+    0 or less would fail later as a torch or modulo error that names nothing)."""
+    try:
+        size = _frame_index(value)
+    except TypeError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return size
+
+
 def sample_windows(
     num_frames: int = 1024,
     width: int = 240,
@@ -195,6 +207,7 @@ def mix_patches(patches: torch.Tensor, windows: MixWindows, freq_patches: int = 
     Returns:
         (B, N, P) like ``patches``, equal to patchify(mix_spectrograms(unpatchify(patches))).
     """
+    freq_patches = _size("freq_patches", freq_patches)
     if patches.dim() != 3 or patches.shape[1] % freq_patches:
         raise ValueError(
             f"patches: expected (B, N, P) with N a multiple of freq_patches={freq_patches}, got "
@@ -226,6 +239,8 @@ def partner_keep_indices(
     The teacher's second pass on the clean partner keeps exactly these tokens, after positions
     are added, so each keeps its own position. Token index = row * freq_patches + column.
     """
+    time_patches, freq_patches, patch = (_size(name, value) for name, value in (
+        ("time_patches", time_patches), ("freq_patches", freq_patches), ("patch", patch)))
     inside = _window_row_mask(windows, time_patches, patch=patch)
     tokens = torch.arange(time_patches * freq_patches).view(time_patches, freq_patches)
     return tokens[~inside].flatten()

@@ -154,3 +154,16 @@ def test_mixed_rows_match_keep_indices():
         rows = torch.cat([torch.arange(a, b) for a, b in mixed_row_ranges(windows)])
         keep = partner_keep_indices(windows)
         assert torch.equal(keep.view(-1, 8)[:, 0] // 8, rows)
+
+
+def test_sizes_that_are_not_positive_ints_are_named():
+    """They failed as a torch.arange, zeros() or modulo-by-zero error, or (a float patch) were
+    taken in float arithmetic."""
+    windows = MixWindows((0, 240))
+    for kwargs, name in (({"freq_patches": -1}, "freq_patches"), ({"time_patches": -4}, "time_patches"),
+                         ({"time_patches": 64.0}, "time_patches"), ({"patch": 0}, "patch"),
+                         ({"patch": 16.0}, "patch")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            partner_keep_indices(windows, **kwargs)
+    with pytest.raises(ValueError, match="freq_patches must be a positive int"):
+        mix_patches(torch.zeros(2, 512, 4), windows, 0)
