@@ -174,6 +174,8 @@ def _check_rows(name: str, value) -> int:
 
 def _check_size(num_rows, config: MaskConfig) -> int:
     """``num_rows`` as an int, after checking that the masks can exist."""
+    if not isinstance(config, MaskConfig):
+        raise TypeError(f"config: expected a MaskConfig, got {type(config).__name__}")
     num_rows = _check_rows("num_rows", num_rows)
     if num_rows * config.num_patches > _MAX_ELEMENTS:
         raise ValueError(

@@ -162,6 +162,8 @@ def mix_spectrograms(spec: torch.Tensor, windows: MixWindows) -> torch.Tensor:
         where it is spec[i]. (The official code sets the partner to -inf there and takes the max,
         which is the same.)
     """
+    if not isinstance(spec, torch.Tensor):
+        raise TypeError(f"spec: expected a torch.Tensor, got {type(spec).__name__}")
     if spec.dim() != 4:
         raise ValueError(f"spec: expected (B, 1, T, F), got shape {tuple(spec.shape)}")
     partner = torch.roll(spec, shifts=1, dims=0)

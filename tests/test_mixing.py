@@ -167,3 +167,16 @@ def test_sizes_that_are_not_positive_ints_are_named():
             partner_keep_indices(windows, **kwargs)
     with pytest.raises(ValueError, match="freq_patches must be a positive int"):
         mix_patches(torch.zeros(2, 512, 4), windows, 0)
+
+
+def test_arguments_of_the_wrong_type_are_named():
+    import numpy as np
+
+    from sslam.masking import block_masks, clone_masks
+
+    with pytest.raises(TypeError, match="spec: expected a torch.Tensor, got ndarray"):
+        mix_spectrograms(np.zeros((2, 1, 64, 16)), MixWindows((0, 32), 16))
+    with pytest.raises(TypeError, match="config: expected a MaskConfig, got NoneType"):
+        block_masks(3, None, 0)
+    with pytest.raises(TypeError, match="config: expected a MaskConfig, got dict"):
+        clone_masks(3, 2, {}, 0)
