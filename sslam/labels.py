@@ -68,6 +68,15 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
+def _without_trailing_empty(fields: list[str], keep: int) -> list[str]:
+    """``fields`` without the empty fields at its end (a spreadsheet's trailing commas), but at
+    least its first ``keep``."""
+    end = len(fields)
+    while end > keep and not fields[end - 1].strip():
+        end -= 1
+    return fields[:end]
+
+
 def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``index,mid,display_name`` rows -> [(mid, display_name)] in index order."""
     path = Path(path)
@@ -75,8 +84,9 @@ def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
     if not rows or [c.strip().lower() for c in rows[0][1][:3]] != ["index", "mid", "display_name"]:
         raise LabelError(f"{path}: expected a header 'index,mid,display_name'")
     entries, seen = [], {}
-    columns = len(rows[0][1])
+    columns = len(_without_trailing_empty(rows[0][1], 0))  # a spreadsheet's trailing comma names none
     for number, row in rows[1:]:
+        row = _without_trailing_empty(row, 3)
         if not row:
             continue
         if len(row) < 3:
@@ -179,7 +189,7 @@ def clip_id_key(clip_id: str) -> str:
     return os.path.basename(clip_id.strip()).casefold()
 
 
-def _lbl_fields(line: str, known, names: set[str], where: str) -> tuple[str, str]:
+def _lbl_fields(line: str, known, names: set[str], every_name: set[str], where: str) -> tuple[str, str]:
     """``(id, labels)`` of a .lbl line ``id<TAB>label,label,...`` for the clip with ``names``;
     a line that would lose labels is an error: more tab fields (only the first would be read),
     or labels without a tab-separated id (the clip would get none)."""
@@ -193,7 +203,8 @@ def _lbl_fields(line: str, known, names: set[str], where: str) -> tuple[str, str
     if clip_id_key(text) not in names:  # not this clip's id: perhaps labels, or an id and labels
         first, *after_space = text.split(None, 1)
         # This clip's id, a space, then anything: labels known or not (another descriptors file).
-        id_then_text = bool(after_space) and clip_id_key(first) in names
+        # (Unless the whole text names another clip: the order check reports that.)
+        id_then_text = bool(after_space) and clip_id_key(first) in names and clip_id_key(text) not in every_name
         if id_then_text or any(label in known for part in [text, *after_space] for label in split_labels(part, known)):
             raise LabelError(f"{where}: labels without an id in {text!r}; expected 'id<TAB>labels'")
     return text, ""
@@ -220,7 +231,7 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
     label_lists, where = [], []
     for path, (number, line) in zip(paths, label_lines):
         names = clip_names(path)
-        clip_id, labels = _lbl_fields(line, lookup, names, f"{lbl}:{number}")
+        clip_id, labels = _lbl_fields(line, lookup, names, every_name, f"{lbl}:{number}")
         # Labels pair with clips by line; an id naming another of the clips (by file name or
         # stem, through a folder, in other case) means another order.
         if clip_id_key(clip_id) not in names and clip_id_key(clip_id) in every_name:
@@ -258,7 +269,8 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
             raise LabelError(f"{path}:{number}: labels without a path")
         # Wider than the header (its trailing commas included), even by an empty field: some
         # field then sits in another's column (a label read as the fold, or one dropped).
-        if columns > 2 and len(row) > len(rows[0][1]):
+        filled = len([field for field in row if field.strip()])
+        if columns > 2 and (len(row) > len(rows[0][1]) or filled > columns):
             raise LabelError(f"{path}:{number}: {len(row)} fields for the {columns} columns of the header; "
                              "quote a labels field that holds commas")
         file = Path(row[0].strip())

@@ -544,6 +544,12 @@ def test_a_display_name_with_unquoted_commas_is_whole(tmp_path):
     (tmp_path / "d.csv").write_text("index,mid,display_name,group\n0,/m/05zppz,Male speech, man speaking,voice\n")
     with pytest.raises(LabelError, match="d.csv:2: 5 fields for the 4 columns of the header; quote"):
         read_descriptors(tmp_path / "d.csv")
+    # A spreadsheet's trailing commas, on the rows or on the header, are no fields.
+    for text in ('index,mid,display_name\n0,/m/09x0r,"Speech",\n1,/m/05zppz,Male speech, man speaking,\n',
+                 "index,mid,display_name,\n0,/m/09x0r,Speech\n1,/m/05zppz,Male speech, man speaking\n"):
+        (tmp_path / "d.csv").write_text(text)
+        assert read_descriptors(tmp_path / "d.csv") == [("/m/09x0r", "Speech"),
+                                                        ("/m/05zppz", "Male speech, man speaking")]
 
 
 def test_lbl_errors_count_blank_lines(tmp_path, audio):
@@ -614,6 +620,13 @@ def test_lbl_ids_with_dots_spaces_or_label_names_pair_with_their_clips(tmp_path)
         read_fairseq_split(tmp_path / "s.tsv", tmp_path / "d.csv")
     (tmp_path / "s.lbl").write_text(good.replace("my clip\n", "/m/dog,/m/cat\n"))
     with pytest.raises(LabelError, match="s.lbl:5: labels without an id"):
+        read_fairseq_split(tmp_path / "s.tsv", tmp_path / "d.csv")
+    # An id with a space naming another clip ('x.1 b' where x.1.wav is) is out of order, not
+    # labels after x.1's id.
+    sf.write(folder / "x.1 b.wav", np.zeros(800), 16000)
+    (tmp_path / "s.tsv").write_text(f"{folder}\n" + "".join(f"{n}\t800\n" for n in names[:-1] + ["x.1 b.wav"]))
+    (tmp_path / "s.lbl").write_text(good.replace("x.1\t/m/cat", "x.1 b").replace("Dog\n", "x.1\t/m/cat\n"))
+    with pytest.raises(LabelError, match=r"s.lbl:2: labels of 'x.1 b' where the manifest .* has x.1.wav"):
         read_fairseq_split(tmp_path / "s.tsv", tmp_path / "d.csv")
 
 

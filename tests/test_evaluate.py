@@ -164,8 +164,10 @@ def test_csv_labels(tmp_path):
     (tmp_path / "folds.csv").write_text("path,labels,fold\nx.wav,dog,1\ny.wav,cat,2\n")
     folds = read_csv_split(tmp_path / "folds.csv")
     assert folds.class_names == ["cat", "dog"] and not folds.multilabel
-    for row in ("x.wav,dog,cat,1", "x.wav,dog,cat,", "x.wav,,dog,1"):  # 'cat' read as the fold; 'dog' dropped
-        (tmp_path / "long.csv").write_text(f"path,labels,fold\n{row}\n")
+    for header, row in (("path,labels,fold", "x.wav,dog,cat,1"), ("path,labels,fold,", "x.wav,dog,cat,1"),
+                        ("path,labels,fold", "x.wav,dog,cat,"), ("path,labels,fold", "x.wav,,dog,1")):
+        # 'cat' read as the fold; 'dog' dropped
+        (tmp_path / "long.csv").write_text(f"{header}\n{row}\n")
         with pytest.raises(LabelError, match=r"long.csv:2: 4 fields for the 3 columns of the header; quote"):
             read_csv_split(tmp_path / "long.csv")
     # A clip listed twice (here with other labels) is refused, naming both lines.
