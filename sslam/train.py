@@ -748,8 +748,9 @@ class Trainer:
                 raise ValueError(f"{self.resume_from}: the run is at step {saved['step']}, past optim.max_steps="
                                  f"{cfg.optim.max_steps}: give a larger one to train on")
             # The EMA schedule depends on whether the run started from a checkpoint (see
-            # ema_decay); a resume that leaves --init out must keep the original choice.
-            cfg.run.init = cfg.run.init or (saved.get("config") or {}).get("run", {}).get("init", "")
+            # ema_decay), and the record names the file it started from: a resume keeps it
+            # (an --init given now names the same start, resume_conflicts checked).
+            cfg.run.init = (saved.get("config") or {}).get("run", {}).get("init", "")
         self.model = self._build_model(saved)
         self.mask_cfg = mask_config(cfg)
         self.step = 0

@@ -631,15 +631,18 @@ def test_init_given_as_a_run_folder_or_its_newest_checkpoint_is_one_start(tmp_pa
 
 
 def test_a_run_records_the_checkpoint_its_init_folder_gave(tmp_path):
-    """--init s1 starts from s1's newest checkpoint; once s1 has trained on, a resume naming
-    that file is the same start, and s1 itself (now its newer checkpoint) is not."""
+    """--init s1 starts from s1's newest checkpoint, which the run records, through its
+    resumes too; once s1 has trained on, a resume naming that file is the same start, and s1
+    itself (now its newer checkpoint) is not."""
     quiet = lambda *a: None  # noqa: E731
+    s1 = str(tmp_path / "s1")
     Trainer(small(tmp_path / "s1", steps=3), log=quiet).fit()
-    Trainer(small(tmp_path / "s2", steps=3, run__init=str(tmp_path / "s1")), log=quiet).fit()
+    Trainer(small(tmp_path / "s2", steps=3, run__init=s1), log=quiet).fit()
     first = str(tmp_path / "s1" / "checkpoint_00000003.pt")
     assert json.loads((tmp_path / "s2" / "config.json").read_text())["run"]["init"] == first
+    Trainer(small(tmp_path / "s2", steps=6, run__init=s1), log=quiet).fit()  # s1 is still at step 3
     Trainer(small(tmp_path / "s1", steps=6), log=quiet).fit()
-    assert Trainer(small(tmp_path / "s2", steps=6, run__init=first), log=quiet).step == 3
-    for later in (str(tmp_path / "s1"), str(tmp_path / "s1" / "checkpoint_00000006.pt")):
+    for later in (s1, str(tmp_path / "s1" / "checkpoint_00000006.pt")):
         with pytest.raises(ValueError, match="cannot resume with changed settings: run.init"):
-            Trainer(small(tmp_path / "s2", steps=6, run__init=later), log=quiet)
+            Trainer(small(tmp_path / "s2", steps=9, run__init=later), log=quiet)
+    assert Trainer(small(tmp_path / "s2", steps=9, run__init=first), log=quiet).step == 6
