@@ -136,10 +136,13 @@ def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
     if not train.class_names:
         raise ValueError(f"split {train.name!r} names no classes: its labels column is empty")
     # Classes from descriptors can be named by no clip: a split without any label leaves nothing
-    # to learn, or (to score) gives an mAP over no class, NaN.
-    for split, purpose in ((train, "nothing to learn"), (test, "mAP is undefined (it averages the classes with positives)")):
-        if not bool(split.targets.any()):
-            raise ValueError(f"split {split.name!r}: no clip has a label; {purpose}")
+    # to learn, or (to score) gives an mAP over no class, NaN. (Single-label splits are checked
+    # clip by clip below.)
+    if train.multilabel or test.multilabel:
+        for split, purpose in ((train, "nothing to learn"),
+                               (test, "mAP is undefined (it averages the classes with positives)")):
+            if not bool(split.targets.any()):
+                raise ValueError(f"split {split.name!r}: no clip has a label; {purpose}")
     if not (train.multilabel or test.multilabel):
         # Single-label: softmax over the classes and accuracy. One class leaves nothing to learn
         # (accuracy 1.0 whatever the encoder), and a clip without a label would count as class 0.

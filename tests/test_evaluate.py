@@ -673,6 +673,11 @@ def test_a_split_without_any_label_is_refused(tmp_path):
             Finetuner(tiny_encoder(), *pair, cfg, log=lambda *a: None)
         with pytest.raises(ValueError, match=f"split '{split.name}': no clip has a label"):
             linear_probe(tiny_encoder(), *pair, ProbeConfig(epochs=1, batch_size=4))
+    # A single-label task scores accuracy: its clips without a label are named as such.
+    mono_train, mono_test = synth_split("mono", True, 8), synth_split("mono", False, 4)
+    empty = dataclasses.replace(mono_test, targets=torch.zeros_like(mono_test.targets))
+    with pytest.raises(ValueError, match="4 clip\\(s\\) without a label; a single-label split"):
+        linear_probe(tiny_encoder(), mono_train, empty, ProbeConfig(epochs=1, batch_size=4))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
