@@ -164,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 def _resume_hint(args) -> str:
     """What rerunning an interrupted command does: runs resume from their last checkpoint (every
     write is atomic, so an interrupted one leaves the previous file whole)."""
-    fresh = any(item.startswith("--run.resume=") and item.split("=", 1)[1].lower() in ("0", "false", "no", "off")
-                for item in getattr(args, "overrides", []))
-    if fresh:  # the same command is refused where checkpoints now are
+    from .train import parse_option
+
+    resume = [item.split("=", 1)[1] for item in getattr(args, "overrides", []) if item.startswith("--run.resume=")]
+    if resume and parse_option(resume[-1], "bool", "run.resume") is False:  # refused where checkpoints now are
         return "; without --run.resume=false the same command resumes from the last checkpoint"
     if args.command in ("pretrain", "demo") or getattr(args, "mode", None) == "finetune":
         return "; the same command resumes from the last checkpoint in its output folder"
