@@ -166,8 +166,12 @@ def _resume_hint(args) -> str:
     write is atomic, so an interrupted one leaves the previous file whole)."""
     from .train import parse_option
 
-    resume = [item.split("=", 1)[1] for item in getattr(args, "overrides", []) if item.startswith("--run.resume=")]
-    if resume and parse_option(resume[-1], "bool", "run.resume") is False:  # refused where checkpoints now are
+    given = [item.split("=", 1)[1] for item in getattr(args, "overrides", []) if item.startswith("--run.resume=")]
+    try:  # (a bad value is refused before any work; it can only be met here if interrupted before that)
+        fresh = bool(given) and parse_option(given[-1], "bool", "run.resume") is False
+    except ValueError:
+        fresh = False
+    if fresh:  # the same command is refused where checkpoints now are
         return "; without --run.resume=false the same command resumes from the last checkpoint"
     if args.command in ("pretrain", "demo") or getattr(args, "mode", None) == "finetune":
         return "; the same command resumes from the last checkpoint in its output folder"
