@@ -108,18 +108,9 @@ def sample_windows(
         align: granularity of the starts (16 = one patch row).
         generator: the torch.Generator to draw from (the global one when None).
     """
-    sizes = {}
-    for name, value in (("num_frames", num_frames), ("width", width), ("align", align)):
-        try:
-            sizes[name] = _frame_index(value)  # Python ints: unsigned numpy or torch ones wrap around below
-        except TypeError:
-            raise ValueError(f"sample_windows: {name} must be an int, got {value!r}") from None
-    num_frames, width, align = sizes["num_frames"], sizes["width"], sizes["align"]
-    if num_frames <= 0 or width <= 0 or align <= 0:
-        raise ValueError(
-            f"sample_windows: num_frames={num_frames}, width={width} and align={align} must be "
-            "positive"
-        )
+    # Python ints: unsigned numpy or torch sizes would wrap around in the differences below.
+    num_frames, width, align = (_size(name, value) for name, value in (
+        ("num_frames", num_frames), ("width", width), ("align", align)))
     first_choices = range(0, min(num_frames // 2, num_frames - 2 * width - 1), align)
     last_first = first_choices[-1] if len(first_choices) else None
     # Every first start must leave room for a second one, or some draws would fail.
@@ -257,6 +248,7 @@ def mixed_row_ranges(
     minus any that are empty (a window at frame 0, touching windows, a window at the end). The
     Source Retention target consumes the partner pass's rows over these ranges in order.
     """
+    time_patches, patch = _size("time_patches", time_patches), _size("patch", patch)
     (a_start, a_stop), (b_start, b_stop) = window_patch_rows(windows, patch)
     _check_windows_fit(windows, time_patches * patch, "frames")
     candidates = ((0, a_start), (a_stop, b_start), (b_stop, time_patches))
