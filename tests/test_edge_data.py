@@ -237,7 +237,7 @@ def test_sample_windows_too_wide(frames, width):
 
 
 def test_sample_windows_non_integer_arguments():
-    with pytest.raises(ValueError, match="num_frames must be an int"):
+    with pytest.raises(ValueError, match="num_frames must be a positive int, got 1024.0"):
         sample_windows(1024.0, 240)
 
 
