@@ -1291,11 +1291,15 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     _sync_folder(path.parent)
 
 
-def check_output_folder(folder: Path, out: Path | None = None) -> None:
-    """Refuse, before any work, an output folder that cannot be made: an existing file (or
-    broken link), a path under one, or under a folder this process cannot write to. ``mkdir`` would say only "File exists" or "Not a
-    directory", and only once the model and the data were ready. ``out`` is the ``--out``
+def check_output_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None) -> None:
+    """Refuse, before any work, an output folder that cannot be made: none (an empty name:
+    Path("") is the current folder), an existing file (or broken link), a path under one, or
+    under a folder this process cannot write to. ``mkdir`` would say only "File exists" or "Not
+    a directory", and only once the model and the data were ready. ``out`` is the ``--out``
     argument that names the folder (the folder itself by default)."""
+    if not str(folder).strip():
+        raise ValueError("--out is empty: name a folder (the output would land in the current one)")
+    folder = Path(folder)
     out = folder if out is None else out
     for path in (folder, *folder.parents):
         if path.is_dir():

@@ -143,10 +143,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> d
     except ImportError as exc:
         raise RuntimeError("sslam demo draws a figure: pip install matplotlib (or sslam[dev])") from exc
     settings = QUICK if quick else FULL
-    if not str(out).strip():
-        raise ValueError("--out is empty: name a folder (the demo's files would land in the current one)")
-    out = Path(out).absolute()  # stage 2 records its start by this path: a rerun from elsewhere must match
     check_output_folder(out)
+    out = Path(out).absolute()  # stage 2 records its start by this path: a rerun from elsewhere must match
     _check_same_kind(out, quick)
     torch.manual_seed(0)
     timings, curves = {}, {}

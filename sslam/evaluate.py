@@ -413,9 +413,7 @@ def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
     if getattr(cfg, "layer_decay", 1) == 0:
         raise ValueError("layer_decay=0 would give every block a learning rate of 0 (1 is no decay)")
     if isinstance(cfg, FinetuneConfig):
-        if not str(cfg.out).strip():  # Path("") is the current folder
-            raise ValueError("--out is empty: name a folder for the fine-tuning run")
-        check_output_folder(Path(cfg.out))
+        check_output_folder(cfg.out)
 
 
 def layer_decay_groups(model: Encoder, cfg: FinetuneConfig) -> list[dict]:

@@ -422,17 +422,15 @@ def output_lock(out: Path):
 
 
 def check_output(out: str | os.PathLike) -> Path:
-    """``out`` as a Path; refuses, before any work, an ``--out`` that cannot be written: none
-    (empty: Path("") is the current folder), a ``.npz`` that is a folder, or a folder (or a
-    ``.npz``'s folder) that is a file or lies under one."""
-    if not str(out).strip():
-        raise ValueError("--out is empty: name a .npz file or a folder")
-    out = Path(out)
-    if is_one_file(out) and out.is_dir():
-        raise ValueError(f"--out {out}: it is a folder, and an output ending in .npz is one file (name a folder "
+    """``out`` as a Path; refuses, before any work, an ``--out`` that cannot be written: a
+    ``.npz`` that is a folder, or a folder (or a ``.npz``'s folder) that
+    :func:`check_output_folder` refuses (an empty name among them)."""
+    path = Path(out)
+    if is_one_file(path) and path.is_dir():
+        raise ValueError(f"--out {path}: it is a folder, and an output ending in .npz is one file (name a folder "
                          "without .npz for one .npz per input)")
-    check_output_folder(out.parent if is_one_file(out) else out, out)
-    return out
+    check_output_folder(path.parent if is_one_file(path) else out, path)
+    return path
 
 
 def run_extract(
