@@ -731,7 +731,8 @@ class Trainer:
         if not existing:
             # The record names the file the run starts from: a run folder's newest checkpoint
             # now, which a resume can then tell from the folder's later ones.
-            cfg.run.init = resolve_init(cfg.run.init) if cfg.run.init else cfg.run.init
+            if cfg.run.init:
+                cfg.run.init = resolve_init(cfg.run.init)
             self._check_no_other_record()
         self.resume_from = existing[-1] if existing else None
         saved = load_newest(existing) if existing else None
@@ -829,7 +830,7 @@ class Trainer:
             with warnings.catch_warnings():
                 if "num_heads" in given:  # the file's lack of it needs no guess
                     warnings.filterwarnings("ignore", message=".*does not record num_heads")
-                ckpt, note = init_architecture(read_checkpoint(resolve_init(cfg.run.init)), given)
+                ckpt, note = init_architecture(read_checkpoint(cfg.run.init), given)  # a file: resolved in __init__
             if note:
                 self.log(note)
             if cfg.objective.top_k > ckpt.config.depth:
