@@ -250,11 +250,10 @@ def embed(
         hop = max(patch, window // 2 // patch * patch)
     if isinstance(hop, bool) or not isinstance(hop, (int, np.integer)) or hop % patch or hop <= 0 or hop > window:
         raise ValueError(f"hop={hop!r}: must be a positive multiple of {patch} frames, at most {window}")
-    param = next(model.parameters())
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
     batch_size = int(batch_size)
+    param = next(model.parameters())
     if param.is_meta:  # refused here: copying its weights would raise a bare NotImplementedError
         raise ValueError("model: its weights are on the meta device (shapes, no values); load them first")
     clips = _as_clips(audio, sample_rate)  # at 16 kHz, each at least one frame long
