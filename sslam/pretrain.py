@@ -452,12 +452,15 @@ class Pretrainer(nn.Module):
 
     def compile_networks(self, **options) -> None:
         """``torch.compile`` the student, the decoder and the teacher in place (``options`` go to
-        ``torch.compile``). The losses, targets and mixing stay eager. The teacher runs on two
-        input shapes in stage 2 (all clips; the clean ones keeping the partner's patches), each
-        compiled for its fixed shape."""
+        ``torch.compile``). The losses, targets and mixing stay eager. Each network is compiled
+        for the step's fixed shapes: the teacher runs on two input shapes in stage 2 (all clips;
+        the clean ones keeping the partner's patches), and as the student's forward is the same
+        code, dynamo would otherwise compile the student for symbolic shapes (slower kernels, and
+        an inductor assertion on GPUs with torch 2.11)."""
+        options = {"dynamic": False, **options}
         self.student.compile(**options)
         self.decoder.compile(**options)
-        self.teacher.encoder.compile(**{"dynamic": False, **options})
+        self.teacher.encoder.compile(**options)
         self.pack_teacher_passes = False  # the compiled forward, not forward_packed
 
     def update_teacher(self, decay: float) -> None:

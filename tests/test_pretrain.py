@@ -314,6 +314,29 @@ def test_compiled_networks_give_the_eager_losses_and_gradients():
     assert torch.isfinite(run()[0])
 
 
+def test_compiled_networks_are_specialised_to_the_step_shapes():
+    """The student's forward is the teacher's code, which stage 2 runs on two shapes: dynamo
+    would then compile the student for symbolic shapes (its automatic dynamic). Every network is
+    compiled for the step's fixed shapes instead (torch 2.11's inductor failed on the symbolic
+    student graph for a GPU)."""
+    model, spec, keep, windows = small_stage2(DecoderConfig(dim=16, groups=4, layers=2))
+    graphs = []
+
+    def record(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model.compile_networks(backend=record)
+    for step in range(2):
+        losses = model(spec, keep, windows=windows, generator=torch.Generator().manual_seed(step))
+        losses.total.backward()
+    assert len(graphs) == 4  # the teacher's two shapes, the student, the decoder: no recompiles
+    inputs = [n.meta["example_value"] for gm in graphs for n in gm.graph.nodes if n.op == "placeholder"]
+    symbolic = [x for x in inputs if not isinstance(x, torch.Tensor) or not all(type(s) is int for s in x.shape)]
+    assert not symbolic
+
+
 def test_checkpointed_decoder_gives_the_same_gradients_and_saves_less():
     """Recomputing the decoder in the backward is exact (it draws no random numbers) and keeps
     only its input instead of every layer's activations."""
