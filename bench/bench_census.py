@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import PURE, Step  # noqa: E402
+from bench_step import Step  # noqa: E402
 
 import sslam.pretrain  # noqa: E402
 from sslam.train import preset  # noqa: E402
@@ -147,7 +147,7 @@ def autograd_nodes(loss: torch.Tensor) -> collections.Counter:
 def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter]:
     """The forward of one step of ``variant`` as the GPU would get it: (its ops, its backward
     graph's nodes)."""
-    step = Step(variant, cfg, batch, torch.device("cpu"))  # built on the CPU, moved to fake CUDA
+    step = Step(variant, cfg, batch, torch.device("cpu"), gpu_path=True)  # moved to fake CUDA below
     windows, keep = step.masks()
     ops = Census()
     previous = os.environ.get("SSLAM_KERNELS")  # (the step sets it)
@@ -155,10 +155,8 @@ def census(variant: str, cfg, batch: int) -> tuple[Census, collections.Counter]:
         with FakeTensorMode(allow_non_fake_inputs=True), host_side_on_real_tensors():
             step.model.to("cuda")
             step.waves, step.device = step.waves.to("cuda"), torch.device("cuda")
-            # The variant's precision on a GPU: its half weights as the step makes them there;
-            # its autocast is turned on here (see cuda_autocast), not by the step.
-            step.pure = PURE.get(variant)
-            step.amp = None if step.pure else torch.bfloat16
+            # The variant's half weights as the step makes them on a GPU; its autocast is
+            # turned on here (see cuda_autocast), not by the step.
             weights = step.half_weights()
             autocast, step.amp = cuda_autocast(step.amp), None
             with ops, weights, autocast:

@@ -69,10 +69,13 @@ PURE = {"official": torch.float16, "ours_pure": torch.bfloat16}
 
 
 class Step:
-    """One variant's training step on fixed waveforms."""
+    """One variant's training step on fixed waveforms. ``gpu_path``: run what a GPU runs (bf16
+    autocast or half weights, fused AdamW; for ours the kernels and fused features) whatever
+    the device; by default on CUDA devices only."""
 
-    def __init__(self, variant: str, cfg, batch: int, device: torch.device):
+    def __init__(self, variant: str, cfg, batch: int, device: torch.device, gpu_path: bool | None = None):
         self.variant, self.cfg, self.batch, self.device = variant, cfg, batch, device
+        self.gpu_path = device.type == "cuda" if gpu_path is None else gpu_path
         torch.manual_seed(0)
         enc_cfg = encoder_config(cfg)
         self.model = Pretrainer(enc_cfg, objective_config(cfg, enc_cfg.depth)).to(device).train()
@@ -84,12 +87,12 @@ class Step:
         self.model.teacher.encoder.set_attention(attention)
         if variant in COMPILED:
             self.model.compile_networks()
-        fused = {"fused": True} if device.type == "cuda" and variant != "official" else {}
+        fused = {"fused": True} if self.gpu_path and variant != "official" else {}
         self.optimizer = torch.optim.AdamW(
             param_groups(torch.nn.ModuleList([self.model.student, self.model.decoder]), cfg.optim.weight_decay),
             lr=1e-4, betas=(cfg.optim.beta1, cfg.optim.beta2), **fused)
         self.amp = self.pure = None
-        if device.type == "cuda":
+        if self.gpu_path:
             self.pure = PURE.get(variant)
             self.amp = None if self.pure else torch.bfloat16
         # The trainer's (fairseq's) initial loss scale: torch's 2^16 would skip early fp16 steps.
@@ -127,12 +130,12 @@ class Step:
         """The step's losses: features from the waveforms (the fused kernel for ours on a GPU)
         and the model, under the variant's autocast."""
         # Ours on a GPU must run the kernels: "auto" would fall back to the references unseen.
-        ours_kernels = self.variant.startswith("ours") and self.device.type == "cuda"
+        ours_kernels = self.variant.startswith("ours") and self.gpu_path
         os.environ["SSLAM_KERNELS"] = "1" if ours_kernels else "0"
         cfg = self.cfg
         with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
             mixed = None
-            if self.variant.startswith("ours") and self.device.type == "cuda":
+            if ours_kernels:
                 from sslam.kernels import fbank_patch
 
                 out = fbank_patch(self.waves, self.lengths, target_length=cfg.data.target_length, mix=windows)
