@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = {"launch", "attention", "fbank_patch", "mixture", "decoder", "regression", "masks", "encoder", "train_step", "saved_activations",
               "cpu_data_path"}
@@ -226,3 +228,20 @@ def test_a_failing_baseline_costs_only_its_own_rows(tmp_path):
     assert all(len(found) == 3 for found in by_variant.values())  # fwd, bwd, full
     assert all(r["note"].startswith("failed: RuntimeError: inductor failed here") for r in by_variant["compile"])
     assert all(float(r["median_ms"]) > 0 for r in by_variant["eager"] + by_variant["ours"])
+
+
+def test_gpu_compile_check_lowers_every_graph_of_the_compiled_step():
+    """bench/check_gpu_compile.py drives inductor's CUDA backend on a machine without a GPU: each
+    graph of a small compiled stage-2 step (the teacher's two shapes, the student and the decoder
+    with their backward) lowers with fixed shapes, and its Triton kernels compile for sm_90."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the step itself is compiled and run (bench_step.py)")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "check_gpu_compile.py"), "--preset", "tiny",
+                           "--batch", "2", "--steps", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
+    graphs = [line for line in done.stdout.splitlines() if line.startswith("graph ")]
+    assert len(graphs) == 4 and sum("forward + backward lowered" in line for line in graphs) == 2, graphs
+    assert not any("symbolic" in line for line in graphs)
+    assert all(int(re.search(r"(\d+) Triton kernels", line).group(1)) > 0 for line in graphs)
