@@ -50,6 +50,7 @@ HOPPER = types.SimpleNamespace(
     shared_memory_per_multiprocessor=233472, max_threads_per_block=1024, L2_cache_size=50 * 2**20,
     gcnArchName="", uuid="0", is_integrated=False, clock_rate=1980000, memory_clock_rate=2619000,
     memory_bus_width=5120)
+COMPILED_KERNELS: list[str] = []  # the names of the Triton kernels compiled so far
 
 
 def fake_kernel_bodies() -> None:
@@ -166,9 +167,6 @@ def pretend_hopper_gpu() -> None:
         return kernel
 
     async_compile.AsyncCompile.triton = compile_only
-
-
-COMPILED_KERNELS: list[str] = []
 
 
 def on_cuda(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
