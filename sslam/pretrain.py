@@ -455,8 +455,8 @@ class Pretrainer(nn.Module):
         ``torch.compile``). The losses, targets and mixing stay eager. Each network is compiled
         for the step's fixed shapes: the teacher runs on two input shapes in stage 2 (all clips;
         the clean ones keeping the partner's patches), and as the student's forward is the same
-        code, dynamo would otherwise compile the student for symbolic shapes (slower kernels, and
-        an inductor assertion on GPUs with torch 2.11)."""
+        code, dynamo would otherwise compile the student for symbolic shapes (kernels not
+        specialised to the step, and an inductor assertion on GPUs with torch 2.11)."""
         options = {"dynamic": False, **options}
         self.student.compile(**options)
         self.decoder.compile(**options)
