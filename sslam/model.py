@@ -212,8 +212,8 @@ def gather_shared(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 def check_keep(keep: torch.Tensor, batch: int, clones: int, patches: int) -> None:
     """Validate the kept-patch indices of :meth:`Encoder.forward_tokens`: a 2-D keep needs
     exactly one row per clone of every clip (fewer rows would silently drop clips); values in
-    [0, patches), checked on the CPU only (on a GPU reading them would wait for it), where a
-    negative index would silently pick a patch from the end."""
+    [0, patches), checked on the CPU only (on a GPU reading them would wait for it) and not
+    when traced (no values then), where a negative index would silently pick a patch from the end."""
     if keep.dtype not in (torch.int64, torch.int32) or keep.dim() not in (1, 2):
         raise ValueError(
             f"keep must be (K,) or (B * clones, K) int64 or int32 patch indices, got {keep.dtype} {tuple(keep.shape)}"
@@ -222,7 +222,9 @@ def check_keep(keep: torch.Tensor, batch: int, clones: int, patches: int) -> Non
         raise ValueError(
             f"keep has {keep.shape[0]} rows; expected B * clones = {batch} * {clones} = {batch * clones}"
         )
-    if keep.device.type == "cpu" and keep.numel() and not torch.compiler.is_compiling():
+    from .kernels.switch import traced
+
+    if keep.device.type == "cpu" and keep.numel() and not traced(keep):
         low, high = int(keep.min()), int(keep.max())
         if low < 0 or high >= patches:
             raise ValueError(f"keep: patch indices must lie in [0, {patches}), got {low}..{high}")

@@ -576,3 +576,20 @@ def test_fbank_patch_traced_checks_the_lengths_type_as_eager(fbank_kernels):
     expected = call(waves, torch.tensor([5000, 4000]))
     torch._dynamo.reset()
     assert torch.equal(compiled(waves, [5000, 4000]), expected)
+
+
+def test_encoder_with_kept_patches_runs_under_fake_tensors(monkeypatch):
+    """The encoder's check of kept indices reads their values on the host only where they are
+    real: under FakeTensorMode (export, make_fx) it checks shapes, as the kernels do."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sslam.model import Encoder, EncoderConfig
+
+    torch.manual_seed(0)
+    model = Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, max_length=16)).eval()
+    keep = torch.stack([torch.randperm(128)[:25] for _ in range(2)])
+    spec = torch.randn(2, 1, 256, 128)
+    expected = model(spec, keep=keep).x.shape
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = model(mode.from_tensor(spec), keep=mode.from_tensor(keep))
+    assert out.x.shape == expected
