@@ -276,6 +276,11 @@ def decoder_norm_act(y: torch.Tensor, residual: torch.Tensor | None = None, *, e
             raise ValueError(f"residual: device {residual.device} differs from y's {y.device}")
     if not use_kernels(y, *(() if residual is None else (residual,))):
         return decoder_norm_act_ref(y, residual, eps=eps)
+    return _norm_act_rows(y, residual, eps)
+
+
+def _norm_act_rows(y: torch.Tensor, residual: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The kernel path of :func:`decoder_norm_act` on checked arguments: (..., C) -> (..., C)."""
     if y.shape[-1] > _MAX_CHANNELS:
         raise ValueError(f"y: {y.shape[-1]} channels exceed {_MAX_CHANNELS}, the most the kernel holds "
                          "(set SSLAM_KERNELS=0 for the PyTorch reference)")
@@ -310,4 +315,4 @@ def decoder_layer(x, grid, weight, bias, *, groups: int, residual: bool = True, 
     if not use_kernels(x, weight, *(() if bias is None else (bias,))):
         return decoder_layer_ref(x, grid, weight, bias, groups=groups, residual=residual, eps=eps)
     y = grouped_conv_tokens_kernels(x, grid, weight, bias, groups)  # arguments checked above
-    return decoder_norm_act(y, x if residual else None, eps=eps)
+    return _norm_act_rows(y, x if residual else None, eps)
