@@ -496,6 +496,15 @@ def _rename_encoder(state: dict, prefix: str = "") -> tuple[dict, dict]:
     return out, rest
 
 
+def _take_heads(state: dict, rest: dict) -> None:
+    """Move into ``state`` the head tensors that ``rest`` holds outside the encoder's prefix
+    (fairseq fine-tuned files: ``head.*`` beside ``model.*``); a second copy of one already in
+    ``state`` stays in ``rest``, to be reported."""
+    for name in _HEAD_NAMES:
+        if isinstance(rest.get(name), torch.Tensor) and name not in state:
+            state[name] = rest.pop(name)
+
+
 def _naming(keys, prefix: str = "") -> tuple[str, str]:
     """How a file names its encoder weights (:attr:`Checkpoint.naming`), from its keys."""
     names = {k[len(prefix):] for k in keys if isinstance(k, str) and k.startswith(prefix)}
@@ -730,9 +739,7 @@ def _finetune_preprocessing(model_cfg: dict, source) -> dict:
 
 def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -> Checkpoint:
     state, rest = _rename_encoder(model, "model.")
-    for name in _HEAD_NAMES:
-        if name in rest and isinstance(rest[name], torch.Tensor) and name not in state:
-            state[name] = rest.pop(name)
+    _take_heads(state, rest)
     if weights == "teacher":
         raise CheckpointError(f"{path}: a fine-tuned checkpoint has no EMA teacher")
     pre_model = _section(mcfg, "pretrained_model_args", "model")
@@ -849,10 +856,7 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str,
     if prefix and "model.pre_norm.weight" in tensors:
         fmt = "hf"  # Hugging Face names (a fairseq fine-tuned state dict has context_encoder.norm)
     state, rest = _rename_encoder(tensors, prefix)
-    for name in _HEAD_NAMES:  # Hugging Face: model.head.*; fairseq fine-tuned: head.*
-        for key in (prefix + name, name):
-            if isinstance(rest.get(key), torch.Tensor) and name not in state:
-                state[name] = rest.pop(key)
+    _take_heads(state, rest)
     if rest:
         raise CheckpointError(f"{path}: unexpected keys for an EAT encoder: {sorted(map(str, rest))[:20]}")
     if weights != "student":
