@@ -1387,8 +1387,8 @@ def _check_no_other_config(out: Path) -> None:
     if not config.exists():
         return
     try:
-        ours = json.loads(config.read_text()).get("format") == "sslam"
-    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, not an object
+        ours = _read_json(config).get("format") == "sslam"
+    except CheckpointError:  # unreadable, not JSON, not an object
         ours = False
     if not ours:
         raise CheckpointError(f"{config}: not the config of an exported encoder; it is kept: choose another folder")
