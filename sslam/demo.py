@@ -133,7 +133,6 @@ def _check_same_kind(out: Path, quick: bool) -> None:
             before = None
         if isinstance(before, bool) and before != quick:  # else not a record of this package's
             raise ValueError(f"--out {out}: holds {kinds[before]}; {kinds[quick]} needs another folder")
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps({"quick": quick}) + "\n"))
 
 

@@ -143,7 +143,7 @@ def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
                                (test, "mAP is undefined (it averages the classes with positives)")):
             if not bool(split.targets.any()):
                 raise ValueError(f"split {split.name!r}: no clip has a label; {purpose}")
-    if not (train.multilabel or test.multilabel):
+    else:
         # Single-label: softmax over the classes and accuracy. One class leaves nothing to learn
         # (accuracy 1.0 whatever the encoder), and a clip without a label would count as class 0.
         if len(train.class_names) < 2:
