@@ -464,7 +464,7 @@ def fbank_patch(
         if mix.end > target_length:
             raise ValueError(f"mix={mix}: the second window ends past target_length={target_length}")
     batch, num_samples = waveforms.shape
-    if traced(waveforms, *([lengths] if isinstance(lengths, torch.Tensor) else [])):
+    if traced(waveforms, lengths):
         # Checking length values needs them on the host, which a traced call cannot do.
         lens = _traced_lengths(lengths, batch, num_samples, waveforms.device)
     else:

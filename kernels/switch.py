@@ -74,8 +74,9 @@ def call_custom_op() -> bool:
     return torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
-def traced(*tensors: torch.Tensor) -> bool:
+def traced(*tensors) -> bool:
     """Whether the values of ``tensors`` cannot be read on the host to check them: under
-    torch.compile, or when one is a fake tensor (FakeTensorMode, export, make_fx). Checks of
-    shapes still apply then; checks of values are skipped."""
+    torch.compile, or when one is a fake tensor (FakeTensorMode, export, make_fx; other values,
+    such as a list or None, never are). Checks of shapes still apply then; checks of values are
+    skipped."""
     return torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)
