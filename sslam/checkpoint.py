@@ -130,19 +130,30 @@ def _pickle_globals(stream) -> set[str]:
     return found
 
 
-def _legacy_globals(path: Path) -> tuple[set[str], bool]:
+# A torch.save pickle holds the structure, not the tensors: a few MB for the largest checkpoints.
+_MAX_PICKLE_BYTES = 256 << 20
+
+
+def _scan_legacy(path: Path) -> tuple[set[str], bool, int]:
     """Globals of a legacy (non-zip, ``_use_new_zipfile_serialization=False``) ``torch.save``
-    file, and whether the file is a plain pickle instead. ``torch.load`` unpickles five pickles
-    from a legacy file (magic number, protocol, system info, the object, storage keys) before the
-    raw storage bytes; all five are scanned. The first, a bare int, names no global: a file whose
-    first pickle does is a plain ``pickle.dump``, and only that pickle is scanned."""
+    file, whether the file is a plain pickle instead, and the storage bytes its object pickle
+    declares. ``torch.load`` unpickles five pickles from a legacy file (magic number, protocol,
+    system info, the object, storage keys) before the raw storage bytes; all five are scanned.
+    The first, a bare int, names no global: a file whose first pickle does is a plain
+    ``pickle.dump``, and only that pickle is scanned."""
     names: set[str] = set()
+    declared = 0
     with path.open("rb") as f:
         for index in range(5):
+            start = f.tell()
             names |= _pickle_globals(f)
             if index == 0 and names:
-                return names, True
-    return names, False
+                return names, True, 0
+            if index == 3 and f.tell() - start <= _MAX_PICKLE_BYTES:
+                end = f.tell()
+                f.seek(start)
+                declared = sum(_declared_storages(f.read(end - start)).values())
+    return names, False, declared
 
 
 def _clean(exc: BaseException) -> str:
@@ -208,9 +219,13 @@ def safe_torch_load(path: str | os.PathLike):
         else:
             # The weights_only unpickler itself refuses unknown globals of torch.save files (it
             # allows torch's own); a plain pickle, which it would call unreadable, is refused here.
-            found, plain = _legacy_globals(path)
+            found, plain, declared = _scan_legacy(path)
             names = {n for n in found if _is_inert(n)}
             refused = [n for n in found if not _is_inert(n)] if plain else []
+            # torch.load allocates each storage at its declared size before reading its bytes.
+            if declared > path.stat().st_size:
+                raise CheckpointError(f"{path}: damaged or hostile file: its tensors declare {declared} bytes "
+                                      f"of storage; the file holds {path.stat().st_size}")
     except CheckpointError:
         raise
     except Exception as exc:
@@ -239,10 +254,6 @@ def _check_crcs(path: Path) -> None:
         bad = archive.testzip()
     if bad is not None:
         raise CheckpointError(f"{path}: damaged archive: record {bad!r} fails its CRC check")
-
-
-# A torch.save pickle holds the structure, not the tensors: a few MB for the largest checkpoints.
-_MAX_PICKLE_BYTES = 256 << 20
 
 
 def _check_record_sizes(path: Path) -> None:
@@ -306,8 +317,10 @@ def _declared_storages(pickled: bytes) -> dict[str, int]:
                 stack.append(arg)
             elif name in ("BINGET", "LONG_BINGET", "GET"):
                 stack.append(memo.get(arg, opaque))
+            elif name == "NONE":
+                stack.append(None)
             elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
-                flat = all(type(v) in (str, int) for v in items)
+                flat = all(v is None or type(v) in (str, int) for v in items)
                 stack.append(tuple(items) if flat else opaque)
             elif name == "BINPERSID":
                 _note_storage(items[0], declared)
@@ -321,9 +334,10 @@ def _declared_storages(pickled: bytes) -> dict[str, int]:
 
 def _note_storage(pid, declared: dict[str, int]) -> None:
     """Record a persistent id's storage bytes: numel elements of the storage class's dtype
-    (other storages, quantized ones, are left to torch.load's own checks)."""
-    if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
-        _, kind, key, _, numel = pid  # flat: strings and ints only
+    (other storages, quantized ones, are left to torch.load's own checks). Zip files write
+    ``('storage', class, key, location, numel)``; legacy files add a view field, always None."""
+    if isinstance(pid, tuple) and pid[:1] == ("storage",) and (len(pid) == 5 or pid[5:] == (None,)):
+        _, kind, key, _, numel = pid[:5]  # flat: strings, ints and None only
         dtype = _STORAGE_DTYPES.get(kind) if isinstance(kind, str) else None
         if dtype is not None and isinstance(key, str) and isinstance(numel, int):
             declared[key] = numel * dtype.itemsize

@@ -1127,6 +1127,38 @@ def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
         safe_torch_load(tmp_path / "p3.pt")
 
 
+def test_a_legacy_file_declaring_more_storage_than_it_holds_is_refused_unread(tmp_path, monkeypatch):
+    """A legacy (non-zip) file's storages are allocated at their declared size before their bytes
+    are read: a few hundred bytes could claim gigabytes. The claim is checked against the file."""
+    from sslam.checkpoint import _scan_legacy
+
+    tensors = {"half": torch.randn(3, 4).half(), "long": torch.arange(5), "shared": [torch.randn(2)] * 2,
+               "view": torch.randn(10)[2:5], "bool": torch.zeros(3, dtype=torch.bool)}
+    torch.save(tensors, tmp_path / "kinds.pt", _use_new_zipfile_serialization=False)
+    # Every storage the pickle declares, counted once: what torch.save wrote.
+    expected = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [tensors["half"], tensors["long"], tensors["shared"][0], tensors["view"],
+                              tensors["bool"]]}.values())
+    assert _scan_legacy(tmp_path / "kinds.pt")[2] == expected
+
+    class Storage:
+        pass
+
+    class Pickler(pickle.Pickler):  # the persistent id legacy torch.save writes, with a huge numel
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "1", "cpu", 2**35, None) if isinstance(obj, Storage) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"w": Storage()})
+    path = tmp_path / "claims.pt"
+    torch.save({"w": torch.ones(4)}, path, _use_new_zipfile_serialization=False)
+    _replace_pickle(path, buf.getvalue(), zip_format=False)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on the file"))
+    with pytest.raises(CheckpointError, match=rf"claims.pt: damaged or hostile file: its tensors declare "
+                                              rf"{2**37} bytes of storage; the file holds {path.stat().st_size}"):
+        safe_torch_load(path)
+
+
 @pytest.mark.parametrize("body", [
     # a persistent id whose storage class is a tuple nested 10**6 deep: hashing it overflowed the C stack
     b"\x80\x02(X\x07\x00\x00\x00storage)" + b"\x85" * 1_000_000
