@@ -22,7 +22,7 @@ with the shapes. Every key and shape is checked before weights are loaded.
 Loading never executes code from the file. Pickles are read by PyTorch's ``weights_only``
 unpickler; objects of a few inert namespaces that official files carry (argparse, omegaconf,
 fairseq, numpy, ...) are replaced by :class:`InertObject` stand-ins that only hold their data,
-and any other global (``os.system``, ``builtins.eval``, ...) makes the load fail before anything
+the plain types configs name (dict, int, ...) are themselves, and any other global (``os.system``, ``builtins.eval``, ...) makes the load fail before anything
 is unpickled.
 """
 
@@ -79,6 +79,9 @@ INERT_NAMESPACES = (
     "argparse", "omegaconf", "fairseq", "hydra", "numpy", "collections", "copyreg",
     "typing", "enum", "pathlib", "datetime", "_codecs", "functools.partial",
 )
+# Plain types that configs name as values (omegaconf's metadata: object_type=dict, element_type=int).
+# They are allowed as themselves: building one from pickled data runs nothing of the file's.
+PLAIN_TYPES = {f"builtins.{t.__name__}": t for t in (dict, list, tuple, set, frozenset, int, float, str, bool)}
 
 
 class CheckpointError(ValueError):
@@ -213,15 +216,15 @@ def safe_torch_load(path: str | os.PathLike):
         if is_zip:
             _check_crcs(path)
             names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-            refused = [name for name in names if not _is_inert(name)]
+            refused = [name for name in names if not _is_inert(name) and name not in PLAIN_TYPES]
             if not refused:
                 _check_record_sizes(path)
         else:
             # The weights_only unpickler itself refuses unknown globals of torch.save files (it
             # allows torch's own); a plain pickle, which it would call unreadable, is refused here.
             found, plain, declared = _scan_legacy(path)
-            names = {n for n in found if _is_inert(n)}
-            refused = [n for n in found if not _is_inert(n)] if plain else []
+            names = {n for n in found if _is_inert(n) or n in PLAIN_TYPES}
+            refused = [n for n in found if n not in names] if plain else []
             # torch.load allocates each storage at its declared size before reading its bytes.
             if declared > path.stat().st_size:
                 raise CheckpointError(f"{path}: damaged or hostile file: its tensors declare {declared} bytes "
@@ -232,7 +235,7 @@ def safe_torch_load(path: str | os.PathLike):
         raise _load_error(path, exc) from exc
     if refused:
         raise _refusal(path, refused)
-    stand_ins = [(_stand_in(name), name) for name in sorted(names)]
+    stand_ins = [(PLAIN_TYPES.get(name) or _stand_in(name), name) for name in sorted(names)]
     try:
         with torch.serialization.safe_globals(stand_ins):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)

@@ -19,6 +19,7 @@ import re
 import stat
 import sys
 import types
+import typing
 import warnings
 import zipfile
 from pathlib import Path
@@ -571,7 +572,8 @@ def test_legacy_format_fairseq_checkpoint_with_pickled_extras(tmp_path):
 
 def test_pickled_omegaconf_config_is_read(tmp_path, monkeypatch):
     """A cfg pickled as an omegaconf DictConfig (content in ``_content``, values in nodes'
-    ``_val``, children pointing back at their parent) still gives heads and clip length."""
+    ``_val``, children pointing back at their parent, metadata naming the plain types dict, list,
+    int and typing.Any) still gives heads and clip length."""
     dictconfig, nodes = types.ModuleType("omegaconf.dictconfig"), types.ModuleType("omegaconf.nodes")
     for name, module in (("omegaconf", types.ModuleType("omegaconf")), ("omegaconf.dictconfig", dictconfig),
                          ("omegaconf.nodes", nodes)):
@@ -579,14 +581,14 @@ def test_pickled_omegaconf_config_is_read(tmp_path, monkeypatch):
 
     class DictConfig:
         def __init__(self, content, parent=None):
-            self._metadata, self._parent = {"key": None}, parent
+            self._metadata, self._parent = {"key": None, "object_type": dict, "key_type": typing.Any}, parent
             self._content = {k: v if isinstance(v, DictConfig) else AnyNode(v, self) for k, v in content.items()}
             for v in self._content.values():
                 v._parent = self
 
     class AnyNode:
         def __init__(self, value, parent):
-            self._val, self._parent, self._metadata = value, parent, {}
+            self._val, self._parent, self._metadata = value, parent, {"object_type": list, "element_type": int}
 
     for cls, module in ((DictConfig, dictconfig), (AnyNode, nodes)):
         cls.__module__, cls.__qualname__ = module.__name__, cls.__name__
