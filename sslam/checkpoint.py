@@ -1019,11 +1019,13 @@ def _is_encoder_state(obj: dict) -> bool:
 
 def _kind(path: Path) -> str | None:
     """'file', 'folder', or None where nothing is. Anything else (a pipe would block the first
-    read forever, /dev/zero never end it), a link loop, or a file name that is not UTF-8 (torch
-    and safetensors open files by UTF-8 names) is a CheckpointError naming it."""
+    read forever, /dev/zero never end it), a link loop or a link to nothing, or a file name that
+    is not UTF-8 (torch and safetensors open files by UTF-8 names) is a CheckpointError naming it."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: a link to nothing ({os.readlink(path)} does not exist)") from None
         return None
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
@@ -1039,20 +1041,20 @@ def _kind(path: Path) -> str | None:
     return "file"
 
 
-def _weights_file(path: Path) -> bool:
-    """Whether the weights file ``path`` of a folder is there (a folder or a loop there is an error)."""
+def _file_or_none(path: Path, what: str) -> Path | None:
+    """``path`` if a file is there, None if nothing is; anything else (a folder, a pipe, a
+    broken link, see :func:`_kind`) is a CheckpointError naming it."""
     kind = _kind(path)
     if kind == "folder":
-        raise CheckpointError(f"{path}: is a folder, not a weights file")
-    return kind == "file"
+        raise CheckpointError(f"{path}: is a folder, not {what}")
+    return path if kind == "file" else None
 
 
 def _read_folder(path: Path, weights: str) -> Checkpoint:
-    config_file = path / "config.json"
-    config_file = config_file if config_file.exists() else None
-    if _weights_file(path / "model.safetensors"):
+    config_file = _file_or_none(path / "config.json", "a JSON config")
+    if _file_or_none(path / "model.safetensors", "a weights file"):
         return _from_safetensors(path / "model.safetensors", config_file, weights)
-    if _weights_file(path / "pytorch_model.bin"):  # Hugging Face, saved without safetensors
+    if _file_or_none(path / "pytorch_model.bin", "a weights file"):  # Hugging Face, saved without safetensors
         tensors = safe_torch_load(path / "pytorch_model.bin")
         if not isinstance(tensors, dict):
             raise CheckpointError(f"{path / 'pytorch_model.bin'}: expected a dict of tensors")
@@ -1080,8 +1082,7 @@ def _read_layout(path: Path, weights: str) -> Checkpoint:
     if not head:
         raise CheckpointError(f"{path}: empty file")
     if path.suffix == ".safetensors" or (len(head) >= 9 and head[8:9] == b"{"):
-        beside = path.with_name("config.json")
-        return _from_safetensors(path, beside if beside.exists() else None, weights)
+        return _from_safetensors(path, _file_or_none(path.with_name("config.json"), "a JSON config"), weights)
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, got {type(ckpt).__name__}")
@@ -1312,24 +1313,25 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     _sync_folder(path.parent)
 
 
-def check_output_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None) -> None:
+def check_output_folder(folder: str | os.PathLike, out: str | os.PathLike | None = None,
+                        argument: str = "--out") -> None:
     """Refuse, before any work, an output folder that cannot be made: none (an empty name:
     Path("") is the current folder), an existing file (or broken link), a path under one, or
     under a folder this process cannot write to. ``mkdir`` would say only "File exists" or "Not
-    a directory", and only once the model and the data were ready. ``out`` is the ``--out``
-    argument that names the folder (the folder itself by default)."""
+    a directory", and only once the model and the data were ready. ``out`` is the value of
+    ``argument`` that names the folder (the folder itself by default)."""
     if not str(folder).strip():
-        raise ValueError("--out is empty: name a folder (the output would land in the current one)")
+        raise ValueError(f"{argument} is empty: name a folder (the output would land in the current one)")
     folder = Path(folder)
     out = folder if out is None else out
     for path in (folder, *folder.parents):
         if path.is_dir():
             if not os.access(path, os.W_OK | os.X_OK):
                 where = "it is not writable" if path == folder else f"cannot be made in {path}, which is not writable"
-                raise ValueError(f"--out {out}: {where}")
+                raise ValueError(f"{argument} {out}: {where}")
             return
         if path.exists() or path.is_symlink():
-            raise ValueError(f"--out {out}: {'it' if path == out else path} is not a folder")
+            raise ValueError(f"{argument} {out}: {'it' if path == out else path} is not a folder")
 
 
 def remove_temporaries(folder: Path, target: str = "*", recursive: bool = False) -> None:
@@ -1400,8 +1402,8 @@ _EXPORT_FILES = ("model.safetensors", "config.json")
 def _check_no_other_config(out: Path) -> None:
     """Refuse a folder whose config.json is not an export's (a training run's, a Hugging Face
     model's): replacing it would lose it, and it would not describe the weights written."""
-    config = out / "config.json"
-    if not config.exists():
+    config = _file_or_none(out / "config.json", "a JSON config")
+    if config is None:
         return
     try:
         ours = _read_json(config).get("format") == "sslam"
@@ -1434,9 +1436,8 @@ def save_encoder(model: Encoder, out_dir: str | os.PathLike, source: dict | None
     even if only it was replaced)."""
     from safetensors.torch import save_file
 
+    check_output_folder(out_dir, argument="output folder")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out}: exists and is not a folder")
     _check_no_other_config(out)
     _check_exportable(model, out)
     meta = export_metadata(model, source)
@@ -1490,6 +1491,7 @@ def convert(src, out_dir, weights: str = "student", labels: str | os.PathLike | 
     """Convert any readable checkpoint to our format; ``labels`` names a fine-tuned model's
     classes (AudioSet ``class_labels_indices.csv`` style or one name per line). An encoder
     already exported in ``out_dir`` is replaced only with ``overwrite=True``."""
+    check_output_folder(out_dir, argument="output folder")
     _check_no_other_config(Path(out_dir))
     existing = [name for name in _EXPORT_FILES if (Path(out_dir) / name).exists()]
     if existing and not overwrite:  # checked first: a refusal costs no checkpoint read

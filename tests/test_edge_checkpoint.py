@@ -1211,6 +1211,41 @@ def test_what_is_not_a_file_or_folder_is_named_before_reading(tmp_path):
         read_checkpoint(latin1)
 
 
+def test_a_config_json_that_is_not_a_file_is_named_not_skipped(tmp_path):
+    """config.json beside the weights gets the weights file's checks: a device or pipe would
+    be read forever, a link to nothing is an error rather than a config silently missing (the
+    number of heads guessed, the label names dropped), a folder is named as one. So for a
+    folder being loaded, a file beside its config, and a folder being converted into."""
+    hf_folder(random_encoder(VARIANTS["tiny"]), tmp_path / "hf")
+    config = tmp_path / "hf" / "config.json"
+    config.unlink()
+    cases = [(lambda: config.symlink_to("/dev/null"), "not a regular file or folder"),
+             (lambda: config.symlink_to(tmp_path / "gone.json"), "a link to nothing"),
+             (config.mkdir, "is a folder, not a JSON config")]
+    for make, pattern in cases:
+        make()
+        for load in (lambda: read_checkpoint(tmp_path / "hf"), lambda: read_checkpoint(tmp_path / "hf" / "model.safetensors"),
+                     lambda: convert(TINY, tmp_path / "hf", overwrite=True)):
+            with pytest.raises(CheckpointError, match=f"config.json: {pattern}"):
+                load()
+        config.rmdir() if config.is_dir() and not config.is_symlink() else config.unlink()
+
+
+def test_an_export_folder_that_cannot_be_made_is_refused_before_reading(tmp_path, monkeypatch):
+    """An empty name (Path("") is the current folder), a file, or a path under a file: named as
+    such before the checkpoint is read, by convert and save_encoder alike."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("kept")
+    for out, pattern in [("", "output folder is empty"), ("afile", "output folder afile: it is not a folder"),
+                         ("afile/sub", "output folder afile/sub: afile is not a folder")]:
+        with pytest.raises(ValueError, match=pattern):
+            convert(tmp_path / "nothing-read.pt", out)
+        with pytest.raises(ValueError, match=pattern):
+            save_encoder(Encoder(VARIANTS["tiny"]), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    assert (tmp_path / "afile").read_text() == "kept"
+
+
 def test_a_config_no_weight_shows_is_checked_before_the_model_is_built(tmp_path, monkeypatch):
     """An sslam file without weights whose config claims a ViT of width 16384: the missing keys
     are reported without building that model (about 13 GB in fp32)."""
