@@ -1465,25 +1465,20 @@ def save_encoder(model: Encoder, out_dir: str | os.PathLike, source: dict | None
 
 
 def read_label_names(path: str | os.PathLike) -> list[str]:
-    """Class names in index order from an AudioSet-style ``index,mid,display_name`` CSV or a
-    text file with one name per line."""
-    import csv
+    """Class names in index order from an AudioSet-style ``index,mid,display_name`` CSV (read as
+    :func:`sslam.labels.read_descriptors` reads it for evaluation) or a text file with one name
+    per line."""
+    from .data import text_lines
+    from .labels import LabelError, read_descriptors, read_text
 
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read labels ({exc})") from exc
-    rows = list(csv.reader(text.splitlines()))
-    if rows and len(rows[0]) >= 3 and rows[0][0].strip().lower() == "index":
-        try:
-            entries = sorted((int(r[0]), r[2]) for r in rows[1:] if r)
-        except (ValueError, IndexError) as exc:
-            raise CheckpointError(f"{path}: malformed label CSV row ({exc})") from None
-        if [i for i, _ in entries] != list(range(len(entries))):
-            raise CheckpointError(f"{path}: label indices are not 0..{len(entries) - 1}")
-        return [name for _, name in entries]
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line.strip() for line in text_lines(read_text(path)) if line.strip()]
+        if lines and lines[0].split(",", 1)[0].strip().lower() == "index":
+            return [name for _, name in read_descriptors(path)]
+    except LabelError as exc:
+        raise CheckpointError(str(exc)) from None
+    return lines
 
 
 def convert(src, out_dir, weights: str = "student", labels: str | os.PathLike | None = None,

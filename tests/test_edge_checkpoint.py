@@ -696,7 +696,7 @@ def test_malformed_entries_are_named(tmp_path):
     source = random_encoder(VARIANTS["tiny"].replace(num_classes=2))
     torch.save(fairseq_finetuned(source), tmp_path / "ft.pt")
     (tmp_path / "labels.csv").write_text("index,mid,display_name\nzero,/m/a,Speech\n1,/m/b\n")
-    with pytest.raises(CheckpointError, match="labels.csv: malformed label CSV row"):
+    with pytest.raises(CheckpointError, match="labels.csv:2: index 'zero' is not an integer"):
         convert(tmp_path / "ft.pt", tmp_path / "out", labels=tmp_path / "labels.csv")
 
 
@@ -1088,8 +1088,25 @@ def test_labels_that_are_not_utf8_name_their_file(tmp_path):
     from sslam.checkpoint import read_label_names
 
     (tmp_path / "labels.txt").write_bytes(b"\xff\xfeSpeech\n")
-    with pytest.raises(CheckpointError, match=r"labels.txt: cannot read labels \('utf-8' codec"):
+    with pytest.raises(CheckpointError, match=r"labels.txt: not UTF-8 text \(byte 0xff at offset 0\)"):
         read_label_names(tmp_path / "labels.txt")
+
+
+def test_label_csv_is_read_as_the_evaluation_reads_descriptors(tmp_path):
+    """class_labels_indices.csv as a spreadsheet saves it (a byte-order mark, CRLF line ends)
+    or with a display name's comma unquoted: the same names as the plain file."""
+    from sslam.checkpoint import read_label_names
+
+    names = ["Speech", "Male speech, man speaking", "Music"]
+    plain = 'index,mid,display_name\n0,/m/a,Speech\n1,/m/b,"Male speech, man speaking"\n2,/m/c,Music\n'
+    for name, data in [("plain", plain.encode()), ("bom_crlf", b"\xef\xbb\xbf" + plain.replace("\n", "\r\n").encode()),
+                       ("unquoted", plain.replace('"', "").encode()),
+                       ("lines", b"\xef\xbb\xbf" + "\r\n".join(names).encode() + b"\r\n")]:
+        (tmp_path / f"{name}.csv").write_bytes(data)
+        assert read_label_names(tmp_path / f"{name}.csv") == names, name
+    (tmp_path / "dup.csv").write_text("index,mid,display_name\n0,/m/a,A\n0,/m/b,B\n")
+    with pytest.raises(CheckpointError, match=r"dup.csv:3: duplicate index 0"):
+        read_label_names(tmp_path / "dup.csv")
 
 
 def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
