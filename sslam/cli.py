@@ -7,6 +7,7 @@ user's input are printed as one line (``sslam: error: ...``) with exit status 2.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 import torch
@@ -141,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .train import StopTraining
 
+    for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot encode is escaped, not fatal
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not hasattr(args, "overrides"):

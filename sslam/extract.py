@@ -155,7 +155,8 @@ def is_done(out: Path, key: str, recorded: dict | None, path: Path) -> bool:
 
 
 def _shown(text: str) -> str:
-    """``text`` printable on any stream: a file name that is not UTF-8 keeps its bytes escaped."""
+    """``text`` printable on a UTF-8 stream: a file name that is not UTF-8 keeps its bytes escaped
+    (the command line escapes what its terminal cannot encode)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 

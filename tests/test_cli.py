@@ -168,3 +168,22 @@ def test_ctrl_c_says_what_rerunning_does(monkeypatch, capsys, argv, hint):
     code, err = main(argv), capsys.readouterr().err.strip()
     assert code == 130, err
     assert err == (f"sslam: interrupted; {hint}" if hint else "sslam: interrupted")
+
+
+def test_names_the_terminal_cannot_encode_are_escaped_not_fatal(tmp_path):
+    """On an ASCII (or Latin-1) terminal, a failed file's non-ASCII name in extract's summary
+    made print raise: the summary was lost and the exit status said "bad input" (2)."""
+    import numpy as np
+    import soundfile
+    from conftest import GOLDEN
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    soundfile.write(clips / "ok.wav", np.random.default_rng(0).uniform(-0.5, 0.5, 16000), 16000)
+    (clips / "café.wav").write_bytes(b"not audio")
+    done = subprocess.run([sys.executable, "-m", "sslam", "extract", str(clips), "--checkpoint",
+                           str(GOLDEN / "tiny_ckpt.pt"), "--out", str(tmp_path / "e.npz")],
+                          capture_output=True, env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 1, done.stderr.decode()
+    assert b"1 embedded, 0 already done, 1 failed" in done.stdout
+    assert b"clips/caf\\xe9.wav: cannot decode audio" in done.stdout
