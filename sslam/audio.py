@@ -293,7 +293,8 @@ def as_float_samples(wave, name: str) -> Tensor:
     float32 and float64 only) and narrowed to float64 when long double.
 
     Raises:
-        AudioError naming ``name``: not a tensor or array, or integer/bool/complex samples.
+        AudioError naming ``name``: not a tensor or array, a meta tensor, or integer/bool/complex
+        samples.
     """
     if isinstance(wave, np.ndarray):
         if wave.dtype.kind in "US":
@@ -309,6 +310,8 @@ def as_float_samples(wave, name: str) -> Tensor:
         wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=native))
     elif not isinstance(wave, Tensor):
         raise _fail(name, f"expected a torch.Tensor or numpy.ndarray, got {type(wave).__name__}")
+    if wave.is_meta:
+        raise _fail(name, "a tensor on the meta device holds no samples")
     if not wave.is_floating_point():
         raise _fail(
             name,

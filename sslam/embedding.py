@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .audio import AudioError, check_waveform, load_audio
+from .audio import AudioError, as_float_samples, check_waveform, load_audio
 from .data import pad_clips
 from .features import (
     FRAME_LENGTH,
@@ -101,6 +101,8 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
     """
     if sample_rate is not None:
         sample_rate = _integer_rate(sample_rate)  # 44100.0 is 44100, as for preprocess
+    if isinstance(audio, np.ndarray) and audio.dtype.kind in "USO":  # paths in an array (pandas' .values)
+        audio = audio.tolist()
     if isinstance(audio, (str, bytes, os.PathLike)):
         audio = [audio]
     hint = ""
@@ -118,10 +120,11 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
             name = os.fsdecode(item)
             wave, _ = load_audio(item, sample_rate=SAMPLE_RATE)
         else:
+            name = f"audio[{i}]"
+            wave = as_float_samples(item, name)  # what is not samples is named so, not asked for a rate
             if sample_rate is None:
                 raise ValueError("sample_rate is required for waveforms given as arrays")
-            name = f"audio[{i}]"
-            wave = check_waveform(item, sample_rate, name=name)
+            wave = check_waveform(wave, sample_rate, name=name)
             wave = resample(wave, sample_rate, SAMPLE_RATE)
         try:
             check_min_length(wave, name)

@@ -94,6 +94,15 @@ def test_paths_and_errors(tiny, tmp_path):
         tiny.embed(bytes(tmp_path / "missing.wav"))
     with pytest.raises(ValueError, match="sample_rate is required"):
         tiny.embed(torch.randn(16000))
+    # Paths in an array (np.array of names, pandas' .values) are paths, not a clip without a rate.
+    for paths in (np.array([str(tmp_path / "a.wav")] * 2), np.array([tmp_path / "a.wav"] * 2, dtype=object)):
+        assert torch.equal(tiny.embed(paths).utterance, emb.utterance.expand(2, -1))
+    # What is not samples is named as such, not asked for a rate.
+    for item, pattern in [([0.1, 0.2], "expected a torch.Tensor or numpy.ndarray, got list"),
+                          (torch.empty(16000, device="meta"), "a tensor on the meta device holds no samples")]:
+        for rate in (None, 16000):
+            with pytest.raises(AudioError, match=rf"audio\[0\]: {pattern}"):
+                tiny.embed([item], rate)
     with pytest.raises(ValueError, match="padding="):
         tiny.embed(torch.randn(16000), 16000, padding="zeros")
 
