@@ -488,38 +488,40 @@ def split_fingerprint(split: LabeledSplit) -> str:
 
 def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: list[str], multilabel: bool,
                               encoder_config: dict, world_size: int, train_split: str | None = None,
-                              preprocessing: dict | None = None) -> list[str]:
-    """What differs between the fine-tuning checkpoint ``saved`` and this run in a way a resumed
-    run cannot follow: settings, training data (``train_split``: its :func:`split_fingerprint`),
-    classes and label kind (the loss), encoder architecture, the input's preprocessing, number
-    of processes (which splits every epoch's clips and sets the global batch). As ``key:
-    <saved> in the checkpoint, <now> now``."""
+                              preprocessing: dict | None = None, where: str = "checkpoint") -> list[str]:
+    """What differs between the fine-tuning checkpoint ``saved`` (or a run's record, ``where``)
+    and this run in a way a resumed run cannot follow: settings, training data (``train_split``:
+    its :func:`split_fingerprint`), classes and label kind (the loss), encoder architecture, the
+    input's preprocessing, number of processes (which splits every epoch's clips and sets the
+    global batch). As ``key: <saved> in the checkpoint, <now> now``."""
     from .train import changed_settings
 
     def effective(config: dict) -> dict:  # the warm-up in effect, compared
         return {**config, "warmup": warmup_steps(config.get("steps", 0), config.get("warmup", 0))}
 
-    conflicts = changed_settings(effective(saved.get("config") or {}), effective(asdict(cfg)), FINETUNE_RESUME_MAY_CHANGE)
+    conflicts = changed_settings(effective(saved.get("config") or {}), effective(asdict(cfg)),
+                                 FINETUNE_RESUME_MAY_CHANGE, f"the {where}")
     old_split = saved.get("train_split")
     if old_split is not None and train_split is not None and old_split != train_split:
-        conflicts.append(f"training split: other clips or labels than the checkpoint's ({old_split} in the "
-                         f"checkpoint, {train_split} now)")
+        conflicts.append(f"training split: other clips or labels than the {where}'s ({old_split} in the "
+                         f"{where}, {train_split} now)")
     old_names = saved.get("class_names")
     if old_names is not None and list(old_names) != list(class_names):
-        conflicts.append(f"classes: {len(old_names)} in the checkpoint ({', '.join(map(str, old_names[:4]))}, ...), "
+        conflicts.append(f"classes: {len(old_names)} in the {where} ({', '.join(map(str, old_names[:4]))}, ...), "
                          f"{len(class_names)} now ({', '.join(map(str, class_names[:4]))}, ...)")
     if saved.get("multilabel", multilabel) != multilabel:
-        conflicts.append(f"multilabel: {saved['multilabel']!r} in the checkpoint, {multilabel!r} now")
+        conflicts.append(f"multilabel: {saved['multilabel']!r} in the {where}, {multilabel!r} now")
     encoder = lambda config: {f"encoder.{key}": value for key, value in config.items()}  # noqa: E731
     # drop-path is a fine-tuning setting and the head size follows the classes: both reported above
     conflicts += changed_settings(encoder(saved.get("encoder_config") or {}), encoder(encoder_config),
-                                  {"encoder.drop_path_rate", "encoder.num_classes"})
+                                  {"encoder.drop_path_rate", "encoder.num_classes"}, f"the {where}")
     old_prep = saved.get("preprocessing")
-    if old_prep is not None and preprocessing is not None and dict(old_prep) != dict(preprocessing):
-        conflicts.append(f"preprocessing: {dict(old_prep)} in the checkpoint, {dict(preprocessing)} now")
+    as_json = lambda prep: json.loads(json.dumps(dict(prep)))  # noqa: E731  a (mean, std) norm is a tuple or a list
+    if old_prep is not None and preprocessing is not None and as_json(old_prep) != as_json(preprocessing):
+        conflicts.append(f"preprocessing: {dict(old_prep)} in the {where}, {dict(preprocessing)} now")
     old_world = int(saved.get("world_size", world_size))
     if old_world != world_size:
-        conflicts.append(f"processes: {old_world} in the checkpoint, {world_size} now")
+        conflicts.append(f"processes: {old_world} in the {where}, {world_size} now")
     return conflicts
 
 
@@ -635,6 +637,43 @@ class Finetuner:
             remove_temporaries(self.out)
         if existing:
             self._load(existing[-1], load_newest(existing))
+        else:
+            self._check_no_other_record()
+
+    RECORD = "finetune.json"  # what a fresh start is: a restart of the same run may go on over it
+
+    def _identity(self) -> dict:
+        """What a resumed run must share with this one (see :func:`finetune_resume_conflicts`)."""
+        return {"format": "sslam-finetune", "config": asdict(self.cfg), "encoder_config": self.model.cfg.to_dict(),
+                "class_names": self.train_split.class_names, "preprocessing": dict(self.model.preprocessing),
+                "train_split": split_fingerprint(self.train_split), "world_size": self.dist.world_size,
+                "multilabel": self.multilabel}
+
+    def _conflicts(self, saved: dict, where: str) -> list[str]:
+        return finetune_resume_conflicts(saved, self.cfg, self.train_split.class_names, self.multilabel,
+                                         self.model.cfg.to_dict(), self.dist.world_size,
+                                         split_fingerprint(self.train_split), self.model.preprocessing, where)
+
+    def _check_no_other_record(self) -> None:
+        """A fresh start cuts metrics.jsonl and replaces best/ and model/: over another run's
+        (a pretraining run's, a fine-tuning's with other settings) left without a checkpoint,
+        that is refused. The same run started again (stopped before its first checkpoint) goes on."""
+        left = [name for name in ("metrics.jsonl", "best", "model") if (self.out / name).exists()
+                and not (name == "metrics.jsonl" and (self.out / name).stat().st_size == 0)]
+        if not left:
+            return
+        try:
+            record = json.loads((self.out / self.RECORD).read_text())
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict) and record.get("format") == "sslam-finetune":
+            conflicts = self._conflicts(record, "record")
+        else:
+            conflicts = [f"no record of a fine-tuning run ({self.RECORD})"]
+        if conflicts:
+            raise ValueError(f"{self.out} holds the record of another run and no checkpoint ({', '.join(left)}): "
+                             f"{'; '.join(conflicts)}; starting here would overwrite it: choose another --out, "
+                             "or remove them")
 
     def _check_resume(self, path: Path, state: dict) -> None:
         """Refuse to resume from ``path`` when it is not a fine-tuning checkpoint or was written
@@ -651,9 +690,7 @@ class Finetuner:
             # 10 % of the new steps would move the lr schedule under the steps already taken.
             self.cfg = replace(self.cfg, warmup=warmup_steps(saved["steps"], saved.get("warmup")))
             check_settings(self.cfg)
-        conflicts = finetune_resume_conflicts(state, self.cfg, self.train_split.class_names, self.multilabel,
-                                              self.model.cfg.to_dict(), self.dist.world_size,
-                                              split_fingerprint(self.train_split), self.model.preprocessing)
+        conflicts = self._conflicts(state, "checkpoint")
         if conflicts:
             raise ValueError(f"{path}: cannot resume fine-tuning with changed settings: " + "; ".join(conflicts)
                              + ". Run with the checkpoint's settings, or choose another out folder.")
@@ -723,6 +760,9 @@ class Finetuner:
         if self.dist.rank == 0:  # drop what was logged after the checkpoint resumed from (or any)
             from .train import trim_metrics
 
+            if self.step == 0:
+                text = json.dumps(self._identity(), indent=2) + "\n"
+                atomic_write(self.out / self.RECORD, lambda tmp: Path(tmp).write_text(text))
             trim_metrics(self.out / "metrics.jsonl", self.step)
         metrics = (self.out / "metrics.jsonl").open("a") if self.dist.rank == 0 else None
         augment = ProbeConfig(mixup=cfg.mixup, mixup_prob=cfg.mixup_prob, mask_ratio=cfg.mask_ratio, roll=cfg.roll,
@@ -818,13 +858,9 @@ class Finetuner:
             return
         from .train import checkpoints_in, rng_state
 
-        state = {"format": "sslam-finetune", "config": asdict(self.cfg), "encoder_config": self.model.cfg.to_dict(),
-                 "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+        state = {**self._identity(), "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "step": self.step, "best": self.best, "class_names": self.train_split.class_names,
-                 "preprocessing": dict(self.model.preprocessing), "rng": rng_state(),
-                 "train_split": split_fingerprint(self.train_split),
-                 "world_size": self.dist.world_size, "multilabel": self.multilabel}
+                 "step": self.step, "best": self.best, "rng": rng_state()}
         atomic_write(self.out / f"checkpoint_{self.step:08d}.pt", lambda tmp: torch.save(state, tmp))
         for old in checkpoints_in(self.out)[: -self.cfg.keep_last]:
             old.unlink(missing_ok=True)

@@ -554,6 +554,34 @@ def test_finetuning_restarted_before_its_first_checkpoint_logs_each_step_once(tm
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_finetuning_never_starts_over_another_runs_record(tmp_path):
+    """A fresh start cuts metrics.jsonl and replaces best/: over a pretraining run's record, or a
+    fine-tuning's with other settings, both stopped before their first checkpoint, that is
+    refused and their files are kept. The same run started again goes on (test above)."""
+    train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
+    cfg = FinetuneConfig(steps=3, warmup=0, batch_size=4, eval_every=1, ckpt_every=3, out=str(tmp_path / "ft"),
+                         workers=0)
+    interrupt(Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None), at_step=3)
+    kept = {p: p.read_bytes() for p in (tmp_path / "ft").rglob("*") if p.is_file()}
+    assert tmp_path / "ft" / "best" / "model.safetensors" in kept
+    with pytest.raises(ValueError, match=r"ft holds the record of another run and no checkpoint \(metrics.jsonl, "
+                                         r"best\): seed: 0 in the record, 5 now; starting here"):
+        Finetuner(tiny_encoder(), train, test, replace(cfg, seed=5), log=lambda *a: None)
+    assert {p: p.read_bytes() for p in (tmp_path / "ft").rglob("*") if p.is_file()} == kept
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(ValueError, match=r"pre holds the record of another run and no checkpoint \(metrics.jsonl\): "
+                                         r"no record of a fine-tuning run"):
+        Finetuner(tiny_encoder(), train, test, replace(cfg, out=str(tmp_path / "pre")), log=lambda *a: None)
+    assert (tmp_path / "pre" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
+    # The record is JSON: a custom (mean, std) norm, a tuple, is the same run read back as a list.
+    custom = tiny_encoder()
+    custom.preprocessing["norm"] = (-4.0, 4.5)
+    cfg = replace(cfg, out=str(tmp_path / "custom"))
+    interrupt(Finetuner(custom, train, test, cfg, log=lambda *a: None), at_step=3)
+    assert Finetuner(custom, train, test, cfg, log=lambda *a: None).step == 0
+
+
 @pytest.mark.parametrize("change", [{"eval_every": 0}, {"ckpt_every": 0}, {"steps": 0}, {"layer_decay": -1.0},
                                     {"warmup": -5}, {"mixup_prob": 2.0}, {"mask_ratio": 2.0},
                                     {"mixup": float("nan")}, {"batch_size": 0}, {"min_lr": 1.0},
