@@ -17,6 +17,7 @@ equal across ranks) and reported by name; the trainer counts them and stops past
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +280,14 @@ class GlobalBatchSampler(Sampler):
 
     def __len__(self) -> int:  # an endless sampler; the trainer stops by step count
         return 2**62
+
+
+def data_identity(dataset: Dataset) -> dict:
+    """What identifies a pretraining dataset's clips for a resume: how many, and the names of
+    its files in order (not their folders: the data may move), as a short hash. The built-in
+    scenes are named by the run's settings."""
+    names = [os.fsencode(path.name) for path in dataset.paths] if isinstance(dataset, AudioFiles) else [b"synth"]
+    return {"clips": len(dataset), "names": hashlib.sha256(b"\0".join(names)).hexdigest()[:16]}
 
 
 def build_dataset(source: str, *, root: str | None = None, target_length: int = 1024, synth_clips: int = 2000,

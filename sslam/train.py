@@ -571,6 +571,12 @@ def _unused_settings(cfg: TrainConfig) -> set[str]:
     return set() if cfg.data.source.lower().endswith(".tsv") else {"data.min_samples"}
 
 
+def _same_source(before: str, now: str) -> bool:
+    """Whether two data.source values name the same data: 'synth', or one file or folder
+    however written (data/x.tsv is ./data/x.tsv and its absolute path)."""
+    return before == now or "synth" not in (before, now) and Path(before).resolve() == Path(now).resolve()
+
+
 def _same_init(before: str, now: str) -> bool:
     """Whether two run.init values name the same start: none, or one file however written
     (runs/s1/ is runs/./s1; a run folder is its newest checkpoint, as :func:`resolve_init`
@@ -632,7 +638,10 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
     resolved = saved.get("precision") and precision  # else (older checkpoints) as written
     if resolved:
         del old["run.precision"], now["run.precision"]
-    conflicts = changed_settings(old, now, RESUME_MAY_CHANGE | _unused_settings(cfg))
+    conflicts = changed_settings(old, now, RESUME_MAY_CHANGE | _unused_settings(cfg) | {"data.source"})
+    old_source = before.get("data", {}).get("source", cfg.data.source)
+    if not _same_source(old_source, cfg.data.source):
+        conflicts.append(f"data.source: {old_source!r} in the checkpoint, {cfg.data.source!r} now")
     if resolved and saved["precision"] != precision:
         conflicts.append(f"run.precision: {saved['precision']} in the checkpoint (run.precision="
                          f"{before.get('run', {}).get('precision')!r}), {precision} now ({cfg.run.precision!r}); "
@@ -756,6 +765,8 @@ class Trainer:
         self.mask_cfg = mask_config(cfg)
         self.step = 0
         self.data_start = (0, 0)
+        identity = saved.get("data_identity") if saved is not None else None  # checked by data_loader
+        self.data_identity = identity if isinstance(identity, dict) else None  # (None: an older checkpoint)
         self.bad_files: list[tuple[str, str]] = []
         self.bad_steps = 0
         self.skipped_steps = 0
@@ -895,12 +906,21 @@ class Trainer:
     def data_loader(self):
         from torch.utils.data import DataLoader
 
-        from .data import GlobalBatchSampler, build_dataset, collate
+        from .data import GlobalBatchSampler, build_dataset, collate, data_identity
 
         d = self.cfg.data
         dataset = build_dataset(d.source, root=d.root or None, target_length=d.target_length,
                                 synth_clips=d.synth_clips, synth_seconds=d.synth_seconds,
                                 seed=self.cfg.run.seed, min_samples=d.min_samples, max_bad_files=d.max_bad_files)
+        # The data position counts into this list of clips: a resume on another one (the same
+        # data.source words from another folder) would go on over other clips.
+        found = data_identity(dataset)
+        if self.data_identity is not None and self.data_identity != found:
+            before = self.data_identity.get("clips")
+            what = (f"{found['clips']} clips, not the {before} of the run's data" if before != found["clips"]
+                    else "files of other names than the run's data")
+            raise ValueError(f"{self.resume_from}: cannot resume on other data: data.source {d.source!r} holds {what}")
+        self.data_identity = found
         skipped = getattr(dataset, "skipped", 0)
         self.data_size = len(dataset)
         self.log(f"data: {len(dataset)} clips from {d.source}" + (
@@ -1082,6 +1102,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "precision": self.precision,  # run.precision as resolved (auto: by the device)
             "data_position": [epoch, step_in_epoch],
+            "data_identity": self.data_identity,
             "rng": rng_state(),
             "bad_files": self.bad_files,
             "skipped_steps": self.skipped_steps,
