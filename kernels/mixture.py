@@ -1,10 +1,10 @@
 """SSLAM mixture synthesis (SPEC 5.1) and the partner pass's token gather (SPEC 5.3), in Triton.
 
 * :func:`mix_spectrograms` -- mixed[i] = max(x[i], x[i - 1]) outside the two non-mixed windows,
-  x[i] inside them, for spectrograms (B, 1, T, F) or their patches (B, N, 256). Both layouts
+  x[i] inside them, for spectrograms (B, 1, T, F) or their p x p patches (B, N, p * p). Both layouts
   are one kernel over a (B, rows, row_size) view: a row's first frame is
   (row // ROW_DIV) * ROW_MUL (spectrogram: the row is the frame; patches: token n lies in patch
-  row n // freq_patches, i.e. frames from (n // freq_patches) * 16). Inside the windows the
+  row n // freq_patches, i.e. frames from (n // freq_patches) * p). Inside the windows the
   partner is not even read, so the traffic is one read of each clip, 53 % of a second read
   (served by L2: programs of clip b run right after those of clip b - 1) and one write. The max
   is exact, so the kernel equals the reference bit for bit in every dtype.
@@ -25,13 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from sslam.mixing import MixWindows, mix_patches, window_frame_mask, window_patch_rows
+from sslam.mixing import MixWindows, mix_patches, patch_side, window_frame_mask, window_patch_rows
 from sslam.mixing import mix_spectrograms as _mix_spectrograms_ref
 
 from .switch import interpreting, traced, use_kernels
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PATCH = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,9 +272,9 @@ def mix_spectrograms(
     """SSLAM mixtures: clip i with clip i - 1, unmixed inside the two windows.
 
     Args:
-        spec_or_patches: spectrograms (B, 1, T, F) or patches (B, N, 256) (token n in patch row
-            n // freq_patches), fp32 / fp16 / bf16.
-        windows: the non-mixed windows in frames (aligned to 16 for the patch layout).
+        spec_or_patches: spectrograms (B, 1, T, F) or p x p patches (B, N, p * p), 256 for
+            16 x 16 (token n in patch row n // freq_patches), fp32 / fp16 / bf16.
+        windows: the non-mixed windows in frames (aligned to p for the patch layout).
         freq_patches: patches per row, for the patch layout.
 
     Returns:
@@ -300,24 +299,20 @@ def mix_spectrograms(
         if isinstance(freq_patches, bool) or not isinstance(freq_patches, int) or freq_patches < 1:
             raise ValueError(f"freq_patches={freq_patches!r}: expected a positive number of "
                              "patches per row")
-        if x.shape[1] % freq_patches or x.shape[2] != PATCH * PATCH:
-            raise ValueError(
-                f"spec_or_patches: expected (B, N, 256) with N a multiple of freq_patches="
-                f"{freq_patches}, got shape {tuple(x.shape)}"
-            )
-        window_patch_rows(windows)  # validates the alignment
-        if windows.end > x.shape[1] // freq_patches * PATCH:
+        patch = patch_side(x, freq_patches, "spec_or_patches")
+        window_patch_rows(windows, patch)  # validates the alignment
+        if windows.end > x.shape[1] // freq_patches * patch:
             raise ValueError(
                 f"windows {windows}: the second window ends at frame {windows.end}, past the "
-                f"{x.shape[1] // freq_patches * PATCH} frames of the patches"
+                f"{x.shape[1] // freq_patches * patch} frames of the patches"
             )
-        geometry = (x.shape[2], freq_patches, PATCH)
+        geometry = (x.shape[2], freq_patches, patch)
 
         def reference(p, w):
             return mix_patches_ref(p, w, freq_patches)
     else:
         raise ValueError(
-            "spec_or_patches: expected spectrograms (B, 1, T, F) or patches (B, N, 256), got "
+            "spec_or_patches: expected spectrograms (B, 1, T, F) or patches (B, N, P), got "
             f"shape {tuple(x.shape)}"
         )
     if not use_kernels(x) or x.shape[0] == 0:

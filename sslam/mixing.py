@@ -17,6 +17,7 @@ Plain PyTorch: this is the reference of the Triton kernels in ``sslam.kernels.mi
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -188,26 +189,34 @@ def _check_windows_fit(windows: MixWindows, length: int, unit: str) -> None:
         )
 
 
+def patch_side(patches: torch.Tensor, freq_patches: int, name: str = "patches") -> int:
+    """The height (= width) of the square patches (B, N, P), P = patch x patch, after checking
+    that N is whole rows of ``freq_patches``."""
+    side = math.isqrt(patches.shape[-1]) if patches.dim() == 3 else 0
+    if patches.dim() != 3 or patches.shape[1] % freq_patches or side < 1 or side * side != patches.shape[-1]:
+        raise ValueError(
+            f"{name}: expected (B, N, P) with N a multiple of freq_patches={freq_patches} and P = patch x patch "
+            f"(256 for 16 x 16 patches), got shape {tuple(patches.shape)}"
+        )
+    return side
+
+
 def mix_patches(patches: torch.Tensor, windows: MixWindows, freq_patches: int = 8) -> torch.Tensor:
     """:func:`mix_spectrograms` in the patch layout of :func:`sslam.features.patchify`.
 
     Args:
         patches: (B, N, P) with N = time_patches * freq_patches, tokens time-major (token n lies
-            in patch row n // freq_patches).
-        windows: aligned to 16 frames, so each window is a set of whole patch rows.
+            in patch row n // freq_patches), P = patch x patch (256 for 16 x 16 patches).
+        windows: aligned to the patch height, so each window is a set of whole patch rows.
         freq_patches: patches per row (8 for 128 mel bins).
 
     Returns:
         (B, N, P) like ``patches``, equal to patchify(mix_spectrograms(unpatchify(patches))).
     """
     freq_patches = _size("freq_patches", freq_patches)
-    if patches.dim() != 3 or patches.shape[1] % freq_patches:
-        raise ValueError(
-            f"patches: expected (B, N, P) with N a multiple of freq_patches={freq_patches}, got "
-            f"shape {tuple(patches.shape)}"
-        )
+    patch = patch_side(patches, freq_patches)
     time_patches = patches.shape[1] // freq_patches
-    rows = _window_row_mask(windows, time_patches, patches.device)
+    rows = _window_row_mask(windows, time_patches, patches.device, patch)
     inside = rows.repeat_interleave(freq_patches)[None, :, None]
     partner = torch.roll(patches, shifts=1, dims=0)
     return torch.where(inside, patches, torch.maximum(patches, partner))

@@ -318,7 +318,7 @@ def srl_target(clean: torch.Tensor, partial: torch.Tensor, windows: MixWindows, 
 
 
 def make_mixtures(x: torch.Tensor, windows: MixWindows, freq_patches: int) -> torch.Tensor:
-    """SSLAM mixtures of spectrograms (B, 1, T, F) or patches (B, N, 256); the Triton kernel
+    """SSLAM mixtures of spectrograms (B, 1, T, F) or p x p patches (B, N, p * p); the Triton kernel
     on CUDA (bit-identical)."""
     if use_kernels(x):
         from .kernels.mixture import mix_spectrograms as mix_kernel
@@ -467,7 +467,7 @@ class Pretrainer(nn.Module):
         self.teacher.update(self.student, decay)
 
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """(time, frequency) patch grid of a spectrogram (B, 1, T, F) or patches (B, N, 256)."""
+        """(time, frequency) patch grid of a spectrogram (B, 1, T, F) or p x p patches (B, N, p * p)."""
         cfg = self.student.cfg
         if x.dim() == 4:
             return x.shape[2] // cfg.patch_size, cfg.freq_patches
@@ -498,7 +498,7 @@ class Pretrainer(nn.Module):
         """One training forward.
 
         Args:
-            spec: (B, 1, T, F) normalised clean spectrograms, or their (B, N, 256) patches.
+            spec: (B, 1, T, F) normalised clean spectrograms, or their (B, N, p * p) patches (p = the encoder's patch size).
             keep: (B * C, K) kept patch indices of each clone (clip-major rows); every row
                 keeps the same number K of patches.
             windows: stage 2 only, the two unmixed windows of this step.

@@ -70,6 +70,22 @@ def test_mix_other_freq_patches_and_nan(kernels_on_cpu):
     assert torch.equal(out.nan_to_num(), ref.nan_to_num())
 
 
+@pytest.mark.parametrize("patch", [4, 8, 16])
+def test_mix_patches_of_any_square_size_equal_the_mixed_spectrogram(kernels_on_cpu, poisoned, patch):
+    """The patch height is the patches' own (P = patch x patch), not always 16: 8 x 8 patches
+    were mixed by 16-frame rows, silently, in the reference; the kernel refused them."""
+    from sslam.features import patchify
+
+    spec = torch.randn(3, 1, 6 * patch, 3 * patch)
+    windows = MixWindows(starts=(patch, 4 * patch), width=patch)
+    expected = patchify(mx.mix_spectrograms_ref(spec, windows), patch)
+    patches = patchify(spec, patch)
+    assert torch.equal(mx.mix_patches_ref(patches, windows, freq_patches=3), expected)
+    assert torch.equal(mx.mix_spectrograms(patches, windows, freq_patches=3), expected)
+    with pytest.raises(ValueError, match=f"multiples of {patch} frames"):
+        mx.mix_spectrograms(patches, MixWindows(starts=(patch + 1, 4 * patch), width=patch), freq_patches=3)
+
+
 def test_mix_validates():
     with pytest.raises(ValueError, match="multiples of 16"):
         mx.mix_spectrograms(torch.randn(2, 64, 256), MixWindows((8, 40), 16))
@@ -81,6 +97,8 @@ def test_mix_validates():
         mx.mix_spectrograms(torch.randn(2, 1, 64, 8).double(), MixWindows((0, 32), 16))
     with pytest.raises(ValueError, match="expected spectrograms"):
         mx.mix_spectrograms(torch.randn(64, 8), MixWindows((0, 32), 16))
+    with pytest.raises(ValueError, match=r"P = patch x patch"):  # not a square patch
+        mx.mix_spectrograms(torch.randn(2, 16, 200), MixWindows((0, 32), 16))
     for freq_patches in (2.0, True, 0):
         with pytest.raises(ValueError, match="freq_patches="):
             mx.mix_spectrograms(torch.randn(2, 16, 256), MixWindows((0, 32), 16), freq_patches=freq_patches)

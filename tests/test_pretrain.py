@@ -272,6 +272,23 @@ def test_stage2_forward_terms():
         model(spec[:1], keep[:2], windows=windows)
 
 
+def test_stage2_patch_input_of_another_patch_size_gives_the_spectrograms_losses():
+    """8 x 8 patches (B, N, 64) are mixed by 8-frame rows: the losses are those of the same
+    clips given as spectrograms (mixing them by 16-frame rows changed the loss silently)."""
+    from sslam.features import patchify
+
+    cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, patch_size=8, mel_bins=64, max_length=16)
+    objective = ObjectiveConfig(stage=2, clones=2, top_k=1, mix_width=8, decoder=DecoderConfig(dim=16, groups=4, layers=1))
+    spec = torch.randn(3, 1, 64, 64)
+    keep = torch.stack([torch.randperm(64)[:5] for _ in range(6)])
+    torch.manual_seed(0)
+    model = Pretrainer(cfg, objective)
+    windows = MixWindows(starts=(8, 40), width=8)
+    terms = [model(x, keep, windows=windows, generator=torch.Generator().manual_seed(1)).terms()
+             for x in (spec, patchify(spec, 8))]
+    assert {k: v.item() for k, v in terms[0].items()} == {k: v.item() for k, v in terms[1].items()}
+
+
 @pytest.mark.parametrize("field, value", [
     ("stage", 3), ("stage", 0), ("clones", 0), ("top_k", 0), ("clones", 2.0), ("mix_width", -16),
     ("srl_weight", -1.0), ("cls_loss", float("nan")), ("srl_weight", True),
