@@ -205,7 +205,7 @@ def gather_shared(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     if use_kernels(tokens):
         from .kernels.mixture import gather_tokens
 
-        return gather_tokens(tokens, keep)
+        return gather_tokens(tokens, keep.long())  # the kernel takes int64; check_keep also allows int32
     return tokens[:, keep]
 
 

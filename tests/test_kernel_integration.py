@@ -43,10 +43,13 @@ def test_encoder_output_equal_through_the_kernels(monkeypatch):
         monkeypatch.setenv("SSLAM_KERNELS", "1")
         out = model(spec, keep=keep, clones=2, layer_results=True)
         shared = model(spec, keep=torch.arange(0, 32, 3)).x
+        # int32 indices, which check_keep accepts, take the kernel path too (the gather refused them)
+        shared_int32 = model(spec, keep=torch.arange(0, 32, 3, dtype=torch.int32)).x
     assert (out.x - ref.x).abs().max() < 1e-4
     for a, b in zip(out.layer_results, ref.layer_results):
         assert (a - b).abs().max() < 1e-4
     assert (shared - shared_ref).abs().max() < 1e-4
+    assert torch.equal(shared_int32, shared)
 
 
 def test_packed_sets_equal_through_the_kernels(monkeypatch):
