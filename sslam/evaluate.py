@@ -685,11 +685,11 @@ class Finetuner:
                                   "choose another out folder")
         check_record(state, path, FINETUNING_PARTS)
         saved = state.get("config") or {}
-        if self.cfg.warmup is None and "steps" in saved:
+        kept = self.cfg.warmup is None and "steps" in saved
+        if kept:
             # A run extended or shortened without --warmup keeps the warm-up it started with:
             # 10 % of the new steps would move the lr schedule under the steps already taken.
             self.cfg = replace(self.cfg, warmup=warmup_steps(saved["steps"], saved.get("warmup")))
-            check_settings(self.cfg)
         conflicts = self._conflicts(state, "checkpoint")
         if conflicts:
             raise ValueError(f"{path}: cannot resume fine-tuning with changed settings: " + "; ".join(conflicts)
@@ -697,6 +697,10 @@ class Finetuner:
         if state["step"] > self.cfg.steps:  # as pretraining: it would stop at once, having done nothing
             raise ValueError(f"{path}: the run is at step {state['step']}, past steps={self.cfg.steps}: give a "
                              "larger one to train on")
+        if kept and self.cfg.warmup >= self.cfg.steps:
+            raise ValueError(f"{path}: the run's warm-up of {self.cfg.warmup} steps, kept on resume, is not below "
+                             f"steps={self.cfg.steps}: give more steps, or --warmup")
+        check_settings(self.cfg)  # the kept warm-up included
 
     def _epoch_size(self) -> int:
         return self.cfg.epoch_size if self.weights is not None else len(self.train_split)

@@ -535,6 +535,15 @@ def test_a_run_extended_without_warmup_keeps_its_warmup(tmp_path):
     assert extended.step == 20
     with pytest.raises(ValueError, match="warmup: 1 in the checkpoint, 3 now"):
         Finetuner(tiny_encoder(), train, test, replace(config(30), warmup=3), log=lambda *a: None)
+    # Shortened below what is done or below the kept warm-up: each said as such ("warmup=1 must be
+    # below steps=1" named a --warmup never given).
+    with pytest.raises(ValueError, match=r"checkpoint_00000020.pt: the run is at step 20, past steps=1"):
+        Finetuner(tiny_encoder(), train, test, config(1), log=lambda *a: None)
+    early = replace(config(40), out=str(tmp_path / "early"), ckpt_every=2)
+    interrupt(Finetuner(tiny_encoder(), train, test, early, log=lambda *a: None), at_step=3)
+    with pytest.raises(ValueError, match=r"checkpoint_00000002.pt: the run's warm-up of 4 steps, kept on resume, is "
+                                         r"not below steps=4: give more steps, or --warmup"):
+        Finetuner(tiny_encoder(), train, test, replace(early, steps=4), log=lambda *a: None)
 
 
 def test_a_restarted_finetuning_removes_what_a_killed_run_was_writing(tmp_path):
