@@ -22,12 +22,13 @@ with the shapes. Every key and shape is checked before weights are loaded.
 Loading never executes code from the file. Pickles are read by PyTorch's ``weights_only``
 unpickler; objects of a few inert namespaces that official files carry (argparse, omegaconf,
 fairseq, numpy, ...) are replaced by :class:`InertObject` stand-ins that only hold their data,
-the plain types configs name (dict, int, ...) are themselves, and any other global (``os.system``, ``builtins.eval``, ...) makes the load fail before anything
+as are the plain types configs name (dict, int, ...), and any other global (``os.system``, ``builtins.eval``, ...) makes the load fail before anything
 is unpickled.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections.abc
 import dataclasses
 import errno
@@ -79,9 +80,11 @@ INERT_NAMESPACES = (
     "argparse", "omegaconf", "fairseq", "hydra", "numpy", "collections", "copyreg",
     "typing", "enum", "pathlib", "datetime", "_codecs", "functools.partial",
 )
-# Plain types that configs name as values (omegaconf's metadata: object_type=dict, element_type=int).
-# They are allowed as themselves: building one from pickled data runs nothing of the file's.
-PLAIN_TYPES = {f"builtins.{t.__name__}": t for t in (dict, list, tuple, set, frozenset, int, float, str, bool)}
+# Plain types that configs name as values (omegaconf's metadata: object_type=dict, element_type=int):
+# inert stand-ins too. The real ones would be callable with the file's arguments (str() of a
+# shared nested list is exponential in the file's size).
+INERT_BUILTINS = frozenset(f"builtins.{name}" for name in ("dict", "list", "tuple", "frozenset", "int", "float",
+                                                            "str", "bool"))
 
 
 class CheckpointError(ValueError):
@@ -115,7 +118,7 @@ def _stand_in(name: str) -> type:
 
 
 def _is_inert(name: str) -> bool:
-    return any(name == ns or name.startswith(ns + ".") for ns in INERT_NAMESPACES)
+    return name in INERT_BUILTINS or any(name == ns or name.startswith(ns + ".") for ns in INERT_NAMESPACES)
 
 
 # ---- safe unpickling ------------------------------------------------------------------------
@@ -125,37 +128,45 @@ def _pickle_globals(stream) -> set[str]:
     found, strings = set(), []
     for opcode, arg, _ in pickletools.genops(stream):
         if opcode.name == "GLOBAL":
-            found.add(arg.replace(" ", "."))
+            found.add(_python3_name(*arg.split(" ", 1)))
         elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-            found.add(f"{strings[-2]}.{strings[-1]}")
+            found.add(_python3_name(strings[-2], strings[-1]))
         elif isinstance(arg, str):
             strings.append(arg)
     return found
 
 
-# A torch.save pickle holds the structure, not the tensors: a few MB for the largest checkpoints.
-_MAX_PICKLE_BYTES = 256 << 20
+def _python3_name(module: str, name: str) -> str:
+    """``module.name`` as the unpickler resolves it: protocol-2 pickles spell Python 3's modules
+    as Python 2's (``__builtin__.dict`` is ``builtins.dict``)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[module, name]
+    else:
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{name}"
 
 
-def _scan_legacy(path: Path) -> tuple[set[str], bool, int]:
+def _scan_legacy(path: Path) -> tuple[set[str], bool, int | None]:
     """Globals of a legacy (non-zip, ``_use_new_zipfile_serialization=False``) ``torch.save``
     file, whether the file is a plain pickle instead, and the storage bytes its object pickle
-    declares. ``torch.load`` unpickles five pickles from a legacy file (magic number, protocol,
-    system info, the object, storage keys) before the raw storage bytes; all five are scanned.
-    The first, a bare int, names no global: a file whose first pickle does is a plain
-    ``pickle.dump``, and only that pickle is scanned."""
+    declares (None: :func:`_declared_storages` cannot tell). ``torch.load`` unpickles five
+    pickles from a legacy file (magic number, protocol, system info, the object, storage keys)
+    before the raw storage bytes; all five are scanned. The first, a bare int, names no global:
+    a file whose first pickle does is a plain ``pickle.dump``, and only that pickle is scanned."""
     names: set[str] = set()
-    declared = 0
+    declared: int | None = 0
     with path.open("rb") as f:
         for index in range(5):
             start = f.tell()
             names |= _pickle_globals(f)
             if index == 0 and names:
                 return names, True, 0
-            if index == 3 and f.tell() - start <= _MAX_PICKLE_BYTES:
+            if index == 3:
                 end = f.tell()
                 f.seek(start)
-                declared = sum(_declared_storages(f.read(end - start)).values())
+                storages = _declared_storages(f)
+                declared = None if storages is None else sum(storages.values())
+                f.seek(end)
     return names, False, declared
 
 
@@ -216,17 +227,19 @@ def safe_torch_load(path: str | os.PathLike):
         if is_zip:
             _check_crcs(path)
             names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-            refused = [name for name in names if not _is_inert(name) and name not in PLAIN_TYPES]
+            refused = [name for name in names if not _is_inert(name)]
             if not refused:
                 _check_record_sizes(path)
         else:
             # The weights_only unpickler itself refuses unknown globals of torch.save files (it
             # allows torch's own); a plain pickle, which it would call unreadable, is refused here.
             found, plain, declared = _scan_legacy(path)
-            names = {n for n in found if _is_inert(n) or n in PLAIN_TYPES}
-            refused = [n for n in found if n not in names] if plain else []
+            names = {n for n in found if _is_inert(n)}
+            refused = [n for n in found if not _is_inert(n)] if plain else []
             # torch.load allocates each storage at its declared size before reading its bytes.
-            if declared > path.stat().st_size:
+            if declared is None and not plain:
+                raise _unfollowable(path)
+            if not plain and declared > path.stat().st_size:
                 raise CheckpointError(f"{path}: damaged or hostile file: its tensors declare {declared} bytes "
                                       f"of storage; the file holds {path.stat().st_size}")
     except CheckpointError:
@@ -235,7 +248,7 @@ def safe_torch_load(path: str | os.PathLike):
         raise _load_error(path, exc) from exc
     if refused:
         raise _refusal(path, refused)
-    stand_ins = [(PLAIN_TYPES.get(name) or _stand_in(name), name) for name in sorted(names)]
+    stand_ins = [(_stand_in(name), name) for name in sorted(names)]
     try:
         with torch.serialization.safe_globals(stand_ins):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
@@ -265,28 +278,39 @@ def _check_record_sizes(path: Path) -> None:
     the records after it."""
     with zipfile.ZipFile(path) as archive:
         pickles = [info for info in archive.infolist() if info.filename.rsplit("/", 1)[-1] == "data.pkl"]
-        if len(pickles) != 1 or pickles[0].file_size > _MAX_PICKLE_BYTES:
-            return  # not a torch.save archive (torch.load says what is wrong), or absurd
+        if len(pickles) != 1:
+            return  # not a torch.save archive: torch.load says what is wrong
         prefix = pickles[0].filename[: -len("data.pkl")]
         records = {info.filename: info.file_size for info in archive.infolist()}
-        for key, nbytes in _declared_storages(archive.read(pickles[0])).items():
+        with archive.open(pickles[0]) as stream:
+            declared = _declared_storages(stream)
+        if declared is None:
+            raise _unfollowable(path)
+        for key, nbytes in declared.items():
             size = records.get(f"{prefix}data/{key}")
             if size is not None and size != nbytes:  # a missing record: torch.load names it
                 raise CheckpointError(f"{path}: damaged archive: storage record {key!r} holds {size} bytes, "
                                       f"its tensors need {nbytes}")
 
 
-_SCALAR_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1",
-               "GLOBAL"}
+def _unfollowable(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path}: damaged or hostile file: the storages its tensors declare cannot be read "
+                           "without unpickling it")
 
 
-def _declared_storages(pickled: bytes) -> dict[str, int]:
-    """Storage key -> bytes, as a torch.save pickle (protocol 2 or 3) declares them in its persistent
-    ids ``('storage', torch.<T>Storage, key, location, numel)``. The opcodes are followed on a
-    model of the unpickler's stack that holds only strings, ints and flat tuples of them (any
-    other value is opaque), so nothing in the file is called, imported or built, and the work
-    is linear in its length. A stream this model cannot follow declares nothing: torch.load
-    then refuses it."""
+_SCALAR_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING",
+               "BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4", "GLOBAL"}
+_BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8"}  # torch reads a persistent id's names from bytes too
+
+
+def _declared_storages(pickled) -> dict[str, int] | None:
+    """Storage key -> bytes, as a torch.save pickle (bytes or a stream) declares them in its
+    persistent ids ``('storage', torch.<T>Storage, key, location, numel)``: the most declared
+    for a key, as the first declaration allocates and a later one may claim less. The opcodes
+    are followed on a model of the unpickler's stack that holds only strings, ints, None and
+    tuples of them (any other value is opaque), so nothing in the file is called, imported or
+    built, and the work is linear in its length. None where the model cannot follow the
+    stream or a persistent id: torch.load might then allocate what nothing here has checked."""
     opaque = object()
     stack: list = []
     marks: list[int] = []  # stack heights at the MARKs still open
@@ -295,21 +319,19 @@ def _declared_storages(pickled: bytes) -> dict[str, int]:
     try:
         for op, arg, _ in pickletools.genops(pickled):
             name = op.name
-            if name == "PROTO" and arg > 3:  # torch.load reads protocols 2 and 3 only
-                return {}
-            if name in ("BINPUT", "LONG_BINPUT", "PUT"):  # memoise the top, the stack unchanged
-                memo[arg] = stack[-1] if stack else opaque
+            if name in ("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE"):  # memoise the top, the stack unchanged
+                memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1] if stack else opaque
                 continue
             if pickletools.markobject in op.stack_before:  # the items down to the last MARK
                 if not marks:
-                    return {}
+                    return None
                 height = marks.pop()
                 items = stack[height:]
                 del stack[max(0, height - op.stack_before.index(pickletools.markobject)) :]
             else:
                 count = len(op.stack_before)
                 if count > len(stack):
-                    return {}
+                    return None
                 items = stack[len(stack) - count :] if count else []
                 del stack[len(stack) - count :]
             while marks and marks[-1] > len(stack):
@@ -318,32 +340,39 @@ def _declared_storages(pickled: bytes) -> dict[str, int]:
                 marks.append(len(stack))
             elif name in _SCALAR_OPS:
                 stack.append(arg)
+            elif name in _BYTES_OPS:
+                stack.append(arg.decode("latin-1"))
+            elif name == "STACK_GLOBAL":  # module and name from the stack, as GLOBAL gives them
+                stack.append(f"{items[0]} {items[1]}" if all(type(v) is str for v in items) else opaque)
             elif name in ("BINGET", "LONG_BINGET", "GET"):
                 stack.append(memo.get(arg, opaque))
             elif name == "NONE":
                 stack.append(None)
             elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
-                flat = all(v is None or type(v) in (str, int) for v in items)
-                stack.append(tuple(items) if flat else opaque)
+                known = all(v is None or type(v) in (str, int, tuple) for v in items)
+                stack.append(tuple(items) if known else opaque)
             elif name == "BINPERSID":
+                if items[0] is opaque:
+                    return None
                 _note_storage(items[0], declared)
                 stack.append(opaque)
             else:
                 stack.extend([opaque] * len(op.stack_after))
-    except ValueError:  # a stream pickletools cannot decode: torch.load refuses it
-        return {}
+    except ValueError:  # a stream pickletools cannot decode
+        return None
     return declared
 
 
 def _note_storage(pid, declared: dict[str, int]) -> None:
     """Record a persistent id's storage bytes: numel elements of the storage class's dtype
     (other storages, quantized ones, are left to torch.load's own checks). Zip files write
-    ``('storage', class, key, location, numel)``; legacy files add a view field, always None."""
-    if isinstance(pid, tuple) and pid[:1] == ("storage",) and (len(pid) == 5 or pid[5:] == (None,)):
-        _, kind, key, _, numel = pid[:5]  # flat: strings, ints and None only
+    ``('storage', class, key, location, numel)``; legacy files add a view field (a view's
+    storage is allocated whole, at numel)."""
+    if isinstance(pid, tuple) and pid[:1] == ("storage",) and len(pid) in (5, 6):
+        _, kind, key, _, numel = pid[:5]
         dtype = _STORAGE_DTYPES.get(kind) if isinstance(kind, str) else None
         if dtype is not None and isinstance(key, str) and isinstance(numel, int):
-            declared[key] = numel * dtype.itemsize
+            declared[key] = max(declared.get(key, 0), numel * dtype.itemsize)
 
 
 # The storage classes torch.save names in its persistent ids (as GLOBAL opcodes' "module name"),

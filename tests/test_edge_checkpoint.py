@@ -570,7 +570,8 @@ def test_legacy_format_fairseq_checkpoint_with_pickled_extras(tmp_path):
     assert_same_encoder(model, load_encoder(TINY))
 
 
-def test_pickled_omegaconf_config_is_read(tmp_path, monkeypatch):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickled_omegaconf_config_is_read(tmp_path, monkeypatch, zip_format):
     """A cfg pickled as an omegaconf DictConfig (content in ``_content``, values in nodes'
     ``_val``, children pointing back at their parent, metadata naming the plain types dict, list,
     int and typing.Any) still gives heads and clip length."""
@@ -598,7 +599,7 @@ def test_pickled_omegaconf_config_is_read(tmp_path, monkeypatch):
     model = DictConfig({"_name": "data2vec_multi", "embed_dim": 64, "depth": 2, "num_heads": 2,
                         "modalities": DictConfig({"image": image})})
     ckpt["cfg"] = DictConfig({"model": model})
-    torch.save(ckpt, tmp_path / "omega.pt")
+    torch.save(ckpt, tmp_path / "omega.pt", _use_new_zipfile_serialization=zip_format)
     monkeypatch.delitem(sys.modules, "omegaconf.dictconfig")  # loading must not import it
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # heads come from the config: no guess
@@ -1144,6 +1145,33 @@ def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
             archive.writestr(name, data[:1000] if name.endswith("/data/0") else data)
     with pytest.raises(CheckpointError, match=r"p3.pt: damaged archive: storage record '0' holds 1000 bytes"):
         safe_torch_load(tmp_path / "p3.pt")
+    # A key declared twice, long then short: the short declaration hid the long one, and the
+    # tensor read 240 bytes past its record.
+    from collections import OrderedDict
+
+    class Storage:
+        def __init__(self, numel):
+            self.numel = numel
+
+    class Tensor:
+        def __init__(self, storage):
+            self.storage = storage
+
+        def __reduce__(self):
+            numel = self.storage.numel
+            return torch._utils._rebuild_tensor_v2, (self.storage, 0, (numel,), (1,), False, OrderedDict())
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", obj.numel) if isinstance(obj, Storage) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"w": Tensor(Storage(64)), "v": Tensor(Storage(4))})
+    torch.save({"w": torch.ones(4), "z": torch.full((64,), 7.0)}, tmp_path / "twice.pt")
+    _replace_pickle(tmp_path / "twice.pt", buf.getvalue(), zip_format=True)
+    with pytest.raises(CheckpointError, match=r"twice.pt: damaged archive: storage record '0' holds 16 bytes, "
+                                              r"its tensors need 256"):
+        safe_torch_load(tmp_path / "twice.pt")
 
 
 def test_a_legacy_file_declaring_more_storage_than_it_holds_is_refused_unread(tmp_path, monkeypatch):
@@ -1161,20 +1189,36 @@ def test_a_legacy_file_declaring_more_storage_than_it_holds_is_refused_unread(tm
     assert _scan_legacy(tmp_path / "kinds.pt")[2] == expected
 
     class Storage:
-        pass
+        def __init__(self, numel=2**35):
+            self.numel = numel
 
     class Pickler(pickle.Pickler):  # the persistent id legacy torch.save writes, with a huge numel
         def persistent_id(self, obj):
-            return ("storage", torch.FloatStorage, "1", "cpu", 2**35, None) if isinstance(obj, Storage) else None
+            return ("storage", torch.FloatStorage, "1", "cpu", obj.numel, None) if isinstance(obj, Storage) else None
 
     buf = io.BytesIO()
     Pickler(buf, protocol=2).dump({"w": Storage()})
-    path = tmp_path / "claims.pt"
-    torch.save({"w": torch.ones(4)}, path, _use_new_zipfile_serialization=False)
-    _replace_pickle(path, buf.getvalue(), zip_format=False)
+    claim = buf.getvalue()
+    buf = io.BytesIO()  # the same key declared again, smaller: torch allocates the first
+    Pickler(buf, protocol=2).dump({"w": Storage(), "x": Storage(1)})
+    again = buf.getvalue()
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on the file"))
-    with pytest.raises(CheckpointError, match=rf"claims.pt: damaged or hostile file: its tensors declare "
-                                              rf"{2**37} bytes of storage; the file holds {path.stat().st_size}"):
+    for name, pickled in [("claims", claim), ("twice", again),
+                          ("proto4", b"\x80\x04" + claim[2:]),  # torch.load only warns of the header
+                          ("binstring", claim.replace(b"X\x07\x00\x00\x00storage", b"U\x07storage", 1))]:
+        path = tmp_path / f"{name}.pt"
+        torch.save({"w": torch.ones(4)}, path, _use_new_zipfile_serialization=False)
+        _replace_pickle(path, pickled, zip_format=False)
+        with pytest.raises(CheckpointError, match=rf"{name}.pt: damaged or hostile file: its tensors declare "
+                                                  rf"{2**37} bytes of storage; the file holds {path.stat().st_size}"):
+            safe_torch_load(path)
+    # A persistent id the scan cannot read (built by a call) is not taken to declare nothing.
+    path = tmp_path / "opaque.pt"
+    torch.save({"w": torch.ones(4)}, path, _use_new_zipfile_serialization=False)
+    _replace_pickle(path, claim.replace(b"X\x07\x00\x00\x00storage", b"c__builtin__\nstr\nX\x07\x00\x00\x00storage\x85R", 1),
+                    zip_format=False)
+    with pytest.raises(CheckpointError, match="opaque.pt: damaged or hostile file: the storages its tensors declare "
+                                              "cannot be read without unpickling it"):
         safe_torch_load(path)
 
 
@@ -1187,14 +1231,14 @@ def test_a_legacy_file_declaring_more_storage_than_it_holds_is_refused_unread(tm
 ], ids=["deep", "unmarked", "marks"])
 def test_crafted_pickles_are_refused_quickly(tmp_path, body):
     """data.pkl records built to crash, stall or exhaust the record-size scan are refused as
-    unreadable (the scan is linear in the record and builds only flat tuples)."""
+    unreadable (the scan is linear in the record and builds only tuples of scalars)."""
     torch.save({"x": torch.zeros(1)}, tmp_path / "plain.pt")
     with zipfile.ZipFile(tmp_path / "plain.pt") as archive:
         records = {name: archive.read(name) for name in archive.namelist()}
     with zipfile.ZipFile(tmp_path / "crafted.pt", "w") as archive:
         for name, data in records.items():
             archive.writestr(name, body if name.endswith("/data.pkl") else data)
-    with pytest.raises(CheckpointError, match="crafted.pt: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="crafted.pt: (not a readable PyTorch checkpoint|damaged or hostile file)"):
         safe_torch_load(tmp_path / "crafted.pt")
 
 
