@@ -639,8 +639,10 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
     if resolved:
         del old["run.precision"], now["run.precision"]
     conflicts = changed_settings(old, now, RESUME_MAY_CHANGE | _unused_settings(cfg) | {"data.source"})
+    # A checkpoint that records its data's clips is checked on them (Trainer.data_loader): the
+    # data may move. Older ones name it by its path.
     old_source = before.get("data", {}).get("source", cfg.data.source)
-    if not _same_source(old_source, cfg.data.source):
+    if "data_identity" not in saved and not _same_source(old_source, cfg.data.source):
         conflicts.append(f"data.source: {old_source!r} in the checkpoint, {cfg.data.source!r} now")
     if resolved and saved["precision"] != precision:
         conflicts.append(f"run.precision: {saved['precision']} in the checkpoint (run.precision="
@@ -1184,10 +1186,10 @@ class Trainer:
                  f"random streams seeded by (seed {cfg.run.seed}, step, rank slot)")
         n_params = sum(p.numel() for p in self.model.trainable_parameters())
         self.log(f"trainable parameters: {n_params:,}")
+        loader = self.data_loader()  # first: a resume refused for other data leaves the record as it was
         if self.dist.main:
             text = json.dumps(cfg.to_dict(), indent=2) + "\n"
             atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(text))
-        loader = self.data_loader()
         self._steps_at_start = self.step
         if self.dist.main:  # also a fresh start: a run stopped before its first checkpoint left lines
             trim_metrics(self.out / "metrics.jsonl", self.step)

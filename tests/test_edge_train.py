@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -131,25 +132,30 @@ def test_resume_with_changed_settings_is_refused(stage1_run):
 
 
 def test_a_resume_knows_its_data_by_its_clips_not_by_how_the_path_is_written(tmp_path, monkeypatch):
-    """data.source 'data' resumed as its absolute path is the same data (it was refused); the
-    same words from another folder, naming other files, are other data (they were accepted,
-    and a run would have gone on over other clips at the saved position)."""
+    """data.source 'data' resumed as its absolute path, or moved, is the same data (it was
+    refused); the same words from another folder, naming other files, are other data (they
+    were accepted, and a run would have gone on over other clips at the saved position). The
+    refusal leaves the run's record as it was."""
     monkeypatch.chdir(tmp_path)
     audio_folder(tmp_path / "data", n=6)
     Trainer(small("run", stage=1, steps=2, data__source="data", data__batch_size=2), log=quiet).fit()
-    resumed = Trainer(small("run", stage=1, steps=3, data__source=str(tmp_path / "data"), data__batch_size=2),
-                      log=quiet)
-    assert resumed.step == 2
-    resumed.data_loader()  # the same clips
-    (tmp_path / "elsewhere").mkdir()
-    audio_folder(tmp_path / "elsewhere" / "data", n=7)
-    monkeypatch.chdir(tmp_path / "elsewhere")
-    moved = Trainer(small(tmp_path / "run", stage=1, steps=3, data__source="data", data__batch_size=2), log=quiet)
-    with pytest.raises(ValueError, match=r"checkpoint_00000002.pt: cannot resume on other data: data.source 'data' "
-                                         r"holds 7 clips, not the 6 of the run's data"):
-        moved.data_loader()
-    with pytest.raises(ValueError, match=r"data.source: 'data' in the checkpoint, '/nowhere/data' now"):
-        Trainer(small(tmp_path / "run", stage=1, steps=3, data__source="/nowhere/data", data__batch_size=2), log=quiet)
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")
+    for source in (tmp_path / "data", tmp_path / "moved"):
+        resumed = Trainer(small("run", stage=1, steps=3, data__source=str(source), data__batch_size=2), log=quiet)
+        assert resumed.step == 2
+        resumed.data_loader()  # the same clips
+    record = (tmp_path / "run" / "config.json").read_bytes()
+    for name, clips, message in [("other", 7, "holds 7 clips, not the 6 of the run's data"),
+                                 ("renamed", 6, "holds files of other names than the run's data")]:
+        audio_folder(tmp_path / name / "data", n=clips)
+        if name == "renamed":
+            (tmp_path / name / "data" / "clip0.wav").rename(tmp_path / name / "data" / "other0.wav")
+        monkeypatch.chdir(tmp_path / name)
+        moved = Trainer(small(tmp_path / "run", stage=1, steps=3, data__source="data", data__batch_size=2), log=quiet)
+        with pytest.raises(ValueError, match=rf"checkpoint_00000002.pt: cannot resume on other data: data.source "
+                                             rf"'data' {message}"):
+            moved.fit()
+    assert (tmp_path / "run" / "config.json").read_bytes() == record
 
 
 def test_fresh_run_into_a_folder_with_checkpoints_is_refused(stage1_run):
