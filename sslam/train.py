@@ -639,10 +639,11 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
     if resolved:
         del old["run.precision"], now["run.precision"]
     conflicts = changed_settings(old, now, RESUME_MAY_CHANGE | _unused_settings(cfg) | {"data.source"})
-    # A checkpoint that records its data's clips is checked on them (Trainer.data_loader): the
-    # data may move. Older ones name it by its path.
+    # Files of a checkpoint that records its data's clips are checked on them (Trainer.data_loader):
+    # the data may move. Older ones name it by its path.
     old_source = before.get("data", {}).get("source", cfg.data.source)
-    if "data_identity" not in saved and not _same_source(old_source, cfg.data.source):
+    files = "synth" not in (old_source, cfg.data.source)
+    if not (files and "data_identity" in saved) and not _same_source(old_source, cfg.data.source):
         conflicts.append(f"data.source: {old_source!r} in the checkpoint, {cfg.data.source!r} now")
     if resolved and saved["precision"] != precision:
         conflicts.append(f"run.precision: {saved['precision']} in the checkpoint (run.precision="
