@@ -1497,13 +1497,15 @@ def read_label_names(path: str | os.PathLike) -> list[str]:
     """Class names in index order from an AudioSet-style ``index,mid,display_name`` CSV (read as
     :func:`sslam.labels.read_descriptors` reads it for evaluation) or a text file with one name
     per line."""
+    import csv
+
     from .data import text_lines
     from .labels import LabelError, read_descriptors, read_text
 
     path = Path(path)
     try:
         lines = [line.strip() for line in text_lines(read_text(path)) if line.strip()]
-        if lines and lines[0].split(",", 1)[0].strip().lower() == "index":
+        if lines and next(csv.reader(lines[:1]))[0].strip().lower() == "index":
             return [name for _, name in read_descriptors(path)]
     except LabelError as exc:
         raise CheckpointError(str(exc)) from None

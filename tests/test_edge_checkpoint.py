@@ -1102,6 +1102,8 @@ def test_label_csv_is_read_as_the_evaluation_reads_descriptors(tmp_path):
     plain = 'index,mid,display_name\n0,/m/a,Speech\n1,/m/b,"Male speech, man speaking"\n2,/m/c,Music\n'
     for name, data in [("plain", plain.encode()), ("bom_crlf", b"\xef\xbb\xbf" + plain.replace("\n", "\r\n").encode()),
                        ("unquoted", plain.replace('"', "").encode()),
+                       ("quoted", b'"index","mid","display_name"\n"0","/m/a","Speech"\n'
+                                  b'"1","/m/b","Male speech, man speaking"\n"2","/m/c","Music"\n'),
                        ("lines", b"\xef\xbb\xbf" + "\r\n".join(names).encode() + b"\r\n")]:
         (tmp_path / f"{name}.csv").write_bytes(data)
         assert read_label_names(tmp_path / f"{name}.csv") == names, name
