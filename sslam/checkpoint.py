@@ -22,8 +22,8 @@ with the shapes. Every key and shape is checked before weights are loaded.
 Loading never executes code from the file. Pickles are read by PyTorch's ``weights_only``
 unpickler; objects of a few inert namespaces that official files carry (argparse, omegaconf,
 fairseq, numpy, ...) are replaced by :class:`InertObject` stand-ins that only hold their data,
-as are the plain types configs name (dict, int, ...), and any other global (``os.system``, ``builtins.eval``, ...) makes the load fail before anything
-is unpickled.
+as are the plain types configs name (dict, int, ...), and any other global (``os.system``,
+``builtins.eval``, ...) makes the load fail before anything is unpickled.
 """
 
 from __future__ import annotations
@@ -1102,8 +1102,7 @@ def _read(path: Path, weights: str) -> Checkpoint:
 def _read_layout(path: Path, weights: str) -> Checkpoint:
     kind = _kind(path)
     if kind is None:
-        broken = " (a link to nothing)" if path.is_symlink() else ""
-        raise CheckpointError(f"{path}: no such file or folder{broken}")
+        raise CheckpointError(f"{path}: no such file or folder")
     if kind == "folder":
         return _read_folder(path, weights)
     with path.open("rb") as f:

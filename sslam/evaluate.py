@@ -493,7 +493,7 @@ def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: lis
     and this run in a way a resumed run cannot follow: settings, training data (``train_split``:
     its :func:`split_fingerprint`), classes and label kind (the loss), encoder architecture, the
     input's preprocessing, number of processes (which splits every epoch's clips and sets the
-    global batch). As ``key: <saved> in the checkpoint, <now> now``."""
+    global batch). As ``key: <saved> in the <where>, <now> now``."""
     from .train import changed_settings
 
     def effective(config: dict) -> dict:  # the warm-up in effect, compared
@@ -669,10 +669,10 @@ class Finetuner:
         if isinstance(record, dict) and record.get("format") == "sslam-finetune":
             conflicts = self._conflicts(record, "record")
         else:
-            conflicts = [f"no record of a fine-tuning run ({self.RECORD})"]
+            conflicts = [f"no {self.RECORD} says they are this fine-tuning's"]
         if conflicts:
-            raise ValueError(f"{self.out} holds the record of another run and no checkpoint ({', '.join(left)}): "
-                             f"{'; '.join(conflicts)}; starting here would overwrite it: choose another --out, "
+            raise ValueError(f"{self.out} holds files of another run and no checkpoint ({', '.join(left)}): "
+                             f"{'; '.join(conflicts)}; starting here would overwrite them: choose another --out, "
                              "or remove them")
 
     def _check_resume(self, path: Path, state: dict) -> None:

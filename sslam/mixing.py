@@ -192,7 +192,7 @@ def _check_windows_fit(windows: MixWindows, length: int, unit: str) -> None:
 def patch_side(patches: torch.Tensor, freq_patches: int, name: str = "patches") -> int:
     """The height (= width) of the square patches (B, N, P), P = patch x patch, after checking
     that N is whole rows of ``freq_patches``."""
-    side = math.isqrt(patches.shape[-1]) if patches.dim() == 3 else 0
+    side = round(math.sqrt(patches.shape[-1])) if patches.dim() == 3 else 0  # (isqrt does not trace symbolically)
     if patches.dim() != 3 or patches.shape[1] % freq_patches or side < 1 or side * side != patches.shape[-1]:
         raise ValueError(
             f"{name}: expected (B, N, P) with N a multiple of freq_patches={freq_patches} and P = patch x patch "

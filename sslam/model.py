@@ -205,7 +205,8 @@ def gather_shared(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     if use_kernels(tokens):
         from .kernels.mixture import gather_tokens
 
-        return gather_tokens(tokens, keep.long())  # the kernel takes int64; check_keep also allows int32
+        # The kernel takes int64 indices on the tokens' device; check_keep also allows int32, on the CPU.
+        return gather_tokens(tokens, keep.to(tokens.device, torch.long))
     return tokens[:, keep]
 
 
@@ -484,7 +485,7 @@ class Encoder(nn.Module):
         return x + self.pos_embed[:, : x.shape[1]].to(x.dtype)
 
     def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """(B, N, 256) patches (see :func:`sslam.features.patchify`) -> (B, N, D) tokens with
+        """(B, N, p * p) patches, 256 for 16 x 16 (see :func:`sslam.features.patchify`) -> (B, N, D) tokens with
         positions; the same result as :meth:`patchify_embed` on the unpatched spectrogram."""
         p, f = self.cfg.patch_size, self.cfg.freq_patches
         if patches.dim() != 3 or patches.shape[2] != p * p or patches.shape[1] % f:
@@ -602,7 +603,7 @@ class Encoder(nn.Module):
 
     def embed_input(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens with positions from a (B, 1, T, mel_bins) spectrogram or from its
-        (B, N, 256) patches (:func:`sslam.features.patchify`, e.g. the fused feature kernel)."""
+        (B, N, p * p) patches (:func:`sslam.features.patchify`, e.g. the fused feature kernel)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a (B, 1, T, {self.cfg.mel_bins}) spectrogram tensor (sslam.preprocess) or "
                             f"its (B, N, {self.cfg.patch_size ** 2}) patches, got {type(x).__name__}")
@@ -618,7 +619,7 @@ class Encoder(nn.Module):
         layer_results: bool = False,
         block_outputs: bool = False,
     ) -> EncoderOutput:
-        """(B, 1, T, mel_bins) normalised spectrogram, or its (B, N, 256) patches ->
+        """(B, 1, T, mel_bins) normalised spectrogram, or its (B, N, p * p) patches ->
         :class:`EncoderOutput`; the other arguments are those of :meth:`forward_tokens`."""
         return self.forward_tokens(
             self.embed_input(x),

@@ -573,14 +573,14 @@ def test_finetuning_never_starts_over_another_runs_record(tmp_path):
     interrupt(Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None), at_step=3)
     kept = {p: p.read_bytes() for p in (tmp_path / "ft").rglob("*") if p.is_file()}
     assert tmp_path / "ft" / "best" / "model.safetensors" in kept
-    with pytest.raises(ValueError, match=r"ft holds the record of another run and no checkpoint \(metrics.jsonl, "
+    with pytest.raises(ValueError, match=r"ft holds files of another run and no checkpoint \(metrics.jsonl, "
                                          r"best\): seed: 0 in the record, 5 now; starting here"):
         Finetuner(tiny_encoder(), train, test, replace(cfg, seed=5), log=lambda *a: None)
     assert {p: p.read_bytes() for p in (tmp_path / "ft").rglob("*") if p.is_file()} == kept
     (tmp_path / "pre").mkdir()
     (tmp_path / "pre" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    with pytest.raises(ValueError, match=r"pre holds the record of another run and no checkpoint \(metrics.jsonl\): "
-                                         r"no record of a fine-tuning run"):
+    with pytest.raises(ValueError, match=r"pre holds files of another run and no checkpoint \(metrics.jsonl\): "
+                                         r"no finetune.json says they are this fine-tuning's"):
         Finetuner(tiny_encoder(), train, test, replace(cfg, out=str(tmp_path / "pre")), log=lambda *a: None)
     assert (tmp_path / "pre" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
     # The record is JSON: a custom (mean, std) norm, a tuple, is the same run read back as a list.

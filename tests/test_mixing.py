@@ -180,3 +180,13 @@ def test_arguments_of_the_wrong_type_are_named():
         block_masks(3, None, 0)
     with pytest.raises(TypeError, match="config: expected a MaskConfig, got dict"):
         clone_masks(3, 2, {}, 0)
+
+
+def test_mix_patches_traces_for_symbolic_shapes():
+    """torch.compile(dynamic=True, fullgraph=True): the patch side read from P is a symbolic
+    integer there (math.isqrt of one does not trace)."""
+    windows = MixWindows(starts=(16, 64), width=16)
+    compiled = torch.compile(mix_patches, backend="eager", dynamic=True, fullgraph=True)
+    for batch in (3, 5):
+        patches = torch.randn(batch, 8 * 8, 256)
+        assert torch.equal(compiled(patches, windows, 8), mix_patches(patches, windows, 8))
