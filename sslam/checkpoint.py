@@ -96,6 +96,7 @@ class InertObject:
     """Stand-in for a pickled object of an allowed namespace: keeps its data, runs nothing."""
 
     qualified_name = "?"
+    args, kwargs, state = (), {}, None  # what NEWOBJ (which calls __new__ alone) leaves
 
     def __new__(cls, *args, **kwargs):
         return super().__new__(cls)
@@ -273,24 +274,33 @@ def _check_crcs(path: Path) -> None:
 
 
 def _check_record_sizes(path: Path) -> None:
-    """Refuse an archive whose storage records are not as long as the storages they back:
-    loading with ``mmap`` does not check, and a short record would lend its tensor the bytes of
-    the records after it."""
+    """Refuse an archive whose storage records are not exactly the storages they back: loading
+    with ``mmap`` does not check, and a short (or compressed) record would lend its tensor the
+    bytes after it. Names are matched as torch's reader matches them, ignoring case, so two
+    records that differ only in case, or a second object pickle, are refused too."""
     with zipfile.ZipFile(path) as archive:
-        pickles = [info for info in archive.infolist() if info.filename.rsplit("/", 1)[-1] == "data.pkl"]
-        if len(pickles) != 1:
+        infos = archive.infolist()
+        pickles = [info for info in infos if info.filename.rsplit("/", 1)[-1].lower() == "data.pkl"]
+        if not pickles:
             return  # not a torch.save archive: torch.load says what is wrong
-        prefix = pickles[0].filename[: -len("data.pkl")]
-        records = {info.filename: info.file_size for info in archive.infolist()}
+        names = [info.filename.lower() for info in infos]
+        if len(pickles) > 1 or len(set(names)) != len(names):
+            raise CheckpointError(f"{path}: damaged or hostile archive: record names repeat (ignoring case), or it "
+                                  "holds more than one data.pkl")
+        prefix = pickles[0].filename[: -len("data.pkl")].lower()
+        records = {info.filename.lower(): info for info in infos}
         with archive.open(pickles[0]) as stream:
             declared = _declared_storages(stream)
         if declared is None:
             raise _unfollowable(path)
         for key, nbytes in declared.items():
-            size = records.get(f"{prefix}data/{key}")
-            if size is not None and size != nbytes:  # a missing record: torch.load names it
-                raise CheckpointError(f"{path}: damaged archive: storage record {key!r} holds {size} bytes, "
-                                      f"its tensors need {nbytes}")
+            info = records.get(f"{prefix}data/{key}".lower())
+            if info is None:
+                raise CheckpointError(f"{path}: damaged archive: no record for storage {key!r}")
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
+                how = "is compressed" if info.compress_type != zipfile.ZIP_STORED else f"holds {info.file_size} bytes"
+                raise CheckpointError(f"{path}: damaged archive: storage record {key!r} {how}, its tensors need "
+                                      f"{nbytes} stored bytes")
 
 
 def _unfollowable(path: Path) -> CheckpointError:
@@ -298,9 +308,12 @@ def _unfollowable(path: Path) -> CheckpointError:
                            "without unpickling it")
 
 
-_SCALAR_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "UNICODE", "BINUNICODE8", "STRING", "BINSTRING", "SHORT_BINSTRING",
-               "BININT", "BININT1", "BININT2", "INT", "LONG", "LONG1", "LONG4", "GLOBAL"}
-_BYTES_OPS = {"BINBYTES", "SHORT_BINBYTES", "BINBYTES8"}  # torch reads a persistent id's names from bytes too
+class _Global(str):
+    """A GLOBAL's ``module name`` on the scan's stack: a class, never a key or a location."""
+
+
+_SCALAR_OPS = {"BINUNICODE", "SHORT_BINUNICODE", "BININT", "BININT1", "BININT2", "LONG1"}  # as torch reads them
+_PY2_STRINGS = {"BINSTRING", "SHORT_BINSTRING"}  # pickletools decodes them as latin-1, torch as utf-8
 
 
 def _declared_storages(pickled) -> dict[str, int] | None:
@@ -340,21 +353,25 @@ def _declared_storages(pickled) -> dict[str, int] | None:
                 marks.append(len(stack))
             elif name in _SCALAR_OPS:
                 stack.append(arg)
-            elif name in _BYTES_OPS:
-                stack.append(arg.decode("latin-1"))
-            elif name == "STACK_GLOBAL":  # module and name from the stack, as GLOBAL gives them
-                stack.append(f"{items[0]} {items[1]}" if all(type(v) is str for v in items) else opaque)
+            elif name in _PY2_STRINGS:
+                try:
+                    stack.append(arg.encode("latin-1").decode("utf-8"))
+                except UnicodeDecodeError:
+                    stack.append(opaque)
+            elif name == "GLOBAL":
+                stack.append(_Global(arg))
+            elif name == "STACK_GLOBAL":  # protocol 4 (torch.load refuses it; its error says so)
+                stack.append(_Global(f"{items[0]} {items[1]}") if all(type(v) is str for v in items) else opaque)
             elif name in ("BINGET", "LONG_BINGET", "GET"):
                 stack.append(memo.get(arg, opaque))
             elif name == "NONE":
                 stack.append(None)
             elif name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "EMPTY_TUPLE"):
-                known = all(v is None or type(v) in (str, int, tuple) for v in items)
+                known = all(v is None or type(v) in (str, int, tuple, _Global) for v in items)
                 stack.append(tuple(items) if known else opaque)
             elif name == "BINPERSID":
-                if items[0] is opaque:
+                if items[0] is opaque or not _note_storage(items[0], declared):
                     return None
-                _note_storage(items[0], declared)
                 stack.append(opaque)
             else:
                 stack.extend([opaque] * len(op.stack_after))
@@ -363,30 +380,40 @@ def _declared_storages(pickled) -> dict[str, int] | None:
     return declared
 
 
-def _note_storage(pid, declared: dict[str, int]) -> None:
-    """Record a persistent id's storage bytes: numel elements of the storage class's dtype
-    (other storages, quantized ones, are left to torch.load's own checks). Zip files write
-    ``('storage', class, key, location, numel)``; legacy files add a view field (a view's
-    storage is allocated whole, at numel)."""
-    if isinstance(pid, tuple) and pid[:1] == ("storage",) and len(pid) in (5, 6):
-        _, kind, key, _, numel = pid[:5]
-        dtype = _STORAGE_DTYPES.get(kind) if isinstance(kind, str) else None
-        if dtype is not None and isinstance(key, str) and isinstance(numel, int):
-            declared[key] = max(declared.get(key, 0), numel * dtype.itemsize)
+def _note_storage(pid, declared: dict[str, int]) -> bool:
+    """Record a persistent id's storage bytes, numel elements of its class's size; False for
+    an id that names a storage in a way not understood here. Zip files write ``('storage',
+    class, key, location, numel)``; legacy files add a view field (a view's storage is
+    allocated whole, at numel)."""
+    if not (isinstance(pid, tuple) and pid[:1] == ("storage",)):
+        return True  # not a storage: torch.load refuses what it does not know
+    if len(pid) not in (5, 6):
+        return False
+    _, kind, key, _, numel = pid[:5]
+    size = _STORAGE_BYTES.get(kind) if type(kind) is _Global else None
+    if size is None or type(key) is not str or type(numel) is not int or numel < 0:
+        return False
+    declared[key] = max(declared.get(key, 0), numel * size)
+    return True
 
 
 # The storage classes torch.save names in its persistent ids (as GLOBAL opcodes' "module name"),
 # and their element types.
-_STORAGE_DTYPES = {
-    "torch.storage UntypedStorage": torch.uint8,  # a storage saved by itself
-} | {
-    f"torch {name}Storage": dtype for name, dtype in [
-        ("Byte", torch.uint8), ("Char", torch.int8), ("Short", torch.int16),
-        ("Int", torch.int32), ("Long", torch.int64), ("Bool", torch.bool), ("Half", torch.float16),
-        ("BFloat16", torch.bfloat16), ("Float", torch.float32), ("Double", torch.float64),
-        ("ComplexFloat", torch.complex64), ("ComplexDouble", torch.complex128),
-    ]
-}
+def _storage_classes() -> dict[str, int]:
+    """Bytes per element of every storage class torch.load accepts, by the name a pickle's
+    GLOBAL gives it (``torch FloatStorage``, ``torch.cuda HalfStorage``, quantized ones)."""
+    sizes = {"torch.storage UntypedStorage": 1, "torch UntypedStorage": 1}  # a storage saved by itself
+    with warnings.catch_warnings():  # the typed storage classes are deprecated: reading them says so
+        warnings.simplefilter("ignore")
+        for module in (torch, torch.cuda):
+            for name in dir(module):
+                dtype = getattr(getattr(module, name), "dtype", None) if name.endswith("Storage") else None
+                if isinstance(dtype, torch.dtype):
+                    sizes[f"{module.__name__} {name}"] = torch._utils._element_size(dtype)
+    return sizes
+
+
+_STORAGE_BYTES = _storage_classes()
 
 
 def _tensors_in(obj):

@@ -1224,6 +1224,89 @@ def test_a_legacy_file_declaring_more_storage_than_it_holds_is_refused_unread(tm
         safe_torch_load(path)
 
 
+class _Storage:
+    def __init__(self, pid):
+        self.pid = pid
+
+
+class _Tensor:  # pickles as torch.save pickles a float tensor over a _Storage
+    def __init__(self, storage, numel):
+        self.storage, self.numel = storage, numel
+
+    def __reduce__(self):
+        from collections import OrderedDict
+
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, (self.numel,), (1,), False, OrderedDict())
+
+
+class _PidPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj.pid if isinstance(obj, _Storage) else None
+
+
+def _crafted_archive(path: Path, key, records: dict, compressed=(), kind=None) -> None:
+    """A torch.save zip whose tensor ``w`` (8 floats) names storage ``key``, beside ``v`` (4
+    floats in record '1'); ``records`` are the storage records written, by name."""
+    buf = io.BytesIO()
+    pid = ("storage", kind or torch.FloatStorage, key, "cpu", 8)
+    _PidPickler(buf, protocol=2).dump({"w": _Tensor(_Storage(pid), 8),
+                                       "v": _Tensor(_Storage(("storage", torch.FloatStorage, "1", "cpu", 4)), 4)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buf.getvalue())
+        archive.writestr("archive/version", "3\n")
+        for name, data in [*records.items(), ("1", bytes(16))]:
+            archive.writestr(f"archive/data/{name}", data,
+                             compress_type=zipfile.ZIP_DEFLATED if name in compressed else zipfile.ZIP_STORED)
+
+
+@pytest.mark.parametrize("case, key, records, compressed, pattern", [
+    ("int_key", 0, {"0": bytes(32)}, (), "the storages its tensors declare cannot be read"),  # torch reads data/0
+    ("global_key", torch.float32, {"torch.float32": bytes(16)}, (), "the storages its tensors declare cannot be read"),
+    ("case", "A", {"a": bytes(16)}, (), "storage record 'A' holds 16 bytes"),  # torch's reader ignores case
+    ("missing", "x/../0", {"0": bytes(16)}, (), "no record for storage 'x/../0'"),
+    ("compressed", "0", {"0": bytes(32)}, ("0",), "storage record '0' is compressed"),
+])
+def test_crafted_storage_records_are_refused_before_loading(tmp_path, monkeypatch, case, key, records, compressed,
+                                                            pattern):
+    """Each lent tensor w bytes from outside its record under a memory-mapped load."""
+    path = tmp_path / f"{case}.pt"
+    _crafted_archive(path, key, records, compressed)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on the file"))
+    with pytest.raises(CheckpointError, match=rf"{case}.pt: damaged.*{pattern}"):
+        safe_torch_load(path)
+
+
+def test_repeated_records_and_other_storage_classes_are_refused(tmp_path):
+    """A record name twice (the first is read, the last was checked), a second data.pkl (the
+    check was skipped); quantized and CUDA storage classes are counted, as torch allocates them."""
+    _crafted_archive(tmp_path / "twice.pt", "0", {"0": bytes(16)})
+    with zipfile.ZipFile(tmp_path / "twice.pt", "a") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Duplicate name": what is being made
+        archive.writestr("archive/data/0", bytes(32))
+    _crafted_archive(tmp_path / "second.pt", "0", {"0": bytes(32)})
+    with zipfile.ZipFile(tmp_path / "second.pt", "a") as archive:
+        archive.writestr("archive/x/data.pkl", b"\x80\x02}q\x00.")
+    for name in ("twice", "second"):
+        with pytest.raises(CheckpointError, match=rf"{name}.pt: damaged or hostile archive: record names repeat"):
+            safe_torch_load(tmp_path / f"{name}.pt")
+    for name, kind in [("quantized", torch.QInt32Storage), ("cuda", torch.cuda.FloatStorage)]:
+        _crafted_archive(tmp_path / f"{name}.pt", "0", {"0": bytes(16)}, kind=kind)
+        with pytest.raises(CheckpointError, match=rf"{name}.pt: damaged archive: storage record '0' holds 16 bytes, "
+                                                  rf"its tensors need 32"):
+            safe_torch_load(tmp_path / f"{name}.pt")
+
+
+def test_an_inert_object_built_without_init_has_its_fields(tmp_path):
+    """NEWOBJ calls __new__ alone: an empty argparse.Namespace (no state to set) had no
+    ``state`` attribute, and reading the file's config raised AttributeError."""
+    from sslam.checkpoint import _plain
+
+    for zip_format in (True, False):
+        torch.save({"args": argparse.Namespace(), "cfg": {"x": 1}}, tmp_path / "ns.pt",
+                   _use_new_zipfile_serialization=zip_format)
+        assert _plain(safe_torch_load(tmp_path / "ns.pt"))["cfg"] == {"x": 1}
+
+
 @pytest.mark.parametrize("body", [
     # a persistent id whose storage class is a tuple nested 10**6 deep: hashing it overflowed the C stack
     b"\x80\x02(X\x07\x00\x00\x00storage)" + b"\x85" * 1_000_000
