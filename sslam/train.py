@@ -643,7 +643,7 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
     # the data may move. Older ones name it by its path.
     old_source = before.get("data", {}).get("source", cfg.data.source)
     files = "synth" not in (old_source, cfg.data.source)
-    if not (files and "data_identity" in saved) and not _same_source(old_source, cfg.data.source):
+    if not (files and isinstance(saved.get("data_identity"), dict)) and not _same_source(old_source, cfg.data.source):
         conflicts.append(f"data.source: {old_source!r} in the checkpoint, {cfg.data.source!r} now")
     if resolved and saved["precision"] != precision:
         conflicts.append(f"run.precision: {saved['precision']} in the checkpoint (run.precision="
