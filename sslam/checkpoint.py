@@ -229,8 +229,6 @@ def safe_torch_load(path: str | os.PathLike):
             _check_crcs(path)
             names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
             refused = [name for name in names if not _is_inert(name)]
-            if not refused:
-                _check_record_sizes(path)
         else:
             # The weights_only unpickler itself refuses unknown globals of torch.save files (it
             # allows torch's own); a plain pickle, which it would call unreadable, is refused here.
@@ -252,7 +250,10 @@ def safe_torch_load(path: str | os.PathLike):
     stand_ins = [(_stand_in(name), name) for name in sorted(names)]
     try:
         with torch.serialization.safe_globals(stand_ins):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            # Not memory-mapped: torch then reads each record checking its size first (a mapped
+            # tensor would take the bytes after a short or compressed record), and the tensors do
+            # not change, or fault, when the file is rewritten in place.
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise _load_error(path, exc) from exc
     _check_tensor_sizes(path, obj)
@@ -265,42 +266,19 @@ def _starts_like_a_zip(path: Path) -> bool:
 
 
 def _check_crcs(path: Path) -> None:
-    """Refuse an archive whose records fail their CRC: loading with ``mmap`` reads the tensor
-    records without checking them, so flipped bits would load as wrong weights."""
+    """Refuse an archive whose records fail their CRC: torch.load reads the tensor records
+    without checking them, so flipped bits would load as wrong weights. A record whose CRC is 0
+    was written without one (``torch.serialization.set_crc32_options(False)``)."""
     with zipfile.ZipFile(path) as archive:
-        bad = archive.testzip()
-    if bad is not None:
-        raise CheckpointError(f"{path}: damaged archive: record {bad!r} fails its CRC check")
-
-
-def _check_record_sizes(path: Path) -> None:
-    """Refuse an archive whose storage records are not exactly the storages they back: loading
-    with ``mmap`` does not check, and a short (or compressed) record would lend its tensor the
-    bytes after it. Names are matched as torch's reader matches them, ignoring case, so two
-    records that differ only in case, or a second object pickle, are refused too."""
-    with zipfile.ZipFile(path) as archive:
-        infos = archive.infolist()
-        pickles = [info for info in infos if info.filename.rsplit("/", 1)[-1].lower() == "data.pkl"]
-        if not pickles:
-            return  # not a torch.save archive: torch.load says what is wrong
-        names = [info.filename.lower() for info in infos]
-        if len(pickles) > 1 or len(set(names)) != len(names):
-            raise CheckpointError(f"{path}: damaged or hostile archive: record names repeat (ignoring case), or it "
-                                  "holds more than one data.pkl")
-        prefix = pickles[0].filename[: -len("data.pkl")].lower()
-        records = {info.filename.lower(): info for info in infos}
-        with archive.open(pickles[0]) as stream:
-            declared = _declared_storages(stream)
-        if declared is None:
-            raise _unfollowable(path)
-        for key, nbytes in declared.items():
-            info = records.get(f"{prefix}data/{key}".lower())
-            if info is None:
-                raise CheckpointError(f"{path}: damaged archive: no record for storage {key!r}")
-            if info.compress_type != zipfile.ZIP_STORED or info.file_size != nbytes:
-                how = "is compressed" if info.compress_type != zipfile.ZIP_STORED else f"holds {info.file_size} bytes"
-                raise CheckpointError(f"{path}: damaged archive: storage record {key!r} {how}, its tensors need "
-                                      f"{nbytes} stored bytes")
+        for info in archive.infolist():
+            if info.CRC == 0 and info.file_size:
+                continue
+            try:
+                with archive.open(info) as record:
+                    while record.read(1 << 24):
+                        pass
+            except zipfile.BadZipFile:
+                raise CheckpointError(f"{path}: damaged archive: record {info.filename!r} fails its CRC check") from None
 
 
 def _unfollowable(path: Path) -> CheckpointError:
@@ -443,12 +421,22 @@ _ELEMENTS_PER_FILE_BYTE = 4
 
 
 def _check_tensor_sizes(path: Path, obj) -> None:
-    """Refuse a file whose tensors declare far more elements than its size can store."""
+    """Refuse a file whose tensors declare far more elements than its size can store. A storage
+    counts once whatever shares it (tied weights, views); a tensor counts its own elements only
+    where they outnumber its storage's (an expansion, overlapping windows). Meta and sparse
+    tensors are not counted: neither is taken as weights (:func:`check_state` refuses them)."""
     size = path.stat().st_size
     budget = _ELEMENTS_PER_FILE_BYTE * size + (1 << 20)
-    declared = 0
+    declared, storages = 0, set()
     for tensor in _tensors_in(obj):
-        declared += tensor.numel()
+        if tensor.is_meta or tensor.layout != torch.strided:
+            continue
+        storage = tensor.untyped_storage()
+        if tensor.numel() > storage.nbytes() // max(1, tensor.element_size()):
+            declared += tensor.numel()
+        elif (storage.data_ptr(), storage.nbytes()) not in storages:
+            storages.add((storage.data_ptr(), storage.nbytes()))
+            declared += storage.nbytes()
         if declared > budget:
             raise CheckpointError(
                 f"{path}: its tensors declare over {declared:,} elements, more than a file of "
