@@ -12,6 +12,7 @@ covered by overlapping windows (see :mod:`sslam.embedding`).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -37,11 +38,13 @@ def load_model(model_file_path: str = "", *, device: str | None = None, weights:
         )
     if scene not in SCENE_MODES:
         raise ValueError(f"scene={scene!r}: choose one of {SCENE_MODES}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_encoder(path, device=device, weights=weights)
     model.sample_rate = model.preprocessing.get("sample_rate", 16000)
     hop_ms = _row_ms(model) if hop_ms is None else hop_ms
-    number = isinstance(hop_ms, (int, float)) and hop_ms > 0
+    number = not isinstance(hop_ms, bool) and isinstance(hop_ms, numbers.Real) and hop_ms > 0
     starts, samples = (_row_ms(model) / hop_ms, hop_ms * model.sample_rate / 1000) if number else (math.nan, math.nan)
     # Whole samples too: a rounded start would space the timestamps unevenly.
     if not (starts >= 1 and abs(starts - round(starts)) < 1e-9 and abs(samples - round(samples)) < 1e-6):
@@ -51,7 +54,7 @@ def load_model(model_file_path: str = "", *, device: str | None = None, weights:
     model.scene_embedding_size = 2 * dim if scene == "cls+mean" else dim
     model.timestamp_embedding_size = dim
     model.hear_scene = scene
-    model.hear_batch_size = batch_size
+    model.hear_batch_size = int(batch_size)
     model.hear_hop_ms = float(hop_ms)
     return model
 

@@ -206,9 +206,15 @@ def test_hear_timestamps_at_a_finer_hop(hear_model):
         if n > 2000:  # the row at 127.5 ms is the first row of the sound from 40 ms on
             later = hear_model.embed(audio[:, 640:], 16000).timestamps[:, 0]
             torch.testing.assert_close(emb[:, 1], later, atol=1e-5, rtol=0)
-    for bad in (50, 0, -40, 320, float("nan"), 160 / 3):  # 160/3 ms is 853.3 samples: uneven starts
+    for bad in (50, 0, -40, 320, float("nan"), 160 / 3, True):  # 160/3 ms is 853.3 samples: uneven starts
         with pytest.raises(ValueError, match="hop_ms"):
             hear.load_model(CKPT, device="cpu", hop_ms=bad)
+    # numpy numbers are numbers (hop_ms=True was a 1 ms hop; np.int64(40) was refused)
+    assert hear.load_model(CKPT, device="cpu", hop_ms=np.int64(40)).hear_hop_ms == 40.0
+    assert hear.load_model(CKPT, device="cpu", hop_ms=np.float32(40)).hear_hop_ms == 40.0
+    for bad in (0, True, 2.5):  # checked when the model is loaded, not at its first call
+        with pytest.raises(ValueError, match="batch_size"):
+            hear.load_model(CKPT, device="cpu", batch_size=bad)
 
 
 def test_hear_refuses_integer_pcm_instead_of_embedding_it_at_its_scale(hear_model):
