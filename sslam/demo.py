@@ -31,7 +31,7 @@ QUICK = {"stage1": 6, "stage2": 4, "epochs": 3, "seeds": 1, "train_clips": 24, "
 
 def pretrain(out: Path, stage: int, steps: int, init: str = "", log=print) -> tuple[Path, list[dict], float]:
     """Run (or resume) one stage of the tiny preset; returns the last checkpoint, the metrics
-    records and the seconds it took."""
+    records and the seconds its steps took."""
     cfg = preset("tiny", stage)
     cfg.optim.max_steps = steps
     cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(1, steps // 10))
@@ -39,10 +39,11 @@ def pretrain(out: Path, stage: int, steps: int, init: str = "", log=print) -> tu
     cfg.run.log_every = max(1, steps // 20)
     cfg.run.ckpt_every = steps
     cfg.ema.anneal_steps = steps
-    start = time.perf_counter()
     Trainer(cfg, log=lambda *a: None).fit()
-    seconds = time.perf_counter() - start
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # The steps' time as they ran (each record: the mean step time since the one before), so a
+    # resumed or finished stage reports its steps, not this call.
+    seconds = sum(r["step_time"] * (r["step"] - before["step"]) for before, r in zip([{"step": 0}, *records], records))
     log(f"stage {stage}: {steps} steps in {seconds:.0f} s, loss {records[0]['loss']:.3f} -> {records[-1]['loss']:.3f}")
     return checkpoints_in(out)[-1], records, seconds
 

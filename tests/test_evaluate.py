@@ -452,6 +452,10 @@ def test_demo_quick(tmp_path, monkeypatch, capsys):
     # run's folder, and refused to go on ("run.init: 'demo/stage1/...' in the checkpoint").
     monkeypatch.chdir(out / "stage1")
     assert main(["demo", "--quick", "--out", str(out)]) == 0
+    # Run again finished, its stages report their steps' time, not the call's (which ran none).
+    again = json.loads((out / "results.json").read_text())["timings"]
+    for stage in ("pretrain stage 1", "pretrain stage 2"):
+        assert again[stage] == result["timings"][stage] > 0
     assert main(["demo", "--quick", "--out", ""]) == 2 and "--out is empty: name a folder" in capsys.readouterr().err
     # The full demo in a --quick one's folder: named as such (its stage runs refused to resume
     # with "changed settings" of options the demo does not have).
