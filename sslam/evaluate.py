@@ -804,7 +804,8 @@ class Finetuner:
                 self._stop_if_diverged(records, metrics)
                 if evaluating:
                     name, value = self.evaluate()
-                    if not math.isnan(value) and (self.best is None or value > self.best):  # NaN: no positives
+                    # NaN: no positives. A tie replaces the best, as fairseq's is_better (a >= b) does.
+                    if not math.isnan(value) and (self.best is None or value >= self.best):
                         self.best = value
                         self._export("best", {name: value})  # the official runs' checkpoint_best.pt
                     last = records[-1]

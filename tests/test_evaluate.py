@@ -567,6 +567,16 @@ def test_finetuning_restarted_before_its_first_checkpoint_logs_each_step_once(tm
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_a_tie_with_the_best_evaluation_replaces_it_as_fairseq_does(tmp_path, monkeypatch):
+    """fairseq's checkpoint_best.pt is replaced when the metric is >= the best; OUT/best kept
+    the first of equal evaluations (ties are common for accuracy on small test sets)."""
+    train, test = synth_split("poly", True, 8), synth_split("poly", False, 4)
+    cfg = FinetuneConfig(steps=3, warmup=0, batch_size=4, eval_every=1, ckpt_every=3, out=str(tmp_path), workers=0)
+    monkeypatch.setattr(Finetuner, "evaluate", lambda self: ("mAP", 0.5))
+    Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
+    assert json.loads((tmp_path / "best" / "config.json").read_text())["source"]["steps"] == 3
+
+
 def test_finetuning_never_starts_over_another_runs_record(tmp_path):
     """A fresh start cuts metrics.jsonl and replaces best/: over a pretraining run's record, or a
     fine-tuning's with other settings, both stopped before their first checkpoint, that is
