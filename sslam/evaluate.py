@@ -488,10 +488,12 @@ def split_fingerprint(split: LabeledSplit) -> str:
 
 def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: list[str], multilabel: bool,
                               encoder_config: dict, world_size: int, train_split: str | None = None,
-                              preprocessing: dict | None = None, where: str = "checkpoint") -> list[str]:
+                              preprocessing: dict | None = None, where: str = "checkpoint",
+                              test_split: str | None = None) -> list[str]:
     """What differs between the fine-tuning checkpoint ``saved`` (or a run's record, ``where``)
-    and this run in a way a resumed run cannot follow: settings, training data (``train_split``:
-    its :func:`split_fingerprint`), classes and label kind (the loss), encoder architecture, the
+    and this run in a way a resumed run cannot follow: settings, training and test data
+    (``train_split``, ``test_split``: their :func:`split_fingerprint`; the best so far was
+    measured on the test split), classes and label kind (the loss), encoder architecture, the
     input's preprocessing, number of processes (which splits every epoch's clips and sets the
     global batch). As ``key: <saved> in the <where>, <now> now``."""
     from .train import changed_settings
@@ -501,10 +503,11 @@ def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: lis
 
     conflicts = changed_settings(effective(saved.get("config") or {}), effective(asdict(cfg)),
                                  FINETUNE_RESUME_MAY_CHANGE, f"the {where}")
-    old_split = saved.get("train_split")
-    if old_split is not None and train_split is not None and old_split != train_split:
-        conflicts.append(f"training split: other clips or labels than the {where}'s ({old_split} in the "
-                         f"{where}, {train_split} now)")
+    for kind, key, now in (("training", "train_split", train_split), ("test", "test_split", test_split)):
+        old_split = saved.get(key)
+        if old_split is not None and now is not None and old_split != now:
+            conflicts.append(f"{kind} split: other clips or labels than the {where}'s ({old_split} in the "
+                             f"{where}, {now} now)")
     old_names = saved.get("class_names")
     if old_names is not None and list(old_names) != list(class_names):
         conflicts.append(f"classes: {len(old_names)} in the {where} ({', '.join(map(str, old_names[:4]))}, ...), "
@@ -646,13 +649,15 @@ class Finetuner:
         """What a resumed run must share with this one (see :func:`finetune_resume_conflicts`)."""
         return {"format": "sslam-finetune", "config": asdict(self.cfg), "encoder_config": self.model.cfg.to_dict(),
                 "class_names": self.train_split.class_names, "preprocessing": dict(self.model.preprocessing),
-                "train_split": split_fingerprint(self.train_split), "world_size": self.dist.world_size,
+                "train_split": split_fingerprint(self.train_split), "test_split": split_fingerprint(self.test_split),
+                "world_size": self.dist.world_size,
                 "multilabel": self.multilabel}
 
     def _conflicts(self, saved: dict, where: str) -> list[str]:
         return finetune_resume_conflicts(saved, self.cfg, self.train_split.class_names, self.multilabel,
                                          self.model.cfg.to_dict(), self.dist.world_size,
-                                         split_fingerprint(self.train_split), self.model.preprocessing, where)
+                                         split_fingerprint(self.train_split), self.model.preprocessing, where,
+                                         split_fingerprint(self.test_split))
 
     def _check_no_other_record(self) -> None:
         """A fresh start cuts metrics.jsonl and replaces best/ and model/: over another run's

@@ -651,6 +651,11 @@ def test_finetuning_refuses_to_resume_on_other_training_clips(tmp_path):
     cfg.steps = 4
     with pytest.raises(ValueError, match="training split: other clips or labels"):
         Finetuner(tiny_encoder(), synth_split("poly", True, 16, seed=1), test, cfg, log=lambda *a: None)
+    # Another test split: the best kept so far was measured on the first (it was accepted, and
+    # OUT/best mixed the two).
+    with pytest.raises(ValueError, match="test split: other clips or labels"):
+        Finetuner(tiny_encoder(), synth_split("poly", True, 16, seed=0), synth_split("poly", False, 8, seed=1), cfg,
+                  log=lambda *a: None)
     assert Finetuner(tiny_encoder(), synth_split("poly", True, 16, seed=0), test, cfg, log=lambda *a: None).step == 2
 
 
