@@ -226,7 +226,7 @@ def safe_torch_load(path: str | os.PathLike):
                 "the file was probably cut short while being copied or written"
             )
         if is_zip:
-            _check_crcs(path)
+            _check_archive(path)
             names = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
             refused = [name for name in names if not _is_inert(name)]
         else:
@@ -265,11 +265,18 @@ def _starts_like_a_zip(path: Path) -> bool:
         return f.read(4) == b"PK\x03\x04"
 
 
-def _check_crcs(path: Path) -> None:
-    """Refuse an archive whose records fail their CRC: torch.load reads the tensor records
-    without checking them, so flipped bits would load as wrong weights. A record whose CRC is 0
-    was written without one (``torch.serialization.set_crc32_options(False)``)."""
+def _check_archive(path: Path) -> None:
+    """Refuse an archive whose records unpack to far more than its size (torch.load inflates a
+    compressed record whole: a few MB of zeros would take GB), or fail their CRC (torch.load
+    reads the tensor records without checking them, so flipped bits would load as wrong
+    weights). A record whose CRC is 0 was written without one
+    (``torch.serialization.set_crc32_options(False)``)."""
+    size = path.stat().st_size
     with zipfile.ZipFile(path) as archive:
+        unpacked = sum(info.file_size for info in archive.infolist())
+        if unpacked > _ELEMENTS_PER_FILE_BYTE * size + (1 << 20):
+            raise CheckpointError(f"{path}: damaged or hostile archive: its records unpack to {unpacked:,} bytes, "
+                                  f"over {_ELEMENTS_PER_FILE_BYTE}x the file's {size:,}")
         for info in archive.infolist():
             if info.CRC == 0 and info.file_size:
                 continue

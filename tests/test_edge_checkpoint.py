@@ -1113,8 +1113,9 @@ def test_label_csv_is_read_as_the_evaluation_reads_descriptors(tmp_path):
 
 
 def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
-    """A storage record cut short in an archive rewritten with valid CRCs: the memory-mapped
-    load read the next records' bytes into the weight (finite garbage, no error)."""
+    """A storage record cut short in an archive rewritten with valid CRCs: a memory-mapped load
+    read the next records' bytes into the weight (finite garbage, no error); torch's own read
+    refuses it. The pickle scan (used for legacy files) reads what torch.save declares."""
     from sslam.checkpoint import _declared_storages
 
     # What the pickle declares is what torch.save wrote, for every kind of storage.
@@ -1137,7 +1138,7 @@ def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"short.pt: not a readable PyTorch checkpoint \(record size "
                                               rf"\({len(weight) // 2} bytes\) does not match expected size"):
         load_encoder(tmp_path / "short.pt")
-    # Protocol 3, which torch.load also reads, is scanned too.
+    # Protocol 3, which torch.load also reads.
     torch.save({"w": torch.arange(500.0)}, tmp_path / "p3.pt", pickle_protocol=3)
     with zipfile.ZipFile(tmp_path / "p3.pt") as archive:
         records = {name: archive.read(name) for name in archive.namelist()}
@@ -1148,6 +1149,130 @@ def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
         safe_torch_load(tmp_path / "p3.pt")
 
 
+def test_a_legacy_file_declaring_more_storage_than_it_holds_is_refused_unread(tmp_path, monkeypatch):
+    """A legacy (non-zip) file's storages are allocated at their declared size before their bytes
+    are read: a few hundred bytes could claim gigabytes. The claim is checked against the file."""
+    from sslam.checkpoint import _scan_legacy
+
+    tensors = {"half": torch.randn(3, 4).half(), "long": torch.arange(5), "shared": [torch.randn(2)] * 2,
+               "view": torch.randn(10)[2:5], "bool": torch.zeros(3, dtype=torch.bool)}
+    torch.save(tensors, tmp_path / "kinds.pt", _use_new_zipfile_serialization=False)
+    # Every storage the pickle declares, counted once: what torch.save wrote.
+    expected = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [tensors["half"], tensors["long"], tensors["shared"][0], tensors["view"],
+                              tensors["bool"]]}.values())
+    assert _scan_legacy(tmp_path / "kinds.pt")[2] == expected
+
+    class Storage:
+        def __init__(self, numel=2**35):
+            self.numel = numel
+
+    class Pickler(pickle.Pickler):  # the persistent id legacy torch.save writes, with a huge numel
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "1", "cpu", obj.numel, None) if isinstance(obj, Storage) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump({"w": Storage()})
+    claim = buf.getvalue()
+    buf = io.BytesIO()  # the same key declared again, smaller: torch allocates the first
+    Pickler(buf, protocol=2).dump({"w": Storage(), "x": Storage(1)})
+    again = buf.getvalue()
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on the file"))
+    for name, pickled in [("claims", claim), ("twice", again),
+                          ("proto4", b"\x80\x04" + claim[2:]),  # torch.load only warns of the header
+                          ("binstring", claim.replace(b"X\x07\x00\x00\x00storage", b"U\x07storage", 1))]:
+        path = tmp_path / f"{name}.pt"
+        torch.save({"w": torch.ones(4)}, path, _use_new_zipfile_serialization=False)
+        _replace_pickle(path, pickled, zip_format=False)
+        with pytest.raises(CheckpointError, match=rf"{name}.pt: damaged or hostile file: its tensors declare "
+                                                  rf"{2**37} bytes of storage; the file holds {path.stat().st_size}"):
+            safe_torch_load(path)
+    # A persistent id the scan cannot read (built by a call) is not taken to declare nothing.
+    path = tmp_path / "opaque.pt"
+    torch.save({"w": torch.ones(4)}, path, _use_new_zipfile_serialization=False)
+    _replace_pickle(path, claim.replace(b"X\x07\x00\x00\x00storage", b"c__builtin__\nstr\nX\x07\x00\x00\x00storage\x85R", 1),
+                    zip_format=False)
+    with pytest.raises(CheckpointError, match="opaque.pt: damaged or hostile file: the storages its tensors declare "
+                                              "cannot be read without unpickling it"):
+        safe_torch_load(path)
+
+
+class _Storage:
+    def __init__(self, pid):
+        self.pid = pid
+
+
+class _Tensor:  # pickles as torch.save pickles a float tensor over a _Storage
+    def __init__(self, storage, numel):
+        self.storage, self.numel = storage, numel
+
+    def __reduce__(self):
+        from collections import OrderedDict
+
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, (self.numel,), (1,), False, OrderedDict())
+
+
+class _PidPickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        return obj.pid if isinstance(obj, _Storage) else None
+
+
+def _crafted_archive(path: Path, key, records: dict, compressed=(), kind=None) -> None:
+    """A torch.save zip whose tensor ``w`` (8 floats) names storage ``key``, beside ``v`` (4
+    floats in record '1'); ``records`` are the storage records written, by name."""
+    buf = io.BytesIO()
+    pid = ("storage", kind or torch.FloatStorage, key, "cpu", 8)
+    _PidPickler(buf, protocol=2).dump({"w": _Tensor(_Storage(pid), 8),
+                                       "v": _Tensor(_Storage(("storage", torch.FloatStorage, "1", "cpu", 4)), 4)})
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buf.getvalue())
+        archive.writestr("archive/version", "3\n")
+        for name, data in [*records.items(), ("1", bytes(16))]:
+            archive.writestr(f"archive/data/{name}", data,
+                             compress_type=zipfile.ZIP_DEFLATED if name in compressed else zipfile.ZIP_STORED)
+
+
+def test_a_tensor_never_takes_bytes_from_outside_its_own_record(tmp_path):
+    """Crafted archives whose storage ids or records disagree (a short record under an int or
+    GLOBAL key, a key matching a record only ignoring case, a missing or repeated record, a
+    compressed one, a second data.pkl, quantized and CUDA storage classes): a memory-mapped load
+    lent such a tensor the bytes after its record. Each file is now refused, or its tensor holds
+    exactly the bytes of a record of its size."""
+    full, short = torch.arange(8.0).numpy().tobytes(), torch.arange(4.0).numpy().tobytes()
+    cases = {"int_key": dict(key=0, records={"0": full}), "global_key": dict(key=torch.float32, records={"torch.float32": short}),
+             "case": dict(key="A", records={"a": short}), "missing": dict(key="x/../0", records={"0": full}),
+             "compressed": dict(key="0", records={"0": full}, compressed=("0",)),
+             "quantized": dict(key="0", records={"0": short}, kind=torch.QInt32Storage),
+             "cuda": dict(key="0", records={"0": short}, kind=torch.cuda.FloatStorage)}
+    for name, case in cases.items():
+        _crafted_archive(tmp_path / f"{name}.pt", **case)
+    _crafted_archive(tmp_path / "twice.pt", "0", {"0": short})
+    with zipfile.ZipFile(tmp_path / "twice.pt", "a") as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Duplicate name": what is being made
+        archive.writestr("archive/data/0", full)
+    _crafted_archive(tmp_path / "second.pt", "0", {"0": short})
+    with zipfile.ZipFile(tmp_path / "second.pt", "a") as archive:
+        archive.writestr("archive/x/data.pkl", b"\x80\x02}q\x00.")
+    for path in sorted(tmp_path.glob("*.pt")):
+        try:
+            loaded = safe_torch_load(path)
+        except CheckpointError as exc:
+            assert str(exc).startswith(str(path)), exc
+            continue
+        assert torch.equal(loaded["w"], torch.arange(8.0)), path.name  # a whole record of 8 floats
+
+
+def test_an_inert_object_built_without_init_has_its_fields(tmp_path):
+    """NEWOBJ calls __new__ alone: an empty argparse.Namespace (no state to set) had no
+    ``state`` attribute, and reading the file's config raised AttributeError."""
+    from sslam.checkpoint import _plain
+
+    for zip_format in (True, False):
+        torch.save({"args": argparse.Namespace(), "cfg": {"x": 1}}, tmp_path / "ns.pt",
+                   _use_new_zipfile_serialization=zip_format)
+        assert _plain(safe_torch_load(tmp_path / "ns.pt"))["cfg"] == {"x": 1}
+
+
 @pytest.mark.parametrize("body", [
     # a persistent id whose storage class is a tuple nested 10**6 deep: hashing it overflowed the C stack
     b"\x80\x02(X\x07\x00\x00\x00storage)" + b"\x85" * 1_000_000
@@ -1156,8 +1281,8 @@ def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
     b"\x80\x02" + b"(" * 30_000 + b"N" * 30_000 + b"e" * 30_000 + b".",  # unbalanced MARKs
 ], ids=["deep", "unmarked", "marks"])
 def test_crafted_pickles_are_refused_quickly(tmp_path, body):
-    """data.pkl records built to crash, stall or exhaust the record-size scan are refused as
-    unreadable (the scan is linear in the record and builds only tuples of scalars)."""
+    """Pickles built to crash, stall or exhaust the storage scan are refused as unreadable (the
+    scan is linear in the pickle and builds only tuples of scalars), in zip and legacy files."""
     torch.save({"x": torch.zeros(1)}, tmp_path / "plain.pt")
     with zipfile.ZipFile(tmp_path / "plain.pt") as archive:
         records = {name: archive.read(name) for name in archive.namelist()}
@@ -1166,6 +1291,10 @@ def test_crafted_pickles_are_refused_quickly(tmp_path, body):
             archive.writestr(name, body if name.endswith("/data.pkl") else data)
     with pytest.raises(CheckpointError, match="crafted.pt: (not a readable PyTorch checkpoint|damaged or hostile file)"):
         safe_torch_load(tmp_path / "crafted.pt")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    _replace_pickle(tmp_path / "legacy.pt", body, zip_format=False)
+    with pytest.raises(CheckpointError, match="legacy.pt: (not a readable PyTorch checkpoint|damaged or hostile file)"):
+        safe_torch_load(tmp_path / "legacy.pt")
 
 
 def test_what_is_not_a_file_or_folder_is_named_before_reading(tmp_path):
@@ -1319,8 +1448,9 @@ def test_loading_checks_each_weight_s_values_once(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks", "ignore:Validating sparse tensor invariants")
 def test_legitimate_files_that_were_refused_load(tmp_path):
     """Files torch.load(weights_only=True) reads: written without CRCs (a torch option), shared
-    layers (twelve names for one storage), a sparse tensor of a large dense shape, a meta
-    skeleton. They were called damaged or "expanded or crafted"."""
+    layers (twelve names for one storage, now counted once), a sparse tensor of a large dense
+    shape, a meta skeleton. The CRC-less, sparse and meta files were called damaged or
+    "expanded or crafted"."""
     block = torch.nn.Linear(64, 64).to(torch.bfloat16)
     shared = torch.nn.ModuleList([block] * 12).state_dict()
     sparse = torch.sparse_coo_tensor(torch.tensor([[0, 99_999], [5, 7]]), torch.tensor([1.0, 2.0]), (100_000, 100_000))
@@ -1342,6 +1472,15 @@ def test_legitimate_files_that_were_refused_load(tmp_path):
     torch.save({"w": torch.zeros(1).expand(2**34)}, tmp_path / "expanded.pt")
     with pytest.raises(CheckpointError, match="expanded.pt: its tensors declare over"):
         safe_torch_load(tmp_path / "expanded.pt")
+
+
+def test_a_compressed_record_that_unpacks_far_beyond_the_file_is_refused_unread(tmp_path, monkeypatch):
+    """torch.load inflates a record whole: 64 MB of zeros deflate to about 64 kB."""
+    _crafted_archive(tmp_path / "bomb.pt", "0", {"0": bytes(64 << 20)}, compressed=("0",))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load ran on the file"))
+    with pytest.raises(CheckpointError, match=r"bomb.pt: damaged or hostile archive: its records unpack to "
+                                              r"67,1\d\d,\d\d\d bytes, over 4x the file's"):
+        safe_torch_load(tmp_path / "bomb.pt")
 
 
 def test_loaded_tensors_do_not_change_when_the_file_is_rewritten(tmp_path):
