@@ -428,22 +428,21 @@ _ELEMENTS_PER_FILE_BYTE = 4
 
 
 def _check_tensor_sizes(path: Path, obj) -> None:
-    """Refuse a file whose tensors declare far more elements than its size can store. A storage
-    counts once whatever shares it (tied weights, views); a tensor counts its own elements only
-    where they outnumber its storage's (an expansion, overlapping windows). Meta and sparse
-    tensors are not counted: neither is taken as weights (:func:`check_state` refuses them)."""
+    """Refuse a file whose tensors declare far more elements than its size can store. A view
+    counts once however many names it has (tied weights, shared layers); views of one storage
+    at other offsets or shapes count each, as each may be copied. Meta and sparse tensors are
+    not counted: neither is taken as weights (:func:`check_state` refuses them)."""
     size = path.stat().st_size
     budget = _ELEMENTS_PER_FILE_BYTE * size + (1 << 20)
-    declared, storages = 0, set()
+    declared, views = 0, set()
     for tensor in _tensors_in(obj):
         if tensor.is_meta or tensor.layout != torch.strided:
             continue
-        storage = tensor.untyped_storage()
-        if tensor.numel() > storage.nbytes() // max(1, tensor.element_size()):
+        view = (tensor.untyped_storage().data_ptr(), tensor.dtype, tensor.storage_offset(), tensor.shape,
+                tensor.stride())
+        if view not in views:
+            views.add(view)
             declared += tensor.numel()
-        elif (storage.data_ptr(), storage.nbytes()) not in storages:
-            storages.add((storage.data_ptr(), storage.nbytes()))
-            declared += storage.nbytes()
         if declared > budget:
             raise CheckpointError(
                 f"{path}: its tensors declare over {declared:,} elements, more than a file of "

@@ -92,6 +92,13 @@ def row_times(num_rows: int, patch: int = 16, dtype: torch.dtype = torch.float32
     return (centre_frame * FRAME_SECONDS + FRAME_LENGTH / SAMPLE_RATE / 2).to(dtype)
 
 
+def checked_batch_size(batch_size) -> int:
+    """``batch_size`` as an int: a positive integer (numpy's too), never a bool."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
+    return int(batch_size)
+
+
 def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
     """Normalise the accepted inputs into a list of 1-D float32 clips at 16 kHz.
 
@@ -253,9 +260,7 @@ def embed(
         hop = max(patch, window // 2 // patch * patch)
     if isinstance(hop, bool) or not isinstance(hop, (int, np.integer)) or hop % patch or hop <= 0 or hop > window:
         raise ValueError(f"hop={hop!r}: must be a positive multiple of {patch} frames, at most {window}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
-    batch_size = int(batch_size)
+    batch_size = checked_batch_size(batch_size)
     param = next(model.parameters())
     if param.is_meta:  # refused here: copying its weights would raise a bare NotImplementedError
         raise ValueError("model: its weights are on the meta device (shapes, no values); load them first")

@@ -18,7 +18,7 @@ import os
 import torch
 
 from .checkpoint import load_encoder
-from .embedding import FRAME_SECONDS, row_times
+from .embedding import FRAME_SECONDS, checked_batch_size, row_times
 from .model import Encoder
 
 SCENE_MODES = ("cls", "mean", "cls+mean")
@@ -38,8 +38,7 @@ def load_model(model_file_path: str = "", *, device: str | None = None, weights:
         )
     if scene not in SCENE_MODES:
         raise ValueError(f"scene={scene!r}: choose one of {SCENE_MODES}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
+    batch_size = checked_batch_size(batch_size)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_encoder(path, device=device, weights=weights)
     model.sample_rate = model.preprocessing.get("sample_rate", 16000)
@@ -54,7 +53,7 @@ def load_model(model_file_path: str = "", *, device: str | None = None, weights:
     model.scene_embedding_size = 2 * dim if scene == "cls+mean" else dim
     model.timestamp_embedding_size = dim
     model.hear_scene = scene
-    model.hear_batch_size = int(batch_size)
+    model.hear_batch_size = batch_size
     model.hear_hop_ms = float(hop_ms)
     return model
 

@@ -1468,10 +1468,14 @@ def test_legitimate_files_that_were_refused_load(tmp_path):
         assert all(torch.equal(loaded["shared"][k], v) for k, v in shared.items())
         assert torch.equal(loaded["sparse"].coalesce().values(), torch.tensor([1.0, 2.0]))
         assert loaded["meta"].shape == meta.shape
-    # What they still cannot do: one stored value expanded to 2**34 elements.
+    # What they still cannot do: one stored value expanded to 2**34 elements, or many views of
+    # one storage at other offsets (each may be copied).
     torch.save({"w": torch.zeros(1).expand(2**34)}, tmp_path / "expanded.pt")
-    with pytest.raises(CheckpointError, match="expanded.pt: its tensors declare over"):
-        safe_torch_load(tmp_path / "expanded.pt")
+    base = torch.zeros(1 << 20)
+    torch.save({"views": [base[i:] for i in range(20)]}, tmp_path / "views.pt")
+    for name in ("expanded", "views"):
+        with pytest.raises(CheckpointError, match=f"{name}.pt: its tensors declare over"):
+            safe_torch_load(tmp_path / f"{name}.pt")
 
 
 def test_a_compressed_record_that_unpacks_far_beyond_the_file_is_refused_unread(tmp_path, monkeypatch):
