@@ -382,8 +382,6 @@ def _note_storage(pid, declared: dict[str, int]) -> bool:
     return True
 
 
-# The storage classes torch.save names in its persistent ids (as GLOBAL opcodes' "module name"),
-# and their element types.
 def _storage_classes() -> dict[str, int]:
     """Bytes per element of every storage class torch.load accepts, by the name a pickle's
     GLOBAL gives it (``torch FloatStorage``, ``torch.cuda HalfStorage``, quantized ones)."""
