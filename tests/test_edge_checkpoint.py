@@ -1112,6 +1112,7 @@ def test_label_csv_is_read_as_the_evaluation_reads_descriptors(tmp_path):
         read_label_names(tmp_path / "dup.csv")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 3")  # torch's, for the protocol-3 file below
 def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
     """A storage record cut short in an archive rewritten with valid CRCs: a memory-mapped load
     read the next records' bytes into the weight (finite garbage, no error); torch's own read
