@@ -1007,14 +1007,20 @@ def _encoder_config(values, source) -> EncoderConfig:
         raise CheckpointError(f"{source}: invalid encoder config: {exc}") from None
 
 
-def _from_sslam(path: Path, tensors: dict, metadata: dict, config_path: Path | None, weights: str) -> Checkpoint:
+def _from_sslam(path: Path, tensors: dict, metadata: dict, beside: dict, config_path: Path | None,
+                weights: str) -> Checkpoint:
+    """Our export: the config inside the weights file (``metadata``), else config.json
+    (``beside``, read from ``config_path``)."""
     if "sslam" in metadata:
         try:
             meta = json.loads(metadata["sslam"])
         except ValueError as exc:  # not JSON, or integers over 4300 digits
             raise CheckpointError(f"{path}: unreadable sslam metadata ({exc})") from None
+        if config_path is not None and beside != meta:
+            warnings.warn(f"{config_path} differs from the config inside {path.name}, which is the one used (it was "
+                          "saved with these weights); edits to config.json change nothing", stacklevel=5)
     else:
-        meta = _read_json(config_path)
+        meta = beside
     if not isinstance(meta, dict) or not isinstance(meta.get("encoder"), dict):
         raise CheckpointError(f"{path}: sslam metadata without an 'encoder' config")
     if weights != "student":
@@ -1028,7 +1034,7 @@ def _from_safetensors(path: Path, config_path: Path | None, weights: str) -> Che
     tensors, metadata = _load_safetensors(path)
     cfg = _read_json(config_path) if config_path else {}
     if metadata.get("format") == "sslam" or cfg.get("format") == "sslam":
-        return _from_sslam(path, tensors, metadata, config_path, weights)
+        return _from_sslam(path, tensors, metadata, cfg, config_path, weights)
     return _from_tensors(path, tensors, cfg, weights, "hf", config_path)
 
 

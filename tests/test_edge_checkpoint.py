@@ -283,6 +283,7 @@ def test_absurd_config_of_an_sslam_folder_fails_before_building(tmp_path):
                              ({"max_length": 10**9}, "over the 65536 supported")]:
         bad = {**meta, "encoder": {**meta["encoder"], **changes}}
         save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(bad)})
+        (tmp_path / "m" / "config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=pattern):
             load_encoder(tmp_path / "m")
 
@@ -804,6 +805,22 @@ def test_convert_writes_nothing_when_it_fails(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # no temporary leftovers
 
 
+def test_an_edited_config_json_of_an_export_is_named_not_silently_ignored(tmp_path):
+    """An export's weights file carries its own config, which is what loads: a config.json
+    edited beside it (other label names, say) changed nothing, without a word."""
+    model = random_encoder(VARIANTS["tiny"].replace(num_classes=2))
+    model.label_names = ["a", "b"]
+    out = save_encoder(model, tmp_path / "export")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_encoder(out).label_names == ["a", "b"]  # as written: no warning
+    config = json.loads((out / "config.json").read_text())
+    config["label_names"] = ["speech", "music"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match=r"export/config.json differs from the config inside model.safetensors"):
+        assert load_encoder(out).label_names == ["a", "b"]
+
+
 def test_save_encoder_refuses_what_loading_would_refuse(tmp_path):
     """Regression: ``preprocessing`` and ``label_names`` are attributes a user may set; saved
     unchecked, an encoder was written that load_encoder then refused."""
@@ -1055,12 +1072,14 @@ def test_unusable_preprocessing_in_an_sslam_folder_is_refused_when_read(tmp_path
                              ({"target_length": covered + 16}, rf"at most the {covered} frames")]:
         bad = {**meta, "preprocessing": {**meta["preprocessing"], **changes}}
         save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(bad)})
+        (tmp_path / "m" / "config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=pattern):
             read_checkpoint(tmp_path / "m")
     # A custom (mean, std) pair and no normalisation are usable.
     for norm in ([-4.0, 4.5], None):
         good = {**meta, "preprocessing": {**meta["preprocessing"], "norm": norm}}
         save_file(state, tmp_path / "m" / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(good)})
+        (tmp_path / "m" / "config.json").write_text(json.dumps(good))
         assert read_checkpoint(tmp_path / "m").preprocessing["norm"] == norm
 
 
