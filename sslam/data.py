@@ -282,12 +282,20 @@ class GlobalBatchSampler(Sampler):
         return 2**62
 
 
+def add_file_names(digest, paths):
+    """Feed the names of the files ``paths`` (not their folders: the data may move), in order,
+    to the hash ``digest``; returns it."""
+    for path in paths:
+        digest.update(os.fsencode(Path(path).name) + b"\0")
+    return digest
+
+
 def data_identity(dataset: Dataset) -> dict:
     """What identifies a pretraining dataset's clips for a resume: how many, and the names of
-    its files in order (not their folders: the data may move), as a short hash. The built-in
-    scenes are named by the run's settings."""
-    names = [os.fsencode(path.name) for path in dataset.paths] if isinstance(dataset, AudioFiles) else [b"synth"]
-    return {"clips": len(dataset), "names": hashlib.sha256(b"\0".join(names)).hexdigest()[:16]}
+    its files in order, as a short hash. The built-in scenes are named by the run's settings."""
+    digest = hashlib.sha256(b"synth") if not isinstance(dataset, AudioFiles) else add_file_names(hashlib.sha256(),
+                                                                                                  dataset.paths)
+    return {"clips": len(dataset), "names": digest.hexdigest()[:16]}
 
 
 def build_dataset(source: str, *, root: str | None = None, target_length: int = 1024, synth_clips: int = 2000,

@@ -38,7 +38,7 @@ from .checkpoint import (
     load_encoder,
     remove_temporaries,
 )
-from .data import MAX_WORKERS, pad_clips, samples_for_frames, text_lines
+from .data import MAX_WORKERS, add_file_names, pad_clips, samples_for_frames, text_lines
 from .features import norm_stats, preprocess
 from .labels import (
     LabeledSplit,
@@ -479,8 +479,7 @@ def split_fingerprint(split: LabeledSplit) -> str:
     folders: the data may move), as a short hash."""
     digest = hashlib.sha256(split.targets.numpy().tobytes())
     if isinstance(split.items, list):
-        for item in split.items:
-            digest.update(os.fsencode(Path(item).name) + b"\0")
+        add_file_names(digest, split.items)
     else:
         digest.update(split.name.encode())
     return digest.hexdigest()[:16]
@@ -586,6 +585,7 @@ class Finetuner:
         _check_splits(train, test)
         check_settings(cfg)
         self.cfg, self.train_split, self.test_split = cfg, train, test
+        self.split_prints = split_fingerprint(train), split_fingerprint(test)  # fixed for the run: hashed once
         self.multilabel = train.multilabel or test.multilabel
         device = next(encoder.parameters()).device
         self.dist = init_distributed(device.type)
@@ -649,15 +649,14 @@ class Finetuner:
         """What a resumed run must share with this one (see :func:`finetune_resume_conflicts`)."""
         return {"format": "sslam-finetune", "config": asdict(self.cfg), "encoder_config": self.model.cfg.to_dict(),
                 "class_names": self.train_split.class_names, "preprocessing": dict(self.model.preprocessing),
-                "train_split": split_fingerprint(self.train_split), "test_split": split_fingerprint(self.test_split),
-                "world_size": self.dist.world_size,
-                "multilabel": self.multilabel}
+                "train_split": self.split_prints[0], "test_split": self.split_prints[1],
+                "world_size": self.dist.world_size, "multilabel": self.multilabel}
 
     def _conflicts(self, saved: dict, where: str) -> list[str]:
-        return finetune_resume_conflicts(saved, self.cfg, self.train_split.class_names, self.multilabel,
-                                         self.model.cfg.to_dict(), self.dist.world_size,
-                                         split_fingerprint(self.train_split), self.model.preprocessing, where,
-                                         split_fingerprint(self.test_split))
+        now = self._identity()
+        return finetune_resume_conflicts(saved, self.cfg, now["class_names"], now["multilabel"], now["encoder_config"],
+                                         now["world_size"], now["train_split"], now["preprocessing"], where,
+                                         now["test_split"])
 
     def _check_no_other_record(self) -> None:
         """A fresh start cuts metrics.jsonl and replaces best/ and model/: over another run's
@@ -702,10 +701,11 @@ class Finetuner:
         if state["step"] > self.cfg.steps:  # as pretraining: it would stop at once, having done nothing
             raise ValueError(f"{path}: the run is at step {state['step']}, past steps={self.cfg.steps}: give a "
                              "larger one to train on")
-        if kept and self.cfg.warmup >= self.cfg.steps:
-            raise ValueError(f"{path}: the run's warm-up of {self.cfg.warmup} steps, kept on resume, is not below "
-                             f"steps={self.cfg.steps}: give more steps, or --warmup")
-        check_settings(self.cfg)  # the kept warm-up included
+        if kept:  # (otherwise __init__ checked the settings)
+            if self.cfg.warmup >= self.cfg.steps:
+                raise ValueError(f"{path}: the run's warm-up of {self.cfg.warmup} steps, kept on resume, is not "
+                                 f"below steps={self.cfg.steps}: give more steps, or --warmup")
+            check_settings(self.cfg)
 
     def _epoch_size(self) -> int:
         return self.cfg.epoch_size if self.weights is not None else len(self.train_split)
