@@ -1452,10 +1452,12 @@ def export_metadata(model: Encoder, source: dict | None = None) -> dict:
 _EXPORT_FILES = ("model.safetensors", "config.json")
 
 
-def _check_no_other_config(out: Path) -> None:
-    """Refuse a folder whose config.json is not an export's (a training run's, a Hugging Face
-    model's): replacing it would lose it, and it would not describe the weights written."""
-    config = _file_or_none(out / "config.json", "a JSON config")
+def _check_export_folder(out_dir: str | os.PathLike) -> None:
+    """Refuse an output folder that cannot be made (:func:`check_output_folder`), or whose
+    config.json is not an export's (a training run's, a Hugging Face model's): replacing it
+    would lose it, and it would not describe the weights written."""
+    check_output_folder(out_dir, argument="output folder")  # as given: Path("") would be "."
+    config = _file_or_none(Path(out_dir) / "config.json", "a JSON config")
     if config is None:
         return
     try:
@@ -1489,9 +1491,8 @@ def save_encoder(model: Encoder, out_dir: str | os.PathLike, source: dict | None
     even if only it was replaced)."""
     from safetensors.torch import save_file
 
-    check_output_folder(out_dir, argument="output folder")
+    _check_export_folder(out_dir)
     out = Path(out_dir)
-    _check_no_other_config(out)
     _check_exportable(model, out)
     meta = export_metadata(model, source)
     text = json.dumps(meta, indent=2) + "\n"  # fails here, before anything is written, if not JSON
@@ -1541,8 +1542,7 @@ def convert(src, out_dir, weights: str = "student", labels: str | os.PathLike | 
     """Convert any readable checkpoint to our format; ``labels`` names a fine-tuned model's
     classes (AudioSet ``class_labels_indices.csv`` style or one name per line). An encoder
     already exported in ``out_dir`` is replaced only with ``overwrite=True``."""
-    check_output_folder(out_dir, argument="output folder")
-    _check_no_other_config(Path(out_dir))
+    _check_export_folder(out_dir)
     existing = [name for name in _EXPORT_FILES if (Path(out_dir) / name).exists()]
     if existing and not overwrite:  # checked first: a refusal costs no checkpoint read
         raise CheckpointError(f"{out_dir}: already holds an exported encoder ({', '.join(existing)}); "

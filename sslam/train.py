@@ -642,8 +642,8 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
     # Files of a checkpoint that records its data's clips are checked on them (Trainer.data_loader):
     # the data may move. Older ones name it by its path.
     old_source = before.get("data", {}).get("source", cfg.data.source)
-    files = "synth" not in (old_source, cfg.data.source)
-    if not (files and isinstance(saved.get("data_identity"), dict)) and not _same_source(old_source, cfg.data.source):
+    recorded = isinstance(saved.get("data_identity"), dict) and "synth" not in (old_source, cfg.data.source)
+    if not recorded and not _same_source(old_source, cfg.data.source):
         conflicts.append(f"data.source: {old_source!r} in the checkpoint, {cfg.data.source!r} now")
     if resolved and saved["precision"] != precision:
         conflicts.append(f"run.precision: {saved['precision']} in the checkpoint (run.precision="
