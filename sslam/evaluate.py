@@ -767,7 +767,7 @@ class Finetuner:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.rank == 0:  # drop what was logged after the checkpoint resumed from (or any)
-            from .train import trim_metrics
+            from .train import metrics_line, trim_metrics
 
             if self.step == 0:
                 text = json.dumps(self._identity(), indent=2) + "\n"
@@ -817,7 +817,7 @@ class Finetuner:
                     last.update({name: value, "best": self.best, "seconds": time.perf_counter() - start})
                     self.log(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
                 if metrics:
-                    metrics.writelines(json.dumps(record) + "\n" for record in records)
+                    metrics.writelines(map(metrics_line, records))
                     metrics.flush()
                 if saving:
                     self.save()
@@ -852,13 +852,13 @@ class Finetuner:
         steps instead). The losses are logged first."""
         if self.scaler.is_enabled():
             return
-        from .train import StopTraining, checkpoints_in
+        from .train import StopTraining, checkpoints_in, metrics_line
 
         bad = [record["step"] for record in records if not math.isfinite(record["loss"])]
         if not bad:
             return
         if metrics:
-            metrics.writelines(json.dumps(record) + "\n" for record in records)
+            metrics.writelines(map(metrics_line, records))
         kept = checkpoints_in(self.out)
         raise StopTraining(f"step {bad[0]}: the loss is not finite and its update made the weights NaN; nothing was saved "
                            f"after {kept[-1] if kept else 'the start'}. Try a lower lr or --precision=fp32.")

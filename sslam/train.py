@@ -1312,7 +1312,7 @@ class Trainer:
             parts.append(f"mem {record['peak_mem_gb']:.2f} GB")
         self.log(" | ".join(parts))
         if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.write(metrics_line(record))
             metrics_file.flush()
         if writer:
             for k, v in record.items():
@@ -1326,6 +1326,12 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter  # validate() checked that it is installed
 
         return SummaryWriter(str(self.out / "tensorboard"))
+
+
+def metrics_line(record: dict) -> str:
+    """One line of ``metrics.jsonl``, strict JSON: a non-finite number (the loss of a diverged
+    or fp16-overflowed step) is null, since every JSON reader but Python's refuses NaN."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}) + "\n"
 
 
 def trim_metrics(path: Path, step: int) -> None:
