@@ -253,7 +253,8 @@ def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multi
 def _augmented_spec(encoder, clips, targets, cfg, rng):
     """A training batch's augmented features and targets, in the official order: roll each whole
     clip, crop it to the window, features, mixup, SpecAugment. clips: B 1-D tensors (cropped
-    to the window on load when the roll is off), targets (B, C)."""
+    to the window on load when the roll is off), targets (B, C); cfg: a ProbeConfig or a
+    FinetuneConfig (its mixup, mixup_prob, mask_ratio, roll and noise)."""
     waves, lengths = roll_crop(clips, rng, _window(encoder)) if cfg.roll else pad_clips(clips)
     spec = _features(encoder, waves, lengths)
     targets = targets.to(spec.device)
@@ -396,7 +397,7 @@ def _finite(value: int | float) -> bool:
 def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
     """Refuse a setting outside its range, naming it: a zero eval_every divides by zero after
     the first step, a negative layer_decay gives some blocks negative learning rates. A
-    fine-tuning run's ``out`` must be able to be a folder."""
+    fine-tuning run's choices must be known ones and its ``out`` must be able to be a folder."""
     for name, (low, high) in _SETTING_RANGES.items():
         if not hasattr(cfg, name):
             continue
@@ -413,6 +414,15 @@ def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
     if getattr(cfg, "layer_decay", 1) == 0:
         raise ValueError("layer_decay=0 would give every block a learning rate of 0 (1 is no decay)")
     if isinstance(cfg, FinetuneConfig):
+        from .train import PRECISIONS
+
+        if cfg.precision not in PRECISIONS:
+            raise ValueError(f"precision={cfg.precision!r}: auto, fp32, bf16 or fp16")
+        if cfg.checkpoint_blocks not in BLOCK_CHECKPOINTING:
+            raise ValueError(f"checkpoint_blocks={cfg.checkpoint_blocks!r}: one of {BLOCK_CHECKPOINTING}")
+        if cfg.loss not in ("auto", "bce"):
+            raise ValueError(f"loss={cfg.loss!r}: 'auto' (BCE for multi-label tasks, cross-entropy otherwise) or "
+                             "'bce' (also for single-label ones)")
         check_output_folder(cfg.out)
 
 
@@ -485,45 +495,41 @@ def split_fingerprint(split: LabeledSplit) -> str:
     return digest.hexdigest()[:16]
 
 
-def finetune_resume_conflicts(saved: dict, cfg: FinetuneConfig, class_names: list[str], multilabel: bool,
-                              encoder_config: dict, world_size: int, train_split: str | None = None,
-                              preprocessing: dict | None = None, where: str = "checkpoint",
-                              test_split: str | None = None) -> list[str]:
+def finetune_resume_conflicts(saved: dict, now: dict, where: str = "checkpoint") -> list[str]:
     """What differs between the fine-tuning checkpoint ``saved`` (or a run's record, ``where``)
-    and this run in a way a resumed run cannot follow: settings, training and test data
-    (``train_split``, ``test_split``: their :func:`split_fingerprint`; the best so far was
-    measured on the test split), classes and label kind (the loss), encoder architecture, the
-    input's preprocessing, number of processes (which splits every epoch's clips and sets the
-    global batch). As ``key: <saved> in the <where>, <now> now``."""
+    and this run's identity ``now`` (see ``Finetuner._identity``) in a way a resumed run cannot
+    follow: settings, training and test data (their :func:`split_fingerprint`; the best so far
+    was measured on the test split), classes and label kind (the loss), encoder architecture,
+    the input's preprocessing, number of processes (which splits every epoch's clips and sets
+    the global batch). As ``key: <saved> in the <where>, <now> now``."""
     from .train import changed_settings
 
     def effective(config: dict) -> dict:  # the warm-up in effect, compared
         return {**config, "warmup": warmup_steps(config.get("steps", 0), config.get("warmup", 0))}
 
-    conflicts = changed_settings(effective(saved.get("config") or {}), effective(asdict(cfg)),
+    conflicts = changed_settings(effective(saved.get("config") or {}), effective(now["config"]),
                                  FINETUNE_RESUME_MAY_CHANGE, f"the {where}")
-    for kind, key, now in (("training", "train_split", train_split), ("test", "test_split", test_split)):
-        old_split = saved.get(key)
-        if old_split is not None and now is not None and old_split != now:
-            conflicts.append(f"{kind} split: other clips or labels than the {where}'s ({old_split} in the "
-                             f"{where}, {now} now)")
-    old_names = saved.get("class_names")
+    for kind, key in (("training", "train_split"), ("test", "test_split")):
+        if saved.get(key) not in (None, now[key]):  # (older checkpoints hold no fingerprint)
+            conflicts.append(f"{kind} split: other clips or labels than the {where}'s ({saved[key]} in the "
+                             f"{where}, {now[key]} now)")
+    old_names, class_names = saved.get("class_names"), now["class_names"]
     if old_names is not None and list(old_names) != list(class_names):
         conflicts.append(f"classes: {len(old_names)} in the {where} ({', '.join(map(str, old_names[:4]))}, ...), "
                          f"{len(class_names)} now ({', '.join(map(str, class_names[:4]))}, ...)")
-    if saved.get("multilabel", multilabel) != multilabel:
-        conflicts.append(f"multilabel: {saved['multilabel']!r} in the {where}, {multilabel!r} now")
+    if saved.get("multilabel", now["multilabel"]) != now["multilabel"]:
+        conflicts.append(f"multilabel: {saved['multilabel']!r} in the {where}, {now['multilabel']!r} now")
     encoder = lambda config: {f"encoder.{key}": value for key, value in config.items()}  # noqa: E731
     # drop-path is a fine-tuning setting and the head size follows the classes: both reported above
-    conflicts += changed_settings(encoder(saved.get("encoder_config") or {}), encoder(encoder_config),
+    conflicts += changed_settings(encoder(saved.get("encoder_config") or {}), encoder(now["encoder_config"]),
                                   {"encoder.drop_path_rate", "encoder.num_classes"}, f"the {where}")
     old_prep = saved.get("preprocessing")
     as_json = lambda prep: json.loads(json.dumps(dict(prep)))  # noqa: E731  a (mean, std) norm is a tuple or a list
-    if old_prep is not None and preprocessing is not None and as_json(old_prep) != as_json(preprocessing):
-        conflicts.append(f"preprocessing: {dict(old_prep)} in the {where}, {dict(preprocessing)} now")
-    old_world = int(saved.get("world_size", world_size))
-    if old_world != world_size:
-        conflicts.append(f"processes: {old_world} in the {where}, {world_size} now")
+    if old_prep is not None and as_json(old_prep) != as_json(now["preprocessing"]):
+        conflicts.append(f"preprocessing: {dict(old_prep)} in the {where}, {dict(now['preprocessing'])} now")
+    old_world = int(saved.get("world_size", now["world_size"]))
+    if old_world != now["world_size"]:
+        conflicts.append(f"processes: {old_world} in the {where}, {now['world_size']} now")
     return conflicts
 
 
@@ -580,7 +586,7 @@ class Finetuner:
     sslam format (``out/model``) with its label names, ready for ``sslam extract``."""
 
     def __init__(self, encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: FinetuneConfig, log=print):
-        from .train import HALF, PRECISIONS, checkpoints_in, init_distributed, load_newest
+        from .train import HALF, checkpoints_in, init_distributed, load_newest
 
         _check_splits(train, test)
         check_settings(cfg)
@@ -592,13 +598,6 @@ class Finetuner:
         self.log = log if self.dist.rank == 0 else (lambda *a, **k: None)
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
-        if cfg.precision not in PRECISIONS:
-            raise ValueError(f"precision={cfg.precision!r}: auto, fp32, bf16 or fp16")
-        if cfg.checkpoint_blocks not in BLOCK_CHECKPOINTING:
-            raise ValueError(f"checkpoint_blocks={cfg.checkpoint_blocks!r}: one of {BLOCK_CHECKPOINTING}")
-        if cfg.loss not in ("auto", "bce"):
-            raise ValueError(f"loss={cfg.loss!r}: 'auto' (BCE for multi-label tasks, cross-entropy otherwise) or "
-                             "'bce' (also for single-label ones)")
         self.bce = self.multilabel or cfg.loss == "bce"
         self.model = with_head(encoder, train.class_names, cfg.drop_path).train()
         self.model.set_block_checkpointing(cfg.checkpoint_blocks)
@@ -628,7 +627,7 @@ class Finetuner:
                                  f"but only {drawable} of the {len(train)} training clips have a positive weight in "
                                  f"{cfg.balanced_weights}; use --epoch_size={drawable} or less")
         per_rank = self._epoch_size() // self.dist.world_size
-        if cfg.batch_size < 1 or per_rank < cfg.batch_size:
+        if per_rank < cfg.batch_size:
             # Batches drop the incomplete last one: with fewer clips than a batch, an epoch
             # yields nothing and the loop would wait for a batch forever.
             raise ValueError(f"{train.name}: {per_rank} training clip(s) per process per epoch, fewer than "
@@ -652,12 +651,6 @@ class Finetuner:
                 "train_split": self.split_prints[0], "test_split": self.split_prints[1],
                 "world_size": self.dist.world_size, "multilabel": self.multilabel}
 
-    def _conflicts(self, saved: dict, where: str) -> list[str]:
-        now = self._identity()
-        return finetune_resume_conflicts(saved, self.cfg, now["class_names"], now["multilabel"], now["encoder_config"],
-                                         now["world_size"], now["train_split"], now["preprocessing"], where,
-                                         now["test_split"])
-
     def _check_no_other_record(self) -> None:
         """A fresh start cuts metrics.jsonl and replaces best/ and model/: over another run's
         (a pretraining run's, a fine-tuning's with other settings) left without a checkpoint,
@@ -671,7 +664,7 @@ class Finetuner:
         except (OSError, ValueError):
             record = None
         if isinstance(record, dict) and record.get("format") == "sslam-finetune":
-            conflicts = self._conflicts(record, "record")
+            conflicts = finetune_resume_conflicts(record, self._identity(), "record")
         else:
             conflicts = [f"no {self.RECORD} says they are this fine-tuning's"]
         if conflicts:
@@ -694,7 +687,7 @@ class Finetuner:
             # A run extended or shortened without --warmup keeps the warm-up it started with:
             # 10 % of the new steps would move the lr schedule under the steps already taken.
             self.cfg = replace(self.cfg, warmup=warmup_steps(saved["steps"], saved.get("warmup")))
-        conflicts = self._conflicts(state, "checkpoint")
+        conflicts = finetune_resume_conflicts(state, self._identity())
         if conflicts:
             raise ValueError(f"{path}: cannot resume fine-tuning with changed settings: " + "; ".join(conflicts)
                              + ". Run with the checkpoint's settings, or choose another out folder.")
@@ -774,8 +767,6 @@ class Finetuner:
                 atomic_write(self.out / self.RECORD, lambda tmp: Path(tmp).write_text(text))
             trim_metrics(self.out / "metrics.jsonl", self.step)
         metrics = (self.out / "metrics.jsonl").open("a") if self.dist.rank == 0 else None
-        augment = ProbeConfig(mixup=cfg.mixup, mixup_prob=cfg.mixup_prob, mask_ratio=cfg.mask_ratio, roll=cfg.roll,
-                              noise=cfg.noise)
         # A finished run, run again, has nothing left to do: it reports its best metric.
         last, start = ({"step": self.step, "best": self.best} if self.step else {}), time.perf_counter()
         batches = self._batches()
@@ -787,7 +778,7 @@ class Finetuner:
             while self.step < cfg.steps:
                 clips, targets = next(batches)
                 rng = np.random.default_rng([cfg.seed, self.dist.rank, self.step])  # per step: exact resume
-                spec, targets = _augmented_spec(self.model, clips, targets, augment, rng)
+                spec, targets = _augmented_spec(self.model, clips, targets, cfg, rng)
                 set_lr(self.optimizer, cosine(self.step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr))
                 with torch.autocast(spec.device.type, dtype=self.amp) if self.amp else nullcontext():
                     logits = self.module(spec)

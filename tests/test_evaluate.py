@@ -2,6 +2,7 @@
 a short linear probe and fine-tuning run, and the demo smoke run."""
 
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -300,6 +301,19 @@ def test_speech_commands_noise_and_bce(tmp_path, monkeypatch):
         Finetuner(tiny_encoder(), train, test, FinetuneConfig(loss="mse", out=str(tmp_path), workers=0))
 
 
+def test_misspelt_fine_tuning_choices_are_refused_with_the_other_settings():
+    """precision, checkpoint_blocks and loss are refused by check_settings, which `sslam
+    evaluate` runs before it reads the checkpoint and both splits (they were refused only
+    once a Finetuner was built, after all that reading)."""
+    from sslam.evaluate import check_settings
+
+    for setting, message in ((dict(precision="fp64"), "precision='fp64': auto, fp32, bf16 or fp16"),
+                             (dict(checkpoint_blocks="some"), "checkpoint_blocks='some': one of"),
+                             (dict(loss="mse"), "loss='mse': 'auto'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_settings(FinetuneConfig(**setting))
+
+
 def test_a_non_finite_loss_stops_fine_tuning_without_saving_nan_weights(tmp_path, monkeypatch):
     """A NaN loss made every weight NaN, the run went on and saved and exported them (and the
     NaN scores then failed the evaluation): it stops at the next read of the losses, keeping
@@ -343,8 +357,11 @@ def test_fine_tuning_schedule_is_fairseqs_cosine():
     from sslam.evaluate import finetune_resume_conflicts
 
     saved = {"config": asdict(FinetuneConfig(warmup=400))}
-    assert finetune_resume_conflicts(saved, FinetuneConfig(), [], False, {}, 1) == []
-    assert finetune_resume_conflicts(saved, FinetuneConfig(warmup=100), [], False, {}, 1) == [
+    identity = lambda cfg: {"config": asdict(cfg), "class_names": [], "multilabel": False,  # noqa: E731
+                            "encoder_config": {}, "preprocessing": {}, "train_split": "a", "test_split": "b",
+                            "world_size": 1}
+    assert finetune_resume_conflicts(saved, identity(FinetuneConfig())) == []
+    assert finetune_resume_conflicts(saved, identity(FinetuneConfig(warmup=100))) == [
         "warmup: 400 in the checkpoint, 100 now"]
 
 
