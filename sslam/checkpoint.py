@@ -41,7 +41,7 @@ import stat
 import tempfile
 import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -487,19 +487,20 @@ class Checkpoint:
         :class:`sslam.model.Encoder`), float tensors.
     decoder: the CNN decoder's weights (pretraining checkpoints), names as in
         :class:`sslam.pretrain.CNNDecoder`; teacher: the EMA teacher's encoder weights when the
-        file has them (whichever set ``state`` holds).
+        file has them (whichever set ``state`` holds). preprocessing: sample_rate, target_length
+        (where the file gives none, 1024 frames or what the position table covers) and norm. raw_config: the file's own config as written
+        (fairseq's model cfg, Hugging Face's config.json, our metadata), for inspection.
     """
 
     path: Path
     format: str
     config: EncoderConfig
     state: dict[str, torch.Tensor]
-    preprocessing: dict = field(default_factory=lambda: {"sample_rate": 16000, "target_length": 1024, "norm": "audioset"})
+    preprocessing: dict
     label_names: list[str] | None = None
     decoder: dict[str, torch.Tensor] | None = None
     teacher: dict[str, torch.Tensor] | None = None
     raw_config: dict | None = None
-    extra: dict = field(default_factory=dict)
     # Config fields the file states (the rest were read from shapes or are defaults/guesses).
     declared: frozenset[str] = frozenset(f.name for f in dataclasses.fields(EncoderConfig))
     # Where ``state`` sits in the file, for messages: "" (the file's main weights) or a part.
@@ -830,7 +831,7 @@ def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -
     fields["num_classes"] = mcfg.get("num_classes")
     config = infer_config(state, source=path, **fields)
     return Checkpoint(path, "fairseq-finetune", config, state, preprocessing=_finetune_preprocessing(mcfg, path),
-                      raw_config=mcfg, extra={"ignored": sorted(ignored)}, declared=_stated(fields),
+                      raw_config=mcfg, declared=_stated(fields),
                       naming=_naming(model, "model."))
 
 
@@ -1052,11 +1053,11 @@ def _from_own_torch(path: Path, ckpt: dict, weights: str) -> Checkpoint:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: {fmt} checkpoint without a 'model' state dict")
     labels = ckpt.get("class_names")
-    labels = list(labels) if isinstance(labels, (list, tuple)) and len(labels) == config.num_classes > 0 else None
+    labels = list(labels) if isinstance(labels, tuple) else labels
     return Checkpoint(path, fmt, config, dict(state), preprocessing=_check_preprocessing(ckpt.get("preprocessing"), path),
-                      label_names=_check_labels(labels, config.num_classes, path),
+                      label_names=_check_labels(labels or None, config.num_classes, path),
                       decoder=ckpt.get("decoder") if isinstance(ckpt.get("decoder"), dict) else None,
-                      teacher=teacher, raw_config=ckpt.get("config"), extra={"step": ckpt.get("step")})
+                      teacher=teacher, raw_config=ckpt.get("config"))
 
 
 WEIGHTS = ("student", "teacher")

@@ -376,7 +376,6 @@ class Losses:
     cls: torch.Tensor
     srl: torch.Tensor | None
     sample_size: torch.Tensor
-    extra: dict = field(default_factory=dict)
 
     def terms(self) -> dict[str, torch.Tensor]:
         """The logged terms, detached: loss, frame, cls (and srl in stage 2)."""

@@ -751,6 +751,11 @@ def test_own_finetune_checkpoint_and_pytorch_model_bin(tmp_path):
     loaded = load_encoder(tmp_path / "checkpoint_00000010.pt")
     assert loaded.label_names == ["dog", "cat"]
     assert_same_encoder(loaded, source)
+    # Names that do not fit the head are refused, as in an export (they were dropped silently).
+    torch.save({"format": "sslam-finetune", "encoder_config": source.cfg.to_dict(), "model": source.state_dict(),
+                "class_names": ["dog"], "step": 10}, tmp_path / "checkpoint_00000011.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint_00000011.pt: label names \(1\) must be 2 strings"):
+        load_encoder(tmp_path / "checkpoint_00000011.pt")
     hf_folder(source, tmp_path / "bin")
     tensors = {HF.get(k, "model." + k): v for k, v in source.state_dict().items()}
     (tmp_path / "bin" / "model.safetensors").unlink()
