@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .audio import AUDIO_SUFFIXES, AudioError, load_audio
-from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE
+from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE, check_min_length
 
 # The most worker processes (or threads) a setting may ask for: more than any machine has cores;
 # a loader starts every one of them before the first batch.
@@ -155,8 +155,7 @@ class AudioFiles(Dataset):
                 # The fast resampler (within 1e-6 of the reference) keeps one core ahead of a GPU;
                 # only the part of a long file that the crop keeps is decoded.
                 wave, _ = load_audio(path, sample_rate=SAMPLE_RATE, exact=False, max_samples=self.max_samples)
-                if wave.numel() < FRAME_LENGTH:
-                    raise AudioError(f"{path}: shorter than one 25 ms frame ({wave.numel()} samples at 16 kHz)")
+                check_min_length(wave, str(path))
             except AudioError as exc:
                 failures.append((str(path), str(exc)))
                 continue

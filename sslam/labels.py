@@ -217,9 +217,7 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
     lbl = Path(lbl) if lbl else tsv.with_suffix(".lbl")
     try:
         paths = manifest_paths(tsv, root)
-    except OSError as exc:
-        raise LabelError(f"cannot read {exc.filename}: {exc.strerror}") from exc
-    except ValueError as exc:  # the manifest itself: its message names the file and line
+    except ValueError as exc:  # its message names the file (and the line)
         raise LabelError(str(exc)) from None
     # Each label line keeps its number in the file (blank lines skipped) for the messages.
     label_lines = [(number, line) for number, line in enumerate(text_lines(read_text(lbl)), 1) if line.strip()]
