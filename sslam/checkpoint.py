@@ -1119,6 +1119,8 @@ def _read_folder(path: Path, weights: str) -> Checkpoint:
 
 
 def _read(path: Path, weights: str) -> Checkpoint:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
     try:
         return _read_layout(path, weights)
     except RecursionError:  # containers (a pickled or JSON config, say) nested thousands of levels deep
@@ -1158,8 +1160,6 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "student") -> Checkp
     ``weights``: 'student' (what official inference and fine-tuning use) or 'teacher' (the EMA
     teacher of pretraining checkpoints). The returned config agrees with the weights' shapes
     (CheckpointError otherwise)."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
     ckpt = _read(Path(path), weights)
     _check_architecture(ckpt.config, ckpt.state, ckpt.source)
     _check_window(ckpt)
@@ -1299,8 +1299,6 @@ def load_weights_into(model: Encoder, path, weights: str = "student") -> Encoder
 
 def _load_weights(model: Encoder, path, weights: str) -> Checkpoint:
     """Load the weights into ``model``; the checkpoint they came from."""
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
     with warnings.catch_warnings():  # the model's own config gives the heads: no guess needed
         warnings.filterwarnings("ignore", message=".*does not record num_heads")
         ckpt = _read(Path(path), weights)

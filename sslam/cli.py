@@ -1,7 +1,8 @@
 """The ``sslam`` command: ``extract``, ``convert``, ``info``, ``pretrain``, ``evaluate``, ``demo``.
 
-Each sub-command parses its arguments here and calls one library function; errors about the
-user's input are printed as one line (``sslam: error: ...``) with exit status 2.
+Each sub-command parses its arguments (``pretrain``, ``evaluate`` and ``demo`` add theirs from
+their modules) and calls one library function; errors about the user's input are printed as one
+line (``sslam: error: ...``) with exit status 2.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not hasattr(args, "overrides"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
-        args.overrides = extra  # pretrain's --section.key=value overrides
+        args.overrides = extra  # pretrain's --section.key=value, evaluate's --key=value
     try:
         return args.func(args)
     # OSError: e.g. --out naming an existing file, a read-only folder.

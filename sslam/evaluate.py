@@ -478,8 +478,9 @@ def read_weights(path: str, n: int, items=None) -> torch.Tensor:
 
 
 # Fine-tuning settings a resumed run may change: where it writes, how often it evaluates, saves
-# and logs, its loader processes, and ``steps`` (extending or shortening a run stretches the rest
-# of the schedule), as sslam.train.RESUME_MAY_CHANGE allows for pretraining.
+# and logs, its loader processes, its block checkpointing (memory, not results), and ``steps``
+# (extending or shortening a run stretches the rest of the schedule), as
+# sslam.train.RESUME_MAY_CHANGE allows for pretraining.
 FINETUNE_RESUME_MAY_CHANGE = frozenset({"steps", "eval_every", "ckpt_every", "keep_last", "out", "workers",
                                         "checkpoint_blocks"})
 
