@@ -48,7 +48,7 @@ import torch
 
 from .audio import SUPPORTED_RATES
 from .features import NUM_MEL_BINS, norm_stats
-from .model import VARIANTS, Encoder, EncoderConfig
+from .model import HEAD_NAMES, VARIANTS, Encoder, EncoderConfig
 
 FAIRSEQ_ENCODER_PREFIX = "modality_encoders.IMAGE."
 FAIRSEQ_DECODER_PREFIX = "modality_encoders.IMAGE.decoder."
@@ -70,7 +70,6 @@ _EMBEDDING_NAMES = {
     **{name: ours for ours, name in _HF_EMBEDDING_NAMES.items()},
     **{name.removeprefix(FAIRSEQ_ENCODER_PREFIX): ours for ours, name in _FAIRSEQ_EMBEDDING_NAMES.items()},
 }
-_HEAD_NAMES = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 _EMA_BLOCKS_ONLY_KEY = re.compile(r"\d+\.")  # data2vec ema_encoder_only: the teacher is the ModuleList
 
@@ -552,7 +551,7 @@ def _rename_encoder(state: dict, prefix: str = "") -> tuple[dict, dict]:
         key = name[len(prefix):]
         if key.startswith(FAIRSEQ_ENCODER_PREFIX):
             key = key[len(FAIRSEQ_ENCODER_PREFIX):]
-        ours = _EMBEDDING_NAMES.get(key, key if key.startswith("blocks.") or key in _HEAD_NAMES else None)
+        ours = _EMBEDDING_NAMES.get(key, key if key.startswith("blocks.") or key in HEAD_NAMES else None)
         # A second name for a weight already read (pre_norm.weight beside the official name)
         # is left over, so the caller reports it rather than one of the two silently winning.
         if ours is None or ours in out:
@@ -566,7 +565,7 @@ def _take_heads(state: dict, rest: dict) -> None:
     """Move into ``state`` the head tensors that ``rest`` holds outside the encoder's prefix
     (fairseq fine-tuned files: ``head.*`` beside ``model.*``); a second copy of one already in
     ``state`` stays in ``rest``, to be reported."""
-    for name in _HEAD_NAMES:
+    for name in HEAD_NAMES:
         if isinstance(rest.get(name), torch.Tensor) and name not in state:
             state[name] = rest.pop(name)
 
@@ -818,7 +817,7 @@ def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -
         # applied to the CLS token its logits would be wrong, so it is not loaded at all.
         warnings.warn(f"{path}: its head was trained on prediction_mode={mode}, not on the CLS token; "
                       "the encoder is loaded without it (no logits)", stacklevel=4)
-        for name in _HEAD_NAMES:
+        for name in HEAD_NAMES:
             state.pop(name, None)
         mcfg = {**mcfg, "num_classes": None}
     ignored = [k for k in rest if isinstance(k, str) and (k.startswith("model." + FAIRSEQ_DECODER_PREFIX) or k == "model._ema")]

@@ -50,7 +50,7 @@ from .labels import (
     read_text,
 )
 from .metrics import accuracy, mean_average_precision
-from .model import BLOCK_CHECKPOINTING, Encoder, eval_mode, stochastic_depth
+from .model import BLOCK_CHECKPOINTING, HEAD_NAMES, Encoder, eval_mode, stochastic_depth
 from .schedule import cosine
 
 
@@ -571,10 +571,9 @@ def with_head(encoder: Encoder, class_names: list[str], drop_path: float) -> Enc
     model = Encoder(cfg).to(next(encoder.parameters()).device)
     # An already fine-tuned encoder (e.g. the AS-2M model) brings its own head: drop it, or a
     # head for another number of classes fails to load (and one of the same size is not fresh).
-    head = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
-    body = {k: v for k, v in encoder.state_dict().items() if k not in head}
+    body = {k: v for k, v in encoder.state_dict().items() if k not in HEAD_NAMES}
     missing, unexpected = model.load_state_dict(body, strict=False)
-    if unexpected or set(missing) - head:
+    if unexpected or set(missing) - set(HEAD_NAMES):
         raise ValueError(f"encoder weights do not fit: missing {missing}, unexpected {unexpected}")
     model.preprocessing = dict(encoder.preprocessing)
     model.label_names = list(class_names)

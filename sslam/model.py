@@ -314,6 +314,9 @@ class Block(nn.Module):
 
 # How much of each block the backward recomputes instead of keeping (``set_block_checkpointing``).
 BLOCK_CHECKPOINTING = ("off", "selective", "full")
+# The classification head of a fine-tuned encoder (num_classes > 0): what pretraining drops and
+# fine-tuning replaces.
+HEAD_NAMES = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
 
 # What a block keeps under "selective": the outputs of its matmuls and of attention. The rest
 # (LayerNorms, GELU, residual adds, dtype casts) is element-wise or a row reduction, cheap to

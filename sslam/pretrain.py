@@ -35,7 +35,7 @@ from .mixing import (
     mixed_row_ranges,
     partner_keep_indices,
 )
-from .model import Encoder, EncoderConfig, gather_shared
+from .model import HEAD_NAMES, Encoder, EncoderConfig, gather_shared
 
 # ---- decoder ------------------------------------------------------------------------------
 
@@ -423,12 +423,12 @@ class Pretrainer(nn.Module):
         """Student, decoder and teacher from a :class:`sslam.checkpoint.Checkpoint` (an official
         pretraining file or one of ours). The decoder's shape is read from its weights; without a
         teacher in the file the teacher starts as a copy of the student."""
-        from .checkpoint import _HEAD_NAMES, check_state, encoder_from_checkpoint
+        from .checkpoint import check_state, encoder_from_checkpoint
 
         if ckpt.config.num_classes:
             # A fine-tuned file: pretraining trains no head. Kept, it would get no gradient
             # (DDP stops on unused parameters) and ride along into every checkpoint.
-            state = {k: v for k, v in ckpt.state.items() if k not in _HEAD_NAMES}
+            state = {k: v for k, v in ckpt.state.items() if k not in HEAD_NAMES}
             ckpt = dataclasses.replace(ckpt, config=ckpt.config.replace(num_classes=0), state=state)
         # Nor stochastic depth (SPEC 2.1), which a fine-tuned file's config keeps (0.1).
         ckpt = dataclasses.replace(ckpt, config=ckpt.config.replace(drop_path_rate=0.0))
