@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write, check_output_folder, load_encoder
+from .checkpoint import load_encoder
 from .evaluate import ProbeConfig, linear_probe
+from .files import atomic_write, check_output_folder, read_json_object
 from .labels import synth_split
 from .model import Encoder
 from .train import Trainer, checkpoints_in, preset
@@ -128,10 +129,7 @@ def _check_same_kind(out: Path, quick: bool) -> None:
     kinds = {True: "a --quick demo", False: "the full demo"}
     record = out / "demo.json"
     if record.exists():
-        try:
-            before = json.loads(record.read_text()).get("quick")
-        except (OSError, ValueError, AttributeError):
-            before = None
+        before = (read_json_object(record) or {}).get("quick")
         if isinstance(before, bool) and before != quick:  # else not a record of this package's
             raise ValueError(f"--out {out}: holds {kinds[before]}; {kinds[quick]} needs another folder")
     atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps({"quick": quick}) + "\n"))

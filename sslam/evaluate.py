@@ -30,16 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import mixup, roll_crop, spec_augment, spectrogram_noise
-from .checkpoint import (
-    CheckpointError,
-    atomic_write,
-    check_output_folder,
-    check_state,
-    load_encoder,
-    remove_temporaries,
-)
+from .checkpoint import CheckpointError, check_state, load_encoder
 from .data import MAX_WORKERS, add_file_names, pad_clips, samples_for_frames, text_lines
 from .features import norm_stats, preprocess
+from .files import atomic_write, check_output_folder, read_json_object, remove_temporaries
 from .labels import (
     LabeledSplit,
     LabelError,
@@ -659,11 +653,8 @@ class Finetuner:
                 and not (name == "metrics.jsonl" and (self.out / name).stat().st_size == 0)]
         if not left:
             return
-        try:
-            record = json.loads((self.out / self.RECORD).read_text())
-        except (OSError, ValueError):
-            record = None
-        if isinstance(record, dict) and record.get("format") == "sslam-finetune":
+        record = read_json_object(self.out / self.RECORD)
+        if record is not None and record.get("format") == "sslam-finetune":
             conflicts = finetune_resume_conflicts(record, self._identity(), "record")
         else:
             conflicts = [f"no {self.RECORD} says they are this fine-tuning's"]
@@ -868,10 +859,7 @@ class Finetuner:
 
     def _exported_best(self) -> float | None:
         """The metric of the weights in ``OUT/best`` (what :meth:`_export` recorded), or None."""
-        try:
-            source = json.loads((self.out / "best" / "config.json").read_text())["source"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        source = (read_json_object(self.out / "best" / "config.json") or {}).get("source")
         if not isinstance(source, dict):
             return None
         value = source.get(default_metric(self.multilabel))  # the metric evaluate() gives

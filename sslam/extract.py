@@ -31,10 +31,10 @@ import numpy as np
 import torch
 
 from .audio import AudioError, load_audio
-from .checkpoint import atomic_write, check_output_folder, remove_temporaries
 from .data import folder_paths, manifest_entries
 from .embedding import length_groups
 from .features import check_min_length
+from .files import atomic_write, check_output_folder, remove_temporaries
 
 GRANULARITIES = ("utterance", "mean", "frames", "timestamps", "all")
 

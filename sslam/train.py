@@ -32,17 +32,10 @@ import torch
 import torch.distributed as dist
 
 from . import native
-from .checkpoint import (
-    CheckpointError,
-    atomic_write,
-    check_output_folder,
-    check_state,
-    read_checkpoint,
-    remove_temporaries,
-    safe_torch_load,
-)
+from .checkpoint import CheckpointError, check_state, read_checkpoint
 from .data import MAX_WORKERS
 from .features import norm_stats, preprocess
+from .files import atomic_write, check_output_folder, read_json_object, remove_temporaries
 from .kernels.switch import use_kernels
 from .masking import MaskConfig, clone_masks, kept_indices
 from .mixing import sample_windows
@@ -56,6 +49,7 @@ from .pretrain import (
     file_decoder_config,
     train_flops_per_clip,
 )
+from .safe_load import safe_torch_load
 from .schedule import cosine
 
 
@@ -800,11 +794,8 @@ class Trainer:
         path = self.out / "config.json"
         if not path.is_file():
             return
-        try:
-            before = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            before = None
-        if not isinstance(before, dict) or set(before) != set(self.cfg.to_dict()):
+        before = read_json_object(path)
+        if before is None or set(before) != set(self.cfg.to_dict()):
             raise ValueError(f"{self.out} holds config.json of something else than a pretraining run: choose a "
                              "new run.out")
         # As for a resume, less the global batch's split (the processes of that attempt are

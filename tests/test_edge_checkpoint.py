@@ -32,16 +32,16 @@ from safetensors.torch import load_file, save_file
 
 from sslam.checkpoint import (
     CheckpointError,
-    atomic_write,
     convert,
     describe,
     load_encoder,
     load_weights_into,
     read_checkpoint,
-    safe_torch_load,
     save_encoder,
 )
+from sslam.files import atomic_write
 from sslam.model import VARIANTS, Encoder, EncoderConfig
+from sslam.safe_load import safe_torch_load
 
 TINY = GOLDEN / "tiny_ckpt.pt"
 FRAMES = 64  # 4 time patches: every forward here is tiny
@@ -1141,7 +1141,7 @@ def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
     """A storage record cut short in an archive rewritten with valid CRCs: a memory-mapped load
     read the next records' bytes into the weight (finite garbage, no error); torch's own read
     refuses it. The pickle scan (used for legacy files) reads what torch.save declares."""
-    from sslam.checkpoint import _declared_storages
+    from sslam.safe_load import _declared_storages
 
     # What the pickle declares is what torch.save wrote, for every kind of storage.
     torch.save({"half": torch.randn(3, 4).half(), "long": torch.arange(5), "shared": [torch.randn(2)] * 2,
@@ -1177,7 +1177,7 @@ def test_a_record_shorter_than_its_tensor_is_refused(tmp_path):
 def test_a_legacy_file_declaring_more_storage_than_it_holds_is_refused_unread(tmp_path, monkeypatch):
     """A legacy (non-zip) file's storages are allocated at their declared size before their bytes
     are read: a few hundred bytes could claim gigabytes. The claim is checked against the file."""
-    from sslam.checkpoint import _scan_legacy
+    from sslam.safe_load import _scan_legacy
 
     tensors = {"half": torch.randn(3, 4).half(), "long": torch.arange(5), "shared": [torch.randn(2)] * 2,
                "view": torch.randn(10)[2:5], "bool": torch.zeros(3, dtype=torch.bool)}
@@ -1290,12 +1290,12 @@ def test_a_tensor_never_takes_bytes_from_outside_its_own_record(tmp_path):
 def test_an_inert_object_built_without_init_has_its_fields(tmp_path):
     """NEWOBJ calls __new__ alone: an empty argparse.Namespace (no state to set) had no
     ``state`` attribute, and reading the file's config raised AttributeError."""
-    from sslam.checkpoint import _plain
+    from sslam.safe_load import to_plain
 
     for zip_format in (True, False):
         torch.save({"args": argparse.Namespace(), "cfg": {"x": 1}}, tmp_path / "ns.pt",
                    _use_new_zipfile_serialization=zip_format)
-        assert _plain(safe_torch_load(tmp_path / "ns.pt"))["cfg"] == {"x": 1}
+        assert to_plain(safe_torch_load(tmp_path / "ns.pt"))["cfg"] == {"x": 1}
 
 
 @pytest.mark.parametrize("body", [

@@ -542,6 +542,12 @@ def test_a_fresh_run_keeps_another_runs_record_without_checkpoints(tmp_path):
     with pytest.raises(ValueError, match=r"export holds config.json of something else than a pretraining run"):
         Trainer(small(export, stage=1, steps=2), log=quiet)
     assert (export / "config.json").read_bytes() == before
+    # Nested deeper than the JSON parser recurses: refused the same way (a RecursionError before).
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match=r"deep holds config.json of something else than a pretraining run"):
+        Trainer(small(deep, stage=1, steps=2), log=quiet)
 
 
 def test_hostile_or_truncated_init_is_refused_and_the_folder_is_untouched(tmp_path):
