@@ -190,7 +190,7 @@ class FolderSink:
         if record.exists():
             try:
                 stored = json.loads(record.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON
                 raise ValueError(f"{record}: unreadable extraction settings ({exc})") from exc
             if not isinstance(stored, dict):
                 raise ValueError(f"{record}: unreadable extraction settings (not a JSON object)")
@@ -223,7 +223,7 @@ class FolderSink:
                 if "num_rows" not in data.files:  # every output has it
                     raise ValueError("no num_rows array")
                 return json.loads(str(data["source"])) if "source" in data.files else {}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, KeyError, EOFError, RecursionError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{target}: exists but is not an sslam embedding ({exc}); move it away or "
                              "choose another --out") from None
 
@@ -266,7 +266,7 @@ class FileSink:
             keys, rows = [str(k) for k in stored.pop("keys")], stored.pop("num_rows")
             settings = json.loads(str(stored.pop("settings"))) if "settings" in stored else None
             sources = [json.loads(str(s)) for s in stored.pop("sources")] if "sources" in stored else [{}] * len(keys)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, KeyError, EOFError, RecursionError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{self.path}: exists but is not an sslam embeddings file ({exc})") from exc
         if self.settings is not None:
             self._check_resume(settings, stored)

@@ -495,6 +495,10 @@ def test_convert_never_replaces_a_config_json_that_is_not_an_export(tmp_path, ca
     with pytest.raises(CheckpointError, match="not the config of an exported encoder"):
         save_encoder(load_encoder(CKPT), run)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    # Nested deeper than the JSON parser recurses: the same refusal (a RecursionError before).
+    (run / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(CheckpointError, match="not the config of an exported encoder"):
+        save_encoder(load_encoder(CKPT), run)
 
 
 # ------------------------------------------------------------------------------ fine-tuning

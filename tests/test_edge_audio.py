@@ -515,6 +515,16 @@ def test_regression_damaged_output_file_is_a_clear_error(folder, tmp_path, capsy
     out.write_bytes(out.read_bytes()[:100])
     assert main(["extract", str(folder / "a.wav"), "--checkpoint", CKPT, "--out", str(out), "--no-progress"]) == 2
     assert "not an sslam embeddings file" in capsys.readouterr().err
+    # Records nested past the JSON parser's recursion (a RecursionError before).
+    deep = "[" * 200_000 + "]" * 200_000
+    np.savez(out, keys=np.array(["a"]), num_rows=np.array([1]), settings=np.array(deep))
+    assert main(["extract", str(folder / "a.wav"), "--checkpoint", CKPT, "--out", str(out), "--no-progress"]) == 2
+    assert "not an sslam embeddings file" in capsys.readouterr().err
+    folder_out = tmp_path / "per_file"
+    folder_out.mkdir()
+    (folder_out / "sslam_extract.json").write_text(deep)
+    assert main(["extract", str(folder / "a.wav"), "--checkpoint", CKPT, "--out", str(folder_out), "--no-progress"]) == 2
+    assert "unreadable extraction settings" in capsys.readouterr().err
 
 
 def test_hear_long_audio_timestamps_in_milliseconds():

@@ -292,12 +292,15 @@ def test_a_file_in_the_output_folder_that_is_not_an_embedding_is_refused_and_kep
     """A file of the user's where an output goes: an .npz without our arrays was taken for a
     finished embedding (the clip never embedded, yet reported done), and an unreadable one was
     overwritten. Both are refused by name, before any work, and left as they were."""
-    for name, content in (("foreign", None), ("text", b"keep me")):
+    deep = np.array("[" * 200_000 + "]" * 200_000)  # nested past the JSON parser's recursion
+    for name, content in (("foreign", None), ("text", b"keep me"), ("deep", deep)):
         out = tmp_path / name
         out.mkdir()
         target = out / "a.wav.npz"
         if content is None:
             np.savez(target, precious=np.arange(3))
+        elif name == "deep":
+            np.savez(target, num_rows=np.array([1]), source=content)
         else:
             target.write_bytes(content)
         before = target.read_bytes()
