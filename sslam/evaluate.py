@@ -750,14 +750,14 @@ class Finetuner:
     def fit(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.dist.rank == 0:  # drop what was logged after the checkpoint resumed from (or any)
-            from .train import metrics_line, trim_metrics
+        from .train import metrics_line, open_metrics
 
+        metrics = None
+        if self.dist.rank == 0:
             if self.step == 0:
                 text = json.dumps(self._identity(), indent=2) + "\n"
                 atomic_write(self.out / self.RECORD, lambda tmp: Path(tmp).write_text(text))
-            trim_metrics(self.out / "metrics.jsonl", self.step)
-        metrics = (self.out / "metrics.jsonl").open("a") if self.dist.rank == 0 else None
+            metrics = open_metrics(self.out, self.step)  # less what was logged after the checkpoint resumed from
         # A finished run, run again, has nothing left to do: it reports its best metric.
         last, start = ({"step": self.step, "best": self.best} if self.step else {}), time.perf_counter()
         batches = self._batches()
@@ -848,14 +848,12 @@ class Finetuner:
     def save(self) -> None:
         if self.dist.rank != 0:
             return
-        from .train import checkpoints_in, rng_state
+        from .train import rng_state, save_checkpoint
 
         state = {**self._identity(), "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "step": self.step, "best": self.best, "rng": rng_state()}
-        atomic_write(self.out / f"checkpoint_{self.step:08d}.pt", lambda tmp: torch.save(state, tmp))
-        for old in checkpoints_in(self.out)[: -self.cfg.keep_last]:
-            old.unlink(missing_ok=True)
+        save_checkpoint(self.out, self.step, state, self.cfg.keep_last)
 
     def _exported_best(self) -> float | None:
         """The metric of the weights in ``OUT/best`` (what :meth:`_export` recorded), or None."""

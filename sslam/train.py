@@ -510,7 +510,8 @@ def lr_factor(step: int, o: OptimSection) -> float:
 
 # ---- checkpoints --------------------------------------------------------------------------
 
-CKPT_PATTERN = re.compile(r"checkpoint_(\d{8})\.pt")  # the whole name: not best_checkpoint_...
+# The whole name (not best_checkpoint_...): the step zero-padded to 8 digits, more past 10**8 - 1.
+CKPT_PATTERN = re.compile(r"checkpoint_(\d{8,})\.pt")
 
 
 def checkpoints_in(folder: Path) -> list[Path]:
@@ -519,6 +520,16 @@ def checkpoints_in(folder: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_PATTERN.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(out: Path, step: int, state: dict, keep_last: int) -> Path:
+    """``state`` as ``out/checkpoint_<step>.pt``, written atomically; then every checkpoint but
+    the newest ``keep_last`` is deleted."""
+    path = out / f"checkpoint_{step:08d}.pt"
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    for old in checkpoints_in(out)[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
 
 
 def load_newest(saved: list[Path]) -> dict:
@@ -1119,11 +1130,7 @@ class Trainer:
         state = self.state()  # every rank takes part (FSDP gathers)
         if not self.dist.main:
             return None
-        path = self.out / f"checkpoint_{self.step:08d}.pt"
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-        for old in checkpoints_in(self.out)[: -self.cfg.run.keep_last]:
-            old.unlink(missing_ok=True)
-        return path
+        return save_checkpoint(self.out, self.step, state, self.cfg.run.keep_last)
 
     def _load_weights(self, state: dict) -> None:
         self.model.student.load_state_dict(state["model"])
@@ -1183,9 +1190,8 @@ class Trainer:
             text = json.dumps(cfg.to_dict(), indent=2) + "\n"
             atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(text))
         self._steps_at_start = self.step
-        if self.dist.main:  # also a fresh start: a run stopped before its first checkpoint left lines
-            trim_metrics(self.out / "metrics.jsonl", self.step)
-        metrics_file = (self.out / "metrics.jsonl").open("a") if self.dist.main else None
+        # (also a fresh start: a run stopped before its first checkpoint left lines)
+        metrics_file = open_metrics(self.out, self.step) if self.dist.main else None
         writer = self._tensorboard()
         from tqdm import tqdm
 
@@ -1323,6 +1329,13 @@ def metrics_line(record: dict) -> str:
     """One line of ``metrics.jsonl``, strict JSON: a non-finite number (the loss of a diverged
     or fp16-overflowed step) is null, since every JSON reader but Python's refuses NaN."""
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}) + "\n"
+
+
+def open_metrics(out: Path, step: int):
+    """``out/metrics.jsonl`` opened to append, less the records after ``step`` (this run logs
+    them again)."""
+    trim_metrics(out / "metrics.jsonl", step)
+    return (out / "metrics.jsonl").open("a")
 
 
 def trim_metrics(path: Path, step: int) -> None:

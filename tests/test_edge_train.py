@@ -882,3 +882,14 @@ def test_a_process_that_finds_no_readable_file_stops_every_process_at_the_same_s
     stops = [[line for line in err.splitlines() if "audio files of the data is unreadable" in line] for err in errors]
     assert [len(lines) for lines in stops] == [1, 1] and stops[0] == stops[1], errors
     assert not any("Traceback" in err for err in errors), errors
+
+
+def test_checkpoints_past_step_99_999_999_are_found_kept_and_pruned_in_order(tmp_path):
+    """Names are zero-padded to 8 digits: step 10**8 writes 9, which the pattern (exactly 8)
+    did not match, so such a run neither resumed nor pruned its checkpoints."""
+    from sslam.train import save_checkpoint
+
+    for step in (99_999_999, 100_000_000, 100_000_001):
+        save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
+    assert [p.name for p in checkpoints_in(tmp_path)] == ["checkpoint_100000000.pt", "checkpoint_100000001.pt"]
+    assert safe_torch_load(checkpoints_in(tmp_path)[-1]) == {"step": 100_000_001}
