@@ -45,7 +45,7 @@ from .labels import (
 )
 from .metrics import accuracy, mean_average_precision
 from .model import BLOCK_CHECKPOINTING, HEAD_NAMES, Encoder, eval_mode, stochastic_depth
-from .schedule import cosine
+from .schedule import cosine, decays
 
 
 class LinearHead(nn.Module):
@@ -172,15 +172,19 @@ def _features(encoder: Encoder, waves, lengths) -> torch.Tensor:
                       lengths=lengths.to(device), check_finite=False)  # checked when decoded
 
 
+def _cls_batches(encoder: Encoder, split: LabeledSplit, batch_size: int, workers: int):
+    """The split's CLS embeddings, (B, D) per batch in order, each clip padded/cropped to the
+    encoder's window (in the encoder's current mode)."""
+    for waves, lengths, _ in _loader(split, batch_size, _window(encoder), workers):
+        yield encoder(_features(encoder, waves, lengths)).x[:, 0]
+
+
 @torch.inference_mode()
 def extract_cls(encoder: Encoder, split: LabeledSplit, batch_size: int = 32, workers: int = 0) -> torch.Tensor:
     """CLS embeddings (N, D) of a split, each clip padded/cropped to the encoder's window (in
     eval mode; the encoder is handed back in the mode it had)."""
-    out = []
     with eval_mode(encoder):
-        for waves, lengths, _ in _loader(split, batch_size, _window(encoder), workers):
-            out.append(encoder(_features(encoder, waves, lengths)).x[:, 0].float().cpu())
-    return torch.cat(out)
+        return torch.cat([cls.float().cpu() for cls in _cls_batches(encoder, split, batch_size, workers)])
 
 
 # ---- linear probe -------------------------------------------------------------------------
@@ -429,7 +433,7 @@ def layer_decay_groups(model: Encoder, cfg: FinetuneConfig) -> list[dict]:
         if not p.requires_grad:
             continue
         scale = cfg.layer_decay ** (depth - int(name.split(".")[1])) if name.startswith("blocks.") else 1.0
-        wd = 0.0 if p.ndim <= 1 or name.endswith(".bias") else cfg.weight_decay
+        wd = cfg.weight_decay if decays(name, p) else 0.0
         groups.setdefault((scale, wd), []).append(p)
     return [{"params": ps, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in groups.items()]
 
@@ -739,12 +743,10 @@ class Finetuner:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[str, float]:
-        self.model.eval()
-        logits = []
-        for waves, lengths, _ in _loader(self.test_split, self.cfg.batch_size, _window(self.model), 0):
-            spec = _features(self.model, waves, lengths)
-            logits.append(self.model.classify(self.model(spec).x[:, 0]).float().cpu())
-        self.model.train()
+        """(metric name, value) of the model on the test split, in eval mode."""
+        with eval_mode(self.model):
+            logits = [self.model.classify(cls).float().cpu()
+                      for cls in _cls_batches(self.model, self.test_split, self.cfg.batch_size, 0)]
         return score(torch.cat(logits), self.test_split.targets, self.multilabel)
 
     def fit(self) -> dict:

@@ -1,8 +1,11 @@
-"""The learning-rate schedule of the official recipes: fairseq's ``cosine`` (SPEC 5.6, 6.2)."""
+"""The optimiser policy of the official recipes: fairseq's ``cosine`` learning-rate schedule
+(SPEC 5.6, 6.2) and which parameters weight decay applies to."""
 
 from __future__ import annotations
 
 import math
+
+import torch
 
 
 def cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -13,3 +16,9 @@ def cosine(step: int, total: int, warmup: int, lr: float, min_lr: float) -> floa
         return min_lr + (lr - min_lr) * step / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies: not to 1-D parameters (norms) and biases, as the official
+    recipes group them (the CLS token, 3-D, decays)."""
+    return param.ndim > 1 and not name.endswith(".bias")

@@ -50,7 +50,7 @@ from .pretrain import (
     train_flops_per_clip,
 )
 from .safe_load import safe_torch_load
-from .schedule import cosine
+from .schedule import cosine, decays
 
 
 class StopTraining(RuntimeError):
@@ -499,7 +499,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
