@@ -97,7 +97,7 @@ def score(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, metric:
     raise ValueError(f"metric={metric!r}: 'mAP' or 'accuracy'")
 
 
-def _window(encoder: Encoder) -> int:
+def _window_samples(encoder: Encoder) -> int:
     """The samples that fill the encoder's input window (more would be cropped anyway)."""
     return samples_for_frames(encoder.preprocessing.get("target_length", 1024))
 
@@ -106,7 +106,7 @@ def _train_samples(encoder: Encoder, cfg) -> int | None:
     """What a training loader keeps of each clip: all of it when the waveform roll is on (the
     roll comes before the crop, SPEC 1.1, so any part of a long clip can reach the window),
     else the window."""
-    return None if cfg.roll else _window(encoder)
+    return None if cfg.roll else _window_samples(encoder)
 
 
 def _loader(split: LabeledSplit, batch_size: int, max_samples: int | None, workers: int, shuffle: bool = False,
@@ -175,7 +175,7 @@ def _features(encoder: Encoder, waves, lengths) -> torch.Tensor:
 def _cls_batches(encoder: Encoder, split: LabeledSplit, batch_size: int, workers: int):
     """The split's CLS embeddings, (B, D) per batch in order, each clip padded/cropped to the
     encoder's window (in the encoder's current mode)."""
-    for waves, lengths, _ in _loader(split, batch_size, _window(encoder), workers):
+    for waves, lengths, _ in _loader(split, batch_size, _window_samples(encoder), workers):
         yield encoder(_features(encoder, waves, lengths)).x[:, 0]
 
 
@@ -253,7 +253,7 @@ def _augmented_spec(encoder, clips, targets, cfg, rng):
     clip, crop it to the window, features, mixup, SpecAugment. clips: B 1-D tensors (cropped
     to the window on load when the roll is off), targets (B, C); cfg: a ProbeConfig or a
     FinetuneConfig (its mixup, mixup_prob, mask_ratio, roll and noise)."""
-    waves, lengths = roll_crop(clips, rng, _window(encoder)) if cfg.roll else pad_clips(clips)
+    waves, lengths = roll_crop(clips, rng, _window_samples(encoder)) if cfg.roll else pad_clips(clips)
     spec = _features(encoder, waves, lengths)
     targets = targets.to(spec.device)
     spec, targets = mixup(spec, targets, rng, cfg.mixup, cfg.mixup_prob)

@@ -194,7 +194,7 @@ class FolderSink:
                 raise ValueError(f"{record}: unreadable extraction settings ({exc})") from exc
             if not isinstance(stored, dict):
                 raise ValueError(f"{record}: unreadable extraction settings (not a JSON object)")
-            check_settings(root, stored, settings)
+            check_same_settings(root, stored, settings)
         else:
             text = json.dumps(settings, sort_keys=True) + "\n"
             atomic_write(record, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
@@ -292,7 +292,7 @@ class FileSink:
         (files without stored settings: compare the granularity their arrays show)."""
         if stored_settings is None:
             stored_settings = {"granularity": _granularity_of(stored)}
-        check_settings(self.path, stored_settings, self.settings)
+        check_same_settings(self.path, stored_settings, self.settings)
 
     def source(self, key: str) -> dict | None:
         """The file ``key`` was embedded from, {} if the file does not say, None if no row."""
@@ -327,7 +327,7 @@ class FileSink:
         atomic_write(self.path, lambda tmp: _save_npz(tmp, out))
 
 
-def check_settings(path: Path, stored: dict, settings: dict) -> None:
+def check_same_settings(path: Path, stored: dict, settings: dict) -> None:
     """Raise ``ValueError`` when ``path`` was written with other ``settings`` than this run's (a
     setting the file does not record is not compared)."""
     differ = {k: v for k, v in stored.items() if settings.get(k, v) != v}
