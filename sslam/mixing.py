@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-PATCH = 16  # frames (and mel bins) per patch side
+from .features import PATCH  # frames (and mel bins) per patch side
 
 
 @dataclass(frozen=True)
@@ -135,10 +135,15 @@ def _uniform_index(n: int, generator: torch.Generator | None) -> int:
 def window_frame_mask(windows: MixWindows, num_frames: int, device=None) -> torch.Tensor:
     """(num_frames,) bool: True on the frames inside either window (kept unmixed)."""
     _check_windows_fit(windows, num_frames, "frames")
-    frame = torch.arange(num_frames, device=device)
-    inside = torch.zeros(num_frames, dtype=torch.bool, device=device)
-    for start, stop in windows.ranges():
-        inside |= (frame >= start) & (frame < stop)
+    return _inside(windows.ranges(), num_frames, device)
+
+
+def _inside(ranges, size: int, device=None) -> torch.Tensor:
+    """(size,) bool: True on the indices within any ``(start, stop)`` of ``ranges``."""
+    index = torch.arange(size, device=device)
+    inside = torch.zeros(size, dtype=torch.bool, device=device)
+    for start, stop in ranges:
+        inside |= (index >= start) & (index < stop)
     return inside
 
 
@@ -226,11 +231,7 @@ def _window_row_mask(windows: MixWindows, time_patches: int, device=None, patch:
     """(time_patches,) bool: True on the patch rows inside either window."""
     row_ranges = window_patch_rows(windows, patch)
     _check_windows_fit(windows, time_patches * patch, "frames")
-    row = torch.arange(time_patches, device=device)
-    inside = torch.zeros(time_patches, dtype=torch.bool, device=device)
-    for start, stop in row_ranges:
-        inside |= (row >= start) & (row < stop)
-    return inside
+    return _inside(row_ranges, time_patches, device)
 
 
 def partner_keep_indices(
