@@ -263,10 +263,9 @@ def _augmented_spec(encoder, clips, targets, cfg, rng):
     return spec, targets
 
 
-def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, seed: int, workers: int = 0,
-                     multilabel: bool | None = None) -> LinearHead:
+def train_probe_full(encoder: Encoder, train: LabeledSplit, multilabel: bool, cfg: ProbeConfig, seed: int,
+                     workers: int = 0) -> LinearHead:
     """The full path: every batch is augmented and re-encoded by the frozen encoder."""
-    multilabel = train.multilabel if multilabel is None else multilabel
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = next(encoder.parameters()).device
@@ -318,7 +317,7 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
         if cfg.fast:
             head = train_probe_on_features(cache[id(train)][1], train.targets, multilabel, cfg, seed)
         else:
-            head = train_probe_full(encoder, train, cfg, seed, workers, multilabel).cpu()
+            head = train_probe_full(encoder, train, multilabel, cfg, seed, workers).cpu()
         with torch.no_grad():
             name, value = score(head(test_x), test.targets, multilabel, metric)
         results.append(value)
