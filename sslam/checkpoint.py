@@ -572,9 +572,10 @@ def _check_preprocessing(prep, source) -> dict:
 
 def _check_window(ckpt: Checkpoint) -> None:
     """The preprocessing window must be whole patches that the position table covers; where the
-    file gives none, it is AudioSet's 1024 frames, or what the table covers if that is less."""
+    file gives none, it is the config's default (AudioSet's 1024 frames, or what the table covers
+    if that is less)."""
     if ckpt.preprocessing.get("target_length") is None:
-        ckpt.preprocessing = {**ckpt.preprocessing, "target_length": min(1024, ckpt.config.max_frames)}
+        ckpt.preprocessing = {**ckpt.preprocessing, "target_length": ckpt.config.default_frames}
     _check_frames(ckpt.config, ckpt.preprocessing["target_length"], ckpt.path)
 
 

@@ -253,8 +253,8 @@ def embed(
         raise TypeError(f"model: expected an sslam Encoder (sslam.load_encoder(path)), got {type(model).__name__}")
     if padding not in PADDING_MODES:
         raise ValueError(f"padding={padding!r}: choose one of {PADDING_MODES}")
-    prep = model.preprocessing
-    window, norm = int(prep.get("target_length", 1024)), norm_stats(prep.get("norm", "audioset"))
+    window, norm_name = model.input_window()
+    norm = norm_stats(norm_name)
     patch, freq = model.cfg.patch_size, model.cfg.freq_patches
     if hop is None:
         hop = max(patch, window // 2 // patch * patch)
@@ -269,7 +269,7 @@ def embed(
     one_window = crop or bool((frames <= window).all())
     if padding == "official" and one_window and use_kernels(param):
         # The fused Triton kernel: waveforms straight to normalised patches (GPU extraction).
-        specs = _fused_patches(clips, window, prep.get("norm", "audioset"), param.device)
+        specs = _fused_patches(clips, window, norm_name, param.device)
         plan, length = [(b, 0, min(window, int(f))) for b, f in enumerate(frames)], window
         windows = lambda i, j: (specs[i:j], None)  # noqa: E731
     else:

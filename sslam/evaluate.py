@@ -99,7 +99,7 @@ def score(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, metric:
 
 def _window_samples(encoder: Encoder) -> int:
     """The samples that fill the encoder's input window (more would be cropped anyway)."""
-    return samples_for_frames(encoder.preprocessing.get("target_length", 1024))
+    return samples_for_frames(encoder.input_window()[0])
 
 
 def _train_samples(encoder: Encoder, cfg) -> int | None:
@@ -166,10 +166,10 @@ def _collate_clips(items):
 
 
 def _features(encoder: Encoder, waves, lengths) -> torch.Tensor:
-    prep = encoder.preprocessing
+    frames, norm = encoder.input_window()
     device = next(encoder.parameters()).device
-    return preprocess(waves.to(device), 16000, prep.get("target_length", 1024), prep.get("norm", "audioset"),
-                      lengths=lengths.to(device), check_finite=False)  # checked when decoded
+    return preprocess(waves.to(device), 16000, frames, norm, lengths=lengths.to(device),
+                      check_finite=False)  # checked when decoded
 
 
 def _cls_batches(encoder: Encoder, split: LabeledSplit, batch_size: int, workers: int):

@@ -106,6 +106,12 @@ class EncoderConfig:
         """Frames the position table covers: ``max_length`` patch rows."""
         return self.max_length * self.patch_size
 
+    @property
+    def default_frames(self) -> int:
+        """The input window where none is given: AudioSet's 10.24 s (1024 frames), or what a
+        shorter position table covers."""
+        return min(1024, self.max_frames)
+
     def fits_window(self, frames: int) -> bool:
         """Whether ``frames`` can be the input window: whole patch rows that the table covers."""
         return 0 < frames <= self.max_frames and frames % self.patch_size == 0
@@ -410,10 +416,15 @@ class Encoder(nn.Module):
         self.attention_impl = "auto"
         self.checkpoint_blocks = "off"  # see set_block_checkpointing
         self.label_names: list[str] | None = None
-        # AudioSet's 10.24-s window, or what a shorter position table covers (as loading gives)
-        self.preprocessing: dict = {"sample_rate": 16000, "target_length": min(1024, cfg.max_frames),
-                                    "norm": "audioset"}
+        self.preprocessing: dict = {"sample_rate": 16000, "target_length": cfg.default_frames, "norm": "audioset"}
         self.reset_parameters()
+
+    def input_window(self) -> tuple[int, object]:
+        """(frames, norm) of the model's input: ``preprocessing``'s target_length and norm; where
+        it gives none (a dict of the user's, an export's None), the config's default window and
+        AudioSet's statistics."""
+        frames = self.preprocessing.get("target_length")
+        return self.cfg.default_frames if frames is None else int(frames), self.preprocessing.get("norm", "audioset")
 
     # ---- initialisation -------------------------------------------------------------------
     def reset_parameters(self) -> None:

@@ -175,3 +175,22 @@ def test_clips_share_a_feature_batch_only_with_clips_of_similar_length():
     for group in groups:
         real = sum(lengths[i] for i in group)
         assert len(group) * max(lengths[i] for i in group) <= 2 * real
+
+
+def test_a_preprocessing_without_a_window_takes_the_default_one_everywhere():
+    """``preprocessing`` may leave target_length out or None (save_encoder writes None as "the
+    default window"): embed raised TypeError on None, and evaluation took 1024 frames where the
+    position table covers fewer; both now take the encoder's default window."""
+    from sslam.evaluate import extract_cls
+    from sslam.labels import synth_split
+
+    encoder = Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, max_length=32)).eval()  # 512 frames
+    clip = torch.randn(16000 * 6, generator=torch.Generator().manual_seed(0)) * 0.1
+    split = synth_split("poly", False, 2)
+    default = dict(encoder.preprocessing)
+    assert default["target_length"] == 512
+    expected_embedding, expected_cls = encoder.embed(clip, 16000).frames, extract_cls(encoder, split)
+    for prep in ({**default, "target_length": None}, {"norm": "audioset"}):
+        encoder.preprocessing = prep
+        assert torch.equal(encoder.embed(clip, 16000).frames, expected_embedding)
+        assert torch.equal(extract_cls(encoder, split), expected_cls)
