@@ -86,7 +86,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--autocast", default="none", choices=sorted(AUTOCAST), help="GPU autocast dtype")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the encoder first (slow start, faster for many files)")
+                   help="torch.compile the encoder first: a slow start; on a CPU faster at batch 1, "
+                        "slower at batch 16 (see the README's Performance section)")
     p.add_argument("--manifest-root", default=None, help="override the root line of .tsv manifests")
     p.add_argument("--skip-errors", action="store_true", help="exit 0 even if some files failed")
     p.add_argument("--no-progress", action="store_true")

@@ -544,9 +544,9 @@ class Classifier(nn.Module):
 
 def with_preprocessing(encoder: Encoder, *, norm=None, target_length: int | None = None) -> Encoder:
     """``encoder`` set to a task's input where it differs from the checkpoint's (SPEC 6.2:
-    ESC-50 takes 512 frames and its own statistics, Speech Commands 128 frames): ``norm`` a
-    preset of :data:`sslam.features.NORM_STATS` or a (mean, std) pair, ``target_length``
-    frames, whole patches that the position table covers. Returns ``encoder``."""
+    ESC-50 takes 512 frames and its own statistics, Speech Commands 128 frames and its own):
+    ``norm`` a preset of :data:`sslam.features.NORM_STATS` or a (mean, std) pair,
+    ``target_length`` frames, whole patches that the position table covers. Returns ``encoder``."""
     prep = dict(encoder.preprocessing)
     if norm is not None:
         norm_stats(norm)  # raises, naming the value, for an unknown preset or a bad pair
@@ -960,11 +960,19 @@ def run_evaluate(args) -> int:
     return 0
 
 
+def _options(config: type, flags: set[str]) -> str:
+    """``--key=default`` of each field of ``config`` that no flag of the command sets."""
+    shown = lambda value: "none" if value is None else repr(value) if value == "" else str(value)  # noqa: E731
+    return ", ".join(f"--{f.name}={shown(getattr(config(), f.name))}" for f in fields(config) if f.name not in flags)
+
+
 def add_evaluate_command(sub) -> None:
     p = sub.add_parser("evaluate", help="linear probe or fine-tuning on a labelled split",
                        description="Splits: synth:mono, synth:poly, a fairseq .tsv (+ .lbl beside it and "
                        "--label-descriptors) or a path,labels .csv. Extra --key=value options set fields of "
-                       "ProbeConfig (linear) or FinetuneConfig (finetune).")
+                       "ProbeConfig (linear) or FinetuneConfig (finetune).",
+                       epilog=f"linear options (defaults): {_options(ProbeConfig, {'fast'})}. finetune options "
+                       f"(defaults; warmup none: 10% of the steps): {_options(FinetuneConfig, {'out', 'workers'})}.")
     p.add_argument("mode", choices=["linear", "finetune"])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--train", required=True)
@@ -975,14 +983,15 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--norm", default=None,
                    help="the task's normalisation statistics if not the checkpoint's: audioset, esc50, spass or spcv2")
     p.add_argument("--target-length", type=int, default=None,
-                   help="the task's frames per clip if not the checkpoint's (ESC-50: 512, Speech Commands: 128)")
+                   help="the task's frames per clip if not the checkpoint's (ESC-50: 512 with --norm esc50, "
+                        "Speech Commands: 128 with --norm spcv2)")
     p.add_argument("--weights", default="student", choices=["student", "teacher"])
     p.add_argument("--task", default="auto", choices=["auto", "multilabel", "single-label"],
                    help="multilabel: sigmoid, BCE and mAP; single-label: softmax, cross-entropy and accuracy; "
                    "auto: multilabel when a clip has several labels")
     p.add_argument("--seeds", type=int, default=1, help="linear probe: seeds to average")
     p.add_argument("--full", action="store_true", help="linear probe: re-encode every batch with augmentations")
-    p.add_argument("--out", default=None, help="fine-tuning run folder")
-    p.add_argument("--device", default=None)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--out", default=None, help=f"fine-tuning run folder (default {FinetuneConfig.out})")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--workers", type=int, default=0, help="audio-decoding processes of the loaders (0: this one)")
     p.set_defaults(func=run_evaluate, overrides=[])

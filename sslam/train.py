@@ -1379,8 +1379,9 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=["tiny", "base", "large"])
-    p.add_argument("--stage", type=int, default=1, choices=[1, 2])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "base", "large"], help="model and recipe (default tiny)")
+    p.add_argument("--stage", type=int, default=1, choices=[1, 2],
+                   help="1: EAT pretraining, 2: SSLAM on mixtures (default 1)")
     p.add_argument("--data", default=None, help="synth (default), a folder of audio files, or a fairseq .tsv manifest")
     p.add_argument("--init", default=None, help="checkpoint to start from (official EAT/SSLAM or ours)")
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, config.json; default "
