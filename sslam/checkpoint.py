@@ -464,7 +464,7 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON, ints over 4300 digits
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON, integers over 4300 digits
         raise CheckpointError(f"{path}: unreadable JSON config ({exc})") from exc
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
@@ -924,7 +924,7 @@ def _check_export_folder(out_dir: str | os.PathLike) -> None:
         return
     try:
         ours = _read_json(config).get("format") == "sslam"
-    except CheckpointError:  # unreadable, not JSON, not an object
+    except (CheckpointError, RecursionError):  # unreadable, not JSON (or nested past the parser), not an object
         ours = False
     if not ours:
         raise CheckpointError(f"{config}: not the config of an exported encoder; it is kept: choose another folder")
