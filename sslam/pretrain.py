@@ -338,7 +338,7 @@ class ObjectiveConfig:
     # None: the stage's, 16 in stage 1 and 8 in stage 2 (SPEC 3), fixed when the config is made
     # (dataclasses.replace(cfg, stage=2) keeps cfg's clones)
     clones: int | None = None
-    top_k: int = 12  # average_top_k_layers
+    top_k: int | None = None  # average_top_k_layers; None: every layer (12 of ViT-B, 24 of ViT-L)
     cls_loss: float = 1.0
     srl_weight: float = 2.0  # the x2 token-count rescaling of the SRL term
     mix_width: int = 240  # frames of each unmixed window
@@ -354,6 +354,8 @@ class ObjectiveConfig:
             object.__setattr__(self, "clones", 16 if self.stage == 1 else 8)
         for name in ("stage", "clones", "top_k", "mix_width"):
             value = getattr(self, name)
+            if name == "top_k" and value is None:  # fixed by the encoder's depth (Pretrainer)
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"ObjectiveConfig.{name}={value!r}: expected a positive int")
             object.__setattr__(self, name, int(value))
@@ -386,12 +388,16 @@ class Losses:
 
 
 class Pretrainer(nn.Module):
-    """Student encoder + CNN decoder + EMA teacher, with the stage-1 and stage-2 forwards."""
+    """Student encoder + CNN decoder + EMA teacher, with the stage-1 and stage-2 forwards. The
+    objective's decoder defaults to ViT-B's (SPEC 4.3); ``sslam.train.preset`` gives each model
+    size its own."""
 
     def __init__(self, encoder_cfg: EncoderConfig, objective: ObjectiveConfig = ObjectiveConfig(), student: Encoder | None = None):
         super().__init__()
-        self.objective = objective
         self.student = student if student is not None else Encoder(encoder_cfg)
+        if objective.top_k is None:
+            objective = dataclasses.replace(objective, top_k=self.student.cfg.depth)
+        self.objective = objective
         if objective.top_k > self.student.cfg.depth:
             raise ValueError(f"top_k={objective.top_k} exceeds the encoder depth {self.student.cfg.depth}")
         self.decoder = CNNDecoder(self.student.cfg.embed_dim, objective.decoder)

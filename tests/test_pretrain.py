@@ -439,3 +439,14 @@ def test_pretrain_init_with_a_damaged_decoder_names_the_file(tmp_path, capsys):
     assert main(["pretrain", "--preset", "tiny", "--init", str(tmp_path / "init.pt"), "--out", str(tmp_path / "run"),
                  "--model.decoder_layers=2", "--optim.max_steps=1"]) == 2
     assert f"{tmp_path / 'init.pt'}: its decoder: proj.weight: missing" in capsys.readouterr().err
+
+
+def test_the_default_objective_averages_every_layer_of_any_depth():
+    """EAT averages all the teacher's layers (12 of ViT-B, 24 of ViT-L): the default top_k was
+    ViT-B's 12, so a deeper encoder averaged half its layers and a shallower one was refused."""
+    from sslam.model import VARIANTS
+
+    for depth in (2, 24):
+        cfg = VARIANTS["tiny"].replace(depth=depth)
+        assert Pretrainer(cfg, ObjectiveConfig()).objective.top_k == depth
+    assert Pretrainer(VARIANTS["tiny"].replace(depth=4), ObjectiveConfig(top_k=3)).objective.top_k == 3
