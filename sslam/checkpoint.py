@@ -15,6 +15,9 @@ Formats read (detected by their sentinel keys, see :func:`read_checkpoint`):
 * ``sslam-train`` / ``sslam-finetune``: the trainers' checkpoints (``torch.save`` of plain
   tensors and containers).
 
+Each may also be named on the Hugging Face Hub, ``hf-hub:OWNER/NAME[/PATH][@REVISION]`` (see
+:mod:`sslam.hub`).
+
 The architecture is read from the file: shapes fix the width, depth, MLP size, patch size and
 head; the file's config gives the number of heads (which shapes cannot tell) and must agree
 with the shapes. Every key and shape is checked before weights are loaded.
@@ -41,6 +44,7 @@ import torch
 from .audio import SUPPORTED_RATES
 from .features import NUM_MEL_BINS, norm_stats
 from .files import EXPORT_FILES, check_output_folder, creation_mode
+from .hub import is_hub_name, local_path
 from .model import HEAD_NAMES, VARIANTS, Encoder, EncoderConfig
 from .safe_load import CheckpointError, file_kind, safe_torch_load, to_plain
 
@@ -690,9 +694,11 @@ def _read_folder(path: Path, weights: str) -> Checkpoint:
     raise CheckpointError(f"{path}: folder without model.safetensors (or pytorch_model.bin)")
 
 
-def _read(path: Path, weights: str) -> Checkpoint:
+def _read(source: str | os.PathLike, weights: str) -> Checkpoint:
+    """The checkpoint of a local file or folder, or of a Hub name (see :mod:`sslam.hub`)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
+    path = local_path(source)
     try:
         return _read_layout(path, weights)
     except RecursionError:  # containers (a pickled or JSON config, say) nested thousands of levels deep
@@ -732,7 +738,7 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "student") -> Checkp
     ``weights``: 'student' (what official inference and fine-tuning use) or 'teacher' (the EMA
     teacher of pretraining checkpoints). The returned config agrees with the weights' shapes
     (CheckpointError otherwise)."""
-    ckpt = _read(Path(path), weights)
+    ckpt = _read(path, weights)
     _check_architecture(ckpt.config, ckpt.state, ckpt.source)
     _check_window(ckpt)
     return ckpt
@@ -873,7 +879,7 @@ def _load_weights(model: Encoder, path, weights: str) -> Checkpoint:
     """Load the weights into ``model``; the checkpoint they came from."""
     with warnings.catch_warnings():  # the model's own config gives the heads: no guess needed
         warnings.filterwarnings("ignore", message=".*does not record num_heads")
-        ckpt = _read(Path(path), weights)
+        ckpt = _read(path, weights)
     _check_shape_blind_fields(model.cfg, ckpt)
     model.load_state_dict(check_state(model, _fit_positions(model, ckpt.state), path, ckpt.file_key), strict=True)
     return ckpt
@@ -1016,7 +1022,8 @@ def convert(src, out_dir, weights: str = "student", labels: str | os.PathLike | 
         if len(names) != model.cfg.num_classes:
             raise CheckpointError(f"{labels}: {len(names)} label names for a head of {model.cfg.num_classes} classes")
         model.label_names = names
-    return save_encoder(model, out_dir, source={"format": ckpt.format, "weights": weights, "file": Path(src).name})
+    return save_encoder(model, out_dir, source={"format": ckpt.format, "weights": weights,
+                                                              "file": src if is_hub_name(src) else Path(src).name})
 
 
 def describe(path, weights: str = "student") -> str:

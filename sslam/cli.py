@@ -14,6 +14,7 @@ import sys
 import torch
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_HELP = "official fairseq .pt, Hugging Face folder, sslam folder, or hf-hub:OWNER/NAME[/PATH]"
 
 
 def _device(name: str | None) -> str:
@@ -74,7 +75,7 @@ def cmd_info(args) -> int:
 def _add_extract(sub) -> None:
     p = sub.add_parser("extract", help="embeddings of audio files, folders and .tsv manifests")
     p.add_argument("inputs", nargs="+", help="audio files, folders (recursive) or fairseq .tsv manifests")
-    p.add_argument("--checkpoint", required=True, help="official fairseq .pt, Hugging Face folder, or sslam folder")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--out", required=True, help="a .npz file, or a folder for one .npz per input")
     p.add_argument("--granularity", default="utterance", choices=["utterance", "mean", "frames", "timestamps", "all"])
     p.add_argument("--batch-size", type=int, default=16)
@@ -96,7 +97,7 @@ def _add_extract(sub) -> None:
 
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint to the sslam format (safetensors + JSON)")
-    p.add_argument("src")
+    p.add_argument("src", help=CHECKPOINT_HELP)
     p.add_argument("out", help="output folder")
     p.add_argument("--weights", default="student", choices=["student", "teacher"])
     p.add_argument("--labels", default=None, help="class names of a fine-tuned model (index,mid,display_name CSV or one per line)")
@@ -106,7 +107,7 @@ def _add_convert(sub) -> None:
 
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="format, architecture and parameter count of a checkpoint")
-    p.add_argument("file")
+    p.add_argument("file", help=CHECKPOINT_HELP)
     p.add_argument("--weights", default="student", choices=["student", "teacher"])
     p.set_defaults(func=cmd_info)
 

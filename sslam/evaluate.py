@@ -974,7 +974,8 @@ def add_evaluate_command(sub) -> None:
                        epilog=f"linear options (defaults): {_options(ProbeConfig, {'fast'})}. finetune options "
                        f"(defaults; warmup none: 10% of the steps): {_options(FinetuneConfig, {'out', 'workers'})}.")
     p.add_argument("mode", choices=["linear", "finetune"])
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="official fairseq .pt, Hugging Face folder, sslam folder "
+                   "or fine-tuning run checkpoint, or hf-hub:OWNER/NAME[/PATH]")
     p.add_argument("--train", required=True)
     p.add_argument("--test", required=True)
     p.add_argument("--label-descriptors", default=None,

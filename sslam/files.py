@@ -112,7 +112,7 @@ def _write_error(path: Path, exc: BaseException) -> OSError:
         free_bytes, free = None, ""
     kept = "; the earlier file of that name is kept" if path.exists() else ""
     if isinstance(exc, OSError):
-        kind, code, reason = type(exc), exc.errno, exc.strerror or _first_line(exc)
+        kind, code, reason = type(exc), exc.errno, exc.strerror or first_line(exc)
     elif free_bytes is not None and free_bytes < 1 << 20:
         # torch's zip writer only says "unexpected pos" when a write stops short; the disk is full
         kind, code, reason = OSError, errno.ENOSPC, os.strerror(errno.ENOSPC)
@@ -122,7 +122,8 @@ def _write_error(path: Path, exc: BaseException) -> OSError:
     return kind(code, message) if code is not None else kind(message)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name where it has none)."""
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
 

@@ -33,8 +33,8 @@ def load_model(model_file_path: str = "", *, device: str | None = None, weights:
     path = model_file_path or os.environ.get("SSLAM_CHECKPOINT", "")
     if not path:
         raise ValueError(
-            "sslam.hear.load_model: give model_file_path (an SSLAM/EAT checkpoint) or set "
-            "SSLAM_CHECKPOINT; no weights are downloaded"
+            "sslam.hear.load_model: give model_file_path (an SSLAM/EAT checkpoint, a path or "
+            "hf-hub:OWNER/NAME) or set SSLAM_CHECKPOINT"
         )
     if scene not in SCENE_MODES:
         raise ValueError(f"scene={scene!r}: choose one of {SCENE_MODES}")

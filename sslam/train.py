@@ -1383,7 +1383,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", type=int, default=1, choices=[1, 2],
                    help="1: EAT pretraining, 2: SSLAM on mixtures (default 1)")
     p.add_argument("--data", default=None, help="synth (default), a folder of audio files, or a fairseq .tsv manifest")
-    p.add_argument("--init", default=None, help="checkpoint to start from (official EAT/SSLAM or ours)")
+    p.add_argument("--init", default=None, help="checkpoint to start from (official EAT/SSLAM or ours, a run "
+                   "folder, or hf-hub:OWNER/NAME[/PATH])")
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, config.json; default "
                    f"{RunSection.out}); a folder that holds checkpoints is resumed")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
