@@ -3,7 +3,7 @@
 * ``hf-hub:OWNER/NAME``: a model repository (``config.json`` with ``model.safetensors``, or
   ``pytorch_model.bin``), e.g. ``hf-hub:ta012/SSLAM_pretrain``;
 * ``hf-hub:OWNER/NAME/PATH``: one file in it, e.g. an official fairseq checkpoint,
-  ``hf-hub:ta012/SSLAM/SSLAM_Pretrained/checkpoint_last.pt``;
+  ``hf-hub:ta012/SSLAM/SSLAM_Pretrained/checkpoint_last.pt``, or a model folder in it;
 * either with ``@REVISION`` (a branch, tag or commit) at the end.
 
 The files are downloaded once into the Hub's cache (``huggingface_hub``, ``pip install
@@ -67,16 +67,17 @@ def fetch(name: str) -> Path:
 
     if path is not None:
         found = download(path)
-        if found is None:
-            raise CheckpointError(f"{name}: the repository {repo} has no file {path}")
-        return found
-    download("config.json")  # beside the weights in the cache's snapshot folder, where it exists
+        if found is not None:
+            return found
+    folder = f"{path}/" if path else ""  # a model folder: the repository, or a folder in it
+    download(folder + "config.json")  # beside the weights in the cache's snapshot folder, where it exists
     for filename in MODEL_FILES:
-        found = download(filename)
+        found = download(folder + filename)
         if found is not None:
             return found.parent
-    raise CheckpointError(f"{name}: the repository holds neither {' nor '.join(MODEL_FILES)}; name the file "
-                          f"to read: hf-hub:{repo}/PATH")
+    where = f"has no file {path}, nor" if path else "holds neither"
+    raise CheckpointError(f"{name}: the repository {repo} {where} {' nor '.join(folder + f for f in MODEL_FILES)}; name the "
+                          f"file to read: hf-hub:{repo}/PATH")
 
 
 def local_path(source: str | os.PathLike) -> Path:

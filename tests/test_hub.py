@@ -70,6 +70,12 @@ def test_a_repository_and_a_file_in_one_load_as_local_ones(tmp_path, fake_hub):
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert fake_hub == [("someone/tiny", "config.json", "abc123"), ("someone/tiny", "model.safetensors", "abc123")]
+    # A model folder inside a repository.
+    save_encoder(model, tmp_path / "repos" / "someone" / "models" / "tiny_v2")
+    fake_hub.clear()
+    assert torch.equal(load_encoder("hf-hub:someone/models/tiny_v2").cls_token, model.cls_token)
+    assert fake_hub == [("someone/models", name, None) for name in
+                        ("tiny_v2", "tiny_v2/config.json", "tiny_v2/model.safetensors")]
     # One file of a repository: an official fairseq checkpoint in a subfolder.
     official = tmp_path / "repos" / "ta012" / "SSLAM" / "SSLAM_Pretrained" / "checkpoint_last.pt"
     official.parent.mkdir(parents=True)
@@ -88,8 +94,9 @@ def test_a_repository_and_a_file_in_one_load_as_local_ones(tmp_path, fake_hub):
 def test_hub_failures_are_named(tmp_path, fake_hub, capsys):
     (tmp_path / "repos" / "someone" / "empty").mkdir(parents=True)
     cases = {
-        "hf-hub:someone/empty": "the repository holds neither model.safetensors nor pytorch_model.bin",
-        "hf-hub:someone/empty/missing.pt": "the repository someone/empty has no file missing.pt",
+        "hf-hub:someone/empty": "the repository someone/empty holds neither model.safetensors nor pytorch_model.bin",
+        "hf-hub:someone/empty/missing.pt": "the repository someone/empty has no file missing.pt, nor "
+                                           "missing.pt/model.safetensors nor missing.pt/pytorch_model.bin",
         "hf-hub:nobody/nothing": r"cannot download config.json from the Hugging Face Hub \(RepositoryNotFoundError",
         "hf-hub:offline/cache": "config.json is not in the local Hub cache and cannot be downloaded now",
     }
@@ -97,7 +104,7 @@ def test_hub_failures_are_named(tmp_path, fake_hub, capsys):
         with pytest.raises(CheckpointError, match=f"{name}: {message}"):
             load_encoder(name)
     assert main(["info", "hf-hub:someone/empty"]) == 2
-    assert "hf-hub:someone/empty: the repository holds neither" in capsys.readouterr().err
+    assert "hf-hub:someone/empty: the repository someone/empty holds neither" in capsys.readouterr().err
 
 
 def test_without_huggingface_hub_the_missing_package_is_named(monkeypatch):
