@@ -71,6 +71,7 @@ _EMBEDDING_NAMES = {
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 _EMA_BLOCKS_ONLY_KEY = re.compile(r"\d+\.")  # data2vec ema_encoder_only: the teacher is the ModuleList
 
+
 def _section(cfg, *keys) -> dict:
     """``cfg[k1][k2]...`` when every level is a dict, else {}."""
     for key in keys:

@@ -583,7 +583,7 @@ class Finetuner:
     sslam format (``out/model``) with its label names, ready for ``sslam extract``."""
 
     def __init__(self, encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: FinetuneConfig, log=print):
-        from .train import HALF, checkpoints_in, init_distributed, load_newest
+        from .train import HALF, checkpoints_in, init_distributed, load_newest, resolved_precision
 
         _check_splits(train, test)
         check_settings(cfg)
@@ -605,7 +605,7 @@ class Finetuner:
             self.module = DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None)
         # fairseq's adam with the official recipes' betas (EAT fine-tuning: 0.9, 0.95).
         self.optimizer = torch.optim.AdamW(layer_decay_groups(self.model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
-        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        precision = resolved_precision(cfg.precision, device.type)
         self.amp = HALF.get(precision)  # None: fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.weights = read_weights(cfg.balanced_weights, len(train), train.items) if cfg.balanced_weights else None

@@ -133,6 +133,13 @@ _MASK_DRAWERS = {True: "the C++ extension", False: "the Python reference"}
 MIN_LOSS_SCALE = 1e-6  # the official fp16 runs stop below this loss scale (SPEC 5.6)
 
 
+def resolved_precision(precision: str, device_type: str) -> str:
+    """``precision`` with ``auto`` made concrete: bf16 on CUDA, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
 @dataclass
 class RunSection:
     out: str = "runs/pretrain"
@@ -728,10 +735,7 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.log = log if self.dist.main else (lambda *a, **k: None)
-        precision = cfg.run.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.precision = precision
+        self.precision = precision = resolved_precision(cfg.run.precision, self.device.type)
         half, pure = HALF.get(precision.removesuffix("-pure")), precision.endswith("-pure")
         self.amp_dtype = None if pure else half  # autocast's
         self.half_dtype = half if pure else None  # the networks' (sslam.precision)
