@@ -1,4 +1,4 @@
-"""The masked regression sums of the pretraining losses (SPEC 4.5, 5.4), fused, in Triton.
+"""The masked regression sums of the pretraining losses (SPEC 4.4, 5.4), fused, in Triton.
 
 Per step the student's decoder predicts every patch of every clone: pred (B * C, N, D), ViT-B
 stage 2 (192, 512, 768). The losses are sums over the masked positions of

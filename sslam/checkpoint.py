@@ -43,7 +43,7 @@ import torch
 
 from .audio import SUPPORTED_RATES
 from .features import NUM_MEL_BINS, norm_stats
-from .files import EXPORT_FILES, check_output_folder, creation_mode
+from .files import EXPORT_FILES, check_output_folder, creation_mode, read_json_object
 from .hub import is_hub_name, local_path
 from .model import HEAD_NAMES, VARIANTS, Encoder, EncoderConfig
 from .safe_load import CheckpointError, file_kind, safe_torch_load, to_plain
@@ -675,7 +675,7 @@ def _is_encoder_state(obj: dict) -> bool:
 
 def _file_or_none(path: Path, what: str) -> Path | None:
     """``path`` if a file is there, None if nothing is; anything else (a folder, a pipe, a
-    broken link, see :func:`_kind`) is a CheckpointError naming it."""
+    broken link, see :func:`sslam.safe_load.file_kind`) is a CheckpointError naming it."""
     kind = file_kind(path)
     if kind == "folder":
         raise CheckpointError(f"{path}: is a folder, not {what}")
@@ -701,9 +701,14 @@ def _read(source: str | os.PathLike, weights: str) -> Checkpoint:
         raise ValueError(f"weights={weights!r}: choose 'student' or 'teacher'")
     path = local_path(source)
     try:
-        return _read_layout(path, weights)
-    except RecursionError:  # containers (a pickled or JSON config, say) nested thousands of levels deep
-        raise CheckpointError(f"{path}: nested too deeply to read (a damaged or crafted file)") from None
+        try:
+            return _read_layout(path, weights)
+        except RecursionError:  # containers (a pickled or JSON config, say) nested thousands of levels deep
+            raise CheckpointError(f"{path}: nested too deeply to read (a damaged or crafted file)") from None
+    except CheckpointError as exc:
+        if is_hub_name(source):  # the name given, then the cached file the message is about
+            raise CheckpointError(f"{source}: {exc}") from exc
+        raise
 
 
 def _read_layout(path: Path, weights: str) -> Checkpoint:
@@ -927,13 +932,7 @@ def _check_export_folder(out_dir: str | os.PathLike) -> None:
     would lose it, and it would not describe the weights written."""
     check_output_folder(out_dir, argument="output folder")  # as given: Path("") would be "."
     config = _file_or_none(Path(out_dir) / "config.json", "a JSON config")
-    if config is None:
-        return
-    try:
-        ours = _read_json(config).get("format") == "sslam"
-    except (CheckpointError, RecursionError):  # unreadable, not JSON (or nested past the parser), not an object
-        ours = False
-    if not ours:
+    if config is not None and (read_json_object(config) or {}).get("format") != "sslam":
         raise CheckpointError(f"{config}: not the config of an exported encoder; it is kept: choose another folder")
 
 

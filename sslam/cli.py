@@ -14,7 +14,7 @@ import sys
 import torch
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-CHECKPOINT_HELP = "official fairseq .pt, Hugging Face folder, sslam folder, or hf-hub:OWNER/NAME[/PATH]"
+CHECKPOINT_HELP = "official fairseq .pt, Hugging Face folder, sslam folder, or hf-hub:OWNER/NAME[/PATH][@REVISION]"
 
 
 def _device(name: str | None) -> str:

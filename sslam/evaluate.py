@@ -263,8 +263,8 @@ def _augmented_spec(encoder, clips, targets, cfg, rng):
     return spec, targets
 
 
-def train_probe_full(encoder: Encoder, train: LabeledSplit, multilabel: bool, cfg: ProbeConfig, seed: int,
-                     workers: int = 0) -> LinearHead:
+def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, seed: int, workers: int = 0, *,
+                     multilabel: bool) -> LinearHead:
     """The full path: every batch is augmented and re-encoded by the frozen encoder."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -317,7 +317,7 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
         if cfg.fast:
             head = train_probe_on_features(cache[id(train)][1], train.targets, multilabel, cfg, seed)
         else:
-            head = train_probe_full(encoder, train, multilabel, cfg, seed, workers).cpu()
+            head = train_probe_full(encoder, train, cfg, seed, workers, multilabel=multilabel).cpu()
         with torch.no_grad():
             name, value = score(head(test_x), test.targets, multilabel, metric)
         results.append(value)
@@ -975,7 +975,7 @@ def add_evaluate_command(sub) -> None:
                        f"(defaults; warmup none: 10% of the steps): {_options(FinetuneConfig, {'out', 'workers'})}.")
     p.add_argument("mode", choices=["linear", "finetune"])
     p.add_argument("--checkpoint", required=True, help="official fairseq .pt, Hugging Face folder, sslam folder "
-                   "or fine-tuning run checkpoint, or hf-hub:OWNER/NAME[/PATH]")
+                   "or fine-tuning run checkpoint, or hf-hub:OWNER/NAME[/PATH][@REVISION]")
     p.add_argument("--train", required=True)
     p.add_argument("--test", required=True)
     p.add_argument("--label-descriptors", default=None,

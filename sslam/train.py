@@ -1332,7 +1332,8 @@ class Trainer:
 def metrics_line(record: dict) -> str:
     """One line of ``metrics.jsonl``, strict JSON: a non-finite number (the loss of a diverged
     or fp16-overflowed step) is null, since every JSON reader but Python's refuses NaN."""
-    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}) + "\n"
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(record, allow_nan=False) + "\n"
 
 
 def open_metrics(out: Path, step: int):
@@ -1388,7 +1389,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="1: EAT pretraining, 2: SSLAM on mixtures (default 1)")
     p.add_argument("--data", default=None, help="synth (default), a folder of audio files, or a fairseq .tsv manifest")
     p.add_argument("--init", default=None, help="checkpoint to start from (official EAT/SSLAM or ours, a run "
-                   "folder, or hf-hub:OWNER/NAME[/PATH])")
+                   "folder, or hf-hub:OWNER/NAME[/PATH][@REVISION])")
     p.add_argument("--out", default=None, help="run folder (checkpoints, metrics.jsonl, config.json; default "
                    f"{RunSection.out}); a folder that holds checkpoints is resumed")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
