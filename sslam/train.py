@@ -1332,8 +1332,7 @@ class Trainer:
 def metrics_line(record: dict) -> str:
     """One line of ``metrics.jsonl``, strict JSON: a non-finite number (the loss of a diverged
     or fp16-overflowed step) is null, since every JSON reader but Python's refuses NaN."""
-    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-    return json.dumps(record, allow_nan=False) + "\n"
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}) + "\n"
 
 
 def open_metrics(out: Path, step: int):
