@@ -174,17 +174,18 @@ def length_groups(lengths: list[int]) -> list[list[int]]:
     return groups
 
 
-def _log_mels(clips: list[torch.Tensor], device) -> list[torch.Tensor]:
-    """Unnormalised log-mel of every 16 kHz clip (of at least one frame) in full, (F_b, 128)
-    each. Clips of similar length share a batch (see :func:`length_groups`)."""
+def _log_mels(clips: list[torch.Tensor], device, max_frames: int | None = None) -> list[torch.Tensor]:
+    """Unnormalised log-mel of every 16 kHz clip (of at least one frame), (F_b, 128) each: in
+    full, or its first ``max_frames`` frames (the clip's mean is still the whole clip's, as
+    the official crop has it). Clips of similar length share a batch (see :func:`length_groups`)."""
     logmels = [None] * len(clips)
+    cap = lambda n: min(num_frames(n), max_frames or num_frames(n))  # noqa: E731
     for group in length_groups([c.numel() for c in clips]):
         # The clips were checked when loaded (load_audio, check_waveform).
         logmel = preprocess([clips[i].to(device) for i in group], SAMPLE_RATE,
-                            target_length=num_frames(max(clips[i].numel() for i in group)),
-                            norm=None, check_finite=False)
+                            target_length=max(cap(clips[i].numel()) for i in group), norm=None, check_finite=False)
         for row, i in enumerate(group):
-            logmels[i] = logmel[row, 0, : num_frames(clips[i].numel())]
+            logmels[i] = logmel[row, 0, : cap(clips[i].numel())]
     return logmels
 
 
@@ -273,7 +274,7 @@ def embed(
         plan, length = [(b, 0, min(window, int(f))) for b, f in enumerate(frames)], window
         windows = lambda i, j: (specs[i:j], None)  # noqa: E731
     else:
-        logmels = _log_mels(clips, param.device)
+        logmels = _log_mels(clips, param.device, window if crop else None)
         plan = _plan(frames, window, hop, crop)
         if padding == "official":
             length = window
