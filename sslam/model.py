@@ -663,9 +663,15 @@ class Encoder(nn.Module):
         """Compile ``forward`` with ``torch.compile`` for inference, weights frozen into the graph
         (fused LayerNorm/GELU/bias epilogues, prepacked matmul weights on the CPU). The first
         call of each input shape compiles (about 40 s for ViT-B on 2 CPU cores); use it under
-        ``torch.no_grad`` (as :meth:`embed` does), not for training."""
+        ``torch.no_grad`` (as :meth:`embed` does), not for training. Compile once the weights,
+        dtype and device are final: loading weights afterwards is refused, and a pickled or
+        copied encoder is the eager one."""
         import torch._inductor.config as inductor_config
 
+        dtype = next(self.parameters()).dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compile_for_inference: {str(dtype).removeprefix('torch.')} weights: inductor's frozen "
+                             "graphs take float32, bfloat16 or float16 ones")
         compiled = torch.compile(self.forward)
 
         def forward(*args, **kwargs):
@@ -676,10 +682,26 @@ class Encoder(nn.Module):
                 return compiled(*args, **kwargs)
 
         self.forward = forward
+        self.register_load_state_dict_pre_hook(_refuse_frozen_load)
         return self.eval()
+
+    def __getstate__(self) -> dict:
+        """A pickled or copied encoder is the eager one: a compiled ``forward`` (see
+        :meth:`compile_for_inference`) holds this process's graphs."""
+        state = super().__getstate__()
+        state.pop("forward", None)
+        return state
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def _refuse_frozen_load(module: nn.Module, *args) -> None:
+    """A load_state_dict pre-hook: an encoder compiled for inference holds its weights in its
+    graphs, and would compute with a mix of the old and the new ones."""
+    if "forward" in vars(module):
+        raise RuntimeError("this encoder was compiled for inference with its weights frozen in: load the weights "
+                           "before compile_for_inference(), or load them into a new encoder")
 
 
 @contextlib.contextmanager

@@ -319,6 +319,19 @@ def test_compile_for_inference_freezes_this_model_only():
     with torch.inference_mode():
         torch.testing.assert_close(frozen(spec).x, eager(spec).x, rtol=1e-4, atol=1e-5)
     assert inductor_config.freezing is False
+    # Its weights are in the graph: loading others is refused (they were silently half used),
+    # and a pickled or copied model is the eager one, with its weights.
+    with pytest.raises(RuntimeError, match="compiled for inference with its weights frozen in"):
+        frozen.load_state_dict(Encoder(cfg).state_dict())
+    import copy
+    import pickle
+
+    for twin in (pickle.loads(pickle.dumps(frozen)), copy.deepcopy(frozen)):
+        assert "forward" not in vars(twin)
+        twin.load_state_dict(eager.state_dict())
+        torch.testing.assert_close(twin(spec).x, eager(spec).x)
+    with pytest.raises(ValueError, match="float64 weights: inductor's frozen graphs take float32"):
+        Encoder(cfg).double().compile_for_inference()
     later = Encoder(cfg).eval()
     later.compile()
     with torch.no_grad():
