@@ -402,12 +402,9 @@ class Encoder(nn.Module):
         d = cfg.embed_dim
         self.patch_embed = nn.Conv2d(1, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        # Fixed, not learned; a buffer so it is saved (official checkpoints store a rounded copy).
-        self.register_buffer(
-            "pos_embed",
-            sincos_positions(d, cfg.max_length, cfg.freq_patches)[None],
-            persistent=True,
-        )
+        # Fixed, not learned (filled by reset_parameters); a buffer so it is saved (official
+        # checkpoints store a rounded copy).
+        self.register_buffer("pos_embed", torch.empty(1, cfg.max_length * cfg.freq_patches, d), persistent=True)
         self.pre_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in drop_path_rates(cfg.drop_path_rate, cfg.depth))
         if cfg.num_classes > 0:
@@ -430,7 +427,10 @@ class Encoder(nn.Module):
     def reset_parameters(self) -> None:
         """Stage-1 initialisation: Linear N(0, 0.02) with zero bias, LayerNorm (1, 0), the patch
         conv Xavier-uniform on its (D, 256) view, CLS N(0, 1); the classifier head
-        trunc-normal(0.02) with zero bias."""
+        trunc-normal(0.02) with zero bias; the fixed sin-cos position table (a model built on
+        the meta device and moved with ``to_empty`` holds uninitialised memory there)."""
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_positions(self.cfg.embed_dim, self.cfg.max_length, self.cfg.freq_patches)[None])
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)

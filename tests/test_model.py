@@ -382,3 +382,15 @@ def test_eval_mode_and_stochastic_depth_give_back_every_submodules_mode():
     with stochastic_depth(model, 0.1):
         assert all(m.training for m in model.modules())
     assert [m.training for m in model.modules()] == before
+
+
+def test_reset_parameters_fills_the_position_table_of_a_meta_built_model():
+    """Built on the meta device, moved with to_empty and initialised with reset_parameters (the
+    usual large-model set-up): the fixed sin-cos table was left as uninitialised memory."""
+    cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, max_length=8)
+    with torch.device("meta"):
+        model = Encoder(cfg)
+    model.to_empty(device="cpu")
+    model.pos_embed.fill_(float("nan"))  # what to_empty may leave
+    model.reset_parameters()
+    assert torch.equal(model.pos_embed, Encoder(cfg).pos_embed)
