@@ -392,6 +392,10 @@ class EncoderOutput:
     block_outputs: list[torch.Tensor] = field(default_factory=list)
 
 
+# A pytree, as Hugging Face's model outputs are: torch.export can return it.
+torch.export.register_dataclass(EncoderOutput, serialized_type_name="sslam.model.EncoderOutput")
+
+
 class Encoder(nn.Module):
     """The ViT audio encoder. Build with :func:`create_model`; load weights with
     :func:`sslam.load_encoder`."""
