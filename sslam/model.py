@@ -13,6 +13,8 @@ import contextlib
 import dataclasses
 import inspect
 import math
+import threading
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -708,16 +710,29 @@ def _refuse_frozen_load(module: nn.Module, *args) -> None:
                            "before compile_for_inference(), or load them into a new encoder")
 
 
+_MODE_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_MODE_LOCKS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module):
     """``model`` in eval mode (no stochastic depth: deterministic outputs) for the block, then
-    back in the modes it and each of its submodules had."""
-    modes = _modes(model)
-    model.eval()
-    try:
-        yield model
-    finally:
-        _restore_modes(modes)
+    back in the modes it and each of its submodules had. Threads sharing a model in train
+    mode take turns (each would otherwise save the modes another had just set); one in eval
+    mode, which needs no switch, serves them at once."""
+    with _MODE_LOCKS_LOCK:
+        lock = _MODE_LOCKS.setdefault(model, threading.RLock())
+    with lock:
+        switch = any(module.training for module in model.modules())
+        if switch:
+            modes = _modes(model)
+            model.eval()
+            try:
+                yield model
+            finally:
+                _restore_modes(modes)
+            return
+    yield model
 
 
 def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:

@@ -405,3 +405,31 @@ def test_the_encoder_exports_with_its_output_type():
     out, expected = exported(spec, layer_results=True), model(spec, layer_results=True)
     assert torch.equal(out.x, expected.x) and len(out.layer_results) == 1
     torch.testing.assert_close(out.layer_results[0], expected.layer_results[0])
+
+
+def test_eval_mode_is_safe_for_threads_sharing_a_model():
+    """Two threads embedding with one model in train mode: each saved the modes the other had
+    just set, so the model was left in eval mode, and a call could run with stochastic depth."""
+    import threading
+
+    from sslam.model import eval_mode
+
+    cfg = EncoderConfig(embed_dim=32, depth=2, num_heads=2, max_length=8, drop_path_rate=0.5)
+    model = Encoder(cfg).train()
+    spec = torch.randn(1, 1, 32, 128)
+    with torch.no_grad(), eval_mode(model):
+        expected = model(spec).x
+    outputs = []
+
+    def work():
+        for _ in range(100):
+            with torch.no_grad(), eval_mode(model):
+                outputs.append(model(spec).x)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(m.training for m in model.modules())
+    assert len(outputs) == 300 and all(torch.equal(out, expected) for out in outputs)
