@@ -237,7 +237,9 @@ def embed(
     batch_size: int = 16,
     autocast: torch.dtype | None = None,
 ) -> Embeddings:
-    """Embeddings of one clip, a list of clips (any lengths), a (B, N) tensor, or file paths.
+    """Embeddings of one clip, a list of clips (any lengths), a (B, N) tensor, or file paths,
+    computed without gradients (for gradients, call the model on :func:`sslam.preprocess`'s
+    output).
 
     Args:
         model: a :class:`sslam.model.Encoder` (its ``preprocessing`` gives target_length/norm).
