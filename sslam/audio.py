@@ -19,6 +19,7 @@ Multichannel audio is averaged to mono *before* resampling (the reference pipeli
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 
@@ -62,17 +63,18 @@ def _check_rate(name: str, rate) -> int:
     return int(rate)
 
 
-def _check_target_rate(sample_rate) -> int:
-    """Validate the ``sample_rate`` argument (a caller error, hence ``ValueError``)."""
+def integer_rate(sample_rate) -> int:
+    """``sample_rate`` (an argument) as an int within :data:`SUPPORTED_RATES`, else ``ValueError``.
+    Integral floats (44100.0) are accepted; 44100.5 is an error rather than silently truncated."""
     low, high = SUPPORTED_RATES
     if (
         isinstance(sample_rate, bool)
-        or not isinstance(sample_rate, (int, np.integer))
+        or not isinstance(sample_rate, (int, float, np.integer, np.floating))
+        or not math.isfinite(sample_rate)
+        or sample_rate != int(sample_rate)
         or not low <= sample_rate <= high
     ):
-        raise ValueError(
-            f"sample_rate must be an integer in {low}..{high} Hz or None, got {sample_rate!r}"
-        )
+        raise ValueError(f"sample_rate must be an integer in {low}..{high} Hz, got {sample_rate!r}")
     return int(sample_rate)
 
 
@@ -255,7 +257,7 @@ def load_audio(
         ValueError: ``sample_rate`` is not an integer within :data:`SUPPORTED_RATES`.
     """
     name = os.fsdecode(path)
-    target = None if sample_rate is None else _check_target_rate(sample_rate)
+    target = None if sample_rate is None else integer_rate(sample_rate)
     _check_regular_file(name)
 
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)

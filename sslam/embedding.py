@@ -30,13 +30,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .audio import AudioError, as_float_samples, check_waveform, load_audio
+from .audio import AudioError, as_float_samples, check_waveform, integer_rate, load_audio
 from .data import pad_clips
 from .features import (
     FRAME_LENGTH,
     FRAME_SHIFT,
     SAMPLE_RATE,
-    _integer_rate,
     check_min_length,
     layout_hint,
     norm_stats,
@@ -107,7 +106,7 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
     ``sample_rate`` and are resampled one clip at a time, as the reference does.
     """
     if sample_rate is not None:
-        sample_rate = _integer_rate(sample_rate)  # 44100.0 is 44100, as for preprocess
+        sample_rate = integer_rate(sample_rate)  # 44100.0 is 44100, as for preprocess
     if isinstance(audio, np.ndarray) and audio.dtype.kind in "USO":  # paths in an array (pandas' .values)
         audio = audio.tolist()
     if isinstance(audio, (str, bytes, os.PathLike)):

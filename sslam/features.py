@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import SUPPORTED_RATES, AudioError, as_float_samples, check_samples
+from .audio import AudioError, as_float_samples, check_samples, integer_rate
 from .cached import cached_constant
 from .resampler import resample
 
@@ -187,21 +187,6 @@ def _as_batch(
     for i, clip in enumerate(clips):
         batch[i, : clip.numel()] = clip.to(batch.device)
     return batch, lens
-
-
-def _integer_rate(sample_rate) -> int:
-    """``sample_rate`` as an int within :data:`sslam.audio.SUPPORTED_RATES`; integral floats
-    (44100.0) are accepted, 44100.5 is an error rather than silently truncated."""
-    low, high = SUPPORTED_RATES
-    if (
-        isinstance(sample_rate, bool)
-        or not isinstance(sample_rate, (int, float, np.integer, np.floating))
-        or not math.isfinite(sample_rate)
-        or sample_rate != int(sample_rate)
-        or not low <= sample_rate <= high
-    ):
-        raise ValueError(f"sample_rate must be an integer in {low}..{high} Hz, got {sample_rate!r}")
-    return int(sample_rate)
 
 
 def _resample_each(
@@ -377,7 +362,7 @@ def preprocess(
     """
     if isinstance(target_length, bool) or not isinstance(target_length, (int, np.integer)) or target_length < 1:
         raise ValueError(f"target_length must be a positive number of frames, got {target_length!r}")
-    sample_rate = _integer_rate(sample_rate)
+    sample_rate = integer_rate(sample_rate)
     norm_stats(norm)  # a bad norm fails before any work
     batch, lens = _as_batch(waveforms, lengths, check_finite)
     shape = batch.shape
