@@ -131,6 +131,8 @@ def to_mono(waveform: Tensor) -> Tensor:
 
 # Integer PCM is read as integers and scaled here: 4x faster than libsndfile's own float
 # conversion, with identical values (int -> float32, times a power of two), and never NaN.
+# Only for the common formats that store samples of exactly the subtype's width: an SDS file
+# labelled PCM_16 holds more bits, which an int16 read would cut off.
 _INTEGER_READS = {
     "PCM_S8": ("int16", 2.0**-15),
     "PCM_U8": ("int16", 2.0**-15),
@@ -138,6 +140,7 @@ _INTEGER_READS = {
     "PCM_24": ("int32", 2.0**-31),
     "PCM_32": ("int32", 2.0**-31),
 }
+_INTEGER_FORMATS = {"WAV", "WAVEX", "RF64", "W64", "FLAC", "AIFF", "CAF", "AU"}
 
 
 # soundfile.read (the reference's reader) decodes a file in ONE call of the header's frame
@@ -181,7 +184,7 @@ def _decode(name: str, frames_for=None) -> tuple[np.ndarray, int, bool]:
         with soundfile.SoundFile(os.fsencode(name)) as sound:  # bytes: any path the OS has
             rate = sound.samplerate
             limit = None if frames_for is None else frames_for(rate)
-            integer = _INTEGER_READS.get(sound.subtype)
+            integer = _INTEGER_READS.get(sound.subtype) if sound.format in _INTEGER_FORMATS else None
             if integer is None:
                 return _read_all(sound, "float32", limit), rate, True
             dtype, scale = integer

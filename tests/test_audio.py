@@ -324,16 +324,22 @@ def test_to_mono():
         to_mono(torch.randn(2, 2, 5))
 
 
-@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32"])
-@pytest.mark.parametrize("fmt", ["WAV", "FLAC"])
-def test_integer_pcm_equals_libsndfile_float_conversion(tmp_path, subtype, fmt):
-    """Integer PCM is read as integers and scaled by us: bit-identical to soundfile's floats."""
-    if subtype not in soundfile.available_subtypes(fmt):
-        pytest.skip(f"{fmt} has no {subtype} here")
-    path = tmp_path / f"x.{fmt.lower()}"
-    samples = np.random.default_rng(3).uniform(-1, 1, (3001, 2)).astype(np.float32)
-    samples[0] = [1.0, -1.0]  # full scale
-    soundfile.write(path, samples, 16000, subtype=subtype, format=fmt)
-    theirs, _ = soundfile.read(path, dtype="float32", always_2d=True)
-    ours, _ = load_audio(path, mono=False)
-    np.testing.assert_array_equal(ours.numpy(), theirs.T)
+INTEGER_PCM = ("PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32")
+
+
+@pytest.mark.parametrize("fmt", sorted(set(soundfile.available_formats()) - {"RAW"}))
+def test_integer_pcm_equals_libsndfile_float_conversion(tmp_path, fmt):
+    """Integer PCM of every format libsndfile writes decodes bit-identically to soundfile's
+    floats. (An SDS file labelled PCM_16 holds more than 16 bits: read as int16 it was 3e-5 off.)"""
+    subtypes = [s for s in soundfile.available_subtypes(fmt) if s in INTEGER_PCM]
+    if not subtypes:
+        pytest.skip(f"{fmt} has no integer PCM")
+    for subtype in subtypes:
+        path = tmp_path / f"{subtype}.{fmt.lower()}"
+        channels = 1 if fmt in ("HTK", "SDS", "SVX") else 2  # formats of mono audio only
+        samples = np.random.default_rng(3).uniform(-1, 1, (3001, channels)).astype(np.float32)
+        samples[:2] = [[1.0], [-1.0]]  # full scale
+        soundfile.write(path, samples, 16000, subtype=subtype, format=fmt)
+        theirs, _ = soundfile.read(path, dtype="float32", always_2d=True)
+        ours, _ = load_audio(path, mono=False)
+        np.testing.assert_array_equal(ours.numpy(), theirs.T, err_msg=f"{fmt} {subtype}")
