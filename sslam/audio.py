@@ -306,24 +306,23 @@ def as_float_samples(wave, name: str) -> Tensor:
             raise _fail(name, f"got numpy {wave.dtype} text, not samples: paths are decoded by "
                               "sslam.load_audio or Encoder.embed")
         if not np.issubdtype(wave.dtype, np.floating):
-            raise _fail(
-                name,
-                f"samples must be floating point on the [-1, 1] scale, got numpy {wave.dtype} "
-                "(convert integer PCM first, e.g. int16 / 32768)",
-            )
+            raise _not_float(name, f"numpy {wave.dtype}", integer=wave.dtype.kind in "biu")
         native = np.float64 if wave.dtype.itemsize > 8 else wave.dtype.newbyteorder("=")
-        wave = torch.from_numpy(np.ascontiguousarray(wave, dtype=native))
+        # (ascontiguousarray makes a 0-d array 1-D; torch warns about sharing a read-only one)
+        samples = np.ascontiguousarray(wave, dtype=native).reshape(wave.shape)
+        wave = torch.from_numpy(samples if samples.flags.writeable else samples.copy())
     elif not isinstance(wave, Tensor):
         raise _fail(name, f"expected a torch.Tensor or numpy.ndarray, got {type(wave).__name__}")
     if wave.is_meta:
         raise _fail(name, "a tensor on the meta device holds no samples")
     if not wave.is_floating_point():
-        raise _fail(
-            name,
-            f"samples must be floating point on the [-1, 1] scale, got {wave.dtype} "
-            "(convert integer PCM first, e.g. int16 / 32768)",
-        )
+        raise _not_float(name, str(wave.dtype), integer=not wave.is_complex())
     return wave
+
+
+def _not_float(name: str, dtype: str, integer: bool) -> AudioError:
+    advice = " (convert integer PCM first, e.g. int16 / 32768)" if integer else ""
+    return _fail(name, f"samples must be floating point on the [-1, 1] scale, got {dtype}{advice}")
 
 
 def check_waveform(wave, rate: int, name: str = "<array>") -> Tensor:

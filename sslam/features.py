@@ -177,6 +177,9 @@ def _as_batch(
         if not isinstance(clip, (torch.Tensor, np.ndarray)):
             clip = np.asarray(clip)
         clip = as_float_samples(clip, name)
+        if clip.dim() == 0:
+            raise ValueError(f"{name}: a single number, not a clip; a list of samples is one clip "
+                             "when given as an array: np.asarray(samples)")
         if clip.dim() != 1:
             raise ValueError(f"{name}: expected a 1-D clip, got shape {tuple(clip.shape)}")
         if finite:
@@ -304,7 +307,7 @@ def normalize(features: torch.Tensor, norm: Norm = "audioset") -> torch.Tensor:
 def layout_hint(shape) -> str:
     """For a 2-D input of ``shape`` with more rows than columns, which reads as many tiny clips:
     the hint that it may be a (samples, channels) array ("" otherwise)."""
-    if len(shape) != 2 or shape[0] <= shape[1]:
+    if len(shape) != 2 or shape[0] <= shape[1] or shape[1] == 0:
         return ""
     return (
         f"; shape {tuple(shape)} reads as {shape[0]} clips of {shape[1]} samples: for a "

@@ -1,5 +1,7 @@
 """The batched preprocessing against the official pipeline (golden data) and torchaudio."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -137,6 +139,27 @@ def test_empty_batches_and_unclippable_inputs_are_value_errors():
     for bad in (torch.zeros(0, 16000), np.zeros((0, 5)), [], "clip.wav", 3.0):
         with pytest.raises(ValueError, match="waveforms"):
             preprocess(bad, 16000)
+
+
+def test_inputs_without_clips_get_errors_about_what_they_are():
+    """Each message names what was given: no layout hint for an empty clip, a list of numbers
+    is not taken for one-sample clips, complex samples get no integer-PCM advice."""
+    with pytest.raises(AudioError, match=r"clip\(s\) 0 \(0 samples\)") as info:
+        preprocess(np.zeros(0, np.float32), 16000)
+    assert "reads as" not in str(info.value)
+    with pytest.raises(ValueError, match=r"waveforms\[0\]: a single number, not a clip.*np\.asarray"):
+        preprocess([0.1] * 1000, 16000)
+    with pytest.raises(AudioError, match="complex64") as info:
+        preprocess(np.zeros(16000, np.complex64), 16000)
+    assert "integer PCM" not in str(info.value)
+
+
+def test_read_only_arrays_are_read_without_warnings():
+    wave = np.random.default_rng(1).uniform(-0.5, 0.5, 16000).astype(np.float32)
+    frozen = np.frombuffer(wave.tobytes(), dtype=np.float32)  # not writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(preprocess(frozen, 16000), preprocess(wave, 16000))
 
 
 def test_big_endian_and_half_precision_arrays_give_the_native_float32_features():
