@@ -225,7 +225,9 @@ def architecture_mismatches(config: EncoderConfig, state: dict) -> list[str]:
                 "pos_rows": config.max_length * config.freq_patches}
     problems = [f"{k}: config {declared[k]}, weights {found[k]}" for k in declared if k in found and found[k] != declared[k]]
     blocks = _block_indices(state)
-    if blocks and len(blocks) != max(blocks) + 1:
+    if not blocks:  # nothing shows the depth: an encoder of any declared one would be built
+        problems.append(f"depth: config {config.depth}, weights 0 (no blocks.* weights)")
+    elif len(blocks) != max(blocks) + 1:
         top = max(blocks)
         gaps = sorted(set(range(top + 1)) - blocks)[:20] if top < 100_000 else "many"
         problems.append(f"blocks: {len(blocks)} blocks numbered up to {top}; missing block(s) {gaps}")
@@ -291,9 +293,9 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, *
 def _fairseq_model_cfg(ckpt: dict, source) -> dict:
     """``cfg['model']`` as plain dicts (hydra-era files; a pickled DictConfig also works), else
     the legacy flat ``args`` namespace, else {}. A tensor in it is an error naming where."""
-    model = _section(to_plain(ckpt.get("cfg")), "model")
+    model = _section(to_plain(ckpt.get("cfg"), source), "model")
     if not model:
-        args = to_plain(ckpt.get("args"))
+        args = to_plain(ckpt.get("args"), source)
         model = args if isinstance(args, dict) else {}
     where = _tensor_in(model)
     if where is not None:
@@ -774,16 +776,11 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         for k in sorted(set(expected) & set(state))
         if isinstance(state[k], torch.Tensor) and state[k].shape != expected[k].shape
     ]
-    if missing or unexpected or shapes or not_tensors:
+    problems = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": shapes,
+                "not tensors": not_tensors}
+    if any(problems.values()):
         lines = [f"{source}: weights do not match the architecture"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
-        if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): {shapes}")
-        if not_tensors:
-            lines.append(f"  not tensors ({len(not_tensors)}): {not_tensors}")
+        lines += [f"  {what} ({len(found)}): {_listed(found)}" for what, found in problems.items() if found]
         raise CheckpointError("\n".join(lines))
     if not values:
         return dict(state)
@@ -792,11 +789,20 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         # Dense float tensors of the usual widths only: isfinite has no kernel for sparse, meta
         # or float8 tensors, whose errors would not name the file.
         usable = v.layout == torch.strided and not v.is_meta and v.dtype in _WEIGHT_DTYPES
-        if not usable or not torch.isfinite(v).all():
-            kind = f"{v.dtype}, {v.layout}" + (", meta" if v.is_meta else "")
+        kind = f"{v.dtype}, {v.layout}" + (", meta" if v.is_meta else "")
+        if not usable:
             raise CheckpointError(f"{source}: {shown(k)} is not a finite floating-point tensor ({kind})")
         out[k] = v.to(expected[k].dtype)
+        if not torch.isfinite(out[k]).all():  # after the cast: 1e300 in float64 is inf in float32
+            narrowed = f"; not finite as {out[k].dtype}" if torch.isfinite(v).all() else ""
+            raise CheckpointError(f"{source}: {shown(k)} is not a finite floating-point tensor ({kind}{narrowed})")
     return out | {k: expected[k] for k in recomputed}
+
+
+def _listed(items: list[str], shown: int = 20) -> str:
+    """``items`` as a list literal of the first ``shown``, and how many more there are."""
+    more = f", ... and {len(items) - shown} more" if len(items) > shown else ""
+    return repr(items[:shown])[:-1] + more + "]"
 
 
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -395,28 +395,45 @@ def _check_tensor_sizes(path: Path, obj) -> None:
             )
 
 
-def to_plain(obj, _path: tuple = ()):
+# A pickled config is read as plain data by walking it; pickle stores an object referenced
+# twice once, so [a, a] nested sixty times is a few bytes that unfold to 2**60 entries. Real
+# configs hold hundreds.
+MAX_CONFIG_ENTRIES = 100_000
+
+
+def to_plain(obj, source):
     """Plain dicts / lists / scalars from a pickled config: dicts and lists as they are, and the
     inert stand-ins of ``argparse.Namespace`` (state = its fields) and omegaconf containers
-    (state ``_content``) and value nodes (state ``_val``). Cycles become None."""
-    if id(obj) in _path:
-        return None
-    inner = _path + (id(obj),)
-    if isinstance(obj, dict):
-        return {k: to_plain(v, inner) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v, inner) for v in obj]
-    if isinstance(obj, InertObject):
-        state = obj.state
-        if isinstance(state, tuple) and state and isinstance(state[0], dict):  # (dict, slots)
-            state = state[0]
-        if not isinstance(state, dict):
+    (state ``_content``) and value nodes (state ``_val``). Cycles become None; a config that
+    unfolds to more than :data:`MAX_CONFIG_ENTRIES` is a CheckpointError naming ``source``."""
+    entries = 0
+
+    def plain(obj, path: tuple):
+        nonlocal entries
+        entries += 1
+        if entries > MAX_CONFIG_ENTRIES:
+            raise CheckpointError(f"{source}: the pickled config unfolds to more than {MAX_CONFIG_ENTRIES} "
+                                  "entries (objects shared many times over), not a training config")
+        if id(obj) in path:
             return None
-        for key in ("_content", "_val"):
-            if key in state:
-                return to_plain(state[key], inner)
-        return to_plain(state, inner)
-    return obj
+        inner = path + (id(obj),)
+        if isinstance(obj, dict):
+            return {k: plain(v, inner) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [plain(v, inner) for v in obj]
+        if isinstance(obj, InertObject):
+            state = obj.state
+            if isinstance(state, tuple) and state and isinstance(state[0], dict):  # (dict, slots)
+                state = state[0]
+            if not isinstance(state, dict):
+                return None
+            for key in ("_content", "_val"):
+                if key in state:
+                    return plain(state[key], inner)
+            return plain(state, inner)
+        return obj
+
+    return plain(obj, ())
 
 
 def file_kind(path: Path) -> str | None:

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from sslam.checkpoint import (
     CheckpointError,
+    check_state,
     convert,
     describe,
     load_encoder,
@@ -286,6 +287,55 @@ def test_absurd_config_of_an_sslam_folder_fails_before_building(tmp_path):
         (tmp_path / "m" / "config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=pattern):
             load_encoder(tmp_path / "m")
+
+
+def test_a_config_of_any_depth_over_no_blocks_is_refused_at_once(tmp_path):
+    """Without block weights nothing showed the depth, and the encoder of the declared depth
+    was built (on the meta device) before the keys were compared: 2e9 blocks never returned,
+    and 10000 gave a message of 3 MB listing each missing key."""
+    state = {k: v for k, v in load_encoder(TINY).state_dict().items() if not k.startswith("blocks.")}
+    folder = tmp_path / "m"
+    convert(TINY, folder)
+    meta = json.loads((folder / "config.json").read_text())
+    for depth in (3, 2_000_000_000):
+        bad = {**meta, "encoder": {**meta["encoder"], "depth": depth}}
+        save_file(state, folder / "model.safetensors", metadata={"format": "sslam", "sslam": json.dumps(bad)})
+        (folder / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=f"depth: config {depth}, weights 0"):
+            load_encoder(folder)
+
+
+def test_a_long_list_of_missing_keys_is_cut_short():
+    model = Encoder(VARIANTS["tiny"].replace(depth=40))
+    with pytest.raises(CheckpointError, match=r"missing keys \(.*\): \[.*\.\.\. and \d+ more\]") as info:
+        check_state(model, {}, "empty.pt")
+    assert len(str(info.value)) < 3000
+
+
+def test_a_pickled_config_of_shared_references_is_refused_promptly(tmp_path):
+    """A list nested in itself by reference, [a, a] sixty times over, is a few bytes of pickle
+    that unfold to 2**60 entries: reading it as plain data never returned."""
+    ckpt = load_golden("tiny_ckpt.pt")
+    nest = []
+    for _ in range(60):
+        nest = [nest, nest]
+    ckpt["cfg"]["common"] = {"x": nest}
+    torch.save(ckpt, tmp_path / "nest.pt")
+    with pytest.raises(CheckpointError, match=r"nest\.pt: the pickled config unfolds to more than"):
+        load_encoder(tmp_path / "nest.pt")
+
+
+def test_float64_weights_beyond_float32_are_refused_not_made_infinite(tmp_path):
+    ckpt = load_golden("tiny_ckpt.pt")
+    weight = ckpt["model"]["blocks.0.mlp.fc1.weight"].double()
+    weight[0, 0] = 1e300  # finite in the file, inf as float32
+    ckpt["model"]["blocks.0.mlp.fc1.weight"] = weight
+    torch.save(ckpt, tmp_path / "f64.pt")
+    with pytest.raises(CheckpointError, match=r"f64\.pt: blocks\.0\.mlp\.fc1\.weight .*not finite as torch\.float32"):
+        load_encoder(tmp_path / "f64.pt")
+    with pytest.raises(CheckpointError, match="not finite as torch.float32"):
+        convert(tmp_path / "f64.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_position_rows_come_from_the_file(tmp_path):
@@ -1295,7 +1345,7 @@ def test_an_inert_object_built_without_init_has_its_fields(tmp_path):
     for zip_format in (True, False):
         torch.save({"args": argparse.Namespace(), "cfg": {"x": 1}}, tmp_path / "ns.pt",
                    _use_new_zipfile_serialization=zip_format)
-        assert to_plain(safe_torch_load(tmp_path / "ns.pt"))["cfg"] == {"x": 1}
+        assert to_plain(safe_torch_load(tmp_path / "ns.pt"), "ns.pt")["cfg"] == {"x": 1}
 
 
 @pytest.mark.parametrize("body", [
@@ -1388,8 +1438,8 @@ def test_an_export_folder_that_cannot_be_made_is_refused_before_reading(tmp_path
 
 
 def test_a_config_no_weight_shows_is_checked_before_the_model_is_built(tmp_path, monkeypatch):
-    """An sslam file without weights whose config claims a ViT of width 16384: the missing keys
-    are reported without building that model (about 13 GB in fp32)."""
+    """An sslam file without weights whose config claims a ViT of width 16384: refused without
+    building that model (about 13 GB in fp32)."""
     convert(TINY, tmp_path / "m")
     meta = json.loads((tmp_path / "m" / "config.json").read_text())
     meta["encoder"].update(embed_dim=16384, num_heads=1, depth=4)
@@ -1403,7 +1453,7 @@ def test_a_config_no_weight_shows_is_checked_before_the_model_is_built(tmp_path,
         real_init(self, cfg, *args, **kwargs)
 
     monkeypatch.setattr(Encoder, "__init__", init)
-    with pytest.raises(CheckpointError, match="missing keys"):
+    with pytest.raises(CheckpointError, match="depth: config 4, weights 0"):
         load_encoder(tmp_path / "m")
 
 
