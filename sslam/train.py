@@ -36,6 +36,7 @@ from .checkpoint import CheckpointError, check_state, read_checkpoint
 from .data import MAX_WORKERS
 from .features import norm_stats, preprocess
 from .files import atomic_write, check_output_folder, read_json_object, remove_temporaries
+from .hub import is_hub_name
 from .kernels.switch import use_kernels
 from .masking import MaskConfig, clone_masks, kept_indices
 from .mixing import sample_windows
@@ -593,8 +594,7 @@ def _same_init(before: str, now: str) -> bool:
     """Whether two run.init values name the same start: none, or one file however written
     (runs/s1/ is runs/./s1; a run folder is its newest checkpoint, as :func:`resolve_init`
     reads it; runs record the file they started from)."""
-    return before == now or bool(before and now) and (
-        Path(resolve_init(before)).resolve() == Path(resolve_init(now)).resolve())
+    return before == now or bool(before and now) and resolve_init(before) == resolve_init(now)
 
 
 # The parts of a training checkpoint (Trainer.state) a resume reads: their types, as named.
@@ -675,14 +675,18 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
 
 
 def resolve_init(path: str) -> str:
-    """``run.init`` as given, or the newest checkpoint when it names a run folder (``--init
-    runs/s1``); an exported encoder folder (model.safetensors) is itself the checkpoint."""
-    folder = Path(path)
+    """The file ``run.init`` names, as an absolute path (a run resumed from another working
+    folder names it otherwise): the newest checkpoint when it names a run folder (``--init
+    runs/s1``); an exported encoder folder (model.safetensors) is itself the checkpoint. A Hub
+    name is kept as it is."""
+    if is_hub_name(path):
+        return path
+    folder = Path(path).resolve()
     if folder.is_dir() and not any((folder / name).exists() for name in ("model.safetensors", "pytorch_model.bin")):
         found = checkpoints_in(folder)
         if found:
             return str(found[-1])
-    return path
+    return str(folder)
 
 
 def rng_state() -> dict:

@@ -614,6 +614,22 @@ def test_a_damaged_training_checkpoint_is_named_with_its_damaged_part(tmp_path, 
         Trainer(small(tmp_path / "run", steps=6), log=lambda *a: None)
 
 
+def test_a_run_started_from_a_relative_init_resumes_from_another_folder(tmp_path, monkeypatch):
+    """The run records its start as an absolute path: resumed from another working folder, with
+    --init written for that folder, it is the same file (the relative record was read against
+    the new folder and refused)."""
+    quiet = lambda *a: None  # noqa: E731
+    Trainer(small(tmp_path / "s1", steps=3), log=quiet).fit()
+    monkeypatch.chdir(tmp_path)
+    Trainer(small("s2", steps=3, run__init="s1"), log=quiet).fit()
+    start = tmp_path / "s1" / "checkpoint_00000003.pt"
+    assert json.loads((tmp_path / "s2" / "config.json").read_text())["run"]["init"] == str(start)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for init in ("../s1", str(start)):
+        assert Trainer(small("../s2", steps=6, run__init=init), log=quiet).step == 3
+
+
 def test_init_given_as_a_run_folder_or_its_newest_checkpoint_is_one_start(tmp_path, monkeypatch):
     """--init s1 takes s1's newest checkpoint: a resume naming that file is the same start; once
     s1 holds a newer one, the folder names another start."""
