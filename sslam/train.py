@@ -578,10 +578,22 @@ def _flat(config: dict) -> dict:
     return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
 
 
-def _unused_settings(cfg: TrainConfig) -> set[str]:
-    """Settings that change nothing for ``cfg``'s data: min_samples filters a manifest's size
-    column only (runs saved before its default became fairseq's 10000 resume as they were)."""
-    return set() if cfg.data.source.lower().endswith(".tsv") else {"data.min_samples"}
+def _unused_settings(cfg: TrainConfig, init: str) -> set[str]:
+    """Settings that change nothing for ``cfg`` resuming a run started from ``init`` (its
+    recorded run.init), so a resume may take other values: min_samples
+    filters a manifest's size column only (runs saved before its default became fairseq's 10000
+    resume as they were), the synth_* sizes make the synthetic data, stage 1 neither mixes nor
+    has the SRL term, and only a run from a checkpoint restarts the EMA."""
+    unused = set()
+    if not cfg.data.source.lower().endswith(".tsv"):
+        unused.add("data.min_samples")
+    if cfg.data.source != "synth":
+        unused |= {"data.synth_clips", "data.synth_seconds"}
+    if cfg.objective.stage == 1:
+        unused |= {"objective.srl_weight", "objective.mix_width"}
+    if not init:
+        unused.add("ema.restart")
+    return unused
 
 
 def _same_source(before: str, now: str) -> bool:
@@ -650,7 +662,8 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
     resolved = saved.get("precision") and precision  # else (older checkpoints) as written
     if resolved:
         del old["run.precision"], now["run.precision"]
-    conflicts = changed_settings(old, now, RESUME_MAY_CHANGE | _unused_settings(cfg) | {"data.source"})
+    old_init = before.get("run", {}).get("init", "")
+    conflicts = changed_settings(old, now, RESUME_MAY_CHANGE | _unused_settings(cfg, old_init) | {"data.source"})
     # Files of a checkpoint that records its data's clips are checked on them (Trainer.data_loader):
     # the data may move. Older ones name it by its path.
     old_source = before.get("data", {}).get("source", cfg.data.source)
@@ -661,7 +674,6 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
         conflicts.append(f"run.precision: {saved['precision']} in the checkpoint (run.precision="
                          f"{before.get('run', {}).get('precision')!r}), {precision} now ({cfg.run.precision!r}); "
                          f"--run.precision={saved['precision']} resumes it")
-    old_init = before.get("run", {}).get("init", "")
     if cfg.run.init and not _same_init(old_init, cfg.run.init):
         conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now")
     # The data position and the per-slot random streams count global batches of
@@ -820,7 +832,7 @@ class Trainer:
         # As for a resume, less the global batch's split (the processes of that attempt are
         # not recorded); but a start without run.init is from random weights, another run.
         now = self.cfg
-        conflicts = changed_settings(_flat(before), _flat(now.to_dict()), RESUME_MAY_CHANGE | _unused_settings(now),
+        conflicts = changed_settings(_flat(before), _flat(now.to_dict()), RESUME_MAY_CHANGE | _unused_settings(now, now.run.init),
                                      "config.json")
         old_init = before.get("run", {}).get("init", "")
         if not _same_init(old_init, now.run.init):

@@ -155,6 +155,31 @@ def test_stage_defaults_follow_the_spec():
         "data.min_samples: 0 in the checkpoint, 10000 now"]
 
 
+def test_settings_a_run_does_not_use_may_change_on_resume():
+    """Synthetic-data sizes for a run on files, the mixing and SRL settings in stage 1, the EMA
+    restart without --init: changing them changes nothing, so a resume takes them; where they
+    are used they are compared."""
+    from sslam.train import resume_conflicts
+
+    def conflicts(saved: TrainConfig, **changes) -> list[str]:
+        now = TrainConfig.from_dict(saved.to_dict())
+        for key, value in changes.items():
+            set_option(now, key, value)
+        return resume_conflicts({"config": saved.to_dict()}, now, 1)
+
+    unused = {"data.synth_clips": 5, "data.synth_seconds": 2.0, "objective.srl_weight": 1.0,
+              "objective.mix_width": 32, "ema.restart": False}
+    files = preset("tiny", 1)
+    files.data.source = "clips/"
+    assert conflicts(files, **unused) == []
+    stage2 = preset("tiny", 2)
+    stage2.run.init = "s1.pt"
+    assert [c.split(":")[0] for c in conflicts(stage2, **unused)] == [
+        "objective.srl_weight", "objective.mix_width", "data.synth_clips", "data.synth_seconds", "ema.restart"]
+    assert conflicts(stage2, **{"run.init": "", "ema.restart": False}) == [  # resumed without --init
+        "ema.restart: True in the checkpoint, False now"]
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_stage_two_from_random_weights_is_noted(tmp_path, stage):
     lines = []
