@@ -536,12 +536,13 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str,
     # Hugging Face's fc_norm is nn.LayerNorm with its default eps (1e-5); fairseq's uses 1e-6.
     fields["head_norm_eps"] = 1e-5 if fmt == "hf" else None
     config = infer_config(state, source=path, config_source=config_path, **fields)
+    _check_architecture(config, state, config_source)  # first: a wrong patch_size is named as such
     stride = cfg.get("stride")
     if isinstance(stride, (list, tuple)) and stride and all(s == stride[0] for s in stride):  # (16, 16)
         stride = stride[0]
     if stride not in (None, config.patch_size):
         raise CheckpointError(f"{config_source}: unsupported encoder configuration: stride={cfg['stride']} differs from the "
-                              f"patch size {config.patch_size} (overlapping patches)")
+                              f"patch size {config.patch_size} (patches must tile the spectrogram)")
     length = image[0] if isinstance(image, (list, tuple)) and image else cfg.get("target_length")
     prep = _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": "audioset"}, config_source)
     return Checkpoint(path, fmt, config, state, preprocessing=prep,

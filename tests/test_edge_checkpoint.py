@@ -705,6 +705,7 @@ def test_safetensors_dtypes_and_shapes(tmp_path):
     ({"mel_bins": "128"}, "mel_bins='128' must be an integer"),
     ({"mel_bins": None, "img_size": [1024, "128"]}, "mel_bins='128' must be an integer"),
     ({"stride": [[16], [16]]}, r"stride=\[\[16\], \[16\]\]"),
+    ({"patch_size": 8, "stride": 8}, "patch_size: config 8, weights 16"),
     ({"mlp_ratio": 1e308}, "mlp_ratio=1e.308 gives no finite MLP width"),
     ({"embed_dim": 4 * 10**400}, "embed_dim: a 1331-bit integer, over the 2\\*\\*31 - 1 supported"),
 ])
