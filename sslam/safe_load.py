@@ -200,7 +200,9 @@ def safe_torch_load(path: str | os.PathLike):
             # Not memory-mapped: torch then reads each record checking its size first (a mapped
             # tensor would take the bytes after a short or compressed record), and the tensors do
             # not change, or fault, when the file is rewritten in place.
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # of protocols other than 2: where it reads, moot
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise _load_error(path, exc) from exc
     _check_tensor_sizes(path, obj)

@@ -325,6 +325,17 @@ def test_a_pickled_config_of_shared_references_is_refused_promptly(tmp_path):
         load_encoder(tmp_path / "nest.pt")
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_files_pickled_with_protocol_3_load_without_torch_s_warning(tmp_path, zip_format):
+    """torch.load warns of protocols other than 2 in case its own unpickler lacks one of their
+    instructions; where it read the file, the warning says nothing to the user."""
+    torch.save(load_golden("tiny_ckpt.pt"), tmp_path / "p3.pt", pickle_protocol=3,
+               _use_new_zipfile_serialization=zip_format)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_encoder(tmp_path / "p3.pt")
+
+
 def test_float64_weights_beyond_float32_are_refused_not_made_infinite(tmp_path):
     ckpt = load_golden("tiny_ckpt.pt")
     weight = ckpt["model"]["blocks.0.mlp.fc1.weight"].double()
