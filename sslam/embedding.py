@@ -244,7 +244,10 @@ def embed(
         model: a :class:`sslam.model.Encoder` (its ``preprocessing`` gives target_length/norm).
         audio: samples on the [-1, 1] scale at ``sample_rate``, or paths (decoded and resampled
             from the file's own rate; ``sample_rate`` does not apply to them). Every clip needs at
-            least one 25 ms frame (400 samples at 16 kHz), else ``AudioError`` names it.
+            least one 25 ms frame (400 samples at 16 kHz), else ``AudioError`` names it. A file's
+            channels, and those of a (channels, N) clip in a list, are averaged to mono before
+            resampling (the reference resamples each first: ~1e-7 apart); a (B, N) tensor is B
+            clips.
         padding: 'official' (pad every window to target_length) or 'mask' (see module doc).
         crop: keep only the first ``target_length`` frames (the official behaviour).
         hop: frames between window starts for long clips (default target_length // 2).
