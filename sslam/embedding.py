@@ -246,8 +246,8 @@ def embed(
             from the file's own rate; ``sample_rate`` does not apply to them). Every clip needs at
             least one 25 ms frame (400 samples at 16 kHz), else ``AudioError`` names it. A file's
             channels, and those of a (channels, N) clip in a list, are averaged to mono before
-            resampling (the reference resamples each first: ~1e-7 apart); a (B, N) tensor is B
-            clips.
+            resampling (the reference resamples each first: the CLS ~1e-7 apart, patch tokens
+            ~1e-5); a (B, N) tensor is B clips.
         padding: 'official' (pad every window to target_length) or 'mask' (see module doc).
         crop: keep only the first ``target_length`` frames (the official behaviour).
         hop: frames between window starts for long clips (default target_length // 2).
