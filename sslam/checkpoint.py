@@ -790,13 +790,12 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
         # Dense float tensors of the usual widths only: isfinite has no kernel for sparse, meta
         # or float8 tensors, whose errors would not name the file.
         usable = v.layout == torch.strided and not v.is_meta and v.dtype in _WEIGHT_DTYPES
-        kind = f"{v.dtype}, {v.layout}" + (", meta" if v.is_meta else "")
-        if not usable:
+        out[k] = v.to(expected[k].dtype) if usable else v
+        if not usable or not torch.isfinite(out[k]).all():  # after the cast: 1e300 in float64 is inf in float32
+            kind = f"{v.dtype}, {v.layout}" + (", meta" if v.is_meta else "")
+            if usable and torch.isfinite(v).all():
+                kind += f"; not finite as {out[k].dtype}"
             raise CheckpointError(f"{source}: {shown(k)} is not a finite floating-point tensor ({kind})")
-        out[k] = v.to(expected[k].dtype)
-        if not torch.isfinite(out[k]).all():  # after the cast: 1e300 in float64 is inf in float32
-            narrowed = f"; not finite as {out[k].dtype}" if torch.isfinite(v).all() else ""
-            raise CheckpointError(f"{source}: {shown(k)} is not a finite floating-point tensor ({kind}{narrowed})")
     return out | {k: expected[k] for k in recomputed}
 
 

@@ -267,7 +267,7 @@ def embed(
         raise ValueError(f"hop={hop!r}: must be a positive multiple of {patch} frames, at most {window}")
     batch_size = checked_batch_size(batch_size)
     param = next(model.parameters())
-    if param.is_meta:  # refused here: copying its weights would raise a bare NotImplementedError
+    if param.is_meta:  # refused by name: copying meta weights fails deep inside torch
         raise ValueError("model: its weights are on the meta device (shapes, no values); load them first")
     clips = _as_clips(audio, sample_rate)  # at 16 kHz, each at least one frame long
     frames = num_frames(torch.tensor([c.numel() for c in clips]))  # (B,), each clip's own

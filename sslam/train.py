@@ -580,10 +580,10 @@ def _flat(config: dict) -> dict:
 
 def _unused_settings(cfg: TrainConfig, init: str) -> set[str]:
     """Settings that change nothing for ``cfg`` resuming a run started from ``init`` (its
-    recorded run.init), so a resume may take other values: min_samples
-    filters a manifest's size column only (runs saved before its default became fairseq's 10000
-    resume as they were), the synth_* sizes make the synthetic data, stage 1 neither mixes nor
-    has the SRL term, and only a run from a checkpoint restarts the EMA."""
+    recorded run.init), so a resume may take other values: min_samples filters a manifest's
+    size column only (runs saved before its default became fairseq's 10000 resume as they were),
+    the synth_* sizes make the synthetic data, stage 1 neither mixes nor has the SRL term, and
+    only a run from a checkpoint restarts the EMA."""
     unused = set()
     if not cfg.data.source.lower().endswith(".tsv"):
         unused.add("data.min_samples")
