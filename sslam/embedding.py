@@ -11,9 +11,9 @@ encoded whole -- the official feature extraction, so the outputs equal the offic
   windows' CLS tokens. ``crop=True`` instead keeps only the first window (the official crop).
 * ``padding="mask"``: windows are padded only to the longest clip of the batch (rounded up to a
   patch row) and patch rows holding no real frame are excluded from attention and pooling, so a
-  clip's embeddings do not depend on what it is batched with, up to float rounding (~5e-7: the
-  masked softmax sums over a longer row). ``padding="official"`` is bit-identical whatever the
-  batch.
+  clip's embeddings do not depend on what it is batched with, up to float rounding (~1e-6: the
+  masked softmax sums over a longer row). With ``padding="official"`` a clip's embeddings,
+  logits and probabilities are bit-identical whatever the batch.
 
 Token layout: patch token n = t * 8 + f (t = patch row, 16 frames = 160 ms; f = frequency band).
 A patch row is *real* when it holds at least one real frame.
@@ -35,6 +35,7 @@ from .data import pad_clips
 from .features import (
     FRAME_LENGTH,
     FRAME_SHIFT,
+    NUM_MEL_BINS,
     SAMPLE_RATE,
     check_min_length,
     layout_hint,
@@ -258,6 +259,9 @@ def embed(
         raise TypeError(f"model: expected an sslam Encoder (sslam.load_encoder(path)), got {type(model).__name__}")
     if padding not in PADDING_MODES:
         raise ValueError(f"padding={padding!r}: choose one of {PADDING_MODES}")
+    if model.cfg.mel_bins != NUM_MEL_BINS:
+        raise ValueError(f"model: takes {model.cfg.mel_bins} mel bins; embed computes the official {NUM_MEL_BINS}-bin "
+                         "log-mel (call the model on spectrograms of your own)")
     window, norm_name = model.input_window()
     norm = norm_stats(norm_name)
     patch, freq = model.cfg.patch_size, model.cfg.freq_patches
@@ -344,8 +348,11 @@ def _merge(model, cls_out, sums, counts, plan, real_frames, num_rows, patch) -> 
     )
     if model.cfg.num_classes > 0:
         dtype = next(model.parameters()).dtype
-        window_logits = model.classify(cls_out.to(dtype)).float()
+        # One window at a time: a matmul's rounding depends on its row count, and a clip's
+        # logits must not depend on what it is batched with.
+        window_logits = torch.cat([model.classify(row[None]) for row in cls_out.to(dtype)]).float()
         out.logits = sums.new_zeros(num_clips, window_logits.shape[1]).index_add_(0, owners, window_logits) / per_window
-        out.probabilities = out.logits.sigmoid()
+        # Row by row too: the vectorised sigmoid rounds by an element's place in the tensor.
+        out.probabilities = torch.stack([row.sigmoid() for row in out.logits])
         out.label_names = None if model.label_names is None else list(model.label_names)  # the model's stay its own
     return out

@@ -115,6 +115,29 @@ def test_finetuned_model_returns_probabilities():
     assert torch.all((emb.probabilities > 0) & (emb.probabilities < 1))
 
 
+def test_head_outputs_do_not_depend_on_the_batch():
+    """Regression: the head ran on all of a call's windows at once, and a matmul's rounding
+    depends on its row count, so a clip's logits moved by ~1e-6 with its batch (its embeddings,
+    with the official padding, did not)."""
+    torch.manual_seed(0)
+    model = Encoder(EncoderConfig(embed_dim=96, depth=1, num_heads=2, num_classes=50)).eval()
+    clips = [torch.randn(n) * 0.2 for n in (32037, 800, 200000, 16000, 5000)]  # 12.5 s: two windows
+    together = model.embed(clips, 16000)
+    for i, clip in enumerate(clips):
+        alone = model.embed(clip, 16000)
+        assert torch.equal(together.utterance[i], alone.utterance[0])
+        assert torch.equal(together.logits[i], alone.logits[0])
+        assert torch.equal(together.probabilities[i], alone.probabilities[0])
+
+
+def test_an_encoder_of_other_mel_bins_is_refused_by_embed():
+    """embed computes the official 128-bin log-mel; a 64-bin encoder failed inside its forward
+    ("expected a (B, 1, T, 64) spectrogram, got (1, 1, 1024, 128)")."""
+    model = Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, mel_bins=64)).eval()
+    with pytest.raises(ValueError, match="model: takes 64 mel bins; embed computes the official 128-bin log-mel"):
+        model.embed(torch.randn(16000), 16000)
+
+
 def test_embeddings_are_ordinary_tensors(tiny):
     """Regression: ``embed`` ran under ``torch.inference_mode``, so its outputs (and HEAR's) could
     not be changed in place nor feed a model that is trained (a probe on ``utterance``)."""
