@@ -1038,8 +1038,15 @@ def describe(path, weights: str = "student") -> str:
     cfg = ckpt.config
     _check_on_meta(ckpt)  # `info` fails where loading would
     n = sum(v.numel() for k, v in ckpt.state.items() if k != "pos_embed")
+    # An export's record of what it was made from (convert, fine-tuning), when it has one.
+    source = (ckpt.raw_config or {}).get("source") if ckpt.format == "sslam" else None
+    converted = source.get("file") if isinstance(source, dict) and isinstance(source.get("file"), str) else None
     if weights == "teacher":
         which = "teacher (the EMA copy; the file also holds the student)"
+    elif converted and source.get("weights") == "teacher":
+        which = f"teacher (the EMA copy of {converted}, converted)"
+    elif converted:
+        which = f"student (of {converted}, converted)"
     else:
         which = "student" + ("" if ckpt.teacher is None else " (EMA teacher also present)")
     lines = [
@@ -1055,5 +1062,7 @@ def describe(path, weights: str = "student") -> str:
     ]
     if ckpt.label_names:
         lines.append(f"labels:       {len(ckpt.label_names)} ({', '.join(ckpt.label_names[:5])}, ...)")
+    if source:
+        lines.append("source:       " + json.dumps(source))
     lines.append("config:       " + json.dumps(cfg.to_dict()))
     return "\n".join(lines)

@@ -200,6 +200,11 @@ def test_own_format_round_trip_and_info(tmp_path, tiny_model, golden_fbank, caps
     assert torch.equal(load_encoder(teacher_dir).cls_token, load_encoder(TINY, weights="teacher").cls_token)
     text = describe(TINY)
     assert "fairseq-pretrain" in text and "116,608" in text and "EMA teacher also present" in text
+    # An export says where its one set of weights came from (it said "student" for a teacher).
+    text = describe(teacher_dir)
+    assert "weights:      teacher (the EMA copy of tiny_ckpt.pt, converted)" in text
+    assert 'source:       {"format": "fairseq-pretrain", "weights": "teacher", "file": "tiny_ckpt.pt"}' in text
+    assert "weights:      student (of tiny_ckpt.pt, converted)" in describe(out)
 
 
 def test_labels_for_converted_finetuned_model(tmp_path, tiny):
