@@ -245,7 +245,7 @@ def decoder_layer_ref(x, grid, weight, bias, *, groups: int, residual: bool = Tr
 
 def _checked_eps(eps) -> float:
     """The LayerNorm epsilon as the Python float the kernels take (a numpy float is one too)."""
-    if isinstance(eps, bool) or not isinstance(eps, Real) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, Real) or not 0 <= eps < math.inf:  # NaN fails too
         raise ValueError(f"eps={eps!r}: expected a finite number >= 0")
     return float(eps)
 

@@ -114,6 +114,17 @@ def test_cnn_decoder_token_major_path_equals_reference(monkeypatch, kernels_on_c
         assert_close(a, r, 2e-5, "dparam")
 
 
+def test_decoder_traces_with_dynamic_shapes(kernels_on_cpu):
+    """Regression: torch.compile(dynamic=True, fullgraph=True) failed on the epsilon check
+    (math.isfinite of the symbolic float dynamo makes of ``eps``)."""
+    decoder = CNNDecoder(32, DecoderConfig(dim=32, groups=4, kernel=3, layers=2))
+    tokens = torch.randn(2, 15, 32)
+    compiled = torch.compile(lambda t, eps: dec.decoder_norm_act(decoder(t, (5, 3)), eps=eps), backend="aot_eager",
+                             dynamic=True, fullgraph=True)
+    for eps in (1e-5, 1e-3):
+        assert_close(compiled(tokens, eps), dec.decoder_norm_act(decoder(tokens, (5, 3)), eps=eps), 1e-6, "out")
+
+
 def test_custom_op_passes_opcheck(kernels_on_cpu):
     y, res = torch.randn(9, 40), torch.randn(9, 40)
     torch.library.opcheck(torch.ops.sslam.decoder_norm_act.default, (y, res, 1e-5),
@@ -126,6 +137,9 @@ def test_bad_arguments_are_named():
         dec.decoder_norm_act(y, torch.randn(2, 6, 4))
     with pytest.raises(TypeError, match="y: dtype"):
         dec.decoder_norm_act(y.long())
+    for eps in (float("nan"), float("inf"), -1e-5, True, "1e-5"):
+        with pytest.raises(ValueError, match=r"eps=.*: expected a finite number >= 0"):
+            dec.decoder_norm_act(y, eps=eps)
     w, b = decoder_weights(8, 8, 2)
     with pytest.raises(ValueError, match="grid"):
         dec.decoder_layer(y, (4, 2), w, b, groups=2)
