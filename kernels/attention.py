@@ -40,6 +40,9 @@ autograd.Function that skips the custom-op dispatch cost), the PyTorch reference
 public functions.
 """
 
+import math
+from numbers import Real
+
 # typing.Optional (not `X | None`) in the custom-op signatures below: the schema inference of
 # every supported torch version understands it.
 from typing import Optional
@@ -806,7 +809,12 @@ def attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, *, scale=None, upcast=
 
 
 def _resolve_scale(head_dim: int, scale: float | None) -> float:
-    return head_dim ** -0.5 if scale is None else float(scale)
+    if scale is None:
+        return head_dim ** -0.5
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) scale is a symbolic float.
+    if isinstance(scale, bool) or not isinstance(scale, Real) or not -math.inf < scale < math.inf:
+        raise ValueError(f"scale={scale!r}: expected None or a finite number")
+    return float(scale)
 
 
 def _check_qkv(q, k, v, ndim: int, layout: str) -> None:

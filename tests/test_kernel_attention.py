@@ -364,6 +364,16 @@ def test_invalid_arguments_are_named(change, error, match):
         attn.attention(q, k, v, key_padding_mask=m)
 
 
+@pytest.mark.parametrize("scale", ["x", float("nan"), float("inf"), True, torch.tensor(0.1)])
+def test_invalid_scale_is_named(scale):
+    """A string failed as "could not convert string to float: 'x'"; NaN gave NaN outputs."""
+    q = torch.randn(1, 5, 2, 16)
+    for call in (lambda: attn.attention(q, q, q, scale=scale),
+                 lambda: attn.attention_varlen(q[0], q[0], q[0], torch.tensor([0, 5], dtype=torch.int32), 5, scale=scale)):
+        with pytest.raises(ValueError, match=r"scale=.*: expected None or a finite number"):
+            call()
+
+
 def test_a_list_as_padding_mask_is_named():
     q = torch.randn(2, 7, 2, 16)
     with pytest.raises(TypeError, match="key_padding_mask: expected a bool tensor, got list"):
