@@ -200,6 +200,9 @@ def _mix_rows_fake(x, start_a, start_b, width, row_size, row_div, row_mul):
 @torch.library.custom_op("sslam::gather_tokens", mutates_args=())
 def _gather_tokens_op(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """(B, N, D), (K,) int64 -> (B, K, D) = tokens[:, keep]."""
+    # Checked here, where it runs under torch.compile too: the kernel does not bound its reads.
+    if keep.numel():
+        _check_indices(keep, tokens.shape[1])
     return _launch_gather(tokens, keep)
 
 
@@ -261,6 +264,8 @@ def gather_tokens_ref(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _check_dtype(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"{name}: dtype {t.dtype} not supported; expected one of "
                          f"{_SUPPORTED_DTYPES}")
@@ -343,8 +348,8 @@ def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
     Returns:
         (B, K, D), differentiable: the gradient of a token is the sum of the gradients of its
-        copies (zero if not kept). Index values are checked eagerly (on a GPU by a device-side
-        assertion, without a host sync); under ``torch.compile`` that check is skipped.
+        copies (zero if not kept). Index values are checked, under ``torch.compile`` too (on a
+        GPU by a device-side assertion, without a host sync).
     """
     _check_dtype("tokens", tokens)
     if tokens.dim() != 3:
@@ -354,8 +359,8 @@ def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"keep: expected a (K,) int64 tensor, got {got}")
     if keep.device != tokens.device:
         raise ValueError(f"keep: on {keep.device}, tokens on {tokens.device}")
-    if not traced(keep) and keep.numel():
-        _check_indices(keep, tokens.shape[1])
     if not use_kernels(tokens, keep):
+        if not traced(keep) and keep.numel():  # traced, torch's indexing bounds its own reads
+            _check_indices(keep, tokens.shape[1])
         return gather_tokens_ref(tokens, keep)
     return _gather_tokens_op(tokens, keep)

@@ -148,6 +148,22 @@ def test_gather_validates():
         mx.gather_tokens(tokens.double(), torch.tensor([1]))
     with pytest.raises(ValueError, match="keep: expected a .* int64 tensor, got list"):
         mx.gather_tokens(tokens, [1, 2])
+    # Not a tensor at all: named, not "AttributeError: 'list' object has no attribute 'dtype'".
+    with pytest.raises(TypeError, match="tokens: expected a torch.Tensor, got list"):
+        mx.gather_tokens(tokens.tolist(), torch.tensor([1]))
+    with pytest.raises(TypeError, match="spec_or_patches: expected a torch.Tensor, got list"):
+        mx.mix_spectrograms(tokens.tolist(), MixWindows((0, 16), 16))
+
+
+def test_gather_indices_are_checked_under_torch_compile(kernels_on_cpu):
+    """Regression: traced, the kernel path skipped the index check and read past the tokens (a
+    neighbour clip's token, or whatever memory followed)."""
+    compiled = torch.compile(mx.gather_tokens, backend="aot_eager", fullgraph=True)
+    tokens = torch.randn(2, 5, 8)
+    assert torch.equal(compiled(tokens, torch.tensor([4, 0])), tokens[:, [4, 0]])
+    for keep in ([0, 7], [-1, 2]):
+        with pytest.raises(ValueError, match=r"keep: indices must lie in \[0, 5\)"):
+            compiled(tokens, torch.tensor(keep))
 
 
 def test_kernels_off_equals_reference(monkeypatch):
