@@ -267,7 +267,9 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, *
     found = shape_architecture(state)
     missing = [name for name in ("embed_dim", "patch_size", "depth", "mlp_dim") if name not in found]
     if missing:
-        raise CheckpointError(f"{source}: cannot infer the architecture: no tensor gives {', '.join(missing)}")
+        names = sorted(map(str, state))
+        held = f"its tensors are named {_listed(names)}" if names else "it holds no tensors"
+        raise CheckpointError(f"{source}: cannot infer the architecture: no tensor gives {', '.join(missing)}; {held}")
     if isinstance(found["patch_size"], tuple):
         raise CheckpointError(f"{source}: non-square patch kernel {found['patch_size']} is not supported")
     dim, patch = found["embed_dim"], found["patch_size"]

@@ -433,6 +433,19 @@ def test_teacher_is_the_ema_copy_and_differs_from_the_student(tmp_path):
     assert "teacher (the EMA copy; the file also holds the student)" in describe(tmp_path / "pt.pt", "teacher")
 
 
+def test_teacher_of_unknown_names_lists_them(tmp_path):
+    """A teacher under a prefix this loader does not know was refused as "cannot infer the
+    architecture", without the names that it did not recognise."""
+    cfg = VARIANTS["tiny"]
+    ckpt = fairseq_pretrain(random_encoder(cfg, seed=4), random_encoder(cfg, seed=5))
+    ckpt["model"]["_ema"] = {"module." + k: v for k, v in ckpt["model"]["_ema"].items()}
+    torch.save(ckpt, tmp_path / "pt.pt")
+    with pytest.raises(CheckpointError, match=r"pt.pt \(its EMA teacher, model\['_ema'\]\): cannot infer the "
+                                              r"architecture: no tensor gives .*; its tensors are named "
+                                              r"\['module\.blocks\.0\..*, \.\.\. and \d+ more\]"):
+        load_encoder(tmp_path / "pt.pt", weights="teacher")
+
+
 def test_teacher_of_ema_encoder_only_checkpoints(tmp_path):
     """data2vec's ``ema_encoder_only``: ``_ema`` is the block list (``0.norm1.weight``, ...); the
     official teacher takes the patch embedding, CLS, positions and pre-LN from the student."""
