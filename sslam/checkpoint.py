@@ -43,7 +43,13 @@ import torch
 
 from .audio import SUPPORTED_RATES
 from .features import NUM_MEL_BINS, norm_stats
-from .files import EXPORT_FILES, check_output_folder, creation_mode, read_json_object
+from .files import (
+    EXPORT_FILES,
+    check_output_folder,
+    checkpoints_in,
+    creation_mode,
+    read_json_object,
+)
 from .hub import is_hub_name, local_path
 from .model import HEAD_NAMES, VARIANTS, Encoder, EncoderConfig
 from .safe_load import CheckpointError, file_kind, safe_torch_load, to_plain
@@ -697,7 +703,11 @@ def _read_folder(path: Path, weights: str) -> Checkpoint:
             raise CheckpointError(f"{path / 'pytorch_model.bin'}: expected a dict of tensors")
         return _from_tensors(path / "pytorch_model.bin", tensors, _read_json(config_file) if config_file else {}, weights,
                              "hf", config_file)
-    raise CheckpointError(f"{path}: folder without model.safetensors (or pytorch_model.bin)")
+    found = checkpoints_in(path)
+    if found:  # a training run's folder: its newest checkpoint, as `pretrain --init` takes it
+        return _read_layout(found[-1], weights)
+    raise CheckpointError(f"{path}: folder without model.safetensors, pytorch_model.bin or a training checkpoint "
+                          "(checkpoint_<step>.pt)")
 
 
 def _read(source: str | os.PathLike, weights: str) -> Checkpoint:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +15,18 @@ from pathlib import Path
 # What an encoder export holds (:func:`sslam.checkpoint.save_encoder`): a temporary folder that
 # holds these and nothing else is one a killed export left.
 EXPORT_FILES = ("model.safetensors", "config.json")
+
+# A trainer's checkpoint, the whole name (not best_checkpoint_...): the step zero-padded to 8
+# digits, more past 10**8 - 1.
+CKPT_PATTERN = re.compile(r"checkpoint_(\d{8,})\.pt")
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    """Checkpoints of a run folder, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_PATTERN.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def creation_mode(mode: int) -> int:

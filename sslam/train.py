@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 import warnings
@@ -35,7 +34,13 @@ from . import native
 from .checkpoint import CheckpointError, check_state, read_checkpoint
 from .data import MAX_WORKERS
 from .features import norm_stats, preprocess
-from .files import atomic_write, check_output_folder, read_json_object, remove_temporaries
+from .files import (
+    atomic_write,
+    check_output_folder,
+    checkpoints_in,
+    read_json_object,
+    remove_temporaries,
+)
 from .hub import is_hub_name
 from .kernels.switch import use_kernels
 from .masking import MaskConfig, clone_masks, kept_indices
@@ -517,18 +522,6 @@ def lr_factor(step: int, o: OptimSection) -> float:
 
 
 # ---- checkpoints --------------------------------------------------------------------------
-
-# The whole name (not best_checkpoint_...): the step zero-padded to 8 digits, more past 10**8 - 1.
-CKPT_PATTERN = re.compile(r"checkpoint_(\d{8,})\.pt")
-
-
-def checkpoints_in(folder: Path) -> list[Path]:
-    """Checkpoints of a run folder, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CKPT_PATTERN.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
-
 
 def save_checkpoint(out: Path, step: int, state: dict, keep_last: int) -> Path:
     """``state`` as ``out/checkpoint_<step>.pt``, written atomically; then every checkpoint but

@@ -628,7 +628,7 @@ def test_truncated_legacy_file_and_folders(tmp_path):
         load_encoder(path)
     with pytest.raises(CheckpointError, match="is a folder"):
         safe_torch_load(tmp_path)
-    with pytest.raises(CheckpointError, match="folder without model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"folder without model.safetensors, pytorch_model.bin or a training checkpoint \(checkpoint_<step>.pt\)"):
         load_encoder(tmp_path)
 
 

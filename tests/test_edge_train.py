@@ -20,6 +20,7 @@ from test_train import assert_same_state, interrupt_after, pretrain_script, smal
 
 from sslam import native
 from sslam.checkpoint import CheckpointError, read_checkpoint, safe_torch_load
+from sslam.cli import main
 from sslam.evaluate import FinetuneConfig, Finetuner, ProbeConfig, linear_probe, with_head
 from sslam.labels import LabeledSplit, read_csv_split, synth_split
 from sslam.masking import MaskConfig
@@ -326,6 +327,17 @@ def test_init_from_a_run_folder_uses_its_newest_checkpoint(tmp_path, stage1_run)
     trainer = Trainer(small(tmp_path, stage=2, steps=1, run__init=str(stage1_run)), log=quiet)
     newest = read_checkpoint(checkpoints_in(stage1_run)[-1])
     assert all(torch.equal(v, newest.state[k]) for k, v in trainer.model.student.state_dict().items())
+
+
+def test_a_run_folder_loads_as_its_newest_checkpoint(stage1_run, capsys):
+    """`load_encoder("runs/s1")` and `sslam info runs/s1` were refused ("folder without
+    model.safetensors") where `pretrain --init runs/s1` reads the newest checkpoint."""
+    newest = checkpoints_in(stage1_run)[-1]
+    for weights in ("student", "teacher"):
+        ckpt, expected = read_checkpoint(stage1_run, weights), read_checkpoint(newest, weights)
+        assert ckpt.path == newest and all(torch.equal(v, expected.state[k]) for k, v in ckpt.state.items())
+    assert main(["info", str(stage1_run)]) == 0
+    assert f"file:         {newest}" in capsys.readouterr().out
 
 
 def test_init_size_comes_from_the_file_not_the_preset(tmp_path):
