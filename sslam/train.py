@@ -865,6 +865,9 @@ class Trainer:
             if cfg.objective.top_k > ckpt.config.depth:
                 raise ValueError(f"objective.top_k={cfg.objective.top_k} exceeds the depth {ckpt.config.depth} of "
                                  f"run.init's encoder ({ckpt.path})")
+            if cfg.data.target_length > ckpt.config.max_frames:
+                raise ValueError(f"data.target_length={cfg.data.target_length}: at most {ckpt.config.max_frames} "
+                                 f"frames, the position table of run.init's encoder ({ckpt.path})")
             if ckpt.decoder:  # the file's decoder is trained on, whatever the settings say
                 file_decoder = file_decoder_config(ckpt)
                 unused = [f"model.{name}={value} (the file: {getattr(file_decoder, name.removeprefix('decoder_'))})"

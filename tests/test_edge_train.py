@@ -376,6 +376,14 @@ def test_init_names_the_decoder_sizes_and_top_k_it_cannot_use(tmp_path, stage1_r
                and "model.decoder_groups=2 (the file: 4)" in line for line in lines), lines
     with pytest.raises(ValueError, match="objective.top_k=5 exceeds the depth 2 of run.init's encoder"):
         Trainer(small(tmp_path / "b", stage=2, steps=1, run__init=str(stage1_run), objective__top_k=5), log=quiet)
+    # A window longer than the file's position table: named before the run starts (it failed at
+    # its first step, with advice meant for embedding long audio).
+    frames = read_checkpoint(stage1_run).config.max_frames
+    with pytest.raises(ValueError, match=rf"data.target_length={frames + 16}: at most {frames} frames, the position "
+                                         rf"table of run.init's encoder \("):
+        Trainer(small(tmp_path / "c", stage=2, steps=1, run__init=str(stage1_run), data__target_length=frames + 16),
+                log=quiet)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
 
 
 def test_init_with_other_patches_is_refused(tmp_path):
