@@ -21,6 +21,10 @@ EXPORT_FILES = ("model.safetensors", "config.json")
 CKPT_PATTERN = re.compile(r"checkpoint_(\d{8,})\.pt")
 
 
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:08d}.pt"
+
+
 def checkpoints_in(folder: Path) -> list[Path]:
     """Checkpoints of a run folder, oldest first."""
     if not folder.is_dir():

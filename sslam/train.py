@@ -37,6 +37,7 @@ from .features import norm_stats, preprocess
 from .files import (
     atomic_write,
     check_output_folder,
+    checkpoint_name,
     checkpoints_in,
     read_json_object,
     remove_temporaries,
@@ -526,7 +527,7 @@ def lr_factor(step: int, o: OptimSection) -> float:
 def save_checkpoint(out: Path, step: int, state: dict, keep_last: int) -> Path:
     """``state`` as ``out/checkpoint_<step>.pt``, written atomically; then every checkpoint but
     the newest ``keep_last`` is deleted."""
-    path = out / f"checkpoint_{step:08d}.pt"
+    path = out / checkpoint_name(step)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     for old in checkpoints_in(out)[:-keep_last]:
         old.unlink(missing_ok=True)
@@ -806,6 +807,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**7, enabled=precision.startswith("fp16"))
         if saved is not None:
             self._load_training_state(saved)
+            if self._too_many_bad_files():
+                raise ValueError(f"{self.resume_from}: the run stopped on {len(self.bad_files)} unreadable files, more "
+                                 f"than data.max_bad_files={cfg.data.max_bad_files}: resume with a larger one")
             self.log(f"resumed from {self.resume_from} at step {self.step}")
         self.flops_per_clip = train_flops_per_clip(self.model.student.cfg, self.model.objective,
                                                    cfg.data.target_length, self.mask_cfg.num_kept)
@@ -1040,9 +1044,9 @@ class Trainer:
         rows, failures, exhausted = self._across_processes(
             rows, sum(len(batch.failures) for batch in micro_batches), sum(batch.exhausted for batch in micro_batches))
         self._count_bad_files(micro_batches, failures)
-        if exhausted:
-            raise StopTraining(f"every one of the {self.data_size} audio files of the data is unreadable; first ones: "
-                               f"{[p for p, _ in self.bad_files[:5]]}")
+        if exhausted:  # a clip found no readable file: the batch holds silence, not a step to keep
+            raise StopTraining(self._too_many_bad_files() or f"every one of the {self.data_size} audio files of the "
+                               f"data is unreadable; first ones: {[p for p, _ in self.bad_files[:5]]}")
         grad_norm = float(grad_norm)
         finite_loss = all(math.isfinite(row[0]) for row in rows)
         if not finite_loss or not math.isfinite(grad_norm):
@@ -1237,10 +1241,16 @@ class Trainer:
                         bar.set_postfix(loss=f"{values['loss']:.4f}")
                         window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
+                # The step is whole (readable files took the unreadable ones' places): a run that
+                # stops for them keeps it, and a resume with a larger limit goes on from there.
+                too_many_bad = self._too_many_bad_files()
                 # A skipped step saves too: otherwise a bad batch on a checkpoint step (or the
                 # last) would leave the steps since the previous checkpoint unsaved.
-                if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.optim.max_steps:
+                if too_many_bad or self.step % cfg.run.ckpt_every == 0 or self.step == cfg.optim.max_steps:
                     self.save()
+                if too_many_bad:
+                    raise StopTraining(f"{too_many_bad}. Stopped after step {self.step}, saved as "
+                                       f"{self.out / checkpoint_name(self.step)}: resume with a larger data.max_bad_files")
             if self.dist.world_size > 1:
                 # Every rank waits for the others' last collectives and for the main rank's last
                 # checkpoint before any tears its process group down.
@@ -1284,9 +1294,10 @@ class Trainer:
         return str(saved[-1]) if saved else "none"
 
     def _count_bad_files(self, micro, failures: int) -> None:
-        """Record the step's unreadable files and stop past ``data.max_bad_files``. ``failures``
-        counts those of every process: when there are any, the processes share their lists, so
-        all of them hold the same one and stop at the same step."""
+        """Record the step's unreadable files (the run stops past ``data.max_bad_files``, see
+        :meth:`_too_many_bad_files`). ``failures`` counts those of every process: when there are
+        any, the processes share their lists, so all of them hold the same one and stop at the
+        same step."""
         found = [failure for batch in micro for failure in batch.failures]
         if failures and self.dist.world_size > 1:
             gathered = [None] * self.dist.world_size
@@ -1299,11 +1310,13 @@ class Trainer:
                 known.add(path)
                 self.bad_files.append((path, reason))
                 self.log(f"skipped unreadable file {reason}")
-        if len(self.bad_files) > self.cfg.data.max_bad_files:
-            raise StopTraining(
-                f"{len(self.bad_files)} unreadable files exceed data.max_bad_files={self.cfg.data.max_bad_files}; "
-                f"first ones: {[p for p, _ in self.bad_files[:5]]}"
-            )
+
+    def _too_many_bad_files(self) -> str | None:
+        """Why the run must stop for its unreadable files, or None."""
+        if len(self.bad_files) <= self.cfg.data.max_bad_files:
+            return None
+        return (f"{len(self.bad_files)} unreadable files exceed data.max_bad_files={self.cfg.data.max_bad_files}; "
+                f"first ones: {[p for p, _ in self.bad_files[:5]]}")
 
     def _log_step(self, values, seconds, steps, eff, metrics_file, writer) -> dict:
         step_time = seconds / max(1, steps)

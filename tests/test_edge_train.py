@@ -277,6 +277,9 @@ def test_processes_share_their_unreadable_files_and_stop_together(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("2 unreadable files exceed data.max_bad_files=1") == 2, result.stderr[-3000:]
     assert "Connection reset" not in result.stderr
+    # Both name the checkpoint of the last step, which the main process wrote.
+    named = {line.split("saved as ")[1].split(": resume")[0] for line in result.stderr.splitlines() if "saved as " in line}
+    assert len(named) == 1 and Path(named.pop()).is_file()
 
 
 def test_a_process_group_made_by_the_caller_is_used(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from conftest import GOLDEN
 
 import sslam.train
-from sslam.checkpoint import load_encoder, read_checkpoint
+from sslam.checkpoint import load_encoder, read_checkpoint, safe_torch_load
 from sslam.precision import MATMUL_MODULES
 from sslam.train import (
     StopTraining,
@@ -480,6 +480,37 @@ def test_unreadable_files_are_skipped_and_capped(tmp_path):
     cfg = small(tmp_path / "run2", steps=4, data__source=str(data), data__max_bad_files=0)
     with pytest.raises(StopTraining, match="unreadable files exceed data.max_bad_files=0"):
         Trainer(cfg, log=lambda *a: None).fit()
+
+
+def test_a_run_stopped_by_unreadable_files_saves_its_last_step_and_resumes_exactly(tmp_path):
+    """Regression: the run stopped inside the step that met one unreadable file too many, and
+    lost every step since its last checkpoint (up to run.ckpt_every - 1), though only the
+    data was at fault: the step's batch is whole (a readable file takes the bad one's place)."""
+    import numpy as np
+    import soundfile as sf
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(12):
+        sf.write(data / f"{i:02d}.wav", np.random.default_rng(i).standard_normal(24000) * 0.1, 16000)
+    (data / "05.wav").write_bytes(b"not audio")
+    run = lambda name, limit: small(tmp_path / name, steps=6, data__source=str(data),  # noqa: E731
+                                    data__max_bad_files=limit, run__ckpt_every=100)
+    stopped = Trainer(run("run", 0), log=lambda *a: None)
+    with pytest.raises(StopTraining, match=r"^1 unreadable files exceed data.max_bad_files=0; first ones: \[.*05.wav'\]\. "
+                                           r"Stopped after step \d, saved as .*checkpoint_0000000\d.pt: resume with a "
+                                           r"larger data.max_bad_files"):
+        stopped.fit()
+    assert [p.name for p in checkpoints_in(tmp_path / "run")] == [f"checkpoint_{stopped.step:08d}.pt"]
+    with pytest.raises(ValueError, match=r"stopped on 1 unreadable files, more than data.max_bad_files=0: resume "
+                                         r"with a larger one"):
+        Trainer(run("run", 0), log=lambda *a: None)
+    Trainer(run("run", 1), log=lambda *a: None).fit()
+    Trainer(run("straight", 1), log=lambda *a: None).fit()
+    resumed, straight = (safe_torch_load(checkpoints_in(tmp_path / name)[-1]) for name in ("run", "straight"))
+    assert resumed["step"] == straight["step"] == 6
+    for part in ("model", "decoder", "teacher"):
+        assert all(torch.equal(v, straight[part][k]) for k, v in resumed[part].items())
 
 
 @pytest.mark.parametrize("workers", [0, 2])
