@@ -17,6 +17,7 @@ Plain PyTorch: this is the reference of the Triton kernels in ``sslam.kernels.mi
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from dataclasses import dataclass
@@ -89,6 +90,13 @@ def _size(name: str, value) -> int:
     return size
 
 
+def _windows_fit(num_frames: int, width: int, align: int) -> bool:
+    """Whether :func:`sample_windows` can draw: some first start, and room for a second window
+    after every first start (or some draws would fail)."""
+    first_choices = range(0, min(num_frames // 2, num_frames - 2 * width - 1), align)
+    return len(first_choices) > 0 and len(range(first_choices[-1] + width, num_frames - width - 1, align)) > 0
+
+
 def sample_windows(
     num_frames: int = 1024,
     width: int = 240,
@@ -112,16 +120,11 @@ def sample_windows(
     # Python ints: unsigned numpy or torch sizes would wrap around in the differences below.
     num_frames, width, align = (_size(name, value) for name, value in (
         ("num_frames", num_frames), ("width", width), ("align", align)))
+    if not _windows_fit(num_frames, width, align):
+        need = next(n for n in itertools.count(2 * width + 2) if _windows_fit(n, width, align))
+        raise ValueError(f"sample_windows: num_frames={num_frames} is too short for two windows of {width} frames "
+                         f"(starts aligned to {align}): they need at least {need}")
     first_choices = range(0, min(num_frames // 2, num_frames - 2 * width - 1), align)
-    last_first = first_choices[-1] if len(first_choices) else None
-    # Every first start must leave room for a second one, or some draws would fail.
-    if last_first is None or len(range(last_first + width, num_frames - width - 1, align)) == 0:
-        raise ValueError(
-            f"sample_windows: num_frames={num_frames} is too short for two windows of width "
-            f"{width} aligned to {align} (the second start range "
-            f"range(first + {width}, {num_frames - width - 1}, {align}) is empty for "
-            f"first={last_first})"
-        )
     first = first_choices[_uniform_index(len(first_choices), generator)]
     second_choices = range(first + width, num_frames - width - 1, align)
     second = second_choices[_uniform_index(len(second_choices), generator)]

@@ -65,6 +65,18 @@ def test_sample_windows_rejects_impossible_sizes():
             sample_windows(unsigned(100), unsigned(100))
 
 
+@pytest.mark.parametrize("width, align", [(240, 16), (128, 16), (16, 16), (5, 1)])
+def test_too_short_names_the_frames_two_windows_need(width, align):
+    """The refusal said "range(first + 128, 127, 16) is empty for first=None"."""
+    with pytest.raises(ValueError, match=rf"num_frames={2 * width} is too short for two windows of {width} frames "
+                                         rf"\(starts aligned to {align}\): they need at least \d+") as err:
+        sample_windows(2 * width, width, align)
+    need = int(str(err.value).split("at least ")[1].split()[0])
+    sample_windows(need, width, align)
+    with pytest.raises(ValueError, match="too short"):
+        sample_windows(need - 1, width, align)
+
+
 def test_window_frame_mask():
     mask = window_frame_mask(MixWindows((0, 32), 16), 64)
     expected = torch.zeros(64, dtype=torch.bool)
