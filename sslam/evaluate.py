@@ -703,7 +703,8 @@ class Finetuner:
     def _epoch_indices(self, epoch: int) -> torch.Tensor:
         """This rank's clips of an epoch: a permutation, or a balanced draw without replacement,
         cut to whole steps so that every process runs the same number of batches."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+        # Modulo 2**64, the generator's seed range: every seed the settings allow works.
+        g = torch.Generator().manual_seed((self.cfg.seed * 7919 + epoch) % 2**64)
         if self.weights is None:
             order = torch.randperm(len(self.train_split), generator=g)
         else:
@@ -735,7 +736,7 @@ class Finetuner:
             # Its own generator: a loader without one seeds its workers from the global stream,
             # and drawing there at a resume (not at the epoch's start, as the run did) would
             # shift the stochastic depth of every later step.
-            seeds = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            seeds = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + epoch) % 2**64)
             yield from DataLoader(Subset(audio, indices), batch_size=self.cfg.batch_size, num_workers=self.cfg.workers,
                                   collate_fn=_collate_clips, drop_last=True, generator=seeds)
             epoch, skip = epoch + 1, 0

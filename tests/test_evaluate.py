@@ -411,6 +411,16 @@ def test_layer_decay_groups():
     assert scale_of[id(enc.head.weight)] == scale_of[id(enc.patch_embed.weight)] == scale_of[id(enc.cls_token)] == 1.0
 
 
+def test_finetune_takes_every_seed_its_range_allows(tmp_path):
+    """Regression: a seed above ~1.8e13 (2**63 - 1 is accepted) overflowed the epoch's generator
+    seed ("Overflow when unpacking long long") at the first batch."""
+    train, test = synth_split("mono", True, 4, seconds=1.0), synth_split("mono", False, 2, seconds=1.0)
+    for seed in (2**63 - 1, 3 * 10**15):
+        cfg = FinetuneConfig(steps=1, warmup=0, batch_size=2, seed=seed, out=str(tmp_path / str(seed)), workers=0)
+        clips, _ = next(Finetuner(tiny_encoder(target_length=128), train, test, cfg, log=lambda *a, **k: None)._batches())
+        assert len(clips) == 2
+
+
 def test_finetune_writes_checkpoints_resumes_and_exports(tmp_path):
     from sslam.checkpoint import load_encoder
 
