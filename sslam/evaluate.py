@@ -901,10 +901,20 @@ def apply_overrides(cfg, overrides: list[str]):
     return cfg
 
 
-def _check_options_are_used(args, overrides: list[str]) -> None:
-    """Refuse options that this mode or these splits do not read: they were silently ignored."""
+# What only the full linear probe reads: the default one trains its head on cached features.
+_FULL_PROBE_ONLY = frozenset({"mixup", "mixup_prob", "mask_ratio", "roll", "noise", "drop_path"})
+
+
+def _check_options_are_used(args, overrides: list[str], cfg) -> None:
+    """Refuse options that this mode or these splits do not read: they were silently ignored.
+    ``cfg``: the mode's settings with ``overrides`` (``--key=value`` items) applied."""
     linear, splits = args.mode == "linear", (args.train, args.test)
     unused = []
+    given = {item[2:].split("=", 1)[0] for item in overrides}
+    if linear and cfg.fast and given & _FULL_PROBE_ONLY:
+        names = ", ".join(f"--{key}" for key in sorted(given & _FULL_PROBE_ONLY))
+        unused.append(f"{names} (the augmentations and stochastic depth of --full; the default probe trains a head "
+                      "on cached features)")
     if linear and args.out is not None:
         unused.append("--out (fine-tuning's run folder; a linear probe writes none)")
     if not linear and args.seeds != 1:
@@ -925,11 +935,11 @@ def run_evaluate(args) -> int:
     if args.seeds < 1:  # before the checkpoint and the splits are read, as the settings
         raise ValueError(f"--seeds={args.seeds}: must be >= 1")
     overrides = getattr(args, "overrides", [])
-    _check_options_are_used(args, overrides)
     if args.mode == "linear":
         cfg = apply_overrides(ProbeConfig(fast=not args.full), overrides)
     else:
         cfg = apply_overrides(FinetuneConfig(out=FinetuneConfig.out if args.out is None else args.out, workers=args.workers), overrides)
+    _check_options_are_used(args, overrides, cfg)
     check_settings(cfg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:

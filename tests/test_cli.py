@@ -41,6 +41,9 @@ def test_seeds_are_checked_before_any_work(capsys):
     ("linear", ["--full", "--fast=true"], "--fast with --full"),
     ("linear", ["--root", "/data"], "--root (the root of .tsv manifests"),
     ("finetune", ["--label-descriptors", "classes.csv"], "--label-descriptors (synthetic splits"),
+    ("linear", ["--mixup=0.3", "--drop_path=0.5"], "--drop_path, --mixup (the augmentations and stochastic depth of "
+                                                   "--full; the default probe trains a head on cached features)"),
+    ("linear", ["--roll=false", "--fast=true"], "--roll (the augmentations"),
 ])
 def test_evaluate_options_the_mode_or_splits_do_not_read_are_refused(capsys, mode, options, unused):
     """Each was silently ignored (a linear probe with --out wrote nothing there; --seeds 5
@@ -48,6 +51,14 @@ def test_evaluate_options_the_mode_or_splits_do_not_read_are_refused(capsys, mod
     argv = ["evaluate", mode, "--checkpoint", "missing.pt", "--train", "synth:mono", "--test", "synth:mono"]
     assert main([*argv, *options]) == 2
     assert f"not used by evaluate {mode} with these splits: {unused}" in capsys.readouterr().err
+
+
+def test_evaluate_full_probe_takes_its_augmentations(capsys):
+    """--full (or --fast=false) reads them: they get as far as the checkpoint."""
+    argv = ["evaluate", "linear", "--checkpoint", "missing.pt", "--train", "synth:mono", "--test", "synth:mono"]
+    for options in (["--full", "--mixup=0.3"], ["--fast=false", "--noise=true", "--mask_ratio=0.1"]):
+        assert main([*argv, *options]) == 2
+        assert "missing.pt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [
