@@ -58,20 +58,25 @@ def fetch(name: str) -> Path:
         raise CheckpointError(f"{name}: reading from the Hugging Face Hub needs huggingface_hub "
                               "(pip install 'sslam[hub]')") from None
     pinned = revision  # the first file found fixes the commit of the others
+    offline_error = None  # offline, the first error of a candidate the cache knows nothing of
 
-    def download(filename: str) -> Path | None:
-        """The cached copy of ``filename``; None where the repository has no such file."""
-        nonlocal pinned
+    def download(filename: str, candidate: bool = False) -> Path | None:
+        """The cached copy of ``filename``; None where the repository has no such file, or,
+        offline, where a ``candidate`` (one of several weights files) is not cached."""
+        nonlocal pinned, offline_error
         try:
             found = Path(hf_hub_download(repo, filename, revision=pinned))
         except EntryNotFoundError as exc:
             if isinstance(exc, LocalEntryNotFoundError):
                 # Offline: absent only if an earlier download recorded it so (a string is a
-                # cached file, None not known).
+                # cached file, None not known). A cache that snapshot_download filled records
+                # nothing, so of several candidates the one cached is read.
                 known = try_to_load_from_cache(repo, filename, revision=pinned)
-                if known is None or isinstance(known, str):
+                if isinstance(known, str) or (known is None and not candidate):
                     raise CheckpointError(f"{name}: {filename} is not in the local Hub cache and cannot be "
                                           f"downloaded now ({first_line(exc)})") from exc
+                if known is None:
+                    offline_error = offline_error or exc
             return None
         except Exception as exc:  # no connection, no such repository or revision, no access: named
             raise CheckpointError(f"{name}: cannot download {filename} from the Hugging Face Hub "
@@ -89,9 +94,12 @@ def fetch(name: str) -> Path:
     folder = f"{path}/" if path else ""  # a model folder: the repository, or a folder in it
     download(folder + "config.json")  # beside the weights in the snapshot folder, where it exists
     for filename in MODEL_FILES:
-        found = download(folder + filename)
+        found = download(folder + filename, candidate=True)
         if found is not None:
             return found.parent
+    if offline_error is not None:
+        raise CheckpointError(f"{name}: neither {' nor '.join(folder + f for f in MODEL_FILES)} is in the local Hub "
+                              f"cache, and they cannot be downloaded now ({first_line(offline_error)})")
     where = f"has no file {path}, nor" if path else "holds neither"
     raise CheckpointError(f"{name}: the repository {repo} {where} {' nor '.join(folder + f for f in MODEL_FILES)}; "
                           f"name the file to read: hf-hub:{repo}/PATH")

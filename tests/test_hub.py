@@ -191,8 +191,9 @@ def _cache_repo(cache: Path, repo: str, files: dict, absent=()) -> None:
 
 def test_offline_the_cache_alone_is_read(tmp_path, monkeypatch):
     """HF_HUB_OFFLINE=1 with everything cached (the real download function, no network): a
-    file the repository lacks is known from the cache's record of it; a repository's
-    pytorch_model.bin, or weights without a config, loaded online only."""
+    file the repository lacks is known from the cache's record of it, and of a repository's
+    weights files the one cached is read; weights without a config load only where the cache
+    records that there is none."""
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -216,3 +217,13 @@ def test_offline_the_cache_alone_is_read(tmp_path, monkeypatch):
     assert load_encoder("hf-hub:someone/sub/tiny/model.safetensors").cfg.num_heads == 4
     with pytest.raises(CheckpointError, match="hf-hub:someone/unknown: config.json is not in the local Hub cache"):
         load_encoder("hf-hub:someone/unknown")
+    # A whole repository as snapshot_download caches it, with no record of what it lacks: the
+    # weights file cached is read (pytorch_model.bin was refused, model.safetensors unknown).
+    _cache_repo(cache, "someone/snapshot", {"config.json": config, "pytorch_model.bin": tmp_path / "pytorch_model.bin"})
+    _cache_repo(cache, "someone/configonly", {"config.json": config})
+    with pytest.warns(UserWarning, match="does not record num_heads"):
+        assert torch.equal(load_encoder("hf-hub:someone/snapshot").cls_token, plain.cls_token)
+    with pytest.raises(CheckpointError, match=r"hf-hub:someone/configonly: neither model.safetensors nor "
+                                              r"pytorch_model.bin is in the local Hub cache, and they cannot be "
+                                              r"downloaded now \("):
+        load_encoder("hf-hub:someone/configonly")
