@@ -181,7 +181,7 @@ def _resume_hint(args) -> str:
     if fresh:  # the same command is refused where checkpoints now are
         return "; without --run.resume=false the same command resumes from the last checkpoint"
     if args.command in ("pretrain", "demo") or getattr(args, "mode", None) == "finetune":
-        return "; the same command resumes from the last checkpoint in its output folder"
+        return "; the same command resumes from the last checkpoint in its output folder, if it has one"
     if args.command == "extract":
         return "; the same command embeds the inputs not yet done"
     return ""

@@ -505,8 +505,11 @@ def finetune_resume_conflicts(saved: dict, now: dict, where: str = "checkpoint")
     def effective(config: dict) -> dict:  # the warm-up in effect, compared
         return {**config, "warmup": warmup_steps(config.get("steps", 0), config.get("warmup", 0))}
 
-    conflicts = changed_settings(effective(saved.get("config") or {}), effective(now["config"]),
-                                 FINETUNE_RESUME_MAY_CHANGE, f"the {where}")
+    before, after = effective(saved.get("config") or {}), effective(now["config"])
+    conflicts = changed_settings(before, after, FINETUNE_RESUME_MAY_CHANGE, f"the {where}")
+    if now["config"].get("warmup") is None:  # a warm-up that other --steps changed: said how to keep it
+        conflicts = [f"{c} (without --warmup it is 10 % of --steps: give --warmup={before['warmup']} to keep it)"
+                     if c.startswith("warmup:") else c for c in conflicts]
     for kind, key in (("training", "train_split"), ("test", "test_split")):
         if saved.get(key) not in (None, now[key]):  # (older checkpoints hold no fingerprint)
             conflicts.append(f"{kind} split: other clips or labels than the {where}'s ({saved[key]} in the "
@@ -845,7 +848,8 @@ class Finetuner:
             metrics.writelines(map(metrics_line, records))
         kept = checkpoints_in(self.out)
         raise StopTraining(f"step {bad[0]}: the loss is not finite and its update made the weights NaN; nothing was saved "
-                           f"after {kept[-1] if kept else 'the start'}. Try a lower lr or --precision=fp32.")
+                           f"after {kept[-1] if kept else 'the start'}. Try a lower lr"
+                           + (" or --precision=fp32." if self.amp is not None else "."))
 
     def save(self) -> None:
         if self.dist.rank != 0:

@@ -3,7 +3,7 @@ a short linear probe and fine-tuning run, and the demo smoke run."""
 
 import json
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -331,7 +331,7 @@ def test_a_non_finite_loss_stops_fine_tuning_without_saving_nan_weights(tmp_path
     train, test = synth_split("poly", True, 4), synth_split("poly", False, 2)
     cfg = FinetuneConfig(steps=6, warmup=0, batch_size=2, eval_every=100, ckpt_every=2, out=str(tmp_path), workers=0)
     with pytest.raises(StopTraining, match=r"step 3: the loss is not finite .* nothing was saved after .*checkpoint_"
-                                           r"00000002.pt"):
+                                           r"00000002.pt\. Try a lower lr\.$"):  # fp32 already: no other advice
         Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
     assert [p.name for p in sorted(tmp_path.glob("checkpoint_*"))] == ["checkpoint_00000002.pt"]
     assert not (tmp_path / "model").exists()
@@ -352,8 +352,6 @@ def test_fine_tuning_schedule_is_fairseqs_cosine():
     assert apply_overrides(FinetuneConfig(), ["--warmup=50"]).warmup == 50
     assert apply_overrides(FinetuneConfig(warmup=5), ["--warmup=none"]).warmup is None
     # A run saved with the former fixed default resumes: the same warm-up in effect.
-    from dataclasses import asdict
-
     from sslam.evaluate import finetune_resume_conflicts
 
     saved = {"config": asdict(FinetuneConfig(warmup=400))}
@@ -444,6 +442,20 @@ def test_finetune_writes_checkpoints_resumes_and_exports(tmp_path):
     assert done.fit() == {"step": 5, "best": again.best} and again.best is not None
     with pytest.raises(ValueError, match=r"checkpoint_00000005.pt: the run is at step 5, past steps=4"):
         Finetuner(tiny_encoder(), train, test, replace(cfg, steps=4), log=lambda *a: None)
+
+
+def test_a_warm_up_changed_by_other_steps_says_how_to_keep_it():
+    """Without --warmup the warm-up is 10 % of the steps: another --steps (which a resume may
+    take) was refused as "warmup: 2 in the record, 4 now", a setting never given."""
+    from sslam.evaluate import finetune_resume_conflicts
+
+    identity = {"train_split": "a", "test_split": "b", "class_names": ["x"], "multilabel": True,
+                "encoder_config": {}, "preprocessing": {}, "world_size": 1}
+    saved = {**identity, "config": asdict(FinetuneConfig(steps=20))}
+    conflicts = finetune_resume_conflicts(saved, {**identity, "config": asdict(FinetuneConfig(steps=40))}, "record")
+    assert conflicts == ["warmup: 2 in the record, 4 now (without --warmup it is 10 % of --steps: give --warmup=2 "
+                         "to keep it)"]
+    assert finetune_resume_conflicts(saved, {**identity, "config": asdict(FinetuneConfig(steps=40, warmup=2))}) == []
 
 
 @pytest.mark.parametrize("change, pattern", [
