@@ -161,11 +161,11 @@ def test_a_setting_given_twice_is_refused(capsys):
 
 
 @pytest.mark.parametrize("argv, hint", [
-    (["pretrain", "--preset", "tiny"], "the same command resumes from the last checkpoint in its output folder"),
+    (["pretrain", "--preset", "tiny"], "the same command resumes from the last checkpoint in its output folder, if it has one"),
     (["pretrain", "--preset", "tiny", "--run.resume=false"],
      "without --run.resume=false the same command resumes from the last checkpoint"),
     (["evaluate", "finetune", "--checkpoint", "c.pt", "--train", "synth:mono", "--test", "synth:mono"],
-     "the same command resumes from the last checkpoint in its output folder"),
+     "the same command resumes from the last checkpoint in its output folder, if it has one"),
     (["extract", "clips/", "--checkpoint", "c.pt", "--out", "e.npz"], "the same command embeds the inputs not yet done"),
     (["info", "c.pt"], None),
 ])
