@@ -1225,6 +1225,7 @@ class Trainer:
         from .data import samples_for_frames, silent_stand_in
 
         samples = samples_for_frames(cfg.data.target_length)
+        too_many_bad = None
         try:
             while self.step < cfg.optim.max_steps:
                 micro = [next(batches) for _ in range(cfg.optim.accum_steps)]
@@ -1243,18 +1244,20 @@ class Trainer:
                 bar.update(1)
                 # The step is whole (readable files took the unreadable ones' places): a run that
                 # stops for them keeps it, and a resume with a larger limit goes on from there.
-                too_many_bad = self._too_many_bad_files()
+                too_many_bad = self.step < cfg.optim.max_steps and self._too_many_bad_files()
                 # A skipped step saves too: otherwise a bad batch on a checkpoint step (or the
                 # last) would leave the steps since the previous checkpoint unsaved.
                 if too_many_bad or self.step % cfg.run.ckpt_every == 0 or self.step == cfg.optim.max_steps:
                     self.save()
                 if too_many_bad:
-                    raise StopTraining(f"{too_many_bad}. Stopped after step {self.step}, saved as "
-                                       f"{self.out / checkpoint_name(self.step)}: resume with a larger data.max_bad_files")
+                    break
             if self.dist.world_size > 1:
                 # Every rank waits for the others' last collectives and for the main rank's last
-                # checkpoint before any tears its process group down.
+                # checkpoint before any tears its process group down (or stops).
                 dist.barrier()
+            if too_many_bad:
+                raise StopTraining(f"{too_many_bad}. Stopped after step {self.step}, saved as "
+                                   f"{self.out / checkpoint_name(self.step)}: resume with a larger data.max_bad_files")
         finally:
             bar.close()
             if metrics_file:

@@ -269,8 +269,12 @@ def test_processes_share_their_unreadable_files_and_stop_together(tmp_path):
     for name in ("b0.wav", "b1.wav"):
         (data / name).write_bytes(b"not audio")
     script = tmp_path / "run.py"
-    script.write_text(pretrain_script(small(tmp_path / "run", steps=20, data__source=str(data),
-                                            data__max_bad_files=1, data__batch_size=2)))
+    # The main process writes slowly, as a large model's checkpoint is written: the other one
+    # must not stop (and its launcher end the run) before that write is done.
+    slow_writes = ("import time\nimport sslam.train\nwrite = sslam.train.save_checkpoint\n"
+                   "sslam.train.save_checkpoint = lambda *a, **k: (time.sleep(2), write(*a, **k))[1]\n")
+    script.write_text(slow_writes + pretrain_script(small(tmp_path / "run", steps=20, data__source=str(data),
+                                                          data__max_bad_files=1, data__batch_size=2)))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             timeout=300)

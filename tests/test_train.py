@@ -494,8 +494,8 @@ def test_a_run_stopped_by_unreadable_files_saves_its_last_step_and_resumes_exact
     for i in range(12):
         sf.write(data / f"{i:02d}.wav", np.random.default_rng(i).standard_normal(24000) * 0.1, 16000)
     (data / "05.wav").write_bytes(b"not audio")
-    run = lambda name, limit: small(tmp_path / name, steps=6, data__source=str(data),  # noqa: E731
-                                    data__max_bad_files=limit, run__ckpt_every=100)
+    run = lambda name, limit, steps=6: small(tmp_path / name, steps=steps, data__source=str(data),  # noqa: E731
+                                             data__max_bad_files=limit, run__ckpt_every=100)
     stopped = Trainer(run("run", 0), log=lambda *a: None)
     with pytest.raises(StopTraining, match=r"^1 unreadable files exceed data.max_bad_files=0; first ones: \[.*05.wav'\]\. "
                                            r"Stopped after step \d, saved as .*checkpoint_0000000\d.pt: resume with a "
@@ -511,6 +511,9 @@ def test_a_run_stopped_by_unreadable_files_saves_its_last_step_and_resumes_exact
     assert resumed["step"] == straight["step"] == 6
     for part in ("model", "decoder", "teacher"):
         assert all(torch.equal(v, straight[part][k]) for k, v in resumed[part].items())
+    # A run whose last step crosses the limit is done, not stopped.
+    Trainer(run("last", 0, steps=stopped.step), log=lambda *a: None).fit()
+    assert [p.name for p in checkpoints_in(tmp_path / "last")] == [f"checkpoint_{stopped.step:08d}.pt"]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
