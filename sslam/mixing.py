@@ -17,7 +17,6 @@ Plain PyTorch: this is the reference of the Triton kernels in ``sslam.kernels.mi
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 from dataclasses import dataclass
@@ -90,11 +89,11 @@ def _size(name: str, value) -> int:
     return size
 
 
-def _windows_fit(num_frames: int, width: int, align: int) -> bool:
-    """Whether :func:`sample_windows` can draw: some first start, and room for a second window
-    after every first start (or some draws would fail)."""
-    first_choices = range(0, min(num_frames // 2, num_frames - 2 * width - 1), align)
-    return len(first_choices) > 0 and len(range(first_choices[-1] + width, num_frames - width - 1, align)) > 0
+def min_frames(width: int) -> int:
+    """The shortest spectrogram :func:`sample_windows` draws two windows of ``width`` in: its
+    first start range holds 0 from there on, and every first start is then below
+    ``num_frames - 2 * width - 1``, so the second range is never empty."""
+    return 2 * width + 2
 
 
 def sample_windows(
@@ -120,10 +119,9 @@ def sample_windows(
     # Python ints: unsigned numpy or torch sizes would wrap around in the differences below.
     num_frames, width, align = (_size(name, value) for name, value in (
         ("num_frames", num_frames), ("width", width), ("align", align)))
-    if not _windows_fit(num_frames, width, align):
-        need = next(n for n in itertools.count(2 * width + 2) if _windows_fit(n, width, align))
-        raise ValueError(f"sample_windows: num_frames={num_frames} is too short for two windows of {width} frames "
-                         f"(starts aligned to {align}): they need at least {need}")
+    if num_frames < min_frames(width):
+        raise ValueError(f"sample_windows: num_frames={num_frames} is too short for two windows of {width} frames: "
+                         f"they need at least {min_frames(width)}")
     first_choices = range(0, min(num_frames // 2, num_frames - 2 * width - 1), align)
     first = first_choices[_uniform_index(len(first_choices), generator)]
     second_choices = range(first + width, num_frames - width - 1, align)

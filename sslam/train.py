@@ -45,7 +45,7 @@ from .files import (
 from .hub import is_hub_name
 from .kernels.switch import use_kernels
 from .masking import MaskConfig, clone_masks, kept_indices
-from .mixing import sample_windows
+from .mixing import min_frames, sample_windows
 from .model import BLOCK_CHECKPOINTING, VARIANTS, EncoderConfig
 from .precision import MATMUL_MODULES, half_weights
 from .pretrain import (
@@ -362,11 +362,10 @@ def validate(cfg: TrainConfig) -> None:
     if ob.stage == 2:  # the two unmixed windows cover whole patch rows and fit in the clip
         if ob.mix_width < 16 or ob.mix_width % 16:
             raise ValueError(f"objective.mix_width={ob.mix_width} must be a positive multiple of 16 frames (one patch row)")
-        try:
-            sample_windows(d.target_length, ob.mix_width, generator=torch.Generator().manual_seed(0))
-        except ValueError as exc:
+        need = -(-min_frames(ob.mix_width) // 16) * 16  # in whole patch rows
+        if d.target_length < need:
             raise ValueError(f"objective.mix_width={ob.mix_width} does not fit data.target_length={d.target_length}: "
-                             f"{exc}") from None
+                             f"two unmixed windows of {ob.mix_width} frames need data.target_length >= {need}")
 
 
 ENCODER_SIZES = ("embed_dim", "depth", "num_heads")
