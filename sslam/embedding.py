@@ -13,7 +13,8 @@ encoded whole -- the official feature extraction, so the outputs equal the offic
   patch row) and patch rows holding no real frame are excluded from attention and pooling, so a
   clip's embeddings do not depend on what it is batched with, up to float rounding (~1e-6: the
   masked softmax sums over a longer row). With ``padding="official"`` a clip's embeddings,
-  logits and probabilities are bit-identical whatever the batch.
+  logits and probabilities are bit-identical whatever the batch on the CPU (on a GPU the
+  matmul kernels chosen for each batch size may differ in the last bits).
 
 Token layout: patch token n = t * 8 + f (t = patch row, 16 frames = 160 ms; f = frequency band).
 A patch row is *real* when it holds at least one real frame.
