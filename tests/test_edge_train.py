@@ -19,7 +19,7 @@ from conftest import GOLDEN
 from test_train import assert_same_state, interrupt_after, pretrain_script, small
 
 from sslam import native
-from sslam.checkpoint import CheckpointError, read_checkpoint, safe_torch_load
+from sslam.checkpoint import CheckpointError, convert, describe, read_checkpoint, safe_torch_load
 from sslam.cli import main
 from sslam.evaluate import FinetuneConfig, Finetuner, ProbeConfig, linear_probe, with_head
 from sslam.labels import LabeledSplit, read_csv_split, synth_split
@@ -336,7 +336,7 @@ def test_init_from_a_run_folder_uses_its_newest_checkpoint(tmp_path, stage1_run)
     assert all(torch.equal(v, newest.state[k]) for k, v in trainer.model.student.state_dict().items())
 
 
-def test_a_run_folder_loads_as_its_newest_checkpoint(stage1_run, capsys):
+def test_a_run_folder_loads_as_its_newest_checkpoint(tmp_path, stage1_run, capsys):
     """`load_encoder("runs/s1")` and `sslam info runs/s1` were refused ("folder without
     model.safetensors") where `pretrain --init runs/s1` reads the newest checkpoint."""
     newest = checkpoints_in(stage1_run)[-1]
@@ -345,6 +345,8 @@ def test_a_run_folder_loads_as_its_newest_checkpoint(stage1_run, capsys):
         assert ckpt.path == newest and all(torch.equal(v, expected.state[k]) for k, v in ckpt.state.items())
     assert main(["info", str(stage1_run)]) == 0
     assert f"file:         {newest}" in capsys.readouterr().out
+    # Converted, it records which checkpoint of the run it holds.
+    assert f"student (of {stage1_run.name}/{newest.name}, converted)" in describe(convert(stage1_run, tmp_path / "exp"))
 
 
 def test_init_size_comes_from_the_file_not_the_preset(tmp_path):
