@@ -303,6 +303,16 @@ def test_torch_compile_traces_the_custom_ops(kernels_on_cpu):
         too_short(q, k, v, cu)
 
 
+def test_torch_compile_with_dynamic_shapes_and_a_scale(kernels_on_cpu):
+    """dynamic=True makes a float argument symbolic: the scale's check must trace (comparisons,
+    not math.isfinite), and other lengths and scales reuse or extend the graph."""
+    compiled = torch.compile(lambda q, k, v, scale: attn.attention(q, k, v, scale=scale), backend="aot_eager",
+                             dynamic=True, fullgraph=True)
+    for seqlen, scale in ((17, 0.1), (23, 0.25)):
+        q, k, v = (torch.randn(2, seqlen, 2, 64) for _ in range(3))
+        assert_rel_close(compiled(q, k, v, scale), attn.attention_ref(q, k, v, scale=scale), 1e-5, 1e-6, "out")
+
+
 def test_custom_op_passes_opcheck(kernels_on_cpu):
     q, k, v = qkv_tensors((2, 9, 2, 64))
     mask = padding_mask([9, 3], 9)
