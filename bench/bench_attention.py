@@ -41,7 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    append_rows,
+    CsvRows,
     autotune_report,
     cpu_timing,
     cuda_timing,
@@ -191,44 +191,57 @@ def max_error(fn, inputs) -> float:
     return (out - ref).abs().max().item()
 
 
-def bench_case(case, shape, heads, dtype, device, quick):
-    """Rows of one case: every variant x pass, unsupported variants recorded as such."""
+def _reason(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else repr(exc)
+
+
+def bench_case(case, shape, heads, dtype, device, quick, rows: list) -> None:
+    """Every variant x pass of one case, each row appended to ``rows`` (a :class:`common.CsvRows`)
+    as it is measured: a variant the backend does not support, or one that fails (a Triton
+    compile error, out of memory), is recorded as such and the others still run."""
     batch, seqlen = shape
     inputs = make_inputs(batch, seqlen, heads, HEAD_DIM, dtype, device)
     fwd_flops = attention_flops(batch, heads, seqlen, HEAD_DIM)
     flops = {"fwd": fwd_flops, "bwd": BWD_FLOP_FACTOR * fwd_flops,
              "full": (1 + BWD_FLOP_FACTOR) * fwd_flops}
     shape_note = f"B={batch} L={seqlen} H={heads} Dh={HEAD_DIM} {str(dtype).split('.')[-1]}"
-    rows = []
     for name, fn in variants().items():
         try:
             err = max_error(fn, inputs)
             calls = passes_of(fn, inputs)
-        except RuntimeError as exc:  # e.g. "No available kernel" from a forced SDPA backend
-            reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else repr(exc)
-            kind = "failed" if isinstance(exc, torch.OutOfMemoryError) else "unsupported"  # OOM: not a backend's gap
+        except Exception as exc:
+            # "No available kernel" from a forced SDPA backend is the backend's gap; out of
+            # memory or a compile error is a failure.
+            gap = isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError)
             for pass_name in PASSES:
                 rows.append(dict(case=case, variant=name, **{"pass": pass_name},
-                                 note=f"{shape_note}; {kind}: {reason}"))
+                                 note=f"{shape_note}; {'unsupported' if gap else 'failed'}: {_reason(exc)}"))
             continue
         for pass_name in PASSES:
-            median, p20, p80 = measure(calls[pass_name], device, quick)
+            try:
+                median, p20, p80 = measure(calls[pass_name], device, quick)
+                peak = peak_memory_mb(calls[pass_name], device)
+            except Exception as exc:
+                rows.append(dict(case=case, variant=name, **{"pass": pass_name},
+                                 note=f"{shape_note}; failed: {type(exc).__name__}: {_reason(exc)}"))
+                continue
             rows.append(dict(
                 case=case, variant=name, **{"pass": pass_name},
                 median_ms=f"{median:.4f}", p20_ms=f"{p20:.4f}", p80_ms=f"{p80:.4f}",
                 throughput=f"{flops[pass_name] / (median * 1e-3) / 1e12:.2f}", unit="TFLOP/s",
-                peak_mem_mb=f"{peak_memory_mb(calls[pass_name], device):.1f}",
-                note=f"{shape_note}; eager calls; max abs err vs fp32 {err:.2e}",
+                peak_mem_mb=f"{peak:.1f}", note=f"{shape_note}; eager calls; max abs err vs fp32 {err:.2e}",
             ))
         del calls
         if device != "cuda":
             continue
         try:
             graphed = graph_timings(fn, inputs)
-        except RuntimeError as exc:  # a variant that cannot be captured keeps its eager rows
-            print(f"{case} {name}: CUDA graph capture failed: {str(exc).splitlines()[0][:160]}")
+        except Exception as exc:  # a variant that cannot be captured keeps its eager rows
+            print(f"{case} {name}: CUDA graph capture failed: {_reason(exc)}")
             continue
         for pass_name, (median, p20, p80) in graphed.items():
+            if median <= 0:  # bwd as full - fwd: within the timing noise, no rate to give
+                continue
             how = "cuda graph, full - fwd" if pass_name == "bwd" else "cuda graph"
             rows.append(dict(
                 case=case, variant=name, **{"pass": f"{pass_name}_graph"},
@@ -237,7 +250,6 @@ def bench_case(case, shape, heads, dtype, device, quick):
                 throughput=f"{flops[pass_name] / (median * 1e-3) / 1e12:.2f}", unit="TFLOP/s",
                 note=f"{shape_note}; {how}",
             ))
-    return rows
 
 
 def print_table(rows) -> None:
@@ -257,17 +269,19 @@ def print_table(rows) -> None:
             for name in names:
                 full = by_key.get((case, name, "full" + suffix)) or by_key[(case, name, "full")]
                 if not full.get("median_ms"):
-                    reason = full["note"].split("unsupported: ")[-1][:80]
-                    print(f"{name:<15}unsupported: {reason}")
+                    print(f"{name:<15}{full['note'].split('; ', 1)[-1][:100]}")
                     continue
-                cells = "".join(
-                    f"{float(by_key[(case, name, p + suffix)]['median_ms']):>11.4f}"
-                    f"{float(by_key[(case, name, p + suffix)]['throughput']):>11.1f}"
-                    for p in PASSES
-                )
-                memory = "" if suffix else f"{float(full['peak_mem_mb']):.1f}"
+                cells = "".join(f"{_cell(by_key.get((case, name, p + suffix)), 'median_ms', '.4f')}"
+                                f"{_cell(by_key.get((case, name, p + suffix)), 'throughput', '.1f')}" for p in PASSES)
+                memory = "" if suffix else _cell(full, "peak_mem_mb", ".1f", 0)
                 ratio = float(full["median_ms"]) / float(ours_full) if ours_full else float("nan")
                 print(f"{name:<15}{cells}{memory:>10}{ratio:>9.2f}")
+
+
+def _cell(row: dict | None, key: str, spec: str, width: int = 11) -> str:
+    """``row[key]`` formatted, or '-' where the pass failed or was not measured."""
+    value = (row or {}).get(key)
+    return f"{float(value):>{width}{spec}}" if value else f"{'-':>{width}}"
 
 
 def main(argv=None) -> None:
@@ -289,14 +303,11 @@ def main(argv=None) -> None:
     selected = list(cases) if args.case == "all" else [args.case]
 
     env = environment(device)
-    rows, seen = [], set()
+    rows, seen = CsvRows(args.csv, **env, benchmark="attention"), set()
     tuners = {name: getattr(attn, name) for name in (
         "_fwd_single_block", "_fwd_general", "_bwd_single_block", "_bwd_dq_general", "_bwd_dkdv_general")}
     for case in selected:
-        case_rows = bench_case(case, cases[case], heads, dtype, device, args.quick)
-        rows += case_rows
-        if args.csv is not None:  # case by case: a run stopped partway keeps what it measured
-            append_rows(args.csv, [{**env, "benchmark": "attention", **r} for r in case_rows], announce=False)
+        bench_case(case, cases[case], heads, dtype, device, args.quick, rows)
         report = autotune_report(tuners, seen)
         if report:
             print(f"-- {case}\n{report}")

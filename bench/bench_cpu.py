@@ -29,7 +29,7 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment  # noqa: E402
+from common import CsvRows, environment  # noqa: E402
 
 from sslam.audio import load_audio  # noqa: E402
 from sslam.features import preprocess  # noqa: E402
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     cpu_part = ("decode", "resample", "masks")
     print(f"{env['device']}; {args.clips} clips of {args.seconds:g} s at {args.rate} Hz; C++ masks built: {built()}")
     print(f"{'ms per clip':>14} " + " ".join(f"{s:>9}" for s in stages) + f" {'CPU part':>9} {'all':>8}")
-    rows = []
+    rows = CsvRows(args.csv)
     timing = f"per clip: median over {args.repeats} repeats of the mean over {args.clips} clips"
     for name, t in median.items():
         cpu_ms = 1e3 * sum(t[s] for s in cpu_part)
@@ -138,8 +138,6 @@ def main(argv=None) -> int:
     ours_cpu = 1e3 * sum(median["ours"][s] for s in cpu_part)
     print(f"ours: {ours_cpu:.2f} ms per clip for what stays on the CPU = {1e3 / ours_cpu:.0f} clips/s per core "
           f"(goal <= 2.5 ms, 400 clips/s)")
-    if args.csv:
-        append_rows(args.csv, rows)
     return 0
 
 

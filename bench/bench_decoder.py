@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    append_rows,
+    CsvRows,
     autotune_report,
     compile_backend,
     environment,
@@ -93,7 +93,7 @@ def main(argv=None) -> None:
     print(f"decoder {cfg.layers} x (conv {cfg.kernel}x{cfg.kernel}/{cfg.groups} groups, {cfg.dim} ch) on "
           f"{rows} x {grid[0] * grid[1]} x {embed_dim}; {flops / 1e9:.1f} GFLOP forward")
     print(f"{'variant':10s} {'pass':5s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'TFLOP/s':>8s} {'peak MB':>8s}")
-    rows_out, medians = [], {}
+    rows_out, medians = CsvRows(args.csv, **env, benchmark="decoder"), {}
     for variant, model in (("eager", decoder), ("compile", compiled), ("ours", decoder)):
         os.environ["SSLAM_KERNELS"] = "1" if variant == "ours" else "0"  # the kernels only for ours
         fns, prepare = passes(model, tokens, grid, device)
@@ -111,8 +111,6 @@ def main(argv=None) -> None:
         print(report)
     for base in ("eager", "compile"):
         print(f"ours vs {base} (fwd+bwd): {medians[(base, 'full')] / medians[('ours', 'full')]:.2f}x")
-    if args.csv is not None:
-        append_rows(args.csv, [{**env, "benchmark": "decoder", **r} for r in rows_out])
 
 
 if __name__ == "__main__":

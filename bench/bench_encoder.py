@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, cpu_timing, cuda_timing, environment  # noqa: E402
+from common import CsvRows, cpu_timing, cuda_timing, environment  # noqa: E402
 
 from sslam.model import VARIANTS, Encoder  # noqa: E402
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         timing = lambda fn: cuda_timing(fn, warmup_ms=5, rep_ms=50)[0]  # noqa: E731
     else:
         timing = lambda fn: cpu_timing(fn, repeats=1, warmup=0)[0]  # noqa: E731
-    rows, lines = [], []
+    rows, lines = CsvRows(args.csv), []
     print(f"{env['device']}, torch {env['torch']}, {args.variant}, 10-s clips at {RATE} Hz")
     print(f"{'batch':>5} {'path':>12} {'with preprocessing':>19} {'model only':>11}   (clips/s)")
     for batch in args.batch:
@@ -179,8 +179,6 @@ def main(argv=None) -> int:
         a = official(official_features(clips, device)).x[:, 0]
         b = ours.embed(clips, RATE).utterance.to(device)
     print(f"max |official - ours| on the CLS embedding: {(a - b).abs().max().item():.2e}")
-    if args.csv:
-        append_rows(args.csv, rows)
     return 0
 
 

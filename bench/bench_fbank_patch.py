@@ -42,7 +42,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    append_rows,
+    CsvRows,
     autotune_report,
     compile_backend,
     cpu_timing,
@@ -90,7 +90,8 @@ def torchaudio_clip(clip: torch.Tensor, target_length: int) -> torch.Tensor:
     return patchify(((feats - mean) / (2 * std)).unsqueeze(1))[0]
 
 
-def bench(batch: int, samples: int, target_length: int, device: str, quick: bool) -> list[dict]:
+def bench(batch: int, samples: int, target_length: int, device: str, quick: bool, rows: list) -> None:
+    """Every variant's row appended to ``rows`` (a :class:`common.CsvRows`) as it is measured."""
     gen = torch.Generator().manual_seed(0)
     waves_cpu = 0.2 * torch.randn(batch, samples, generator=gen)
     lens_cpu = torch.full((batch,), samples, dtype=torch.int64)
@@ -106,7 +107,7 @@ def bench(batch: int, samples: int, target_length: int, device: str, quick: bool
     backend = compile_backend(device)
     compiled = torch.compile(reference_core, backend=backend)
 
-    variants = {
+    variants = {  # ours first: every row states its time relative to it
         "ours": (lambda: fbank_patch(waves, lens_cpu, target_length=target_length), clean_bytes),
         "ours_tf32x3": (lambda: fbank_patch(waves, lens_cpu, target_length=target_length,
                                             dot_precision="tf32x3"), clean_bytes),
@@ -117,12 +118,21 @@ def bench(batch: int, samples: int, target_length: int, device: str, quick: bool
                       mixed_bytes),
         f"compile[{backend}]": (lambda: compiled(waves, lens, target_length), clean_bytes),
     }
-    rows, seen = [], set()
+    seen, ours = set(), None
+
+    def row(variant, timing, nbytes, peak, us_per_clip, note):
+        med, p20, p80 = timing
+        extra = f"us_per_clip={us_per_clip:.3f}; TFLOP/s={flop / med / 1e9:.2f}; time/ours={med / ours:.3f}"
+        # A failed row's note says why, as every benchmark's does.
+        note = note if note.startswith("failed") else f"{extra}; {note}" if note else extra
+        rows.append(dict(variant=variant, median_ms=med, p20_ms=p20, p80_ms=p80, throughput=nbytes / med / 1e6,
+                         unit="GB/s", peak_mem_mb=peak, us_per_clip=us_per_clip, tflops=flop / med / 1e9,
+                         note=note))
+
     for name, (fn, nbytes) in variants.items():
         (med, p20, p80), peak, failure = measure_or_fail(fn, device)
-        rows.append(dict(variant=name, median_ms=med, p20_ms=p20, p80_ms=p80,
-                         throughput=nbytes / med / 1e6, unit="GB/s", peak_mem_mb=peak,
-                         us_per_clip=med * 1e3 / batch, tflops=flop / med / 1e9, note=failure))
+        ours = med if ours is None else ours
+        row(name, (med, p20, p80), nbytes, peak, med * 1e3 / batch, failure)
         if device == "cuda" and name.startswith("ours"):  # each variant tunes its own key
             print(autotune_report({name: sys.modules["sslam.kernels.fbank_patch"]._autotuned_kernel()}, seen))
 
@@ -131,25 +141,8 @@ def bench(batch: int, samples: int, target_length: int, device: str, quick: bool
     (med, p20, p80) = cpu_timing(lambda: [torchaudio_clip(c, target_length) for c in clips],
                                  repeats=1 if quick else 3, warmup=1)
     scale = batch / clips.shape[0]
-    rows.append(dict(variant="cpu_torchaudio", median_ms=med * scale, p20_ms=p20 * scale,
-                     p80_ms=p80 * scale, throughput=clean_bytes / (med * scale) / 1e6,
-                     unit="GB/s", peak_mem_mb=0.0, us_per_clip=med * 1e3 / clips.shape[0],
-                     tflops=flop / (med * scale) / 1e9,
-                     note=f"{clips.shape[0]} clips on {torch.get_num_threads()} CPU threads, "
-                          "scaled to the batch"))
-
-    case = f"B={batch},N={samples},T={target_length}"
-    by_name = {r["variant"]: r for r in rows}
-    ours = by_name["ours"]["median_ms"]
-    for r in rows:
-        r.update(case=case, **{"pass": "fwd"})
-        speed = r["median_ms"] / ours
-        extra = f"us_per_clip={r['us_per_clip']:.3f}; TFLOP/s={r['tflops']:.2f}; " \
-                f"time/ours={speed:.3f}"
-        if r.get("note", "").startswith("failed"):
-            continue  # its note says why, as every benchmark's failed row does
-        r["note"] = f"{extra}; {r['note']}" if r.get("note") else extra
-    return rows
+    row("cpu_torchaudio", (med * scale, p20 * scale, p80 * scale), clean_bytes, 0.0, med * 1e3 / clips.shape[0],
+        f"{clips.shape[0]} clips on {torch.get_num_threads()} CPU threads, scaled to the batch")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -180,13 +173,11 @@ def main(argv=None) -> None:
         batch, samples, target_length = args.batch, int(args.seconds * 16000), 1024
 
     env = environment(device)
-    rows = bench(batch, samples, target_length, device, args.quick)
+    rows = CsvRows(args.csv, **env, benchmark="fbank_patch", case=f"B={batch},N={samples},T={target_length}",
+                   **{"pass": "fwd"})
+    bench(batch, samples, target_length, device, args.quick, rows)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
     print_table(rows)
-    if args.csv is not None:
-        fields = ("us_per_clip", "tflops")
-        append_rows(args.csv, [{**env, "benchmark": "fbank_patch",
-                                **{k: v for k, v in r.items() if k not in fields}} for r in rows])
 
 
 if __name__ == "__main__":

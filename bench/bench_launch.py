@@ -35,7 +35,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment, kernel_device  # noqa: E402
+from common import CsvRows, environment, kernel_device  # noqa: E402
 from sslam.kernels import (  # noqa: E402
     attention,
     fbank_patch,
@@ -143,7 +143,7 @@ def main(argv=None) -> None:
     env = environment(device)
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  ({calls} calls each)")
     print(f"{'call':24s} {'host µs/call':>13s}")
-    rows = []
+    rows = CsvRows(args.csv, **env, benchmark="launch")
     named = dict(cases(device))
     for name, fn in named.items():
         us = host_us(fn, calls, device, warmup=1 if args.quick else 3)
@@ -155,8 +155,6 @@ def main(argv=None) -> None:
             parser.error(f"--host-profile: no call named {name!r}; the calls are {sorted(named)}")
         profiled = min(calls, 200)  # cProfile slows the host: enough calls for the shares
         print(f"\n-- host profile of {name!r}, {profiled} calls\n{host_profile(named[name], profiled)}")
-    if args.csv is not None:
-        append_rows(args.csv, [{**env, "benchmark": "launch", **r} for r in rows])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, cpu_timing, environment  # noqa: E402
+from common import CsvRows, cpu_timing, environment  # noqa: E402
 
 from sslam import native  # noqa: E402
 from sslam.masking import MaskConfig, block_masks, block_masks_ref, default_threads  # noqa: E402
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     env = environment("cpu")
     saved_threads = torch.get_num_threads()
 
-    rows_out = []
+    rows_out = CsvRows(args.csv)
     print(f"{env['device']}; torch {env['torch']}; config {args.config}; {args.repeats} repeats")
     print(
         f"{'rows':>6}  {'variant':<22} {'median ms':>10} {'p20 ms':>9} {'p80 ms':>9} {'rows/s':>12} {'speed-up':>9}"
@@ -118,8 +118,6 @@ def main(argv: list[str] | None = None) -> None:
                     "note": f"speed-up vs {BASELINE}: {speedup:.1f}x",
                 }
             )
-    if args.csv is not None:
-        append_rows(args.csv, rows_out)
 
 
 if __name__ == "__main__":

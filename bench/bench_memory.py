@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import Step  # noqa: E402
-from common import append_rows, environment  # noqa: E402
+from common import CsvRows, environment  # noqa: E402
 
 from sslam.features import preprocess  # noqa: E402
 from sslam.train import preset  # noqa: E402
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     env = environment("cpu")
     case = f"{args.preset},stage{args.stage},B={args.batch}"
     print(f"{env['device']}, torch {env['torch']}: activations saved for the backward, {case}, bf16 autocast")
-    rows = []
+    rows = CsvRows(args.csv)
     for variant in args.variants:
         # A fresh process per variant: the CPU allocator keeps what one ViT-B step freed, and
         # two of them would not fit in the memory of a small machine.
@@ -150,8 +150,6 @@ def main(argv=None) -> int:
         rows.append({**env, "benchmark": "saved_activations", "case": case, "variant": variant, "pass": "fwd",
                      "peak_mem_mb": total / 2**20, "note": f"GiB/clip={total / args.batch / 2**30:.4f}; "
                      f"step_peak_GiB/clip={peak / args.batch / 2**30:.4f}; {top}"})
-    if args.csv:
-        append_rows(args.csv, rows)
     return 0
 
 

@@ -39,7 +39,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    append_rows,
+    CsvRows,
     compile_backend,
     environment,
     graph_timing,
@@ -132,7 +132,7 @@ def main(argv=None) -> None:
           f"{windows.starts} width {windows.width}")
     print(f"{'case':28s} {'variant':20s} {'timing':>6s} {'median ms':>10s} {'GB/s':>8s} "
           f"{'% copy':>7s} {'peak MB':>8s}")
-    rows = []
+    rows = CsvRows(args.csv, **env, benchmark="mixture")
     for batch in batches:
         for name, variants, nbytes in cases(batch, frames, tokens, dim, windows, device):
             case = f"{name},B={batch}"
@@ -154,8 +154,6 @@ def main(argv=None) -> None:
                                      **{"pass": f"{direction} {timing}"}))
                     print(f"{case:28s} {variant:20s} {timing:>6s} {med:10.4f} {gbs:8.1f} "
                           f"{100 * gbs / copy_gbs:7.1f} {peak:8.1f}")
-    if args.csv is not None:
-        append_rows(args.csv, [{**env, "benchmark": "mixture", **r} for r in rows])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, compile_backend, environment, kernel_device, measure_or_fail  # noqa: E402
+from common import CsvRows, compile_backend, environment, kernel_device, measure_or_fail  # noqa: E402
 from sslam.kernels import regression_sums, regression_sums_ref  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}")
     print(f"regression sums (frame + SRL): pred {case}, clones {clones}")
     print(f"{'variant':10s} {'pass':5s} {'median ms':>10s} {'p20':>8s} {'p80':>8s} {'GB/s':>8s} {'peak MB':>8s}")
-    rows, medians = [], {}
+    rows, medians = CsvRows(args.csv, **env, benchmark="regression"), {}
     for variant, fn in (("eager", regression_sums_ref), ("compile", compiled), ("ours", regression_sums)):
         os.environ["SSLAM_KERNELS"] = "1" if variant == "ours" else "0"
         fns, prepare = passes(fn, pred, target, masked, clones, srl)
@@ -94,8 +94,6 @@ def main(argv=None) -> None:
             print(f"{variant:10s} {name:5s} {med:10.3f} {p20:8.3f} {p80:8.3f} {rate:8.1f} {peak:8.1f}")
     for base in ("eager", "compile"):
         print(f"ours vs {base} (fwd+bwd): {medians[(base, 'full')] / medians[('ours', 'full')]:.2f}x")
-    if args.csv is not None:
-        append_rows(args.csv, [{**env, "benchmark": "regression", **r} for r in rows])
 
 
 if __name__ == "__main__":
