@@ -9,16 +9,21 @@ memory goes, and the CPU data path.
 Writes into ``--out``: ``results.csv`` (one row per measurement with device, versions, date and
 git commit), one ``<benchmark>.txt`` log per script, ``report.md`` (the tables) and one PNG
 plot per benchmark. Each script runs in its own process, so a failure is reported and the suite
-goes on; the exit status says whether everything ran. A script that runs past ``--timeout`` is
-stopped and counted as failed, and the report is rewritten after every script, so a run cut
-short (a GPU lent for a limited time) still leaves the tables of everything that finished.
+goes on; the exit status says whether everything ran. A script that runs past its time limit
+(``--timeout``; on a GPU, by default, a limit of its own within the suite's 8 minutes) is
+stopped and counted as failed; scripts write each row as they measure it, the report is
+rewritten after every script, and on a GPU what matters most runs first, so a run cut short (a
+GPU lent for a limited time) still leaves the tables of everything measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,13 +33,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-# Stage 2 on a GPU: the four compared implementations, ours in half weights, and the
-# least-memory one (the per-clip memory goal). ours_compile and ours_lowmem (bench_step.py
-# --variants) are left out of the suite's time.
-STEP_VARIANTS = ["official", "eager", "compile", "ours", "ours_pure", "ours_minmem"]
+# Stage 2 on a GPU: the four compared implementations (ours and good eager first), ours in
+# half weights, and the least-memory one (the per-clip memory goal). ours_compile and
+# ours_lowmem (bench_step.py --variants) are left out of the suite's time.
+STEP_VARIANTS = ["ours", "eager", "official", "compile", "ours_pure", "ours_minmem"]
 # The suite's time on a GPU unless --budget says otherwise: the 8 minutes it is meant to fit,
 # less a margin for starting the interpreter and writing the report.
 GPU_BUDGET_S = 470
+# What one script may take on a GPU (under --timeout and the budget): a slow compile or search
+# stops there, its rows so far kept, and leaves the rest of the budget to the others.
+GPU_SCRIPT_CAP_S = 90
+GPU_SCRIPT_CAPS = {"step-compile": 120, "step_stage1": 150}
+# The CUDA tests' share of a GPU run (--tests), before the benchmarks' budget.
+GPU_TESTS_BUDGET_S = 100
 
 
 def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
@@ -58,27 +69,34 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
         ("cpu", ["bench_cpu.py", "--rate", "44100", "--clips", "16"]),
     ]
     if gpu:
+        # Stage 2 in full (largest batch, profiles), each variant in a process of its own: one
+        # variant after another in one process ran slower than alone (the host issues the step,
+        # and what the earlier ones left behind slowed it).
+        stage2 = {variant: (f"step-{variant}", ["bench_step.py", "--preset", "base", "--stage", "2", "--batch", "12",
+                                                "--max-batch", "--profile", str(out / "profile"), "--variants",
+                                                variant])
+                  for variant in STEP_VARIANTS}
+        # In order of what matters most, so that a budget spent early (a GPU lent for minutes)
+        # loses the least: the step's main comparison and the two largest kernels, the rest of
+        # the step (stage 1 timed only, for the four implementations compared: the search and
+        # the compilations are most of the step benchmark's time), the other kernels, then
+        # what runs on the host's CPU anyway.
         steps = [
-            ("launch", ["bench_launch.py", "--host-profile", "attention fwd+bwd", "grouped_conv fwd+bwd"]),
+            stage2["ours"], stage2["eager"],
             ("attention", ["bench_attention.py", "--case", "all", "--dtype", "bf16"]),
             ("fbank_patch", ["bench_fbank_patch.py", "--batch", "48"]),
-            ("mixture", ["bench_mixture.py"]),
-            ("decoder", ["bench_decoder.py"]),
-            ("regression", ["bench_regression.py"]),
-            *steps,  # the CPU's, short
-            # Stage 2 in full (every variant, largest batch, profiles), each variant in a process
-            # of its own: one variant after another in one process ran slower than alone (the
-            # host issues the step, and what the earlier ones left behind slowed it). Stage 1
-            # timed only, for the four implementations compared: the largest-batch search and
-            # the compiled variants' compilation are most of the step benchmark's time.
-            *[(f"step-{variant}", ["bench_step.py", "--preset", "base", "--stage", "2", "--batch", "12",
-                                   "--max-batch", "--profile", str(out / "profile"), "--variants", variant])
-              for variant in STEP_VARIANTS],
+            stage2["official"], stage2["compile"],
             ("step_stage1", ["bench_step.py", "--preset", "base", "--stage", "1", "--batch", "12",
                              "--variants", *STEP_VARIANTS[:4]]),
+            ("decoder", ["bench_decoder.py"]),
+            ("mixture", ["bench_mixture.py"]),
+            ("regression", ["bench_regression.py"]),
+            stage2["ours_pure"], stage2["ours_minmem"],
+            ("launch", ["bench_launch.py", "--host-profile", "attention fwd+bwd", "grouped_conv fwd+bwd"]),
             ("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16"]),
             # Where the activation memory goes, by module (per clip, so a small batch is enough).
             ("memory", ["bench_memory.py", "--preset", "base", "--stage", "2", "--batch", "4"]),
+            *steps,  # the CPU's, short
         ]
     else:
         steps = [("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16", "--repeats", "2"]),
@@ -89,16 +107,27 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
 def run_logged(name: str, command: list[str], log_path: Path, env: dict, timeout: float,
                ok_codes=(0,)) -> tuple[str, float]:
     """(status: 'ok', 'TIMED OUT' or 'FAILED (exit N)'; seconds) of ``command``, its output logged
-    to ``log_path``, stopped after ``timeout`` seconds."""
+    to ``log_path``, stopped after ``timeout`` seconds: interrupted first (Ctrl-C: pytest then
+    prints its summary, a benchmark its traceback), killed with all it started (compile
+    workers, spawned measurements) if still running 15 s later."""
     start = time.perf_counter()
     with log_path.open("w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent,
+                                   start_new_session=True)  # its own group: stopped with its children
         try:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent,
-                                  timeout=timeout).returncode
+            code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            log.write(f"\nstopped after {timeout:.0f} s (--timeout)\n")
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):  # the group may be gone already
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            log.write(f"\nstopped after {timeout:.0f} s (its time limit)\n")
             code = None
     seconds = time.perf_counter() - start
     status = "ok" if code in ok_codes else "TIMED OUT" if code is None else f"FAILED (exit {code})"
@@ -142,9 +171,10 @@ def read_rows(csv_path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def report(rows: list[dict], out: Path, timings: dict[str, tuple[str, float]]) -> str:
-    """Markdown tables (one per benchmark and case) and one bar plot per benchmark."""
-    lines = ["# Benchmark report", ""]
+def report(rows: list[dict], out: Path, timings: dict[str, tuple[str, float]], run: str = "") -> str:
+    """Markdown tables (one per benchmark and case) and one bar plot per benchmark; ``run`` says
+    where and when the suite ran (also when no script wrote a row)."""
+    lines = ["# Benchmark report", ""] + ([f"- Run: {run}"] if run else [])
     # Where and with what the rows were measured: a line for each combination (the GPU's rows
     # and those of the host's CPU benchmarks differ in device, say).
     setups = dict.fromkeys((r["device"], r["torch"], r["triton"], r["cuda"], r["commit"]) for r in rows)
@@ -168,8 +198,11 @@ def report(rows: list[dict], out: Path, timings: dict[str, tuple[str, float]]) -
                 lines.append(f"| {r['variant']} | {r['pass']} | {_num(r.get('median_ms'))} | {_num(r.get('p20_ms'))} | "
                              f"{_num(r.get('p80_ms'))} | {tp} | {_num(r.get('peak_mem_mb'))} | {r.get('note', '')} |")
             lines.append("")
-        _plot(bench, cases, out)
-        lines.append(f"![{bench}]({bench}.png)")
+        try:
+            _plot(bench, cases, out)
+            lines.append(f"![{bench}]({bench}.png)")
+        except Exception as exc:  # a plot is not worth the rest of the suite
+            lines.append(f"(no plot: {type(exc).__name__}: {exc})")
     lines += _test_summary(out)
     lines += _profile_tables(out / "profile")
     text = "\n".join(lines) + "\n"
@@ -185,16 +218,21 @@ def _profile_tables(folder: Path) -> list[str]:
     lines = ["", "## Profiles: top operations of the training step", ""]
     for table in tables:
         name = table.stem.removeprefix("top_ops_")
-        lines += [f"**{name}** (trace: `{folder.name}/trace_{name}.json`)", "", "```",
+        lines += [f"**{name}** (trace: `{folder.name}/trace_{name}.json.gz`)", "", "```",
                   table.read_text().rstrip(), "```", ""]
     return lines
 
 
-def _num(value) -> str:
+def _float(value) -> float:
+    """A CSV cell as a number; NaN where it holds none."""
     try:
-        return f"{float(value):.4g}"
+        return float(value)
     except (TypeError, ValueError):
-        return ""
+        return math.nan
+
+
+def _num(value) -> str:
+    return "" if math.isnan(_float(value)) else f"{_float(value):.4g}"
 
 
 def _plot(bench: str, cases: dict, out: Path) -> None:
@@ -210,7 +248,7 @@ def _plot(bench: str, cases: dict, out: Path) -> None:
     labels, series = [], defaultdict(dict)
     for case, case_rows in cases.items():
         for r in case_rows:
-            if not r.get(metric):
+            if not math.isfinite(_float(r.get(metric))) or _float(r.get(metric)) <= 0:  # failed, or no time
                 continue
             key = f"{case}\n{r['pass']}"
             if key not in labels:
@@ -233,27 +271,59 @@ def _plot(bench: str, cases: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def preflight() -> tuple[str | None, list[str]]:
+    """(why the suite cannot run here, or None; warnings), before any time is spent."""
+    try:
+        import sslam.kernels  # noqa: F401
+    except Exception as exc:
+        return (f"sslam.kernels does not import ({type(exc).__name__}: {exc}); install the package first: "
+                "pip install --no-deps --no-build-isolation -e ."), []
+    from common import git_commit
+
+    from sslam import native
+
+    warnings = []
+    if not native.built():
+        warnings.append("the C++ extension (sslam._native) is not built here: the masks and CPU data-path "
+                        "benchmarks measure without it (pip install -e . builds it)")
+    if git_commit() == "unknown":
+        warnings.append("no git checkout: every row will say commit 'unknown' (set SSLAM_COMMIT)")
+    return None, warnings
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="small CPU version (kernels under the Triton interpreter)")
-    p.add_argument("--only", nargs="*", default=None, help="run only these benchmarks, in this order")
-    p.add_argument("--timeout", type=float, default=900, help="seconds one script may run before it is stopped")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="run only these benchmarks, in this order (none at all: with --tests, the tests alone)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help=f"seconds one script may run before it is stopped (default: {GPU_SCRIPT_CAP_S} on a GPU, "
+                        f"{', '.join(f'{k} {v}' for k, v in GPU_SCRIPT_CAPS.items())}; 900 on the CPU)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole suite: each script may run only for what is left, and none starts "
                         f"with under 10 s left (default on a GPU: {GPU_BUDGET_S} for the benchmarks, i.e. "
                         "within 8 minutes, after any --tests; none on the CPU)")
     p.add_argument("--tests", action="store_true",
                    help="run the CUDA tests first (tests.txt and a section of the report)")
+    p.add_argument("--tests-budget", type=float, default=None,
+                   help=f"seconds for all the CUDA tests, stopped there with their summary (default on a GPU: "
+                        f"{GPU_TESTS_BUDGET_S}; within --budget when one is given)")
     p.add_argument("--test-timeout", type=float, default=120, help="seconds one test may run (with --tests)")
     args = p.parse_args(argv)
     import torch
 
     gpu = torch.cuda.is_available()
+    timed_gpu = gpu and not args.quick  # where the default time limits apply
+    problem, warnings = preflight()
+    if problem:
+        p.error(problem)
+    for warning in warnings:
+        print(f"warning: {warning}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")  # a script stopped at --timeout keeps its log
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # a script stopped at its time limit keeps its log
     # Autotuning results go to Triton's disk cache: the kernel benchmarks tune (and report) each
     # kernel once, and the encoder and step benchmarks, in later processes, reuse the choice
     # instead of spending their time budget tuning again.
@@ -270,23 +340,31 @@ def main(argv=None) -> int:
         p.error(f"--only: no benchmark named {sorted(unknown)} in this plan; choose from {list(chosen)}")
     if csv_path.exists() and csv_path.stat().st_size:  # rows of two runs would mix in one report
         p.error(f"--out {out}: holds the results.csv of an earlier run; choose a new folder")
+    from common import environment
+
+    where = environment("cuda" if gpu else "cpu")
+    run_line = f"{where['device']}; from {where['date']}; commit {where['commit']}"
     timings = {}
     deadline = time.monotonic() + args.budget if args.budget is not None else float("inf")
     if args.tests:
-        left = deadline - time.monotonic()
-        timings["cuda tests"] = (run_tests(out, env, min(args.timeout, left), args.test_timeout) if left >= 10
+        tests_budget = args.tests_budget if args.tests_budget is not None else (
+            GPU_TESTS_BUDGET_S if timed_gpu else float("inf"))
+        left = min(deadline - time.monotonic(), tests_budget)
+        timings["cuda tests"] = (run_tests(out, env, min(args.timeout or 900, left), args.test_timeout) if left >= 10
                                  else ("not started (--budget)", 0.0))
-        report(read_rows(csv_path), out, timings)
-    if args.budget is None and gpu and not args.quick:  # the benchmarks' 8 minutes, after any tests
+        report(read_rows(csv_path), out, timings, run_line)
+    if args.budget is None and timed_gpu:  # the benchmarks' 8 minutes, after any tests
         deadline = time.monotonic() + GPU_BUDGET_S
-    for name in only or chosen:  # --only runs in the order given
+    for name in chosen if args.only is None else only:  # --only runs in the order given
         left = deadline - time.monotonic()
+        limit = args.timeout or (GPU_SCRIPT_CAPS.get(name, GPU_SCRIPT_CAP_S) if timed_gpu else 900)
         if left < 10:
             print(f"{name:>12}: not started, the --budget is spent", flush=True)
             timings[name] = ("not started (--budget)", 0.0)
         else:
-            timings[name] = run(name, chosen[name], out, csv_path, env, min(args.timeout, left))
-        report(read_rows(csv_path), out, timings)
+            timings[name] = run(name, chosen[name], out, csv_path, env, min(limit, left))
+        report(read_rows(csv_path), out, timings, run_line)
+    report(read_rows(csv_path), out, timings, run_line)
     print(f"wrote {out / 'report.md'}")
     return 0 if all(status == "ok" for status, _ in timings.values()) else 1
 

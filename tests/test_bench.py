@@ -30,8 +30,8 @@ def test_quick_suite_runs_every_benchmark(tmp_path):
     assert len(list(tmp_path.glob("*.png"))) == len(BENCHMARKS)
     # the profiles of good eager and ours, their top operations in the report
     for variant in ("eager", "ours"):
-        assert (tmp_path / "profile" / f"trace_{variant}_stage2.json").stat().st_size > 0
-        assert f"**{variant}_stage2** (trace: `profile/trace_{variant}_stage2.json`)" in report
+        assert (tmp_path / "profile" / f"trace_{variant}_stage2.json.gz").stat().st_size > 0
+        assert f"**{variant}_stage2** (trace: `profile/trace_{variant}_stage2.json.gz`)" in report
     assert "## Profiles: top operations of the training step" in report
 
 
@@ -70,6 +70,27 @@ def test_tests_option_runs_the_device_tests_first_and_reports_them(tmp_path):
     assert re.search(r"\d+ skipped, \d+ deselected", section)
 
 
+def test_tests_alone_with_an_empty_only(tmp_path):
+    done = run_all("--quick", "--tests", "--only", out=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "cuda tests: ok" in done.stdout and "masks" not in done.stdout
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# Benchmark report\n\n- Run: CPU ") and "## CUDA tests" in report
+
+
+def test_a_benchmark_whose_every_time_failed_does_not_stop_the_report(tmp_path):
+    """Regression: an all-NaN benchmark (every variant failed) made the log-scale plot raise,
+    and the error ended the suite."""
+    run_all = _run_all_module()
+    row = {"benchmark": "mixture", "case": "c", "pass": "fwd", "torch": "2", "triton": "3", "cuda": "13.0",
+           "device": "GPU", "commit": "abc", "date": "2026-12-07T00:00:00Z", "median_ms": "nan"}
+    rows = [{**row, "variant": "ours", "note": "failed: CUDA error"}, {**row, "variant": "eager"},
+            {**row, "benchmark": "decoder", "variant": "ours", "median_ms": "2.5"}]
+    text = run_all.report(rows, tmp_path, {}, "GPU; from today")
+    assert "## mixture" in text and "## decoder" in text and "![decoder](decoder.png)" in text
+    assert (tmp_path / "decoder.png").exists() and not (tmp_path / "mixture.png").exists()
+
+
 def test_unknown_benchmark_names_are_refused(tmp_path):
     done = run_all("--quick", "--only", "attention", "atention", out=tmp_path)
     assert done.returncode == 2
@@ -89,9 +110,19 @@ def test_the_gpu_plan_runs_each_step_variant_in_a_process_of_its_own(tmp_path):
     run_all = _run_all_module()
     scripts = dict(run_all.plan(quick=False, gpu=True, out=tmp_path))
     steps = {name: args for name, args in scripts.items() if name.startswith("step-")}
-    assert [name.removeprefix("step-") for name in steps] == run_all.STEP_VARIANTS
+    assert sorted(name.removeprefix("step-") for name in steps) == sorted(run_all.STEP_VARIANTS)
     for name, args in steps.items():
         assert args[args.index("--variants") + 1:] == [name.removeprefix("step-")]
+
+
+def test_the_gpu_plan_runs_what_matters_most_first(tmp_path):
+    """A GPU lent for minutes: the step's main comparison and the largest kernels come first (the
+    training step came last, after every kernel, and a spent budget left it unmeasured), and
+    what runs on the host's CPU anyway comes last."""
+    names = [name for name, _ in _run_all_module().plan(quick=False, gpu=True, out=tmp_path)]
+    assert names[:4] == ["step-ours", "step-eager", "attention", "fbank_patch"]
+    assert names.index("step_stage1") < names.index("decoder")
+    assert names[-3:] == ["memory", "masks", "cpu"]
 
 
 def test_a_folder_with_earlier_results_is_refused(tmp_path):
