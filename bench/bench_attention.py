@@ -25,6 +25,7 @@ forward and 2.5x that for the backward. Results are printed and appended as CSV 
 """
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -267,14 +268,17 @@ def print_table(rows) -> None:
             print(f"{'variant':<15}{header}{'peak MB' if not suffix else '':>10}{'x ours':>9}")
             ours_full = by_key[(case, "ours", "full" + suffix)].get("median_ms")
             for name in names:
-                full = by_key.get((case, name, "full" + suffix)) or by_key[(case, name, "full")]
-                if not full.get("median_ms"):
-                    print(f"{name:<15}{full['note'].split('; ', 1)[-1][:100]}")
+                measured = {p: by_key.get((case, name, p + suffix)) for p in PASSES}
+                if not any(row and row.get("median_ms") for row in measured.values()):
+                    why = by_key[(case, name, "full")]["note"].split("; ", 1)[-1] if suffix == "" else "no CUDA-graph timing"
+                    print(f"{name:<15}{why[:100]}")
                     continue
-                cells = "".join(f"{_cell(by_key.get((case, name, p + suffix)), 'median_ms', '.4f')}"
-                                f"{_cell(by_key.get((case, name, p + suffix)), 'throughput', '.1f')}" for p in PASSES)
+                cells = "".join(f"{_cell(row, 'median_ms', '.4f')}{_cell(row, 'throughput', '.1f')}"
+                                for row in measured.values())
+                full = measured["full"] or {}
                 memory = "" if suffix else _cell(full, "peak_mem_mb", ".1f", 0)
-                ratio = float(full["median_ms"]) / float(ours_full) if ours_full else float("nan")
+                # Within one section only: a graph time over an eager one would mean nothing.
+                ratio = float(full["median_ms"]) / float(ours_full) if full.get("median_ms") and ours_full else math.nan
                 print(f"{name:<15}{cells}{memory:>10}{ratio:>9.2f}")
 
 

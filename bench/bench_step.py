@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_rows, environment  # noqa: E402
+from common import CsvRows, environment  # noqa: E402
 
 from sslam.features import preprocess  # noqa: E402
 from sslam.masking import clone_masks, kept_indices  # noqa: E402
@@ -62,6 +62,8 @@ from sslam.train import (  # noqa: E402
 
 VARIANTS = ("official", "eager", "compile", "ours", "ours_compile", "ours_lowmem", "ours_minmem", "ours_pure")
 COMPILED = ("compile", "ours_compile")
+# Variants whose step --profile traces: good eager, ours and ours in half weights.
+PROFILED = ("eager", "ours", "ours_pure")
 RECOMPUTED_BLOCKS = {"ours_lowmem": "selective", "ours_minmem": "full"}
 # On GPU, variants whose networks run wholly in a half type over fp32 master weights (the others
 # run under bf16 autocast).
@@ -287,6 +289,27 @@ def largest_fitting(peak_of, start: int, capacity: float, limit: int = 1024, res
     return good
 
 
+def search_largest_batch(rows: list, case: str, variant: str, cfg, device, start: int) -> int | str:
+    """:func:`largest_fitting` for ``variant`` from ``start`` clips, its row appended to ``rows``
+    (a failed search's too); the batch found, or '-'."""
+    searching = time.perf_counter()
+    try:
+        capacity = available_memory(device)
+        most = largest_fitting(lambda b: step_peak(variant, cfg, device, b), start, capacity)
+    except Exception as exc:
+        traceback.print_exc()
+        rows.append({"case": case, "variant": variant, "pass": "max_batch",
+                     "note": f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"})
+        most = "-"
+    else:
+        rows.append({"case": case, "variant": variant, "pass": "max_batch", "throughput": most, "unit": "clips",
+                     "note": f"the largest batch whose step fits, within 4 clips; capacity_GiB={capacity / 2**30:.1f}; "
+                             f"search_s={time.perf_counter() - searching:.0f}"})
+    gc.collect()  # after the except block: its traceback held the failed try's model
+    torch.cuda.empty_cache()
+    return most
+
+
 def profile(step: Step, folder: Path, steps: int = 3) -> str:
     """A torch.profiler trace of a few steps and the table of the top operations (also saved
     split by input shapes, ``ops_by_shape_*.txt``)."""
@@ -330,11 +353,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     env = environment(device)
 
-    def record(row: dict) -> None:
-        # Each row is written as soon as it is measured: a run stopped partway keeps its results.
-        if args.csv:
-            append_rows(args.csv, [row], announce=False)
-
+    rows = CsvRows(args.csv, **env, benchmark="train_step")  # each row written as soon as it is measured
     print(f"{env['device']}, torch {env['torch']}, preset {args.preset}, batch {args.batch} clips per step")
     if device.type != "cuda":
         print("(no GPU: 'ours' runs the PyTorch references, the same computation as 'eager')")
@@ -343,6 +362,7 @@ def main(argv=None) -> int:
         enc_cfg = encoder_config(cfg)
         flops = train_flops_per_clip(enc_cfg, objective_config(cfg, enc_cfg.depth), cfg.data.target_length,
                                      mask_config(cfg).num_kept)  # the preset's masks (large keeps 128)
+        case = f"{args.preset},stage{stage},B={args.batch}"
         print(f"\n== stage {stage}: {flops / 1e12:.3f} TFLOP per clip")
         print(f"{'variant':>12} {'s/step':>9} {'clips/s':>9} {'MFU':>7} {'peak GiB':>9} {'GiB/clip':>9} {'max batch':>10} "
               f"{'x official':>11} {'wall s':>7}")
@@ -352,60 +372,41 @@ def main(argv=None) -> int:
             try:
                 step = Step(variant, cfg, args.batch, device)
                 seconds, (median, p20, p80), peak = time_steps(step, args.warmup, args.steps)
-                skipped = step.skipped
-                step = None  # its model and optimizer would take memory from the batch search
-                gc.collect()
             except Exception as exc:  # a variant that cannot run is reported, not fatal
                 step = None  # nor would the memory of a variant that failed be the next one's
-                gc.collect()
                 print(f"{variant:>12} failed after {time.perf_counter() - began:.0f} s: {type(exc).__name__}: "
                       f"{(str(exc).splitlines() or [''])[0][:120]}")
                 # Where it failed, for the log (an inductor assertion can carry no message).
                 print("".join(traceback.format_exception(exc)[-12:]), file=sys.stderr)
-                record({**env, "benchmark": "train_step", "case": f"{args.preset},stage{stage},B={args.batch}",
-                        "variant": variant, "pass": "full", "note": f"failed: {type(exc).__name__}"})
+                rows.append({"case": case, "variant": variant, "pass": "full", "note": f"failed: {type(exc).__name__}"})
                 continue
+            finally:
+                gc.collect()
             clips = args.batch / seconds
             peak_flops = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
             mfu = flops * clips / (peak_flops * 1e12) if peak_flops else float("nan")  # nan: a card of unknown peak
             base = base or (seconds if variant == "official" else None)
             speedup = base / seconds if base else float("nan")
-            case, wall = f"{args.preset},stage{stage},B={args.batch}", time.perf_counter() - began
-            # Written before the batch search: a search that fails or runs out of time keeps it.
-            record({**env, "benchmark": "train_step", "case": case, "variant": variant, "pass": "full",
-                    "median_ms": median * 1e3, "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3, "throughput": clips,
-                    "unit": "clips/s", "peak_mem_mb": peak * 1024,
-                    "note": f"mfu={mfu:.4f}; flops_per_clip={flops:.4e}; wall_s={wall:.0f}; skipped_steps={skipped}"})
-            # The search recompiles a compiled variant for every size: measured for the others.
-            most = "-"
-            if args.max_batch and device.type == "cuda" and variant not in COMPILED:
-                searching = time.perf_counter()
+            rows.append({"case": case, "variant": variant, "pass": "full", "median_ms": median * 1e3,
+                         "p20_ms": p20 * 1e3, "p80_ms": p80 * 1e3, "throughput": clips, "unit": "clips/s",
+                         "peak_mem_mb": peak * 1024,
+                         "note": f"mfu={mfu:.4f}; flops_per_clip={flops:.4e}; wall_s={time.perf_counter() - began:.0f}; "
+                                 f"skipped_steps={step.skipped}"})
+            # The profile and the search come after the row, the profile first: a script stopped
+            # at its time limit loses the least.
+            if args.profile and variant in PROFILED:
                 try:
-                    capacity = available_memory(device)
-                    most = largest_fitting(lambda b: step_peak(variant, cfg, device, b), args.batch, capacity)
-                    note = (f"the largest batch whose step fits, within 4 clips; capacity_GiB={capacity / 2**30:.1f}; "
-                            f"search_s={time.perf_counter() - searching:.0f}")
-                    record({**env, "benchmark": "train_step", "case": case, "variant": variant, "pass": "max_batch",
-                            "throughput": most, "unit": "clips", "note": note})
-                except Exception as exc:
+                    print(f"\n-- top operations, {variant}, stage {stage}\n" + profile(step, Path(args.profile)))
+                except Exception:  # the row above stands
                     traceback.print_exc()
-                    record({**env, "benchmark": "train_step", "case": case, "variant": variant, "pass": "max_batch",
-                            "note": f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"})
-                    gc.collect()
-                    torch.cuda.empty_cache()
+            step = None  # its model and optimizer would take memory from the batch search
+            gc.collect()
+            most = "-"
+            # The search recompiles a compiled variant for every size: measured for the others.
+            if args.max_batch and device.type == "cuda" and variant not in COMPILED:
+                most = search_largest_batch(rows, case, variant, cfg, device, args.batch)
             print(f"{variant:>12} {seconds:>9.4f} {clips:>9.2f} {100 * mfu:>6.1f}% {peak:>9.2f} "
                   f"{peak / args.batch:>9.3f} {most or '-':>10} {speedup:>10.2f}x {time.perf_counter() - began:>7.0f}")
-        if args.profile:
-            for variant in ("eager", "ours", "ours_pure"):
-                if variant in args.variants:
-                    try:  # a profile that fails leaves the rows above as they are
-                        step = Step(variant, cfg, args.batch, device)
-                        time_steps(step, args.warmup, 1)
-                        print(f"\n-- top operations, {variant}, stage {stage}\n" + profile(step, Path(args.profile)))
-                    except Exception:
-                        traceback.print_exc()
-                    step = None
-                    gc.collect()
     return 0
 
 

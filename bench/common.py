@@ -89,28 +89,26 @@ def append_rows(path: str | os.PathLike, rows: list[dict], announce: bool = True
         print(f"\nappended {len(rows)} rows to {path}")
 
 
-class CsvRows(list):
+class CsvRows:
     """A benchmark's rows, each appended to the CSV at ``path`` (when given) as it is added, with
     the ``fixed`` fields (the environment, the benchmark's name): a script stopped part-way (its
-    time budget spent, a later variant crashing the process) keeps every row it measured."""
+    time limit reached, a later variant crashing the process) keeps every row it measured.
+    Iterating gives the rows added, fixed fields included."""
 
     def __init__(self, path: str | os.PathLike | None, **fixed):
-        super().__init__()
-        self.path, self.fixed = path, fixed
+        self.path, self.fixed, self.rows = path, fixed, []
 
     def append(self, row: dict) -> None:
         row = {**self.fixed, **row}
-        super().append(row)
+        self.rows.append(row)
         if self.path is not None:
             append_rows(self.path, [row], announce=False)
 
-    def extend(self, rows) -> None:
-        for row in rows:
-            self.append(row)
+    def __iter__(self):
+        return iter(self.rows)
 
-    def __iadd__(self, rows):
-        self.extend(rows)
-        return self
+    def __len__(self) -> int:
+        return len(self.rows)
 
 
 def cuda_timing(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> tuple[float, float, float]:

@@ -106,33 +106,45 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
 
 def run_logged(name: str, command: list[str], log_path: Path, env: dict, timeout: float,
                ok_codes=(0,)) -> tuple[str, float]:
-    """(status: 'ok', 'TIMED OUT' or 'FAILED (exit N)'; seconds) of ``command``, its output logged
-    to ``log_path``, stopped after ``timeout`` seconds: interrupted first (Ctrl-C: pytest then
-    prints its summary, a benchmark its traceback), killed with all it started (compile
-    workers, spawned measurements) if still running 15 s later."""
+    """(status: 'ok', 'TIMED OUT', 'FAILED (exit N)' or 'NOT KILLED'; seconds) of ``command``, its
+    output logged to ``log_path``, stopped after ``timeout`` seconds: interrupted first (Ctrl-C:
+    pytest then prints its summary, a benchmark its traceback), killed if still running 15 s
+    later. However it ends, and however this process is stopped, whatever it started (compile
+    workers, spawned measurements) is killed with it: nothing is left holding the GPU."""
     start = time.perf_counter()
     with log_path.open("w") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent,
-                                   start_new_session=True)  # its own group: stopped with its children
+                                   start_new_session=True)  # a group of its own, to stop with its children
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGINT)
-            try:
+            _signal_group(process, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-            with contextlib.suppress(ProcessLookupError):  # the group may be gone already
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
             log.write(f"\nstopped after {timeout:.0f} s (its time limit)\n")
             code = None
+        finally:
+            _signal_group(process, signal.SIGKILL)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # stuck in the driver: reported, and the suite goes on
+            code = "not killed"
     seconds = time.perf_counter() - start
-    status = "ok" if code in ok_codes else "TIMED OUT" if code is None else f"FAILED (exit {code})"
+    if code is None:
+        status = "TIMED OUT"
+    elif code == "not killed":
+        status = "NOT KILLED"
+    else:
+        status = "ok" if code in ok_codes else f"FAILED (exit {code})"
     print(f"{name:>12}: {status} in {seconds:.0f} s -> {log_path}", flush=True)
     return status, seconds
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
+        os.killpg(process.pid, sig)
 
 
 def run(name: str, args: list[str], out: Path, csv_path: Path, env: dict, timeout: float) -> tuple[str, float]:
@@ -152,16 +164,18 @@ def run_tests(out: Path, env: dict, timeout: float, per_test: float) -> tuple[st
     return run_logged("cuda tests", command, out / "tests.txt", env, timeout, ok_codes=(0, 5))
 
 
-def _test_summary(out: Path) -> list[str]:
-    """The CUDA tests' failures and final count, from ``tests.txt``."""
+def _test_summary(out: Path, status: str | None) -> list[str]:
+    """The CUDA tests' failures and final count, from ``tests.txt``; ``status``: their run's."""
     log = out / "tests.txt"
     if not log.exists():
         return []
     lines = log.read_text().splitlines()
     failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
-    counts = [line.strip("= ") for line in lines if line.startswith("=") and (" passed" in line or " failed" in line
-                                                                            or " skipped" in line)]
-    return ["", "## CUDA tests", "", *(f"- {line}" for line in failed), "", *(counts[-1:] or ["(no summary: see tests.txt)"])]
+    counts = [line.strip("= ") for line in lines if line.startswith("=") and any(
+        word in line for word in (" passed", " failed", " skipped", " error", "no tests ran"))]
+    cut = ["", "(interrupted at the tests' time limit: the remaining tests did not run)"] if status == "TIMED OUT" else []
+    return ["", "## CUDA tests", "", *(f"- {line}" for line in failed), "",
+            *(counts[-1:] or ["(no summary: see tests.txt)"]), *cut]
 
 
 def read_rows(csv_path: Path) -> list[dict]:
@@ -203,7 +217,7 @@ def report(rows: list[dict], out: Path, timings: dict[str, tuple[str, float]], r
             lines.append(f"![{bench}]({bench}.png)")
         except Exception as exc:  # a plot is not worth the rest of the suite
             lines.append(f"(no plot: {type(exc).__name__}: {exc})")
-    lines += _test_summary(out)
+    lines += _test_summary(out, timings.get("cuda tests", (None,))[0])
     lines += _profile_tables(out / "profile")
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
@@ -311,6 +325,11 @@ def main(argv=None) -> int:
                         f"{GPU_TESTS_BUDGET_S}; within --budget when one is given)")
     p.add_argument("--test-timeout", type=float, default=120, help="seconds one test may run (with --tests)")
     args = p.parse_args(argv)
+    if args.only == [] and not args.tests:
+        p.error("--only without names runs nothing (with --tests: the tests alone)")
+    # A stop from outside (timeout, a scheduler) unwinds like Ctrl-C: the running script's group
+    # is killed on the way out (run_logged), not left running with the GPU.
+    signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
     import torch
 
     gpu = torch.cuda.is_available()
@@ -350,14 +369,16 @@ def main(argv=None) -> int:
         tests_budget = args.tests_budget if args.tests_budget is not None else (
             GPU_TESTS_BUDGET_S if timed_gpu else float("inf"))
         left = min(deadline - time.monotonic(), tests_budget)
-        timings["cuda tests"] = (run_tests(out, env, min(args.timeout or 900, left), args.test_timeout) if left >= 10
-                                 else ("not started (--budget)", 0.0))
+        limit = 900 if args.timeout is None else args.timeout
+        timings["cuda tests"] = (run_tests(out, env, min(limit, left), args.test_timeout) if left >= 10
+                                 else ("not started (time budget)", 0.0))
         report(read_rows(csv_path), out, timings, run_line)
     if args.budget is None and timed_gpu:  # the benchmarks' 8 minutes, after any tests
         deadline = time.monotonic() + GPU_BUDGET_S
     for name in chosen if args.only is None else only:  # --only runs in the order given
         left = deadline - time.monotonic()
-        limit = args.timeout or (GPU_SCRIPT_CAPS.get(name, GPU_SCRIPT_CAP_S) if timed_gpu else 900)
+        limit = args.timeout if args.timeout is not None else (
+            GPU_SCRIPT_CAPS.get(name, GPU_SCRIPT_CAP_S) if timed_gpu else 900)
         if left < 10:
             print(f"{name:>12}: not started, the --budget is spent", flush=True)
             timings[name] = ("not started (--budget)", 0.0)

@@ -1,10 +1,12 @@
 """The benchmark suite still runs: ``bench/run_all.py --quick`` end to end (kernels interpreted on
 the CPU), with every script, its CSV rows, the report and the plots."""
 
+import contextlib
 import csv
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,42 @@ def test_the_gpu_plan_runs_what_matters_most_first(tmp_path):
     assert names[:4] == ["step-ours", "step-eager", "attention", "fbank_patch"]
     assert names.index("step_stage1") < names.index("decoder")
     assert names[-3:] == ["memory", "masks", "cpu"]
+
+
+def test_every_script_time_limit_names_a_script_of_the_gpu_plan(tmp_path):
+    run_all = _run_all_module()
+    assert set(run_all.GPU_SCRIPT_CAPS) <= {name for name, _ in run_all.plan(quick=False, gpu=True, out=tmp_path)}
+
+
+def test_a_stopped_script_is_killed_with_what_it_started(tmp_path):
+    """Interrupted at its limit, then killed with its process group: a child that ignores the
+    interrupt (a compile worker, a spawned measurement) does not outlive it."""
+    run_all = _run_all_module()
+    marker = tmp_path / "child.pid"
+    script = f"(trap '' INT; echo $BASHPID > {marker}; exec sleep 300) & wait"
+    status, seconds = run_all.run_logged("child", ["bash", "-c", script], tmp_path / "log.txt", {}, timeout=2)
+    assert status == "TIMED OUT" and seconds < 60
+    status_file = Path(f"/proc/{int(marker.read_text())}/status")
+    for _ in range(50):  # killed: it dies (a zombie until init reaps it) within moments
+        with contextlib.suppress(FileNotFoundError):
+            if "zombie" not in status_file.read_text():
+                time.sleep(0.1)
+                continue
+        break
+    else:
+        raise AssertionError(f"the child still runs: {status_file.read_text()}")
+    assert "stopped after 2 s" in (tmp_path / "log.txt").read_text()
+
+
+def test_rows_reach_the_csv_as_they_are_added(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import CsvRows
+
+    rows = CsvRows(tmp_path / "r.csv", device="GPU", benchmark="b")
+    rows.append({"variant": "ours", "median_ms": 1.5})
+    on_disk = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert [(r["device"], r["benchmark"], r["variant"], r["median_ms"]) for r in on_disk] == [("GPU", "b", "ours", "1.5")]
+    assert list(rows) == [{"device": "GPU", "benchmark": "b", "variant": "ours", "median_ms": 1.5}]
 
 
 def test_a_folder_with_earlier_results_is_refused(tmp_path):
