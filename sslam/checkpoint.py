@@ -1041,8 +1041,12 @@ def convert(src, out_dir, weights: str = "student", labels: str | os.PathLike | 
             raise CheckpointError(f"{labels}: {len(names)} label names for a head of {model.cfg.num_classes} classes")
         model.label_names = names
     # The file read, by the name it was given; in a folder (a model's, a run's), the folder's too.
-    given = Path(src)
-    name = src if is_hub_name(src) else given.name if ckpt.path == given else f"{given.resolve().name}/{ckpt.path.name}"
+    if is_hub_name(src):
+        name = src
+    elif ckpt.path == Path(src):
+        name = Path(src).name
+    else:
+        name = f"{Path(src).resolve().name}/{ckpt.path.name}"
     return save_encoder(model, out_dir, source={"format": ckpt.format, "weights": weights, "file": name})
 
 

@@ -85,6 +85,8 @@ def fetch(name: str) -> Path:
         return found
 
     if path is not None:
+        # A folder of the repository comes back as its cached snapshot folder where the cache
+        # has it (offline too), else as absent: then it is read as a model folder below.
         found = download(path)
         if found is not None:
             if found.name.endswith(_WITH_CONFIG):
