@@ -965,13 +965,16 @@ def run_evaluate(args) -> int:
               f"({result['seconds']:.1f} s)")
         print(json.dumps(result))
     else:
+        from .train import StopTraining, finish_distributed, stop_distributed
+
         finetuner = Finetuner(encoder, train, test, cfg)
-        result = finetuner.fit()
+        try:
+            result = finetuner.fit()
+        except StopTraining as exc:  # under torchrun: end as `sslam pretrain` does
+            stop_distributed(exc)
         if finetuner.dist.rank == 0:  # one line for the run, not one per process
             print(json.dumps(result))
-        from .train import finish_distributed
-
-        finish_distributed()  # under torchrun: end as `sslam pretrain` does
+        finish_distributed()
     return 0
 
 

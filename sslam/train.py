@@ -26,6 +26,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -1453,6 +1454,8 @@ def run_pretrain(args, overrides) -> int:
     trainer = Trainer(cfg)
     try:
         trainer.fit()
+    except StopTraining as exc:
+        stop_distributed(exc)
     except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1461,9 +1464,21 @@ def run_pretrain(args, overrides) -> int:
     return 0
 
 
-def finish_distributed() -> None:
+def stop_distributed(exc: StopTraining) -> NoReturn:
+    """A stop that every process of a distributed run takes together (what it must keep already
+    written): said as the command line says it, then left as a finished run leaves, with the
+    stop's status (gloo's threads could otherwise abort the process at the interpreter's
+    shutdown, and its launcher end the others). Without a process group ``exc`` is raised, for
+    the command line to report."""
+    if not dist.is_initialized():
+        raise exc
+    print(f"sslam: {exc}", file=sys.stderr)
+    finish_distributed(1)
+
+
+def finish_distributed(status: int = 0) -> None:
     """End a finished command's part in a distributed run: destroy its process group and leave
-    at once, after flushing its output (nothing happens without a process group).
+    at once with ``status``, after flushing its output (nothing happens without a process group).
 
     A gloo process group outlives ``destroy_process_group`` (PyTorch keeps references to it),
     and so do its worker threads. One of them can still hold the last reference to a finished
@@ -1473,14 +1488,14 @@ def finish_distributed() -> None:
     ``TensorImpl::decref_pyobject`` -> ``PyEval_AcquireThread`` -> ``pthread_exit``). That
     happened to a rank twice in some 450 two-process runs here, after every rank had trained,
     checkpointed and destroyed its group, and torchrun reports it as a failed run. Everything
-    this process writes is closed by then, so it leaves with ``os._exit(0)``, skipping the
+    this process writes is closed by then, so it leaves with ``os._exit``, skipping the
     interpreter's shutdown."""
     if not dist.is_initialized():
         return
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def add_pretrain_command(sub) -> None:
