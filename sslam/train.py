@@ -808,7 +808,7 @@ class Trainer:
         if saved is not None:
             self._load_training_state(saved)
             if self._too_many_bad_files():
-                raise ValueError(f"{self.resume_from}: the run stopped on {len(self.bad_files)} unreadable files, more "
+                raise ValueError(f"{self.resume_from}: the run met {len(self.bad_files)} unreadable files, more "
                                  f"than data.max_bad_files={cfg.data.max_bad_files}: resume with a larger one")
             self.log(f"resumed from {self.resume_from} at step {self.step}")
         self.flops_per_clip = train_flops_per_clip(self.model.student.cfg, self.model.objective,

@@ -502,7 +502,7 @@ def test_a_run_stopped_by_unreadable_files_saves_its_last_step_and_resumes_exact
                                            r"larger data.max_bad_files"):
         stopped.fit()
     assert [p.name for p in checkpoints_in(tmp_path / "run")] == [f"checkpoint_{stopped.step:08d}.pt"]
-    with pytest.raises(ValueError, match=r"stopped on 1 unreadable files, more than data.max_bad_files=0: resume "
+    with pytest.raises(ValueError, match=r"the run met 1 unreadable files, more than data.max_bad_files=0: resume "
                                          r"with a larger one"):
         Trainer(run("run", 0), log=lambda *a: None)
     Trainer(run("run", 1), log=lambda *a: None).fit()
