@@ -50,7 +50,7 @@ from .files import (
     creation_mode,
     read_json_object,
 )
-from .hub import is_hub_name, local_path
+from .hub import MODEL_FILES, is_hub_name, local_path
 from .model import HEAD_NAMES, VARIANTS, Encoder, EncoderConfig
 from .safe_load import CheckpointError, file_kind, safe_torch_load, to_plain
 
@@ -693,6 +693,16 @@ def _file_or_none(path: Path, what: str) -> Path | None:
     return path if kind == "file" else None
 
 
+def run_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint of a training run's folder (``runs/s1``), which is what the folder
+    names wherever a checkpoint is read (``pretrain --init`` too); None for a file, or for a
+    folder with a model's weights file (that is its checkpoint) or without checkpoints."""
+    if not folder.is_dir() or any((folder / name).exists() for name in MODEL_FILES):
+        return None
+    found = checkpoints_in(folder)
+    return found[-1] if found else None
+
+
 def _read_folder(path: Path, weights: str) -> Checkpoint:
     config_file = _file_or_none(path / "config.json", "a JSON config")
     if _file_or_none(path / "model.safetensors", "a weights file"):
@@ -703,9 +713,9 @@ def _read_folder(path: Path, weights: str) -> Checkpoint:
             raise CheckpointError(f"{path / 'pytorch_model.bin'}: expected a dict of tensors")
         return _from_tensors(path / "pytorch_model.bin", tensors, _read_json(config_file) if config_file else {}, weights,
                              "hf", config_file)
-    found = checkpoints_in(path)
-    if found:  # a training run's folder: its newest checkpoint, as `pretrain --init` takes it
-        return _read_layout(found[-1], weights)
+    newest = run_checkpoint(path)
+    if newest is not None:
+        return _read_layout(newest, weights)
     raise CheckpointError(f"{path}: folder without model.safetensors, pytorch_model.bin or a training checkpoint "
                           "(checkpoint_<step>.pt)")
 

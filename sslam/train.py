@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from . import native
-from .checkpoint import CheckpointError, check_state, read_checkpoint
+from .checkpoint import CheckpointError, check_state, read_checkpoint, run_checkpoint
 from .data import MAX_WORKERS
 from .features import norm_stats, preprocess
 from .files import (
@@ -687,12 +687,8 @@ def resolve_init(path: str) -> str:
     name is kept as it is."""
     if is_hub_name(path):
         return path
-    folder = Path(path).resolve()
-    if folder.is_dir() and not any((folder / name).exists() for name in ("model.safetensors", "pytorch_model.bin")):
-        found = checkpoints_in(folder)
-        if found:
-            return str(found[-1])
-    return str(folder)
+    resolved = Path(path).resolve()
+    return str(run_checkpoint(resolved) or resolved)
 
 
 def rng_state() -> dict:
