@@ -693,14 +693,20 @@ def _file_or_none(path: Path, what: str) -> Path | None:
     return path if kind == "file" else None
 
 
+FAIRSEQ_LAST = "checkpoint_last.pt"
+
+
 def run_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint of a training run's folder (``runs/s1``), which is what the folder
-    names wherever a checkpoint is read (``pretrain --init`` too); None for a file, or for a
-    folder with a model's weights file (that is its checkpoint) or without checkpoints."""
+    """The newest checkpoint of a training run's folder (``runs/s1``), or the last one of a
+    fairseq run's (``checkpoint_last.pt``, as the official releases ship), which is what the
+    folder names wherever a checkpoint is read (``pretrain --init`` too); None for a file, or for
+    a folder with a model's weights file (that is its checkpoint) or without checkpoints."""
     if not folder.is_dir() or any((folder / name).exists() for name in MODEL_FILES):
         return None
     found = checkpoints_in(folder)
-    return found[-1] if found else None
+    if found:
+        return found[-1]
+    return folder / FAIRSEQ_LAST if (folder / FAIRSEQ_LAST).exists() else None
 
 
 def _read_folder(path: Path, weights: str) -> Checkpoint:
@@ -717,7 +723,7 @@ def _read_folder(path: Path, weights: str) -> Checkpoint:
     if newest is not None:
         return _read_layout(newest, weights)
     raise CheckpointError(f"{path}: folder without model.safetensors, pytorch_model.bin or a training checkpoint "
-                          "(checkpoint_<step>.pt)")
+                          f"(checkpoint_<step>.pt, or fairseq's {FAIRSEQ_LAST})")
 
 
 def _read(source: str | os.PathLike, weights: str) -> Checkpoint:

@@ -43,6 +43,7 @@ from sslam.checkpoint import (
 from sslam.files import atomic_write
 from sslam.model import VARIANTS, Encoder, EncoderConfig
 from sslam.safe_load import safe_torch_load
+from sslam.train import resolve_init
 
 TINY = GOLDEN / "tiny_ckpt.pt"
 FRAMES = 64  # 4 time patches: every forward here is tiny
@@ -628,8 +629,22 @@ def test_truncated_legacy_file_and_folders(tmp_path):
         load_encoder(path)
     with pytest.raises(CheckpointError, match="is a folder"):
         safe_torch_load(tmp_path)
-    with pytest.raises(CheckpointError, match=r"folder without model.safetensors, pytorch_model.bin or a training checkpoint \(checkpoint_<step>.pt\)"):
+    with pytest.raises(CheckpointError, match=r"folder without model.safetensors, pytorch_model.bin or a training "
+                                              r"checkpoint \(checkpoint_<step>.pt, or fairseq's checkpoint_last.pt\)"):
         load_encoder(tmp_path)
+
+
+def test_a_fairseq_save_dir_loads_as_its_last_checkpoint(tmp_path):
+    """Official releases and fairseq runs keep ``checkpoint_last.pt`` beside ``checkpoint_best.pt``
+    and epoch files: the folder names its last one, as a run folder of ours names its newest."""
+    ckpt = load_golden("tiny_ckpt.pt")
+    torch.save(ckpt, tmp_path / "checkpoint_last.pt")
+    best = {**ckpt, "model": {k: v + 1 if torch.is_tensor(v) and v.is_floating_point() else v
+                              for k, v in ckpt["model"].items()}}
+    torch.save(best, tmp_path / "checkpoint_best.pt")
+    torch.save(best, tmp_path / "checkpoint3.pt")
+    assert_same_encoder(load_encoder(tmp_path), load_encoder(TINY))
+    assert resolve_init(str(tmp_path)) == str((tmp_path / "checkpoint_last.pt").resolve())  # --init
 
 
 def test_legacy_format_fairseq_checkpoint_with_pickled_extras(tmp_path):
