@@ -41,6 +41,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Triton reads TRITON_INTERPRET once, when a kernel is defined: the kernel modules are imported
+# just after this one, so this is the mode they were built in.
+_INTERPRETING_AT_IMPORT = interpreting()
+
+
 def mode() -> str:
     value = os.environ.get("SSLAM_KERNELS", "auto").strip().lower()
     if value not in _VALUES:
@@ -60,6 +65,12 @@ def use_kernels(*tensors: torch.Tensor) -> bool:
         if not on_cuda and not interpreting():
             raise RuntimeError(
                 "SSLAM_KERNELS=1 with CPU tensors needs TRITON_INTERPRET=1 (the Triton interpreter)"
+            )
+        if not on_cuda and not _INTERPRETING_AT_IMPORT:
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 was set after sslam.kernels was imported, but Triton reads it "
+                "when the kernels are defined, so they were built for a GPU: set it before "
+                "importing sslam (in the shell, say)"
             )
         return True
     return on_cuda and triton_available()

@@ -62,6 +62,7 @@ def interpret_kernels(monkeypatch, module, names):
     if torch.cuda.is_available():
         pytest.skip("kernels are compiled for the GPU here; the CUDA tests cover them")
     import triton.language as tl
+    from sslam.kernels import switch
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -74,6 +75,7 @@ def interpret_kernels(monkeypatch, module, names):
         kernel = getattr(module, name)
         if not isinstance(kernel, InterpretedFunction):
             monkeypatch.setattr(module, name, InterpretedFunction(kernel.fn))
+    monkeypatch.setattr(switch, "_INTERPRETING_AT_IMPORT", True)  # rebuilt for the interpreter above
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("SSLAM_KERNELS", "1")
 

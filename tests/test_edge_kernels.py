@@ -593,3 +593,24 @@ def test_encoder_with_kept_patches_runs_under_fake_tensors(monkeypatch):
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         out = model(mode.from_tensor(spec), keep=mode.from_tensor(keep))
     assert out.x.shape == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels without the interpreter")
+def test_interpreter_switched_on_after_import_is_refused_by_name():
+    """Triton reads TRITON_INTERPRET when the kernels are defined, at import: set later, the
+    kernels are still built for a GPU, and Triton's own error ("0 active drivers") says nothing
+    of why. The call is refused with the reason and the fix."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, torch\n"
+        "import sslam.kernels as K\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "x = torch.randn(1, 1, 8, 64)\n"
+        "K.attention(x, x, x)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"SSLAM_KERNELS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "TRITON_INTERPRET=1 was set after sslam.kernels was imported" in done.stderr, done.stderr[-2000:]
