@@ -195,7 +195,7 @@ class ProbeConfig:
     """Linear evaluation (SPEC 6.2, SPASS linear eval): lr 1e-3 -> 1e-6 cosine, no warm-up,
     batch 48, weight decay 0.05 on the weight matrix."""
 
-    epochs: int = 50
+    epochs: int = 50  # run as floor(n * epochs / batch_size) updates, as the official scripts (probe_updates)
     lr: float = 1e-3
     min_lr: float = 1e-6
     batch_size: int = 48
@@ -225,6 +225,13 @@ def _head_optimizer(head: LinearHead, cfg: ProbeConfig):
                              lr=cfg.lr, betas=(0.9, 0.95))
 
 
+def probe_updates(n: int, cfg: ProbeConfig) -> int:
+    """A probe's updates over ``n`` training clips, counted as the official scripts set
+    max_update: floor(n * epochs / batch) (SPEC 6.2: 3,906 for SPASS's 3,750 clips in 50 epochs
+    of 79 batches), so the run stops inside its last epoch, where the cosine ends."""
+    return max(1, n * cfg.epochs // cfg.batch_size)
+
+
 def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multilabel: bool, cfg: ProbeConfig,
                             seed: int) -> LinearHead:
     """The fast path: the head trained on cached CLS features (no augmentation)."""
@@ -233,18 +240,15 @@ def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multi
     head = LinearHead(features.shape[1], targets.shape[1])
     opt = _head_optimizer(head, cfg)
     n = features.shape[0]
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total, step = cfg.epochs * steps_per_epoch, 0
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
-            set_lr(opt, cosine(step, total, 0, cfg.lr, cfg.min_lr))
-            loss = classification_loss(head(features[idx]), targets[idx], multilabel, cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    total = probe_updates(n, cfg)
+    batches = (perm[i : i + cfg.batch_size] for _ in range(cfg.epochs)
+               for perm in [torch.randperm(n, generator=g)] for i in range(0, n, cfg.batch_size))
+    for step, idx in zip(range(total), batches):
+        set_lr(opt, cosine(step, total, 0, cfg.lr, cfg.min_lr))
+        loss = classification_loss(head(features[idx]), targets[idx], multilabel, cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return head.eval()
 
 
@@ -273,18 +277,17 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
     opt = _head_optimizer(head, cfg)
     loader = _loader(train, cfg.batch_size, _train_samples(encoder, cfg), workers, shuffle=True,
                      generator=torch.Generator().manual_seed(seed), collate_fn=_collate_clips)
-    total, step = cfg.epochs * len(loader), 0
-    for _ in range(cfg.epochs):
-        for clips, targets in loader:
-            spec, targets = _augmented_spec(encoder, clips, targets, cfg, rng)
-            with torch.no_grad(), stochastic_depth(encoder, cfg.drop_path):  # then as it was
-                cls = encoder(spec).x[:, 0].float()
-            set_lr(opt, cosine(step, total, 0, cfg.lr, cfg.min_lr))
-            loss = classification_loss(head(cls), targets, multilabel, augmented_smoothing(cfg))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    total = probe_updates(len(train), cfg)
+    batches = (batch for _ in range(cfg.epochs) for batch in loader)
+    for step, (clips, targets) in zip(range(total), batches):
+        spec, targets = _augmented_spec(encoder, clips, targets, cfg, rng)
+        with torch.no_grad(), stochastic_depth(encoder, cfg.drop_path):  # then as it was
+            cls = encoder(spec).x[:, 0].float()
+        set_lr(opt, cosine(step, total, 0, cfg.lr, cfg.min_lr))
+        loss = classification_loss(head(cls), targets, multilabel, augmented_smoothing(cfg))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     return head.eval()
 
 

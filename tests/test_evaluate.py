@@ -400,6 +400,21 @@ def test_linear_probe_fast_and_full():
         apply_overrides(ProbeConfig(), ["--lr_max=1"])
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_linear_probe_runs_the_official_number_of_updates(monkeypatch, fast):
+    """The official scripts count a probe's epochs as max_update = floor(n * epochs / batch)
+    (SPEC 6.2: 3,906 for SPASS's 3,750 clips, where 50 whole epochs would be 3,950): the run
+    stops inside its last epoch and the cosine reaches its floor there."""
+    import sslam.evaluate as ev
+
+    rates = []
+    monkeypatch.setattr(ev, "set_lr", lambda opt, lr: rates.append(lr))
+    train, test = synth_split("poly", True, 10, seconds=1.0), synth_split("poly", False, 4, seconds=1.0)
+    cfg = ProbeConfig(epochs=3, batch_size=4, fast=fast)  # 3 epochs of 3 batches; floor(30 / 4) = 7
+    linear_probe(tiny_encoder(), train, test, cfg)
+    assert rates == [cosine(step, 7, 0, cfg.lr, cfg.min_lr) for step in range(7)]
+
+
 def test_layer_decay_groups():
     enc = Encoder(EncoderConfig(embed_dim=32, depth=3, num_heads=2, max_length=16, num_classes=4))
     groups = layer_decay_groups(enc, FinetuneConfig(layer_decay=0.5))
