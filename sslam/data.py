@@ -153,7 +153,9 @@ class AudioFiles(Dataset):
             path = self.paths[(index + attempt) % len(self.paths)]
             try:
                 # The fast resampler (within 1e-6 of the reference) keeps one core ahead of a GPU;
-                # only the part of a long file that the crop keeps is decoded.
+                # only the part of a long file that the crop keeps is decoded. Its mean is then
+                # removed rather than the whole file's (SPEC 1.1): a constant, which the fbank's
+                # per-frame DC removal takes out anyway, so the features differ only by rounding.
                 wave, _ = load_audio(path, sample_rate=SAMPLE_RATE, exact=False, max_samples=self.max_samples)
                 check_min_length(wave, str(path))
             except AudioError as exc:
