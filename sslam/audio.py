@@ -198,6 +198,17 @@ def _decode(name: str, frames_for=None) -> tuple[np.ndarray, int, bool]:
     return floats, rate, False
 
 
+def claimed_samples(path: str | os.PathLike, sample_rate: int) -> int:
+    """The length a file's header claims, in samples at ``sample_rate``; 0 when there is no
+    header to read (decoding the file then says why). A claim, which damage or a hostile file
+    can make anything: for planning memory, never for results."""
+    try:
+        info = soundfile.info(os.fsencode(path))
+    except Exception:  # noqa: BLE001 -- any failure here is reported by the decode that follows
+        return 0
+    return int(info.frames * sample_rate // max(1, info.samplerate))
+
+
 def _libsndfile_reason(exc: RuntimeError) -> str:
     """libsndfile's reason without soundfile's "Error opening b'<path>': " (the message names the
     file already). Its "not a regular file (possibly a pipe?)" means undecodable data here: the

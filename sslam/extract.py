@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import sys
 import zipfile
@@ -30,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, load_audio
-from .data import folder_paths, manifest_entries
+from .audio import AudioError, claimed_samples, load_audio
+from .data import folder_paths, manifest_entries, samples_for_frames
 from .embedding import length_groups
 from .features import check_min_length
 from .files import atomic_write, check_output_folder, remove_temporaries
@@ -382,20 +383,24 @@ def _decode(item: Item) -> tuple[Item, torch.Tensor | None, str | None]:
         return item, None, str(exc)
 
 
-def _prefetched(items: list[Item], workers: int, ahead: int) -> Iterator[tuple[Item, torch.Tensor | None, str | None]]:
+def _prefetched(items: list[Item], workers: int, ahead: int,
+                max_samples: float = math.inf) -> Iterator[tuple[Item, torch.Tensor | None, str | None]]:
     """:func:`_decode` of each item, in order, by background threads (soundfile and the
-    resampler release the GIL), at most ``ahead`` items before the one being consumed: a pool
-    given every item at once holds every decoded clip until it is consumed, memory growing with
-    the number of inputs."""
-    pending: deque = deque()
+    resampler release the GIL), at most ``ahead`` items before the one being consumed, and
+    fewer when their headers claim over ``max_samples`` samples at 16 kHz together (one at
+    least: the next long file decodes while this one is encoded). A pool given every item at
+    once holds every decoded clip until it is consumed, memory growing with the number of
+    inputs; ``ahead`` one-hour files would be 4 GB."""
+    pending: deque = deque()  # (future, the samples its file claims)
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         for item in items:
-            pending.append(pool.submit(_decode, item))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
+            size = claimed_samples(item.path, 16000)
+            while len(pending) > ahead or (len(pending) > 1 and sum(s for _, s in pending) + size > max_samples):
+                yield pending.popleft()[0].result()
+            pending.append((pool.submit(_decode, item), size))
         while pending:
-            yield pending.popleft().result()
+            yield pending.popleft()[0].result()
     finally:
         pool.shutdown(cancel_futures=True)  # stopped early: the items not yet started are dropped
 
@@ -502,17 +507,20 @@ def run_extract(
             if batches % flush_every == 0:
                 sink.flush()
 
+        # A call holds at most batch_size windows' worth of samples: long files go alone, so
+        # that their token sums (a ViT-B's: 0.55 GB per hour) are not held many at a time.
+        call_samples = batch_size * samples_for_frames(model.input_window()[0])
         bar = tqdm(total=len(todo), disable=not progress, unit="clip", file=sys.stderr)
         try:
             # Enough clips ahead to fill the next batch while this one is encoded.
-            for item, wave, error in _prefetched(todo, workers, ahead=batch_size + workers):
+            for item, wave, error in _prefetched(todo, workers, batch_size + workers, max_samples=call_samples):
                 bar.update(1)
                 if error is not None:
                     report.failed.append((item.key, error))
                     bar.write(_shown(f"FAILED {error}"), file=sys.stderr)
                     continue
                 batch.append((item, wave))
-                if len(batch) == batch_size:
+                if len(batch) == batch_size or sum(w.numel() for _, w in batch) >= call_samples:
                     encode(batch)
                     batch = []
             if batch:

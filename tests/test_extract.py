@@ -288,6 +288,59 @@ def test_a_long_file_is_not_embedded_beside_short_ones(tmp_path, capsys, monkeyp
         np.testing.assert_allclose(data["utterance"][1], alone["1.wav"], atol=1e-6)
 
 
+def test_long_files_fill_a_call_by_their_windows(tmp_path, capsys, monkeypatch):
+    """``--batch-size`` counts the encoder's windows, not files: a call whose files hold that
+    many windows' samples is full, so long files are embedded alone (16 one-hour files in one
+    call held 9 GB of token sums for ViT-B) while short ones still share a call."""
+    from sslam.model import Encoder
+
+    for i, seconds in enumerate([30.0, 30.0, 1.0, 1.0]):  # the tiny encoder's window: 10.26 s
+        _write(tmp_path / "in" / f"{i}.wav", seconds, seed=i)
+    calls, embed = [], Encoder.embed
+
+    def recording(self, audio, *args, **kwargs):
+        calls.append([round(len(wave) / 16000, 1) for wave in audio])
+        return embed(self, audio, *args, **kwargs)
+
+    monkeypatch.setattr(Encoder, "embed", recording)
+    assert main(["extract", str(tmp_path / "in"), "--checkpoint", CKPT, "--out", str(tmp_path / "emb.npz"),
+                 "--batch-size", "2", "--no-progress"]) == 0
+    assert calls == [[30.0], [30.0], [1.0, 1.0]]
+
+
+def test_a_header_claims_its_length_in_samples_at_a_rate(tmp_path):
+    from sslam.audio import claimed_samples
+
+    sf.write(tmp_path / "a.flac", np.zeros((22050, 2)), 22050)
+    (tmp_path / "text.wav").write_text("not audio")
+    assert claimed_samples(tmp_path / "a.flac", 16000) == 16000
+    assert claimed_samples(tmp_path / "text.wav", 16000) == claimed_samples(tmp_path / "missing.wav", 16000) == 0
+
+
+def test_decoding_ahead_stops_at_a_budget_of_samples(monkeypatch):
+    """Long files are not decoded many at a time ahead of the consumer: no file is started
+    while those waiting claim, with it, over ``max_samples`` samples (as their headers say), but
+    one always is, so that the next file decodes while this one is encoded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import sslam.extract as extract
+
+    started = []
+
+    class Recording(ThreadPoolExecutor):
+        def submit(self, fn, item):
+            started.append(item.key)
+            return super().submit(fn, item)
+
+    monkeypatch.setattr(extract, "ThreadPoolExecutor", Recording)
+    monkeypatch.setattr(extract, "_decode", lambda item: (item, None, None))
+    monkeypatch.setattr(extract, "claimed_samples", lambda path, rate: path)  # the test's paths are sizes
+    sizes = [1000] * 8 + [10**9] * 3 + [1000] * 6
+    items = [extract.Item(str(i), size) for i, size in enumerate(sizes)]
+    ahead = [len(started) - int(item.key) - 1 for item, _, _ in extract._prefetched(items, 2, 10, max_samples=4500)]
+    assert ahead == [3, 3, 3, 3, 3, 2, 1, 1, 1, 1, 1, 3, 3, 3, 2, 1, 0]  # files started beyond the one consumed
+
+
 def test_a_file_in_the_output_folder_that_is_not_an_embedding_is_refused_and_kept(audio_dir, tmp_path, capsys):
     """A file of the user's where an output goes: an .npz without our arrays was taken for a
     finished embedding (the clip never embedded, yet reported done), and an unreadable one was
