@@ -19,9 +19,11 @@ Multichannel audio is averaged to mono *before* resampling (the reference pipeli
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
+import typing
 
 import numpy as np
 import soundfile
@@ -51,6 +53,20 @@ class AudioError(Exception):
 
 def _fail(name: str, reason: str) -> AudioError:
     return AudioError(f"{name}: {reason}")
+
+
+def is_open_file(source) -> bool:
+    """Whether ``source`` is an open file or an in-memory one (``io.BytesIO``) rather than a path."""
+    return hasattr(source, "read")
+
+
+def source_name(source) -> str:
+    """How messages name an audio file: its path, also an open file's when it has one, else the
+    open file's type (``<BytesIO>``)."""
+    if not is_open_file(source):
+        return os.fsdecode(source)
+    name = getattr(source, "name", None)
+    return os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else f"<{type(source).__name__}>"
 
 
 def _check_rate(name: str, rate) -> int:
@@ -176,12 +192,13 @@ def _read_all(sound: soundfile.SoundFile, dtype: str, limit: int | None = None) 
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
-def _decode(name: str, frames_for=None) -> tuple[np.ndarray, int, bool]:
-    """Decode a file with soundfile: float32 ``(frames, channels)`` array, its rate, and whether
-    the samples may be non-finite (only float formats can hold NaN or Inf). ``frames_for(rate)``,
-    if given, says how many leading frames are needed."""
+def _decode(name: str, source, frames_for=None) -> tuple[np.ndarray, int, bool]:
+    """Decode a file (a path as bytes: any path the OS has; or an open binary file) with
+    soundfile: float32 ``(frames, channels)`` array, its rate, and whether the samples may be
+    non-finite (only float formats can hold NaN or Inf). ``frames_for(rate)``, if given, says
+    how many leading frames are needed. ``name`` is the file's in messages."""
     try:
-        with soundfile.SoundFile(os.fsencode(name)) as sound:  # bytes: any path the OS has
+        with soundfile.SoundFile(source) as sound:
             rate = sound.samplerate
             limit = None if frames_for is None else frames_for(rate)
             integer = _INTEGER_READS.get(sound.subtype) if sound.format in _INTEGER_FORMATS else None
@@ -223,6 +240,9 @@ def _check_regular_file(name: str) -> None:
     """Raise ``AudioError`` unless ``name`` is a readable regular file (not missing, not a
     directory, not a FIFO or device, whose read would block or never end)."""
     if "\0" in name:  # os.stat would raise a ValueError that names no file
+        if len(name) > 200:  # a file's contents, not a path: echoed whole, they would be the message
+            raise AudioError(f"<{len(name)} bytes given as a path>: they hold NUL bytes, as a file's contents "
+                             "do; pass the contents as io.BytesIO(data)")
         raise _fail(name, "the path holds a NUL byte")
     try:
         info = os.stat(name)
@@ -244,13 +264,15 @@ def _check_regular_file(name: str) -> None:
 
 
 def load_audio(
-    path: str | os.PathLike, sample_rate: int | None = None, *, mono: bool = True, exact: bool = True,
+    path: str | bytes | os.PathLike | typing.BinaryIO, sample_rate: int | None = None, *, mono: bool = True, exact: bool = True,
     max_samples: int | None = None,
 ) -> tuple[Tensor, int]:
     """Read an audio file as float32 on the [-1, 1] scale, downmix, optionally resample.
 
     Args:
-        path: file to read (WAV, FLAC, OGG/Vorbis, ...: anything libsndfile decodes).
+        path: file to read (WAV, FLAC, OGG/Vorbis, ...: anything libsndfile decodes): a path
+            (``bytes`` too, as for ``open``), a file opened in binary mode, or its contents in
+            ``io.BytesIO``.
         sample_rate: resample to this rate in Hz when given (windowed sinc, see
             :func:`sslam.resampler.resample`); ``None`` keeps the file's rate.
         mono: average the channels (before resampling) and return ``(N,)``; with ``False``
@@ -270,20 +292,27 @@ def load_audio(
             NaN/Inf samples, or its sample rate is outside :data:`SUPPORTED_RATES`.
         ValueError: ``sample_rate`` is not an integer within :data:`SUPPORTED_RATES`.
     """
-    name = os.fsdecode(path)
     target = None if sample_rate is None else integer_rate(sample_rate)
-    _check_regular_file(name)
+    name = source_name(path)
+    if is_open_file(path):
+        if isinstance(path, io.TextIOBase):
+            raise _fail(name, "opened in text mode; open audio files in binary mode ('rb')")
+        source = path
+    else:
+        _check_regular_file(name)
+        source = os.fsencode(name)
 
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int)
-                                    or max_samples < 1):
-        raise ValueError(f"max_samples={max_samples!r}: must be a positive integer")
+    if max_samples is not None:
+        if isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 1:
+            raise ValueError(f"max_samples={max_samples!r}: must be a positive integer")
+        max_samples = int(max_samples)  # numpy's too, as sample_rate
 
     def frames_for(rate: int) -> int | None:
         if max_samples is None:
             return None
         return max_samples if target in (None, rate) else inputs_needed(max_samples, rate, target)
 
-    samples, rate, may_be_nonfinite = _decode(name, frames_for)
+    samples, rate, may_be_nonfinite = _decode(name, source, frames_for)
     if samples.shape[0] == 0:
         raise _fail(name, "contains no audio samples (zero length)")
     rate = _check_rate(name, rate)

@@ -31,7 +31,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .audio import AudioError, as_float_samples, check_waveform, integer_rate, load_audio
+from .audio import (
+    AudioError,
+    as_float_samples,
+    check_waveform,
+    integer_rate,
+    is_open_file,
+    load_audio,
+    source_name,
+)
 from .data import pad_clips
 from .features import (
     FRAME_LENGTH,
@@ -111,7 +119,7 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
         sample_rate = integer_rate(sample_rate)  # 44100.0 is 44100, as for preprocess
     if isinstance(audio, np.ndarray) and audio.dtype.kind in "USO":  # paths in an array (pandas' .values)
         audio = audio.tolist()
-    if isinstance(audio, (str, bytes, os.PathLike)):
+    if isinstance(audio, (str, bytes, os.PathLike)) or is_open_file(audio):
         audio = [audio]
     hint = ""
     if isinstance(audio, (torch.Tensor, np.ndarray)) and audio.ndim == 2:
@@ -124,8 +132,8 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
         raise ValueError(f"audio: expected a clip, a (B, N) tensor, a list of clips or paths; got {got}")
     clips = []
     for i, item in enumerate(audio):
-        if isinstance(item, (str, bytes, os.PathLike)):
-            name = os.fsdecode(item)
+        if isinstance(item, (str, bytes, os.PathLike)) or is_open_file(item):
+            name = source_name(item)
             wave, _ = load_audio(item, sample_rate=SAMPLE_RATE)
         else:
             name = f"audio[{i}]"
@@ -244,8 +252,9 @@ def embed(
 
     Args:
         model: a :class:`sslam.model.Encoder` (its ``preprocessing`` gives target_length/norm).
-        audio: samples on the [-1, 1] scale at ``sample_rate``, or paths (decoded and resampled
-            from the file's own rate; ``sample_rate`` does not apply to them). Every clip needs at
+        audio: samples on the [-1, 1] scale at ``sample_rate``, or paths, files opened in binary
+            mode or ``io.BytesIO`` contents (decoded and resampled from the file's own rate;
+            ``sample_rate`` does not apply to them). Every clip needs at
             least one 25 ms frame (400 samples at 16 kHz), else ``AudioError`` names it. A file's
             channels, and those of a (channels, N) clip in a list, are averaged to mono before
             resampling (the reference resamples each first: the CLS ~1e-7 apart, patch tokens

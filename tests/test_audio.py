@@ -123,6 +123,35 @@ def test_path_like_is_accepted(tmp_path):
     assert load_audio(path)[0].shape == (50,)
 
 
+def test_open_binary_files_and_bytes_in_memory_are_read(tmp_path):
+    """A file's contents (from a request, a zip, a dataset's bytes column) in io.BytesIO, or a
+    file opened in binary mode, decode as the file does."""
+    import io
+
+    path = tmp_path / "clip.flac"
+    write(path, random_signal(3000, 2), 22050, format="FLAC", subtype="PCM_24")
+    expected, rate = load_audio(path, 16000)
+    with open(path, "rb") as handle:
+        for source in (io.BytesIO(path.read_bytes()), handle):
+            wave, got_rate = load_audio(source, 16000)
+            assert got_rate == rate and torch.equal(wave, expected)
+    with pytest.raises(AudioError, match=r"<BytesIO>: cannot decode audio"):
+        load_audio(io.BytesIO(b"not audio at all" * 10))
+    with open(path, encoding="latin-1") as text, pytest.raises(AudioError, match=r"clip\.flac: opened in text mode"):
+        load_audio(text)
+
+
+def test_a_file_s_contents_given_as_a_path_are_named_briefly():
+    """bytes are a path, as for open(); a file's contents passed there were echoed whole as its
+    'name' (a 4,000-character message): they are refused in a line that says what to pass."""
+    contents = b"RIFF\x24\x10\x00\x00WAVEfmt " + bytes(4000)
+    with pytest.raises(AudioError) as excinfo:
+        load_audio(contents)
+    message = str(excinfo.value)
+    assert len(message) < 300, message
+    assert "4016 bytes" in message and "io.BytesIO" in message, message
+
+
 # ---------------------------------------------------------------------------------- errors
 
 

@@ -585,3 +585,4 @@ def test_max_samples_decodes_only_what_it_keeps(tmp_path, monkeypatch, rate):
     assert sum(asked) == (163_840 if rate == 16000 else inputs_needed(163_840, rate, 16000)) < rate * 12
     with pytest.raises(ValueError, match="max_samples=0"):
         load_audio(path, 16000, max_samples=0)
+    assert torch.equal(load_audio(path, 16000, exact=False, max_samples=np.int64(163_840))[0], head)  # as sample_rate

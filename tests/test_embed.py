@@ -1,5 +1,7 @@
 """The embeddings API: official contract, masked batching, long audio, fine-tuned heads, HEAR."""
 
+import io
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -92,6 +94,11 @@ def test_paths_and_errors(tiny, tmp_path):
         assert torch.equal(tiny.embed(path).utterance, emb.utterance)
     with pytest.raises(AudioError, match=r"missing\.wav: file not found"):
         tiny.embed(bytes(tmp_path / "missing.wav"))
+    with open(tmp_path / "a.wav", "rb") as handle:  # open files and io.BytesIO are files too
+        assert torch.equal(tiny.embed(handle).utterance, emb.utterance)
+        handle.seek(0)
+        both = tiny.embed([handle, io.BytesIO((tmp_path / "a.wav").read_bytes())])
+        assert torch.equal(both.utterance, emb.utterance.expand(2, -1))
     with pytest.raises(ValueError, match="sample_rate is required"):
         tiny.embed(torch.randn(16000))
     # Paths in an array (np.array of names, pandas' .values) are paths, not a clip without a rate.
