@@ -577,7 +577,8 @@ def _unused_settings(cfg: TrainConfig, init: str) -> set[str]:
     recorded run.init), so a resume may take other values: min_samples filters a manifest's
     size column only (runs saved before its default became fairseq's 10000 resume as they were),
     the synth_* sizes make the synthetic data, stage 1 neither mixes nor has the SRL term, and
-    only a run from a checkpoint restarts the EMA."""
+    only a run from a checkpoint restarts the EMA; a run from a checkpoint takes the model's
+    sizes from it (see :func:`init_architecture`)."""
     unused = set()
     if not cfg.data.source.lower().endswith(".tsv"):
         unused.add("data.min_samples")
@@ -587,6 +588,8 @@ def _unused_settings(cfg: TrainConfig, init: str) -> set[str]:
         unused |= {"objective.srl_weight", "objective.mix_width"}
     if not init:
         unused.add("ema.restart")
+    else:  # the file's sizes, as the record gives them; a resume builds the saved architecture
+        unused |= {f"model.{name}" for name in ENCODER_SIZES + DECODER_SIZES}
     return unused
 
 
@@ -878,6 +881,11 @@ class Trainer:
             model = Pretrainer.from_checkpoint(ckpt, objective_config(cfg, ckpt.config.depth))
             self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "
                      f"from {ckpt.path} ({ckpt.format})")
+            # The record (printed config, config.json, checkpoints) names the sizes that train.
+            enc, dec = model.student.cfg, model.objective.decoder
+            cfg.model = dataclasses.replace(cfg.model, embed_dim=enc.embed_dim, depth=enc.depth, num_heads=enc.num_heads,
+                                            decoder_dim=dec.dim, decoder_groups=dec.groups, decoder_kernel=dec.kernel,
+                                            decoder_layers=dec.layers)
         else:
             if cfg.objective.stage == 2:
                 self.log("note: stage 2 from random weights; SSLAM continues a stage-1 (EAT) model, given "

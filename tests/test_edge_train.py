@@ -363,6 +363,25 @@ def test_init_size_comes_from_the_file_not_the_preset(tmp_path):
     assert all(np.isfinite(v) for v in trainer.fit().values())
 
 
+def test_the_record_of_a_run_from_init_gives_the_file_s_sizes(tmp_path):
+    """The printed config, config.json and the checkpoints' config named the preset's sizes
+    (width 32, depth 2, 2 heads, decoder 16 wide here) for a model built as the file says: they
+    now name the file's, and the same command resumes the run."""
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    Trainer(small(s1, stage=1, steps=1, model__embed_dim=48, model__depth=3, model__num_heads=3,
+                  model__decoder_dim=24), log=quiet).fit()
+    init = str(checkpoints_in(s1)[-1])
+    lines = []
+    Trainer(small(s2, stage=2, steps=1, run__init=init), log=lambda *a: lines.append(" ".join(map(str, a)))).fit()
+    record = json.loads((s2 / "config.json").read_text())["model"]
+    assert [record[k] for k in ("embed_dim", "depth", "num_heads", "decoder_dim")] == [48, 3, 3, 24]
+    assert safe_torch_load(checkpoints_in(s2)[-1])["config"]["model"] == record
+    printed = next(line for line in lines if line.startswith("[model]"))
+    assert "embed_dim = 48" in printed and "depth = 3" in printed and "decoder_dim = 24" in printed, printed
+    Trainer(small(s2, stage=2, steps=2, run__init=init), log=quiet).fit()  # the same command, resumed
+    assert safe_torch_load(checkpoints_in(s2)[-1])["step"] == 2
+
+
 def test_init_from_a_fine_tuned_model_pretrains_without_its_drop_path(tmp_path):
     """A fine-tuned export records drop-path 0.1; pretraining has none (SPEC 2.1), so the
     student built from it must not drop blocks (it used to, keeping the file's rate)."""
