@@ -220,7 +220,7 @@ class FolderSink:
         if not target.exists():
             return None
         try:
-            with np.load(target, allow_pickle=False) as data:
+            with _open_npz(target) as data:
                 if "num_rows" not in data.files:  # every output has it
                     raise ValueError("no num_rows array")
                 return json.loads(str(data["source"])) if "source" in data.files else {}
@@ -262,7 +262,7 @@ class FileSink:
 
     def _read(self) -> None:
         try:
-            with np.load(self.path, allow_pickle=False) as data:
+            with _open_npz(self.path) as data:
                 stored = {name: data[name] for name in data.files}
             keys, rows = [str(k) for k in stored.pop("keys")], stored.pop("num_rows")
             settings = json.loads(str(stored.pop("settings"))) if "settings" in stored else None
@@ -364,6 +364,14 @@ def _stack_padded(values: list[np.ndarray]) -> np.ndarray:
     for i, v in enumerate(values):
         out[i, : len(v)] = v
     return out
+
+
+def _open_npz(path: Path):
+    """``np.load`` of an .npz archive, anything else refused first: numpy reads another file
+    as a pickle, and its refusal advises loading it unsafely."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not an .npz archive")
+    return np.load(path, allow_pickle=False)
 
 
 def _save_npz(path: str, arrays: dict) -> None:

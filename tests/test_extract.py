@@ -358,8 +358,17 @@ def test_a_file_in_the_output_folder_that_is_not_an_embedding_is_refused_and_kep
             target.write_bytes(content)
         before = target.read_bytes()
         assert main(["extract", str(audio_dir / "a.wav"), "--checkpoint", CKPT, "--out", str(out), "--no-progress"]) == 2
-        assert "a.wav.npz: exists but is not an sslam embedding" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "a.wav.npz: exists but is not an sslam embedding" in err
+        assert "allow_pickle" not in err  # numpy's advice to load an unknown file unsafely
         assert target.read_bytes() == before
+    # One output file, the same.
+    (tmp_path / "other.npz").write_bytes(b"keep me")
+    assert main(["extract", str(audio_dir / "a.wav"), "--checkpoint", CKPT, "--out", str(tmp_path / "other.npz"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "other.npz: exists but is not an sslam embeddings file (not an .npz archive)" in err, err
+    assert (tmp_path / "other.npz").read_bytes() == b"keep me"
 
 
 def test_run_extract_refuses_an_empty_out(audio_dir, tmp_path, monkeypatch):
