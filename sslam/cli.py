@@ -84,7 +84,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--weights", default="student", choices=["student", "teacher"])
     p.add_argument("--padding", default="official", choices=["official", "mask"],
-                   help="official: pad each clip to the 10.24-s window; mask: pad to the batch and mask")
+                   help="official: pad each clip to the encoder's window (10.24 s for the official checkpoints); "
+                        "mask: pad to the batch and mask")
     p.add_argument("--crop", action="store_true", help="keep only the first window (the official crop)")
     p.add_argument("--autocast", default="none", choices=sorted(AUTOCAST), help="GPU autocast dtype")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
