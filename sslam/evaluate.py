@@ -992,7 +992,9 @@ def add_evaluate_command(sub) -> None:
                        description="Splits: synth:mono, synth:poly, a fairseq .tsv (+ .lbl beside it and "
                        "--label-descriptors) or a path,labels .csv. Extra --key=value options set fields of "
                        "ProbeConfig (linear) or FinetuneConfig (finetune).",
-                       epilog=f"linear options (defaults): {_options(ProbeConfig, {'fast'})}. finetune options "
+                       epilog=f"linear options (defaults): {_options(ProbeConfig, {'fast'} | _FULL_PROBE_ONLY)}; "
+                       f"with --full also: {_options(ProbeConfig, {f.name for f in fields(ProbeConfig)} - _FULL_PROBE_ONLY)}. "
+                       "finetune options "
                        f"(defaults; warmup none: 10% of the steps): {_options(FinetuneConfig, {'out', 'workers'})}.")
     p.add_argument("mode", choices=["linear", "finetune"])
     p.add_argument("--checkpoint", required=True, help="official fairseq .pt, Hugging Face folder, sslam folder "

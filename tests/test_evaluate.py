@@ -940,3 +940,17 @@ def test_fine_tuning_under_two_processes_logs_the_global_batchs_loss(tmp_path):
     logged = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert ranks[0] != ranks[1]
     assert logged == pytest.approx([(a + b) / 2 for a, b in zip(*ranks)], rel=1e-6)
+
+
+def test_help_lists_the_full_probe_options_apart(capsys):
+    """The options only --full reads are refused without it, so the help lists them apart."""
+    from sslam.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    linear, rest = text.split("linear options (defaults): ")[1].split("; with --full also: ")
+    full = rest.split(". finetune options")[0]
+    assert "--epochs=50" in linear and not any(f"--{key}=" in linear for key in ("mixup", "roll", "drop_path"))
+    assert full.split(", ") == ["--mixup=0.8", "--mixup_prob=0.9", "--mask_ratio=0.2", "--roll=True", "--noise=False",
+                                "--drop_path=0.1"]
