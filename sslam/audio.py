@@ -166,6 +166,8 @@ _INTEGER_FORMATS = {"WAV", "WAVEX", "RF64", "W64", "FLAC", "AIFF", "CAF", "AU"}
 # 48 kHz stereo); a larger claim, honest or hostile (a FLAC STREAMINFO may claim 2**36
 # samples), is read in blocks of _READ_BLOCK_FRAMES, as soundfile allocates what it asks for.
 _ONE_READ_BYTES = 1 << 30
+# More than the headers and metadata of a file without samples hold, as a rule.
+_HEADER_BYTES = 4096
 _READ_BLOCK_FRAMES = 1 << 20
 
 
@@ -314,6 +316,10 @@ def load_audio(
 
     samples, rate, may_be_nonfinite = _decode(name, source, frames_for)
     if samples.shape[0] == 0:
+        size = None if is_open_file(path) else os.stat(name).st_size
+        if size is not None and size > _HEADER_BYTES:
+            raise _fail(name, f"contains no audio samples: its header declares no samples, though the file holds "
+                              f"{size} bytes (a recording whose header was never finished?)")
         raise _fail(name, "contains no audio samples (zero length)")
     rate = _check_rate(name, rate)
 

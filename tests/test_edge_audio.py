@@ -113,6 +113,11 @@ def _hostile(tmp_path, kind: str):
     if kind == "zero_length":
         soundfile.write(path, np.zeros((0, 2)), 16000, subtype="PCM_16")
         return path, ["no audio samples"]
+    if kind == "unfinished_header":  # a recorder stopped before writing the data chunk's size
+        data = bytearray(_wav_bytes(tmp_path))
+        data[40:44] = struct.pack("<I", 0)
+        path.write_bytes(bytes(data))
+        return path, [f"its header declares no samples, though the file holds {len(data)} bytes"]
     if kind == "nan_float":
         data = rng.uniform(-0.5, 0.5, (500, 2)).astype(np.float32)
         data[10, 1] = np.nan
@@ -135,7 +140,7 @@ def _hostile(tmp_path, kind: str):
 
 
 HOSTILE = ["missing", "directory", "empty", "random_wav", "random_flac", "random_mp3", "header_only", "zero_channels",
-           "zero_length", "nan_float", "inf_double", "flac_huge_claim", "fifo", "symlink_loop"]
+           "zero_length", "unfinished_header", "nan_float", "inf_double", "flac_huge_claim", "fifo", "symlink_loop"]
 
 
 @pytest.mark.parametrize("kind", HOSTILE)
