@@ -17,6 +17,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -664,6 +665,22 @@ class Encoder(nn.Module):
         from .embedding import embed
 
         return embed(self, audio, sample_rate, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, source, **kwargs) -> Encoder:
+        """:func:`sslam.load_encoder` under the name Hugging Face and timm use: any checkpoint it
+        reads (an official fairseq ``.pt``, a Hugging Face folder or ``hf-hub:`` name, ours, a
+        run folder), with its ``device``, ``weights`` and ``dtype`` arguments."""
+        from .checkpoint import load_encoder
+
+        return load_encoder(source, **kwargs)
+
+    def save_pretrained(self, out_dir) -> Path:
+        """:func:`sslam.save_encoder` under the Hugging Face name: ``out_dir/model.safetensors``
+        and ``out_dir/config.json``, written atomically; returns ``out_dir``."""
+        from .checkpoint import save_encoder
+
+        return save_encoder(self, out_dir)
 
     def compile_for_inference(self) -> Encoder:
         """Compile ``forward`` with ``torch.compile`` for inference, weights frozen into the graph

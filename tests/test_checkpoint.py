@@ -207,6 +207,18 @@ def test_own_format_round_trip_and_info(tmp_path, tiny_model, golden_fbank, caps
     assert "weights:      student (of tiny_ckpt.pt, converted)" in describe(out)
 
 
+def test_hugging_face_names_load_and_save(tmp_path, tiny_model, golden_fbank):
+    """Encoder.from_pretrained / save_pretrained, the names Hugging Face and timm users reach
+    for, are load_encoder and save_encoder."""
+    model = Encoder.from_pretrained(TINY, weights="teacher")
+    assert torch.equal(model.cls_token, load_encoder(TINY, weights="teacher").cls_token) and not model.training
+    out = tiny_model.save_pretrained(tmp_path / "export")
+    assert out == tmp_path / "export" and (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    x = golden_fbank["items"]["test_wav"]["model_input"]
+    with torch.no_grad():
+        assert torch.equal(Encoder.from_pretrained(out)(x).x, tiny_model(x).x)
+
+
 def test_labels_for_converted_finetuned_model(tmp_path, tiny):
     torch.save(_finetuned(tiny, classes=3), tmp_path / "ft.pt")
     csv = tmp_path / "labels.csv"
