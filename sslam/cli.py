@@ -40,6 +40,7 @@ def cmd_extract(args) -> int:
             batch_size=args.batch_size,
             padding=args.padding,
             crop=args.crop,
+            hop=args.hop,
             autocast=AUTOCAST[args.autocast],
             workers=args.workers,
             manifest_root=args.manifest_root,
@@ -87,6 +88,8 @@ def _add_extract(sub) -> None:
                    help="official: pad each clip to the encoder's window (10.24 s for the official checkpoints); "
                         "mask: pad to the batch and mask")
     p.add_argument("--crop", action="store_true", help="keep only the first window (the official crop)")
+    p.add_argument("--hop", type=int, default=None,
+                   help="frames between the windows of long audio (default: half the window)")
     p.add_argument("--autocast", default="none", choices=sorted(AUTOCAST), help="GPU autocast dtype")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--compile", action="store_true",

@@ -150,6 +150,17 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
     return clips
 
 
+def window_hop(model, hop) -> int:
+    """Frames between the starts of a long clip's windows: ``hop``, checked (a positive
+    multiple of the patch, at most the window), or by default half the model's window."""
+    window, patch = model.input_window()[0], model.cfg.patch_size
+    if hop is None:
+        return max(patch, window // 2 // patch * patch)
+    if isinstance(hop, bool) or not isinstance(hop, (int, np.integer)) or hop % patch or hop <= 0 or hop > window:
+        raise ValueError(f"hop={hop!r}: must be a positive multiple of {patch} frames, at most {window}")
+    return int(hop)
+
+
 def _windows(num_frames: int, window: int, hop: int, crop: bool) -> list[int]:
     """Start frames of the windows that cover ``num_frames`` frames."""
     if crop or num_frames <= window:
@@ -275,10 +286,7 @@ def embed(
     window, norm_name = model.input_window()
     norm = norm_stats(norm_name)
     patch, freq = model.cfg.patch_size, model.cfg.freq_patches
-    if hop is None:
-        hop = max(patch, window // 2 // patch * patch)
-    if isinstance(hop, bool) or not isinstance(hop, (int, np.integer)) or hop % patch or hop <= 0 or hop > window:
-        raise ValueError(f"hop={hop!r}: must be a positive multiple of {patch} frames, at most {window}")
+    hop = window_hop(model, hop)
     batch_size = checked_batch_size(batch_size)
     param = next(model.parameters())
     if param.is_meta:  # refused by name: copying meta weights fails deep inside torch

@@ -33,7 +33,7 @@ import torch
 
 from .audio import AudioError, claimed_samples, load_audio
 from .data import folder_paths, manifest_entries, samples_for_frames
-from .embedding import length_groups
+from .embedding import length_groups, window_hop
 from .features import check_min_length
 from .files import atomic_write, check_output_folder, remove_temporaries
 
@@ -456,6 +456,7 @@ def run_extract(
     batch_size: int = 16,
     padding: str = "official",
     crop: bool = False,
+    hop: int | None = None,
     autocast: torch.dtype | None = None,
     workers: int = 2,
     manifest_root: str | None = None,
@@ -471,11 +472,12 @@ def run_extract(
         raise ValueError(f"workers={workers!r}: must be a positive number of decoding threads")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
+    hop = window_hop(model, hop)
     out_path = check_output(out)
     items = collect_inputs(inputs, manifest_root)
     if not items:
         raise ValueError(f"no audio files found in {inputs}")
-    settings = {"granularity": granularity, "padding": padding, "crop": bool(crop),
+    settings = {"granularity": granularity, "padding": padding, "crop": bool(crop), "hop": hop,
                 "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
     with output_lock(out_path):
         if is_one_file(out_path):  # what a killed run was writing
@@ -502,7 +504,7 @@ def run_extract(
             # Files of similar length per call: its embeddings are padded to its longest clip.
             arrays, names = [None] * len(batch), None
             for group in length_groups([wave.numel() for _, wave in batch]):
-                emb = model.embed([batch[i][1] for i in group], 16000, padding=padding, crop=crop,
+                emb = model.embed([batch[i][1] for i in group], 16000, padding=padding, crop=crop, hop=hop,
                                   batch_size=batch_size, autocast=autocast)
                 names = emb.label_names
                 for row, i in enumerate(group):

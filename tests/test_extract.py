@@ -380,3 +380,24 @@ def test_run_extract_refuses_an_empty_out(audio_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--out is empty"):
         run_extract(load_encoder(CKPT), [str(audio_dir / "a.wav")], "", progress=False)
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_hop_between_the_windows_of_long_files(tmp_path, capsys):
+    """--hop sets the frames between the windows of long audio, as embed(hop=) does; it is
+    checked before any work and recorded, so a resume with another hop is refused."""
+    import sslam
+
+    _write(tmp_path / "in" / "long.wav", 25.0)
+    out = tmp_path / "emb.npz"
+    argv = ["extract", str(tmp_path / "in"), "--checkpoint", CKPT, "--granularity", "all", "--no-progress"]
+    assert main([*argv, "--out", str(out), "--hop", "256"]) == 0
+    expected = sslam.load_encoder(CKPT).embed(str(tmp_path / "in" / "long.wav"), hop=256)
+    with np.load(out) as data:
+        np.testing.assert_array_equal(data["utterance"][0], expected.utterance[0].numpy())
+        np.testing.assert_array_equal(data["frames"][0], expected.frames[0].numpy())
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out), "--hop", "512"]) == 2
+    assert "'hop': 256" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "bad.npz"), "--hop", "100"]) == 2
+    assert "hop=100: must be a positive multiple of 16 frames, at most 1024" in capsys.readouterr().err
+    assert not (tmp_path / "bad.npz").exists()
