@@ -226,6 +226,8 @@ def claimed_samples(path: str | os.PathLike, sample_rate: int) -> int:
     header to read (decoding the file then says why). A claim, which damage or a hostile file
     can make anything: for planning memory, never for results."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a pipe would wait for a writer
+            return 0
         info = soundfile.info(os.fsencode(path))
     except Exception:  # noqa: BLE001 -- any failure here is reported by the decode that follows
         return 0

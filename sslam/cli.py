@@ -80,8 +80,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--out", required=True, help="a .npz file, or a folder for one .npz per input")
     p.add_argument("--granularity", default="utterance", choices=["utterance", "mean", "frames", "timestamps", "all"])
     p.add_argument("--batch-size", type=int, default=16,
-                   help="windows per forward pass; files share a pass up to that many windows of audio, "
-                        "so long files go alone")
+                   help="windows per forward pass; files share a pass up to that many window lengths of "
+                        "audio, so long files go alone")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--weights", default="student", choices=["student", "teacher"])
     p.add_argument("--padding", default="official", choices=["official", "mask"],

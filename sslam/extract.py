@@ -517,9 +517,12 @@ def run_extract(
             if batches % flush_every == 0:
                 sink.flush()
 
-        # A call holds at most batch_size windows' worth of samples: long files go alone, so
-        # that their token sums (a ViT-B's: 0.55 GB per hour) are not held many at a time.
-        call_samples = batch_size * samples_for_frames(model.input_window()[0])
+        # A call embeds at most batch_size window lengths of audio: long files go alone, so that
+        # their token sums (a ViT-B's: 0.55 GB per hour) are not held many at a time. Cropped,
+        # a file is one window at most; decoded, it is whole (the ahead budget counts that).
+        window_samples = samples_for_frames(model.input_window()[0])
+        call_samples = batch_size * window_samples
+        embedded = (lambda wave: min(wave.numel(), window_samples)) if crop else (lambda wave: wave.numel())
         bar = tqdm(total=len(todo), disable=not progress, unit="clip", file=sys.stderr)
         try:
             # Enough clips ahead to fill the next batch while this one is encoded.
@@ -530,7 +533,7 @@ def run_extract(
                     bar.write(_shown(f"FAILED {error}"), file=sys.stderr)
                     continue
                 batch.append((item, wave))
-                if len(batch) == batch_size or sum(w.numel() for _, w in batch) >= call_samples:
+                if len(batch) == batch_size or sum(embedded(w) for _, w in batch) >= call_samples:
                     encode(batch)
                     batch = []
             if batch:

@@ -881,17 +881,17 @@ class Trainer:
             model = Pretrainer.from_checkpoint(ckpt, objective_config(cfg, ckpt.config.depth))
             self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "
                      f"from {ckpt.path} ({ckpt.format})")
-            # The record (printed config, config.json, checkpoints) names the sizes that train.
-            enc, dec = model.student.cfg, model.objective.decoder
-            cfg.model = dataclasses.replace(cfg.model, embed_dim=enc.embed_dim, depth=enc.depth, num_heads=enc.num_heads,
-                                            decoder_dim=dec.dim, decoder_groups=dec.groups, decoder_kernel=dec.kernel,
-                                            decoder_layers=dec.layers)
         else:
             if cfg.objective.stage == 2:
                 self.log("note: stage 2 from random weights; SSLAM continues a stage-1 (EAT) model, given "
                          "with --init (SPEC 5.6)")
             enc_cfg = encoder_config(cfg)
             model = Pretrainer(enc_cfg, objective_config(cfg, enc_cfg.depth))
+        if cfg.run.init:  # started from a file, resumed or not: the record names the sizes that train
+            enc, dec = model.student.cfg, model.objective.decoder
+            cfg.model = dataclasses.replace(cfg.model, embed_dim=enc.embed_dim, depth=enc.depth, num_heads=enc.num_heads,
+                                            decoder_dim=dec.dim, decoder_groups=dec.groups, decoder_kernel=dec.kernel,
+                                            decoder_layers=dec.layers)
         model.checkpoint_decoder = cfg.run.checkpoint_decoder
         model.student.set_block_checkpointing(cfg.run.checkpoint_blocks)
         return model.to(self.device).train()

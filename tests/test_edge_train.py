@@ -379,7 +379,9 @@ def test_the_record_of_a_run_from_init_gives_the_file_s_sizes(tmp_path):
     printed = next(line for line in lines if line.startswith("[model]"))
     assert "embed_dim = 48" in printed and "depth = 3" in printed and "decoder_dim = 24" in printed, printed
     Trainer(small(s2, stage=2, steps=2, run__init=init), log=quiet).fit()  # the same command, resumed
-    assert safe_torch_load(checkpoints_in(s2)[-1])["step"] == 2
+    resumed = safe_torch_load(checkpoints_in(s2)[-1])
+    assert resumed["step"] == 2 and resumed["config"]["model"] == record
+    assert json.loads((s2 / "config.json").read_text())["model"] == record
 
 
 def test_init_from_a_fine_tuned_model_pretrains_without_its_drop_path(tmp_path):
