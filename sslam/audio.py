@@ -19,7 +19,6 @@ Multichannel audio is averaged to mono *before* resampling (the reference pipeli
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import stat
@@ -57,7 +56,22 @@ def _fail(name: str, reason: str) -> AudioError:
 
 def is_open_file(source) -> bool:
     """Whether ``source`` is an open file or an in-memory one (``io.BytesIO``) rather than a path."""
-    return hasattr(source, "read")
+    return callable(getattr(source, "read", None))
+
+
+def _check_open_file(source, name: str) -> int:
+    """Raise ``AudioError`` unless soundfile can read the open file ``source`` (binary and
+    seekable); its position, where the read starts."""
+    try:
+        if isinstance(source.read(0), str):
+            raise _fail(name, "opened in text mode; open audio files in binary mode ('rb')")
+        seekable = getattr(source, "seekable", None)
+        if not callable(getattr(source, "seek", None)) or (callable(seekable) and not seekable()):
+            raise _fail(name, "cannot seek in it (a pipe or a stream), which soundfile needs: read it into "
+                              "io.BytesIO(stream.read()) first")
+        return source.tell()
+    except (OSError, ValueError, AttributeError) as exc:  # closed, or no tell()
+        raise _fail(name, f"cannot read it as a file ({exc})") from exc
 
 
 def source_name(source) -> str:
@@ -249,7 +263,7 @@ def _check_regular_file(name: str) -> None:
     directory, not a FIFO or device, whose read would block or never end)."""
     if "\0" in name:  # os.stat would raise a ValueError that names no file
         if len(name) > 200:  # a file's contents, not a path: echoed whole, they would be the message
-            raise AudioError(f"<{len(name)} bytes given as a path>: they hold NUL bytes, as a file's contents "
+            raise AudioError(f"<{len(os.fsencode(name))} bytes given as a path>: they hold NUL bytes, as a file's contents "
                              "do; pass the contents as io.BytesIO(data)")
         raise _fail(name, "the path holds a NUL byte")
     try:
@@ -279,8 +293,9 @@ def load_audio(
 
     Args:
         path: file to read (WAV, FLAC, OGG/Vorbis, ...: anything libsndfile decodes): a path
-            (``bytes`` too, as for ``open``), a file opened in binary mode, or its contents in
-            ``io.BytesIO``.
+            (``bytes`` too, as for ``open``), a seekable file opened in binary mode, or its
+            contents in ``io.BytesIO``; an open file is read from where it stands, as soundfile
+            reads it, and left at its end.
         sample_rate: resample to this rate in Hz when given (windowed sinc, see
             :func:`sslam.resampler.resample`); ``None`` keeps the file's rate.
         mono: average the channels (before resampling) and return ``(N,)``; with ``False``
@@ -303,12 +318,10 @@ def load_audio(
     target = None if sample_rate is None else integer_rate(sample_rate)
     name = source_name(path)
     if is_open_file(path):
-        if isinstance(path, io.TextIOBase):
-            raise _fail(name, "opened in text mode; open audio files in binary mode ('rb')")
-        source = path
+        start, source = _check_open_file(path, name), path
     else:
         _check_regular_file(name)
-        source = os.fsencode(name)
+        start, source = 0, os.fsencode(name)
 
     if max_samples is not None:
         if isinstance(max_samples, bool) or not isinstance(max_samples, (int, np.integer)) or max_samples < 1:
@@ -320,7 +333,12 @@ def load_audio(
             return None
         return max_samples if target in (None, rate) else inputs_needed(max_samples, rate, target)
 
-    samples, rate, may_be_nonfinite = _decode(name, source, frames_for)
+    try:
+        samples, rate, may_be_nonfinite = _decode(name, source, frames_for)
+    except AudioError as exc:
+        if start:  # a file read once already is at its end
+            raise AudioError(f"{exc} (read from its position {start}: seek(0) to read it from its start)") from exc
+        raise
     if samples.shape[1] == 0:
         size = None if is_open_file(path) else os.stat(name).st_size
         if size is not None and size > _HEADER_BYTES:

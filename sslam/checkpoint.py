@@ -704,9 +704,7 @@ def run_checkpoint(folder: Path) -> Path | None:
     if not folder.is_dir() or any((folder / name).exists() for name in MODEL_FILES):
         return None
     found = checkpoints_in(folder)
-    if found:
-        return found[-1]
-    return folder / FAIRSEQ_LAST if (folder / FAIRSEQ_LAST).exists() else None
+    return found[-1] if found else _file_or_none(folder / FAIRSEQ_LAST, "a checkpoint")
 
 
 def _read_folder(path: Path, weights: str) -> Checkpoint:

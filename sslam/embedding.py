@@ -108,6 +108,11 @@ def checked_batch_size(batch_size) -> int:
     return int(batch_size)
 
 
+def _is_file(item) -> bool:
+    """Whether ``item`` names an audio file (a path) or is one (open, or ``io.BytesIO``)."""
+    return isinstance(item, (str, bytes, os.PathLike)) or is_open_file(item)
+
+
 def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
     """Normalise the accepted inputs into a list of 1-D float32 clips at 16 kHz.
 
@@ -119,7 +124,7 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
         sample_rate = integer_rate(sample_rate)  # 44100.0 is 44100, as for preprocess
     if isinstance(audio, np.ndarray) and audio.dtype.kind in "USO":  # paths in an array (pandas' .values)
         audio = audio.tolist()
-    if isinstance(audio, (str, bytes, os.PathLike)) or is_open_file(audio):
+    if _is_file(audio):
         audio = [audio]
     hint = ""
     if isinstance(audio, (torch.Tensor, np.ndarray)) and audio.ndim == 2:
@@ -132,7 +137,7 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
         raise ValueError(f"audio: expected a clip, a (B, N) tensor, a list of clips or paths; got {got}")
     clips = []
     for i, item in enumerate(audio):
-        if isinstance(item, (str, bytes, os.PathLike)) or is_open_file(item):
+        if _is_file(item):
             name = source_name(item)
             wave, _ = load_audio(item, sample_rate=SAMPLE_RATE)
         else:

@@ -232,6 +232,12 @@ def probe_updates(n: int, cfg: ProbeConfig) -> int:
     return max(1, n * cfg.epochs // cfg.batch_size)
 
 
+def _epoch_orders(n: int, epochs: int, generator: torch.Generator):
+    """A fresh random order of ``n`` items per epoch, drawn as each epoch starts."""
+    for _ in range(epochs):
+        yield torch.randperm(n, generator=generator)
+
+
 def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multilabel: bool, cfg: ProbeConfig,
                             seed: int) -> LinearHead:
     """The fast path: the head trained on cached CLS features (no augmentation)."""
@@ -241,9 +247,9 @@ def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multi
     opt = _head_optimizer(head, cfg)
     n = features.shape[0]
     total = probe_updates(n, cfg)
-    batches = (perm[i : i + cfg.batch_size] for _ in range(cfg.epochs)
-               for perm in [torch.randperm(n, generator=g)] for i in range(0, n, cfg.batch_size))
-    for step, idx in zip(range(total), batches):
+    batches = (perm[i : i + cfg.batch_size] for perm in _epoch_orders(n, cfg.epochs, g)
+               for i in range(0, n, cfg.batch_size))
+    for step, idx in zip(range(total), batches):  # the last epoch cut at `total` updates
         set_lr(opt, cosine(step, total, 0, cfg.lr, cfg.min_lr))
         loss = classification_loss(head(features[idx]), targets[idx], multilabel, cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
@@ -279,7 +285,7 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
                      generator=torch.Generator().manual_seed(seed), collate_fn=_collate_clips)
     total = probe_updates(len(train), cfg)
     batches = (batch for _ in range(cfg.epochs) for batch in loader)
-    for step, (clips, targets) in zip(range(total), batches):
+    for step, (clips, targets) in zip(range(total), batches):  # the last epoch cut at `total` updates
         spec, targets = _augmented_spec(encoder, clips, targets, cfg, rng)
         with torch.no_grad(), stochastic_depth(encoder, cfg.drop_path):  # then as it was
             cls = encoder(spec).x[:, 0].float()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+import tempfile
 import warnings
 
 import numpy as np
@@ -125,9 +127,7 @@ def test_path_like_is_accepted(tmp_path):
 
 def test_open_binary_files_and_bytes_in_memory_are_read(tmp_path):
     """A file's contents (from a request, a zip, a dataset's bytes column) in io.BytesIO, or a
-    file opened in binary mode, decode as the file does."""
-    import io
-
+    file opened in binary mode, decode as the file does; what soundfile cannot read is named."""
     path = tmp_path / "clip.flac"
     write(path, random_signal(3000, 2), 22050, format="FLAC", subtype="PCM_24")
     expected, rate = load_audio(path, 16000)
@@ -139,6 +139,18 @@ def test_open_binary_files_and_bytes_in_memory_are_read(tmp_path):
         load_audio(io.BytesIO(b"not audio at all" * 10))
     with open(path, encoding="latin-1") as text, pytest.raises(AudioError, match=r"clip\.flac: opened in text mode"):
         load_audio(text)
+    spooled = tempfile.SpooledTemporaryFile(mode="w+")
+    with spooled, pytest.raises(AudioError, match="opened in text mode"):
+        load_audio(spooled)
+    # Read from where the file stands, as soundfile reads: one read leaves it at its end.
+    contents = io.BytesIO(path.read_bytes())
+    load_audio(contents)
+    with pytest.raises(AudioError, match=r"<BytesIO>: cannot decode audio .*read from its position \d+: seek\(0\)"):
+        load_audio(contents)
+    read_end, write_end = os.pipe()
+    with os.fdopen(read_end, "rb") as pipe, os.fdopen(write_end, "wb"):
+        with pytest.raises(AudioError, match=r"cannot seek in it .*io\.BytesIO\(stream\.read\(\)\)"):
+            load_audio(pipe)
 
 
 def test_a_file_s_contents_given_as_a_path_are_named_briefly():

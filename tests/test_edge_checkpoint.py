@@ -645,6 +645,9 @@ def test_a_fairseq_save_dir_loads_as_its_last_checkpoint(tmp_path):
     torch.save(best, tmp_path / "checkpoint3.pt")
     assert_same_encoder(load_encoder(tmp_path), load_encoder(TINY))
     assert resolve_init(str(tmp_path)) == str((tmp_path / "checkpoint_last.pt").resolve())  # --init
+    (tmp_path / "odd" / "checkpoint_last.pt").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match=r"odd/checkpoint_last\.pt: is a folder, not a checkpoint"):
+        load_encoder(tmp_path / "odd")
 
 
 def test_legacy_format_fairseq_checkpoint_with_pickled_extras(tmp_path):
