@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 
 import torch
@@ -67,9 +68,10 @@ def cmd_info(args) -> int:
     from .checkpoint import CheckpointError, describe
 
     try:
-        print(describe(args.file, weights=args.weights))
+        text = describe(args.file, weights=args.weights)
     except OSError as exc:  # e.g. an unreadable file
         raise CheckpointError(f"{args.file}: {exc}") from exc
+    print(text)
     return 0
 
 
@@ -162,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra  # pretrain's --section.key=value, evaluate's --key=value
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader of the output left (`sslam info ckpt | head -1`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 1
     # OSError: e.g. --out naming an existing file, a read-only folder.
     except (AudioError, CheckpointError, ValueError, OSError) as exc:
         print(f"sslam: error: {_message(exc)}", file=sys.stderr)

@@ -198,3 +198,15 @@ def test_names_the_terminal_cannot_encode_are_escaped_not_fatal(tmp_path):
     assert done.returncode == 1, done.stderr.decode()
     assert b"1 embedded, 0 already done, 1 failed" in done.stdout
     assert b"clips/caf\\xe9.wav: cannot decode audio" in done.stdout
+
+
+def test_output_cut_short_by_a_closed_pipe_is_not_an_error_about_the_file():
+    """`sslam info ckpt | head -1`: the reader leaving used to be reported as an error of the
+    checkpoint ("sslam: error: ckpt.pt: [Errno 32] Broken pipe"). It ends the command quietly."""
+    ckpt = Path(__file__).parent / "data" / "golden" / "tiny_ckpt.pt"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command prints
+    done = subprocess.run([sys.executable, "-m", "sslam", "info", str(ckpt)], stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert done.stderr == "" and done.returncode == 1
