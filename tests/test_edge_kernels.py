@@ -614,3 +614,15 @@ def test_interpreter_switched_on_after_import_is_refused_by_name():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "TRITON_INTERPRET=1 was set after sslam.kernels was imported" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("On", True), ("YES", True), ("0", False),
+                                       ("false", False), ("2", False), ("", False)])
+def test_the_interpreter_flag_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """Triton takes 1, true, on and yes in any case: the switch must agree (with 'true' the
+    kernels were interpreted, but SSLAM_KERNELS=1 on CPU tensors said TRITON_INTERPRET was unset)."""
+    from sslam.kernels import switch
+    from triton import knobs
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert switch.interpreting() == knobs.runtime.interpret == on
