@@ -693,18 +693,25 @@ def _file_or_none(path: Path, what: str) -> Path | None:
     return path if kind == "file" else None
 
 
-FAIRSEQ_LAST = "checkpoint_last.pt"
+# A fairseq run's checkpoints, in the order a folder names them: the pretrained releases ship
+# the last one, the fine-tuned releases the best one alone.
+FAIRSEQ_NAMES = ("checkpoint_last.pt", "checkpoint_best.pt")
 
 
 def run_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint of a training run's folder (``runs/s1``), or the last one of a
-    fairseq run's (``checkpoint_last.pt``, as the official releases ship), which is what the
-    folder names wherever a checkpoint is read (``pretrain --init`` too); None for a file, or for
-    a folder with a model's weights file (that is its checkpoint) or without checkpoints."""
+    fairseq run's (the best one when that is all it holds), which is what the folder names
+    wherever a checkpoint is read (``pretrain --init`` too); None for a file, or for a folder
+    with a model's weights file (that is its checkpoint) or without checkpoints."""
     if not folder.is_dir() or any((folder / name).exists() for name in MODEL_FILES):
         return None
     found = checkpoints_in(folder)
-    return found[-1] if found else _file_or_none(folder / FAIRSEQ_LAST, "a checkpoint")
+    if found:
+        return found[-1]
+    for name in FAIRSEQ_NAMES:
+        if _file_or_none(folder / name, "a checkpoint"):
+            return folder / name
+    return None
 
 
 def _read_folder(path: Path, weights: str) -> Checkpoint:
@@ -721,7 +728,7 @@ def _read_folder(path: Path, weights: str) -> Checkpoint:
     if newest is not None:
         return _read_layout(newest, weights)
     raise CheckpointError(f"{path}: folder without model.safetensors, pytorch_model.bin or a training checkpoint "
-                          f"(checkpoint_<step>.pt, or fairseq's {FAIRSEQ_LAST})")
+                          f"(checkpoint_<step>.pt, or fairseq's {' or '.join(FAIRSEQ_NAMES)})")
 
 
 def _read(source: str | os.PathLike, weights: str) -> Checkpoint:

@@ -630,13 +630,14 @@ def test_truncated_legacy_file_and_folders(tmp_path):
     with pytest.raises(CheckpointError, match="is a folder"):
         safe_torch_load(tmp_path)
     with pytest.raises(CheckpointError, match=r"folder without model.safetensors, pytorch_model.bin or a training "
-                                              r"checkpoint \(checkpoint_<step>.pt, or fairseq's checkpoint_last.pt\)"):
+                                              r"checkpoint \(checkpoint_<step>.pt, or fairseq's checkpoint_last.pt or checkpoint_best.pt\)"):
         load_encoder(tmp_path)
 
 
 def test_a_fairseq_save_dir_loads_as_its_last_checkpoint(tmp_path):
     """Official releases and fairseq runs keep ``checkpoint_last.pt`` beside ``checkpoint_best.pt``
-    and epoch files: the folder names its last one, as a run folder of ours names its newest."""
+    and epoch files: the folder names its last one, as a run folder of ours names its newest,
+    or its best one when that is all it holds."""
     ckpt = load_golden("tiny_ckpt.pt")
     torch.save(ckpt, tmp_path / "checkpoint_last.pt")
     best = {**ckpt, "model": {k: v + 1 if torch.is_tensor(v) and v.is_floating_point() else v
@@ -645,6 +646,9 @@ def test_a_fairseq_save_dir_loads_as_its_last_checkpoint(tmp_path):
     torch.save(best, tmp_path / "checkpoint3.pt")
     assert_same_encoder(load_encoder(tmp_path), load_encoder(TINY))
     assert resolve_init(str(tmp_path)) == str((tmp_path / "checkpoint_last.pt").resolve())  # --init
+    # The fine-tuned releases ship checkpoint_best.pt alone.
+    (tmp_path / "checkpoint_last.pt").unlink()
+    assert_same_encoder(load_encoder(tmp_path), load_encoder(tmp_path / "checkpoint_best.pt"))
     (tmp_path / "odd" / "checkpoint_last.pt").mkdir(parents=True)
     with pytest.raises(CheckpointError, match=r"odd/checkpoint_last\.pt: is a folder, not a checkpoint"):
         load_encoder(tmp_path / "odd")
