@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -42,6 +43,7 @@ from .labels import (
     clip_names,
     read_split,
     read_text,
+    shared_clips,
 )
 from .metrics import accuracy, mean_average_precision
 from .model import BLOCK_CHECKPOINTING, HEAD_NAMES, Encoder, eval_mode, stochastic_depth
@@ -137,6 +139,10 @@ def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
                                (test, "mAP is undefined (it averages the classes with positives)")):
             if not bool(split.targets.any()):
                 raise ValueError(f"split {split.name!r}: no clip has a label; {purpose}")
+        scored = test.targets.bool()[:, test.targets.bool().any(0)]  # the classes with positives
+        if bool(scored.all()):
+            raise ValueError(f"split {test.name!r}: every clip carries every class; its mAP is 1.0 whatever the "
+                             "encoder (a detection test needs clips without the class)")
     else:
         # Single-label: softmax over the classes and accuracy. One class leaves nothing to learn
         # (accuracy 1.0 whatever the encoder), and a clip without a label would count as class 0.
@@ -309,8 +315,8 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
     seeds = list(seeds)
     if not seeds:  # checked before the features are extracted, not after
         raise ValueError("seeds: at least one seed is needed")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers={workers!r}: must be an int >= 0")
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= MAX_WORKERS:
+        raise ValueError(f"workers={workers!r}: must be an int in [0, {MAX_WORKERS}]")
     # As the fine-tuner decides: a train split whose clips happen to carry one label each is
     # still multi-label when the test split is (BCE and mAP, not softmax and accuracy).
     multilabel = train.multilabel or test.multilabel
@@ -960,13 +966,18 @@ def run_evaluate(args) -> int:
         # distinct; every process would otherwise load onto the first).
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    encoder = with_preprocessing(load_encoder(args.checkpoint, device=device, weights=args.weights),
-                                 norm=args.norm, target_length=args.target_length)
+    # The label files first: a typo in one is named before a checkpoint is read (or downloaded).
     train = read_split(args.train, train=True, descriptors=args.label_descriptors, root=args.root)
     test = read_split(args.test, train=False, descriptors=args.label_descriptors, root=args.root,
                       class_names=train.class_names)
     if args.task != "auto":  # else multi-label when a clip of either split has several labels
         train, test = (replace(split, multilabel=args.task == "multilabel") for split in (train, test))
+    shared = shared_clips(train, test)
+    if shared:
+        print(f"note: {len(shared)} test clip(s) are also training clips (e.g. {shared[0]}): the score is not a "
+              "held-out one", file=sys.stderr)
+    encoder = with_preprocessing(load_encoder(args.checkpoint, device=device, weights=args.weights),
+                                 norm=args.norm, target_length=args.target_length)
     if args.mode == "linear":
         result = linear_probe(encoder, train, test, cfg, seeds=range(args.seeds), workers=args.workers)
         spread = f" +- {result['std']:.4f} over {args.seeds} seeds" if args.seeds > 1 else ""

@@ -62,9 +62,12 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) of every CSV row; a quoted field may hold line breaks."""
     reader = csv.reader(io.StringIO(read_text(path), newline=""))
     rows, start = [], 1
-    for row in reader:
-        rows.append((start, row))
-        start = reader.line_num + 1
+    try:
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as exc:  # e.g. an unterminated quote that swallowed the rest of the file
+        raise LabelError(f"{path}:{start}: unreadable CSV ({exc}; an unmatched quote?)") from None
     return rows
 
 
@@ -150,12 +153,15 @@ def split_labels(text: str, known=(), span: int | None = None) -> list[str]:
     return labels
 
 
-def _targets(label_lists: list[list[str]], lookup: dict[str, int], num_classes: int, where: list[str]) -> torch.Tensor:
+def _targets(label_lists: list[list[str]], lookup: dict[str, int], num_classes: int, where: list[str],
+             classes_from: str = "") -> torch.Tensor:
+    """(clips, classes) 0/1 targets; ``classes_from`` says where the classes came from (for
+    the message naming a label that is not one)."""
     targets = torch.zeros(len(label_lists), num_classes)
     for i, labels in enumerate(label_lists):
         for label in labels:
             if label not in lookup:
-                raise LabelError(f"{where[i]}: unknown label {label!r}")
+                raise LabelError(f"{where[i]}: unknown label {label!r}{classes_from}")
             if lookup[label] == _AMBIGUOUS:
                 raise LabelError(f"{where[i]}: label {label!r} is the display name of several classes; use its mid")
             targets[i, lookup[label]] = 1.0
@@ -172,10 +178,20 @@ def _check_unique(paths: list[Path], where: list[str]) -> None:
         first[key] = at
 
 
-def _check_files(name: str, paths: list[Path]) -> None:
+def shared_clips(train: LabeledSplit, test: LabeledSplit) -> list[Path]:
+    """The test split's clips that are training clips too (the same file however named)."""
+    if not isinstance(train.items, list) or not isinstance(test.items, list):  # synthetic splits
+        return []
+    seen = {os.path.realpath(path) for path in train.items}
+    return [path for path in test.items if os.path.realpath(path) in seen]
+
+
+def _check_files(name: str, paths: list[Path], hint: str) -> None:
+    """Every listed file is there; else the missing ones are named, with ``hint`` on where
+    relative paths are read from."""
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise LabelError(f"{name}: {len(missing)} audio file(s) not found, e.g. {missing[:3]}")
+        raise LabelError(f"{name}: {len(missing)} audio file(s) not found, e.g. {missing[:3]} ({hint})")
 
 
 def clip_names(path: Path) -> set[str]:
@@ -238,8 +254,8 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
         label_lists.append(split_labels(labels, lookup, span))
         where.append(f"{lbl}:{number}")
     _check_unique(paths, where)
-    _check_files(str(tsv), paths)
-    targets = _targets(label_lists, lookup, len(classes), where)
+    _check_files(str(tsv), paths, "paths are read under the manifest's first line, the root, unless --root is given")
+    targets = _targets(label_lists, lookup, len(classes), where, f" (not in {descriptors})")
     return LabeledSplit(tsv.stem, paths, targets, [name for _, name in classes], bool((targets.sum(1) > 1).any()))
 
 
@@ -287,8 +303,11 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
     if names is None:
         names = sorted({label for labels in label_lists for label in labels})
         lookup = {n: i for i, n in enumerate(names)}
-    _check_files(str(path), paths)
-    targets = _targets(label_lists, lookup, len(names), where)
+    _check_files(str(path), paths, f"relative paths are read from the CSV's folder, {path.parent}")
+    classes_from = (f" (not in {descriptors})" if descriptors else
+                    " (not among the training split's classes; --label-descriptors names every class)"
+                    if class_names is not None else "")
+    targets = _targets(label_lists, lookup, len(names), where, classes_from)
     return LabeledSplit(path.stem, paths, targets, list(names), bool((targets.sum(1) > 1).any()))
 
 

@@ -143,6 +143,52 @@ def test_fairseq_label_errors(fairseq_split):
         read_split(str(d / "train.tsv"), train=True)
 
 
+def test_a_stray_quote_in_a_csv_is_named_by_file_and_line(tmp_path):
+    """An unterminated quote swallowed the rest of a large file into one field, and Python's
+    csv module then raised its own error (a traceback: field larger than field limit)."""
+    text = 'path,labels\na.wav,"lo\n' + "".join(f"c{i}.wav,hi\n" for i in range(20_000))
+    (tmp_path / "stray.csv").write_text(text)
+    with pytest.raises(LabelError, match=r"stray\.csv:2: unreadable CSV \(field larger than field limit"):
+        read_csv_split(tmp_path / "stray.csv")
+
+
+def test_the_command_reads_labels_first_and_notes_test_clips_it_trains_on(tmp_path, capsys):
+    """A typo in a label file is named before a (slow, perhaps downloaded) checkpoint is read,
+    and a test split that shares clips with the training split is said to, since its score is
+    then not a held-out one."""
+    from sslam.checkpoint import save_encoder
+    from sslam.cli import main
+
+    for i in range(4):
+        sf.write(tmp_path / f"{i}.wav", np.random.default_rng(i).standard_normal(16000) * 0.1, 16000)
+    (tmp_path / "train.csv").write_text("path,labels\n0.wav,a\n1.wav,b\n2.wav,a\n3.wav,b\n")
+    (tmp_path / "test.csv").write_text("path,labels\n3.wav,b\n2.wav,a\n")
+    (tmp_path / "typo.csv").write_text('path,labels\n0.wav,"a\n')
+    assert main(["evaluate", "linear", "--checkpoint", str(tmp_path / "missing.pt"), "--train",
+                 str(tmp_path / "typo.csv"), "--test", str(tmp_path / "test.csv")]) == 2
+    assert "typo.csv" in capsys.readouterr().err
+    save_encoder(tiny_encoder(), tmp_path / "enc")
+    assert main(["evaluate", "linear", "--checkpoint", str(tmp_path / "enc"), "--train", str(tmp_path / "train.csv"),
+                 "--test", str(tmp_path / "test.csv"), "--epochs=1", "--batch_size=2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "note: 2 test clip(s) are also training clips (e.g. " in err and "3.wav" in err, err
+
+
+def test_label_file_messages_say_where_names_and_paths_come_from(tmp_path):
+    sf.write(tmp_path / "x.wav", np.zeros(4000) + 0.1, 16000)
+    (tmp_path / "train.csv").write_text("path,labels\nx.wav,dog\n")
+    (tmp_path / "test.csv").write_text("path,labels\nx.wav,zzz\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "moved.csv").write_text("path,labels\nx.wav,dog\n")
+    train = read_csv_split(tmp_path / "train.csv")
+    with pytest.raises(LabelError, match=r"test\.csv:2: unknown label 'zzz' \(not among the training split's "
+                                         r"classes; --label-descriptors names every class\)"):
+        read_csv_split(tmp_path / "test.csv", class_names=train.class_names)
+    with pytest.raises(LabelError, match=rf"not found, e\.g\. .*relative paths are read from the CSV's folder, "
+                                         rf"{re.escape(str(tmp_path / 'sub'))}\)"):
+        read_csv_split(tmp_path / "sub" / "moved.csv")
+
+
 def test_csv_labels(tmp_path):
     for name in ("x", "y"):
         sf.write(tmp_path / f"{name}.wav", np.zeros(4000) + 0.1, 16000)
@@ -790,6 +836,14 @@ def test_a_split_without_any_label_is_refused(tmp_path):
     empty = dataclasses.replace(mono_test, targets=torch.zeros_like(mono_test.targets))
     with pytest.raises(ValueError, match="4 clip\\(s\\) without a label; a single-label split"):
         linear_probe(tiny_encoder(), mono_train, empty, ProbeConfig(epochs=1, batch_size=4))
+    # A detection test split where every clip carries every class it names: mAP 1.0 whatever
+    # the encoder (as one class in a single-label task), refused alike.
+    full = dataclasses.replace(test, targets=torch.ones_like(test.targets))
+    with pytest.raises(ValueError, match=f"split '{test.name}': every clip carries every class; its mAP is 1.0 "
+                                         "whatever the encoder"):
+        linear_probe(tiny_encoder(), train, full, ProbeConfig(epochs=1, batch_size=4))
+    with pytest.raises(ValueError, match=r"workers=100000: must be an int in \[0, 1024\]"):
+        linear_probe(tiny_encoder(), train, test, ProbeConfig(epochs=1, batch_size=4), workers=100000)
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -813,7 +867,7 @@ def test_unusable_test_clips_are_named_by_file_on_one_line(tmp_path, capsys, wor
         argv = ["evaluate", "linear", "--checkpoint", str(tmp_path / "enc"), "--train", str(tmp_path / "train.csv"),
                 "--test", str(tmp_path / f"{name}.csv"), "--device", "cpu", f"--workers={workers}", "--epochs=1"]
         assert main(argv) == 2
-        err = capsys.readouterr().err
+        err = capsys.readouterr().err.split("the score is not a held-out one\n")[-1]  # after the note on c0..c3
         assert err.startswith(f"sslam: error: {message}") and err.count("\n") == 1, err
 
 
