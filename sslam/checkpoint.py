@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -899,6 +900,18 @@ def usable_device(device) -> torch.device:
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"device={device!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
     return dev
+
+
+def encoder_fingerprint(model) -> str:
+    """A short hash of an encoder's weights, architecture and preprocessing: what a resumed
+    extraction or fine-tuning checks it goes on with (another checkpoint, or the teacher instead
+    of the student, would otherwise mix two models without a word)."""
+    meta = {"encoder": model.cfg.to_dict(), "preprocessing": model.preprocessing}
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
+    return digest.hexdigest()[:16]
 
 
 def load_encoder(path, device="cpu", weights: str = "student", dtype: torch.dtype = torch.float32) -> Encoder:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import mixup, roll_crop, spec_augment, spectrogram_noise
-from .checkpoint import CheckpointError, check_state, load_encoder
+from .checkpoint import CheckpointError, check_state, encoder_fingerprint, load_encoder
 from .data import MAX_WORKERS, add_file_names, pad_clips, samples_for_frames, text_lines
 from .features import norm_stats, preprocess
 from .files import atomic_write, check_output_folder, read_json_object, remove_temporaries
@@ -529,6 +529,9 @@ def finetune_resume_conflicts(saved: dict, now: dict, where: str = "checkpoint")
         if saved.get(key) not in (None, now[key]):  # (older checkpoints hold no fingerprint)
             conflicts.append(f"{kind} split: other clips or labels than the {where}'s ({saved[key]} in the "
                              f"{where}, {now[key]} now)")
+    if saved.get("start_encoder") not in (None, now["start_encoder"]):  # (older checkpoints hold none)
+        conflicts.append(f"starting encoder: other weights than the {where}'s ({saved['start_encoder']} in the "
+                         f"{where}, {now['start_encoder']} now): resume with the same --checkpoint and --weights")
     old_names, class_names = saved.get("class_names"), now["class_names"]
     if old_names is not None and list(old_names) != list(class_names):
         conflicts.append(f"classes: {len(old_names)} in the {where} ({', '.join(map(str, old_names[:4]))}, ...), "
@@ -607,6 +610,7 @@ class Finetuner:
         check_settings(cfg)
         self.cfg, self.train_split, self.test_split = cfg, train, test
         self.split_prints = split_fingerprint(train), split_fingerprint(test)  # fixed for the run: hashed once
+        self.start_print = encoder_fingerprint(encoder)  # the weights it starts from (--checkpoint, --weights)
         self.multilabel = train.multilabel or test.multilabel
         device = next(encoder.parameters()).device
         self.dist = init_distributed(device.type)
@@ -664,7 +668,7 @@ class Finetuner:
         return {"format": "sslam-finetune", "config": asdict(self.cfg), "encoder_config": self.model.cfg.to_dict(),
                 "class_names": self.train_split.class_names, "preprocessing": dict(self.model.preprocessing),
                 "train_split": self.split_prints[0], "test_split": self.split_prints[1],
-                "world_size": self.dist.world_size, "multilabel": self.multilabel}
+                "start_encoder": self.start_print, "world_size": self.dist.world_size, "multilabel": self.multilabel}
 
     def _check_no_other_record(self) -> None:
         """A fresh start cuts metrics.jsonl and replaces best/ and model/: over another run's

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .audio import AudioError, claimed_samples, load_audio
+from .checkpoint import encoder_fingerprint
 from .data import folder_paths, manifest_entries, samples_for_frames
 from .embedding import length_groups, window_hop
 from .features import check_min_length
@@ -338,18 +339,6 @@ def check_same_settings(path: Path, stored: dict, settings: dict) -> None:
             f"{path}: was written with {differ}, this run uses {mine}; resume with the "
             "same settings (and checkpoint) or choose another --out"
         )
-
-
-def encoder_fingerprint(model) -> str:
-    """A short hash of an encoder's weights, architecture and preprocessing, stored with the
-    settings: resuming with another checkpoint (or the teacher instead of the student) would
-    otherwise mix rows of two models in one output without a word."""
-    meta = {"encoder": model.cfg.to_dict(), "preprocessing": model.preprocessing}
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
-    return digest.hexdigest()[:16]
 
 
 def _granularity_of(stored: dict) -> str:

@@ -545,6 +545,11 @@ def test_regression_finetune_resume_with_changed_settings_is_refused(tmp_path, s
     wider.preprocessing = tiny_encoder().preprocessing
     with pytest.raises(ValueError, match=r"encoder.embed_dim: 32 in the checkpoint, 64 now"):
         Finetuner(wider, train, test, cfg, log=quiet)
+    # Another starting encoder of the same shape (another --checkpoint, or --weights teacher).
+    other = tiny_encoder()
+    torch.nn.init.normal_(other.cls_token)
+    with pytest.raises(ValueError, match=r"starting encoder: other weights than the checkpoint's \("):
+        Finetuner(other, train, test, cfg, log=quiet)
     assert {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint_*.pt")} == saved
     longer = FinetuneConfig(**{**cfg.__dict__, "steps": 2, "eval_every": 2, "keep_last": 3})
     resumed = Finetuner(tiny_encoder(), train, test, longer, log=quiet)

@@ -403,7 +403,7 @@ def test_fine_tuning_schedule_is_fairseqs_cosine():
     saved = {"config": asdict(FinetuneConfig(warmup=400))}
     identity = lambda cfg: {"config": asdict(cfg), "class_names": [], "multilabel": False,  # noqa: E731
                             "encoder_config": {}, "preprocessing": {}, "train_split": "a", "test_split": "b",
-                            "world_size": 1}
+                            "start_encoder": "c", "world_size": 1}
     assert finetune_resume_conflicts(saved, identity(FinetuneConfig())) == []
     assert finetune_resume_conflicts(saved, identity(FinetuneConfig(warmup=100))) == [
         "warmup: 400 in the checkpoint, 100 now"]
@@ -511,7 +511,7 @@ def test_a_warm_up_changed_by_other_steps_says_how_to_keep_it():
     from sslam.evaluate import finetune_resume_conflicts
 
     identity = {"train_split": "a", "test_split": "b", "class_names": ["x"], "multilabel": True,
-                "encoder_config": {}, "preprocessing": {}, "world_size": 1}
+                "encoder_config": {}, "preprocessing": {}, "start_encoder": "c", "world_size": 1}
     saved = {**identity, "config": asdict(FinetuneConfig(steps=20))}
     conflicts = finetune_resume_conflicts(saved, {**identity, "config": asdict(FinetuneConfig(steps=40))}, "record")
     assert conflicts == ["warmup: 2 in the record, 4 now (without --warmup it is 10 % of --steps: give --warmup=2 "
