@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .audio import AudioError, claimed_samples, load_audio
 from .augment import mixup, roll_crop, spec_augment, spectrogram_noise
 from .checkpoint import CheckpointError, check_state, encoder_fingerprint, load_encoder
 from .data import MAX_WORKERS, add_file_names, pad_clips, samples_for_frames, text_lines
@@ -156,6 +157,23 @@ def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
                 if count:
                     raise ValueError(f"split {split.name!r}: {count} clip(s) {problem}; a single-label split "
                                      "needs one label per clip")
+
+
+def _check_readable(split: LabeledSplit) -> None:
+    """Every clip of ``split`` has a header that reads (fast: no decoding): an evaluation that
+    meets an unreadable clip ends a fine-tuning run, losing the steps since its last checkpoint
+    (all of them, at the first evaluation), so such clips are named before any training."""
+    if not isinstance(split.items, list):  # synthetic splits
+        return
+    bad = [path for path in split.items if claimed_samples(path, 16000) == 0]
+    if bad:
+        try:
+            load_audio(bad[0])
+            reason = "its header claims no samples"
+        except AudioError as exc:
+            reason = str(exc)
+        raise LabelError(f"split {split.name!r}: {len(bad)} clip(s) cannot be read, e.g. {reason}; each evaluation "
+                         "reads them all: fix or remove them first")
 
 
 def _collate(items):
@@ -608,6 +626,7 @@ class Finetuner:
 
         _check_splits(train, test)
         check_settings(cfg)
+        _check_readable(test)
         self.cfg, self.train_split, self.test_split = cfg, train, test
         self.split_prints = split_fingerprint(train), split_fingerprint(test)  # fixed for the run: hashed once
         self.start_print = encoder_fingerprint(encoder)  # the weights it starts from (--checkpoint, --weights)

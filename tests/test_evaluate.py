@@ -846,6 +846,23 @@ def test_a_split_without_any_label_is_refused(tmp_path):
         linear_probe(tiny_encoder(), train, test, ProbeConfig(epochs=1, batch_size=4), workers=100000)
 
 
+def test_fine_tuning_names_unreadable_test_clips_before_training(tmp_path):
+    """A test clip that cannot be read failed the first evaluation, losing every step trained
+    since the start (500 by default) on each attempt: it is named before any training."""
+    for i in range(4):
+        sf.write(tmp_path / f"c{i}.wav", np.random.default_rng(i).uniform(-0.3, 0.3, 4000), 16000)
+    (tmp_path / "bad.wav").write_bytes(b"not audio at all")
+    rows = "path,labels\n" + "".join(f"c{i}.wav,{'ab'[i % 2]}\n" for i in range(4))
+    (tmp_path / "train.csv").write_text(rows)
+    (tmp_path / "test.csv").write_text(rows + "bad.wav,a\n")
+    train = read_csv_split(tmp_path / "train.csv")
+    test = read_csv_split(tmp_path / "test.csv", class_names=train.class_names)
+    cfg = FinetuneConfig(steps=4, warmup=0, batch_size=2, out=str(tmp_path / "ft"), workers=0)
+    with pytest.raises(LabelError, match=r"split 'test': 1 clip\(s\) cannot be read, e\.g\. .*bad\.wav: cannot decode audio"):
+        Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
+    assert not (tmp_path / "ft").exists()
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_unusable_test_clips_are_named_by_file_on_one_line(tmp_path, capsys, workers):
     """A clip shorter than one 25 ms frame is named by its file (it was named by its place in a
