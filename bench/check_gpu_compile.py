@@ -74,13 +74,16 @@ def capture_graphs(preset_name: str, stage: int, batch: int, steps: int) -> list
         graphs.append(gm)
         return gm.forward
 
-    # SSLAM_KERNELS=1 accepts CPU tensors only with the interpreter chosen; nothing is launched.
-    os.environ["TRITON_INTERPRET"] = "1"
+    # SSLAM_KERNELS=1 accepts CPU tensors only with the interpreter chosen, and chosen before the
+    # kernels were defined; nothing is launched (the ops' CPU kernels are their fake ones).
+    from sslam.kernels import switch
+
+    os.environ["TRITON_INTERPRET"], switch._INTERPRETING_AT_IMPORT = "1", True
     step = Step("ours", preset(preset_name, stage), batch, torch.device("cpu"), gpu_path=True)
     step.model.compile_networks(backend=record)
     for _ in range(steps):
         step()
-    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ["TRITON_INTERPRET"], switch._INTERPRETING_AT_IMPORT = "0", False
     return graphs
 
 
