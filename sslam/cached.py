@@ -18,6 +18,9 @@ def cached_constant(maxsize: int | None = None):
       later differentiable call that uses it.
     * Concurrent callers wait for one build instead of each building the same value (which for
       a large resampling bank doubles a gigabyte of memory).
+    * The builder runs eagerly under ``torch.compile`` too: compiled, its float ops may round
+      otherwise (the official mel bank's bits were lost so), and the cache would keep that
+      value for every later call.
 
     The wrapper keeps ``cache_clear``.
     """
@@ -26,6 +29,7 @@ def cached_constant(maxsize: int | None = None):
         cached = functools.lru_cache(maxsize)(build)
         lock = threading.Lock()
 
+        @torch.compiler.disable
         @functools.wraps(build)
         def get(*args):
             with lock, torch.inference_mode(False):

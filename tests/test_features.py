@@ -41,8 +41,9 @@ def test_golden_model_input(golden_fbank):
         x = preprocess(item["waveform"], item["wav_file_sample_rate"])
         assert x.shape == (1, 1, 1024, 128)
         err = (x - item["model_input"]).abs().max().item()
-        # Bit-identical on the development CPU; the margin is for another CPU's FFT kernels.
-        assert err < 1e-6, (name, err)
+        # Bit-identical with torch's MKL FFT (x86); another FFT library (pocketfft, as on ARM)
+        # differs from the stored data by its rounding (the live comparisons below hold 1e-6).
+        assert err < 1e-4, (name, err)
 
 
 def test_golden_batched_in_one_call(golden_fbank):
@@ -57,8 +58,8 @@ def test_golden_raw_fbank(golden_fbank):
     for item in golden_fbank["items"].values():
         fb, frames = fbank(item["waveform_16k_centered"][None])
         assert int(frames[0]) == item["n_frames_raw"]
-        # log-domain error (normalisation divides it by 9.1): bit-identical on the development CPU
-        assert (fb[0] - item["fbank_raw"]).abs().max() < 1e-5
+        # log-domain error (normalisation divides it by 9.1): bit-identical with MKL's FFT
+        assert (fb[0] - item["fbank_raw"]).abs().max() < 5e-4
 
 
 def test_mel_banks_are_the_official_bits():
@@ -75,11 +76,29 @@ def test_mel_banks_are_the_official_bits():
         assert (preprocess(tone, 16000) - official(tone, 16000)).abs().max() < 1e-6, hz
 
 
+def test_constants_built_under_torch_compile_keep_the_official_bits():
+    """The mel bank and window are built once and cached: built by a first call under
+    torch.compile, inductor rounded them otherwise (bank 3.7e-4 relative, window too), and every
+    later eager call in the process inherited those bits."""
+    from torchaudio.compliance.kaldi import get_mel_banks
+
+    from sslam import features
+
+    features._mel_banks_cpu.cache_clear(), features._window_cpu.cache_clear()
+    wave = 0.3 * torch.randn(16000)
+    torch._dynamo.reset()
+    torch.compile(preprocess)(wave, 16000)
+    official_banks, _ = get_mel_banks(128, 512, 16000.0, 20.0, 0.0, 100.0, -500.0, 1.0)
+    assert torch.equal(mel_banks(), torch.nn.functional.pad(official_banks, (0, 1)))
+    assert torch.equal(features.frame_window(), torch.hann_window(400, periodic=False))
+    assert (preprocess(wave, 16000) - official(wave, 16000)).abs().max() < 1e-6
+
+
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
 def test_equals_torchaudio_to_rounding_across_signals_and_lengths(rate):
-    """The whole chain is the official one op for op: on the CPU it gives the official bits
-    (the margin is for another CPU's FFT kernels), for noise, a tone over faint noise, a
-    full-scale square wave and a DC offset, from one frame's worth to longer than the window."""
+    """The whole chain is the official one op for op: on the CPU it gives torchaudio's bits
+    (measured: 0; the margin is for rounding the two might yet part on), for noise, a tone over
+    faint noise, a full-scale square wave and a DC offset, one frame to longer than the window."""
     torch.manual_seed(rate)
     for seconds in (0.03, 1.3, 12.0):
         n = int(rate * seconds)
