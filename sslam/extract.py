@@ -332,6 +332,7 @@ class FileSink:
 def check_same_settings(path: Path, stored: dict, settings: dict) -> None:
     """Raise ``ValueError`` when ``path`` was written with other ``settings`` than this run's (a
     setting the file does not record is not compared)."""
+    stored = {"hop": None, **stored}  # written before the hop was recorded: the default
     differ = {k: v for k, v in stored.items() if settings.get(k, v) != v}
     if differ:
         mine = {k: settings[k] for k in differ}
@@ -466,7 +467,10 @@ def run_extract(
     items = collect_inputs(inputs, manifest_root)
     if not items:
         raise ValueError(f"no audio files found in {inputs}")
-    settings = {"granularity": granularity, "padding": padding, "crop": bool(crop), "hop": hop,
+    # The hop as given apart from the default (None: the default, or cropped, where it does
+    # nothing), so that outputs written before the hop was recorded compare as the default's.
+    recorded_hop = None if crop or hop == window_hop(model, None) else hop
+    settings = {"granularity": granularity, "padding": padding, "crop": bool(crop), "hop": recorded_hop,
                 "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
     with output_lock(out_path):
         if is_one_file(out_path):  # what a killed run was writing
