@@ -38,8 +38,8 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET read
-    as Triton reads it: 1, true, on or yes, in any case)."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes")
+    as Triton reads it: 1, true, on, yes or y, in any case)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
 
 
 # Triton reads TRITON_INTERPRET once, when a kernel is defined: the kernel modules are imported

@@ -902,11 +902,12 @@ def usable_device(device) -> torch.device:
     return dev
 
 
-def encoder_fingerprint(model) -> str:
+def encoder_fingerprint(model, *, weights_only: bool = False) -> str:
     """A short hash of an encoder's weights, architecture and preprocessing: what a resumed
     extraction or fine-tuning checks it goes on with (another checkpoint, or the teacher instead
-    of the student, would otherwise mix two models without a word)."""
-    meta = {"encoder": model.cfg.to_dict(), "preprocessing": model.preprocessing}
+    of the student, would otherwise mix two models without a word). ``weights_only``: the
+    weights and their names alone."""
+    meta = {} if weights_only else {"encoder": model.cfg.to_dict(), "preprocessing": model.preprocessing}
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())

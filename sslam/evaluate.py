@@ -629,7 +629,9 @@ class Finetuner:
         _check_readable(test)
         self.cfg, self.train_split, self.test_split = cfg, train, test
         self.split_prints = split_fingerprint(train), split_fingerprint(test)  # fixed for the run: hashed once
-        self.start_print = encoder_fingerprint(encoder)  # the weights it starts from (--checkpoint, --weights)
+        # The weights it starts from (--checkpoint, --weights); architecture and preprocessing
+        # are compared on their own.
+        self.start_print = encoder_fingerprint(encoder, weights_only=True)
         self.multilabel = train.multilabel or test.multilabel
         device = next(encoder.parameters()).device
         self.dist = init_distributed(device.type)

@@ -550,6 +550,11 @@ def test_regression_finetune_resume_with_changed_settings_is_refused(tmp_path, s
     torch.nn.init.normal_(other.cls_token)
     with pytest.raises(ValueError, match=r"starting encoder: other weights than the checkpoint's \("):
         Finetuner(other, train, test, cfg, log=quiet)
+    renormed = tiny_encoder()  # the same weights, other preprocessing: only that is named
+    renormed.preprocessing = {**renormed.preprocessing, "norm": "esc50"}
+    with pytest.raises(ValueError, match="preprocessing") as refused:
+        Finetuner(renormed, train, test, cfg, log=quiet)
+    assert "starting encoder" not in str(refused.value)
     assert {p.name: p.read_bytes() for p in tmp_path.glob("checkpoint_*.pt")} == saved
     longer = FinetuneConfig(**{**cfg.__dict__, "steps": 2, "eval_every": 2, "keep_last": 3})
     resumed = Finetuner(tiny_encoder(), train, test, longer, log=quiet)

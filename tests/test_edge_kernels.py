@@ -616,7 +616,7 @@ def test_interpreter_switched_on_after_import_is_refused_by_name():
     assert "TRITON_INTERPRET=1 was set after sslam.kernels was imported" in done.stderr, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("On", True), ("YES", True), ("0", False),
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("On", True), ("YES", True), ("y", True), ("0", False),
                                        ("false", False), ("2", False), ("", False)])
 def test_the_interpreter_flag_is_read_as_triton_reads_it(monkeypatch, value, on):
     """Triton takes 1, true, on and yes in any case: the switch must agree (with 'true' the
