@@ -343,7 +343,7 @@ def load_audio(
         size = None if is_open_file(path) else os.stat(name).st_size
         if size is not None and size > _HEADER_BYTES:
             raise _fail(name, f"contains no audio samples: its header declares no samples, though the file holds "
-                              f"{size} bytes (a recording whose header was never finished?)")
+                              f"{size} bytes (metadata alone, or a recording whose header was never finished)")
         raise _fail(name, "contains no audio samples (zero length)")
     rate = _check_rate(name, rate)
 

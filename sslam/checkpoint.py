@@ -701,7 +701,7 @@ FAIRSEQ_NAMES = ("checkpoint_last.pt", "checkpoint_best.pt")
 
 def run_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint of a training run's folder (``runs/s1``), or the last one of a
-    fairseq run's (the best one when that is all it holds), which is what the folder names
+    fairseq run's (else its best one), which is what the folder names
     wherever a checkpoint is read (``pretrain --init`` too); None for a file, or for a folder
     with a model's weights file (that is its checkpoint) or without checkpoints."""
     if not folder.is_dir() or any((folder / name).exists() for name in MODEL_FILES):
@@ -751,7 +751,10 @@ def _read(source: str | os.PathLike, weights: str) -> Checkpoint:
 def _read_layout(path: Path, weights: str) -> Checkpoint:
     kind = file_kind(path)
     if kind is None:
-        raise CheckpointError(f"{path}: no such file or folder")
+        # OWNER/NAME, as Hugging Face's from_pretrained takes a Hub name: say how to name one here.
+        looks_like_hub = not path.is_absolute() and len(path.parts) == 2 and not path.suffix
+        hint = f" (a Hugging Face model? name it hf-hub:{path.as_posix()})" if looks_like_hub else ""
+        raise CheckpointError(f"{path}: no such file or folder{hint}")
     if kind == "folder":
         return _read_folder(path, weights)
     with path.open("rb") as f:

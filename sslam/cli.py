@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import select
 import sys
 
 import torch
@@ -164,9 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra  # pretrain's --section.key=value, evaluate's --key=value
     try:
         return args.func(args)
-    except BrokenPipeError:  # the reader of the output left (`sslam info ckpt | head -1`)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-        return 1
+    except BrokenPipeError as exc:
+        if _output_reader_left():  # `sslam info ckpt | head -1`: end quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit
+            os.close(devnull)
+            return 1
+        print(f"sslam: error: {_message(exc)}", file=sys.stderr)  # another pipe than the output's
+        return 2
     # OSError: e.g. --out naming an existing file, a read-only folder.
     except (AudioError, CheckpointError, ValueError, OSError) as exc:
         print(f"sslam: error: {_message(exc)}", file=sys.stderr)
@@ -177,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sslam: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _output_reader_left() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor
+        return False
 
 
 def _resume_hint(args) -> str:

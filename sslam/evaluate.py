@@ -998,7 +998,7 @@ def run_evaluate(args) -> int:
     if args.task != "auto":  # else multi-label when a clip of either split has several labels
         train, test = (replace(split, multilabel=args.task == "multilabel") for split in (train, test))
     shared = shared_clips(train, test)
-    if shared:
+    if shared and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
         print(f"note: {len(shared)} test clip(s) are also training clips (e.g. {shared[0]}): the score is not a "
               "held-out one", file=sys.stderr)
     encoder = with_preprocessing(load_encoder(args.checkpoint, device=device, weights=args.weights),

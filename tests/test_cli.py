@@ -210,3 +210,16 @@ def test_output_cut_short_by_a_closed_pipe_is_not_an_error_about_the_file():
                           stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write_end)
     assert done.stderr == "" and done.returncode == 1
+
+
+def test_a_broken_pipe_other_than_the_output_s_is_an_error(monkeypatch, capsys):
+    """Only the reader of the output leaving ends a command quietly; another pipe's EPIPE (a
+    loader's, a socket's) is reported as the error it is."""
+    def broken(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    import sslam.cli
+
+    monkeypatch.setattr(sslam.cli, "cmd_info", broken)
+    assert main(["info", "x.pt"]) == 2
+    assert "sslam: error:" in capsys.readouterr().err

@@ -646,6 +646,10 @@ def test_a_fairseq_save_dir_loads_as_its_last_checkpoint(tmp_path):
     torch.save(best, tmp_path / "checkpoint3.pt")
     assert_same_encoder(load_encoder(tmp_path), load_encoder(TINY))
     assert resolve_init(str(tmp_path)) == str((tmp_path / "checkpoint_last.pt").resolve())  # --init
+    # OWNER/NAME, as from_pretrained takes a Hub name elsewhere: how to name one here is said.
+    with pytest.raises(CheckpointError, match=r"ta012/SSLAM_pretrain: no such file or folder \(a Hugging Face "
+                                              r"model\? name it hf-hub:ta012/SSLAM_pretrain\)"):
+        Encoder.from_pretrained("ta012/SSLAM_pretrain")
     # The fine-tuned releases ship checkpoint_best.pt alone.
     (tmp_path / "checkpoint_last.pt").unlink()
     assert_same_encoder(load_encoder(tmp_path), load_encoder(tmp_path / "checkpoint_best.pt"))
