@@ -997,8 +997,8 @@ def run_evaluate(args) -> int:
                       class_names=train.class_names)
     if args.task != "auto":  # else multi-label when a clip of either split has several labels
         train, test = (replace(split, multilabel=args.task == "multilabel") for split in (train, test))
-    shared = shared_clips(train, test)
-    if shared and int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun process
+    shared = shared_clips(train, test) if int(os.environ.get("RANK", "0")) == 0 else []  # once, not per process
+    if shared:
         print(f"note: {len(shared)} test clip(s) are also training clips (e.g. {shared[0]}): the score is not a "
               "held-out one", file=sys.stderr)
     encoder = with_preprocessing(load_encoder(args.checkpoint, device=device, weights=args.weights),
@@ -1023,10 +1023,12 @@ def run_evaluate(args) -> int:
     return 0
 
 
-def _options(config: type, flags: set[str]) -> str:
-    """``--key=default`` of each field of ``config`` that no flag of the command sets."""
+def _options(config: type, flags: set[str], only: set[str] | None = None) -> str:
+    """``--key=default`` of each field of ``config`` that no flag of the command sets (of those
+    in ``only``, when given)."""
     shown = lambda value: "none" if value is None else repr(value) if value == "" else str(value)  # noqa: E731
-    return ", ".join(f"--{f.name}={shown(getattr(config(), f.name))}" for f in fields(config) if f.name not in flags)
+    return ", ".join(f"--{f.name}={shown(getattr(config(), f.name))}" for f in fields(config)
+                     if f.name not in flags and (only is None or f.name in only))
 
 
 def add_evaluate_command(sub) -> None:
@@ -1035,7 +1037,7 @@ def add_evaluate_command(sub) -> None:
                        "--label-descriptors) or a path,labels .csv. Extra --key=value options set fields of "
                        "ProbeConfig (linear) or FinetuneConfig (finetune).",
                        epilog=f"linear options (defaults): {_options(ProbeConfig, {'fast'} | _FULL_PROBE_ONLY)}; "
-                       f"with --full also: {_options(ProbeConfig, {f.name for f in fields(ProbeConfig)} - _FULL_PROBE_ONLY)}. "
+                       f"with --full also: {_options(ProbeConfig, set(), only=_FULL_PROBE_ONLY)}. "
                        "finetune options "
                        f"(defaults; warmup none: 10% of the steps): {_options(FinetuneConfig, {'out', 'workers'})}.")
     p.add_argument("mode", choices=["linear", "finetune"])

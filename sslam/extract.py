@@ -329,10 +329,15 @@ class FileSink:
         atomic_write(self.path, lambda tmp: _save_npz(tmp, out))
 
 
+# Settings that outputs written before they were recorded lack, with the value they were
+# written with (the hop: None, the default).
+UNRECORDED_SETTINGS = {"hop": None}
+
+
 def check_same_settings(path: Path, stored: dict, settings: dict) -> None:
     """Raise ``ValueError`` when ``path`` was written with other ``settings`` than this run's (a
-    setting the file does not record is not compared)."""
-    stored = {"hop": None, **stored}  # written before the hop was recorded: the default
+    setting the file does not record is not compared, but those of UNRECORDED_SETTINGS)."""
+    stored = {**UNRECORDED_SETTINGS, **stored}
     differ = {k: v for k, v in stored.items() if settings.get(k, v) != v}
     if differ:
         mine = {k: settings[k] for k in differ}

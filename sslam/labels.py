@@ -307,9 +307,12 @@ def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None
         names = sorted({label for labels in label_lists for label in labels})
         lookup = {n: i for i, n in enumerate(names)}
     _check_files(str(path), paths, f"relative paths are read from the CSV's folder, {path.parent}")
-    classes_from = (f" (not in {descriptors})" if descriptors else
-                    " (not among the training split's classes; --label-descriptors names every class)"
-                    if class_names is not None else "")
+    if descriptors:
+        classes_from = f" (not in {descriptors})"
+    elif class_names is not None:
+        classes_from = " (not among the training split's classes; --label-descriptors names every class)"
+    else:
+        classes_from = ""
     targets = _targets(label_lists, lookup, len(names), where, classes_from)
     return LabeledSplit(path.stem, paths, targets, list(names), bool((targets.sum(1) > 1).any()))
 
