@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import Step  # noqa: E402
 
 import sslam.pretrain  # noqa: E402
-from sslam.train import preset  # noqa: E402
+from sslam.train_config import preset  # noqa: E402
 
 VARIANTS = ("ours", "ours_pure")
 ALLOCATIONS = ("empty", "empty_like", "empty_strided")  # the caching allocator's: no launch

@@ -39,7 +39,7 @@ from bench_step import Step  # noqa: E402
 from common import CsvRows, environment  # noqa: E402
 
 from sslam.features import preprocess  # noqa: E402
-from sslam.train import preset  # noqa: E402
+from sslam.train_config import preset  # noqa: E402
 
 
 def peak_during_step(step: Step) -> int:

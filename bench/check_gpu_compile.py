@@ -66,7 +66,7 @@ def capture_graphs(preset_name: str, stage: int, batch: int, steps: int) -> list
     """Dynamo's graphs (``torch.fx.GraphModule``) of ``steps`` compiled training steps of ours."""
     from bench_step import Step
 
-    from sslam.train import preset
+    from sslam.train_config import preset
 
     graphs = []
 

@@ -152,7 +152,7 @@ def _message(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
     from .checkpoint import CheckpointError
-    from .train import StopTraining
+    from .runs import StopTraining
 
     for stream in (sys.stdout, sys.stderr):  # a file name the terminal cannot encode is escaped, not fatal
         if isinstance(stream, io.TextIOWrapper):
@@ -198,7 +198,7 @@ def _output_reader_left() -> bool:
 def _resume_hint(args) -> str:
     """What rerunning an interrupted command does: runs resume from their last checkpoint (every
     write is atomic, so an interrupted one leaves the previous file whole)."""
-    from .train import parse_option
+    from .train_config import parse_option
 
     given = [item.split("=", 1)[1] for item in getattr(args, "overrides", []) if item.startswith("--run.resume=")]
     try:  # (a bad value is refused before any work; it can only be met here if interrupted before that)

@@ -20,10 +20,11 @@ import torch
 
 from .checkpoint import load_encoder
 from .evaluate import ProbeConfig, linear_probe
-from .files import atomic_write, check_output_folder, read_json_object
+from .files import atomic_write, check_output_folder, checkpoints_in, read_json_object
 from .labels import synth_split
 from .model import Encoder
-from .train import Trainer, checkpoints_in, preset
+from .train import Trainer
+from .train_config import preset
 
 # (stage-1 steps, stage-2 steps, probe epochs, probe seeds, benchmark clips train/test)
 FULL = {"stage1": 400, "stage2": 150, "epochs": 60, "seeds": 3, "train_clips": 240, "test_clips": 120}

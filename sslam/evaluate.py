@@ -35,7 +35,13 @@ from .augment import mixup, roll_crop, spec_augment, spectrogram_noise
 from .checkpoint import CheckpointError, check_state, encoder_fingerprint, load_encoder
 from .data import MAX_WORKERS, add_file_names, pad_clips, samples_for_frames, text_lines
 from .features import norm_stats, preprocess
-from .files import atomic_write, check_output_folder, read_json_object, remove_temporaries
+from .files import (
+    atomic_write,
+    check_output_folder,
+    checkpoints_in,
+    read_json_object,
+    remove_temporaries,
+)
 from .labels import (
     LabeledSplit,
     LabelError,
@@ -48,7 +54,25 @@ from .labels import (
 )
 from .metrics import accuracy, mean_average_precision
 from .model import BLOCK_CHECKPOINTING, HEAD_NAMES, Encoder, eval_mode, stochastic_depth
+from .precision import HALF, PRECISIONS, resolved_precision
+from .runs import (
+    FINETUNING_PARTS,
+    StopTraining,
+    changed_settings,
+    check_record,
+    finish_distributed,
+    init_distributed,
+    load_newest,
+    loading_parts,
+    metrics_line,
+    open_metrics,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stop_distributed,
+)
 from .schedule import cosine, decays
+from .train_config import parse_option
 
 
 class LinearHead(nn.Module):
@@ -444,8 +468,6 @@ def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
     if getattr(cfg, "layer_decay", 1) == 0:
         raise ValueError("layer_decay=0 would give every block a learning rate of 0 (1 is no decay)")
     if isinstance(cfg, FinetuneConfig):
-        from .train import PRECISIONS
-
         if cfg.precision not in PRECISIONS:
             raise ValueError(f"precision={cfg.precision!r}: auto, fp32, bf16 or fp16")
         if cfg.checkpoint_blocks not in BLOCK_CHECKPOINTING:
@@ -533,8 +555,6 @@ def finetune_resume_conflicts(saved: dict, now: dict, where: str = "checkpoint")
     was measured on the test split), classes and label kind (the loss), encoder architecture,
     the input's preprocessing, number of processes (which splits every epoch's clips and sets
     the global batch). As ``key: <saved> in the <where>, <now> now``."""
-    from .train import changed_settings
-
     def effective(config: dict) -> dict:  # the warm-up in effect, compared
         return {**config, "warmup": warmup_steps(config.get("steps", 0), config.get("warmup", 0))}
 
@@ -622,8 +642,6 @@ class Finetuner:
     sslam format (``out/model``) with its label names, ready for ``sslam extract``."""
 
     def __init__(self, encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: FinetuneConfig, log=print):
-        from .train import HALF, checkpoints_in, init_distributed, load_newest, resolved_precision
-
         _check_splits(train, test)
         check_settings(cfg)
         _check_readable(test)
@@ -712,8 +730,6 @@ class Finetuner:
     def _check_resume(self, path: Path, state: dict) -> None:
         """Refuse to resume from ``path`` when it is not a fine-tuning checkpoint or was written
         with settings this run changes (the run would silently continue with a mix of both)."""
-        from .train import FINETUNING_PARTS, check_record
-
         if state.get("format") != "sslam-finetune":
             raise CheckpointError(f"{path}: not an sslam fine-tuning checkpoint (format {state.get('format')!r}); "
                                   "choose another out folder")
@@ -795,8 +811,6 @@ class Finetuner:
     def fit(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        from .train import metrics_line, open_metrics
-
         metrics = None
         if self.dist.rank == 0:
             if self.step == 0:
@@ -879,8 +893,6 @@ class Finetuner:
         steps instead). The losses are logged first."""
         if self.scaler.is_enabled():
             return
-        from .train import StopTraining, checkpoints_in, metrics_line
-
         bad = [record["step"] for record in records if not math.isfinite(record["loss"])]
         if not bad:
             return
@@ -894,8 +906,6 @@ class Finetuner:
     def save(self) -> None:
         if self.dist.rank != 0:
             return
-        from .train import rng_state, save_checkpoint
-
         state = {**self._identity(), "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "step": self.step, "best": self.best, "rng": rng_state()}
@@ -911,8 +921,6 @@ class Finetuner:
 
     def _load(self, path: Path, state: dict) -> None:
         """Resume from ``state``, read from ``path``."""
-        from .train import loading_parts, set_rng_state
-
         self._check_resume(path, state)
         self.model.load_state_dict(check_state(self.model, state["model"], f"{path} (model)"))
         with loading_parts(path, "its optimizer, loss scale or random streams"):
@@ -931,8 +939,6 @@ class Finetuner:
 
 def apply_overrides(cfg, overrides: list[str]):
     """``--key=value`` onto a flat dataclass; unknown keys are errors."""
-    from .train import parse_option
-
     known = {f.name: f for f in fields(cfg)}
     for item in overrides:
         if not item.startswith("--") or "=" not in item:
@@ -1010,8 +1016,6 @@ def run_evaluate(args) -> int:
               f"({result['seconds']:.1f} s)")
         print(json.dumps(result))
     else:
-        from .train import StopTraining, finish_distributed, stop_distributed
-
         finetuner = Finetuner(encoder, train, test, cfg)
         try:
             result = finetuner.fit()

@@ -30,6 +30,19 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 # others (LayerNorm, the CLS token) it runs in fp32.
 MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 on CPU
+# Pretraining can also run its networks wholly in the half type over fp32 master weights
+# (sslam.precision), as the official fp16 runs do, instead of autocast.
+TRAIN_PRECISIONS = PRECISIONS + ("bf16-pure", "fp16-pure")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolved_precision(precision: str, device_type: str) -> str:
+    """``precision`` with ``auto`` made concrete: bf16 on CUDA, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device_type == "cuda" else "fp32"
+
 
 def _copies(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """``[t.to(dtype) for t in tensors]`` in one multi-tensor copy: on CUDA a few launches for

@@ -389,7 +389,7 @@ class Losses:
 
 class Pretrainer(nn.Module):
     """Student encoder + CNN decoder + EMA teacher, with the stage-1 and stage-2 forwards. The
-    objective's decoder defaults to ViT-B's (SPEC 4.3); ``sslam.train.preset`` gives each model
+    objective's decoder defaults to ViT-B's (SPEC 4.3); ``sslam.train_config.preset`` gives each model
     size its own."""
 
     def __init__(self, encoder_cfg: EncoderConfig, objective: ObjectiveConfig = ObjectiveConfig(), student: Encoder | None = None):

@@ -5,9 +5,9 @@
     torchrun --nproc_per_node 8 -m sslam.train --preset base --stage 2 --data train.tsv \\
         --init EAT-base_epoch10_pt.pt --out runs/sslam
 
-Configuration is a set of typed dataclasses (:class:`TrainConfig`) filled from a preset and
-``--section.key=value`` overrides; unknown keys are errors; the resolved config is printed and
-stored in every checkpoint. A run whose output folder already holds checkpoints resumes from
+Configuration is a set of typed dataclasses (:class:`sslam.train_config.TrainConfig`) filled
+from a preset and ``--section.key=value`` overrides; unknown keys are errors; the resolved
+config is printed and stored in every checkpoint. A run whose output folder already holds checkpoints resumes from
 the newest one exactly (model, teacher, optimizer, scheduler, scaler, step, data position).
 """
 
@@ -15,26 +15,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
-import os
-import random
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 from . import native
 from .checkpoint import CheckpointError, check_state, read_checkpoint, run_checkpoint
-from .data import MAX_WORKERS
-from .features import norm_stats, preprocess
+from .features import preprocess
 from .files import (
     atomic_write,
     check_output_folder,
@@ -45,10 +39,10 @@ from .files import (
 )
 from .hub import is_hub_name
 from .kernels.switch import use_kernels
-from .masking import MaskConfig, clone_masks, kept_indices
-from .mixing import min_frames, sample_windows
-from .model import BLOCK_CHECKPOINTING, VARIANTS, EncoderConfig
-from .precision import MATMUL_MODULES, half_weights
+from .masking import clone_masks, kept_indices
+from .mixing import sample_windows
+from .model import EncoderConfig
+from .precision import HALF, MATMUL_MODULES, half_weights, resolved_precision
 from .pretrain import (
     DecoderConfig,
     ObjectiveConfig,
@@ -57,430 +51,42 @@ from .pretrain import (
     file_decoder_config,
     train_flops_per_clip,
 )
-from .safe_load import safe_torch_load
+from .runs import (
+    StopTraining,
+    changed_settings,
+    check_record,
+    finish_distributed,
+    init_distributed,
+    load_newest,
+    loading_parts,
+    metrics_line,
+    open_metrics,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    stop_distributed,
+)
 from .schedule import cosine, decays
-
-
-class StopTraining(RuntimeError):
-    """A run stopped on purpose, for the reason in the message (too many unreadable files, too
-    many non-finite losses); every checkpoint written before it is intact."""
-
+from .train_config import (
+    DECODER_SIZES,
+    ENCODER_SIZES,
+    OptimSection,
+    RunSection,
+    TrainConfig,
+    encoder_config,
+    format_config,
+    given_sizes,
+    init_architecture,
+    mask_config,
+    objective_config,
+    preset,
+    set_option,
+    validate,
+)
 
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0, "A100": 312.0}
-
-# ---- configuration ------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSection:
-    variant: str = "base"  # tiny | small | base | large
-    embed_dim: int = 0  # 0: the variant's
-    depth: int = 0
-    num_heads: int = 0
-    decoder_dim: int = 768
-    decoder_groups: int = 16
-    decoder_kernel: int = 3
-    decoder_layers: int = 6
-
-
-@dataclass
-class ObjectiveSection:
-    stage: int = 1
-    clones: int = 16
-    top_k: int = 0  # 0: all layers
-    mask_prob: float = 0.8
-    mask_prob_adjust: float = 0.07
-    mask_length: int = 5
-    cls_loss: float = 1.0
-    srl_weight: float = 2.0
-    mix_width: int = 240
-
-
-@dataclass
-class DataSection:
-    source: str = "synth"  # synth | a folder | a .tsv manifest
-    root: str = ""  # overrides a manifest's root line
-    batch_size: int = 12  # clips per process per micro-step
-    target_length: int = 1024
-    norm: str = "audioset"
-    num_workers: int = 2
-    min_samples: int = 10_000  # manifest entries with a smaller size column are skipped (SPEC 1.1)
-    max_bad_files: int = 100  # unreadable files tolerated before the run stops
-    synth_clips: int = 2000
-    synth_seconds: float = 10.0
-
-
-@dataclass
-class OptimSection:
-    lr: float = 5e-4
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    warmup_steps: int = 53_333
-    max_steps: int = 400_000
-    min_lr: float = 0.0
-    clip_norm: float = 4.0
-    accum_steps: int = 1
-
-
-@dataclass
-class EMASection:
-    start: float = 0.9998
-    end: float = 0.99999
-    anneal_steps: int = 100_000
-    restart: bool = True  # stage 2 from a checkpoint re-anneals from `start` (the official run)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 on CPU
-# Pretraining can also run its networks wholly in the half type over fp32 master weights
-# (sslam.precision), as the official fp16 runs do, instead of autocast.
-TRAIN_PRECISIONS = PRECISIONS + ("bf16-pure", "fp16-pure")
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _MASK_DRAWERS = {True: "the C++ extension", False: "the Python reference"}
 MIN_LOSS_SCALE = 1e-6  # the official fp16 runs stop below this loss scale (SPEC 5.6)
-
-
-def resolved_precision(precision: str, device_type: str) -> str:
-    """``precision`` with ``auto`` made concrete: bf16 on CUDA, fp32 on the CPU."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device_type == "cuda" else "fp32"
-
-
-@dataclass
-class RunSection:
-    out: str = "runs/pretrain"
-    init: str = ""  # checkpoint to start from (official EAT/SSLAM .pt, or ours)
-    resume: bool = True  # continue from the newest checkpoint in `out` if there is one
-    device: str = "auto"  # auto | cpu | cuda
-    # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (autocast) | bf16-pure | fp16-pure
-    # (half weights and activations, fp32 master weights)
-    precision: str = "auto"
-    compile: bool = False
-    checkpoint_decoder: bool = False  # recompute the decoder layer by layer in the backward: less memory
-    checkpoint_blocks: str = "off"  # off | selective (norms, GELU, sums redone: no extra matmul) | full (whole blocks)
-    parallel: str = "ddp"  # ddp | fsdp (when launched with torchrun)
-    seed: int = 1
-    log_every: int = 10
-    ckpt_every: int = 1000
-    keep_last: int = 3
-    tensorboard: bool = False
-    progress: bool = True
-    max_bad_steps: int = 5  # consecutive non-finite losses that stop the run
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-
-
-@dataclass
-class TrainConfig:
-    """A pretraining run's settings. The defaults are ``preset("base", stage=1)``; take another
-    stage's recipe (its lr, schedule and clones) from :func:`preset`, not by setting
-    ``objective.stage`` alone."""
-
-    model: ModelSection = field(default_factory=ModelSection)
-    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    ema: EMASection = field(default_factory=EMASection)
-    run: RunSection = field(default_factory=RunSection)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        cfg = cls()
-        for section, entries in values.items():
-            for key, value in entries.items():
-                set_option(cfg, f"{section}.{key}", value)
-        return cfg
-
-
-def preset(name: str = "base", stage: int = 1) -> TrainConfig:
-    """``tiny`` (CPU, minutes), ``base`` (ViT-B: EAT's stage-1 or SSLAM's stage-2 recipe), or
-    ``large`` (ViT-L of the official config)."""
-    if stage not in (1, 2):
-        raise ValueError(f"stage={stage}: 1 (EAT) or 2 (SSLAM)")
-    cfg = TrainConfig()
-    cfg.objective.stage = stage
-    cfg.objective.clones = 16 if stage == 1 else 8
-    if stage == 2:  # SPEC 5.6
-        cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_steps = 5e-5, 25_000, 200_000
-    if name == "base":
-        return cfg
-    if name == "large":  # SPEC 2.3
-        cfg.model = ModelSection(variant="large", decoder_dim=1024, decoder_groups=16, decoder_kernel=5, decoder_layers=3)
-        cfg.objective.mask_prob, cfg.objective.mask_prob_adjust = 0.75, 0.1
-        cfg.optim.lr = 4e-4 if stage == 1 else cfg.optim.lr
-        cfg.ema.anneal_steps = 150_000
-        return cfg
-    if name == "tiny":  # small enough to learn something on 2 CPU cores in minutes
-        cfg.model = ModelSection(variant="tiny", embed_dim=96, depth=4, num_heads=3, decoder_dim=96,
-                                 decoder_groups=8, decoder_kernel=3, decoder_layers=3)
-        cfg.objective.clones = 4 if stage == 1 else 2
-        cfg.objective.mix_width = 48  # 3 of 16 patch rows (official: 15 of 64)
-        cfg.data = DataSection(batch_size=8, target_length=256, num_workers=1, synth_clips=512, synth_seconds=2.6)
-        # Stage 2 at a tenth of stage 1's peak lr, as in the official recipes (5e-4 -> 5e-5).
-        cfg.optim = OptimSection(lr=1e-3 if stage == 1 else 1e-4, warmup_steps=20, max_steps=300, clip_norm=4.0)
-        cfg.ema = EMASection(start=0.99, end=0.999, anneal_steps=300)
-        cfg.run.log_every, cfg.run.ckpt_every, cfg.run.device = 10, 100, "cpu"
-        return cfg
-    raise ValueError(f"unknown preset {name!r}: tiny, base or large")
-
-
-_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "text"}
-
-
-def parse_option(value, annotation: str, key: str):
-    """A ``--key=value`` string converted to the field type named by ``annotation``; a value
-    that is not a string (from a dict or a JSON file) must already have that type. ``T | None``
-    also takes ``none``."""
-    if annotation.endswith(" | None"):
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            return None
-        annotation = annotation.removesuffix(" | None")
-    if not isinstance(value, str):
-        # Checked here, or a batch size of 2.5 or an lr of True would only fail deep in a run.
-        ok = {"bool": isinstance(value, bool),
-              "int": isinstance(value, int) and not isinstance(value, bool),
-              "float": isinstance(value, (int, float)) and not isinstance(value, bool)}.get(annotation, False)
-        if annotation == "int" and isinstance(value, float) and value.is_integer():
-            return int(value)
-        if not ok:
-            raise ValueError(f"--{key}={value!r}: expected {_KINDS.get(annotation, annotation)}, got {type(value).__name__}")
-        return float(value) if annotation == "float" else value
-    try:
-        if annotation == "bool":
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if annotation == "int":
-            try:
-                return int(value)
-            except ValueError:  # also accept integral floats such as 2e5
-                number = float(value)
-                if not number.is_integer():
-                    raise
-                return int(number)
-        if annotation == "float":
-            return float(value)
-        return value
-    except ValueError:
-        raise ValueError(f"--{key}={value!r}: expected {_KINDS.get(annotation, annotation)}") from None
-
-
-def set_option(cfg: TrainConfig, key: str, value) -> None:
-    """Set ``section.field`` on ``cfg`` (value converted from a string by the field's type)."""
-    if "." not in key:
-        raise ValueError(f"--{key}: options are --section.key=value; sections: {[f.name for f in dataclasses.fields(cfg)]}")
-    section_name, name = key.split(".", 1)
-    sections = {f.name for f in dataclasses.fields(cfg)}
-    if section_name not in sections:
-        raise ValueError(f"--{key}: unknown section {section_name!r}; choose one of {sorted(sections)}")
-    section = getattr(cfg, section_name)
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    if name not in fields:
-        raise ValueError(f"--{key}: unknown key {name!r} in [{section_name}]; known: {sorted(fields)}")
-    setattr(section, name, parse_option(value, str(fields[name].type), key))
-
-
-def format_config(cfg: TrainConfig) -> str:
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"  {k} = {v!r}" for k, v in values.items()]
-    return "\n".join(lines)
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Refuse impossible settings up front, naming the key: otherwise they fail deep inside a
-    run (a cryptic shape error at the first step), or worse, train silently wrong (an EMA decay
-    above 1, a negative learning rate at the end of the schedule)."""
-    m, ob, o, d, e, r = cfg.model, cfg.objective, cfg.optim, cfg.data, cfg.ema, cfg.run
-    numbers = {f"{name}.{f.name}": getattr(section, f.name) for name, section in (("optim", o), ("objective", ob), ("ema", e))
-               for f in dataclasses.fields(section) if str(f.type) == "float"}
-    # clip_norm may be inf (or 0): no clipping
-    not_finite = [k for k, v in numbers.items() if math.isnan(v) or (math.isinf(v) and k != "optim.clip_norm")]
-    checks = [
-        (not not_finite, f"{', '.join(not_finite)}: must be finite (nan or inf given)"),
-        (m.variant in VARIANTS, f"model.variant={m.variant!r}: one of {sorted(VARIANTS)}"),
-        (min(m.embed_dim, m.depth, m.num_heads) >= 0, "model.embed_dim, depth and num_heads must be >= 0 (0: the variant's)"),
-        (min(m.decoder_dim, m.decoder_groups, m.decoder_kernel, m.decoder_layers) >= 1,
-         "model.decoder_dim, decoder_groups, decoder_kernel and decoder_layers must be >= 1"),
-        (ob.stage in (1, 2), "objective.stage must be 1 or 2"),
-        (1 <= ob.clones <= 1024, "objective.clones must be in [1, 1024] (the recipes use 16 and 8)"),
-        (ob.top_k >= 0, "objective.top_k must be >= 0 (0: all layers)"),
-        (0 < ob.mask_prob < 1, f"objective.mask_prob={ob.mask_prob} must lie in (0, 1)"),
-        (0 <= ob.mask_prob_adjust <= 1, f"objective.mask_prob_adjust={ob.mask_prob_adjust} must lie in [0, 1]"),
-        (ob.mask_length >= 1, "objective.mask_length must be >= 1"),
-        (ob.cls_loss >= 0 and ob.srl_weight >= 0, "objective.cls_loss and objective.srl_weight must be >= 0"),
-        (d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1"),
-        (o.accum_steps >= 1, f"optim.accum_steps={o.accum_steps} must be >= 1"),
-        (ob.stage == 1 or d.batch_size >= 2, "stage 2 mixes in-batch pairs: data.batch_size >= 2"),
-        (d.target_length >= 16 and d.target_length % 16 == 0, "data.target_length must be a positive multiple of 16"),
-        (0 <= d.num_workers <= MAX_WORKERS, f"data.num_workers must be in [0, {MAX_WORKERS}]"),
-        (d.max_bad_files >= 0, "data.max_bad_files must be >= 0"),
-        (o.max_steps >= 1 and o.warmup_steps >= 0, "optim.max_steps >= 1 and warmup_steps >= 0"),
-        (o.lr >= 0 and 0 <= o.min_lr <= o.lr, f"optim.lr={o.lr} and optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr"),
-        (0 <= o.beta1 < 1, f"optim.beta1={o.beta1} must lie in [0, 1)"),
-        (0 <= o.beta2 < 1, f"optim.beta2={o.beta2} must lie in [0, 1)"),
-        (o.eps >= 0 and o.weight_decay >= 0, "optim.eps and optim.weight_decay must be >= 0"),
-        (0 <= e.start <= 1, f"ema.start={e.start} must lie in [0, 1]"),
-        (0 <= e.end <= 1, f"ema.end={e.end} must lie in [0, 1]"),
-        (e.anneal_steps >= 0, "ema.anneal_steps must be >= 0"),
-        (r.device in ("auto", "cpu", "cuda"), f"run.device={r.device!r}: auto, cpu or cuda"),
-        (r.precision in TRAIN_PRECISIONS, f"run.precision={r.precision!r}: one of {', '.join(TRAIN_PRECISIONS)}"),
-        (r.parallel in ("ddp", "fsdp"), "run.parallel: ddp or fsdp"),
-        (r.checkpoint_blocks in BLOCK_CHECKPOINTING, f"run.checkpoint_blocks={r.checkpoint_blocks!r}: one of {BLOCK_CHECKPOINTING}"),
-        (r.ckpt_every >= 1 and r.log_every >= 1 and r.keep_last >= 1, "run.ckpt_every, log_every, keep_last >= 1"),
-        (r.max_bad_steps >= 1, "run.max_bad_steps must be >= 1"),
-        (o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 or inf: no clipping)"),
-        (d.synth_clips >= 1, "data.synth_clips must be >= 1"),
-        (math.isfinite(d.synth_seconds) and d.synth_seconds >= 0.1,
-         f"data.synth_seconds={d.synth_seconds} must be finite and at least 0.1 (s, the shortest synthetic scene)"),
-        (bool(d.source.strip()), "data.source is empty: 'synth', a folder of audio files or a .tsv manifest"),
-        (not r.tensorboard or importlib.util.find_spec("tensorboard") is not None,
-         "run.tensorboard=true needs the tensorboard package (pip install tensorboard)"),
-        (0 <= r.seed < 2**63, "run.seed must lie in [0, 2**63)"),
-        (0 <= r.threads <= MAX_WORKERS, f"run.threads must be in [0, {MAX_WORKERS}] (0: torch's default)"),
-        (bool(r.out.strip()), "run.out must name a folder (checkpoints would land in the current one)"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    _check_architecture(cfg)
-    try:
-        norm_stats(d.norm)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"data.norm={d.norm!r}: {exc}") from None
-    try:  # the masks must keep and hide at least one patch of the grid
-        mask_config(cfg)
-    except ValueError as exc:
-        raise ValueError(f"objective.mask_prob={ob.mask_prob}, mask_length={ob.mask_length} with "
-                         f"data.target_length={d.target_length}: {exc}") from None
-    if ob.stage == 2:  # the two unmixed windows cover whole patch rows and fit in the clip
-        if ob.mix_width < 16 or ob.mix_width % 16:
-            raise ValueError(f"objective.mix_width={ob.mix_width} must be a positive multiple of 16 frames (one patch row)")
-        need = -(-min_frames(ob.mix_width) // 16) * 16  # in whole patch rows
-        if d.target_length < need:
-            raise ValueError(f"objective.mix_width={ob.mix_width} does not fit data.target_length={d.target_length}: "
-                             f"two unmixed windows of {ob.mix_width} frames need data.target_length >= {need}")
-
-
-ENCODER_SIZES = ("embed_dim", "depth", "num_heads")
-DECODER_SIZES = ("decoder_dim", "decoder_groups", "decoder_kernel", "decoder_layers")
-
-
-def _check_architecture(cfg: TrainConfig) -> None:
-    """Sizes that do not fit together, named (they used to fail when the model was built, with
-    messages that named no option). With ``run.init`` the encoder is the file's: its sizes are
-    checked when it is read."""
-    m, ob = cfg.model, cfg.objective
-    if m.decoder_kernel % 2 == 0:
-        raise ValueError(f"model.decoder_kernel={m.decoder_kernel} must be odd (an even kernel changes the grid)")
-    if m.decoder_dim % m.decoder_groups:
-        raise ValueError(f"model.decoder_dim={m.decoder_dim} is not divisible by model.decoder_groups={m.decoder_groups}")
-    if cfg.run.init:
-        return
-    try:
-        enc = encoder_config(cfg)
-    except ValueError as exc:
-        raise ValueError(f"model.embed_dim / model.num_heads: {exc}") from None
-    if enc.embed_dim % m.decoder_groups:
-        raise ValueError(f"model.embed_dim={enc.embed_dim} is not divisible by model.decoder_groups={m.decoder_groups} "
-                         "(the decoder's first grouped conv reads the encoder's channels)")
-    if ob.top_k > enc.depth:
-        raise ValueError(f"objective.top_k={ob.top_k} exceeds the encoder depth {enc.depth} (model.depth)")
-    if cfg.data.target_length > enc.max_frames:
-        raise ValueError(f"data.target_length={cfg.data.target_length}: at most {enc.max_frames} frames, the "
-                         f"position table of the {cfg.model.variant} encoder")
-
-
-def given_sizes(model: ModelSection, names=ENCODER_SIZES) -> dict:
-    """The sizes ``names`` of ``model`` that were set apart from its variant's preset: with
-    ``run.init`` those are the user's, the others the preset's."""
-    try:
-        defaults = preset(model.variant).model
-    except ValueError:  # a variant without a preset (small): its sizes are 0 = the variant's
-        defaults = ModelSection(variant=model.variant)
-    return {name: getattr(model, name) for name in names
-            if getattr(model, name) and getattr(model, name) != getattr(defaults, name)}
-
-
-def init_architecture(ckpt, given: dict) -> tuple:
-    """``run.init``'s checkpoint with the encoder sizes ``given`` (see :func:`given_sizes`), and
-    a note naming those it does not use. The file's architecture wins where it states a size or
-    its weights' shapes fix one; the number of heads, which shapes cannot show, is taken from
-    ``given`` when the file does not state it."""
-    if (ckpt.config.patch_size, ckpt.config.mel_bins) != (16, 128):
-        # The features (and their fused kernel), the mask grid and the mixing windows are all
-        # laid out in 16 x 16 patches of a 128-bin log-mel, as SSLAM and EAT train.
-        raise ValueError(f"run.init={ckpt.path}: patch_size={ckpt.config.patch_size}, mel_bins="
-                         f"{ckpt.config.mel_bins}; pretraining needs 16 x 16 patches of 128 mel bins")
-    fixed = {name: value for name, value in given.items() if name != "num_heads" or name in ckpt.declared}
-    unused = [f"model.{name}={value} (the file: {getattr(ckpt.config, name)})"
-              for name, value in fixed.items() if value != getattr(ckpt.config, name)]
-    if "num_heads" in given and "num_heads" not in fixed:
-        config = ckpt.config.replace(num_heads=given["num_heads"])  # checks it divides embed_dim
-        ckpt = dataclasses.replace(ckpt, config=config, declared=ckpt.declared | {"num_heads"})
-    note = f"the architecture comes from {ckpt.path}; not used: {', '.join(unused)}" if unused else ""
-    return ckpt, note
-
-
-def mask_config(cfg: TrainConfig) -> MaskConfig:
-    """The student's masks: the objective's settings on the (target_length / 16, 8) patch grid
-    (pretraining takes 16 x 16 patches of 128 mel bins, see :func:`init_architecture`)."""
-    ob = cfg.objective
-    return MaskConfig(grid=(cfg.data.target_length // 16, 8), mask_prob=ob.mask_prob,
-                      mask_prob_adjust=ob.mask_prob_adjust, mask_length=ob.mask_length)
-
-
-def encoder_config(cfg: TrainConfig):
-    m = cfg.model
-    changes = {k: getattr(m, k) for k in ("embed_dim", "depth", "num_heads") if getattr(m, k)}
-    return VARIANTS[m.variant].replace(**changes)
-
-
-def objective_config(cfg: TrainConfig, depth: int) -> ObjectiveConfig:
-    o, m = cfg.objective, cfg.model
-    return ObjectiveConfig(
-        stage=o.stage, clones=o.clones, top_k=o.top_k or depth, cls_loss=o.cls_loss, srl_weight=o.srl_weight,
-        mix_width=o.mix_width,
-        decoder=DecoderConfig(dim=m.decoder_dim, groups=m.decoder_groups, kernel=m.decoder_kernel, layers=m.decoder_layers),
-    )
-
-
-# ---- distributed --------------------------------------------------------------------------
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_type: str) -> Dist:
-    """The processes of this run: those of a process group the caller made, or torchrun's
-    (RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPU, gloo on CPU), or this one alone."""
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        gpus = torch.cuda.device_count() if device_type == "cuda" else 0
-        return Dist(rank, world, int(os.environ.get("LOCAL_RANK", rank % gpus if gpus else 0)))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if "RANK" not in os.environ:
-        raise ValueError(f"WORLD_SIZE={world} but RANK is not set: launch the processes with torchrun, "
-                         "which sets RANK, LOCAL_RANK and WORLD_SIZE")
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def mix_seed(*parts) -> int:
@@ -522,29 +128,7 @@ def lr_factor(step: int, o: OptimSection) -> float:
     return cosine(step, o.max_steps, o.warmup_steps, 1.0, o.min_lr / o.lr if o.lr > 0 else 0.0)
 
 
-# ---- checkpoints --------------------------------------------------------------------------
-
-def save_checkpoint(out: Path, step: int, state: dict, keep_last: int) -> Path:
-    """``state`` as ``out/checkpoint_<step>.pt``, written atomically; then every checkpoint but
-    the newest ``keep_last`` is deleted."""
-    path = out / checkpoint_name(step)
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-    for old in checkpoints_in(out)[:-keep_last]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def load_newest(saved: list[Path]) -> dict:
-    """:func:`safe_torch_load` of the newest of a run's checkpoints (``saved``, oldest first).
-    A damaged one names the one before it, which a resume uses once the damaged file is moved
-    out of the folder (a run killed while the disk filled, say)."""
-    try:
-        return safe_torch_load(saved[-1])
-    except CheckpointError as exc:
-        if len(saved) < 2:
-            raise
-        raise CheckpointError(f"{exc}. The previous checkpoint, {saved[-2].name}, may be intact: move the "
-                              "damaged file out of the run folder to resume from it") from exc
+# ---- resuming -----------------------------------------------------------------------------
 
 
 # Settings a resumed run may change: where and how it runs and reports, not what it computes.
@@ -557,14 +141,6 @@ RESUME_MAY_CHANGE = frozenset({
     "run.ckpt_every", "run.keep_last", "run.tensorboard", "run.progress", "run.max_bad_steps", "run.threads",
     "data.num_workers", "data.max_bad_files", "data.root", "optim.max_steps", "optim.accum_steps",
 })
-
-
-def changed_settings(before: dict, now: dict, may_change=frozenset(), where: str = "the checkpoint") -> list[str]:
-    """``key: <before> in <where>, <now> now`` for every setting of ``now`` that differs from
-    ``before`` and is not in ``may_change``; a key ``before`` lacks (a setting newer than the
-    file) counts as unchanged."""
-    return [f"{key}: {before[key]!r} in {where}, {value!r} now" for key, value in now.items()
-            if key in before and before[key] != value and key not in may_change]
 
 
 def _flat(config: dict) -> dict:
@@ -604,46 +180,6 @@ def _same_init(before: str, now: str) -> bool:
     (runs/s1/ is runs/./s1; a run folder is its newest checkpoint, as :func:`resolve_init`
     reads it; runs record the file they started from)."""
     return before == now or bool(before and now) and resolve_init(before) == resolve_init(now)
-
-
-# The parts of a training checkpoint (Trainer.state) a resume reads: their types, as named.
-_DICT, _INT = (dict, "a dict"), (int, "an int")
-TRAINING_PARTS = {"config": _DICT, "encoder_config": _DICT, "objective": _DICT, "model": _DICT, "decoder": _DICT,
-                  "teacher": _DICT, "optimizer": _DICT, "scheduler": _DICT, "scaler": _DICT, "step": _INT,
-                  "data_position": ((list, tuple), "a list"), "rng": _DICT}
-FINETUNING_PARTS = {"config": _DICT, "model": _DICT, "optimizer": _DICT, "scaler": _DICT, "step": _INT,
-                    "best": ((int, float, type(None)), "a number or None"), "rng": _DICT}
-
-
-def check_record(saved: dict, path: Path, parts: dict = TRAINING_PARTS) -> None:
-    """Refuse a checkpoint that lacks one of ``parts`` or holds one of another type (damaged,
-    or edited by hand), naming the file and the part: a resume would otherwise fail somewhere
-    inside with a bare KeyError or TypeError."""
-    problems = []
-    for key, (kind, name) in parts.items():
-        value = saved.get(key)
-        if key not in saved:
-            problems.append(f"{key}: missing")
-        elif not isinstance(value, kind) or isinstance(value, bool):
-            problems.append(f"{key}: a {type(value).__name__}, not {name}")
-    if not problems and saved["step"] < 0:
-        problems.append(f"step: {saved['step']} is negative")
-    position = saved.get("data_position")
-    if not problems and "data_position" in parts and not (
-            len(position) == 2 and all(isinstance(v, int) and v >= 0 for v in position)):
-        problems.append(f"data_position: {list(position)!r}, not two counts (epoch, step in epoch)")
-    if problems:
-        raise CheckpointError(f"{path}: damaged training checkpoint: {'; '.join(problems)}")
-
-
-@contextmanager
-def loading_parts(path: Path, parts: str):
-    """Load state ``parts`` of the checkpoint ``path`` within the block: an error of the kinds
-    torch's load_state_dict methods raise for a damaged part is a CheckpointError naming both."""
-    try:
-        yield
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: damaged training checkpoint: {parts} do not load ({exc})") from None
 
 
 def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: str | None = None) -> list[str]:
@@ -692,33 +228,6 @@ def resolve_init(path: str) -> str:
         return path
     resolved = Path(path).resolve()
     return str(run_checkpoint(resolved) or resolved)
-
-
-def rng_state() -> dict:
-    """The global random streams: CPU torch, Python's, and the CUDA stream of this process's
-    device (the one it trains on; the others are not its to restore)."""
-    _, python, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(), "python": list(python), "python_gauss": gauss_next}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state`'s streams. Older checkpoints hold every visible device's CUDA
-    state: this process's device takes its own, when the saving machine had one."""
-    torch.set_rng_state(state["torch"])
-    if "python" in state:
-        random.setstate((3, tuple(state["python"]), state.get("python_gauss")))  # 3: the Mersenne Twister's
-    cuda = state.get("cuda")
-    if cuda is None or not torch.cuda.is_available():
-        return
-    if isinstance(cuda, (list, tuple)):
-        index = torch.cuda.current_device()
-        if index >= len(cuda):  # more GPUs here than where it was saved (restoring them all raised)
-            return
-        cuda = cuda[index]
-    torch.cuda.set_rng_state(cuda)
 
 
 # ---- the trainer --------------------------------------------------------------------------
@@ -1361,38 +870,6 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
 
-def metrics_line(record: dict) -> str:
-    """One line of ``metrics.jsonl``, strict JSON: a non-finite number (the loss of a diverged
-    or fp16-overflowed step) is null, since every JSON reader but Python's refuses NaN."""
-    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}) + "\n"
-
-
-def open_metrics(out: Path, step: int):
-    """``out/metrics.jsonl`` opened to append, less the records after ``step`` (this run logs
-    them again)."""
-    trim_metrics(out / "metrics.jsonl", step)
-    return (out / "metrics.jsonl").open("a")
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop the records after ``step`` (and a line cut short by a crash) from ``metrics.jsonl``:
-    a run resumed from the checkpoint of ``step`` logs those steps again, and the file would
-    otherwise hold them twice."""
-    if not path.exists():
-        return
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
-    if len(kept) != len(lines):
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
-
-
 def _cpu_state(module: torch.nn.Module) -> dict:
     """Full (unsharded) CPU copies of a module's state; every rank must call it under FSDP."""
     out = {}
@@ -1466,40 +943,6 @@ def run_pretrain(args, overrides) -> int:
         raise
     finish_distributed()
     return 0
-
-
-def stop_distributed(exc: StopTraining) -> NoReturn:
-    """A stop that every process of a distributed run takes together (what it must keep already
-    written): said as the command line says it, then left as a finished run leaves, with the
-    stop's status (gloo's threads could otherwise abort the process at the interpreter's
-    shutdown, and its launcher end the others). Without a process group ``exc`` is raised, for
-    the command line to report."""
-    if not dist.is_initialized():
-        raise exc
-    print(f"sslam: {exc}", file=sys.stderr)
-    finish_distributed(1)
-
-
-def finish_distributed(status: int = 0) -> None:
-    """End a finished command's part in a distributed run: destroy its process group and leave
-    at once with ``status``, after flushing its output (nothing happens without a process group).
-
-    A gloo process group outlives ``destroy_process_group`` (PyTorch keeps references to it),
-    and so do its worker threads. One of them can still hold the last reference to a finished
-    collective's tensors when the interpreter shuts down; releasing them then needs the GIL of
-    a finalizing interpreter, and the thread is killed with "terminate called without an
-    active exception" (SIGABRT; native backtrace: ``ProcessGroupGloo::runLoop`` ->
-    ``TensorImpl::decref_pyobject`` -> ``PyEval_AcquireThread`` -> ``pthread_exit``). That
-    happened to a rank twice in some 450 two-process runs here, after every rank had trained,
-    checkpointed and destroyed its group, and torchrun reports it as a failed run. Everything
-    this process writes is closed by then, so it leaves with ``os._exit``, skipping the
-    interpreter's shutdown."""
-    if not dist.is_initialized():
-        return
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 def add_pretrain_command(sub) -> None:

@@ -239,7 +239,7 @@ def test_census_counts_the_step_forward_on_fake_cuda_tensors():
     sys.path.insert(0, str(ROOT / "bench"))
     from bench_census import census
 
-    from sslam.train import preset
+    from sslam.train_config import preset
 
     cfg = preset("tiny", 2)
     (amp, amp_nodes), (pure, pure_nodes) = (census(v, cfg, batch=2) for v in ("ours", "ours_pure"))

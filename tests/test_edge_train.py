@@ -22,17 +22,16 @@ from sslam import native
 from sslam.checkpoint import CheckpointError, convert, describe, read_checkpoint, safe_torch_load
 from sslam.cli import main
 from sslam.evaluate import FinetuneConfig, Finetuner, ProbeConfig, linear_probe, with_head
+from sslam.files import checkpoints_in
 from sslam.labels import LabeledSplit, read_csv_split, synth_split
 from sslam.masking import MaskConfig
 from sslam.model import Encoder, EncoderConfig
 from sslam.pretrain import CNNDecoder
-from sslam.train import (
-    Dist,
+from sslam.runs import Dist
+from sslam.train import Trainer, named_optimizer_state
+from sslam.train_config import (
     TrainConfig,
-    Trainer,
-    checkpoints_in,
     encoder_config,
-    named_optimizer_state,
     objective_config,
     preset,
     set_option,
@@ -292,7 +291,7 @@ def test_a_process_group_made_by_the_caller_is_used(tmp_path, monkeypatch):
     and size; WORLD_SIZE without RANK is a clear error, not a KeyError."""
     import torch.distributed as dist
 
-    from sslam.train import init_distributed
+    from sslam.runs import init_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
@@ -927,7 +926,7 @@ def test_a_process_that_finds_no_readable_file_stops_every_process_at_the_same_s
     errors = [rank.communicate(timeout=300)[1] for rank in ranks]
     # 1, not SIGABRT: a stopped distributed run leaves as a finished one does, skipping the
     # interpreter's shutdown, where gloo's worker threads could abort the process ("terminate
-    # called without an active exception", see sslam.train.finish_distributed).
+    # called without an active exception", see sslam.runs.finish_distributed).
     assert [rank.returncode for rank in ranks] == [1, 1], errors
     stops = [[line for line in err.splitlines() if "audio files of the data is unreadable" in line] for err in errors]
     assert [len(lines) for lines in stops] == [1, 1] and stops[0] == stops[1], errors
@@ -937,7 +936,7 @@ def test_a_process_that_finds_no_readable_file_stops_every_process_at_the_same_s
 def test_checkpoints_past_step_99_999_999_are_found_kept_and_pruned_in_order(tmp_path):
     """Names are zero-padded to 8 digits: step 10**8 writes 9, which the pattern (exactly 8)
     did not match, so such a run neither resumed nor pruned its checkpoints."""
-    from sslam.train import save_checkpoint
+    from sslam.runs import save_checkpoint
 
     for step in (99_999_999, 100_000_000, 100_000_001):
         save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)

@@ -300,7 +300,7 @@ def test_every_process_runs_the_same_steps_per_epoch(tmp_path):
     (rank 0 used to get 6 clips, 3 batches, one more than the steps an epoch counts, so its
     epochs drifted from the other's and from a resumed run's). Evaluating draws nothing from
     the global random stream that drop-path uses (it changed the training)."""
-    from sslam.train import Dist
+    from sslam.runs import Dist
 
     train, test = synth_split("poly", True, 11), synth_split("poly", False, 4)
     cfg = FinetuneConfig(steps=1, warmup=0, batch_size=2, out=str(tmp_path), workers=0)
@@ -365,7 +365,7 @@ def test_a_non_finite_loss_stops_fine_tuning_without_saving_nan_weights(tmp_path
     NaN scores then failed the evaluation): it stops at the next read of the losses, keeping
     the checkpoint before, with the losses logged."""
     import sslam.evaluate as ev
-    from sslam.train import StopTraining
+    from sslam.runs import StopTraining
 
     loss, calls = ev.classification_loss, []
 

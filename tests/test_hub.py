@@ -130,7 +130,8 @@ def test_extract_and_pretraining_take_hub_names(tmp_path, fake_hub):
     import numpy as np
     import soundfile as sf
 
-    from sslam.train import Trainer, preset
+    from sslam.train import Trainer
+    from sslam.train_config import preset
 
     official = tmp_path / "repos" / "ta012" / "SSLAM" / "SSLAM_Pretrained" / "checkpoint_last.pt"
     official.parent.mkdir(parents=True)

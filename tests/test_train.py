@@ -15,18 +15,11 @@ from conftest import GOLDEN
 
 import sslam.train
 from sslam.checkpoint import load_encoder, read_checkpoint, safe_torch_load
+from sslam.files import checkpoints_in
 from sslam.precision import MATMUL_MODULES
-from sslam.train import (
-    StopTraining,
-    TrainConfig,
-    Trainer,
-    checkpoints_in,
-    config_from_args,
-    lr_factor,
-    preset,
-    set_option,
-    validate,
-)
+from sslam.runs import StopTraining
+from sslam.train import Trainer, config_from_args, lr_factor
+from sslam.train_config import TrainConfig, preset, set_option, validate
 
 
 def small(out, stage=1, steps=6, **over) -> TrainConfig:
@@ -608,7 +601,7 @@ def test_cuda_random_state_is_this_devices_and_old_all_device_states_load(monkey
     """A checkpoint holds the CUDA stream of the device it trained on. An older one holds every
     visible device's: a process restores its own device's, and one with more GPUs than the
     saving machine had (restoring all of them raised IndexError) restores none."""
-    from sslam.train import rng_state, set_rng_state
+    from sslam.runs import rng_state, set_rng_state
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
