@@ -365,6 +365,15 @@ def _fairseq_fields(model_cfg: dict, state: dict) -> dict:
     }
 
 
+def _check_official_patches(config: EncoderConfig, source) -> None:
+    """The official patch embedding convolves with a ``patch_size`` kernel but always strides 16
+    frames and bins: any other size makes overlapping (or gapped) patches that this encoder,
+    striding by its kernel, does not compute. No release uses one."""
+    if config.patch_size != 16:
+        raise CheckpointError(f"{source}: patch_size={config.patch_size}: the official patch embedding strides 16 "
+                              "whatever its kernel, so only 16 x 16 patches are computed as it computes them")
+
+
 def _is_block_list(ema) -> bool:
     """Whether an EMA teacher dict is data2vec's ``ema_encoder_only`` block list (``{i}.*``)."""
     names = [k for k, v in ema.items() if isinstance(k, str) and isinstance(v, torch.Tensor)]
@@ -399,9 +408,9 @@ def _teacher_state(ema, student: dict, model_cfg: dict, source) -> dict | None:
             shared = [k for k in student if not k.startswith("blocks.")]
         elif _section(model_cfg, "modalities", "image").get("ema_local_encoder") is False:
             shared = ["patch_embed.weight", "patch_embed.bias"]
-    for key in shared:
-        if key in student and key not in teacher:
-            teacher[key] = student[key]
+    # The teacher module has no such parts: the official forward reads the student's, even
+    # where ``_ema`` still holds copies (left by a run started from a file whose teacher had them).
+    teacher.update({key: student[key] for key in shared if key in student})
     return teacher
 
 
@@ -441,6 +450,7 @@ def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -
         fields["norm_eps"] = mcfg["norm_eps"]
     fields["num_classes"] = mcfg.get("num_classes")
     config = infer_config(state, source=path, **fields)
+    _check_official_patches(config, path)
     return Checkpoint(path, "fairseq-finetune", config, state, preprocessing=_finetune_preprocessing(mcfg, path),
                       raw_config=mcfg, declared=_stated(fields),
                       naming=_naming(model, "model."))
@@ -470,6 +480,7 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
     image = _section(mcfg, "modalities", "image")
     fields = _fairseq_fields(mcfg, state)
     config = infer_config(state, source=f"{path} ({part})" if part else path, **fields)
+    _check_official_patches(config, path)
     prep = _check_preprocessing({"target_length": image.get("target_length")}, path)
     return Checkpoint(path, "fairseq-pretrain", config, state, preprocessing=prep, decoder=decoder or None,
                       teacher=teacher, raw_config=mcfg, declared=_stated(fields), part=part,

@@ -485,6 +485,40 @@ def test_teacher_without_its_own_patch_embedding(tmp_path):
     assert torch.equal(teacher.cls_token, ema.cls_token)
 
 
+def test_teacher_without_its_own_patch_embedding_ignores_one_left_in_the_file(tmp_path):
+    """With ``ema_local_encoder=False`` the official teacher runs on the student's patch
+    embedding whatever ``_ema`` holds: a run started from a file whose teacher had one keeps it
+    in ``_ema``, stale. It was taken for the teacher's (up to 0.44 off in its outputs)."""
+    cfg = VARIANTS["tiny"]
+    student, ema = random_encoder(cfg, seed=8), random_encoder(cfg, seed=9)
+    torch.save(fairseq_pretrain(student, ema, ema_local_encoder=False), tmp_path / "pt.pt")
+    teacher = load_encoder(tmp_path / "pt.pt", weights="teacher")
+    assert torch.equal(teacher.patch_embed.weight, student.patch_embed.weight)
+    assert torch.equal(teacher.patch_embed.bias, student.patch_embed.bias)
+    assert torch.equal(teacher.blocks[1].mlp.fc2.weight, ema.blocks[1].mlp.fc2.weight)
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_fairseq_patches_other_than_16_are_refused(tmp_path, declared):
+    """The official patch embedding strides 16 frames and bins whatever its kernel
+    (``modalities.image.patch_size``): an 8 x 8 kernel makes overlapping 16-apart patches there,
+    non-overlapping 8-apart ones here (2049 tokens instead of 513). No release uses one; such a
+    file is refused rather than computed otherwise, declared in the config or only in the
+    weights, pretrained or fine-tuned."""
+    cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, patch_size=8, max_length=128)
+    model = random_encoder(cfg)
+    pretrain = fairseq_pretrain(model, model)
+    finetuned = fairseq_finetuned(random_encoder(cfg.replace(num_classes=3)))
+    if not declared:
+        del pretrain["cfg"]["model"]["modalities"]["image"]["patch_size"]
+        del finetuned["cfg"]["model"]["pretrained_model_args"]["model"]["modalities"]["image"]["patch_size"]
+    for name, ckpt in (("pt.pt", pretrain), ("ft.pt", finetuned)):
+        torch.save(ckpt, tmp_path / name)
+        for weights in ("student", "teacher") if name == "pt.pt" else ("student",):
+            with pytest.raises(CheckpointError, match=rf"{name}.*patch_size=8.*strides 16"):
+                load_encoder(tmp_path / name, weights=weights)
+
+
 def test_a_damaged_teacher_is_named_as_the_teacher(tmp_path):
     """A file whose student is sound but whose ``_ema`` teacher is not: the errors named only the
     file (and a key the student has intact), not the teacher."""
