@@ -23,7 +23,6 @@ from .checkpoint import CheckpointError
 from .files import atomic_write, checkpoint_name, checkpoints_in
 from .safe_load import safe_torch_load
 
-
 # ---- processes --------------------------------------------------------------------------
 
 
