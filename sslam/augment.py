@@ -1,8 +1,9 @@
 """Fine-tuning augmentations of the official recipe (SPEC 6.1), each drawing from an explicit
 ``numpy.random.Generator`` (it samples Beta distributions, which torch Generators do not).
 
-Order in a training step: waveform roll (+ gain) -> crop to the window -> features -> mixup ->
-SpecAugment (-> Speech Commands' spectrogram noise, after the masks as in AST's loader).
+Order in a training step: waveform roll (+ gain) -> crop to the window -> features (+ Speech
+Commands' spectrogram noise, which the official loader adds per clip) -> mixup -> SpecAugment
+(which the official model applies to the batch, so masked cells stay exactly 0).
 """
 
 from __future__ import annotations

@@ -308,16 +308,18 @@ def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multi
 
 def _augmented_spec(encoder, clips, targets, cfg, rng):
     """A training batch's augmented features and targets, in the official order: roll each whole
-    clip, crop it to the window, features, mixup, SpecAugment. clips: B 1-D tensors (cropped
-    to the window on load when the roll is off), targets (B, C); cfg: a ProbeConfig or a
-    FinetuneConfig (its mixup, mixup_prob, mask_ratio, roll and noise)."""
+    clip, crop it to the window, features (and Speech Commands' noise, which the official
+    loader adds to each clip's), then mixup and SpecAugment (which its model applies to the
+    batch). clips: B 1-D tensors (cropped to the window on load when the roll is off), targets
+    (B, C); cfg: a ProbeConfig or a FinetuneConfig (its mixup, mixup_prob, mask_ratio, roll and
+    noise)."""
     waves, lengths = roll_crop(clips, rng, _window_samples(encoder)) if cfg.roll else pad_clips(clips)
     spec = _features(encoder, waves, lengths)
+    if cfg.noise:
+        spec = spectrogram_noise(spec, rng)
     targets = targets.to(spec.device)
     spec, targets = mixup(spec, targets, rng, cfg.mixup, cfg.mixup_prob)
     spec = spec_augment(spec, spec.shape[3] * cfg.mask_ratio, spec.shape[2] * cfg.mask_ratio, rng)
-    if cfg.noise:
-        spec = spectrogram_noise(spec, rng)
     return spec, targets
 
 

@@ -280,6 +280,26 @@ def test_training_clips_are_rolled_whole_then_cropped(tmp_path, roll):
     assert torch.equal(spec, expected)
 
 
+def test_speech_commands_noise_comes_before_mixup_and_spec_augment():
+    """The official loader adds the noise and its time roll to each clip's features; mixup and
+    SpecAugment run later, in the model, so masked cells stay exactly 0 and the roll does not
+    move the masks. (The noise used to be added after SpecAugment.)"""
+    from sslam.evaluate import _augmented_spec
+    from sslam.features import preprocess
+
+    enc = tiny_encoder(target_length=128)
+    clips = [torch.randn(20000) * 0.1 for _ in range(3)]
+    targets = torch.eye(3)
+    cfg = ProbeConfig(mixup=0.8, mixup_prob=1.0, mask_ratio=0.5, roll=False, noise=True)
+    spec, mixed = _augmented_spec(enc, clips, targets, cfg, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    expected = spectrogram_noise(preprocess(torch.stack(clips), 16000, 128, "audioset"), rng)
+    expected, expected_targets = mixup(expected, targets, rng, 0.8, 1.0)
+    expected = spec_augment(expected, 128 * 0.5, 128 * 0.5, rng)
+    assert torch.equal(spec, expected) and torch.equal(mixed, expected_targets)
+    assert (spec == 0).any()  # the masks, untouched by the noise
+
+
 @pytest.mark.parametrize("window", [1, 7, 10, 64])
 def test_roll_crop_is_the_whole_clip_rolled_then_cropped(window):
     """Exactly torch.roll of the whole clip times the gain, cut to the window, for clips shorter
