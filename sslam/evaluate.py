@@ -157,17 +157,17 @@ def _check_splits(train: LabeledSplit, test: LabeledSplit) -> None:
     if not train.class_names:
         raise ValueError(f"split {train.name!r} names no classes: its labels column is empty")
     # Classes from descriptors can be named by no clip: a split without any label leaves nothing
-    # to learn, or (to score) gives an mAP over no class, NaN. (Single-label splits are checked
+    # to learn, or (to score) an mAP of 0 whatever the encoder. (Single-label splits are checked
     # clip by clip below.)
     if train.multilabel or test.multilabel:
         for split, purpose in ((train, "nothing to learn"),
-                               (test, "mAP is undefined (it averages the classes with positives)")):
+                               (test, "its mAP is 0 whatever the encoder")):
             if not bool(split.targets.any()):
                 raise ValueError(f"split {split.name!r}: no clip has a label; {purpose}")
         scored = test.targets.bool()[:, test.targets.bool().any(0)]  # the classes with positives
         if bool(scored.all()):
-            raise ValueError(f"split {test.name!r}: every clip carries every class; its mAP is 1.0 whatever the "
-                             "encoder (a detection test needs clips without the class)")
+            raise ValueError(f"split {test.name!r}: every clip carries every class it holds; its mAP is the same "
+                             "whatever the encoder (a detection test needs clips without the class)")
     else:
         # Single-label: softmax over the classes and accuracy. One class leaves nothing to learn
         # (accuracy 1.0 whatever the encoder), and a clip without a label would count as class 0.
@@ -852,8 +852,8 @@ class Finetuner:
                 self._stop_if_diverged(records, metrics)
                 if evaluating:
                     name, value = self.evaluate()
-                    # NaN: no positives. A tie replaces the best, as fairseq's is_better (a >= b) does.
-                    if not math.isnan(value) and (self.best is None or value >= self.best):
+                    # A tie replaces the best, as fairseq's is_better (a >= b) does.
+                    if self.best is None or value >= self.best:
                         self.best = value
                         self._export("best", {name: value})  # the official runs' checkpoint_best.pt
                     last = records[-1]

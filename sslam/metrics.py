@@ -7,8 +7,9 @@ import torch
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-class average precision (the area under the precision-recall step curve, as
-    scikit-learn's ``average_precision_score``); NaN for a class without positives (where
-    recent scikit-learn versions give 0).
+    scikit-learn's ``average_precision_score``); 0 for a class without positives, as
+    scikit-learn gives it since 1.1 (its recall is set to 1 at every threshold, so no step adds
+    area) and as the official evaluation, pinned to scikit-learn 1.3.2, scores it.
 
     scores, targets: (N, C); targets are 0/1. Ties are broken as scikit-learn does: all items
     with the same score count together."""
@@ -24,7 +25,7 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
         raise ValueError(f"scores contain NaN (first in class {column})")
     scores, targets = scores.double(), (targets > 0.5).double()
     n, c = scores.shape
-    ap = torch.full((c,), float("nan"), dtype=torch.float64)
+    ap = torch.zeros(c, dtype=torch.float64)
     for k in range(c):
         order = torch.argsort(scores[:, k], descending=True, stable=True)
         s, t = scores[order, k], targets[order, k]
@@ -42,15 +43,10 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """mAP: the mean over classes of the average precision, ignoring classes without positives.
-
-    The official evaluation takes the NaN-mean of scikit-learn's per-class scores; old
-    scikit-learn versions score a class without positives NaN, recent ones 0 (with a warning),
-    so that mean skips such a class or counts it as a miss depending on the version. Skipping it
-    scores a split that lacks a class on the classes it holds; on AudioSet's eval set every
-    class has positives and both agree."""
-    ap = average_precision(scores, targets)
-    return float(ap[~ap.isnan()].mean()) if (~ap.isnan()).any() else float("nan")
+    """mAP: the mean over classes of the average precision, a class without positives counting
+    as 0, as in the official evaluation (the NaN-mean of scikit-learn 1.3.2's per-class scores,
+    which are never NaN). On AudioSet's eval set every class has positives."""
+    return float(average_precision(scores, targets).mean())
 
 
 def accuracy(scores: torch.Tensor, targets: torch.Tensor) -> float:

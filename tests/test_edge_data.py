@@ -7,7 +7,6 @@ described in their docstring.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import time
 
@@ -705,7 +704,7 @@ def test_average_precision_small_and_tied_inputs_match_sklearn():
             ours = average_precision(scores, targets)
             for k in range(3):
                 if targets[:, k].sum() == 0:
-                    assert math.isnan(ours[k])
+                    assert ours[k].item() == 0.0
                 else:
                     ref = sklearn_metrics.average_precision_score(targets[:, k].numpy(), scores[:, k].numpy())
                     assert ours[k].item() == pytest.approx(ref, abs=1e-12)
@@ -715,10 +714,11 @@ def test_all_zero_predictions_and_classes_without_positives():
     targets = torch.tensor([[1.0, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0]])
     ap = average_precision(torch.zeros(4, 3), targets)
     # all scores tie: one threshold, AP = precision over everything = positives / N
-    assert ap[0].item() == pytest.approx(0.5) and ap[2].item() == pytest.approx(0.25) and math.isnan(ap[1])
-    # mAP skips the class without positives (NaN-mean, the documented official convention)
-    assert mean_average_precision(torch.zeros(4, 3), targets) == pytest.approx(0.375)
-    assert math.isnan(mean_average_precision(torch.zeros(4, 3), torch.zeros(4, 3)))
+    assert ap[0].item() == pytest.approx(0.5) and ap[2].item() == pytest.approx(0.25) and ap[1].item() == 0.0
+    # mAP counts the class without positives as 0, as the official evaluation (scikit-learn
+    # 1.3.2) does: (0.5 + 0 + 0.25) / 3
+    assert mean_average_precision(torch.zeros(4, 3), targets) == pytest.approx(0.25)
+    assert mean_average_precision(torch.zeros(4, 3), torch.zeros(4, 3)) == 0.0
     assert mean_average_precision(torch.tensor([[0.3]]), torch.tensor([[1.0]])) == 1.0
 
 
