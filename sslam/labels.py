@@ -80,20 +80,35 @@ def _without_trailing_empty(fields: list[str], keep: int) -> list[str]:
     return fields[:end]
 
 
+def _is_index(fields: list[str]) -> bool:
+    try:
+        int(fields[0])
+    except (IndexError, ValueError):
+        return False
+    return True
+
+
 def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """``index,mid,display_name`` rows -> [(mid, display_name)] in index order."""
+    """``index,mid,display_name`` rows -> [(mid, display_name)] in index order. The header may be
+    left out, as in the official SPASS files: the official task reads every line as index, mid
+    and the rest; a row without a display name is then named by its mid."""
     path = Path(path)
     rows = _csv_rows(path)
-    if not rows or [c.strip().lower() for c in rows[0][1][:3]] != ["index", "mid", "display_name"]:
-        raise LabelError(f"{path}: expected a header 'index,mid,display_name'")
+    headed = bool(rows) and [c.strip().lower() for c in rows[0][1][:3]] == ["index", "mid", "display_name"]
+    if not headed and not (rows and _is_index(rows[0][1])):
+        where = f"{path}:{rows[0][0]}" if rows else str(path)
+        raise LabelError(f"{where}: expected a header 'index,mid,display_name' or rows 'index,mid[,display_name]'")
+    # A spreadsheet's trailing comma names no column. Without a header the fields after the mid
+    # are the display name, as with a three-column one.
+    columns = len(_without_trailing_empty(rows[0][1], 0)) if headed else 3
+    least, expected = (3, "index,mid,display_name") if headed else (2, "index,mid[,display_name]")
     entries, seen = [], {}
-    columns = len(_without_trailing_empty(rows[0][1], 0))  # a spreadsheet's trailing comma names none
-    for number, row in rows[1:]:
-        row = _without_trailing_empty(row, 3)
+    for number, row in rows[1:] if headed else rows:
+        row = _without_trailing_empty(row, least)
         if not row:
             continue
-        if len(row) < 3:
-            raise LabelError(f"{path}:{number}: expected index,mid,display_name")
+        if len(row) < least:
+            raise LabelError(f"{path}:{number}: expected {expected}")
         if len(row) > columns and columns > 3:
             raise LabelError(f"{path}:{number}: {len(row)} fields for the {columns} columns of the header; quote "
                              "a display name that holds commas")
@@ -101,7 +116,7 @@ def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
         # quoted ("Male speech, man speaking").
         name = ",".join(row[2:]) if columns == 3 else row[2]
         try:
-            entry = (int(row[0]), row[1].strip(), name.strip())
+            entry = (int(row[0]), row[1].strip(), name.strip() or row[1].strip())
         except ValueError:
             raise LabelError(f"{path}:{number}: index {row[0]!r} is not an integer") from None
         # A repeated index or mid would silently map two classes onto one column.

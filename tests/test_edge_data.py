@@ -535,6 +535,26 @@ def test_descriptor_errors_name_file_and_line(tmp_path, rows, match):
         read_descriptors(tmp_path / "desc2.csv")
 
 
+def test_descriptors_without_a_header_are_read_as_fairseq_reads_them(tmp_path):
+    """The official SPASS label_descriptors.csv files have no header ('0,music,music'): the
+    official task reads every line as index,mid and the rest. They were refused ("expected a
+    header"). A row without a display name is named by its mid."""
+    (tmp_path / "d.csv").write_text("0,music,music\n1,speech,speech\n\n2,/m/05zppz,Male speech, man speaking\n")
+    assert read_descriptors(tmp_path / "d.csv") == [("music", "music"), ("speech", "speech"),
+                                                    ("/m/05zppz", "Male speech, man speaking")]
+    (tmp_path / "d.csv").write_text("1,/m/cat\n0,/m/dog\n")
+    assert read_descriptors(tmp_path / "d.csv") == [("/m/dog", "/m/dog"), ("/m/cat", "/m/cat")]
+    (tmp_path / "d.csv").write_text("0,/m/dog,Dog\n0,/m/cat,Cat\n")
+    with pytest.raises(LabelError, match="d.csv:2: duplicate index 0"):
+        read_descriptors(tmp_path / "d.csv")
+    for text, match in (("id,mid\n0,/m/dog\n", "d.csv:1: expected a header 'index,mid,display_name' or rows"),
+                        ("0\n", r"d.csv:1: expected index,mid\[,display_name\]"),
+                        ("0,/m/dog\nx,/m/cat\n", "d.csv:2: index 'x' is not an integer")):
+        (tmp_path / "d.csv").write_text(text)
+        with pytest.raises(LabelError, match=match):
+            read_descriptors(tmp_path / "d.csv")
+
+
 def test_a_display_name_with_unquoted_commas_is_whole(tmp_path):
     """Its fields after the mid were dropped: 'Male speech, man speaking' became 'Male speech'
     (and its .lbl names an 'unknown label'). With more header columns it is refused."""
