@@ -1054,9 +1054,9 @@ def save_encoder(model: Encoder, out_dir: str | os.PathLike, source: dict | None
 
 
 def read_label_names(path: str | os.PathLike) -> list[str]:
-    """Class names in index order from an AudioSet-style ``index,mid,display_name`` CSV (read as
-    :func:`sslam.labels.read_descriptors` reads it for evaluation) or a text file with one name
-    per line."""
+    """Class names in index order from an AudioSet-style ``index,mid,display_name`` CSV, with or
+    without its header (read as :func:`sslam.labels.read_descriptors` reads it for evaluation),
+    or a text file with one name per line."""
     import csv
 
     from .data import text_lines
@@ -1065,7 +1065,8 @@ def read_label_names(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     try:
         lines = [line.strip() for line in text_lines(read_text(path)) if line.strip()]
-        if lines and next(csv.reader(lines[:1]))[0].strip().lower() == "index":
+        first = next(csv.reader(lines[:1]), [""])
+        if first[0].strip().lower() == "index" or (len(first) > 1 and first[0].strip().isdigit()):
             return [name for _, name in read_descriptors(path)]
     except LabelError as exc:
         raise CheckpointError(str(exc)) from None

@@ -1269,6 +1269,9 @@ def test_label_csv_is_read_as_the_evaluation_reads_descriptors(tmp_path):
     (tmp_path / "dup.csv").write_text("index,mid,display_name\n0,/m/a,A\n0,/m/b,B\n")
     with pytest.raises(CheckpointError, match=r"dup.csv:3: duplicate index 0"):
         read_label_names(tmp_path / "dup.csv")
+    # Without the header, as the official SPASS descriptors (evaluation reads them so too).
+    (tmp_path / "spass.csv").write_text("0,music,Music\n1,speech,Speech\n")
+    assert read_label_names(tmp_path / "spass.csv") == ["Music", "Speech"]
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol 3")  # torch's, for the protocol-3 file below
