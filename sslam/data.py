@@ -39,12 +39,18 @@ def text_lines(text: str) -> list[str]:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
+# fairseq's min_sample_size in the EAT / SSLAM tasks, for pretraining and fine-tuning splits alike
+# (SPEC 1.1): manifest entries whose size column is smaller are skipped.
+MIN_SAMPLES = 10_000
+
+
 def manifest_entries(path: str | os.PathLike, root: str | None = None,
-                     min_samples: int = 0) -> tuple[Path, list[str], int]:
-    """(root folder, relative paths, entries skipped) of a fairseq manifest: its first line is
+                     min_samples: int = 0) -> tuple[Path, list[str], list[int]]:
+    """(root folder, relative paths, skipped entries) of a fairseq manifest: its first line is
     the root (``root`` replaces it), then one ``relative/path<TAB>size`` line per clip. Entries
     whose size column is below ``min_samples`` are skipped, as fairseq does
-    (``min_sample_size``), and counted."""
+    (``min_sample_size``); the skipped ones are given by their positions among the entries (0
+    for the first clip line), which a label file's lines follow."""
     path = Path(path)
     try:
         # utf-8-sig: a byte-order mark (editors on Windows add one) must not end up in the root.
@@ -61,7 +67,7 @@ def manifest_entries(path: str | os.PathLike, root: str | None = None,
             f"{path}:1: the first line must be the root folder of the audio files, got a clip "
             f"entry {lines[0]!r} (is the root line missing?)"
         )
-    relative, skipped = [], 0
+    relative, skipped = [], []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -78,11 +84,11 @@ def manifest_entries(path: str | os.PathLike, root: str | None = None,
             except ValueError:
                 raise ValueError(f"{path}:{number}: size column {parts[1]!r} is not an integer") from None
             if size < min_samples:
-                skipped += 1
+                skipped.append(len(relative) + len(skipped))
                 continue
         relative.append(parts[0].strip())
     if not relative:
-        short = f": all {skipped} entries are below min_samples={min_samples} samples" if skipped else " (no clips listed)"
+        short = f": all {len(skipped)} entries are below min_samples={min_samples} samples" if skipped else " (no clips listed)"
         raise ValueError(f"{path}: empty split{short}")
     return Path(root if root else lines[0].strip()), relative, skipped
 
@@ -315,5 +321,5 @@ def build_dataset(source: str, *, root: str | None = None, target_length: int = 
         return AudioFiles(folder_paths(path), max_samples, max_tries)
     if path.suffix.lower() == ".tsv":
         base, relative, skipped = manifest_entries(path, root, min_samples)
-        return AudioFiles([base / rel for rel in relative], max_samples, max_tries, skipped=skipped)
+        return AudioFiles([base / rel for rel in relative], max_samples, max_tries, skipped=len(skipped))
     raise ValueError(f"data source {source!r}: expected 'synth', a folder of audio files, or a .tsv manifest")

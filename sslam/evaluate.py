@@ -33,7 +33,14 @@ from torch import nn
 from .audio import AudioError, claimed_samples, load_audio
 from .augment import mixup, roll_crop, spec_augment, spectrogram_noise
 from .checkpoint import CheckpointError, check_state, encoder_fingerprint, load_encoder
-from .data import MAX_WORKERS, add_file_names, pad_clips, samples_for_frames, text_lines
+from .data import (
+    MAX_WORKERS,
+    MIN_SAMPLES,
+    add_file_names,
+    pad_clips,
+    samples_for_frames,
+    text_lines,
+)
 from .features import norm_stats, preprocess
 from .files import (
     atomic_write,
@@ -1005,6 +1012,10 @@ def run_evaluate(args) -> int:
                       class_names=train.class_names)
     if args.task != "auto":  # else multi-label when a clip of either split has several labels
         train, test = (replace(split, multilabel=args.task == "multilabel") for split in (train, test))
+    for split in (train, test):
+        if split.skipped:
+            print(f"note: {split.name}: {split.skipped} manifest entries under {MIN_SAMPLES} samples skipped, as the "
+                  "official min_sample_size skips them", file=sys.stderr)
     shared = shared_clips(train, test) if int(os.environ.get("RANK", "0")) == 0 else []  # once, not per process
     if shared:
         print(f"note: {len(shared)} test clip(s) are also training clips (e.g. {shared[0]}): the score is not a "

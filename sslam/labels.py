@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .audio import AudioError, load_audio
-from .data import manifest_paths, text_lines
+from .data import MIN_SAMPLES, manifest_entries, text_lines
 from .features import check_min_length
 
 
@@ -35,13 +35,15 @@ class LabelError(ValueError):
 @dataclass
 class LabeledSplit:
     """A split: ``items`` are file paths (or a synthetic dataset), ``targets`` (N, C) multi-hot
-    float32, ``class_names`` (C,), ``multilabel`` whether a clip may have several labels."""
+    float32, ``class_names`` (C,), ``multilabel`` whether a clip may have several labels;
+    ``skipped``: manifest entries left out for being shorter than :data:`sslam.data.MIN_SAMPLES`."""
 
     name: str
     items: list[Path] | Dataset
     targets: torch.Tensor
     class_names: list[str]
     multilabel: bool
+    skipped: int = 0
 
     def __len__(self) -> int:
         return self.targets.shape[0]
@@ -246,17 +248,22 @@ def _lbl_fields(line: str, known, names: set[str], every_name: set[str], where: 
 
 def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, lbl: str | os.PathLike | None = None,
                        root: str | None = None) -> LabeledSplit:
-    """A fairseq manifest with its ``.lbl`` file (default: the manifest's name with ``.lbl``)."""
+    """A fairseq manifest with its ``.lbl`` file (default: the manifest's name with ``.lbl``).
+    As in the official fine-tuning task, entries whose size column is under
+    :data:`sslam.data.MIN_SAMPLES` are skipped with their label lines."""
     tsv = Path(tsv)
     lbl = Path(lbl) if lbl else tsv.with_suffix(".lbl")
     try:
-        paths = manifest_paths(tsv, root)
+        base, relative, skipped = manifest_entries(tsv, root, MIN_SAMPLES)
     except ValueError as exc:  # its message names the file (and the line)
         raise LabelError(str(exc)) from None
+    paths = [base / rel for rel in relative]
     # Each label line keeps its number in the file (blank lines skipped) for the messages.
     label_lines = [(number, line) for number, line in enumerate(text_lines(read_text(lbl)), 1) if line.strip()]
-    if len(label_lines) != len(paths):
-        raise LabelError(f"{lbl}: {len(label_lines)} label lines for {len(paths)} clips in {tsv}")
+    if len(label_lines) != len(paths) + len(skipped):
+        raise LabelError(f"{lbl}: {len(label_lines)} label lines for the {len(paths) + len(skipped)} entries of {tsv}")
+    dropped = set(skipped)
+    label_lines = [line for i, line in enumerate(label_lines) if i not in dropped]
     classes = read_descriptors(descriptors)
     lookup = _lookup(classes)
     every_name, span = set().union(*map(clip_names, paths)), label_span(lookup)
@@ -274,7 +281,8 @@ def read_fairseq_split(tsv: str | os.PathLike, descriptors: str | os.PathLike, l
     _check_unique(paths, where)
     _check_files(str(tsv), paths, "paths are read under the manifest's first line, the root, unless --root is given")
     targets = _targets(label_lists, lookup, len(classes), where, f" (not in {descriptors})")
-    return LabeledSplit(tsv.stem, paths, targets, [name for _, name in classes], bool((targets.sum(1) > 1).any()))
+    return LabeledSplit(tsv.stem, paths, targets, [name for _, name in classes], bool((targets.sum(1) > 1).any()),
+                        skipped=len(skipped))
 
 
 def read_csv_split(path: str | os.PathLike, class_names: list[str] | None = None,

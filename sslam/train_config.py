@@ -10,7 +10,7 @@ import importlib.util
 import math
 from dataclasses import dataclass, field
 
-from .data import MAX_WORKERS
+from .data import MAX_WORKERS, MIN_SAMPLES
 from .features import norm_stats
 from .masking import MaskConfig
 from .mixing import min_frames
@@ -52,7 +52,7 @@ class DataSection:
     target_length: int = 1024
     norm: str = "audioset"
     num_workers: int = 2
-    min_samples: int = 10_000  # manifest entries with a smaller size column are skipped (SPEC 1.1)
+    min_samples: int = MIN_SAMPLES  # manifest entries with a smaller size column are skipped (SPEC 1.1)
     max_bad_files: int = 100  # unreadable files tolerated before the run stops
     synth_clips: int = 2000
     synth_seconds: float = 10.0

@@ -514,7 +514,7 @@ def test_label_files_with_byte_order_mark_and_crlf(tmp_path, audio):
     manifest root ('\\ufeff/…/audio/a.wav' not found)."""
     (tmp_path / "bom.csv").write_bytes("\ufeffindex,mid,display_name\r\n0,/m/dog,Dog\r\n1,/m/cat,Cat\r\n".encode())
     assert read_descriptors(tmp_path / "bom.csv") == [("/m/dog", "Dog"), ("/m/cat", "Cat")]
-    (tmp_path / "s.tsv").write_bytes(f"\ufeff{audio}\r\na.wav\t800\r\nb.wav\t800\r\n".encode())
+    (tmp_path / "s.tsv").write_bytes(f"\ufeff{audio}\r\na.wav\t32000\r\nb.wav\t32000\r\n".encode())
     (tmp_path / "s.lbl").write_bytes("\ufeffa\t/m/dog,Cat\r\nb\tBird\r\n".encode())
     split = read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv")
     assert split.targets.tolist() == [[1, 1, 0], [0, 0, 1]] and split.multilabel
@@ -571,9 +571,23 @@ def test_a_display_name_with_unquoted_commas_is_whole(tmp_path):
                                                         ("/m/05zppz", "Male speech, man speaking")]
 
 
+def test_fine_tuning_manifests_skip_short_entries_with_their_labels(tmp_path, audio):
+    """The official fine-tuning splits skip entries whose size column is under 10000 samples
+    (fairseq's min_sample_size) and the .lbl lines that go with them, as pretraining does; they
+    were all kept."""
+    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t16000\nb.wav\t8000\n\nc.wav\t10000\n")
+    (tmp_path / "s.lbl").write_text("a\t/m/dog\nb\t/m/cat\n\nc\tBird\n")
+    split = read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv")
+    assert [p.name for p in split.items] == ["a.wav", "c.wav"] and split.skipped == 1
+    assert split.targets.tolist() == [[1, 0, 0], [0, 0, 1]]
+    (tmp_path / "s.lbl").write_text("a\t/m/dog\nc\tBird\n")  # one line per entry, skipped ones too
+    with pytest.raises(LabelError, match=r"s.lbl: 2 label lines for the 3 entries of .*s.tsv"):
+        read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv")
+
+
 def test_lbl_errors_count_blank_lines(tmp_path, audio):
     """Regression: .lbl line numbers in errors skipped blank lines (said :3 for line 4)."""
-    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t1\n\nb.wav\t1\nc.wav\t1\n")
+    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t32000\n\nb.wav\t32000\nc.wav\t32000\n")
     (tmp_path / "s.lbl").write_text("a\t/m/dog\n\nb\tBird\nc\t/m/zzz\n")
     with pytest.raises(LabelError, match=r"s.lbl:4: unknown label '/m/zzz'"):
         read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv")
@@ -582,7 +596,7 @@ def test_lbl_errors_count_blank_lines(tmp_path, audio):
 def test_ambiguous_display_name(tmp_path, audio):
     """Regression: two classes with one display name: the name silently meant the last one."""
     (tmp_path / "d.csv").write_text("index,mid,display_name\n0,/m/a,Bass\n1,/m/b,Bass\n")
-    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t1\nb.wav\t1\n")
+    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t32000\nb.wav\t32000\n")
     (tmp_path / "s.lbl").write_text("a\t/m/a\nb\t/m/b\n")
     assert read_fairseq_split(tmp_path / "s.tsv", tmp_path / "d.csv").targets.tolist() == [[1, 0], [0, 1]]
     (tmp_path / "s.lbl").write_text("a\t/m/a\nb\tBass\n")
@@ -595,8 +609,8 @@ def test_fairseq_split_missing_root_and_count_mismatch(tmp_path, audio):
     (tmp_path / "s.lbl").write_text("a\tDog\n")
     with pytest.raises(LabelError, match=r"s.tsv:1: the first line must be the root"):
         read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv")
-    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t1\nb.wav\t1\n")
-    with pytest.raises(LabelError, match="1 label lines for 2 clips"):
+    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t32000\nb.wav\t32000\n")
+    with pytest.raises(LabelError, match="1 label lines for the 2 entries of"):
         read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv")
 
 
@@ -610,7 +624,7 @@ def test_csv_split_unknown_label_names_line(tmp_path, audio):
 def test_lbl_ids_of_other_clips_in_any_spelling_are_refused(tmp_path, audio, ids):
     """Regression: only a bare stem ('b') was recognised as another clip's id; 'b.wav',
     'audio/b' or 'B' put each clip's labels on the other clip."""
-    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t800\nb.wav\t800\n")
+    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t32000\nb.wav\t32000\n")
     (tmp_path / "s.lbl").write_text(f"{ids[0]}\t/m/dog\n{ids[1]}\t/m/cat\n")
     with pytest.raises(LabelError, match=r"s.lbl:1: labels of .* where the manifest .* has a.wav"):
         read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv")
@@ -628,7 +642,7 @@ def test_lbl_ids_with_dots_spaces_or_label_names_pair_with_their_clips(tmp_path)
     for name in names:
         sf.write(folder / name, np.zeros(800), 16000)
     (tmp_path / "d.csv").write_text("index,mid,display_name\n0,/m/dog,Dog\n1,/m/cat,Cat\n")
-    (tmp_path / "s.tsv").write_text(f"{folder}\n" + "".join(f"{n}\t800\n" for n in names))
+    (tmp_path / "s.tsv").write_text(f"{folder}\n" + "".join(f"{n}\t32000\n" for n in names))
     good = "x\t/m/dog\nx.1\t/m/cat\nA_30.000\t/m/dog\nB_30.000\t/m/cat\t\nmy clip\nDog\n"
     (tmp_path / "s.lbl").write_text(good)
     split = read_fairseq_split(tmp_path / "s.tsv", tmp_path / "d.csv")
@@ -643,7 +657,7 @@ def test_lbl_ids_with_dots_spaces_or_label_names_pair_with_their_clips(tmp_path)
     # An id with a space naming another clip ('x.1 b' where x.1.wav is) is out of order, not
     # labels after x.1's id.
     sf.write(folder / "x.1 b.wav", np.zeros(800), 16000)
-    (tmp_path / "s.tsv").write_text(f"{folder}\n" + "".join(f"{n}\t800\n" for n in names[:-1] + ["x.1 b.wav"]))
+    (tmp_path / "s.tsv").write_text(f"{folder}\n" + "".join(f"{n}\t32000\n" for n in names[:-1] + ["x.1 b.wav"]))
     (tmp_path / "s.lbl").write_text(good.replace("x.1\t/m/cat", "x.1 b").replace("Dog\n", "x.1\t/m/cat\n"))
     with pytest.raises(LabelError, match=r"s.lbl:2: labels of 'x.1 b' where the manifest .* has x.1.wav"):
         read_fairseq_split(tmp_path / "s.tsv", tmp_path / "d.csv")
@@ -656,7 +670,7 @@ def test_lbl_ids_with_dots_spaces_or_label_names_pair_with_their_clips(tmp_path)
 def test_lbl_lines_that_would_lose_labels_are_refused(tmp_path, audio, line, match):
     """Regression: a tab between labels dropped all but the first, a space after the id (or no
     id) left the clip without labels, silently."""
-    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t800\n")
+    (tmp_path / "s.tsv").write_text(f"{audio}\na.wav\t32000\n")
     (tmp_path / "s.lbl").write_text(line + "\n")
     with pytest.raises(LabelError, match=f"s.lbl:1: {match}"):
         read_fairseq_split(tmp_path / "s.tsv", tmp_path / "desc.csv")

@@ -108,7 +108,7 @@ def fairseq_split(tmp_path):
     audio.mkdir()
     for name in ("a", "b", "c"):
         sf.write(audio / f"{name}.wav", np.random.default_rng(0).standard_normal(8000) * 0.1, 16000)
-    (tmp_path / "train.tsv").write_text(f"{audio}\na.wav\t8000\nb.wav\t8000\nc.wav\t8000\n")
+    (tmp_path / "train.tsv").write_text(f"{audio}\na.wav\t32000\nb.wav\t32000\nc.wav\t32000\n")
     (tmp_path / "train.lbl").write_text("a\t/m/dog,/m/cat\nb\tBird\nc\t/m/cat\n")
     (tmp_path / "label_descriptors.csv").write_text('index,mid,display_name\n0,/m/dog,Dog\n1,/m/cat,"Cat"\n2,/m/bird,Bird\n')
     return tmp_path
@@ -133,7 +133,7 @@ def test_fairseq_label_errors(fairseq_split):
     (d / "train.lbl").write_text("id1\t/m/dog\nid2\t/m/dog\nid3\t/m/cat\n")  # ids of their own: by line
     assert read_fairseq_split(d / "train.tsv", d / "label_descriptors.csv").targets[2].tolist() == [0, 1, 0]
     (d / "train.lbl").write_text("a\t/m/dog\n")
-    with pytest.raises(LabelError, match="1 label lines for 3 clips"):
+    with pytest.raises(LabelError, match="1 label lines for the 3 entries of"):
         read_fairseq_split(d / "train.tsv", d / "label_descriptors.csv")
     (d / "train.lbl").write_text("a\t/m/dog\nb\t/m/dog\nc\t/m/dog\n")
     (d / "audio" / "c.wav").unlink()
@@ -239,7 +239,7 @@ def test_display_names_with_commas_are_one_label(tmp_path):
     split = read_split(str(tmp_path / "train.csv"), train=True, descriptors=str(tmp_path / "desc.csv"))
     assert split.class_names == ["Speech", "Male speech, man speaking", "Bird"]
     assert split.targets.tolist() == [[0, 1, 0], [1, 1, 0], [1, 0, 1]]
-    (tmp_path / "x.tsv").write_text(f"{tmp_path}\nx.wav\t4000\n")
+    (tmp_path / "x.tsv").write_text(f"{tmp_path}\nx.wav\t32000\n")
     (tmp_path / "x.lbl").write_text("x\tMale speech, man speaking,/m/new\n")
     assert read_fairseq_split(tmp_path / "x.tsv", tmp_path / "desc.csv").targets.tolist() == [[0, 1, 1]]
     # Without descriptors every comma separates.
