@@ -27,10 +27,14 @@ def _device(name: str | None) -> str:
 
 def cmd_extract(args) -> int:
     from .checkpoint import load_encoder
+    from .embedding import with_preprocessing
     from .extract import check_output, run_extract
+    from .features import parse_norm
 
     check_output(args.out)  # before the checkpoint is read
-    model = load_encoder(args.checkpoint, device=_device(args.device), weights=args.weights)
+    norm = None if args.norm is None else parse_norm(args.norm)
+    model = with_preprocessing(load_encoder(args.checkpoint, device=_device(args.device), weights=args.weights),
+                               norm=norm, target_length=args.target_length)
     if args.compile:
         model.compile_for_inference()
     try:
@@ -91,6 +95,11 @@ def _add_extract(sub) -> None:
                    help="official: pad each clip to the encoder's window (10.24 s for the official checkpoints); "
                         "mask: pad to the batch and mask")
     p.add_argument("--crop", action="store_true", help="keep only the first window (the official crop)")
+    p.add_argument("--target-length", type=int, default=None,
+                   help="frames per window if not the checkpoint's (the official extraction's --target_length)")
+    p.add_argument("--norm", default=None,
+                   help="normalisation if not the checkpoint's: audioset, esc50, spass, spcv2, or MEAN,STD (the "
+                        "official extraction's --norm_mean and --norm_std)")
     p.add_argument("--hop", type=int, default=None,
                    help="frames between the windows of long audio (default: half the window)")
     p.add_argument("--autocast", default="none", choices=sorted(AUTOCAST), help="GPU autocast dtype")

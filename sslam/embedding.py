@@ -54,7 +54,7 @@ from .features import (
     preprocess,
 )
 from .kernels.switch import use_kernels
-from .model import eval_mode
+from .model import Encoder, eval_mode
 from .resampler import resample
 
 PADDING_MODES = ("official", "mask")
@@ -153,6 +153,26 @@ def _as_clips(audio, sample_rate: int | None) -> list[torch.Tensor]:
             raise AudioError(f"{exc}{hint}") from None
         clips.append(wave)
     return clips
+
+
+def with_preprocessing(encoder: Encoder, *, norm=None, target_length: int | None = None) -> Encoder:
+    """``encoder`` set to a task's input where it differs from the checkpoint's (SPEC 6.2:
+    ESC-50 takes 512 frames and its own statistics, Speech Commands 128 frames and its own; the
+    official feature extraction takes a window and statistics too):
+    ``norm`` a preset of :data:`sslam.features.NORM_STATS` or a (mean, std) pair,
+    ``target_length`` frames, whole patches that the position table covers. Returns ``encoder``."""
+    prep = dict(encoder.preprocessing)
+    if norm is not None:
+        norm_stats(norm)  # raises, naming the value, for an unknown preset or a bad pair
+        prep["norm"] = norm
+    if target_length is not None:
+        cfg = encoder.cfg
+        if isinstance(target_length, bool) or not isinstance(target_length, int) or not cfg.fits_window(target_length):
+            raise ValueError(f"target_length={target_length!r}: must be a positive multiple of {cfg.patch_size} "
+                             f"frames, at most the {cfg.max_frames} the position table covers")
+        prep["target_length"] = target_length
+    encoder.preprocessing = prep
+    return encoder
 
 
 def window_hop(model, hop) -> int:

@@ -41,7 +41,8 @@ from .data import (
     samples_for_frames,
     text_lines,
 )
-from .features import norm_stats, preprocess
+from .embedding import with_preprocessing
+from .features import parse_norm, preprocess
 from .files import (
     atomic_write,
     check_output_folder,
@@ -610,25 +611,6 @@ class Classifier(nn.Module):
         return self.encoder.classify(self.encoder(spec).x[:, 0])
 
 
-def with_preprocessing(encoder: Encoder, *, norm=None, target_length: int | None = None) -> Encoder:
-    """``encoder`` set to a task's input where it differs from the checkpoint's (SPEC 6.2:
-    ESC-50 takes 512 frames and its own statistics, Speech Commands 128 frames and its own):
-    ``norm`` a preset of :data:`sslam.features.NORM_STATS` or a (mean, std) pair,
-    ``target_length`` frames, whole patches that the position table covers. Returns ``encoder``."""
-    prep = dict(encoder.preprocessing)
-    if norm is not None:
-        norm_stats(norm)  # raises, naming the value, for an unknown preset or a bad pair
-        prep["norm"] = norm
-    if target_length is not None:
-        cfg = encoder.cfg
-        if isinstance(target_length, bool) or not isinstance(target_length, int) or not cfg.fits_window(target_length):
-            raise ValueError(f"target_length={target_length!r}: must be a positive multiple of {cfg.patch_size} "
-                             f"frames, at most the {cfg.max_frames} the position table covers")
-        prep["target_length"] = target_length
-    encoder.preprocessing = prep
-    return encoder
-
-
 def with_head(encoder: Encoder, class_names: list[str], drop_path: float) -> Encoder:
     """A copy of ``encoder`` with a fresh classification head for ``class_names`` and drop-path."""
     # fc_norm with the official fine-tuning eps, 1e-6, whatever head the encoder came with.
@@ -1000,6 +982,7 @@ def run_evaluate(args) -> int:
         cfg = apply_overrides(FinetuneConfig(out=FinetuneConfig.out if args.out is None else args.out, workers=args.workers), overrides)
     _check_options_are_used(args, overrides, cfg)
     check_settings(cfg)
+    norm = None if args.norm is None else parse_norm(args.norm)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         # Under torchrun each process takes its own GPU, as the trainer does (DDP needs them
@@ -1021,7 +1004,7 @@ def run_evaluate(args) -> int:
         print(f"note: {len(shared)} test clip(s) are also training clips (e.g. {shared[0]}): the score is not a "
               "held-out one", file=sys.stderr)
     encoder = with_preprocessing(load_encoder(args.checkpoint, device=device, weights=args.weights),
-                                 norm=args.norm, target_length=args.target_length)
+                                 norm=norm, target_length=args.target_length)
     if args.mode == "linear":
         result = linear_probe(encoder, train, test, cfg, seeds=range(args.seeds), workers=args.workers)
         spread = f" +- {result['std']:.4f} over {args.seeds} seeds" if args.seeds > 1 else ""
@@ -1066,7 +1049,8 @@ def add_evaluate_command(sub) -> None:
                    help="index,mid,display_name CSV: the classes of .tsv splits (needed) and .csv splits")
     p.add_argument("--root", default=None, help="override the root line of .tsv manifests")
     p.add_argument("--norm", default=None,
-                   help="the task's normalisation statistics if not the checkpoint's: audioset, esc50, spass or spcv2")
+                   help="the task's normalisation statistics if not the checkpoint's: audioset, esc50, spass, spcv2 "
+                        "or MEAN,STD")
     p.add_argument("--target-length", type=int, default=None,
                    help="the task's frames per clip if not the checkpoint's (ESC-50: 512 with --norm esc50, "
                         "Speech Commands: 128 with --norm spcv2)")

@@ -69,6 +69,20 @@ def norm_stats(norm: Norm) -> tuple[float, float] | None:
     return mean, std
 
 
+def parse_norm(text: str) -> Norm:
+    """A ``--norm`` value: a preset name, or ``MEAN,STD`` (the official extraction's
+    ``--norm_mean`` and ``--norm_std``); checked by :func:`norm_stats`."""
+    if "," not in text:
+        norm_stats(text)
+        return text
+    try:
+        mean, std = (float(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--norm={text!r}: a preset name or MEAN,STD") from None
+    norm_stats((mean, std))
+    return mean, std
+
+
 def num_frames(num_samples: int | torch.Tensor) -> int | torch.Tensor:
     """Kaldi frame count with ``snip_edges=True``: 1 + (N - 400) // 160 (0 if N < 400)."""
     if isinstance(num_samples, torch.Tensor):

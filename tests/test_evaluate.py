@@ -12,6 +12,7 @@ import soundfile as sf
 import torch
 
 from sslam.augment import mixup, roll_crop, spec_augment, spectrogram_noise
+from sslam.embedding import with_preprocessing
 from sslam.evaluate import (
     FinetuneConfig,
     Finetuner,
@@ -806,20 +807,19 @@ def test_fine_tuning_recipe_details(tmp_path, monkeypatch):
     tuner = Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None)
     assert all(group["betas"] == (0.9, 0.95) for group in tuner.optimizer.param_groups)
     tuner.fit()
-    other = ev.with_preprocessing(tiny_encoder(), norm="esc50")
+    other = with_preprocessing(tiny_encoder(), norm="esc50")
     with pytest.raises(ValueError, match="preprocessing: .*'audioset'.* in the checkpoint, .*'esc50'.* now"):
         Finetuner(other, train, test, cfg, log=lambda *a: None)
 
 
 def test_task_preprocessing_is_set_and_checked():
-    import sslam.evaluate as ev
 
-    encoder = ev.with_preprocessing(tiny_encoder(), norm="esc50", target_length=64)
+    encoder = with_preprocessing(tiny_encoder(), norm="esc50", target_length=64)
     assert encoder.preprocessing == {"sample_rate": 16000, "target_length": 64, "norm": "esc50"}
     with pytest.raises(ValueError, match="norm='nope': unknown preset"):
-        ev.with_preprocessing(tiny_encoder(), norm="nope")
+        with_preprocessing(tiny_encoder(), norm="nope")
     with pytest.raises(ValueError, match="target_length=520: must be a positive multiple of 16 frames, at most the 256"):
-        ev.with_preprocessing(tiny_encoder(), target_length=520)
+        with_preprocessing(tiny_encoder(), target_length=520)
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -416,3 +416,33 @@ def test_hop_between_the_windows_of_long_files(tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "bad.npz"), "--hop", "100"]) == 2
     assert "hop=100: must be a positive multiple of 16 frames, at most 1024" in capsys.readouterr().err
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_target_length_and_norm_as_the_official_extraction_takes_them(tmp_path, capsys):
+    """The official feature_extract.py takes --target_length (512 for 5-s clips, its readme
+    says), --norm_mean and --norm_std: extract takes --target-length and --norm (a preset or
+    MEAN,STD) and sets them as evaluate does; a resume with others is refused, as another
+    encoder would be."""
+    import sslam
+    from sslam.embedding import with_preprocessing
+
+    _write(tmp_path / "in" / "five.wav", 5.0)
+    clip = str(tmp_path / "in" / "five.wav")
+    out = tmp_path / "emb.npz"
+    argv = ["extract", str(tmp_path / "in"), "--checkpoint", CKPT, "--granularity", "all", "--no-progress"]
+    assert main([*argv, "--out", str(out), "--target-length", "512", "--norm=-4.268,4.569"]) == 0
+    expected = with_preprocessing(sslam.load_encoder(CKPT), norm=(-4.268, 4.569), target_length=512).embed(clip)
+    with np.load(out) as data:
+        assert data["frames"][0].shape[0] == 512 // 16 * 8
+        np.testing.assert_array_equal(data["utterance"][0], expected.utterance[0].numpy())
+        assert not np.array_equal(data["utterance"][0], sslam.load_encoder(CKPT).embed(clip).utterance[0].numpy())
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2  # the checkpoint's own window: another encoder
+    assert "'encoder'" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "spc.npz"), "--norm", "spcv2"]) == 0
+    for option, message in ((["--norm", "nope"], "norm='nope': unknown preset"),
+                            (["--norm", "1,2,3"], "--norm='1,2,3': a preset name or MEAN,STD"),
+                            (["--target-length", "520"], "target_length=520: must be a positive multiple of 16")):
+        assert main([*argv, "--out", str(tmp_path / "bad.npz"), *option]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.npz").exists()
