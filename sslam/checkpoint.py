@@ -1060,13 +1060,13 @@ def read_label_names(path: str | os.PathLike) -> list[str]:
     import csv
 
     from .data import text_lines
-    from .labels import LabelError, read_descriptors, read_text
+    from .labels import LabelError, is_descriptor_row, read_descriptors, read_text
 
     path = Path(path)
     try:
         lines = [line.strip() for line in text_lines(read_text(path)) if line.strip()]
         first = next(csv.reader(lines[:1]), [""])
-        if first[0].strip().lower() == "index" or (len(first) > 1 and first[0].strip().isdigit()):
+        if first[0].strip().lower() == "index" or is_descriptor_row(first):
             return [name for _, name in read_descriptors(path)]
     except LabelError as exc:
         raise CheckpointError(str(exc)) from None

@@ -98,8 +98,8 @@ def _add_extract(sub) -> None:
     p.add_argument("--target-length", type=int, default=None,
                    help="frames per window if not the checkpoint's (the official extraction's --target_length)")
     p.add_argument("--norm", default=None,
-                   help="normalisation if not the checkpoint's: audioset, esc50, spass, spcv2, or MEAN,STD (the "
-                        "official extraction's --norm_mean and --norm_std)")
+                   help="normalisation if not the checkpoint's: audioset, esc50, spass, spcv2, or --norm=MEAN,STD "
+                        "(the official extraction's --norm_mean and --norm_std)")
     p.add_argument("--hop", type=int, default=None,
                    help="frames between the windows of long audio (default: half the window)")
     p.add_argument("--autocast", default="none", choices=sorted(AUTOCAST), help="GPU autocast dtype")

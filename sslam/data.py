@@ -88,7 +88,8 @@ def manifest_entries(path: str | os.PathLike, root: str | None = None,
                 continue
         relative.append(parts[0].strip())
     if not relative:
-        short = f": all {len(skipped)} entries are below min_samples={min_samples} samples" if skipped else " (no clips listed)"
+        short = (f": all {len(skipped)} entries have a size column under {min_samples} samples (fairseq's "
+                 "min_sample_size)") if skipped else " (no clips listed)"
         raise ValueError(f"{path}: empty split{short}")
     return Path(root if root else lines[0].strip()), relative, skipped
 

@@ -995,11 +995,12 @@ def run_evaluate(args) -> int:
                       class_names=train.class_names)
     if args.task != "auto":  # else multi-label when a clip of either split has several labels
         train, test = (replace(split, multilabel=args.task == "multilabel") for split in (train, test))
-    for split in (train, test):
+    main_process = int(os.environ.get("RANK", "0")) == 0  # notes once, not per process
+    for split in (train, test) if main_process else ():
         if split.skipped:
             print(f"note: {split.name}: {split.skipped} manifest entries under {MIN_SAMPLES} samples skipped, as the "
                   "official min_sample_size skips them", file=sys.stderr)
-    shared = shared_clips(train, test) if int(os.environ.get("RANK", "0")) == 0 else []  # once, not per process
+    shared = shared_clips(train, test) if main_process else []
     if shared:
         print(f"note: {len(shared)} test clip(s) are also training clips (e.g. {shared[0]}): the score is not a "
               "held-out one", file=sys.stderr)
@@ -1050,7 +1051,7 @@ def add_evaluate_command(sub) -> None:
     p.add_argument("--root", default=None, help="override the root line of .tsv manifests")
     p.add_argument("--norm", default=None,
                    help="the task's normalisation statistics if not the checkpoint's: audioset, esc50, spass, spcv2 "
-                        "or MEAN,STD")
+                        "or --norm=MEAN,STD")
     p.add_argument("--target-length", type=int, default=None,
                    help="the task's frames per clip if not the checkpoint's (ESC-50: 512 with --norm esc50, "
                         "Speech Commands: 128 with --norm spcv2)")

@@ -475,7 +475,10 @@ def run_extract(
     # The hop as given apart from the default (None: the default, or cropped, where it does
     # nothing), so that outputs written before the hop was recorded compare as the default's.
     recorded_hop = None if crop or hop == window_hop(model, None) else hop
+    frames, norm = model.input_window()
     settings = {"granularity": granularity, "padding": padding, "crop": bool(crop), "hop": recorded_hop,
+                # the window and statistics (also in the fingerprint), to be named apart
+                "target_length": frames, "norm": list(norm) if isinstance(norm, tuple) else norm,
                 "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
     with output_lock(out_path):
         if is_one_file(out_path):  # what a killed run was writing

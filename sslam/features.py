@@ -70,17 +70,16 @@ def norm_stats(norm: Norm) -> tuple[float, float] | None:
 
 
 def parse_norm(text: str) -> Norm:
-    """A ``--norm`` value: a preset name, or ``MEAN,STD`` (the official extraction's
-    ``--norm_mean`` and ``--norm_std``); checked by :func:`norm_stats`."""
-    if "," not in text:
-        norm_stats(text)
-        return text
+    """A ``--norm=`` value: a preset name, or ``MEAN,STD`` (the official extraction's
+    ``--norm_mean`` and ``--norm_std``; written with ``=``, since a negative mean would read as
+    an option)."""
     try:
-        mean, std = (float(part) for part in text.split(","))
+        norm = tuple(float(part) for part in text.split(",")) if "," in text else text
+        norm_stats(norm)
     except ValueError:
-        raise ValueError(f"--norm={text!r}: a preset name or MEAN,STD") from None
-    norm_stats((mean, std))
-    return mean, std
+        raise ValueError(f"--norm={text}: expected a preset ({', '.join(NORM_STATS)}) or MEAN,STD with a "
+                         "positive STD") from None
+    return norm
 
 
 def num_frames(num_samples: int | torch.Tensor) -> int | torch.Tensor:

@@ -82,12 +82,14 @@ def _without_trailing_empty(fields: list[str], keep: int) -> list[str]:
     return fields[:end]
 
 
-def _is_index(fields: list[str]) -> bool:
+def is_descriptor_row(fields: list[str]) -> bool:
+    """Whether CSV ``fields`` read as a header-less descriptor row: an integer index, then a mid
+    (one word: '/m/09x0r', SPASS's 'music'), not a name such as '1,000 Hz tone'."""
     try:
         int(fields[0])
     except (IndexError, ValueError):
         return False
-    return True
+    return len(fields) > 1 and len(fields[1].split()) == 1
 
 
 def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -97,7 +99,7 @@ def read_descriptors(path: str | os.PathLike) -> list[tuple[str, str]]:
     path = Path(path)
     rows = _csv_rows(path)
     headed = bool(rows) and [c.strip().lower() for c in rows[0][1][:3]] == ["index", "mid", "display_name"]
-    if not headed and not (rows and _is_index(rows[0][1])):
+    if not headed and not (rows and is_descriptor_row(rows[0][1])):
         where = f"{path}:{rows[0][0]}" if rows else str(path)
         raise LabelError(f"{where}: expected a header 'index,mid,display_name' or rows 'index,mid[,display_name]'")
     # A spreadsheet's trailing comma names no column. Without a header the fields after the mid

@@ -1272,6 +1272,9 @@ def test_label_csv_is_read_as_the_evaluation_reads_descriptors(tmp_path):
     # Without the header, as the official SPASS descriptors (evaluation reads them so too).
     (tmp_path / "spass.csv").write_text("0,music,Music\n1,speech,Speech\n")
     assert read_label_names(tmp_path / "spass.csv") == ["Music", "Speech"]
+    # A name per line that starts with a number and a comma is still a name.
+    (tmp_path / "names.txt").write_text("1,000 Hz tone\nSpeech\n")
+    assert read_label_names(tmp_path / "names.txt") == ["1,000 Hz tone", "Speech"]
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol 3")  # torch's, for the protocol-3 file below

@@ -398,7 +398,7 @@ def test_entries_under_min_samples_are_counted_and_named_when_none_is_left(tmp_p
     """Regression: a manifest whose every entry was under min_samples was called an "empty
     split (no clips listed)"; the entries skipped were reported nowhere."""
     (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t5000\nb.wav\t5000\n")
-    with pytest.raises(ValueError, match="m.tsv: empty split: all 2 entries are below min_samples=10000 samples"):
+    with pytest.raises(ValueError, match="m.tsv: empty split: all 2 entries have a size column under 10000 samples"):
         build_dataset(str(tmp_path / "m.tsv"), min_samples=10000)
     (tmp_path / "m.tsv").write_text(f"{tmp_path}\na.wav\t5000\nb.wav\t20000\n")
     assert build_dataset(str(tmp_path / "m.tsv"), min_samples=10000).skipped == 1
@@ -548,7 +548,8 @@ def test_descriptors_without_a_header_are_read_as_fairseq_reads_them(tmp_path):
     with pytest.raises(LabelError, match="d.csv:2: duplicate index 0"):
         read_descriptors(tmp_path / "d.csv")
     for text, match in (("id,mid\n0,/m/dog\n", "d.csv:1: expected a header 'index,mid,display_name' or rows"),
-                        ("0\n", r"d.csv:1: expected index,mid\[,display_name\]"),
+                        ("0\n", "d.csv:1: expected a header 'index,mid,display_name' or rows"),
+                        ("0,/m/dog\n1\n", r"d.csv:2: expected index,mid\[,display_name\]"),
                         ("0,/m/dog\nx,/m/cat\n", "d.csv:2: index 'x' is not an integer")):
         (tmp_path / "d.csv").write_text(text)
         with pytest.raises(LabelError, match=match):

@@ -437,11 +437,14 @@ def test_target_length_and_norm_as_the_official_extraction_takes_them(tmp_path, 
         np.testing.assert_array_equal(data["utterance"][0], expected.utterance[0].numpy())
         assert not np.array_equal(data["utterance"][0], sslam.load_encoder(CKPT).embed(clip).utterance[0].numpy())
     capsys.readouterr()
-    assert main([*argv, "--out", str(out)]) == 2  # the checkpoint's own window: another encoder
-    assert "'encoder'" in capsys.readouterr().err
+    assert main([*argv, "--out", str(out)]) == 2  # the checkpoint's own window, named
+    assert "'target_length': 512" in capsys.readouterr().err
+    assert main([*argv, "--out", str(out), "--target-length", "512", "--norm", "audioset"]) == 2
+    assert "'norm': [-4.268, 4.569]" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "spc.npz"), "--norm", "spcv2"]) == 0
-    for option, message in ((["--norm", "nope"], "norm='nope': unknown preset"),
-                            (["--norm", "1,2,3"], "--norm='1,2,3': a preset name or MEAN,STD"),
+    for option, message in ((["--norm", "nope"], "--norm=nope: expected a preset (audioset, esc50, spcv2, spass) or"),
+                            (["--norm=1,2,3"], "--norm=1,2,3: expected a preset"),
+                            (["--norm=-4,0"], "MEAN,STD with a positive STD"),
                             (["--target-length", "520"], "target_length=520: must be a positive multiple of 16")):
         assert main([*argv, "--out", str(tmp_path / "bad.npz"), *option]) == 2
         assert message in capsys.readouterr().err
