@@ -421,7 +421,7 @@ class FinetuneConfig:
     loss: str = "auto"
     balanced_weights: str = ""  # a file with one sampling weight per training clip
     epoch_size: int = 0  # clips drawn per epoch with balanced sampling (needed with balanced_weights)
-    eval_every: int = 500
+    eval_every: int = 0  # 0: at the end of every epoch, as the official runs validate (SPEC 6.1)
     ckpt_every: int = 500
     keep_last: int = 2
     out: str = "runs/finetune"
@@ -443,7 +443,7 @@ def warmup_steps(steps: int, warmup: int | None) -> int:
 # Ranges of the probe's and the fine-tuner's settings; a field either config lacks is skipped.
 _SETTING_RANGES = {
     "epochs": (1, math.inf), "steps": (1, math.inf), "batch_size": (1, math.inf),
-    "eval_every": (1, math.inf), "ckpt_every": (1, math.inf), "keep_last": (1, math.inf),
+    "eval_every": (0, math.inf), "ckpt_every": (1, math.inf), "keep_last": (1, math.inf),
     "warmup": (0, math.inf), "epoch_size": (0, math.inf), "workers": (0, MAX_WORKERS), "seed": (0, 2**63 - 1),
     "lr": (0, math.inf), "min_lr": (0, math.inf), "weight_decay": (0, math.inf), "mixup": (0, math.inf),
     "layer_decay": (0, 1), "mixup_prob": (0, 1), "drop_path": (0, 0.999), "label_smoothing": (0, 0.999),
@@ -459,7 +459,7 @@ def _finite(value: int | float) -> bool:
 
 
 def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
-    """Refuse a setting outside its range, naming it: a zero eval_every divides by zero after
+    """Refuse a setting outside its range, naming it: a zero ckpt_every divides by zero after
     the first step, a negative layer_decay gives some blocks negative learning rates. A
     fine-tuning run's choices must be known ones and its ``out`` must be able to be a folder."""
     for name, (low, high) in _SETTING_RANGES.items():
@@ -831,7 +831,8 @@ class Finetuner:
                 self.scaler.update()
                 self.step += 1
                 pending.append(loss.detach())
-                evaluating = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                every = cfg.eval_every or self._steps_per_epoch()
+                evaluating = self.step % every == 0 or self.step == cfg.steps
                 saving = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
                 if not (evaluating or saving):
                     continue

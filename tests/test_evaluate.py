@@ -732,7 +732,7 @@ def test_finetuning_never_starts_over_another_runs_record(tmp_path):
     assert Finetuner(custom, train, test, cfg, log=lambda *a: None).step == 0
 
 
-@pytest.mark.parametrize("change", [{"eval_every": 0}, {"ckpt_every": 0}, {"steps": 0}, {"layer_decay": -1.0},
+@pytest.mark.parametrize("change", [{"eval_every": -1}, {"ckpt_every": 0}, {"steps": 0}, {"layer_decay": -1.0},
                                     {"warmup": -5}, {"mixup_prob": 2.0}, {"mask_ratio": 2.0},
                                     {"mixup": float("nan")}, {"batch_size": 0}, {"min_lr": 1.0},
                                     {"lr": float("inf")}, {"mixup": float("inf")}, {"weight_decay": float("inf")},
@@ -1053,3 +1053,21 @@ def test_help_lists_the_full_probe_options_apart(capsys):
     assert "--epochs=50" in linear and not any(f"--{key}=" in linear for key in ("mixup", "roll", "drop_path"))
     assert full.split(", ") == ["--mixup=0.8", "--mixup_prob=0.9", "--mask_ratio=0.2", "--roll=True", "--noise=False",
                                 "--drop_path=0.1"]
+
+
+def test_fine_tuning_evaluates_at_every_epochs_end_by_default(tmp_path):
+    """The official fine-tuning validates once per epoch (SPEC 6.1) and keeps the best of those
+    evaluations; ours evaluated every 500 steps. eval_every=0, the default, is every epoch's
+    end (and the last step); a number of steps still works."""
+    train, test = synth_split("poly", True, 12), synth_split("poly", False, 4)
+
+    def evaluated(**settings):
+        out = tmp_path / str(len(list(tmp_path.iterdir())))
+        cfg = FinetuneConfig(steps=7, warmup=0, batch_size=4, ckpt_every=100, out=str(out), workers=0, **settings)
+        Finetuner(tiny_encoder(), train, test, cfg, log=lambda *a: None).fit()
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["step"] for r in records if "mAP" in r]
+
+    assert FinetuneConfig().eval_every == 0
+    assert evaluated() == [3, 6, 7]  # 12 clips in batches of 4: 3 steps an epoch
+    assert evaluated(eval_every=2) == [2, 4, 6, 7]
