@@ -1040,8 +1040,8 @@ def add_evaluate_command(sub) -> None:
                        "ProbeConfig (linear) or FinetuneConfig (finetune).",
                        epilog=f"linear options (defaults): {_options(ProbeConfig, {'fast'} | _FULL_PROBE_ONLY)}; "
                        f"with --full also: {_options(ProbeConfig, set(), only=_FULL_PROBE_ONLY)}. "
-                       "finetune options "
-                       f"(defaults; warmup none: 10% of the steps): {_options(FinetuneConfig, {'out', 'workers'})}.")
+                       "finetune options (defaults; warmup none: 10% of the steps; eval_every 0: each epoch): "
+                       f"{_options(FinetuneConfig, {'out', 'workers'})}.")
     p.add_argument("mode", choices=["linear", "finetune"])
     p.add_argument("--checkpoint", required=True, help="official fairseq .pt, Hugging Face folder, sslam folder "
                    "or fine-tuning run checkpoint, or hf-hub:OWNER/NAME[/PATH][@REVISION]")
