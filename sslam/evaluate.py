@@ -999,7 +999,8 @@ def run_evaluate(args) -> int:
     main_process = int(os.environ.get("RANK", "0")) == 0  # notes once, not per process
     for split in (train, test) if main_process else ():
         if split.skipped:
-            print(f"note: {split.name}: {split.skipped} manifest entries under {MIN_SAMPLES} samples skipped, as the "
+            entries = "entry" if split.skipped == 1 else "entries"
+            print(f"note: {split.name}: {split.skipped} manifest {entries} under {MIN_SAMPLES} samples skipped, as the "
                   "official min_sample_size skips them", file=sys.stderr)
     shared = shared_clips(train, test) if main_process else []
     if shared:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import GOLDEN
 
 from sslam.augment import mixup, roll_crop, spec_augment, spectrogram_noise
 from sslam.embedding import with_preprocessing
@@ -1071,3 +1072,24 @@ def test_fine_tuning_evaluates_at_every_epochs_end_by_default(tmp_path):
     assert FinetuneConfig().eval_every == 0
     assert evaluated() == [3, 6, 7]  # 12 clips in batches of 4: 3 steps an epoch
     assert evaluated(eval_every=2) == [2, 4, 6, 7]
+
+
+def test_evaluate_notes_the_manifest_entries_it_skips(tmp_path, capsys):
+    """The 10000-sample filter of fairseq splits is said, once per split, on the command line."""
+    from sslam.cli import main
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "d.csv").write_text("0,music,Music\n1,speech,Speech\n")
+    for split, n in (("train", 6), ("eval", 4)):
+        for i in range(n):
+            sf.write(tmp_path / f"{split}{i}.wav", rng.standard_normal(8000) * 0.1, 16000)
+        sizes = [5000] * (2 if split == "train" else 1) + [32000] * (n - (2 if split == "train" else 1))
+        (tmp_path / f"{split}.tsv").write_text(f"{tmp_path}\n" + "".join(f"{split}{i}.wav\t{s}\n" for i, s in enumerate(sizes)))
+        (tmp_path / f"{split}.lbl").write_text("".join(f"{split}{i}\t{'music' if i % 2 else 'music,speech'}\n"
+                                                       for i in range(n)))
+    assert main(["evaluate", "linear", "--checkpoint", str(GOLDEN / "tiny_ckpt.pt"), "--train", str(tmp_path / "train.tsv"),
+                 "--test", str(tmp_path / "eval.tsv"), "--label-descriptors", str(tmp_path / "d.csv"),
+                 "--target-length", "64", "--epochs=1"]) == 0
+    err = capsys.readouterr().err
+    assert "note: train: 2 manifest entries under 10000 samples skipped" in err
+    assert "note: eval: 1 manifest entry under 10000 samples skipped" in err
