@@ -815,6 +815,7 @@ class Finetuner:
         # all at once: reading each would make the host wait for the GPU at every step. (Those
         # after the last checkpoint are logged again by a resumed run anyway.)
         pending: list[torch.Tensor] = []
+        eval_every = cfg.eval_every or self._steps_per_epoch()  # 0: at every epoch's end
         try:
             while self.step < cfg.steps:
                 clips, targets = next(batches)
@@ -831,8 +832,7 @@ class Finetuner:
                 self.scaler.update()
                 self.step += 1
                 pending.append(loss.detach())
-                every = cfg.eval_every or self._steps_per_epoch()
-                evaluating = self.step % every == 0 or self.step == cfg.steps
+                evaluating = self.step % eval_every == 0 or self.step == cfg.steps
                 saving = self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
                 if not (evaluating or saving):
                     continue
