@@ -15,9 +15,10 @@ import inspect
 import math
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -385,18 +386,16 @@ def _without_autocast_cache(fn):
     return run
 
 
-@dataclass
-class EncoderOutput:
+class EncoderOutput(NamedTuple):
     """x: (B', 1 + K, D) final block output, CLS at index 0. layer_results / block_outputs:
-    per block (B', 1 + K, D) FFN outputs / block outputs, when asked for."""
+    per block (B', 1 + K, D) FFN outputs / block outputs, when asked for (else empty).
+
+    A named tuple, read by name or index as Hugging Face's model outputs are: torch.export
+    returns it and nn.DataParallel gathers it (both know named tuples, not dataclasses)."""
 
     x: torch.Tensor
-    layer_results: list[torch.Tensor] = field(default_factory=list)
-    block_outputs: list[torch.Tensor] = field(default_factory=list)
-
-
-# A pytree, as Hugging Face's model outputs are: torch.export can return it.
-torch.export.register_dataclass(EncoderOutput, serialized_type_name="sslam.model.EncoderOutput")
+    layer_results: list[torch.Tensor]
+    block_outputs: list[torch.Tensor]
 
 
 class Encoder(nn.Module):
@@ -576,7 +575,7 @@ class Encoder(nn.Module):
     def _blocks(self, x, key_padding_mask, impl: str, packed: PackedSequences | None,
                 layer_results: bool, block_outputs: bool) -> EncoderOutput:
         """The transformer blocks on x (B', 1 + K, D), CLS and pre-norm applied."""
-        out = EncoderOutput(x)
+        ffn_outputs, outputs = [], []
         mode = self.checkpoint_blocks if torch.is_grad_enabled() else "off"
         for block in self.blocks:
             if mode == "off":
@@ -584,11 +583,10 @@ class Encoder(nn.Module):
             else:
                 x, m = checkpointed_block(block, mode, x, key_padding_mask, impl, packed)
             if layer_results:
-                out.layer_results.append(m)
+                ffn_outputs.append(m)
             if block_outputs:
-                out.block_outputs.append(x)
-        out.x = x
-        return out
+                outputs.append(x)
+        return EncoderOutput(x, ffn_outputs, outputs)
 
     def forward_packed(
         self, token_sets: list[torch.Tensor], *, layer_results: bool = False, block_outputs: bool = False

@@ -407,6 +407,24 @@ def test_the_encoder_exports_with_its_output_type():
     torch.testing.assert_close(out.layer_results[0], expected.layer_results[0])
 
 
+def test_replicas_outputs_gather_as_data_parallel_gathers_them(monkeypatch):
+    """nn.DataParallel joins its replicas' outputs with scatter_gather.gather, which walks
+    tensors, dicts, named tuples and sequences: a dataclass output was not iterable there."""
+    from torch.nn.parallel import scatter_gather
+
+    # Gather itself moves CUDA tensors; on the CPU its concatenation stands in for it.
+    monkeypatch.setattr(scatter_gather.Gather, "apply", lambda device, dim, *parts: torch.cat(parts, dim))
+    model = small_model()
+    spec = torch.randn(5, 1, 32, 128)
+    replicas = [model(part, layer_results=True) for part in (spec[:3], spec[3:])]
+    joined, whole = scatter_gather.gather(replicas, "cpu"), model(spec, layer_results=True)
+    assert type(joined) is type(whole) and joined.block_outputs == []
+    torch.testing.assert_close(joined.x, whole.x)
+    assert len(joined.layer_results) == SMALL.depth
+    for got, expected in zip(joined.layer_results, whole.layer_results):
+        torch.testing.assert_close(got, expected)
+
+
 def test_eval_mode_is_safe_for_threads_sharing_a_model():
     """Two threads embedding with one model in train mode: each saved the modes the other had
     just set, so the model was left in eval mode, and a call could run with stochastic depth."""
