@@ -57,6 +57,11 @@ from .safe_load import CheckpointError, file_kind, safe_torch_load, to_plain
 
 FAIRSEQ_ENCODER_PREFIX = "modality_encoders.IMAGE."
 FAIRSEQ_DECODER_PREFIX = "modality_encoders.IMAGE.decoder."
+# Heads the official code adds for its optional losses (reconstruction, utterance-level DINO,
+# whose centre is one tensor) and a shared decoder: trained beside the encoder, never read by
+# its forward, so not loaded.
+FAIRSEQ_TRAINING_HEADS = ("recon_proj.", "cls_proj.", "shared_decoder.")
+FAIRSEQ_DINO_CENTER = "center"
 
 # Embedding-stage names, ours -> Hugging Face's and fairseq's (SPEC 7.3); block names are shared.
 _HF_EMBEDDING_NAMES = {
@@ -456,6 +461,11 @@ def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -
                       naming=_naming(model, "model."))
 
 
+def _is_training_head(key) -> bool:
+    """``key`` names a weight of one of :data:`FAIRSEQ_TRAINING_HEADS` or the DINO centre."""
+    return isinstance(key, str) and (key == FAIRSEQ_DINO_CENTER or key.startswith(FAIRSEQ_TRAINING_HEADS))
+
+
 def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
     model = ckpt["model"]
     mcfg = _fairseq_model_cfg(ckpt, path)
@@ -467,6 +477,8 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
     for key, value in rest.items():
         if isinstance(key, str) and key.startswith(FAIRSEQ_DECODER_PREFIX) and isinstance(value, torch.Tensor):
             decoder[key[len(FAIRSEQ_DECODER_PREFIX):]] = value
+        elif _is_training_head(key) and isinstance(value, torch.Tensor):
+            continue
         elif key != "_ema":
             unknown.append(str(key))
     if unknown:

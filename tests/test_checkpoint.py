@@ -247,6 +247,30 @@ def _fairseq_with(tiny, mutate):
     return {"cfg": {"model": {"num_heads": 2}}, "model": model}
 
 
+def test_heads_of_the_official_optional_losses_are_left_out(tmp_path, tiny):
+    """A run of the official code with a reconstruction loss, the utterance-level (DINO) loss or
+    a shared decoder saves their heads beside the encoder (recon_proj, cls_proj, center,
+    shared_decoder): the encoder's forward never reads them, so they are not loaded."""
+    def heads(m):
+        m["recon_proj.weight"], m["recon_proj.bias"] = torch.ones(21, 64), torch.ones(21)
+        m["cls_proj.weight"], m["cls_proj.bias"] = torch.ones(64, 64), torch.ones(64)
+        m["center"] = torch.ones(1, 1, 64)
+        m["shared_decoder.blocks.0.0.weight"] = torch.ones(64, 4, 3)
+
+    torch.save(_fairseq_with(tiny, lambda m: None), tmp_path / "plain.pt")
+    torch.save(_fairseq_with(tiny, heads), tmp_path / "heads.pt")
+    plain, with_heads = read_checkpoint(tmp_path / "plain.pt"), read_checkpoint(tmp_path / "heads.pt")
+    assert with_heads.state.keys() == plain.state.keys() and with_heads.decoder.keys() == plain.decoder.keys()
+    assert all(torch.equal(with_heads.state[k], v) for k, v in plain.state.items())
+
+    def not_a_tensor(m):
+        m["recon_proj.weight"] = "code"
+
+    torch.save(_fairseq_with(tiny, not_a_tensor), tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(or non-tensor values\).*recon_proj\.weight"):
+        read_checkpoint(tmp_path / "odd.pt")
+
+
 def test_missing_unexpected_and_misshapen_keys_are_listed(tmp_path, tiny):
     def drop(m):
         del m["blocks.1.mlp.fc1.bias"]
