@@ -49,6 +49,7 @@ from .files import (
     check_output_folder,
     checkpoints_in,
     creation_mode,
+    load_json_object,
     read_json_object,
 )
 from .hub import MODEL_FILES, is_hub_name, local_path
@@ -293,8 +294,6 @@ def infer_config(state: dict[str, torch.Tensor], num_heads: int | None = None, *
     if isinstance(pos, torch.Tensor) and pos.dim() == 3 and freq > 0 and pos.shape[1] % freq == 0 and pos.shape[1]:
         values["max_length"] = pos.shape[1] // freq
     values.update({k: v for k, v in fields.items() if v is not None})
-    if num_heads is None:
-        num_heads = values.pop("num_heads", None)
     values["num_heads"] = num_heads if num_heads is not None else _default_heads(values["embed_dim"], source)
     try:
         return EncoderConfig(**values)
@@ -502,12 +501,9 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
 # ---- Hugging Face / bare state dicts ---------------------------------------------------------
 def _read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON, integers over 4300 digits
+        return load_json_object(path)
+    except ValueError as exc:  # e.g. integers over 4300 digits
         raise CheckpointError(f"{path}: unreadable JSON config ({exc})") from exc
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _load_safetensors(path: Path) -> tuple[dict, dict]:

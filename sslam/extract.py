@@ -36,7 +36,7 @@ from .checkpoint import encoder_fingerprint
 from .data import folder_paths, manifest_entries, samples_for_frames
 from .embedding import length_groups, window_hop
 from .features import check_min_length
-from .files import atomic_write, check_output_folder, remove_temporaries
+from .files import atomic_write, check_output_folder, load_json_object, remove_temporaries
 
 GRANULARITIES = ("utterance", "mean", "frames", "timestamps", "all")
 
@@ -191,11 +191,9 @@ class FolderSink:
         record = root / self.SETTINGS
         if record.exists():
             try:
-                stored = json.loads(record.read_text(encoding="utf-8"))
-            except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON
+                stored = load_json_object(record)
+            except ValueError as exc:
                 raise ValueError(f"{record}: unreadable extraction settings ({exc})") from exc
-            if not isinstance(stored, dict):
-                raise ValueError(f"{record}: unreadable extraction settings (not a JSON object)")
             check_same_settings(root, stored, settings)
         else:
             text = json.dumps(settings, sort_keys=True) + "\n"

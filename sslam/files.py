@@ -145,11 +145,21 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def read_json_object(path: str | os.PathLike) -> dict | None:
-    """The JSON object in ``path``; None where there is none: no file, unreadable, not UTF-8,
-    not JSON (or nested too deeply to parse), or another JSON value."""
+def load_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in ``path``; ValueError saying why there is none: no file, unreadable,
+    not UTF-8, not JSON (or nested too deeply to parse), or another JSON value."""
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # ValueError: bad UTF-8 or JSON
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8 or JSON
+        raise ValueError(first_line(exc)) from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object but {type(value).__name__}")
+    return value
+
+
+def read_json_object(path: str | os.PathLike) -> dict | None:
+    """The JSON object in ``path``; None where there is none (see :func:`load_json_object`)."""
+    try:
+        return load_json_object(path)
+    except ValueError:
         return None
-    return value if isinstance(value, dict) else None

@@ -1239,7 +1239,9 @@ def test_configs_nested_too_deeply_are_refused_naming_the_file(tmp_path):
     with zipfile.ZipFile(deep, "w") as archive:
         for name, data in records.items():
             archive.writestr(name, body if name.endswith("/data.pkl") else data)
-    for path in (folder, tmp_path / "own.safetensors", deep):
+    with pytest.raises(CheckpointError, match=r"config\.json: unreadable JSON config \(maximum recursion depth"):
+        load_encoder(folder)
+    for path in (tmp_path / "own.safetensors", deep):
         with pytest.raises(CheckpointError, match=f"{path.name}: nested too deeply to read"):
             load_encoder(path)
 
@@ -1548,8 +1550,9 @@ def test_a_config_no_weight_shows_is_checked_before_the_model_is_built(tmp_path,
         load_encoder(tmp_path / "m")
 
 
-def test_integers_over_python_s_digit_limit_are_a_config_error(tmp_path):
-    """json refuses integers of over 4300 digits with a plain ValueError: the file is named."""
+def test_unreadable_json_configs_are_named(tmp_path):
+    """json refuses integers of over 4300 digits with a plain ValueError: the file is named; so
+    is a config that is another JSON value."""
     convert(TINY, tmp_path / "m")
     state = load_file(tmp_path / "m" / "model.safetensors")
     meta = '{"format": "sslam", "encoder": {"embed_dim": ' + "4" * 4400 + "}}"
@@ -1560,6 +1563,9 @@ def test_integers_over_python_s_digit_limit_are_a_config_error(tmp_path):
     hf = hf_folder(random_encoder(VARIANTS["tiny"]), tmp_path / "hf")
     (hf / "config.json").write_text('{"embed_dim": ' + "9" * 5000 + "}")
     with pytest.raises(CheckpointError, match=r"config\.json: unreadable JSON config .*4300"):
+        load_encoder(hf)
+    (hf / "config.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match=r"config\.json: unreadable JSON config \(not a JSON object but list\)"):
         load_encoder(hf)
 
 
