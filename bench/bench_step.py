@@ -51,7 +51,8 @@ from sslam.masking import clone_masks, kept_indices  # noqa: E402
 from sslam.mixing import sample_windows  # noqa: E402
 from sslam.precision import MATMUL_MODULES, half_weights  # noqa: E402
 from sslam.pretrain import Pretrainer, ema_decay, train_flops_per_clip  # noqa: E402
-from sslam.train import param_groups, peak_tflops  # noqa: E402
+from sslam.schedule import param_groups  # noqa: E402
+from sslam.train import peak_tflops  # noqa: E402
 from sslam.train_config import encoder_config, mask_config, objective_config, preset  # noqa: E402
 
 VARIANTS = ("official", "eager", "compile", "ours", "ours_compile", "ours_lowmem", "ours_minmem", "ours_pure")

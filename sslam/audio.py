@@ -418,7 +418,7 @@ def check_waveform(wave, rate: int, name: str = "<array>") -> Tensor:
     wave = as_float_samples(wave, name)
     if wave.dim() not in (1, 2):
         raise _fail(name, f"expected shape (N,) or (channels, N), got {tuple(wave.shape)}")
-    if wave.shape[-1] == 0 or wave.numel() == 0:
+    if wave.numel() == 0:
         raise _fail(name, f"contains no audio samples (shape {tuple(wave.shape)})")
     if wave.dim() == 2 and wave.shape[0] > wave.shape[1]:
         raise _fail(

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .audio import AUDIO_SUFFIXES, AudioError, load_audio
-from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE, check_min_length
+from .features import FRAME_LENGTH, FRAME_SHIFT, SAMPLE_RATE, check_min_length, pad_clips
 
 # The most worker processes (or threads) a setting may ask for: more than any machine has cores;
 # a loader starts every one of them before the first batch.
@@ -207,16 +207,6 @@ class Batch:
         if self.waveforms is not None:
             self.waveforms = self.waveforms.pin_memory()
         return self
-
-
-def pad_clips(waves, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """B 1-D clips -> (B, longest) zero-padded on ``device`` (default: the CPU), lengths (B,)
-    on the CPU."""
-    lengths = torch.tensor([w.numel() for w in waves])
-    batch = torch.zeros(len(waves), int(lengths.max()), device=device)
-    for i, w in enumerate(waves):
-        batch[i, : w.numel()] = w
-    return batch, lengths
 
 
 def collate(items) -> Batch:

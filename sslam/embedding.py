@@ -40,7 +40,6 @@ from .audio import (
     load_audio,
     source_name,
 )
-from .data import pad_clips
 from .features import (
     FRAME_LENGTH,
     FRAME_SHIFT,
@@ -51,6 +50,7 @@ from .features import (
     norm_stats,
     normalize,
     num_frames,
+    pad_clips,
     preprocess,
 )
 from .kernels.switch import use_kernels
@@ -297,7 +297,8 @@ def embed(
             ~1e-5); a (B, N) tensor is B clips.
         padding: 'official' (pad every window to target_length) or 'mask' (see module doc).
         crop: keep only the first ``target_length`` frames (the official behaviour).
-        hop: frames between window starts for long clips (default target_length // 2).
+        hop: frames between window starts for long clips (default: half the window in whole
+            patches, at least one; see :func:`window_hop`).
         batch_size: windows encoded per forward pass.
         autocast: torch.bfloat16 / torch.float16 to run the encoder under autocast on CUDA.
     """

@@ -37,12 +37,11 @@ from .data import (
     MAX_WORKERS,
     MIN_SAMPLES,
     add_file_names,
-    pad_clips,
     samples_for_frames,
     text_lines,
 )
 from .embedding import with_preprocessing
-from .features import parse_norm, preprocess
+from .features import pad_clips, parse_norm, preprocess
 from .files import (
     atomic_write,
     check_output_folder,
@@ -79,7 +78,7 @@ from .runs import (
     set_rng_state,
     stop_distributed,
 )
-from .schedule import cosine, decays
+from .schedule import cosine, decays, param_groups
 from .train_config import parse_option
 
 
@@ -275,10 +274,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def _head_optimizer(head: LinearHead, cfg: ProbeConfig):
-    decay = [head.linear.weight]
-    rest = [p for p in head.parameters() if p is not head.linear.weight]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(0.9, 0.95))
+    return torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
 
 
 def probe_updates(n: int, cfg: ProbeConfig) -> int:
@@ -718,19 +714,19 @@ class Finetuner:
                              f"{'; '.join(conflicts)}; starting here would overwrite them: choose another --out, "
                              "or remove them")
 
-    def _check_resume(self, path: Path, state: dict) -> None:
-        """Refuse to resume from ``path`` when it is not a fine-tuning checkpoint or was written
-        with settings this run changes (the run would silently continue with a mix of both)."""
-        if state.get("format") != "sslam-finetune":
-            raise CheckpointError(f"{path}: not an sslam fine-tuning checkpoint (format {state.get('format')!r}); "
-                                  "choose another out folder")
-        check_record(state, path, FINETUNING_PARTS)
+    def _keep_started_warmup(self, state: dict) -> bool:
+        """A run extended or shortened without --warmup keeps the warm-up it started with (10 %
+        of the new steps would move the lr schedule under the steps already taken): sets it from
+        the checkpoint ``state``'s settings, and says whether it did."""
         saved = state.get("config") or {}
-        kept = self.cfg.warmup is None and "steps" in saved
-        if kept:
-            # A run extended or shortened without --warmup keeps the warm-up it started with:
-            # 10 % of the new steps would move the lr schedule under the steps already taken.
-            self.cfg = replace(self.cfg, warmup=warmup_steps(saved["steps"], saved.get("warmup")))
+        if self.cfg.warmup is not None or "steps" not in saved:
+            return False
+        self.cfg = replace(self.cfg, warmup=warmup_steps(saved["steps"], saved.get("warmup")))
+        return True
+
+    def _check_resume(self, path: Path, state: dict, warmup_kept: bool) -> None:
+        """Refuse to resume from ``path`` when it was written with settings this run changes (the
+        run would silently continue with a mix of both)."""
         conflicts = finetune_resume_conflicts(state, self._identity())
         if conflicts:
             raise ValueError(f"{path}: cannot resume fine-tuning with changed settings: " + "; ".join(conflicts)
@@ -738,7 +734,7 @@ class Finetuner:
         if state["step"] > self.cfg.steps:  # as pretraining: it would stop at once, having done nothing
             raise ValueError(f"{path}: the run is at step {state['step']}, past steps={self.cfg.steps}: give a "
                              "larger one to train on")
-        if kept:  # (otherwise __init__ checked the settings)
+        if warmup_kept:  # (otherwise __init__ checked the settings)
             if self.cfg.warmup >= self.cfg.steps:
                 raise ValueError(f"{path}: the run's warm-up of {self.cfg.warmup} steps, kept on resume, is not "
                                  f"below steps={self.cfg.steps}: give more steps, or --warmup")
@@ -913,7 +909,11 @@ class Finetuner:
 
     def _load(self, path: Path, state: dict) -> None:
         """Resume from ``state``, read from ``path``."""
-        self._check_resume(path, state)
+        if state.get("format") != "sslam-finetune":
+            raise CheckpointError(f"{path}: not an sslam fine-tuning checkpoint (format {state.get('format')!r}); "
+                                  "choose another out folder")
+        check_record(state, path, FINETUNING_PARTS)
+        self._check_resume(path, state, warmup_kept=self._keep_started_warmup(state))
         self.model.load_state_dict(check_state(self.model, state["model"], f"{path} (model)"))
         with loading_parts(path, "its optimizer, loss scale or random streams"):
             self.optimizer.load_state_dict(state["optimizer"])

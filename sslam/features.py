@@ -199,11 +199,17 @@ def _as_batch(
         if finite:
             check_samples(name, clip)
         clips.append(clip.to(torch.float32))
-    lens = torch.tensor([c.numel() for c in clips], dtype=torch.long)
-    batch = torch.zeros(len(clips), int(lens.max()), dtype=torch.float32, device=clips[0].device)
+    return pad_clips(clips, clips[0].device)
+
+
+def pad_clips(clips: Sequence[torch.Tensor], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """B 1-D clips -> (B, longest) float32 zero-padded on ``device`` (default: the CPU), and
+    their lengths (B,) int64 on the CPU."""
+    lengths = torch.tensor([c.numel() for c in clips], dtype=torch.long)
+    batch = torch.zeros(len(clips), int(lengths.max()), dtype=torch.float32, device=device)
     for i, clip in enumerate(clips):
-        batch[i, : clip.numel()] = clip.to(batch.device)
-    return batch, lens
+        batch[i, : clip.numel()] = clip
+    return batch, lengths
 
 
 def _resample_each(
@@ -222,11 +228,7 @@ def _resample_each(
         resample(batch[i, :n], sample_rate, SAMPLE_RATE) if n else batch.new_zeros(0)
         for i, n in enumerate(lengths.tolist())
     ]
-    lens = torch.tensor([c.numel() for c in clips], dtype=torch.long)
-    out = batch.new_zeros(len(clips), max(1, int(lens.max())))
-    for i, clip in enumerate(clips):
-        out[i, : clip.numel()] = clip
-    return out, lens
+    return pad_clips(clips, batch.device)
 
 
 def remove_dc(waveforms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -257,8 +259,9 @@ def fbank(
         max_frames: compute at most this many frames per clip (later ones would be cropped).
 
     Returns:
-        features (B, F, 128) float32 with F = max frames over the batch (rows past a clip's own
-        frame count are 0), and frames (B,) int64, each clip's own frame count.
+        features (B, F, 128) float32 with F = the frames of the padded width N (at most
+        ``max_frames``; rows past a clip's own frame count are 0), and frames (B,) int64, each
+        clip's own frame count.
     """
     batch, n = waveforms.shape
     if lengths is None:
@@ -392,9 +395,8 @@ def preprocess(
     lens = lens.to(batch.device, non_blocking=True)
     centred = remove_dc(batch, lens)
     feats, frames = fbank(centred, lens, max_frames=target_length)
-    x = normalize(pad_or_crop(feats, target_length), norm)
     # Padded rows are 0 in the log domain before normalisation, as in the official code.
-    x = x.unsqueeze(1)
+    x = normalize(pad_or_crop(feats, target_length), norm).unsqueeze(1)
     return (x, frames) if return_frames else x
 
 

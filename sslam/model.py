@@ -542,7 +542,7 @@ class Encoder(nn.Module):
 
         Args:
             tokens: (B, N, D).
-            keep: (B * clones, K) int64 indices of the patches each row keeps (the masked
+            keep: (B * clones, K) int64 (or int32) indices of the patches each row keeps (the masked
                 student); row r uses clip r // clones. A 1-D (K,) ``keep`` keeps the same
                 patches of every clip (the teacher's partner pass). None keeps all N.
             key_padding_mask: (B', N') bool, True = padded patch (excluded from attention);

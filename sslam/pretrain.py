@@ -136,7 +136,7 @@ def decoder_config_of(state: dict[str, torch.Tensor], base: DecoderConfig = Deco
     for key in ("blocks.0.0.weight", "proj.weight"):
         if not isinstance(state.get(key), torch.Tensor):
             raise ValueError(f"{key}: missing, and it gives the decoder's shape")
-    convs = sorted(k for k in state if k.endswith(".0.weight") and k.startswith("blocks."))
+    layers = sum(k.startswith("blocks.") and k.endswith(".0.weight") for k in state)
     first, proj = state["blocks.0.0.weight"], state["proj.weight"]
     if proj.dim() != 2 or first.dim() != 4 or first.shape[-1] != first.shape[-2] or first.shape[-1] % 2 == 0:
         raise ValueError(f"blocks.0.0.weight {tuple(first.shape)} and proj.weight {tuple(proj.shape)}: not a "
@@ -146,7 +146,7 @@ def decoder_config_of(state: dict[str, torch.Tensor], base: DecoderConfig = Deco
         raise ValueError(f"blocks.0.0.weight {tuple(first.shape)}: its {first.shape[1]} input channels per group "
                          f"do not divide the {in_dim} of proj.weight")
     return dataclasses.replace(
-        base, dim=first.shape[0], groups=in_dim // first.shape[1], kernel=first.shape[-1], layers=len(convs)
+        base, dim=first.shape[0], groups=in_dim // first.shape[1], kernel=first.shape[-1], layers=layers
     )
 
 

@@ -22,3 +22,14 @@ def decays(name: str, param: torch.Tensor) -> bool:
     """Whether weight decay applies: not to 1-D parameters (norms) and biases, as the official
     recipes group them (the CLS token, 3-D, decays)."""
     return param.ndim > 1 and not name.endswith(".bias")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's two groups of ``model``'s trainable parameters: those :func:`decays` names, with
+    ``weight_decay``, and the rest, without."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if decays(name, p) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -66,7 +66,7 @@ from .runs import (
     set_rng_state,
     stop_distributed,
 )
-from .schedule import cosine, decays
+from .schedule import cosine, param_groups
 from .train_config import (
     DECODER_SIZES,
     ENCODER_SIZES,
@@ -111,16 +111,6 @@ def named_optimizer_state(state: dict, model: torch.nn.Module, optimizer: torch.
     order = [names[p] for group in optimizer.param_groups for p in group["params"]]
     return {"state": {order[i]: value for i, value in state["state"].items()},
             "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]}
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on 1-D parameters and biases (the CLS token, 3-D, decays)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if decays(name, p) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_factor(step: int, o: OptimSection) -> float:
@@ -571,10 +561,7 @@ class Trainer:
             # here: the data, masks and schedule move past it.
             self._skip_step(overflow=finite_loss and self.scaler.is_enabled())
             return None
-        totals: dict[str, float] = {}
-        for row in rows:
-            for name, value in zip(names, row):
-                totals[name] = totals.get(name, 0.0) + value / accum
+        totals = {name: sum(row[i] / accum for row in rows) for i, name in enumerate(names)}
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
