@@ -34,7 +34,7 @@ import torch
 from .audio import AudioError, claimed_samples, load_audio
 from .checkpoint import encoder_fingerprint
 from .data import folder_paths, manifest_entries, samples_for_frames
-from .embedding import length_groups, window_hop
+from .embedding import checked_batch_size, length_groups, window_hop
 from .features import check_min_length
 from .files import atomic_write, check_output_folder, load_json_object, remove_temporaries
 
@@ -440,6 +440,60 @@ def check_output(out: str | os.PathLike) -> Path:
     return path
 
 
+def _settings(model, granularity: str, padding: str, crop: bool, hop: int, autocast) -> dict:
+    """What an output records of the run that wrote it; a resume with other settings is
+    refused by name (see :func:`check_same_settings`)."""
+    # The hop as given apart from the default (None: the default, or cropped, where it does
+    # nothing), so that outputs written before the hop was recorded compare as the default's.
+    recorded_hop = None if crop or hop == window_hop(model, None) else hop
+    frames, norm = model.input_window()
+    return {"granularity": granularity, "padding": padding, "crop": bool(crop), "hop": recorded_hop,
+            # the window and statistics (also in the fingerprint), to be named apart
+            "target_length": frames, "norm": list(norm) if isinstance(norm, tuple) else norm,
+            "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
+
+
+def _open_sink(out_path: Path, settings: dict):
+    """The writer of ``out_path`` (one ``.npz`` file or a folder of them), with what a killed
+    run left half-written there removed."""
+    if is_one_file(out_path):
+        remove_temporaries(out_path.parent, out_path.name)
+        return FileSink(out_path, settings)
+    remove_temporaries(out_path, recursive=True)
+    return FolderSink(out_path, settings)
+
+
+def _pending(items: list[Item], sink, out_path: Path, report: Report) -> tuple[list[Item], set[str]]:
+    """The items still to embed, and the keys among them whose file changed since it was
+    embedded; the items already done are counted in ``report.skipped``."""
+    todo, again = [], set()
+    for item in items:
+        recorded = sink.source(item.key)
+        if is_done(out_path, item.key, recorded, item.path):
+            report.skipped += 1
+        else:
+            todo.append(item)
+            if recorded is not None:
+                again.add(item.key)
+    return todo, again
+
+
+def _embed_batch(model, batch: list[tuple[Item, torch.Tensor]], sink, report: Report, again: set[str],
+                 granularity: str, embed_options: dict) -> None:
+    """Embed the decoded 16 kHz clips of ``batch`` and hand each one's arrays to ``sink``."""
+    # Files of similar length per call: its embeddings are padded to its longest clip.
+    arrays, names = [None] * len(batch), None
+    for group in length_groups([wave.numel() for _, wave in batch]):
+        emb = model.embed([batch[i][1] for i in group], 16000, **embed_options)
+        names = emb.label_names
+        for row, i in enumerate(group):
+            arrays[i] = arrays_of(emb, row, granularity)
+    for (item, _), clip_arrays in zip(batch, arrays):
+        sink.add(item.key, clip_arrays, names, source_of(item.path))
+        report.done += 1
+        report.changed += item.key in again
+
+
 def run_extract(
     model,
     inputs: list[str],
@@ -463,65 +517,26 @@ def run_extract(
         raise ValueError(f"granularity={granularity!r}: choose one of {GRANULARITIES}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: must be a positive number of decoding threads")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
+    batch_size = checked_batch_size(batch_size)
     hop = window_hop(model, hop)
     out_path = check_output(out)
     items = collect_inputs(inputs, manifest_root)
     if not items:
         raise ValueError(f"no audio files found in {inputs}")
-    # The hop as given apart from the default (None: the default, or cropped, where it does
-    # nothing), so that outputs written before the hop was recorded compare as the default's.
-    recorded_hop = None if crop or hop == window_hop(model, None) else hop
-    frames, norm = model.input_window()
-    settings = {"granularity": granularity, "padding": padding, "crop": bool(crop), "hop": recorded_hop,
-                # the window and statistics (also in the fingerprint), to be named apart
-                "target_length": frames, "norm": list(norm) if isinstance(norm, tuple) else norm,
-                "encoder": encoder_fingerprint(model), "autocast": str(autocast)}
+    settings = _settings(model, granularity, padding, crop, hop, autocast)
+    embed_options = dict(padding=padding, crop=crop, hop=hop, batch_size=batch_size, autocast=autocast)
     with output_lock(out_path):
-        if is_one_file(out_path):  # what a killed run was writing
-            remove_temporaries(out_path.parent, out_path.name)
-            sink = FileSink(out_path, settings)
-        else:
-            remove_temporaries(out_path, recursive=True)
-            sink = FolderSink(out_path, settings)
+        sink = _open_sink(out_path, settings)
         report = Report()
-        todo, again = [], set()
-        for item in items:
-            recorded = sink.source(item.key)
-            if is_done(out_path, item.key, recorded, item.path):
-                report.skipped += 1
-            else:
-                todo.append(item)
-                if recorded is not None:
-                    again.add(item.key)
-        batch: list[tuple[Item, torch.Tensor]] = []
-        batches = 0
-
-        def encode(batch):
-            nonlocal batches
-            # Files of similar length per call: its embeddings are padded to its longest clip.
-            arrays, names = [None] * len(batch), None
-            for group in length_groups([wave.numel() for _, wave in batch]):
-                emb = model.embed([batch[i][1] for i in group], 16000, padding=padding, crop=crop, hop=hop,
-                                  batch_size=batch_size, autocast=autocast)
-                names = emb.label_names
-                for row, i in enumerate(group):
-                    arrays[i] = arrays_of(emb, row, granularity)
-            for (item, _), clip_arrays in zip(batch, arrays):
-                sink.add(item.key, clip_arrays, names, source_of(item.path))
-                report.done += 1
-                report.changed += item.key in again
-            batches += 1
-            if batches % flush_every == 0:
-                sink.flush()
-
+        todo, again = _pending(items, sink, out_path, report)
         # A call embeds at most batch_size window lengths of audio: long files go alone, so that
         # their token sums (a ViT-B's: 0.55 GB per hour) are not held many at a time. Cropped,
         # a file is one window at most; decoded, it is whole (the ahead budget counts that).
-        window_samples = samples_for_frames(frames)
+        window_samples = samples_for_frames(settings["target_length"])
         call_samples = batch_size * window_samples
         embedded = (lambda wave: min(wave.numel(), window_samples)) if crop else (lambda wave: wave.numel())
+        batch: list[tuple[Item, torch.Tensor]] = []
+        batches = 0
         bar = tqdm(total=len(todo), disable=not progress, unit="clip", file=sys.stderr)
         try:
             # Enough clips ahead to fill the next batch while this one is encoded.
@@ -533,10 +548,13 @@ def run_extract(
                     continue
                 batch.append((item, wave))
                 if len(batch) == batch_size or sum(embedded(w) for _, w in batch) >= call_samples:
-                    encode(batch)
+                    _embed_batch(model, batch, sink, report, again, granularity, embed_options)
                     batch = []
+                    batches += 1
+                    if batches % flush_every == 0:
+                        sink.flush()
             if batch:
-                encode(batch)
+                _embed_batch(model, batch, sink, report, again, granularity, embed_options)
         finally:
             bar.close()
             sink.flush()
