@@ -397,9 +397,10 @@ def _teacher_state(ema, student: dict, model_cfg: dict, source) -> dict | None:
     tensors = {k: v for k, v in ema.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         return None
+    outside_blocks = [k for k in student if not k.startswith("blocks.")]
     if _is_block_list(tensors):
         teacher = {f"blocks.{k}": v for k, v in tensors.items()}
-        shared = [k for k in student if not k.startswith("blocks.")]
+        shared = outside_blocks
     else:
         teacher, rest = _rename_encoder(tensors)
         twice = sorted(k for k in rest if k in teacher)  # pre_norm.weight beside its official name
@@ -409,7 +410,7 @@ def _teacher_state(ema, student: dict, model_cfg: dict, source) -> dict | None:
         teacher.update({k: v for k, v in rest.items() if not k.startswith(FAIRSEQ_DECODER_PREFIX)})
         shared = []
         if model_cfg.get("ema_encoder_only") is True:
-            shared = [k for k in student if not k.startswith("blocks.")]
+            shared = outside_blocks
         elif _section(model_cfg, "modalities", "image").get("ema_local_encoder") is False:
             shared = ["patch_embed.weight", "patch_embed.bias"]
     # The teacher module has no such parts: the official forward reads the student's, even
@@ -499,7 +500,10 @@ def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:
 
 
 # ---- Hugging Face / bare state dicts ---------------------------------------------------------
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path | None) -> dict:
+    """The JSON object of a config.json at ``path``; {} where there is none (None)."""
+    if path is None:
+        return {}
     try:
         return load_json_object(path)
     except ValueError as exc:  # e.g. integers over 4300 digits
@@ -665,7 +669,7 @@ def _from_sslam(path: Path, tensors: dict, metadata: dict, beside: dict, config_
 
 def _from_safetensors(path: Path, config_path: Path | None, weights: str) -> Checkpoint:
     tensors, metadata = _load_safetensors(path)
-    cfg = _read_json(config_path) if config_path else {}
+    cfg = _read_json(config_path)
     if metadata.get("format") == "sslam" or cfg.get("format") == "sslam":
         return _from_sslam(path, tensors, metadata, cfg, config_path, weights)
     return _from_tensors(path, tensors, cfg, weights, "hf", config_path)
@@ -742,7 +746,7 @@ def _read_folder(path: Path, weights: str) -> Checkpoint:
         tensors = safe_torch_load(path / "pytorch_model.bin")
         if not isinstance(tensors, dict):
             raise CheckpointError(f"{path / 'pytorch_model.bin'}: expected a dict of tensors")
-        return _from_tensors(path / "pytorch_model.bin", tensors, _read_json(config_file) if config_file else {}, weights,
+        return _from_tensors(path / "pytorch_model.bin", tensors, _read_json(config_file), weights,
                              "hf", config_file)
     newest = run_checkpoint(path)
     if newest is not None:

@@ -79,7 +79,7 @@ from .runs import (
     stop_distributed,
 )
 from .schedule import cosine, decays, param_groups
-from .train_config import parse_option
+from .train_config import parse_option, split_override
 
 
 class LinearHead(nn.Module):
@@ -933,9 +933,7 @@ def apply_overrides(cfg, overrides: list[str]):
     """``--key=value`` onto a flat dataclass; unknown keys are errors."""
     known = {f.name: f for f in fields(cfg)}
     for item in overrides:
-        if not item.startswith("--") or "=" not in item:
-            raise ValueError(f"{item!r}: options are written --key=value")
-        key, value = item[2:].split("=", 1)
+        key, value = split_override(item, "--key=value")
         if key not in known:
             raise ValueError(f"--{key}: unknown option; known: {sorted(known)}")
         parsed = parse_option(value, str(known[key].type), key)

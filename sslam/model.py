@@ -565,12 +565,15 @@ class Encoder(nn.Module):
                 tokens = gather_shared(tokens, keep)
             if clones != 1:
                 tokens = tokens.repeat_interleave(clones, dim=0)
-        cls = self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
-        x = self.pre_norm(torch.cat([cls, tokens], dim=1))
+        x = self.pre_norm(self._with_cls(tokens))
         if key_padding_mask is not None:
             check_padding_mask(key_padding_mask, tokens.shape[0], tokens.shape[1])
             key_padding_mask = F.pad(key_padding_mask, (1, 0), value=False)  # CLS is never padding
         return self._blocks(x, key_padding_mask, self._attention_impl(x), None, layer_results, block_outputs)
+
+    def _with_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) tokens -> (B, 1 + N, D) with the CLS token in front."""
+        return torch.cat([self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
 
     def _blocks(self, x, key_padding_mask, impl: str, packed: PackedSequences | None,
                 layer_results: bool, block_outputs: bool) -> EncoderOutput:
@@ -610,8 +613,7 @@ class Encoder(nn.Module):
             return [self.forward_tokens(t, layer_results=layer_results, block_outputs=block_outputs)
                     for t in token_sets]
         shapes = [(t.shape[0], 1 + t.shape[1]) for t in token_sets]
-        rows = [torch.cat([self.cls_token.to(t.dtype).expand(t.shape[0], -1, -1), t], dim=1).flatten(0, 1)
-                for t in token_sets]
+        rows = [self._with_cls(t).flatten(0, 1) for t in token_sets]
         x = self.pre_norm(torch.cat(rows))[None]  # (1, T, D)
         out = self._blocks(x, None, "triton", PackedSequences.of(shapes, x.device), layer_results, block_outputs)
         unpack = partial(unpack_sequences, shapes=shapes)

@@ -35,7 +35,7 @@ from .mixing import (
     mixed_row_ranges,
     partner_keep_indices,
 )
-from .model import HEAD_NAMES, Encoder, EncoderConfig, gather_shared
+from .model import HEAD_NAMES, Encoder, EncoderConfig, EncoderOutput, gather_shared
 
 # ---- decoder ------------------------------------------------------------------------------
 
@@ -202,6 +202,11 @@ class EMATeacher(nn.Module):
 
 
 # ---- targets and losses -------------------------------------------------------------------
+
+
+def patch_layers(out: EncoderOutput) -> list[torch.Tensor]:
+    """The teacher's FFN output of every block at the patches, CLS dropped: (B, N, D) each."""
+    return [m[:, 1:] for m in out.layer_results]
 
 
 @torch.no_grad()
@@ -488,8 +493,7 @@ class Pretrainer(nn.Module):
         return out.x[:, 0], pred
 
     def _teacher_layers(self, spec: torch.Tensor) -> list[torch.Tensor]:
-        out = self.teacher(spec, layer_results=True)
-        return [m[:, 1:] for m in out.layer_results]
+        return patch_layers(self.teacher(spec, layer_results=True))
 
     def forward(
         self,
@@ -575,10 +579,10 @@ class Pretrainer(nn.Module):
             else:  # compiled: one graph per pass
                 full = teacher(both, layer_results=True)
                 part = teacher(spec, keep=partner_keep, layer_results=True)
-            layers = [m[:, 1:] for m in full.layer_results]
+            layers = patch_layers(full)
         frame_target = layer_targets(layers, obj.top_k)
         cls_target = layer_targets(layers[-1:], 1).mean(dim=1)  # stage 2: last layer only
-        partial = layer_targets([m[:, 1:] for m in part.layer_results], obj.top_k)
+        partial = layer_targets(patch_layers(part), obj.top_k)
         srl = srl_target(frame_target[: spec.shape[0]], partial, windows, freq, self.student.cfg.patch_size)
         return frame_target, cls_target, srl
 

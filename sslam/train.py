@@ -52,6 +52,7 @@ from .pretrain import (
     train_flops_per_clip,
 )
 from .runs import (
+    Dist,
     StopTraining,
     changed_settings,
     check_record,
@@ -81,6 +82,7 @@ from .train_config import (
     objective_config,
     preset,
     set_option,
+    split_override,
     validate,
 )
 
@@ -223,6 +225,19 @@ def resolve_init(path: str) -> str:
 # ---- the trainer --------------------------------------------------------------------------
 
 
+def _start_process(device: str) -> tuple[Dist, torch.device]:
+    """This process's place in a torchrun launch (or alone) and its device: ``device`` (auto:
+    CUDA where there is a GPU, else the CPU); under torchrun each process takes its own GPU."""
+    device_type = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device=cuda: no CUDA device is available here")
+    dist = init_distributed(device_type)
+    if device_type != "cuda":
+        return dist, torch.device(device_type)
+    torch.cuda.set_device(dist.local_rank)
+    return dist, torch.device("cuda", dist.local_rank)
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs the loop (:meth:`fit`)."""
 
@@ -231,15 +246,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.run.out)
         check_output_folder(self.out)
-        device_type = cfg.run.device if cfg.run.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device_type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("run.device=cuda: no CUDA device is available here")
-        self.dist = init_distributed(device_type)
-        if device_type == "cuda":
-            torch.cuda.set_device(self.dist.local_rank)
-            self.device = torch.device("cuda", self.dist.local_rank)
-        else:
-            self.device = torch.device(device_type)
+        self.dist, self.device = _start_process(cfg.run.device)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         self.log = log if self.dist.main else (lambda *a, **k: None)
@@ -249,38 +256,7 @@ class Trainer:
         self.half_dtype = half if pure else None  # the networks' (sslam.precision)
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        existing = checkpoints_in(self.out)
-        if self.dist.main:  # what a killed run was writing
-            remove_temporaries(self.out)
-        if existing and not cfg.run.resume:
-            # A fresh run there would overwrite some of them and keep_last would prune the rest
-            # by name, leaving two runs mixed (and a later resume picking the wrong one).
-            raise ValueError(f"{self.out} holds checkpoints of an earlier run (newest {existing[-1].name}) and "
-                             "run.resume=false: choose a new run.out, or remove them")
-        if not existing:
-            # The record names the file the run starts from: a run folder's newest checkpoint
-            # now, which a resume can then tell from the folder's later ones.
-            if cfg.run.init:
-                cfg.run.init = resolve_init(cfg.run.init)
-            self._check_no_other_record()
-        self.resume_from = existing[-1] if existing else None
-        saved = load_newest(existing) if existing else None
-        if saved is not None and saved.get("format") != "sslam-train":
-            raise CheckpointError(f"{self.resume_from}: not an sslam training checkpoint")
-        if saved is not None:
-            check_record(saved, self.resume_from)
-            conflicts = resume_conflicts(saved, cfg, self.dist.world_size, self.precision)
-            if conflicts:
-                raise ValueError(f"{self.resume_from}: cannot resume with changed settings: " + "; ".join(conflicts)
-                                 + ". Run with the checkpoint's settings, or start a new run.out (--run.init can "
-                                 "start it from this checkpoint).")
-            if int(saved["step"]) > cfg.optim.max_steps:
-                raise ValueError(f"{self.resume_from}: the run is at step {saved['step']}, past optim.max_steps="
-                                 f"{cfg.optim.max_steps}: give a larger one to train on")
-            # The EMA schedule depends on whether the run started from a checkpoint (see
-            # ema_decay), and the record names the file it started from: a resume keeps it
-            # (an --init given now names the same start, resume_conflicts checked).
-            cfg.run.init = (saved.get("config") or {}).get("run", {}).get("init", "")
+        saved = self._checkpoint_to_resume()
         self.model = self._build_model(saved)
         self.mask_cfg = mask_config(cfg)
         self.step = 0
@@ -294,15 +270,7 @@ class Trainer:
             self._load_weights(saved)
         # Wrap before building the optimizer: FSDP replaces the parameters by sharded ones.
         self.train_module = self._wrap(self.model)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(torch.nn.ModuleList([self.model.student, self.model.decoder]), cfg.optim.weight_decay),
-            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-            **({"fused": True} if self.device.type == "cuda" else {}),
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.optim))
-        # fp16: fairseq's first loss scale, 2**7 (torch's default, 2**16, overflows for the first
-        # steps of a run until it has halved its way down, and each overflow is a skipped step).
-        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**7, enabled=precision.startswith("fp16"))
+        self.optimizer, self.scheduler, self.scaler = self._build_optimizer()
         if saved is not None:
             self._load_training_state(saved)
             if self._too_many_bad_files():
@@ -311,6 +279,44 @@ class Trainer:
             self.log(f"resumed from {self.resume_from} at step {self.step}")
         self.flops_per_clip = train_flops_per_clip(self.model.student.cfg, self.model.objective,
                                                    cfg.data.target_length, self.mask_cfg.num_kept)
+
+    def _checkpoint_to_resume(self) -> dict | None:
+        """The newest checkpoint of ``run.out``, checked against this run's settings, or None
+        for a fresh start (whose folder holds no other run's record). Sets ``resume_from``, and
+        ``run.init`` to the file the run started from."""
+        cfg, existing = self.cfg, checkpoints_in(self.out)
+        if self.dist.main:  # what a killed run was writing
+            remove_temporaries(self.out)
+        self.resume_from = existing[-1] if existing else None
+        if not existing:
+            # The record names the file the run starts from: a run folder's newest checkpoint
+            # now, which a resume can then tell from the folder's later ones.
+            if cfg.run.init:
+                cfg.run.init = resolve_init(cfg.run.init)
+            self._check_no_other_record()
+            return None
+        if not cfg.run.resume:
+            # A fresh run there would overwrite some of them and keep_last would prune the rest
+            # by name, leaving two runs mixed (and a later resume picking the wrong one).
+            raise ValueError(f"{self.out} holds checkpoints of an earlier run (newest {existing[-1].name}) and "
+                             "run.resume=false: choose a new run.out, or remove them")
+        saved = load_newest(existing)
+        if saved.get("format") != "sslam-train":
+            raise CheckpointError(f"{self.resume_from}: not an sslam training checkpoint")
+        check_record(saved, self.resume_from)
+        conflicts = resume_conflicts(saved, cfg, self.dist.world_size, self.precision)
+        if conflicts:
+            raise ValueError(f"{self.resume_from}: cannot resume with changed settings: " + "; ".join(conflicts)
+                             + ". Run with the checkpoint's settings, or start a new run.out (--run.init can "
+                             "start it from this checkpoint).")
+        if int(saved["step"]) > cfg.optim.max_steps:
+            raise ValueError(f"{self.resume_from}: the run is at step {saved['step']}, past optim.max_steps="
+                             f"{cfg.optim.max_steps}: give a larger one to train on")
+        # The EMA schedule depends on whether the run started from a checkpoint (see
+        # ema_decay), and the record names the file it started from: a resume keeps it
+        # (an --init given now names the same start, resume_conflicts checked).
+        cfg.run.init = (saved.get("config") or {}).get("run", {}).get("init", "")
+        return saved
 
     def _check_no_other_record(self) -> None:
         """A fresh start writes config.json and cuts metrics.jsonl to nothing: in a folder that
@@ -357,29 +363,7 @@ class Trainer:
                 check_state(module, saved[part], f"{source} ({part})")
             model = Pretrainer(enc_cfg, objective)
         elif cfg.run.init:
-            given = given_sizes(cfg.model)
-            with warnings.catch_warnings():
-                if "num_heads" in given:  # the file's lack of it needs no guess
-                    warnings.filterwarnings("ignore", message=".*does not record num_heads")
-                ckpt, note = init_architecture(read_checkpoint(cfg.run.init), given)  # a file: resolved in __init__
-            if note:
-                self.log(note)
-            if cfg.objective.top_k > ckpt.config.depth:
-                raise ValueError(f"objective.top_k={cfg.objective.top_k} exceeds the depth {ckpt.config.depth} of "
-                                 f"run.init's encoder ({ckpt.path})")
-            if cfg.data.target_length > ckpt.config.max_frames:
-                raise ValueError(f"data.target_length={cfg.data.target_length}: at most {ckpt.config.max_frames} "
-                                 f"frames, the position table of run.init's encoder ({ckpt.path})")
-            if ckpt.decoder:  # the file's decoder is trained on, whatever the settings say
-                file_decoder = file_decoder_config(ckpt)
-                unused = [f"model.{name}={value} (the file: {getattr(file_decoder, name.removeprefix('decoder_'))})"
-                          for name, value in given_sizes(cfg.model, DECODER_SIZES).items()
-                          if value != getattr(file_decoder, name.removeprefix("decoder_"))]
-                if unused:
-                    self.log(f"the decoder comes from {ckpt.path}; not used: {', '.join(unused)}")
-            model = Pretrainer.from_checkpoint(ckpt, objective_config(cfg, ckpt.config.depth))
-            self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "
-                     f"from {ckpt.path} ({ckpt.format})")
+            model = self._model_from_init()
         else:
             if cfg.objective.stage == 2:
                 self.log("note: stage 2 from random weights; SSLAM continues a stage-1 (EAT) model, given "
@@ -394,6 +378,50 @@ class Trainer:
         model.checkpoint_decoder = cfg.run.checkpoint_decoder
         model.student.set_block_checkpointing(cfg.run.checkpoint_blocks)
         return model.to(self.device).train()
+
+    def _model_from_init(self) -> Pretrainer:
+        """A model started from the file ``run.init`` (resolved to a file in ``__init__``): its
+        architecture, weights, decoder and teacher where it has them."""
+        cfg = self.cfg
+        given = given_sizes(cfg.model)
+        with warnings.catch_warnings():
+            if "num_heads" in given:  # the file's lack of it needs no guess
+                warnings.filterwarnings("ignore", message=".*does not record num_heads")
+            ckpt, note = init_architecture(read_checkpoint(cfg.run.init), given)
+        if note:
+            self.log(note)
+        if cfg.objective.top_k > ckpt.config.depth:
+            raise ValueError(f"objective.top_k={cfg.objective.top_k} exceeds the depth {ckpt.config.depth} of "
+                             f"run.init's encoder ({ckpt.path})")
+        if cfg.data.target_length > ckpt.config.max_frames:
+            raise ValueError(f"data.target_length={cfg.data.target_length}: at most {ckpt.config.max_frames} "
+                             f"frames, the position table of run.init's encoder ({ckpt.path})")
+        if ckpt.decoder:  # the file's decoder is trained on, whatever the settings say
+            file_decoder = file_decoder_config(ckpt)
+            unused = [f"model.{name}={value} (the file: {getattr(file_decoder, name.removeprefix('decoder_'))})"
+                      for name, value in given_sizes(cfg.model, DECODER_SIZES).items()
+                      if value != getattr(file_decoder, name.removeprefix("decoder_"))]
+            if unused:
+                self.log(f"the decoder comes from {ckpt.path}; not used: {', '.join(unused)}")
+        model = Pretrainer.from_checkpoint(ckpt, objective_config(cfg, ckpt.config.depth))
+        self.log(f"initialised student{', decoder' if ckpt.decoder else ''}{', teacher' if ckpt.teacher else ''} "
+                 f"from {ckpt.path} ({ckpt.format})")
+        return model
+
+    def _build_optimizer(self):
+        """AdamW over the student and decoder (fused on CUDA), its lr schedule, and the loss
+        scaler (enabled for fp16)."""
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(
+            param_groups(torch.nn.ModuleList([self.model.student, self.model.decoder]), cfg.optim.weight_decay),
+            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+            **({"fused": True} if self.device.type == "cuda" else {}),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim))
+        # fp16: fairseq's first loss scale, 2**7 (torch's default, 2**16, overflows for the first
+        # steps of a run until it has halved its way down, and each overflow is a skipped step).
+        scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**7, enabled=self.precision.startswith("fp16"))
+        return optimizer, scheduler, scaler
 
     @property
     def sharded(self) -> bool:
@@ -903,10 +931,7 @@ def config_from_args(args, overrides: list[str]) -> TrainConfig:
     if args.out is not None:
         cfg.run.out = args.out
     for item in overrides:
-        if not item.startswith("--") or "=" not in item:
-            raise ValueError(f"{item!r}: overrides are written --section.key=value")
-        key, value = item[2:].split("=", 1)
-        set_option(cfg, key, value)
+        set_option(cfg, *split_override(item))
     if cfg.objective.stage != args.stage:  # it would keep the other stage's lr, steps and clones
         raise ValueError(f"--objective.stage={cfg.objective.stage}: choose the stage with --stage "
                          f"{cfg.objective.stage}, which also sets its recipe (SPEC 5.6)")

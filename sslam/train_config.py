@@ -203,6 +203,15 @@ def parse_option(value, annotation: str, key: str):
         raise ValueError(f"--{key}={value!r}: expected {_KINDS.get(annotation, annotation)}") from None
 
 
+def split_override(item: str, form: str = "--section.key=value") -> tuple[str, str]:
+    """A command-line override ``--key=value`` -> (key, value); anything else is refused,
+    showing ``form``."""
+    if not item.startswith("--") or "=" not in item:
+        raise ValueError(f"{item!r}: options are written {form}")
+    key, value = item[2:].split("=", 1)
+    return key, value
+
+
 def set_option(cfg: TrainConfig, key: str, value) -> None:
     """Set ``section.field`` on ``cfg`` (value converted from a string by the field's type)."""
     if "." not in key:
