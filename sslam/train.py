@@ -442,6 +442,10 @@ class Trainer:
             policy = {}
             if self.half_dtype is not None:
                 policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.half_dtype, reduce_dtype=torch.float32)
+            # A block returns its FFN output beside its output (the teacher's targets read it):
+            # a view of its last linear's 2-D result, which FSDP2 warns about in case it is
+            # changed in place. Nothing here does that.
+            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
             for block in list(model.student.blocks) + list(model.teacher.encoder.blocks):
                 fully_shard(block, **policy)
             fully_shard(model.teacher.encoder, **policy)

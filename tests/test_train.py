@@ -299,6 +299,7 @@ def test_accumulation_equals_two_processes(tmp_path, monkeypatch, parallel, bloc
     )
     assert result.returncode == 0, result.stderr[-3000:]
     if parallel == "fsdp":
+        assert "returned a view tensor" not in result.stderr  # FSDP2's warning, not ours to give
         for rank in (0, 1):
             assert len((tmp_path / f"rs{rank}").read_text().splitlines()) == 3 * 3
     two = read_checkpoint(checkpoints_in(tmp_path / "two")[-1])
