@@ -228,10 +228,22 @@ def set_option(cfg: TrainConfig, key: str, value) -> None:
 
 
 def format_config(cfg: TrainConfig) -> str:
+    """The settings, section by section; a size left at 0 says what it stands for."""
+    if cfg.run.init:  # the file's sizes, known once it is read
+        meaning = "run.init's"
+        stands_for = {("model", k): meaning for k in ("embed_dim", "depth", "num_heads")}
+        stands_for["objective", "top_k"] = f"every layer of {meaning} encoder"
+    else:
+        enc = encoder_config(cfg)
+        stands_for = {("model", k): f"{getattr(enc, k)}, the {cfg.model.variant} variant's"
+                      for k in ("embed_dim", "depth", "num_heads")}
+        stands_for["objective", "top_k"] = f"all {enc.depth} layers"
     lines = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        lines += [f"  {k} = {v!r}" for k, v in values.items()]
+        for k, v in values.items():
+            note = stands_for.get((section, k)) if v == 0 else None
+            lines.append(f"  {k} = {v!r}" + (f"  # {note}" if note else ""))
     return "\n".join(lines)
 
 

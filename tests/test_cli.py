@@ -160,6 +160,17 @@ def test_a_setting_given_twice_is_refused(capsys):
         assert f"both set {key}: give one of them" in capsys.readouterr().err
 
 
+def test_printed_config_says_what_sizes_left_at_zero_stand_for(capsys):
+    """The base and large presets leave the sizes at 0 (the variant's): printed bare, they read
+    as a zero-width encoder."""
+    assert main(["pretrain", "--preset", "large", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "embed_dim = 0  # 1024, the large variant's" in printed and "depth = 0  # 24, the large variant's" in printed
+    assert "top_k = 0  # all 24 layers" in printed
+    assert main(["pretrain", "--preset", "base", "--stage", "2", "--init", "a.pt", "--print-config"]) == 0
+    assert "num_heads = 0  # run.init's" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, hint", [
     (["pretrain", "--preset", "tiny"], "the same command resumes from the last checkpoint in its output folder, if it has one"),
     (["pretrain", "--preset", "tiny", "--run.resume=false"],
