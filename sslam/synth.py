@@ -345,7 +345,12 @@ def _band_noise(
     spectrum = np.zeros(bins, np.complex64)
     spectrum[first:stop] = draws * _butterworth_gain(freqs, low, high, order).astype(_F32)
     noise = np.fft.irfft(spectrum, m)[:n]
-    return noise / _F32(max(float(np.sqrt(np.mean(noise * noise))), 1e-12))
+    return _unit_rms(noise)
+
+
+def _unit_rms(x: np.ndarray) -> np.ndarray:
+    """``x`` (n,) float32 scaled to unit RMS (silence stays silence)."""
+    return x / _F32(max(float(np.sqrt(np.mean(x * x))), 1e-12))
 
 
 def _pink_noise(n: int, rng: np.random.Generator, octaves: int = 12) -> np.ndarray:
@@ -363,7 +368,7 @@ def _pink_noise(n: int, rng: np.random.Generator, octaves: int = 12) -> np.ndarr
         noise += rng.random(noise.size, dtype=_F32)
     offset = int(rng.integers(0, hold))
     noise = noise[offset : offset + n] - _F32(0.5 * (octaves + 1))  # each row has mean 1/2
-    return noise / _F32(max(float(np.sqrt(np.mean(noise * noise))), 1e-12))
+    return _unit_rms(noise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,8 +568,8 @@ def _free_gaps(busy: list[tuple[int, int]], total: int, spacing: int) -> list[tu
     return gaps
 
 
-def _plan_events(index: int, config: SceneConfig, rng: np.random.Generator):
-    """Draw the classes and event intervals of a scene.
+def _plan_events(index: int, config: SceneConfig):
+    """Draw the classes and event intervals of scene ``index`` (from its own layout stream).
 
     Returns a list of ``(class_index, onset_sample, offset_sample)`` (offset exclusive), source
     by source, each source's first event first.
@@ -574,6 +579,7 @@ def _plan_events(index: int, config: SceneConfig, rng: np.random.Generator):
     duration left is not placed, so a source has at least one and at most
     ``events_per_source[1]`` events.
     """
+    rng = _rng(config.seed, index, _LAYOUT)
     total = config.num_samples
     sr = config.sample_rate
     num_sources = int(rng.integers(config.min_sources, config.max_sources + 1))
@@ -625,6 +631,23 @@ def _plan_events(index: int, config: SceneConfig, rng: np.random.Generator):
     return events
 
 
+def _labels(plan) -> tuple[int, ...]:
+    """The sorted classes of a scene's planned events."""
+    return tuple(sorted({c for c, _, _ in plan}))
+
+
+def _multi_hot(labels: tuple[int, ...]) -> torch.Tensor:
+    """Class indices -> (NUM_CLASSES,) float32 multi-hot target."""
+    target = torch.zeros(NUM_CLASSES, dtype=torch.float32)
+    target[list(labels)] = 1.0
+    return target
+
+
+def _random_gain(rng: np.random.Generator, db_range: tuple[float, float]) -> np.float32:
+    """A linear amplitude gain drawn uniformly in decibels over ``db_range``."""
+    return np.float32(10.0 ** (rng.uniform(*db_range) / 20.0))
+
+
 def render_scene(index: int, config: SceneConfig) -> Scene:
     """Render scene ``index`` of ``config`` (deterministic in ``(config, index)``).
 
@@ -635,21 +658,21 @@ def render_scene(index: int, config: SceneConfig) -> Scene:
     Returns:
         A :class:`Scene` with a float32 (config.num_samples,) waveform in [-1, 1].
     """
-    if isinstance(index, bool) or int(index) != index or index < 0:
+    if not _is_whole(index) or index < 0:
         raise ValueError(f"index: expected a non-negative integer, got {index!r}")
     index = int(index)
     sr = config.sample_rate
-    plan = _plan_events(index, config, _rng(config.seed, index, _LAYOUT))
+    plan = _plan_events(index, config)
 
     mix = np.zeros(config.num_samples, np.float32)
     for k, (class_index, onset, offset) in enumerate(plan):
         rng = _rng(config.seed, index, _EVENT, k)
-        level = np.float32(10.0 ** (rng.uniform(*config.event_gain_db) / 20.0))
+        level = _random_gain(rng, config.event_gain_db)
         mix[onset:offset] += level * render_event(class_index, offset - onset, sr, rng)
 
     if config.background_noise_db is not None:
         rng = _rng(config.seed, index, _BACKGROUND)
-        level = np.float32(10.0 ** (rng.uniform(*config.background_noise_db) / 20.0))
+        level = _random_gain(rng, config.background_noise_db)
         if rng.integers(0, 2):
             mix += level * _pink_noise(config.num_samples, rng)
         else:
@@ -661,8 +684,7 @@ def render_scene(index: int, config: SceneConfig) -> Scene:
     events = sorted(
         ((c, on / sr, off / sr) for c, on, off in plan), key=lambda e: (e[1], e[0], e[2])
     )
-    labels = tuple(sorted({c for c, _, _ in plan}))
-    return Scene(waveform=mix, labels=labels, events=events, sample_rate=sr)
+    return Scene(waveform=mix, labels=_labels(plan), events=events, sample_rate=sr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -709,16 +731,11 @@ class SynthDataset(Dataset):
 
     def labels(self, index: int) -> tuple[int, ...]:
         """Sorted class indices of scene ``index``, without rendering its audio."""
-        index = self._check_index(index)
-        plan = _plan_events(index, self.config, _rng(self.config.seed, index, _LAYOUT))
-        return tuple(sorted({c for c, _, _ in plan}))
+        return _labels(_plan_events(self._check_index(index), self.config))
 
     def targets(self) -> torch.Tensor:
         """Multi-hot targets of every scene, (num_clips, num_classes) float32, without audio."""
-        out = torch.zeros(self.num_clips, NUM_CLASSES)
-        for i in range(self.num_clips):
-            out[i, list(self.labels(i))] = 1.0
-        return out
+        return torch.stack([_multi_hot(self.labels(i)) for i in range(self.num_clips)])
 
     def scene(self, index: int) -> Scene:
         """The full :class:`Scene` (with events) behind item ``index``."""
@@ -726,9 +743,7 @@ class SynthDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         scene = self.scene(index)
-        target = torch.zeros(NUM_CLASSES, dtype=torch.float32)
-        target[list(scene.labels)] = 1.0
-        return torch.from_numpy(scene.waveform), target
+        return torch.from_numpy(scene.waveform), _multi_hot(scene.labels)
 
     def __repr__(self) -> str:
         return f"SynthDataset(num_clips={self.num_clips}, config={self.config})"
@@ -747,7 +762,7 @@ _SEED_STREAMS = 8
 
 def _stream_seed(seed: int, stream: int) -> int:
     """Config seed of ``stream`` for user seed ``seed``: distinct for every (seed, stream)."""
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+    if not _is_whole(seed) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
     return _SEED_STREAMS * int(seed) + stream
 
