@@ -132,9 +132,16 @@ class MaskConfig:
         )
 
     @property
+    def block_span(self) -> tuple[int, int]:
+        """The first and last offset of a block's cells from its centre along each axis:
+        ``-(l//2)`` and ``l-1-l//2``."""
+        return -(self.mask_length // 2), self.mask_length - 1 - self.mask_length // 2
+
+    @property
     def block_offsets(self) -> tuple[int, ...]:
-        """Offsets of a block's cells from its centre along each axis: ``-(l//2) .. l-1-l//2``."""
-        return tuple(range(-(self.mask_length // 2), self.mask_length - self.mask_length // 2))
+        """Every offset of :attr:`block_span` (``mask_length`` of them)."""
+        low, high = self.block_span
+        return tuple(range(low, high + 1))
 
     @property
     def native_args(self) -> tuple:
@@ -193,7 +200,7 @@ def mark_blocks(centres: torch.Tensor, config: MaskConfig) -> torch.Tensor:
     """
     num_rows = centres.shape[0]
     grid_t, grid_f = config.grid
-    low, high = -(config.mask_length // 2), config.mask_length - 1 - config.mask_length // 2
+    low, high = config.block_span
 
     def axis_offsets(size: int) -> torch.Tensor:
         # Offsets past +-(size - 1) only reach cells that the clamp below maps to the border,
