@@ -657,6 +657,23 @@ class Finetuner:
         self.amp = HALF.get(precision)  # None: fp32
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.weights = read_weights(cfg.balanced_weights, len(train), train.items) if cfg.balanced_weights else None
+        self._check_epochs()
+        self.step, self.best = 0, None
+        existing = checkpoints_in(self.out)
+        if self.dist.rank == 0:  # what a killed run was writing
+            remove_temporaries(self.out)
+        if existing:
+            self._load(existing[-1], load_newest(existing))
+        else:
+            self._check_no_other_record()
+
+    RECORD = "finetune.json"  # what a fresh start is: a restart of the same run may go on over it
+
+    def _check_epochs(self) -> None:
+        """An epoch is a pass over the training clips, or with balanced weights ``epoch_size``
+        clips drawn without replacement (fewer than there are); either way at least one batch
+        for every process."""
+        cfg, train = self.cfg, self.train_split
         if self.weights is None and cfg.epoch_size:
             raise ValueError(f"epoch_size={cfg.epoch_size}: used only with balanced_weights; without them an epoch "
                              "is one pass over the training clips")
@@ -678,16 +695,6 @@ class Finetuner:
             raise ValueError(f"{train.name}: {per_rank} training clip(s) per process per epoch, fewer than "
                              f"batch_size={cfg.batch_size}, so an epoch yields no batch; batch_size must lie in "
                              f"[1, {per_rank}] (or use more clips / fewer processes)")
-        self.step, self.best = 0, None
-        existing = checkpoints_in(self.out)
-        if self.dist.rank == 0:  # what a killed run was writing
-            remove_temporaries(self.out)
-        if existing:
-            self._load(existing[-1], load_newest(existing))
-        else:
-            self._check_no_other_record()
-
-    RECORD = "finetune.json"  # what a fresh start is: a restart of the same run may go on over it
 
     def _identity(self) -> dict:
         """What a resumed run must share with this one (see :func:`finetune_resume_conflicts`)."""
