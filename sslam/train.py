@@ -28,6 +28,14 @@ import torch.distributed as dist
 
 from . import native
 from .checkpoint import CheckpointError, check_state, read_checkpoint, run_checkpoint
+from .data import (
+    GlobalBatchSampler,
+    build_dataset,
+    collate,
+    data_identity,
+    samples_for_frames,
+    silent_stand_in,
+)
 from .features import preprocess
 from .files import (
     atomic_write,
@@ -466,7 +474,6 @@ class Trainer:
     def data_loader(self):
         from torch.utils.data import DataLoader
 
-        from .data import GlobalBatchSampler, build_dataset, collate, data_identity
 
         d = self.cfg.data
         dataset = build_dataset(d.source, root=d.root or None, target_length=d.target_length,
@@ -725,9 +732,9 @@ class Trainer:
                      "on they differ from an uninterrupted run's")
 
     # -- the loop --
-    def fit(self) -> dict:
+    def _log_start(self) -> int:
+        """Log the settings and what they make of a step; returns the global batch (clips)."""
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
         self.log(format_config(cfg))
         eff = cfg.data.batch_size * self.dist.world_size * cfg.optim.accum_steps
         self.log(f"effective batch: {eff} clips per step ({cfg.data.batch_size} per micro-step x "
@@ -737,6 +744,12 @@ class Trainer:
                  f"random streams seeded by (seed {cfg.run.seed}, step, rank slot)")
         n_params = sum(p.numel() for p in self.model.trainable_parameters())
         self.log(f"trainable parameters: {n_params:,}")
+        return eff
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        eff = self._log_start()
         loader = self.data_loader()  # first: a resume refused for other data leaves the record as it was
         if self.dist.main:
             text = json.dumps(cfg.to_dict(), indent=2) + "\n"
@@ -754,8 +767,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         batches = iter(loader)
-        from .data import samples_for_frames, silent_stand_in
-
         samples = samples_for_frames(cfg.data.target_length)
         too_many_bad = None
         try:
