@@ -219,10 +219,12 @@ def _norm_act_kernels(y: torch.Tensor, residual: torch.Tensor | None, eps: float
 
 
 def decoder_norm_act_ref(y: torch.Tensor, residual: torch.Tensor | None = None, *, eps: float = 1e-5):
-    """GELU(LayerNorm(y)) (+ residual), same contract as :func:`decoder_norm_act`."""
-    out = F.gelu(F.layer_norm(y.float(), (y.shape[-1],), eps=eps))
+    """GELU(LayerNorm(y)) (+ residual), same contract as :func:`decoder_norm_act`; computed in
+    float32, or float64 for float64 inputs (the tests' exact reference)."""
+    compute = torch.promote_types(y.dtype, torch.float32)
+    out = F.gelu(F.layer_norm(y.to(compute), (y.shape[-1],), eps=eps))
     if residual is not None:
-        out = out + residual.float()
+        out = out + residual.to(compute)
     return out.to(y.dtype)
 
 

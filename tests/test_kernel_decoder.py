@@ -63,6 +63,14 @@ def check_norm_act(shape, dtype, residual: bool, device="cpu"):
         assert_close(got[1], ref[1], TOL[dtype], "dresidual")
 
 
+def test_the_reference_computes_float64_inputs_in_float64():
+    """The kernels' tests compare with the reference on float64 inputs as the exact answer: it
+    computed them in float32 (a LayerNorm of 1e4 + noise came out ~4e-4 off)."""
+    y, residual = torch.randn(5, 48, dtype=torch.float64) * 3 + 1e4, torch.randn(5, 48, dtype=torch.float64)
+    expected = torch.nn.functional.gelu(torch.nn.functional.layer_norm(y, (48,), eps=1e-5)) + residual
+    assert torch.equal(dec.decoder_norm_act_ref(y, residual), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("residual", [True, False])
 def test_norm_act_matches_reference(kernels_on_cpu, poisoned, dtype, residual):
