@@ -872,7 +872,10 @@ def attention(q, k, v, *, key_padding_mask=None, scale=None):
         (B, L, H, Dh) contiguous, q's dtype (so ``.reshape(B, L, H * Dh)`` is free).
 
     Runs the Triton kernels when ``use_kernels(q)`` (CUDA tensors by default, see
-    ``SSLAM_KERNELS``), else :func:`attention_ref`. Differentiable in q, k and v.
+    ``SSLAM_KERNELS``), else :func:`attention_ref`. Differentiable in q, k and v. As in
+    FlashAttention, the backward rounds the score gradients to q's dtype before its dq and dk
+    matmuls: in float16 they overflow where one passes 65504 (large values and output
+    gradients over sharp attention), though dq itself would fit; bfloat16 has the range.
     """
     _check_qkv(q, k, v, 4, "(B, L, H, Dh)")
     batch, seqlen = q.shape[0], q.shape[1]
