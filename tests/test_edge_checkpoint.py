@@ -215,7 +215,7 @@ def test_qkv_without_bias(tmp_path):
     torch.save(source.state_dict(), tmp_path / "state.pt")  # a bare state dict: no config at all
     with pytest.warns(UserWarning, match="assuming 2"):
         loaded = load_encoder(tmp_path / "state.pt")
-    assert loaded.cfg == cfg and read_checkpoint.__name__ and loaded.preprocessing["target_length"] == 1024
+    assert loaded.cfg == cfg and loaded.preprocessing["target_length"] == 1024
     assert_same_encoder(loaded, source)
     # An official (data2vec_multi) file always has the bias: one without it is damaged, not a
     # bias-free architecture.
@@ -748,12 +748,16 @@ def test_safetensors_dtypes_and_shapes(tmp_path):
     source = random_encoder(VARIANTS["tiny"])
     hf_folder(source, tmp_path / "hf")
     state = {HF.get(k, "model." + k): v for k, v in source.state_dict().items()}
-    for dtype, atol in ((torch.float16, 5e-2), (torch.bfloat16, 2e-1)):
+    for dtype in (torch.float16, torch.bfloat16):
         save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, tmp_path / "hf" / "model.safetensors")
         loaded = load_encoder(tmp_path / "hf")
         assert loaded.blocks[0].attn.qkv.weight.dtype == torch.float32  # cast on load
-        x = torch.randn(1, 1, FRAMES, 128)
-        assert torch.allclose(outputs(loaded, x), outputs(source, x), atol=atol)
+        # Every weight is the file's, exactly (an output tolerance wide enough for the rounding
+        # also passed a model with a weight left unloaded).
+        rounded = {k: v.to(dtype).float() for k, v in source.state_dict().items()}
+        assert loaded.state_dict().keys() == rounded.keys()
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, rounded[key]), key
     bad = dict(state, **{"model.blocks.1.attn.proj.weight": torch.zeros(64, 32)})
     save_file(bad, tmp_path / "hf" / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"model.blocks.1.attn.proj.weight \(sslam: blocks.1.attn.proj.weight\): file \(64, 32\) vs model \(64, 64\)"):

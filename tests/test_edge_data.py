@@ -62,12 +62,16 @@ def _check_mask(mask: torch.Tensor, config: MaskConfig, rows: int) -> None:
 @pytest.mark.parametrize("mask_length", [1, 5, 100])
 def test_masks_on_odd_grids_keep_exactly_k(grid, mask_prob, mask_length):
     """Any grid / probability / block length (also blocks longer than the grid): every row of
-    both implementations keeps exactly num_kept tokens, and kept_indices' invariants hold."""
-    try:
-        config = MaskConfig(grid=grid, mask_prob=mask_prob, mask_length=mask_length)
-    except ValueError as exc:  # nothing would be kept or masked: refused by name
-        assert "keeps" in str(exc)
+    both implementations keeps exactly num_kept tokens, and kept_indices' invariants hold; a
+    setting that would keep nothing or mask nothing is refused by name."""
+    patches = grid[0] * grid[1]
+    kept = int(patches * (1.0 - mask_prob))  # the official count: int(L * (1 - mask_prob))
+    if kept in (0, patches):
+        with pytest.raises(ValueError, match=f"keeps {kept} and masks {patches - kept} of {patches} patches"):
+            MaskConfig(grid=grid, mask_prob=mask_prob, mask_length=mask_length)
         return
+    config = MaskConfig(grid=grid, mask_prob=mask_prob, mask_length=mask_length)
+    assert config.num_kept == kept
     _check_mask(block_masks(9, config, seed=3), config, 9)
     _check_mask(block_masks_ref(9, config, torch.Generator().manual_seed(3)), config, 9)
 

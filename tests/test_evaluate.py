@@ -444,7 +444,10 @@ def test_roll_mixup_specaugment():
     assert sorted((rolled[0, :6] / ratio).round().tolist()) == [1, 2, 3, 4, 5, 6]
     x, y = torch.randn(4, 1, 8, 8), torch.eye(4)
     mx, my = mixup(x, y, np.random.default_rng(1), alpha=0.8, prob=1.0)
-    lam = my[0, 0].item()
+    draws = np.random.default_rng(1)
+    draws.random()  # the draw that decides whether to mix
+    lam = float(draws.beta(0.8, 0.8))
+    assert 0 < lam < 1 and my[0, 0].item() == pytest.approx(lam) and my[0, 3].item() == pytest.approx(1 - lam)
     assert torch.allclose(mx[0], lam * x[0] + (1 - lam) * x[3]) and torch.allclose(my.sum(1), torch.ones(4))
     same = mixup(x, y, np.random.default_rng(1), prob=0.0)
     assert same[0] is x

@@ -294,7 +294,7 @@ def test_accumulation_equals_two_processes(tmp_path, monkeypatch, parallel, bloc
               run__checkpoint_blocks=blocks, run__precision=precision)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
