@@ -398,6 +398,13 @@ class EncoderOutput(NamedTuple):
     block_outputs: list[torch.Tensor]
 
 
+def _reset_head(head: nn.Linear) -> None:
+    """The classifier head's initialisation (the official fine-tuning's): trunc-normal(0.02)
+    weights, zero bias."""
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+
+
 class Encoder(nn.Module):
     """The ViT audio encoder. Build with :func:`create_model`; load weights with
     :func:`sslam.load_encoder`."""
@@ -452,8 +459,7 @@ class Encoder(nn.Module):
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token)
         if self.cfg.num_classes > 0:
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+            _reset_head(self.head)
 
     def set_attention(self, impl: str) -> Encoder:
         """'auto' (the Triton kernel on CUDA when enabled and the heads are at most its 128 wide,
@@ -659,6 +665,40 @@ class Encoder(nn.Module):
             # e.g. the whole (B, 1 + N, D) output, which the head would map token by token
             raise ValueError(f"cls: expected the (B, {self.cfg.embed_dim}) CLS outputs, got {tuple(cls.shape)}")
         return self.head(self.fc_norm(cls))
+
+    # ---- timm's names --------------------------------------------------------------------
+    @property
+    def num_features(self) -> int:
+        """D, the width of the CLS embedding and of every token."""
+        return self.cfg.embed_dim
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, mel_bins) spectrogram or its patches -> (B, 1 + N, D) final tokens, CLS first."""
+        return self(x).x
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, 1 + N, D) final tokens -> (B, num_classes) logits of the CLS token; with
+        ``pre_logits`` (or without a head) the (B, D) CLS the head reads (after fc_norm)."""
+        cls = features[:, 0]
+        if self.cfg.num_classes <= 0:
+            return cls
+        return self.fc_norm(cls) if pre_logits else self.classify(cls)
+
+    def reset_classifier(self, num_classes: int) -> Encoder:
+        """A fresh classification head for ``num_classes`` (0: none), on the encoder's device and
+        dtype: fc_norm (1, 0), the head trunc-normal(0.02) with zero bias. The encoder's other
+        weights are untouched; ``label_names`` no longer apply and are cleared."""
+        cfg = self.cfg.replace(num_classes=num_classes)  # refuses a negative count by name
+        like = {"device": self.cls_token.device, "dtype": self.cls_token.dtype}
+        for name in ("fc_norm", "head"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if num_classes > 0:
+            self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.head_norm_eps, **like)
+            self.head = nn.Linear(cfg.embed_dim, num_classes, **like)
+            _reset_head(self.head)
+        self.cfg, self.label_names = cfg, None
+        return self
 
     def embed(self, audio, sample_rate: int | None = None, **kwargs):
         """Embeddings of raw audio; see :func:`sslam.embedding.embed`."""

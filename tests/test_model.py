@@ -195,6 +195,34 @@ def test_classification_head():
         model.forward_tokens(torch.randn(2, 9, 40))
 
 
+def test_timm_style_features_head_and_reset_classifier():
+    """timm's names: forward_features (the final tokens), forward_head (CLS -> fc_norm -> head,
+    or the normalised CLS with pre_logits), num_features, reset_classifier."""
+    model = small_model(num_classes=5)
+    spec = torch.randn(2, 1, 32, 128)
+    features = model.forward_features(spec)
+    assert torch.equal(features, model(spec).x) and model.num_features == 48
+    logits = model.forward_head(features)
+    assert torch.equal(logits, model.classify(features[:, 0]))
+    assert torch.equal(model.forward_head(features, pre_logits=True), model.fc_norm(features[:, 0]))
+    model.label_names = [f"c{i}" for i in range(5)]
+    body = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("fc_norm.", "head."))}
+    assert model.reset_classifier(3) is model
+    assert model.cfg.num_classes == 3 and model.head.weight.shape == (3, 48) and model.label_names is None
+    assert torch.equal(model.head.bias, torch.zeros(3)) and 0 < model.head.weight.std() < 0.05  # trunc-normal(0.02)
+    assert torch.equal(model.fc_norm.weight, torch.ones(48)) and model.fc_norm.eps == SMALL.head_norm_eps
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in body.items())  # the encoder untouched
+    assert model.forward_head(features).shape == (2, 3)
+    model.reset_classifier(0)  # no head: forward_head gives the CLS, as timm's with num_classes=0
+    assert model.cfg.num_classes == 0 and not hasattr(model, "head") and not hasattr(model, "fc_norm")
+    assert torch.equal(model.forward_head(features), features[:, 0])
+    assert set(model.state_dict()) == set(body)
+    half = small_model().to(torch.float64).reset_classifier(4)
+    assert half.head.weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="num_classes"):
+        model.reset_classifier(-1)
+
+
 def test_initialisation():
     model = Encoder(EncoderConfig(embed_dim=64, depth=2, num_heads=2))
     w = model.blocks[0].mlp.fc1.weight
