@@ -219,8 +219,9 @@ def _norm_act_kernels(y: torch.Tensor, residual: torch.Tensor | None, eps: float
 
 
 def decoder_norm_act_ref(y: torch.Tensor, residual: torch.Tensor | None = None, *, eps: float = 1e-5):
-    """GELU(LayerNorm(y)) (+ residual), same contract as :func:`decoder_norm_act`; computed in
-    float32, or float64 for float64 inputs (the tests' exact reference)."""
+    """GELU(LayerNorm(y)) (+ residual), as :func:`decoder_norm_act` computes it: in float32 for
+    its half and float32 inputs. It also takes float64 inputs, which the kernel refuses, and
+    computes them in float64: the tests' exact answer."""
     compute = torch.promote_types(y.dtype, torch.float32)
     out = F.gelu(F.layer_norm(y.to(compute), (y.shape[-1],), eps=eps))
     if residual is not None:

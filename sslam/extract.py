@@ -532,7 +532,7 @@ def run_extract(
         # A call embeds at most batch_size window lengths of audio: long files go alone, so that
         # their token sums (a ViT-B's: 0.55 GB per hour) are not held many at a time. Cropped,
         # a file is one window at most; decoded, it is whole (the ahead budget counts that).
-        window_samples = samples_for_frames(settings["target_length"])
+        window_samples = samples_for_frames(model.input_window()[0])
         call_samples = batch_size * window_samples
         embedded = (lambda wave: min(wave.numel(), window_samples)) if crop else (lambda wave: wave.numel())
         batch: list[tuple[Item, torch.Tensor]] = []

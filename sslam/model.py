@@ -398,6 +398,11 @@ class EncoderOutput(NamedTuple):
     block_outputs: list[torch.Tensor]
 
 
+# Named, so that torch.export.save can write a program that returns it (the pytree API for
+# this is private; the export test shows when it moves).
+torch.utils._pytree._register_namedtuple(EncoderOutput, serialized_type_name="sslam.model.EncoderOutput")
+
+
 def _reset_head(head: nn.Linear) -> None:
     """The classifier head's initialisation (the official fine-tuning's): trunc-normal(0.02)
     weights, zero bias."""
@@ -678,7 +683,8 @@ class Encoder(nn.Module):
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, 1 + N, D) final tokens -> (B, num_classes) logits of the CLS token; with
-        ``pre_logits`` (or without a head) the (B, D) CLS the head reads (after fc_norm)."""
+        ``pre_logits`` the (B, D) CLS after fc_norm, which the head reads; without a head the
+        (B, D) CLS itself."""
         cls = features[:, 0]
         if self.cfg.num_classes <= 0:
             return cls

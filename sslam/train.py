@@ -388,7 +388,8 @@ class Trainer:
         return model.to(self.device).train()
 
     def _model_from_init(self) -> Pretrainer:
-        """A model started from the file ``run.init`` (resolved to a file in ``__init__``): its
+        """A model started from the file ``run.init`` (resolved to a file by
+        :meth:`_checkpoint_to_resume`): its
         architecture, weights, decoder and teacher where it has them."""
         cfg = self.cfg
         given = given_sizes(cfg.model)
@@ -452,7 +453,8 @@ class Trainer:
                 policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.half_dtype, reduce_dtype=torch.float32)
             # A block returns its FFN output beside its output (the teacher's targets read it):
             # a view of its last linear's 2-D result, which FSDP2 warns about in case it is
-            # changed in place. Nothing here does that.
+            # changed in place. Nothing here does that. (The filter is process-wide and names
+            # the class: FSDP2 calls every wrapped Block "FSDPBlock".)
             warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
             for block in list(model.student.blocks) + list(model.teacher.encoder.blocks):
                 fully_shard(block, **policy)
@@ -473,7 +475,6 @@ class Trainer:
     # -- data --
     def data_loader(self):
         from torch.utils.data import DataLoader
-
 
         d = self.cfg.data
         dataset = build_dataset(d.source, root=d.root or None, target_length=d.target_length,

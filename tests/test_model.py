@@ -425,12 +425,19 @@ def test_reset_parameters_fills_the_position_table_of_a_meta_built_model():
 
 
 def test_the_encoder_exports_with_its_output_type():
-    """torch.export refused the output (an unregistered dataclass): it is a pytree now."""
+    """torch.export refused the output (an unregistered dataclass): it is a pytree now, and one
+    that the exported program's file can name (torch.export.save refused an unnamed one)."""
+    import io
+
     cfg = EncoderConfig(embed_dim=32, depth=1, num_heads=2, max_length=8)
     model = Encoder(cfg).eval()
     spec = torch.randn(2, 1, 32, 128)
-    exported = torch.export.export(model, (spec,), kwargs={"layer_results": True}).module()
+    program, saved = torch.export.export(model, (spec,), kwargs={"layer_results": True}), io.BytesIO()
+    torch.export.save(program, saved)
+    saved.seek(0)
+    exported = torch.export.load(saved).module()
     out, expected = exported(spec, layer_results=True), model(spec, layer_results=True)
+    assert type(out) is type(expected)
     assert torch.equal(out.x, expected.x) and len(out.layer_results) == 1
     torch.testing.assert_close(out.layer_results[0], expected.layer_results[0])
 
