@@ -428,6 +428,22 @@ def _finetune_preprocessing(model_cfg: dict, source) -> dict:
     return _check_preprocessing({"sample_rate": 16000, "target_length": length, "norm": norm}, source)
 
 
+def _is_training_head(key) -> bool:
+    """``key`` names a weight of one of :data:`FAIRSEQ_TRAINING_HEADS` or the DINO centre."""
+    return isinstance(key, str) and (key == FAIRSEQ_DINO_CENTER or key.startswith(FAIRSEQ_TRAINING_HEADS))
+
+
+def _pretraining_leftover(key, value) -> bool:
+    """A fine-tuned file's ``model.`` entry that only pretraining used: the decoder, the EMA
+    teacher, or a weight of an optional loss's head (the official fine-tuning keeps
+    ``cls_proj`` and ``center``)."""
+    if not isinstance(key, str) or not key.startswith("model."):
+        return False
+    name = key[len("model."):]
+    return (name.startswith(FAIRSEQ_DECODER_PREFIX) or name == "_ema"
+            or (_is_training_head(name) and isinstance(value, torch.Tensor)))
+
+
 def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -> Checkpoint:
     state, rest = _rename_encoder(model, "model.")
     _take_heads(state, rest)
@@ -446,8 +462,7 @@ def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -
         for name in HEAD_NAMES:
             state.pop(name, None)
         mcfg = {**mcfg, "num_classes": None}
-    ignored = [k for k in rest if isinstance(k, str) and (k.startswith("model." + FAIRSEQ_DECODER_PREFIX) or k == "model._ema")]
-    unknown = sorted(str(k) for k in rest if k not in ignored)
+    unknown = sorted(str(k) for k, v in rest.items() if not _pretraining_leftover(k, v))
     if unknown:
         raise CheckpointError(f"{path}: unexpected keys in the fine-tuned fairseq model: {unknown[:20]}")
     fields = _fairseq_fields(pre_model, state)
@@ -459,11 +474,6 @@ def _from_fairseq_finetuned(path: Path, model: dict, mcfg: dict, weights: str) -
     return Checkpoint(path, "fairseq-finetune", config, state, preprocessing=_finetune_preprocessing(mcfg, path),
                       raw_config=mcfg, declared=_stated(fields),
                       naming=_naming(model, "model."))
-
-
-def _is_training_head(key) -> bool:
-    """``key`` names a weight of one of :data:`FAIRSEQ_TRAINING_HEADS` or the DINO centre."""
-    return isinstance(key, str) and (key == FAIRSEQ_DINO_CENTER or key.startswith(FAIRSEQ_TRAINING_HEADS))
 
 
 def _from_fairseq(path: Path, ckpt: dict, weights: str) -> Checkpoint:

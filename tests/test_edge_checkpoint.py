@@ -868,6 +868,13 @@ def test_fine_tuned_recipe_preprocessing_and_unknown_keys(tmp_path):
     torch.save(ckpt, tmp_path / "extra.pt")
     with pytest.raises(CheckpointError, match=r"unexpected keys.*model\.norm\.weight"):
         load_encoder(tmp_path / "extra.pt")
+    # The official fine-tuning drops the reconstruction head and the shared decoder but keeps
+    # the utterance-level (DINO) loss's projection and centre: not read by the encoder either.
+    ckpt = fairseq_finetuned(source)
+    ckpt["model"].update({"model.cls_proj.weight": torch.ones(64, 64), "model.cls_proj.bias": torch.ones(64),
+                          "model.center": torch.ones(1, 1, 64)})
+    torch.save(ckpt, tmp_path / "dino.pt")
+    assert_same_encoder(load_encoder(tmp_path / "dino.pt"), source)
 
 
 def test_a_head_trained_on_another_pooling_is_not_loaded(tmp_path):
