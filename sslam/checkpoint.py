@@ -575,8 +575,9 @@ def _from_tensors(path: Path, tensors: dict, cfg: dict, weights: str, fmt: str,
     fields = _hf_fields(cfg, "head.weight" in state, config_source)
     if fields.get("mel_bins") is None and isinstance(image, (list, tuple)) and len(image) == 2:
         fields["mel_bins"] = image[1]
-    # Hugging Face's fc_norm is nn.LayerNorm with its default eps (1e-5); fairseq's uses 1e-6.
-    fields["head_norm_eps"] = 1e-5 if fmt == "hf" else None
+    # Hugging Face's fc_norm is nn.LayerNorm with its default eps (1e-5); fairseq's uses 1e-6. A
+    # file without a head has no such norm: the default (the official fine-tuning's) stands.
+    fields["head_norm_eps"] = 1e-5 if fmt == "hf" and "head.weight" in state else None
     config = infer_config(state, source=path, config_source=config_path, **fields)
     _check_architecture(config, state, config_source)  # first: a wrong patch_size is named as such
     stride = cfg.get("stride")

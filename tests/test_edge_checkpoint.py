@@ -208,6 +208,17 @@ def test_fine_tuned_heads_of_any_size(tmp_path, fmt):
     assert_same_encoder(loaded, source)
 
 
+def test_an_encoder_without_a_head_reads_the_same_from_every_format(tmp_path):
+    """Hugging Face's head eps (1e-5) belongs to its head: a headless folder read with it was
+    another encoder to extract's resume than the same weights from the official file."""
+    from sslam.checkpoint import encoder_fingerprint
+
+    source = random_encoder(VARIANTS["tiny"], seed=4)
+    torch.save(fairseq_pretrain(source), tmp_path / "pre.pt")
+    official, hub = load_encoder(tmp_path / "pre.pt"), load_encoder(hf_folder(source, tmp_path / "hf"))
+    assert hub.cfg == official.cfg and encoder_fingerprint(hub) == encoder_fingerprint(official)
+
+
 def test_qkv_without_bias(tmp_path):
     cfg = EncoderConfig(embed_dim=64, depth=2, num_heads=2, qkv_bias=False)
     source = random_encoder(cfg)
