@@ -577,10 +577,15 @@ class Trainer:
                         losses = self.train_module(clean, keep, windows=windows, generator=noise, mixed=mixed)
                     # Also when the loss is not finite: every process must join the gradient
                     # all-reduce, and the step is then skipped below.
-                    self.scaler.scale(losses.total / accum).backward()
+                    self.scaler.scale(losses.total).backward()
                 logged.append(losses.terms())
-        self.scaler.unscale_(self.optimizer)
         params = self.model.trainable_parameters()
+        if accum > 1:
+            # The micro-batches' mean, taken on the fp32 gradients, as fairseq divides after its
+            # backward: 1 / accum inside an fp16 backward lost the smallest gradients' bits, so
+            # a split of the batch over processes and over micro-batches trained apart.
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], 1.0 / accum)
+        self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf"))
         names = list(logged[0])
         rows = torch.stack([torch.stack([terms[n].float() for n in names]) for terms in logged])
