@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import math
+import random
 import sys
 import time
 import warnings
@@ -264,6 +265,7 @@ class Trainer:
         self.half_dtype = half if pure else None  # the networks' (sslam.precision)
 
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        random.seed(cfg.run.seed)  # unused here, but saved with the checkpoints: from the seed too
         saved = self._checkpoint_to_resume()
         self.model = self._build_model(saved)
         self.mask_cfg = mask_config(cfg)

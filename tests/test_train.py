@@ -229,6 +229,8 @@ def test_resume_restores_the_global_random_streams(tmp_path, monkeypatch):
     random.gauss(0.0, 1.0)  # one of a pair drawn: Python keeps the other for the next call
     Trainer(small(tmp_path / "a", steps=5), log=quiet).fit()
     after = torch.get_rng_state(), random.getstate()
+    # Seeded by run.seed, as torch's (nothing here draws from it): the state a checkpoint saves.
+    assert after[1] == random.Random(small(tmp_path / "c").run.seed).getstate()
     interrupt_after(Trainer(small(tmp_path / "b", steps=5), log=quiet), monkeypatch, 4)
     random.random(), random.gauss(0.0, 1.0)  # the process's own use of Python's stream, between the two runs
     Trainer(small(tmp_path / "b", steps=5), log=quiet).fit()
