@@ -685,6 +685,10 @@ class Encoder(nn.Module):
         """(B, 1 + N, D) final tokens -> (B, num_classes) logits of the CLS token; with
         ``pre_logits`` the (B, D) CLS after fc_norm, which the head reads; without a head the
         (B, D) CLS itself."""
+        if not isinstance(features, torch.Tensor) or features.dim() != 3 or features.shape[-1] != self.cfg.embed_dim:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features: expected the (B, 1 + N, {self.cfg.embed_dim}) final tokens of "
+                             f"forward_features, got {shape}")
         cls = features[:, 0]
         if self.cfg.num_classes <= 0:
             return cls

@@ -205,6 +205,8 @@ def test_timm_style_features_head_and_reset_classifier():
     logits = model.forward_head(features)
     assert torch.equal(logits, model.classify(features[:, 0]))
     assert torch.equal(model.forward_head(features, pre_logits=True), model.fc_norm(features[:, 0]))
+    with pytest.raises(ValueError, match=r"features: expected the \(B, 1 \+ N, 48\) final tokens of forward_features, got \(2, 48\)"):
+        model.forward_head(features[:, 0])  # the CLS alone: its first column would be taken
     model.label_names = [f"c{i}" for i in range(5)]
     body = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("fc_norm.", "head."))}
     assert model.reset_classifier(3) is model
