@@ -234,6 +234,38 @@ def resolve_init(path: str) -> str:
 # ---- the trainer --------------------------------------------------------------------------
 
 
+# The teacher's entry points besides forward that read its own weights outside its blocks (the
+# patch embedding, CLS, pre-norm): FSDP gathers them for these calls too. On a GPU the stage-2
+# teacher embeds the fused kernel's patches and packs its two passes.
+TEACHER_ENTRY_POINTS = ("patchify_embed", "embed_patches", "forward_tokens", "forward_packed")
+
+
+def shard_pretrainer(model: Pretrainer, param_dtype: torch.dtype | None = None):
+    """FSDP2 over ``model`` in the current process group: every student and teacher block, the
+    teacher, then the rest; with ``param_dtype`` (the pure modes) the fp32 shards are gathered
+    as half weights for the forward and backward, and the gradients reduced in fp32."""
+    from torch.distributed.fsdp import (
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
+
+    policy = {}
+    if param_dtype is not None:
+        policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # A block returns its FFN output beside its output (the teacher's targets read it): a view
+    # of its last linear's 2-D result, which FSDP2 warns about in case it is changed in place.
+    # Nothing here does that. (The filter is process-wide and names the class: FSDP2 calls
+    # every wrapped Block "FSDPBlock".)
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
+    for block in list(model.student.blocks) + list(model.teacher.encoder.blocks):
+        fully_shard(block, **policy)
+    fully_shard(model.teacher.encoder, **policy)
+    for method in TEACHER_ENTRY_POINTS:
+        register_fsdp_forward_method(model.teacher.encoder, method)
+    return fully_shard(model, **policy)
+
+
 def _start_process(device: str) -> tuple[Dist, torch.device]:
     """This process's place in a torchrun launch (or alone) and its device: ``device`` (auto:
     CUDA where there is a GPU, else the CPU); under torchrun each process takes its own GPU."""
@@ -442,28 +474,7 @@ class Trainer:
         if self.dist.world_size == 1:
             module = model
         elif self.cfg.run.parallel == "fsdp":
-            from torch.distributed.fsdp import (
-                MixedPrecisionPolicy,
-                fully_shard,
-                register_fsdp_forward_method,
-            )
-
-            # The pure modes: FSDP gathers the fp32 shards as half weights for the forward and
-            # the backward, and reduces the gradients in fp32.
-            policy = {}
-            if self.half_dtype is not None:
-                policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.half_dtype, reduce_dtype=torch.float32)
-            # A block returns its FFN output beside its output (the teacher's targets read it):
-            # a view of its last linear's 2-D result, which FSDP2 warns about in case it is
-            # changed in place. Nothing here does that. (The filter is process-wide and names
-            # the class: FSDP2 calls every wrapped Block "FSDPBlock".)
-            warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
-            for block in list(model.student.blocks) + list(model.teacher.encoder.blocks):
-                fully_shard(block, **policy)
-            fully_shard(model.teacher.encoder, **policy)
-            for method in ("patchify_embed", "forward_tokens"):
-                register_fsdp_forward_method(model.teacher.encoder, method)
-            module = fully_shard(model, **policy)
+            module = shard_pretrainer(model, self.half_dtype)
         else:
             from torch.nn.parallel import DistributedDataParallel
 

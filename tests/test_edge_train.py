@@ -942,3 +942,41 @@ def test_checkpoints_past_step_99_999_999_are_found_kept_and_pruned_in_order(tmp
         save_checkpoint(tmp_path, step, {"step": step}, keep_last=2)
     assert [p.name for p in checkpoints_in(tmp_path)] == ["checkpoint_100000000.pt", "checkpoint_100000001.pt"]
     assert safe_torch_load(checkpoints_in(tmp_path)[-1]) == {"step": 100_000_001}
+
+
+def test_fsdp_gathers_the_teacher_on_every_path_a_gpu_step_takes(tmp_path, monkeypatch):
+    """On a GPU the stage-2 teacher embeds the fused kernel's patches (embed_patches) and packs
+    its two passes in one (forward_packed, taken with the Triton attention): FSDP gathered its
+    own weights only in patchify_embed and forward_tokens, so the first step met a sharded
+    weight and crashed. Here in one gloo process (the packed attention by its reference): the
+    same loss as unsharded."""
+    import copy
+
+    import torch.distributed as dist
+
+    from sslam.features import patchify, preprocess
+    from sslam.masking import clone_masks, kept_indices
+    from sslam.mixing import sample_windows
+    from sslam.pretrain import Pretrainer
+    from sslam.train import shard_pretrainer
+    from sslam.train_config import encoder_config, mask_config, objective_config, preset
+
+    monkeypatch.setenv("SSLAM_KERNELS", "0")
+    cfg = preset("tiny", 2)
+    cfg.data.target_length, cfg.objective.mix_width = 128, 32
+    torch.manual_seed(0)
+    model = Pretrainer(encoder_config(cfg), objective_config(cfg, encoder_config(cfg).depth)).train()
+    model.teacher.encoder.set_attention("triton")  # what "auto" picks on a GPU: the passes pack
+    unsharded = copy.deepcopy(model)
+    waves = 0.1 * torch.randn(2, 127 * 160 + 400)
+    patches = patchify(preprocess(waves, 16000, cfg.data.target_length))  # what fbank_patch gives
+    keep, _ = kept_indices(clone_masks(2, model.objective.clones, mask_config(cfg), 0))
+    windows = sample_windows(cfg.data.target_length, cfg.objective.mix_width, generator=torch.Generator().manual_seed(1))
+    expected = unsharded(patches, keep, windows=windows, generator=torch.Generator().manual_seed(2)).total
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        losses = shard_pretrainer(model)(patches, keep, windows=windows, generator=torch.Generator().manual_seed(2))
+        losses.total.backward()
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(losses.total, expected)
