@@ -481,8 +481,8 @@ def fbank_patch(
     else:
         lens = _check_lengths(lengths, batch, num_samples)
     if not use_kernels(waveforms):
-        return fbank_patch_ref(waveforms, lens.to(waveforms.device), target_length=target_length,
-                               norm=norm, mix=mix)
+        # The checked lengths stay on the CPU, where preprocess reads them without a device sync.
+        return fbank_patch_ref(waveforms, lens, target_length=target_length, norm=norm, mix=mix)
     stats = norm_stats(norm)
     mean, std = stats if stats is not None else (0.0, 0.5)  # (x - 0) / 1 is exact
     wave = waveforms.to(torch.float32)

@@ -223,7 +223,8 @@ def _collate_clips(items):
 def _features(encoder: Encoder, waves, lengths) -> torch.Tensor:
     frames, norm = encoder.input_window()
     device = next(encoder.parameters()).device
-    return preprocess(waves.to(device), 16000, frames, norm, lengths=lengths.to(device),
+    # The lengths stay on the CPU, where preprocess reads them without waiting for the GPU.
+    return preprocess(waves.to(device), 16000, frames, norm, lengths=lengths,
                       check_finite=False)  # checked when decoded
 
 

@@ -49,3 +49,24 @@ def test_preprocess_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (4, 1, 1024, 128)
+
+
+def test_fine_tuning_features_and_the_fused_kernels_reference_never_wait_for_the_gpu(monkeypatch):
+    """Fine-tuning's and the probes' features, and fbank_patch with SSLAM_KERNELS=0, handed
+    preprocess lengths copied to the GPU, which it copied back: a wait per batch."""
+    from sslam.kernels import fbank_patch
+
+    from sslam.evaluate import _features
+    from sslam.model import Encoder, EncoderConfig
+
+    encoder = Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, max_length=64)).cuda()
+    waves, lengths = 0.1 * torch.randn(4, 16000), torch.tensor([16000, 12000, 8000, 400])
+    monkeypatch.setenv("SSLAM_KERNELS", "0")
+    for call in (lambda: _features(encoder, waves, lengths), lambda: fbank_patch(waves.cuda(), lengths)):
+        call()  # allocations, kernels loaded
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
