@@ -457,14 +457,17 @@ class Trainer:
         cfg = self.cfg
         optimizer = torch.optim.AdamW(
             param_groups(torch.nn.ModuleList([self.model.student, self.model.decoder]), cfg.optim.weight_decay),
-            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-            **({"fused": True} if self.device.type == "cuda" else {}),
+            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, fused=self._fused_adamw(),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.optim))
         # fp16: fairseq's first loss scale, 2**7 (torch's default, 2**16, overflows for the first
         # steps of a run until it has halved its way down, and each overflow is a skipped step).
         scaler = torch.amp.GradScaler(self.device.type, init_scale=2.0**7, enabled=self.precision.startswith("fp16"))
         return optimizer, scheduler, scaler
+
+    def _fused_adamw(self) -> bool | None:
+        """AdamW's ``fused``: the fused kernel on CUDA, elsewhere torch's default (foreach)."""
+        return True if self.device.type == "cuda" else None
 
     @property
     def sharded(self) -> bool:
@@ -730,6 +733,8 @@ class Trainer:
                                      options=StateDictOptions(full_state_dict=True))
         else:
             self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved groups hold the saving machine's
+            group["fused"] = self._fused_adamw()
         self.scheduler.load_state_dict(state["scheduler"])
         # The saved optimizer holds the lr the saved schedule gave this step; optim.max_steps
         # may have changed since, and the next update must take this schedule's.

@@ -221,6 +221,21 @@ def test_resume_is_exact(tmp_path, monkeypatch, precision):
     assert_same_state(straight, resumed)
 
 
+def test_resume_keeps_this_machines_optimizer_implementation(tmp_path):
+    """The saved optimizer groups carry the saving run's ``fused`` flag: a run saved on a GPU
+    (fused AdamW) and resumed on the CPU, or the other way round, takes this machine's."""
+    quiet = lambda *a: None  # noqa: E731
+    Trainer(small(tmp_path, steps=2), log=quiet).fit()
+    path = checkpoints_in(tmp_path)[-1]
+    state = safe_torch_load(path)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = True  # as a CUDA run saves it
+    torch.save(state, path)
+    resumed = Trainer(small(tmp_path, steps=4), log=quiet)
+    assert [group["fused"] for group in resumed.optimizer.param_groups] == [None, None]
+    resumed.fit()
+
+
 def test_resume_restores_the_global_random_streams(tmp_path, monkeypatch):
     """Regression: after a resume the global torch stream was one draw ahead of the
     uninterrupted run's (iterating the data loader drew its workers' base seed from it), and
