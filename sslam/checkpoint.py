@@ -1120,7 +1120,10 @@ def convert(src, out_dir, weights: str = "student", labels: str | os.PathLike | 
         name = Path(src).name
     else:
         name = f"{Path(src).resolve().name}/{ckpt.path.name}"
-    return save_encoder(model, out_dir, source={"format": ckpt.format, "weights": weights, "file": name})
+    # An export of a teacher holds the teacher still, however often it is converted.
+    earlier = (ckpt.raw_config or {}).get("source") if ckpt.format == "sslam" else None
+    held = "teacher" if isinstance(earlier, dict) and earlier.get("weights") == "teacher" else weights
+    return save_encoder(model, out_dir, source={"format": ckpt.format, "weights": held, "file": name})
 
 
 def describe(path, weights: str = "student") -> str:

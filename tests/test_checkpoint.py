@@ -205,6 +205,9 @@ def test_own_format_round_trip_and_info(tmp_path, tiny_model, golden_fbank, caps
     assert "weights:      teacher (the EMA copy of tiny_ckpt.pt, converted)" in text
     assert 'source:       {"format": "fairseq-pretrain", "weights": "teacher", "file": "tiny_ckpt.pt"}' in text
     assert "weights:      student (of tiny_ckpt.pt, converted)" in describe(out)
+    # Converted again, a teacher's export still holds the teacher (it was said to be a student).
+    again = convert(teacher_dir, tmp_path / "again")
+    assert "weights:      teacher (the EMA copy of teacher/model.safetensors, converted)" in describe(again)
 
 
 def test_hugging_face_names_load_and_save(tmp_path, tiny_model, golden_fbank):
