@@ -422,9 +422,8 @@ class Trainer:
         return model.to(self.device).train()
 
     def _model_from_init(self) -> Pretrainer:
-        """A model started from the file ``run.init`` (resolved to a file by
-        :meth:`_checkpoint_to_resume`): its
-        architecture, weights, decoder and teacher where it has them."""
+        """A model started from the file ``run.init`` (resolved by :meth:`_checkpoint_to_resume`):
+        its architecture, weights, and decoder and teacher where it has them."""
         cfg = self.cfg
         given = given_sizes(cfg.model)
         with warnings.catch_warnings():
