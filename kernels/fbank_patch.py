@@ -50,10 +50,10 @@ parentheses): real audio (golden test_wav) tf32x3 8.8e-5, ieee 8.4e-5 (1.6e-4); 
 (1.7e-3). The folded float32 map is more accurate than the reference's rfft, whose own error
 against float64 reaches ~2e-4 over a batch of random 10-s clips; so "within 1e-4 of the
 reference" holds per clip on the golden data. On white noise a mel bin near the log floor can
-pass 1e-4: 2 x 10-s clips at 0.3, three draws, under the interpreter on a CPU, one element of
-127,744 (a raw log-mel of -15.6) came out 2.3e-4 from float64 with one thread and 1.1e-4 with
-two (the interpreter's matmuls round by thread count), where the float32 reference is 1.65e-4
-off; every other element within 1e-4. A tone far above the noise floor is the exception for every float32 fbank: its faint mel bins'
+pass 1e-4 (``python bench/fbank_accuracy.py --draws 3 --threads 1``, 2 x 10-s clips at 0.3,
+interpreter, 2-core CPU): in one draw one element of 262,144 came out 2.3e-4 from float64
+(1.1e-4 with ``--threads 2``: the interpreter's matmuls round by thread count), the other
+draws within 6.9e-5, where the float32 reference reaches 3.1e-4. A tone far above the noise floor is the exception for every float32 fbank: its faint mel bins'
 logs come out several 1e-4 off float64 (under the interpreter on a CPU, 1-s clips of a 440 Hz
 sine at 0.9 over noise at 1e-4, five noise draws: this kernel 5.5e-4 to 7.8e-4, the float32
 reference 2.1e-4 to 3.0e-4; the tests hold the kernel within 3x the reference there). Without
@@ -98,6 +98,7 @@ from sslam.cached import cached_constant
 from sslam.features import (
     FFT_SIZE,
     FRAME_LENGTH,
+    FRAME_SHIFT,
     NUM_MEL_BINS,
     PATCH,
     PREEMPHASIS,
@@ -374,6 +375,21 @@ def _fbank_patch_fake(waveforms, lengths, target_length, norm_mean, norm_scale, 
 # ----------------------------------------------------------------------------------------------
 # Reference and public function
 # ----------------------------------------------------------------------------------------------
+
+
+def logmel_float64(clip: torch.Tensor) -> torch.Tensor:
+    """(N,) clip at 16 kHz -> (frames, 128) float64 log-mel, the chain of SPEC 1.1 computed in
+    float64 and written independently of the kernel's folded basis: the yardstick of both
+    float32 paths' accuracy (the tests, ``bench/fbank_accuracy.py``)."""
+    x = clip.double()
+    x = x - x.mean()
+    frames = x.unfold(0, FRAME_LENGTH, FRAME_SHIFT)
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=-1)
+    window = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float64, device=x.device)
+    power = torch.fft.rfft((frames - PREEMPHASIS * previous) * window, n=FFT_SIZE).abs() ** 2
+    mel = power @ mel_banks(x.device).double().T
+    return mel.clamp(min=torch.finfo(torch.float32).eps).log()
 
 
 def fbank_patch_ref(

@@ -51,19 +51,6 @@ def waveforms_with_lengths(lengths, num_samples=None, scale=0.3):
     return waves, torch.tensor(lengths)
 
 
-def fbank64(x: torch.Tensor) -> torch.Tensor:
-    """Float64 log-mel of one clip, written independently of the kernel's folded basis."""
-    x = x.double()
-    x = x - x.mean()
-    frames = x.unfold(0, 400, 160)
-    frames = frames - frames.mean(dim=-1, keepdim=True)
-    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=-1)
-    window = torch.hann_window(400, periodic=False, dtype=torch.float64, device=x.device)
-    power = torch.fft.rfft((frames - 0.97 * previous) * window, n=512).abs() ** 2
-    mel = power @ mel_banks(x.device).double().T
-    return mel.clamp(min=torch.finfo(torch.float32).eps).log()
-
-
 def normalised(logmel: torch.Tensor) -> torch.Tensor:
     return (logmel - NORM_MEAN) / (2 * NORM_STD)
 
@@ -116,7 +103,7 @@ def test_dynamic_range_as_accurate_as_reference(kernels_on_cpu):
     out = fp.fbank_patch(waves, target_length=target)
     ref = fp.fbank_patch_ref(waves, target_length=target)
     for i, clip in enumerate(clips):
-        truth = patchify(normalised(fbank64(clip)[:target])[None, None])
+        truth = patchify(normalised(fp.logmel_float64(clip)[:target])[None, None])
         ours_err = (out[i] - truth[0]).abs().max().item()
         ref_err = (ref[i] - truth[0]).abs().max().item()
         assert ours_err <= max(3 * ref_err, TOL), (i, ours_err, ref_err)
@@ -262,7 +249,7 @@ def truth_patches(waves: torch.Tensor, lens: torch.Tensor, target: int = 1024) -
     """Float64 model input of each clip (cropped / padded to ``target``), patchified, float32."""
     rows = []
     for clip, n in zip(waves, lens.tolist()):
-        x = normalised(fbank64(clip[:n])[:target])
+        x = normalised(fp.logmel_float64(clip[:n])[:target])
         pad = normalised(torch.zeros(target - x.shape[0], x.shape[1], dtype=x.dtype,
                                      device=x.device))
         rows.append(torch.cat([x, pad]).float())
