@@ -622,6 +622,7 @@ class Trainer:
             self._skip_step(overflow=finite_loss and self.scaler.is_enabled())
             return None
         totals = {name: sum(row[i] / accum for row in rows) for i, name in enumerate(names)}
+        lr = self.scheduler.get_last_lr()[0]  # this update's: the step below sets the next one's
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -629,7 +630,7 @@ class Trainer:
         self.step += 1
         decay = self.ema_decay()
         self.model.update_teacher(decay)
-        totals.update(grad_norm=grad_norm, ema_decay=decay, lr=self.scheduler.get_last_lr()[0])
+        totals.update(grad_norm=grad_norm, ema_decay=decay, lr=lr)
         return totals
 
     def _gradient_sync(self, last: bool):

@@ -737,3 +737,16 @@ def test_a_run_records_the_checkpoint_its_init_folder_gave(tmp_path):
         with pytest.raises(ValueError, match="cannot resume with changed settings: run.init"):
             Trainer(small(tmp_path / "s2", steps=9, run__init=later), log=quiet)
     assert Trainer(small(tmp_path / "s2", steps=9, run__init=first), log=quiet).step == 6
+
+
+def test_the_logged_lr_is_the_one_the_update_used(tmp_path):
+    """A step's record gave the schedule's lr for the next update: the first update of a
+    warm-up from 0 changes nothing, yet its line said it ran at a positive lr."""
+    from sslam.train import lr_factor
+
+    cfg = small(tmp_path, steps=6, optim__warmup_steps=3)
+    trainer = Trainer(cfg, log=lambda *a: None)
+    batches = iter(trainer.data_loader())
+    for step in range(3):
+        totals = trainer.train_step([next(batches)])
+        assert totals["lr"] == pytest.approx(cfg.optim.lr * lr_factor(step, cfg.optim))
