@@ -327,11 +327,11 @@ def mix_spectrograms(
 
 
 def _check_indices(keep: torch.Tensor, num_tokens: int) -> None:
-    """Raise unless every index lies in [0, num_tokens). On a GPU the check is a device-side
-    assertion (no host sync): a bad index fails the next synchronising call, as torch's own
-    indexing does."""
+    """Raise unless every index lies in [0, num_tokens). On a GPU, and in a traced call, the
+    check is a device-side assertion (no host sync): a bad index fails the next synchronising
+    call, as torch's own indexing does."""
     in_range = ((keep >= 0) & (keep < num_tokens)).all()
-    if keep.is_cuda:
+    if keep.is_cuda or traced(keep):  # a traced call cannot read the values either
         torch._assert_async(in_range, f"gather_tokens: keep indices must lie in [0, {num_tokens})")
     elif not bool(in_range):
         raise ValueError(f"keep: indices must lie in [0, {num_tokens}), got "
@@ -360,7 +360,7 @@ def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     if keep.device != tokens.device:
         raise ValueError(f"keep: on {keep.device}, tokens on {tokens.device}")
     if not use_kernels(tokens, keep):
-        if not traced(keep) and keep.numel():  # traced, torch's indexing bounds its own reads
+        if keep.numel():  # a negative index would read from the end, not fail
             _check_indices(keep, tokens.shape[1])
         return gather_tokens_ref(tokens, keep)
     return _gather_tokens_op(tokens, keep)

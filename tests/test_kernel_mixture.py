@@ -166,6 +166,19 @@ def test_gather_indices_are_checked_under_torch_compile(kernels_on_cpu):
             compiled(tokens, torch.tensor(keep))
 
 
+def test_gather_indices_are_checked_under_torch_compile_on_the_reference_path(monkeypatch):
+    """The PyTorch path left the check to torch's indexing when traced, which reads a negative
+    index from the end: [-1, 2] gave the last token instead of an error."""
+    monkeypatch.setenv("SSLAM_KERNELS", "0")
+    torch._dynamo.reset()
+    compiled = torch.compile(mx.gather_tokens, backend="aot_eager", fullgraph=True)
+    tokens = torch.randn(2, 5, 8)
+    assert torch.equal(compiled(tokens, torch.tensor([4, 0])), tokens[:, [4, 0]])
+    for keep in ([0, 7], [-1, 2]):
+        with pytest.raises(RuntimeError, match=r"keep indices must lie in \[0, 5\)"):
+            compiled(tokens, torch.tensor(keep))
+
+
 def test_kernels_off_equals_reference(monkeypatch):
     monkeypatch.setenv("SSLAM_KERNELS", "0")
     spec = torch.randn(3, 1, 64, 16)
