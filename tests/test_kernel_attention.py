@@ -183,6 +183,21 @@ def test_varlen_matches_per_sequence_reference(kernels_on_cpu, path):
         assert_rel_close(a, e, 1e-5, 1e-6, name)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
+@pytest.mark.parametrize("lengths", [[], [0, 0]])
+def test_varlen_without_tokens_is_differentiable(request, monkeypatch, kernels, lengths):
+    """No tokens at all: the reference's output was a fresh empty tensor, cut off from q, k
+    and v, so a backward through it failed where the kernels' went through."""
+    if kernels:
+        request.getfixturevalue("kernels_on_cpu")
+    else:
+        monkeypatch.setenv("SSLAM_KERNELS", "0")
+    q, k, v, cu = varlen_inputs(lengths, 2, 16)
+    out = attn.attention_varlen(q, k, v, cu, 0)
+    assert out.shape == (0, 2, 16)
+    assert all(g.shape == (0, 2, 16) for g in grads(out, (q, k, v), torch.randn_like(out)))
+
+
 def test_varlen_max_seqlen_larger_than_needed(kernels_on_cpu, path):
     """A generous static max_seqlen (the usual case) only adds programs that exit at once."""
     q, k, v, cu = varlen_inputs([5, 12, 9], 2, 64)
