@@ -80,7 +80,8 @@ per frame, mel 256 x 128 x 2 = 66 kFLOP, so ~0.47 GFLOP per clip; bytes: 640 kB 
 ~7 us with ieee fp32, and 0.4 us (0.7 us with mixing) of memory traffic: the kernel is compute
 bound, and mixing adds only memory traffic that overlaps with other programs' arithmetic.
 
-Not differentiable: the op has no autograd formula (features are inputs, never trained through).
+The kernel has no autograd formula (features are inputs, never trained through): a waveform that
+requires grad takes the differentiable PyTorch reference instead.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ from sslam.features import (
 )
 from sslam.mixing import MixWindows, mix_patches, window_patch_rows
 
-from .switch import interpreting, traced, use_kernels
+from .switch import builds_graph, interpreting, traced, use_kernels
 
 # FFT bins that carry mel weight: 0..255 (bin 0 and the Nyquist bin 256 have weight 0; checked
 # when the basis is built). Each contributes a cosine and a sine column.
@@ -466,7 +467,8 @@ def fbank_patch(
         ``patchify(preprocess(waveforms, lengths=lengths, ...))`` up to float32 rounding (within
         about 1e-4 of a float64 fbank on real audio and noise, a bin near the log floor up to
         2.3e-4; a pure tone's faint mel bins a few 1e-3 from the reference: see the module doc).
-        Not differentiable.
+        The kernel has no backward: a waveform that requires grad takes the (differentiable)
+        reference.
 
     Length values are checked eagerly (clips shorter than 400 samples raise
     :class:`sslam.audio.AudioError`). Pass ``lengths`` on the CPU: then nothing waits for the
@@ -496,7 +498,7 @@ def fbank_patch(
         lens = _traced_lengths(lengths, batch, num_samples, waveforms.device)
     else:
         lens = _check_lengths(lengths, batch, num_samples)
-    if not use_kernels(waveforms):
+    if not use_kernels(waveforms) or builds_graph(waveforms):
         # The checked lengths stay on the CPU, where preprocess reads them without a device sync.
         return fbank_patch_ref(waveforms, lens, target_length=target_length, norm=norm, mix=mix)
     stats = norm_stats(norm)

@@ -28,7 +28,7 @@ import triton.language as tl
 from sslam.mixing import MixWindows, mix_patches, patch_side, window_frame_mask, window_patch_rows
 from sslam.mixing import mix_spectrograms as _mix_spectrograms_ref
 
-from .switch import interpreting, traced, use_kernels
+from .switch import builds_graph, interpreting, traced, use_kernels
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -284,8 +284,8 @@ def mix_spectrograms(
 
     Returns:
         A new tensor of the same shape and dtype, equal to
-        :func:`sslam.mixing.mix_spectrograms` / :func:`sslam.mixing.mix_patches`. Not
-        differentiable.
+        :func:`sslam.mixing.mix_spectrograms` / :func:`sslam.mixing.mix_patches`. The kernel
+        has no backward: an input that requires grad takes the (differentiable) reference.
     """
     x = spec_or_patches
     _check_dtype("spec_or_patches", x)
@@ -320,7 +320,7 @@ def mix_spectrograms(
             "spec_or_patches: expected spectrograms (B, 1, T, F) or patches (B, N, P), got "
             f"shape {tuple(x.shape)}"
         )
-    if not use_kernels(x) or x.shape[0] == 0:
+    if not use_kernels(x) or x.shape[0] == 0 or builds_graph(x):
         return reference(x, windows)
     start_a, start_b = windows.starts
     return _mix_rows_op(x, start_a, start_b, windows.width, *geometry)

@@ -92,3 +92,9 @@ def traced(*tensors) -> bool:
     such as a list or None, never are). Checks of shapes still apply then; checks of values are
     skipped."""
     return torch.compiler.is_compiling() or any(is_fake(t) for t in tensors)
+
+
+def builds_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records a call on ``tensors`` (grad mode on and one requires grad):
+    ops whose kernel has no backward then take their differentiable reference."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -170,6 +170,20 @@ def test_norm_none_and_input_layouts(kernels_on_cpu):
     assert (out - ref).abs().max() <= TOL * 2 * NORM_STD  # raw log-mel units
 
 
+def test_a_waveform_that_requires_grad_is_differentiated_through_the_reference(kernels_on_cpu):
+    """The kernel has no backward: its output required grad, and a backward through it failed
+    ("no autograd formula"), where on the CPU the same call was differentiable."""
+    waves = (0.1 * torch.randn(2, 1700)).requires_grad_()
+    out = fp.fbank_patch(waves, target_length=32)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, waves, grad_out)
+    ref = fp.fbank_patch_ref(waves, target_length=32)
+    assert torch.equal(out, ref)
+    assert torch.equal(grad, torch.autograd.grad(ref, waves, grad_out)[0])
+    with torch.no_grad():  # no graph to build: the kernel
+        assert not torch.equal(fp.fbank_patch(waves, target_length=32), ref)
+
+
 def test_kernels_off_equals_reference(monkeypatch):
     monkeypatch.setenv("SSLAM_KERNELS", "0")
     waves, lens = waveforms_with_lengths([3000, 1000])

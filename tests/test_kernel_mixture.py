@@ -179,6 +179,21 @@ def test_gather_indices_are_checked_under_torch_compile_on_the_reference_path(mo
             compiled(tokens, torch.tensor(keep))
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 64, 16), (3, 32, 256)], ids=["spectrogram", "patches"])
+def test_an_input_that_requires_grad_is_differentiated_through_the_reference(kernels_on_cpu, shape):
+    """The mixing kernel has no backward: its output required grad, and a backward through it
+    failed ("no autograd formula"), where on the CPU the same call was differentiable."""
+    x = torch.randn(shape, requires_grad=True)
+    windows = MixWindows((0, 32), 16)
+    out = mx.mix_spectrograms(x, windows)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    reference = mx.mix_spectrograms_ref if x.dim() == 4 else mx.mix_patches_ref
+    ref = reference(x, windows, *([] if x.dim() == 4 else [8]))
+    assert torch.equal(out, ref)
+    assert torch.equal(grad, torch.autograd.grad(ref, x, grad_out)[0])
+
+
 def test_kernels_off_equals_reference(monkeypatch):
     monkeypatch.setenv("SSLAM_KERNELS", "0")
     spec = torch.randn(3, 1, 64, 16)
