@@ -908,6 +908,8 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale=None):
             cu[0] = 0 and cu[B] = T.
         max_seqlen: python int >= every sequence length (static: no host synchronisation).
             On CPU tensors both are checked (also in traced calls); on GPU they are trusted.
+            The reference reads ``cu_seqlens`` on the host: under torch.compile it breaks the
+            graph (``fullgraph=True`` refuses it); the kernels trace whole.
         scale: softmax scale, default Dh ** -0.5.
 
     Returns:

@@ -473,8 +473,9 @@ def fbank_patch(
     Length values are checked eagerly (clips shorter than 400 samples raise
     :class:`sslam.audio.AudioError`). Pass ``lengths`` on the CPU: then nothing waits for the
     GPU; a GPU ``lengths`` costs one device sync to read them. Inside
-    ``torch.compile`` only shapes are checked: lengths are clamped to [0, N] and a clip shorter
-    than one frame comes out as padding.
+    ``torch.compile`` the kernel path checks shapes only: lengths are clamped to [0, N] and a
+    clip shorter than one frame comes out as padding. The reference reads the lengths on the
+    host, so there it breaks the graph (``fullgraph=True`` refuses it).
     """
     if not isinstance(waveforms, torch.Tensor) or waveforms.dim() != 2 or waveforms.shape[0] == 0:
         shape = tuple(waveforms.shape) if isinstance(waveforms, torch.Tensor) else type(waveforms)
