@@ -382,6 +382,10 @@ def check_conv_arguments(x, grid, weight, bias, groups: int) -> None:
         raise ValueError(f"groups={groups}: weight {tuple(weight.shape)} does not fit {c} input channels")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if (not torch.is_autocast_enabled(x.device.type)
+            and not x.dtype == weight.dtype == (weight.dtype if bias is None else bias.dtype)):
+        raise TypeError(f"x, weight and bias dtypes differ ({x.dtype}, {weight.dtype}, "
+                        f"{None if bias is None else bias.dtype}); F.conv2d refuses that too")
 
 
 def grouped_conv_tokens(x, grid, weight, bias=None, *, groups: int):
@@ -414,9 +418,6 @@ def grouped_conv_tokens_kernels(x, grid, weight, bias, groups: int) -> torch.Ten
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    elif not x.dtype == weight.dtype == (weight.dtype if bias is None else bias.dtype):
-        raise TypeError(f"x, weight and bias dtypes differ ({x.dtype}, {weight.dtype}, "
-                        f"{None if bias is None else bias.dtype}); F.conv2d refuses that too")
     rows = x.reshape(b * n, c).contiguous()
     bias = None if bias is None else bias.contiguous()  # the kernels index every tensor as contiguous
     grid, groups = (int(grid[0]), int(grid[1])), int(groups)  # Triton takes Python ints, not numpy's

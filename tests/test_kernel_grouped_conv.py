@@ -132,6 +132,17 @@ def test_double_backward_is_refused(kernels_on_cpu):
         dx.sum().backward()
 
 
+def test_mixed_dtypes_are_named_on_the_reference_path_too(monkeypatch):
+    """F.conv2d's own error blamed the bias alone ("Input type (c10::Half) and bias type
+    (float)"), though the weight did not match either."""
+    monkeypatch.setenv("SSLAM_KERNELS", "0")
+    x, w, b = torch.randn(2, 6, 8), torch.randn(8, 4, 3, 3), torch.randn(8)
+    with pytest.raises(TypeError, match=r"x, weight and bias dtypes differ \(torch.float16, torch.float32"):
+        gc.grouped_conv_tokens(x.half(), (3, 2), w, b, groups=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts them, as for F.conv2d
+        assert gc.grouped_conv_tokens(x.half(), (3, 2), w, b, groups=2).dtype == torch.bfloat16
+
+
 def test_bad_arguments_are_named(kernels_on_cpu):
     x, w, b = torch.randn(2, 6, 8), torch.randn(8, 4, 3, 3), torch.randn(8)
     with pytest.raises(ValueError, match="grid"):
