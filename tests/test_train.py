@@ -750,3 +750,48 @@ def test_the_logged_lr_is_the_one_the_update_used(tmp_path):
     for step in range(3):
         totals = trainer.train_step([next(batches)])
         assert totals["lr"] == pytest.approx(cfg.optim.lr * lr_factor(step, cfg.optim))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_base_recipes_are_the_official_ones(stage):
+    """Every number of the ViT-B recipes (SPEC 3, 4.1, 5.1, 5.5, 5.6), so a changed default
+    cannot pass unnoticed: a run would train, just not as the paper's did."""
+    cfg = preset("base", stage)
+    schedule = {1: (5e-4, 53_333, 400_000, 16), 2: (5e-5, 25_000, 200_000, 8)}[stage]
+    optim = cfg.optim
+    assert (optim.lr, optim.warmup_steps, optim.max_steps, cfg.objective.clones) == schedule
+    assert (optim.beta1, optim.beta2, optim.eps, optim.weight_decay) == (0.9, 0.95, 1e-8, 0.05)
+    assert (optim.min_lr, optim.clip_norm, optim.accum_steps) == (0.0, 4.0, 1)
+    assert (cfg.ema.start, cfg.ema.end, cfg.ema.anneal_steps, cfg.ema.restart) == (0.9998, 0.99999, 100_000, True)
+    objective = cfg.objective
+    assert (objective.top_k, objective.mask_prob, objective.mask_prob_adjust, objective.mask_length) == (0, 0.8, 0.07, 5)
+    assert (objective.cls_loss, objective.srl_weight, objective.mix_width) == (1.0, 2.0, 240)
+    assert (cfg.model.variant, cfg.model.decoder_dim, cfg.model.decoder_groups, cfg.model.decoder_kernel,
+            cfg.model.decoder_layers) == ("base", 768, 16, 3, 6)
+    assert (cfg.data.batch_size, cfg.data.target_length, cfg.data.norm, cfg.run.seed) == (12, 1024, "audioset", 1)
+
+
+def test_weight_decay_skips_biases_and_one_dimensional_parameters(tmp_path):
+    trainer = Trainer(small(tmp_path), log=lambda *a: None)
+    decay, no_decay = ({id(p) for p in group["params"]} for group in trainer.optimizer.param_groups)
+    assert [group["weight_decay"] for group in trainer.optimizer.param_groups] == [0.05, 0.0]
+    trained = [(name, p) for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert len(decay) + len(no_decay) == len(trained)
+    for name, p in trained:
+        expected = decay if p.ndim > 1 and not name.endswith(".bias") else no_decay
+        assert id(p) in expected, name
+    assert any(name.endswith("cls_token") and id(p) in decay for name, p in trained)  # 3-D: it decays
+    assert any(name.endswith("norm.weight") and id(p) in no_decay for name, p in trained)
+
+
+def test_gradients_are_clipped_to_clip_norm(tmp_path):
+    """AdamW's first update is about lr * sign(gradient) whatever the gradient's size, so the
+    weights alone do not show clipping; its first moment, (1 - beta1) * the clipped gradient,
+    does."""
+    clip = 1e-3
+    trainer = Trainer(small(tmp_path, optim__clip_norm=clip), log=lambda *a: None)
+    totals = trainer.train_step([next(iter(trainer.data_loader()))])
+    assert totals["grad_norm"] > 10 * clip  # the norm before clipping is logged
+    moments = [state["exp_avg"] for state in trainer.optimizer.state.values()]
+    first_moment_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(m) for m in moments]))
+    assert float(first_moment_norm) == pytest.approx((1 - trainer.cfg.optim.beta1) * clip, rel=1e-4)
