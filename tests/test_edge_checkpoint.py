@@ -1689,3 +1689,22 @@ def test_loaded_tensors_do_not_change_when_the_file_is_rewritten(tmp_path):
     ckpt = safe_torch_load(path)
     torch.save({"w": torch.full((1 << 16,), 7.0)}, path)
     assert torch.equal(ckpt["w"], torch.ones(1 << 16))
+
+
+@pytest.mark.parametrize("time_patches", [16, 48])
+def test_a_position_table_of_another_length_keeps_the_files_rows(tmp_path, time_patches):
+    """A file whose table has more or fewer rows than the model's: the rows both have are the
+    file's (its own rounding of the sin-cos table, here perturbed to tell them apart), the rest
+    the model's own table."""
+    from sslam.model import sincos_positions
+
+    tiny = VARIANTS["tiny"]
+    saved = Encoder(tiny.replace(max_length=32))
+    with torch.no_grad():
+        saved.pos_embed.add_(1e-3 * torch.randn_like(saved.pos_embed))
+    saved.save_pretrained(tmp_path / "model")
+    model = load_weights_into(Encoder(tiny.replace(max_length=time_patches)), tmp_path / "model")
+    shared = min(32, time_patches) * tiny.freq_patches
+    assert torch.equal(model.pos_embed[:, :shared], saved.pos_embed[:, :shared])
+    own = sincos_positions(tiny.embed_dim, time_patches, tiny.freq_patches)[None]
+    assert torch.equal(model.pos_embed[:, shared:], own[:, shared:])
