@@ -86,6 +86,23 @@ def test_long_audio_is_windowed_not_cropped(tiny):
         tiny.embed(wave, 16000, hop=100)
 
 
+def test_windows_that_see_the_same_sound_give_that_windows_embedding(tiny):
+    """Windows are averaged, not summed: a clip that repeats every hop (512 frames) gives three
+    windows of the same frames, so its CLS is its first window's, and a patch row two windows
+    cover is the mean of the two rows (32 patch rows apart in a window) that see it."""
+    period = 512 * 160  # samples per hop
+    wave = (0.1 * torch.randn(period)).repeat(5)[: 160 * (2048 - 1) + 400]  # 2048 frames: 3 windows
+    emb = tiny.embed(wave, 16000)
+    first = tiny.embed(wave, 16000, crop=True)  # the first window, from the same log-mel
+    assert int(emb.num_rows[0]) == 128
+    assert torch.allclose(emb.utterance, first.utterance, rtol=1e-5, atol=1e-6)
+    half = 32 * 8  # tokens of 512 frames
+    rows = first.frames[0].split(half)  # the window's first and second halves
+    overlapped = (rows[0] + rows[1]) / 2
+    expected = torch.cat([rows[0], overlapped, overlapped, rows[1]])
+    assert torch.allclose(emb.frames[0], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_paths_and_errors(tiny, tmp_path):
     sf.write(tmp_path / "a.wav", (torch.randn(24000) * 0.1).numpy(), 24000)
     emb = tiny.embed(str(tmp_path / "a.wav"))
