@@ -13,6 +13,7 @@ from sslam.features import (
     mel_banks,
     normalize,
     num_frames,
+    pad_or_crop,
     patchify,
     preprocess,
     unpatchify,
@@ -145,8 +146,13 @@ def test_padded_tensor_with_lengths():
 def test_padding_value_and_crop():
     x = preprocess(torch.randn(16000), 16000, target_length=1024)
     assert torch.allclose(x[0, 0, 98:], torch.full((926, 128), 4.268 / 9.138))
-    long = preprocess(torch.randn(16000 * 12), 16000, target_length=1024)
+    wave = 0.1 * torch.randn(16000 * 12)
+    long = preprocess(wave, 16000, target_length=1024)
     assert long.shape == (1, 1, 1024, 128)
+    assert (long - official(wave, 16000)).abs().max() < 1e-4  # the first 1024 frames are kept
+    feats = torch.randn(2, 30, 128)  # the benchmarks' eager pipelines crop with pad_or_crop itself
+    assert torch.equal(pad_or_crop(feats, 20), feats[:, :20])
+    assert torch.equal(pad_or_crop(feats, 40), torch.cat([feats, torch.zeros(2, 10, 128)], 1))
 
 
 def test_shorter_than_one_frame_is_a_clear_error():
@@ -219,10 +225,15 @@ def test_big_endian_and_half_precision_arrays_give_the_native_float32_features()
         assert torch.equal(preprocess(variant, 16000), expected)
 
 
-@pytest.mark.parametrize("norm", sorted(NORM_STATS))
+SPEC_NORMS = {"audioset": (-4.268, 4.569), "esc50": (-6.627, 5.359), "spcv2": (-6.846, 5.565),
+              "spass": (-5.275, 3.268)}  # SPEC 1.1, the official data loaders' statistics
+
+
+@pytest.mark.parametrize("norm", sorted(SPEC_NORMS))
 def test_presets(norm):
+    assert sorted(NORM_STATS) == sorted(SPEC_NORMS)
     wave = torch.randn(8000)
-    mean, std = NORM_STATS[norm]
+    mean, std = SPEC_NORMS[norm]
     ref = official(wave, 16000, target_length=64, norm=(mean, std))
     assert (preprocess(wave, 16000, target_length=64, norm=norm) - ref).abs().max() < 1e-4
 
