@@ -50,6 +50,12 @@ def test_sample_windows_reproducible_and_generalised():
         w = sample_windows(64, 16, 16, gen)
         # 64 frames: first in {0, 16}, second in range(first + 16, 47, 16).
         assert w.starts[0] in (0, 16) and w.starts[1] in range(w.starts[0] + 16, 47, 16)
+    # Unaligned starts reach the official bounds exactly: the first below min(T // 2,
+    # T - 2 W - 1), the second up to T - W - 2 (the official randint's last value).
+    draws = [sample_windows(40, 5, 1, gen).starts for _ in range(3000)]
+    assert {first for first, _ in draws} == set(range(20))
+    assert max(second for _, second in draws) == 40 - 5 - 2
+    assert all(first + 5 <= second for first, second in draws)
 
 
 def test_sample_windows_rejects_impossible_sizes():
