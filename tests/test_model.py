@@ -184,6 +184,29 @@ def test_drop_path_only_in_training():
         assert not torch.equal(model(x).x, model(x).x)
 
 
+def test_drop_path_rescales_the_samples_it_keeps():
+    """Stochastic depth keeps each sample with probability 1 - rate and divides it by that, so
+    the expected output is the input (unscaled, fine-tuning would train a model whose blocks
+    grow weaker at evaluation)."""
+    from sslam.model import drop_path
+
+    x = torch.randn(4000, 3, 2)
+    out = drop_path(x, 0.25, training=True)
+    kept = out.flatten(1).ne(0).all(1)
+    assert torch.equal(out[kept], x[kept] / 0.75) and not out[~kept].any()
+    assert 0.7 < kept.float().mean() < 0.8
+
+
+def test_the_variants_are_the_official_architectures():
+    """SPEC 2.1 and 2.3 (ViT-B and ViT-L) and 6.1 (the fine-tuning head's LayerNorm)."""
+    base, large = VARIANTS["base"], VARIANTS["large"]
+    assert (base.embed_dim, base.depth, base.num_heads, base.mlp_ratio) == (768, 12, 12, 4.0)
+    assert (large.embed_dim, large.depth, large.num_heads, large.mlp_ratio) == (1024, 24, 16, 4.0)
+    for cfg in (base, large):
+        assert (cfg.patch_size, cfg.mel_bins, cfg.norm_eps, cfg.qkv_bias) == (16, 128, 1e-6, True)
+        assert (cfg.drop_path_rate, cfg.num_classes, cfg.head_norm_eps) == (0.0, 0, 1e-6)
+
+
 def test_classification_head():
     model = small_model(num_classes=5)
     assert model.classify(torch.randn(2, 48)).shape == (2, 5)
