@@ -214,7 +214,18 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
     # batch_size x processes x accum_steps clips; only how they are split may change.
     old_world = int(saved.get("world_size", world_size))
     old_accum = before.get("optim", {}).get("accum_steps", cfg.optim.accum_steps)
-    if old_world * old_accum != world_size * cfg.optim.accum_steps:
+    old_batch = before.get("data", {}).get("batch_size", cfg.data.batch_size)
+    global_batch = old_batch * old_world * old_accum
+    if old_batch != cfg.data.batch_size and global_batch == cfg.data.batch_size * world_size * cfg.optim.accum_steps:
+        conflicts = [c for c in conflicts if not c.startswith("data.batch_size:")]
+        accum = global_batch // (old_batch * world_size)  # whole micro-batches over this many processes
+        conflicts.append(
+            f"data.batch_size: {old_batch} in the checkpoint, {cfg.data.batch_size} now: the global batch of "
+            f"{global_batch} clips is the same, but each micro-batch draws its own masks and mixing windows, so "
+            f"only how whole micro-batches of {old_batch} clips are spread over processes and accumulation steps "
+            f"may change" + (f" (--data.batch_size={old_batch} --optim.accum_steps={accum} resumes it)"
+                             if accum * old_batch * world_size == global_batch else ""))
+    elif old_world * old_accum != world_size * cfg.optim.accum_steps:
         conflicts.append(f"optim.accum_steps x processes: {old_accum} x {old_world} in the checkpoint, "
                          f"{cfg.optim.accum_steps} x {world_size} now (the global batch must stay the same)")
     return conflicts

@@ -113,6 +113,11 @@ def test_resume_with_changed_settings_is_refused(stage1_run):
         ({"objective.stage": "2"}, "objective.stage: 1 in the checkpoint, 2 now"),
         ({"data.batch_size": "2"}, "data.batch_size: 4 in the checkpoint, 2 now"),
         ({"optim.accum_steps": "2"}, r"optim.accum_steps x processes: 1 x 1 in the checkpoint, 2 x 1 now"),
+        # The same global batch cut into smaller micro-batches: named as such, not as a changed
+        # global batch (the message said "the global batch must stay the same", which it did).
+        ({"data.batch_size": "2", "optim.accum_steps": "2"},
+         r"changed settings: data.batch_size: 4 in the checkpoint, 2 now: the global batch of 4 clips is the "
+         r"same, but each micro-batch draws its own masks.*\(--data.batch_size=4 --optim.accum_steps=1 resumes it\)\. Run"),
         ({"model.embed_dim": "64", "run.seed": "7"}, "model.embed_dim: 32 .*run.seed: 1 in the checkpoint, 7 now"),
         ({"objective.mask_prob": "0.7"}, "objective.mask_prob"),
         ({"data.source": str(stage1_run)}, "data.source"),
