@@ -209,7 +209,11 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
                          f"{before.get('run', {}).get('precision')!r}), {precision} now ({cfg.run.precision!r}); "
                          f"--run.precision={saved['precision']} resumes it")
     if cfg.run.init and not _same_init(old_init, cfg.run.init):
-        conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now")
+        names = resolve_init(cfg.run.init)
+        a_folder = not is_hub_name(names) and Path(names) != Path(cfg.run.init).resolve()
+        newest = f"its newest checkpoint, {names!r}; " if a_folder else ""
+        conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now ({newest}a resumed "
+                         "run needs no --run.init: its weights come from its own checkpoint)")
     # The data position and the per-slot random streams count global batches of
     # batch_size x processes x accum_steps clips; only how they are split may change.
     old_world = int(saved.get("world_size", world_size))

@@ -143,7 +143,8 @@ def test_stage_defaults_follow_the_spec():
     assert resume_conflicts({"config": initialised.to_dict()}, now, 1) == []
     now.run.init = "runs/s2"
     assert resume_conflicts({"config": initialised.to_dict()}, now, 1) == [
-        "run.init: 'runs/s1' in the checkpoint, 'runs/s2' now"]
+        "run.init: 'runs/s1' in the checkpoint, 'runs/s2' now (a resumed run needs no --run.init: its weights "
+        "come from its own checkpoint)"]
     manifest.data.source = saved.data.source = "TRAIN.TSV"  # read as a manifest too
     assert resume_conflicts({"config": saved.to_dict()}, manifest, 1) == [
         "data.min_samples: 0 in the checkpoint, 10000 now"]
@@ -718,7 +719,14 @@ def test_init_given_as_a_run_folder_or_its_newest_checkpoint_is_one_start(tmp_pa
     assert resume_conflicts({"config": saved.to_dict()}, now, 1) == []
     (tmp_path / "s1" / "checkpoint_00000004.pt").write_bytes(b"")
     assert resume_conflicts({"config": saved.to_dict()}, now, 1) == [
-        "run.init: 's1' in the checkpoint, 's1/checkpoint_00000002.pt' now"]
+        "run.init: 's1' in the checkpoint, 's1/checkpoint_00000002.pt' now (a resumed run needs no --run.init: "
+        "its weights come from its own checkpoint)"]
+    # The folder itself, once it holds a newer checkpoint: the message says which file it names now.
+    saved.run.init, now.run.init = str(tmp_path / "s1" / "checkpoint_00000002.pt"), "s1"
+    newest = tmp_path / "s1" / "checkpoint_00000004.pt"
+    assert resume_conflicts({"config": saved.to_dict()}, now, 1) == [
+        f"run.init: {saved.run.init!r} in the checkpoint, 's1' now (its newest checkpoint, {str(newest)!r}; a "
+        "resumed run needs no --run.init: its weights come from its own checkpoint)"]
 
 
 def test_a_run_records_the_checkpoint_its_init_folder_gave(tmp_path):
