@@ -85,13 +85,14 @@ def write_report(out: Path, table: dict, timings: dict, curves: dict, settings: 
     lines += ["", "| phase | seconds |", "|---|---|"]
     lines += [f"| {phase} | {sec:.1f} |" for phase, sec in timings.items()]
     text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"table": table, "timings": timings, "settings": settings}, indent=2))
-    _figure(out / "demo.png", table, curves)
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(text))
+    record = json.dumps({"table": table, "timings": timings, "settings": settings}, indent=2)
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(record))
+    atomic_write(out / "demo.png", lambda tmp: _figure(tmp, table, curves))
     return text
 
 
-def _figure(path: Path, table: dict, curves: dict) -> None:
+def _figure(path, table: dict, curves: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,20 +120,27 @@ def _figure(path: Path, table: dict, curves: dict) -> None:
     losses.set_title("Pretraining loss")
     losses.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # path may be a temporary name without the suffix
     plt.close(fig)
 
 
-def _check_same_kind(out: Path, quick: bool) -> None:
-    """Make ``out`` a demo folder of this kind (--quick or full) or refuse one of the other:
-    its stage runs, resumed, would refuse the other kind's settings by options that the demo
-    does not have."""
+def _claim_folder(out: Path, quick: bool) -> None:
+    """Make ``out`` a demo folder of this kind (--quick or full), or refuse it: a folder of other
+    files (the report would overwrite a results.md of the user's) or of the other kind (its
+    stage runs, resumed, would refuse the other kind's settings by options the demo does not
+    have). ``demo.json`` records the kind."""
     kinds = {True: "a --quick demo", False: "the full demo"}
     record = out / "demo.json"
-    if record.exists():
+    if record.exists() or record.is_symlink():
         before = (read_json_object(record) or {}).get("quick")
-        if isinstance(before, bool) and before != quick:  # else not a record of this package's
+        if not isinstance(before, bool):
+            raise ValueError(f"--out {out}: its demo.json is not a demo's record; give the demo another folder")
+        if before != quick:
             raise ValueError(f"--out {out}: holds {kinds[before]}; {kinds[quick]} needs another folder")
+        return
+    if out.is_dir() and (held := sorted(p.name for p in out.iterdir())):
+        raise ValueError(f"--out {out}: holds other files ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}) "
+                         "and no demo; give the demo an empty or new folder")
     atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps({"quick": quick}) + "\n"))
 
 
@@ -144,7 +152,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> d
     settings = QUICK if quick else FULL
     check_output_folder(out)
     out = Path(out).absolute()  # stage 2 records its start by this path: a rerun from elsewhere must match
-    _check_same_kind(out, quick)
+    _claim_folder(out, quick)
     torch.manual_seed(0)
     timings, curves = {}, {}
     ckpt1, curves["stage 1 (EAT)"], timings["pretrain stage 1"] = pretrain(out / "stage1", 1, settings["stage1"], log=log)
@@ -166,7 +174,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, log=print) -> d
 def add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="pretrain stage 1 + stage 2 on built-in data, probe mono/poly, report")
     p.add_argument("--out", default="runs/demo",
-                   help="output folder (default runs/demo); the pretraining runs in it are resumed, so a "
-                   "--quick folder cannot take a full demo: give each its own")
+                   help="output folder (default runs/demo), new or empty or a demo's; the pretraining runs in "
+                   "it are resumed, so a --quick folder cannot take a full demo: give each its own")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few steps (seconds)")
     p.set_defaults(func=lambda a: (run_demo(a.out, a.quick), 0)[1])

@@ -595,15 +595,25 @@ def test_demo_quick(tmp_path, monkeypatch, capsys):
     assert f"--out {out}: holds a --quick demo; the full demo needs another folder" in capsys.readouterr().err
 
 
-def test_a_demo_record_of_another_shape_is_not_one(tmp_path):
-    from sslam.demo import _check_same_kind
+def test_the_demo_refuses_a_folder_of_other_files(tmp_path):
+    """The report overwrote a results.md or demo.png of the user's, and a demo.json of another
+    shape was taken for none and replaced."""
+    from sslam.demo import _claim_folder
 
+    (tmp_path / "results.md").write_text("my notes\n")
+    with pytest.raises(ValueError, match=r"holds other files \(results.md\) and no demo; give the demo an empty"):
+        _claim_folder(tmp_path, quick=True)
     for text in ('{"quick": "yes"}', "[1]", "not json"):
         (tmp_path / "demo.json").write_text(text)
-        _check_same_kind(tmp_path, quick=True)
-        assert json.loads((tmp_path / "demo.json").read_text()) == {"quick": True}
+        with pytest.raises(ValueError, match="its demo.json is not a demo's record"):
+            _claim_folder(tmp_path, quick=True)
+        assert (tmp_path / "demo.json").read_text() == text
+    assert (tmp_path / "results.md").read_text() == "my notes\n"
+    _claim_folder(tmp_path / "new", quick=True)  # a new folder, or an empty one, is claimed
+    _claim_folder(tmp_path / "new", quick=True)
+    assert json.loads((tmp_path / "new" / "demo.json").read_text()) == {"quick": True}
     with pytest.raises(ValueError, match="holds a --quick demo; the full demo needs another folder"):
-        _check_same_kind(tmp_path, quick=False)
+        _claim_folder(tmp_path / "new", quick=False)
 
 
 def test_probe_features_of_two_splits_with_one_name_are_their_own():
