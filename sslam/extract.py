@@ -178,13 +178,15 @@ class Report:
 
 class FolderSink:
     """One ``.npz`` per input under a folder; an input is done when its file exists. The run's
-    ``settings`` are kept in ``SETTINGS`` in the folder; resuming with others is refused (as
-    :class:`FileSink` does) instead of leaving files of different contents side by side."""
+    ``settings`` are kept in ``SETTINGS`` in the folder and in every file; resuming with others
+    is refused (as :class:`FileSink` does) instead of leaving files of different contents side
+    by side, also where the folder's record is gone or the files were copied elsewhere."""
 
     SETTINGS = "sslam_extract.json"  # cannot clash with an output: those all end in .npz
 
     def __init__(self, root: Path, settings: dict | None = None):
         self.root = root
+        self.settings = settings
         root.mkdir(parents=True, exist_ok=True)
         if settings is None:
             return
@@ -222,15 +224,24 @@ class FolderSink:
             with _open_npz(target) as data:
                 if "num_rows" not in data.files:  # every output has it
                     raise ValueError("no num_rows array")
-                return json.loads(str(data["source"])) if "source" in data.files else {}
+                source = json.loads(str(data["source"])) if "source" in data.files else {}
+                # Files written before they recorded the settings have only the folder's record.
+                stored = json.loads(str(data["settings"])) if "settings" in data.files else {}
+                if not isinstance(stored, dict):
+                    raise ValueError("its settings are not a JSON object")
         except (OSError, ValueError, KeyError, EOFError, RecursionError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{target}: exists but is not an sslam embedding ({exc}); move it away or "
                              "choose another --out") from None
+        if self.settings is not None:
+            check_same_settings(target, stored, self.settings)
+        return source
 
     def add(self, key: str, arrays: dict, label_names, source: dict | None = None) -> None:
         if label_names:
             arrays = {**arrays, "label_names": np.asarray(label_names)}
         arrays = {**arrays, "source": np.asarray(json.dumps(source or {}))}
+        if self.settings is not None:
+            arrays["settings"] = np.asarray(json.dumps(self.settings, sort_keys=True))
         atomic_write(self.target(key), lambda tmp: _save_npz(tmp, arrays))
 
     def flush(self) -> None:

@@ -413,6 +413,28 @@ def test_regression_resume_with_another_model_is_refused(tmp_path, capsys):
         assert "1 embedded, 1 already done" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("record", ["removed", "emptied"])
+def test_a_folder_output_without_its_record_still_refuses_another_encoder(tmp_path, capsys, record):
+    """The settings were kept only in the folder's sslam_extract.json: with it gone (or holding
+    nothing), a run with another checkpoint skipped the first run's files as done and wrote
+    its own beside them, one folder holding two encoders' embeddings, exit 0."""
+    _write(tmp_path / "a.wav", 1.0)
+    _write(tmp_path / "b.wav", 1.0, seed=1)
+    narrow = save_encoder(Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2)).eval(), tmp_path / "narrow")
+    out = tmp_path / "folder"
+    assert main(["extract", str(tmp_path / "a.wav"), "--checkpoint", CKPT, "--out", str(out), "--no-progress"]) == 0
+    if record == "removed":
+        (out / "sslam_extract.json").unlink()
+    else:
+        (out / "sslam_extract.json").write_text("{}\n")
+    capsys.readouterr()
+    both = [str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]
+    assert main(["extract", *both, "--checkpoint", str(narrow), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'a.wav.npz'}: was written with" in err and "'encoder'" in err and "choose another --out" in err
+    assert not (out / "b.wav.npz").exists()
+
+
 def test_regression_folder_output_resume_with_other_settings_is_refused(tmp_path, capsys):
     """Regression (extract.FolderSink): a folder output resumed with another --granularity
     (or --padding / --crop) kept the old files and wrote new ones with other arrays beside
