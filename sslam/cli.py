@@ -101,7 +101,7 @@ def _add_extract(sub) -> None:
                    help="normalisation if not the checkpoint's: audioset, esc50, spass, spcv2, or --norm=MEAN,STD "
                         "(the official extraction's --norm_mean and --norm_std)")
     p.add_argument("--hop", type=int, default=None,
-                   help="frames between the windows of long audio (default: half the window)")
+                   help="frames between the windows of long audio (default: half the window; not with --crop)")
     p.add_argument("--autocast", default="none", choices=sorted(AUTOCAST), help="GPU autocast dtype")
     p.add_argument("--workers", type=int, default=2, help="decoding threads")
     p.add_argument("--compile", action="store_true",

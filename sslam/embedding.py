@@ -186,6 +186,12 @@ def window_hop(model, hop) -> int:
     return int(hop)
 
 
+def check_crop_hop(crop: bool, hop) -> None:
+    """A hop with ``crop`` is refused: one window is kept, so the hop would be ignored."""
+    if crop and hop is not None:
+        raise ValueError(f"hop={hop!r}: crop keeps only the first window, so no hop applies; give one or the other")
+
+
 def _windows(num_frames: int, window: int, hop: int, crop: bool) -> list[int]:
     """Start frames of the windows that cover ``num_frames`` frames."""
     if crop or num_frames <= window:
@@ -312,6 +318,7 @@ def embed(
     window, norm_name = model.input_window()
     norm = norm_stats(norm_name)
     patch, freq = model.cfg.patch_size, model.cfg.freq_patches
+    check_crop_hop(crop, hop)
     hop = window_hop(model, hop)
     batch_size = checked_batch_size(batch_size)
     param = next(model.parameters())

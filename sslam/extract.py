@@ -34,7 +34,7 @@ import torch
 from .audio import AudioError, claimed_samples, load_audio
 from .checkpoint import encoder_fingerprint
 from .data import folder_paths, manifest_entries, samples_for_frames
-from .embedding import checked_batch_size, length_groups, window_hop
+from .embedding import check_crop_hop, checked_batch_size, length_groups, window_hop
 from .features import check_min_length
 from .files import atomic_write, check_output_folder, load_json_object, remove_temporaries
 
@@ -529,7 +529,8 @@ def run_extract(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}: must be a positive number of decoding threads")
     batch_size = checked_batch_size(batch_size)
-    hop = window_hop(model, hop)
+    check_crop_hop(crop, hop)
+    hop = None if crop else window_hop(model, hop)
     out_path = check_output(out)
     items = collect_inputs(inputs, manifest_root)
     if not items:

@@ -84,6 +84,9 @@ def test_long_audio_is_windowed_not_cropped(tiny):
     assert torch.allclose(cropped.frames[0, :400], first.frames[0, :400], atol=1e-3)
     with pytest.raises(ValueError, match="hop"):
         tiny.embed(wave, 16000, hop=100)
+    # A hop with crop was accepted and did nothing: one window is kept.
+    with pytest.raises(ValueError, match=r"hop=16: crop keeps only the first window, so no hop applies"):
+        tiny.embed(wave, 16000, crop=True, hop=16)
 
 
 def test_windows_that_see_the_same_sound_give_that_windows_embedding(tiny):

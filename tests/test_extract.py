@@ -407,12 +407,13 @@ def test_hop_between_the_windows_of_long_files(tmp_path, capsys):
     assert main([*argv, "--out", str(out), "--hop", "512"]) == 2
     assert "'hop': 256" in capsys.readouterr().err
     # An output of the default hop (so also one written before the hop was recorded) is not
-    # resumed with another, nor a cropped one (where the hop does nothing) refused for one.
+    # resumed with another; a hop with --crop (one window: it would do nothing) is refused.
     assert main([*argv, "--out", str(tmp_path / "default.npz")]) == 0
     assert main([*argv, "--out", str(tmp_path / "default.npz"), "--hop", "256"]) == 2
     assert main([*argv, "--out", str(tmp_path / "crop.npz"), "--crop"]) == 0
     capsys.readouterr()
-    assert main([*argv, "--out", str(tmp_path / "crop.npz"), "--crop", "--hop", "256"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "crop.npz"), "--crop", "--hop", "256"]) == 2
+    assert "hop=256: crop keeps only the first window, so no hop applies" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "bad.npz"), "--hop", "100"]) == 2
     assert "hop=100: must be a positive multiple of 16 frames, at most 1024" in capsys.readouterr().err
     assert not (tmp_path / "bad.npz").exists()
