@@ -234,3 +234,14 @@ def test_a_broken_pipe_other_than_the_output_s_is_an_error(monkeypatch, capsys):
     monkeypatch.setattr(sslam.cli, "cmd_info", broken)
     assert main(["info", "x.pt"]) == 2
     assert "sslam: error:" in capsys.readouterr().err
+
+
+def test_sizes_beyond_the_memory_are_one_line_not_a_traceback(tmp_path, capsys):
+    """--model.depth=100000 passed every range check and died in a traceback of the allocator
+    (a RuntimeError on the CPU, torch.OutOfMemoryError on a GPU, or a MemoryError)."""
+    out = tmp_path / "huge"
+    assert main(["pretrain", "--preset", "tiny", "--out", str(out), "--model.embed_dim=400000000",
+                 "--model.num_heads=1", "--run.progress=false"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sslam: error: out of memory (") and "lower the batch size or the sizes" in err
+    assert len(err.strip().splitlines()) == 1
