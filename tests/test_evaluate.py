@@ -49,6 +49,18 @@ def tiny_encoder(target_length=128) -> Encoder:
 # ---- metrics --------------------------------------------------------------------------------
 
 
+def test_a_single_label_head_scored_by_map_ranks_its_softmax():
+    """Forced mAP on a single-label head ranks each class by its softmax probability: the
+    sigmoid of a logit alone ranks clip 0 first for class 1 (sigmoid(5) > sigmoid(0)), though
+    clip 1 is far likelier class 1 (its softmax 0.993 against 0.0067)."""
+    from sslam.evaluate import score
+
+    logits = torch.tensor([[10.0, 5.0], [-5.0, 0.0]])
+    targets = torch.tensor([0, 1])
+    assert score(logits, torch.nn.functional.one_hot(targets, 2).float(), multilabel=False, metric="mAP") == ("mAP", 1.0)
+    assert score(logits, targets, multilabel=False) == ("accuracy", 1.0)
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_average_precision_matches_sklearn(ties):
     g = torch.Generator().manual_seed(1)
