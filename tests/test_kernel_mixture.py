@@ -155,27 +155,22 @@ def test_gather_validates():
         mx.mix_spectrograms(tokens.tolist(), MixWindows((0, 16), 16))
 
 
-def test_gather_indices_are_checked_under_torch_compile(kernels_on_cpu):
-    """Regression: traced, the kernel path skipped the index check and read past the tokens (a
-    neighbour clip's token, or whatever memory followed)."""
-    compiled = torch.compile(mx.gather_tokens, backend="aot_eager", fullgraph=True)
-    tokens = torch.randn(2, 5, 8)
-    assert torch.equal(compiled(tokens, torch.tensor([4, 0])), tokens[:, [4, 0]])
-    for keep in ([0, 7], [-1, 2]):
-        with pytest.raises(ValueError, match=r"keep: indices must lie in \[0, 5\)"):
-            compiled(tokens, torch.tensor(keep))
-
-
-def test_gather_indices_are_checked_under_torch_compile_on_the_reference_path(monkeypatch):
-    """The PyTorch path left the check to torch's indexing when traced, which reads a negative
-    index from the end: [-1, 2] gave the last token instead of an error."""
-    monkeypatch.setenv("SSLAM_KERNELS", "0")
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
+def test_gather_indices_are_checked_under_torch_compile(request, monkeypatch, kernels):
+    """Regressions: traced, the kernel path skipped the index check and read past the tokens (a
+    neighbour clip's token, or whatever memory followed); the PyTorch path left it to torch's
+    indexing, which reads a negative index from the end ([-1, 2] gave the last token). The
+    kernel's op checks on the host (ValueError), the reference by a device-side assertion."""
+    if kernels:
+        request.getfixturevalue("kernels_on_cpu")
+    else:
+        monkeypatch.setenv("SSLAM_KERNELS", "0")
     torch._dynamo.reset()
     compiled = torch.compile(mx.gather_tokens, backend="aot_eager", fullgraph=True)
     tokens = torch.randn(2, 5, 8)
     assert torch.equal(compiled(tokens, torch.tensor([4, 0])), tokens[:, [4, 0]])
     for keep in ([0, 7], [-1, 2]):
-        with pytest.raises(RuntimeError, match=r"keep indices must lie in \[0, 5\)"):
+        with pytest.raises(ValueError if kernels else RuntimeError, match=r"indices must lie in \[0, 5\)"):
             compiled(tokens, torch.tensor(keep))
 
 
