@@ -186,14 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     except (AudioError, CheckpointError, ValueError, OSError) as exc:
         print(f"sslam: error: {_message(exc)}", file=sys.stderr)
         return 2
-    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
-        if not _out_of_memory(exc):
-            raise
-        print(f"sslam: error: out of memory ({_message(exc).splitlines()[0]}): lower the batch size or the sizes "
-              f"of the model or data{_resume_hint(args)}", file=sys.stderr)
-        return 1
     except StopTraining as exc:  # a run stopped for a reason it explains (bad files, NaN losses)
         print(f"sslam: {exc}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as exc:  # after StopTraining, itself a RuntimeError
+        if not _out_of_memory(exc):
+            raise
+        detail = _message(exc).strip().splitlines()[:1] or [type(exc).__name__]
+        print(f"sslam: error: out of memory ({detail[0]}): lower the batch size or the sizes of the model or "
+              f"data{_resume_hint(args)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"sslam: interrupted{_resume_hint(args)}", file=sys.stderr)
@@ -201,10 +202,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocation that failed: Python's MemoryError, torch's CUDA
-    ``OutOfMemoryError``, or its CPU allocator's RuntimeError."""
-    text = str(exc)
-    return isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text
+    """Whether ``exc`` is an allocation that failed: Python's MemoryError, torch's
+    ``OutOfMemoryError`` (CUDA), or the RuntimeError of torch's CPU allocator."""
+    import torch
+
+    return (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+            or "DefaultCPUAllocator: can't allocate memory" in str(exc))
 
 
 def _output_reader_left() -> bool:

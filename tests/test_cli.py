@@ -236,12 +236,35 @@ def test_a_broken_pipe_other_than_the_output_s_is_an_error(monkeypatch, capsys):
     assert "sslam: error:" in capsys.readouterr().err
 
 
-def test_sizes_beyond_the_memory_are_one_line_not_a_traceback(tmp_path, capsys):
-    """--model.depth=100000 passed every range check and died in a traceback of the allocator
-    (a RuntimeError on the CPU, torch.OutOfMemoryError on a GPU, or a MemoryError)."""
-    out = tmp_path / "huge"
-    assert main(["pretrain", "--preset", "tiny", "--out", str(out), "--model.embed_dim=400000000",
-                 "--model.num_heads=1", "--run.progress=false"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("sslam: error: out of memory (") and "lower the batch size or the sizes" in err
-    assert len(err.strip().splitlines()) == 1
+def allocator_error() -> RuntimeError:
+    """The error torch's CPU allocator raises for a size beyond any address space."""
+    try:
+        torch.empty(2**62, dtype=torch.uint8)
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("4 EiB were allocated")
+
+
+def test_failed_allocations_and_stopped_runs_are_one_line(monkeypatch, capsys):
+    """Sizes beyond the memory (--model.depth=100000 passes every range check) died in the
+    allocator's traceback. StopTraining is a RuntimeError too: it must keep its own line, and a
+    MemoryError without a message must not break the one printed for it."""
+    from sslam.runs import StopTraining
+
+    cases = [(allocator_error(), "sslam: error: out of memory ([enforce fail"),
+             (MemoryError(), "sslam: error: out of memory (MemoryError): lower the batch size or the sizes"),
+             (StopTraining("stopped: 5 bad files"), "sslam: stopped: 5 bad files"),
+             (RuntimeError("an error of the code, not of memory"), None)]
+    for exc, expected in cases:
+        def fail(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(sslam.train.Trainer, "__init__", fail)
+        argv = ["pretrain", "--preset", "tiny", "--run.progress=false"]
+        if expected is None:  # a bug keeps its traceback
+            with pytest.raises(RuntimeError, match="an error of the code"):
+                main(argv)
+            continue
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(expected) and len(err.strip().splitlines()) == 1
