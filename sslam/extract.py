@@ -188,18 +188,16 @@ class FolderSink:
         self.root = root
         self.settings = settings
         root.mkdir(parents=True, exist_ok=True)
-        if settings is None:
-            return
         record = root / self.SETTINGS
-        if record.exists():
+        # A missing record is written with the first file: a run refused by the files already
+        # there (their own records) must not leave its settings as the folder's.
+        self.record_pending = settings is not None and not record.exists()
+        if settings is not None and not self.record_pending:
             try:
                 stored = load_json_object(record)
             except ValueError as exc:
                 raise ValueError(f"{record}: unreadable extraction settings ({exc})") from exc
             check_same_settings(root, stored, settings)
-        else:
-            text = json.dumps(settings, sort_keys=True) + "\n"
-            atomic_write(record, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def target(self, key: str) -> Path:
         """Where ``key``'s file goes: its path under the folder (an absolute one under
@@ -216,7 +214,8 @@ class FolderSink:
     def source(self, key: str) -> dict | None:
         """The file ``key`` was embedded from, {} if its output does not say, None if none.
         A file there that is not an embedding is the user's, never taken for one or replaced
-        (outputs are written whole, so a damaged one is not ours either): ``ValueError``."""
+        (outputs are written whole, so a damaged one is not ours either): ``ValueError``; so is
+        one that records other settings than this run's."""
         target = self.target(key)
         if not target.exists():
             return None
@@ -226,13 +225,13 @@ class FolderSink:
                     raise ValueError("no num_rows array")
                 source = json.loads(str(data["source"])) if "source" in data.files else {}
                 # Files written before they recorded the settings have only the folder's record.
-                stored = json.loads(str(data["settings"])) if "settings" in data.files else {}
-                if not isinstance(stored, dict):
+                stored = json.loads(str(data["settings"])) if "settings" in data.files else None
+                if stored is not None and not isinstance(stored, dict):
                     raise ValueError("its settings are not a JSON object")
         except (OSError, ValueError, KeyError, EOFError, RecursionError, zipfile.BadZipFile) as exc:
             raise ValueError(f"{target}: exists but is not an sslam embedding ({exc}); move it away or "
                              "choose another --out") from None
-        if self.settings is not None:
+        if self.settings is not None and stored is not None:
             check_same_settings(target, stored, self.settings)
         return source
 
@@ -241,7 +240,11 @@ class FolderSink:
             arrays = {**arrays, "label_names": np.asarray(label_names)}
         arrays = {**arrays, "source": np.asarray(json.dumps(source or {}))}
         if self.settings is not None:
-            arrays["settings"] = np.asarray(json.dumps(self.settings, sort_keys=True))
+            text = json.dumps(self.settings, sort_keys=True)
+            arrays["settings"] = np.asarray(text)
+            if self.record_pending:
+                atomic_write(self.root / self.SETTINGS, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+                self.record_pending = False
         atomic_write(self.target(key), lambda tmp: _save_npz(tmp, arrays))
 
     def flush(self) -> None:
@@ -455,8 +458,9 @@ def _settings(model, granularity: str, padding: str, crop: bool, hop: int, autoc
     """What an output records of the run that wrote it; a resume with other settings is
     refused by name (see :func:`check_same_settings`)."""
     # The hop as given apart from the default (None: the default, or cropped, where it does
-    # nothing), so that outputs written before the hop was recorded compare as the default's.
-    recorded_hop = None if crop or hop == window_hop(model, None) else hop
+    # nothing and is None), so that outputs written before the hop was recorded compare as the
+    # default's.
+    recorded_hop = None if hop == window_hop(model, None) else hop
     frames, norm = model.input_window()
     return {"granularity": granularity, "padding": padding, "crop": bool(crop), "hop": recorded_hop,
             # the window and statistics (also in the fingerprint), to be named apart

@@ -433,6 +433,27 @@ def test_a_folder_output_without_its_record_still_refuses_another_encoder(tmp_pa
     err = capsys.readouterr().err
     assert f"{out / 'a.wav.npz'}: was written with" in err and "'encoder'" in err and "choose another --out" in err
     assert not (out / "b.wav.npz").exists()
+    # The refused run wrote no record of its own, which would then refuse the encoder that
+    # wrote every file there.
+    assert main(["extract", *both, "--checkpoint", CKPT, "--out", str(out), "--no-progress"]) == 0
+    assert "1 embedded, 1 already done" in capsys.readouterr().out
+
+
+def test_folder_outputs_from_before_files_recorded_settings_resume(tmp_path, capsys):
+    """A file without its own record of the settings has only the folder's, already checked:
+    it was read as one recording the defaults, so a folder written with --hop 256 refused to
+    resume with --hop 256."""
+    _write(tmp_path / "a.wav", 1.0)
+    _write(tmp_path / "b.wav", 1.0, seed=1)
+    out = tmp_path / "folder"
+    common = ["--checkpoint", CKPT, "--out", str(out), "--hop", "256", "--no-progress"]
+    assert main(["extract", str(tmp_path / "a.wav"), *common]) == 0
+    with np.load(out / "a.wav.npz") as data:
+        older = {k: data[k] for k in data.files if k != "settings"}
+    np.savez(out / "a.wav.npz", **older)
+    capsys.readouterr()
+    assert main(["extract", str(tmp_path / "a.wav"), str(tmp_path / "b.wav"), *common]) == 0
+    assert "1 embedded, 1 already done" in capsys.readouterr().out
 
 
 def test_regression_folder_output_resume_with_other_settings_is_refused(tmp_path, capsys):
