@@ -197,7 +197,15 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
     if resolved:
         del old["run.precision"], now["run.precision"]
     old_init = before.get("run", {}).get("init", "")
-    conflicts = changed_settings(old, now, RESUME_MAY_CHANGE | _unused_settings(cfg, old_init) | {"data.source"})
+    # The data position and the per-slot random streams count global batches of
+    # batch_size x processes x accum_steps clips; only how they are split may change.
+    old_world = int(saved.get("world_size", world_size))
+    old_accum = before.get("optim", {}).get("accum_steps", cfg.optim.accum_steps)
+    old_batch = before.get("data", {}).get("batch_size", cfg.data.batch_size)
+    global_batch = old_batch * old_world * old_accum
+    resplit = old_batch != cfg.data.batch_size and global_batch == cfg.data.batch_size * world_size * cfg.optim.accum_steps
+    named_below = {"data.source"} | ({"data.batch_size"} if resplit else set())
+    conflicts = changed_settings(old, now, RESUME_MAY_CHANGE | _unused_settings(cfg, old_init) | named_below)
     # Files of a checkpoint that records its data's clips are checked on them (Trainer.data_loader):
     # the data may move. Older ones name it by its path.
     old_source = before.get("data", {}).get("source", cfg.data.source)
@@ -214,21 +222,14 @@ def resume_conflicts(saved: dict, cfg: TrainConfig, world_size: int, precision: 
         newest = f"its newest checkpoint, {names!r}; " if a_folder else ""
         conflicts.append(f"run.init: {old_init!r} in the checkpoint, {cfg.run.init!r} now ({newest}a resumed "
                          "run needs no --run.init: its weights come from its own checkpoint)")
-    # The data position and the per-slot random streams count global batches of
-    # batch_size x processes x accum_steps clips; only how they are split may change.
-    old_world = int(saved.get("world_size", world_size))
-    old_accum = before.get("optim", {}).get("accum_steps", cfg.optim.accum_steps)
-    old_batch = before.get("data", {}).get("batch_size", cfg.data.batch_size)
-    global_batch = old_batch * old_world * old_accum
-    if old_batch != cfg.data.batch_size and global_batch == cfg.data.batch_size * world_size * cfg.optim.accum_steps:
-        conflicts = [c for c in conflicts if not c.startswith("data.batch_size:")]
-        accum = global_batch // (old_batch * world_size)  # whole micro-batches over this many processes
+    if resplit:
+        split = old_batch * world_size  # clips per accumulation step over this many processes
         conflicts.append(
             f"data.batch_size: {old_batch} in the checkpoint, {cfg.data.batch_size} now: the global batch of "
             f"{global_batch} clips is the same, but each micro-batch draws its own masks and mixing windows, so "
             f"only how whole micro-batches of {old_batch} clips are spread over processes and accumulation steps "
-            f"may change" + (f" (--data.batch_size={old_batch} --optim.accum_steps={accum} resumes it)"
-                             if accum * old_batch * world_size == global_batch else ""))
+            f"may change" + (f" (--data.batch_size={old_batch} --optim.accum_steps={global_batch // split} resumes it)"
+                             if global_batch % split == 0 else ""))
     elif old_world * old_accum != world_size * cfg.optim.accum_steps:
         conflicts.append(f"optim.accum_steps x processes: {old_accum} x {old_world} in the checkpoint, "
                          f"{cfg.optim.accum_steps} x {world_size} now (the global batch must stay the same)")

@@ -755,9 +755,10 @@ def test_the_logged_lr_is_the_one_the_update_used(tmp_path):
     cfg = small(tmp_path, steps=6, optim__warmup_steps=3)
     trainer = Trainer(cfg, log=lambda *a: None)
     batches = iter(trainer.data_loader())
-    for step in range(3):
-        totals = trainer.train_step([next(batches)])
-        assert totals["lr"] == pytest.approx(cfg.optim.lr * lr_factor(step, cfg.optim))
+    logged = [trainer.train_step([next(batches)])["lr"] for _ in range(3)]
+    assert logged[0] == 0.0  # the first update of the warm-up from 0
+    assert logged == pytest.approx([cfg.optim.lr * lr_factor(step, cfg.optim) for step in range(3)])
+    assert logged[1] == pytest.approx(cfg.optim.lr / 3)
 
 
 @pytest.mark.parametrize("stage", [1, 2])
