@@ -20,7 +20,13 @@ import torch
 
 from .checkpoint import load_encoder
 from .evaluate import ProbeConfig, linear_probe
-from .files import atomic_write, check_output_folder, checkpoints_in, read_json_object
+from .files import (
+    atomic_write,
+    check_output_folder,
+    checkpoints_in,
+    read_json_object,
+    remove_temporaries,
+)
 from .labels import synth_split
 from .model import Encoder
 from .train import Trainer
@@ -131,6 +137,7 @@ def _claim_folder(out: Path, quick: bool) -> None:
     have). ``demo.json`` records the kind."""
     kinds = {True: "a --quick demo", False: "the full demo"}
     record = out / "demo.json"
+    remove_temporaries(out, "demo.json")  # a run killed while writing it: not another's file
     if record.exists() or record.is_symlink():
         before = (read_json_object(record) or {}).get("quick")
         if not isinstance(before, bool):

@@ -621,6 +621,8 @@ def test_the_demo_refuses_a_folder_of_other_files(tmp_path):
             _claim_folder(tmp_path, quick=True)
         assert (tmp_path / "demo.json").read_text() == text
     assert (tmp_path / "results.md").read_text() == "my notes\n"
+    (tmp_path / "new").mkdir()  # a folder holding only what a killed claim was writing is empty
+    (tmp_path / "new" / ".demo.json.k2j3.tmp").write_text("")
     _claim_folder(tmp_path / "new", quick=True)  # a new folder, or an empty one, is claimed
     _claim_folder(tmp_path / "new", quick=True)
     assert json.loads((tmp_path / "new" / "demo.json").read_text()) == {"quick": True}
