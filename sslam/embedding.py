@@ -304,7 +304,7 @@ def embed(
         padding: 'official' (pad every window to target_length) or 'mask' (see module doc).
         crop: keep only the first ``target_length`` frames (the official behaviour).
         hop: frames between window starts for long clips (default: half the window in whole
-            patches, at least one; see :func:`window_hop`).
+            patches, at least one; see :func:`window_hop`); refused with ``crop``.
         batch_size: windows encoded per forward pass.
         autocast: torch.bfloat16 / torch.float16 to run the encoder under autocast on CUDA.
     """
