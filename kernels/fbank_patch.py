@@ -53,8 +53,8 @@ reference" holds per clip on the golden data. On white noise a mel bin near the 
 pass 1e-4 (``python bench/fbank_accuracy.py --draws 3 --threads 1``, 2 x 10-s clips at 0.3,
 interpreter, 2-core CPU): in one draw one element of 262,144 came out 2.3e-4 from float64
 (1.1e-4 with ``--threads 2``: the interpreter's matmuls round by thread count), the other
-draws within 6.9e-5, where the float32 reference reaches 3.1e-4. A tone far above the noise floor is the exception for every float32 fbank: its faint mel bins'
-logs come out several 1e-4 off float64 (under the interpreter on a CPU, 1-s clips of a 440 Hz
+draws within 6.9e-5, where the float32 reference reaches 3.1e-4. A tone far above the noise
+floor is the exception for every float32 fbank: its faint mel bins' logs come out several 1e-4 off float64 (under the interpreter on a CPU, 1-s clips of a 440 Hz
 sine at 0.9 over noise at 1e-4, five noise draws: this kernel 5.5e-4 to 7.8e-4, the float32
 reference 2.1e-4 to 3.0e-4; the tests hold the kernel within 3x the reference there). Without
 any noise the kernel and the reference part further: 0.5-s sines at 0.9 of 440, 3100, 5638 and

@@ -187,6 +187,7 @@ class FolderSink:
     def __init__(self, root: Path, settings: dict | None = None):
         self.root = root
         self.settings = settings
+        self.settings_text = None if settings is None else json.dumps(settings, sort_keys=True)
         root.mkdir(parents=True, exist_ok=True)
         record = root / self.SETTINGS
         # A missing record is written with the first file: a run refused by the files already
@@ -239,11 +240,11 @@ class FolderSink:
         if label_names:
             arrays = {**arrays, "label_names": np.asarray(label_names)}
         arrays = {**arrays, "source": np.asarray(json.dumps(source or {}))}
-        if self.settings is not None:
-            text = json.dumps(self.settings, sort_keys=True)
-            arrays["settings"] = np.asarray(text)
+        if self.settings_text is not None:
+            arrays["settings"] = np.asarray(self.settings_text)
             if self.record_pending:
-                atomic_write(self.root / self.SETTINGS, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+                text = self.settings_text + "\n"
+                atomic_write(self.root / self.SETTINGS, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
                 self.record_pending = False
         atomic_write(self.target(key), lambda tmp: _save_npz(tmp, arrays))
 
