@@ -266,6 +266,9 @@ class ProbeConfig:
     # Full path only: the frozen encoder keeps stochastic depth while the head trains, as the
     # official linear evaluation leaves it in train mode (SPEC 9.10); 0 gives fixed features.
     drop_path: float = 0.1
+    # last: the head after its last update. best: its best score on the test split at an epoch's
+    # end or the run's, the official model selection (SPEC 9.12), a choice made on the test data.
+    select: str = "last"
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -285,6 +288,12 @@ def probe_updates(n: int, cfg: ProbeConfig) -> int:
     return max(1, n * cfg.epochs // cfg.batch_size)
 
 
+def _ends_epoch(update: int, per_epoch: int, total: int) -> bool:
+    """Whether a probe's ``update``-th update (from 1) closes an epoch of ``per_epoch`` updates
+    or the run: where the official runs validate."""
+    return update % per_epoch == 0 or update == total
+
+
 def _epoch_orders(n: int, epochs: int, generator: torch.Generator):
     """A fresh random order of ``n`` items per epoch, drawn as each epoch starts."""
     for _ in range(epochs):
@@ -292,8 +301,9 @@ def _epoch_orders(n: int, epochs: int, generator: torch.Generator):
 
 
 def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multilabel: bool, cfg: ProbeConfig,
-                            seed: int) -> LinearHead:
-    """The fast path: the head trained on cached CLS features (no augmentation)."""
+                            seed: int, at_epoch_end=None) -> LinearHead:
+    """The fast path: the head trained on cached CLS features (no augmentation).
+    ``at_epoch_end(head)``, if given, is called at each epoch's end and the run's."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = LinearHead(features.shape[1], targets.shape[1])
@@ -308,6 +318,8 @@ def train_probe_on_features(features: torch.Tensor, targets: torch.Tensor, multi
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if at_epoch_end is not None and _ends_epoch(step + 1, math.ceil(n / cfg.batch_size), total):
+            at_epoch_end(head)
     return head.eval()
 
 
@@ -329,8 +341,9 @@ def _augmented_spec(encoder, clips, targets, cfg, rng):
 
 
 def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, seed: int, workers: int = 0, *,
-                     multilabel: bool) -> LinearHead:
-    """The full path: every batch is augmented and re-encoded by the frozen encoder."""
+                     multilabel: bool, at_epoch_end=None) -> LinearHead:
+    """The full path: every batch is augmented and re-encoded by the frozen encoder.
+    ``at_epoch_end(head)``, if given, is called at each epoch's end and the run's."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = next(encoder.parameters()).device
@@ -349,13 +362,16 @@ def train_probe_full(encoder: Encoder, train: LabeledSplit, cfg: ProbeConfig, se
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if at_epoch_end is not None and _ends_epoch(step + 1, len(loader), total):
+            at_epoch_end(head)
     return head.eval()
 
 
 def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg: ProbeConfig | None = None,
                  seeds=(0,), workers: int = 0, cache: dict | None = None, metric: str | None = None) -> dict:
     """Train a linear head per seed and score it on ``test``: {'metric', 'mean', 'std',
-    'per_seed', 'seconds'}. ``cache`` may carry extracted features between calls with the same
+    'per_seed', 'seconds'}, and 'per_seed_epoch' (the epoch scored, from 1) with
+    ``cfg.select == 'best'``. ``cache`` may carry extracted features between calls with the same
     encoder, keyed by split object (two splits may share a name: fold1/labels.csv and
     fold2/labels.csv); ``metric`` overrides the split's natural metric (see :func:`score`)."""
     _check_splits(train, test)
@@ -376,19 +392,32 @@ def linear_probe(encoder: Encoder, train: LabeledSplit, test: LabeledSplit, cfg:
         if cached is None or cached[0] is not split:  # the entry keeps its split, so its id is unique
             cache[id(split)] = (split, extract_cls(encoder, split, workers=workers))
     test_x = cache[id(test)][1]
-    results = []
+    results, epochs = [], []
     for seed in seeds:
+        scores = []
+
+        def score_head(head, scores=scores):  # on the test split's cached features; this seed's list
+            with torch.no_grad():
+                name, value = score(head(test_x.to(head.norm.weight.device)).cpu(), test.targets, multilabel, metric)
+            scores.append((name, value))
+
+        at_epoch_end = score_head if cfg.select == "best" else None
         if cfg.fast:
-            head = train_probe_on_features(cache[id(train)][1], train.targets, multilabel, cfg, seed)
+            head = train_probe_on_features(cache[id(train)][1], train.targets, multilabel, cfg, seed, at_epoch_end)
         else:
-            head = train_probe_full(encoder, train, cfg, seed, workers, multilabel=multilabel).cpu()
-        with torch.no_grad():
-            name, value = score(head(test_x), test.targets, multilabel, metric)
+            head = train_probe_full(encoder, train, cfg, seed, workers, multilabel=multilabel, at_epoch_end=at_epoch_end)
+        if at_epoch_end is None:
+            score_head(head)
+        # A tie picks the later epoch, as fairseq's is_better (a >= b) does.
+        chosen = max(range(len(scores)), key=lambda i: (scores[i][1], i))
+        name, value = scores[chosen]
         results.append(value)
+        epochs.append(chosen + 1)
     values = torch.tensor(results, dtype=torch.float64)
-    return {"metric": name, "mean": float(values.mean()),
-            "std": float(values.std()) if len(results) > 1 else 0.0, "per_seed": results,
-            "seconds": time.perf_counter() - start}
+    result = {"metric": name, "mean": float(values.mean()),
+              "std": float(values.std()) if len(results) > 1 else 0.0, "per_seed": results,
+              "seconds": time.perf_counter() - start}
+    return result | ({"per_seed_epoch": epochs} if cfg.select == "best" else {})
 
 
 # ---- fine-tuning --------------------------------------------------------------------------
@@ -468,6 +497,9 @@ def check_settings(cfg: ProbeConfig | FinetuneConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value) or not low <= value <= high:
             span = f"a finite number >= {low}" if high == math.inf else f"in [{low}, {high}]"
             raise ValueError(f"{name}={value!r}: must be {span}")
+    if isinstance(cfg, ProbeConfig) and cfg.select not in ("last", "best"):
+        raise ValueError(f"select={cfg.select!r}: 'last' (the head after its last update) or 'best' (its best "
+                         "epoch on the test split, the official model selection)")
     if cfg.min_lr > cfg.lr:
         raise ValueError(f"min_lr={cfg.min_lr} must be at most lr={cfg.lr}")
     if hasattr(cfg, "warmup") and cfg.warmup_steps >= cfg.steps:  # the lr would never reach its peak
@@ -1017,8 +1049,9 @@ def run_evaluate(args) -> int:
     if args.mode == "linear":
         result = linear_probe(encoder, train, test, cfg, seeds=range(args.seeds), workers=args.workers)
         spread = f" +- {result['std']:.4f} over {args.seeds} seeds" if args.seeds > 1 else ""
+        chosen = f", best epochs {result['per_seed_epoch']} on the test split" if cfg.select == "best" else ""
         print(f"linear probe {train.name} -> {test.name}: {result['metric']} {result['mean']:.4f}{spread} "
-              f"({result['seconds']:.1f} s)")
+              f"({result['seconds']:.1f} s{chosen})")
         print(json.dumps(result))
     else:
         finetuner = Finetuner(encoder, train, test, cfg)

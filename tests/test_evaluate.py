@@ -502,6 +502,41 @@ def test_linear_probe_runs_the_official_number_of_updates(monkeypatch, fast):
     assert rates == [cosine(step, 7, 0, cfg.lr, cfg.min_lr) for step in range(7)]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_linear_probe_best_epoch_is_the_best_of_each_epochs_head(fast):
+    """--select=best reports the best score on the test split at an epoch's end, as the official
+    runs pick checkpoint_best on the evaluation split (SPEC 9.12). With a constant lr the head
+    after epoch k of a 3-epoch probe is the head of a k-epoch probe (the same seed draws the
+    same first k epochs), so the best of those is the answer."""
+    enc = tiny_encoder()
+    train, test = synth_split("poly", True, 24, seconds=1.0), synth_split("poly", False, 12, seconds=1.0)
+    # 24 clips: 3 whole batches an epoch. An lr this high makes the scores swing from epoch to epoch.
+    constant = dict(batch_size=8, lr=1.0, min_lr=1.0, fast=fast)
+    by_epoch = [linear_probe(enc, train, test, ProbeConfig(epochs=k, **constant))["mean"] for k in (1, 2, 3)]
+    best = linear_probe(enc, train, test, ProbeConfig(epochs=3, select="best", **constant))
+    assert max(by_epoch) not in (by_epoch[0], by_epoch[-1]), "the test would not see the first or last picked"
+    assert best["mean"] == max(by_epoch)
+    assert best["per_seed_epoch"] == [len(by_epoch) - by_epoch[::-1].index(max(by_epoch))]  # a tie: the later
+    last = linear_probe(enc, train, test, ProbeConfig(epochs=3, **constant))
+    assert last["mean"] == by_epoch[-1] and "per_seed_epoch" not in last
+
+
+def test_linear_probe_best_epoch_scores_each_epoch_and_the_cut_last_one(monkeypatch):
+    """10 clips in batches of 4 for 3 epochs: floor(30 / 4) = 7 updates, so the heads after
+    updates 3, 6 and 7 (the last epoch cut short) are scored, as fairseq validates at each
+    epoch's end and where max_update stops the run."""
+    import sslam.evaluate as ev
+
+    updates, scored, real_score = [], [], ev.score
+    monkeypatch.setattr(ev, "set_lr", lambda opt, lr: updates.append(lr))
+    monkeypatch.setattr(ev, "score", lambda *a, **k: scored.append(len(updates)) or real_score(*a, **k))
+    train, test = synth_split("poly", True, 10, seconds=1.0), synth_split("poly", False, 4, seconds=1.0)
+    ev.linear_probe(tiny_encoder(), train, test, ProbeConfig(epochs=3, batch_size=4, select="best"))
+    assert scored == [3, 6, 7]
+    with pytest.raises(ValueError, match="select='max'"):
+        ev.linear_probe(tiny_encoder(), train, test, ProbeConfig(select="max"))
+
+
 def test_layer_decay_groups():
     enc = Encoder(EncoderConfig(embed_dim=32, depth=3, num_heads=2, max_length=16, num_classes=4))
     groups = layer_decay_groups(enc, FinetuneConfig(layer_decay=0.5))
