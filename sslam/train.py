@@ -788,9 +788,10 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
         eff = self._log_start()
-        loader = self.data_loader()  # first: a resume refused for other data leaves the record as it was
+        # First: a resume refused for other data leaves the record as it was, a start no empty folder.
+        loader = self.data_loader()
+        self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.main:
             text = json.dumps(cfg.to_dict(), indent=2) + "\n"
             atomic_write(self.out / "config.json", lambda tmp: Path(tmp).write_text(text))

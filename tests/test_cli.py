@@ -107,6 +107,16 @@ def test_an_empty_data_source_is_not_the_default(tmp_path, capsys, monkeypatch):
     assert "run.out must name a folder" in capsys.readouterr().err
 
 
+def test_a_pretraining_run_refused_for_its_data_leaves_no_folder(tmp_path, capsys):
+    """A start that fails on its data wrote nothing: it leaves no empty run folder behind."""
+    (tmp_path / "no_audio").mkdir()
+    for data, reason in (("nowhere.tsv", "no such file or folder"), ("no_audio", "no audio files")):
+        out = tmp_path / "runs" / data
+        assert main(["pretrain", "--preset", "tiny", "--data", str(tmp_path / data), "--out", str(out)]) == 2
+        assert reason in capsys.readouterr().err
+        assert not out.exists()
+
+
 def test_an_npz_output_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys):
     (tmp_path / "emb.npz").mkdir()
     assert main(["extract", "clips/", "--checkpoint", "missing.pt", "--out", str(tmp_path / "emb.npz")]) == 2
