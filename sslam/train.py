@@ -637,7 +637,7 @@ class Trainer:
             # here: the data, masks and schedule move past it.
             self._skip_step(overflow=finite_loss and self.scaler.is_enabled())
             return None
-        totals = {name: sum(row[i] / accum for row in rows) for i, name in enumerate(names)}
+        totals = {name: sum(row[i] / len(rows) for row in rows) for i, name in enumerate(names)}
         lr = self.scheduler.get_last_lr()[0]  # this update's: the step below sets the next one's
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -662,18 +662,22 @@ class Trainer:
 
     def _across_processes(self, rows: torch.Tensor, failures: int,
                           exhausted: int) -> tuple[list[list[float]], int, int]:
-        """The micro-batches' loss terms (accum, terms) averaged over the processes, the number
-        of unreadable files all of them met, and of their micro-batches that are silent stand-ins.
-        So every process logs the global batch's loss, skips the same steps and stops at the
-        same one, for one small all-reduce before the host read that follows anyway."""
-        if self.dist.world_size == 1:
+        """The loss terms of every micro-batch of the global batch (accum x processes, terms),
+        in its slot order (micro-step k of process r is slot k * processes + r), the number of
+        unreadable files all processes met, and of their micro-batches that are silent
+        stand-ins. So every process logs the global batch's loss, the same to the last bit
+        however the batch is split, skips the same steps and stops at the same one, for one
+        small all-gather before the host read that follows anyway."""
+        world = self.dist.world_size
+        if world == 1:
             return rows.tolist(), failures, exhausted
-        counts = rows.new_tensor([float(failures), float(exhausted)])
-        flat = torch.cat([rows.flatten() / self.dist.world_size, counts])
-        dist.all_reduce(flat)  # a NaN of any process reaches every one
-        *means, total, stand_ins = flat.tolist()  # one read of the device
+        local = torch.cat([rows.flatten(), rows.new_tensor([float(failures), float(exhausted)])])
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)  # a NaN of any process reaches every one
+        every = torch.stack(gathered).tolist()  # one read of the device
         width = rows.shape[1]
-        return [means[i : i + width] for i in range(0, len(means), width)], round(total), round(stand_ins)
+        slots = [every[r][k * width : (k + 1) * width] for k in range(rows.shape[0]) for r in range(world)]
+        return slots, round(sum(e[-2] for e in every)), round(sum(e[-1] for e in every))
 
     def ema_decay(self) -> float:
         """The teacher's decay after ``self.step`` updates. A run started from a checkpoint

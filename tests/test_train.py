@@ -330,10 +330,12 @@ def test_accumulation_equals_two_processes(tmp_path, monkeypatch, parallel, bloc
         assert same(v, two.state[k]), k
     for k, v in one.model.teacher.encoder.state_dict().items():
         assert same(v, two.teacher[k]), k
-    # The logged loss is the global batch's (averaged over the processes), not one process's.
+    # The logged loss is the global batch's (averaged over the processes), not one process's;
+    # under DDP the same to the last bit (each micro-batch's terms summed in the same order).
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
               for run in ("one", "two")]
-    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert len(losses[0]) == 2
+    assert losses[1] == losses[0] if parallel == "ddp" else losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_autocast_casts_the_matmul_weights_once_per_update_exactly(tmp_path, monkeypatch):
