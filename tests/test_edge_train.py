@@ -259,6 +259,28 @@ def test_a_one_process_checkpoint_resumes_under_fsdp(tmp_path):
         assert torch.allclose(v, resumed["model"][k], atol=1e-5, rtol=1e-4), k
 
 
+def test_processes_that_find_different_newest_checkpoints_are_refused(tmp_path):
+    """Each process lists the run folder itself. Where one sees an older listing (a shared
+    filesystem's cache), DDP would keep their weights together but not their optimizer states,
+    steps or data positions: the run stops, naming what each process found."""
+    import subprocess
+    import sys
+
+    Trainer(small(tmp_path / "run", steps=2, optim__accum_steps=2, run__ckpt_every=1), log=quiet).fit()
+    script = tmp_path / "ddp.py"
+    stale_listing = ("import os, sslam.train\n"
+                     "if os.environ['RANK'] == '1':\n"
+                     "    listed = sslam.train.checkpoints_in\n"
+                     "    sslam.train.checkpoints_in = lambda out: listed(out)[:-1]\n")
+    script.write_text(stale_listing + pretrain_script(small(tmp_path / "run", steps=3)))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=120)  # unchecked, the processes ran different steps' collectives and hung
+    assert result.returncode != 0
+    assert "the processes found different checkpoints to resume: step 2 (process 0), step 1 (process 1)" in result.stderr
+    assert [path.name for path in checkpoints_in(tmp_path / "run")] == ["checkpoint_00000001.pt", "checkpoint_00000002.pt"]
+
+
 def test_processes_share_their_unreadable_files_and_stop_together(tmp_path):
     """Each process meets its own unreadable files: the count is the run's, so every process
     stops at the same step with the same message (one stopping alone left the other in a
