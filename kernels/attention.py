@@ -399,8 +399,10 @@ def _config(row: tuple, names: tuple[str, ...]) -> triton.Config:
 
 
 def _gpu_configs(half: list[tuple], fp32, names: tuple[str, ...]) -> list:
-    """The configurations for 16-bit inputs (``half``) and for fp32 ones, each marked with the
-    inputs it is for (``for_half``, ``for_fp32``; a row may be in both lists).
+    """The configurations for 16-bit inputs (``half``) and for fp32 ones, each row once (a row
+    may be in both lists); :func:`_dtype_pruner` picks the inputs' own. They are plain
+    configurations: Triton's on-disk autotuning cache rebuilds them as ``Config(**c.__dict__)``,
+    which refuses any attribute of ours.
 
     fp32 inputs take exact fp32 dots ("ieee"), which run as FMAs rather than on the tensor
     cores, so the compiler unrolls every tile product: ahead-of-time compiles for sm_90 (triton
@@ -408,24 +410,34 @@ def _gpu_configs(half: list[tuple], fp32, names: tuple[str, ...]) -> list:
     registers per thread, and half of them needed more shared memory than the card has. The
     fp32 rows compile in about 2 s without spilling. (The single-block kernels, which hold a
     whole 128-key block, spilled in every fp32 configuration tried: :func:`_single_block`.)"""
-    configs = []
-    for row in dict.fromkeys([*half, *fp32]):  # ordered union
-        config = _config(row, names)
-        config.for_half, config.for_fp32 = row in half, row in fp32
-        configs.append(config)
-    return configs
+    return [_config(row, names) for row in dict.fromkeys([*half, *fp32])]  # ordered union
 
 
-def _configs(half: list[tuple], interpreter: tuple, names: tuple[str, ...], fp32: tuple = ()) -> list:
-    """The interpreter's single configuration, or :func:`_gpu_configs`."""
-    return [_config(interpreter, names)] if _INTERPRET else _gpu_configs(half, fp32, names)
+def _row(config: triton.Config) -> tuple:
+    """A configuration as its table lists it: (*block sizes, num_warps, num_stages)."""
+    return (*config.kwargs.values(), config.num_warps, config.num_stages)
 
 
-def _prune_by_dtype(configs, named_args, **kwargs):
-    """The configurations marked for the inputs' dtype (all of them under the interpreter)."""
-    fp32 = named_args["Q"].dtype == torch.float32
-    kept = [c for c in configs if getattr(c, "for_fp32" if fp32 else "for_half", True)]
-    return kept or configs
+def _dtype_pruner(half: list[tuple], fp32, single_block: bool = False):
+    """autotune's early_config_prune: the configurations listed for the inputs' dtype (all of
+    them where it lists none, as the interpreter's), and on the single-block path none whose
+    query block is larger than the whole (bucketed) sequence, which is waste."""
+    def prune(configs, named_args, **kwargs):
+        rows = fp32 if named_args["Q"].dtype == torch.float32 else half
+        kept = [c for c in configs if _row(c) in rows] or configs
+        if not single_block:
+            return kept
+        bucket = kwargs.get("SEQLEN_BUCKET", named_args.get("SEQLEN_BUCKET"))
+        return [c for c in kept if c.kwargs["BLOCK_M"] <= bucket] or [min(kept, key=lambda c: c.kwargs["BLOCK_M"])]
+    return prune
+
+
+def _tuning(half: list[tuple], interpreter: tuple, names: tuple[str, ...], fp32: tuple = (),
+            single_block: bool = False) -> dict:
+    """triton.autotune's configs and prune_configs_by: the interpreter's single configuration,
+    or :func:`_gpu_configs` and their :func:`_dtype_pruner`."""
+    configs = [_config(interpreter, names)] if _INTERPRET else _gpu_configs(half, fp32, names)
+    return {"configs": configs, "prune_configs_by": {"early_config_prune": _dtype_pruner(half, fp32, single_block)}}
 
 
 def _graph_bench(kernel_call, quantiles):
@@ -439,68 +451,54 @@ def _graph_bench(kernel_call, quantiles):
     return do_bench_cudagraph(kernel_call, quantiles=quantiles)
 
 
-def _prune_single_block(configs, named_args, **kwargs):
-    """Single-block path: the dtype's configurations, without query blocks larger than the
-    whole (bucketed) sequence, which are waste."""
-    configs = _prune_by_dtype(configs, named_args, **kwargs)
-    bucket = kwargs.get("SEQLEN_BUCKET", named_args.get("SEQLEN_BUCKET"))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= bucket]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
-
-
 # Forward, general path: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 _fwd_general = triton.autotune(
-    configs=_configs(
+    **_tuning(
         [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
         (32, 16, 4, 1), ("BLOCK_M", "BLOCK_N"), fp32=[(32, 32, 8, 2)],
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
-    prune_configs_by={"early_config_prune": _prune_by_dtype},
 )(_attention_fwd_kernel)
 
 # Forward, single-block path: BLOCK_N is the whole bucketed sequence; (BLOCK_M, warps, stages).
 _fwd_single_block = triton.autotune(
-    configs=_configs(
-        [(128, 8, 1), (64, 4, 1), (64, 8, 1), (32, 4, 1)], (32, 4, 1), ("BLOCK_M",)
+    **_tuning(
+        [(128, 8, 1), (64, 4, 1), (64, 8, 1), (32, 4, 1)], (32, 4, 1), ("BLOCK_M",), single_block=True
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
-    prune_configs_by={"early_config_prune": _prune_single_block},
 )(_attention_fwd_kernel)
 
 # Backward dQ (+ delta), general path: (BLOCK_M, BLOCK_N, warps, stages).
 _bwd_dq_general = triton.autotune(
-    configs=_configs(
+    **_tuning(
         [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 32, 4, 3)],
         (32, 16, 4, 1), ("BLOCK_M", "BLOCK_N"), fp32=[(32, 32, 8, 2)],
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
-    prune_configs_by={"early_config_prune": _prune_by_dtype},
 )(_attention_bwd_dq_kernel)
 
 # Backward dK/dV, general path: (BLOCK_M, BLOCK_N, warps, stages).
 _bwd_dkdv_general = triton.autotune(
-    configs=_configs(
+    **_tuning(
         [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3)],
         (16, 32, 4, 1), ("BLOCK_M", "BLOCK_N"), fp32=[(32, 32, 8, 2)],
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
-    prune_configs_by={"early_config_prune": _prune_by_dtype},
 )(_attention_bwd_dkdv_kernel)
 
 # Backward, single-block path (dK, dV and dQ in one program per (batch, head)):
 # BLOCK_N is the whole bucketed sequence; (BLOCK_M, warps, stages).
 _bwd_single_block = triton.autotune(
-    configs=_configs(
+    **_tuning(
         [(16, 8, 1), (32, 8, 1), (32, 8, 2), (64, 8, 1), (64, 8, 2)],
-        (32, 4, 1), ("BLOCK_M",),
+        (32, 4, 1), ("BLOCK_M",), single_block=True,
     ),
     key=_TUNING_KEY,
     do_bench=_graph_bench,
-    prune_configs_by={"early_config_prune": _prune_single_block},
 )(_attention_bwd_dkdv_kernel)
 
 

@@ -268,17 +268,43 @@ def test_fp32_inputs_tune_over_their_own_small_tiles():
     rows = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
     assert rows == [(128, 64, 4, 3), (32, 32, 8, 2), (16, 16, 4, 1)]  # each row once
 
-    def kept(dtype, prune=attn._prune_by_dtype, **kwargs):
+    def kept(dtype, single_block=False, **kwargs):
         q = torch.empty(1, 1, 1, 8, dtype=dtype)
+        prune = attn._dtype_pruner(half, fp32, single_block)
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in prune(configs, {"Q": q}, **kwargs)]
 
     assert kept(torch.float32) == [(32, 32), (16, 16)]
     assert kept(torch.float16) == kept(torch.bfloat16) == [(128, 64), (32, 32)]
-    assert kept(torch.float32, attn._prune_single_block, SEQLEN_BUCKET=16) == [(16, 16)]
-    assert kept(torch.float16, attn._prune_single_block, SEQLEN_BUCKET=64) == [(32, 32)]
-    # configurations without marks (the interpreter's) are kept for every dtype
+    assert kept(torch.float32, single_block=True, SEQLEN_BUCKET=16) == [(16, 16)]
+    assert kept(torch.float16, single_block=True, SEQLEN_BUCKET=64) == [(32, 32)]
+    # configurations no list names (the interpreter's) are kept for every dtype
     plain = [attn._config((32, 16, 4, 1), ("BLOCK_M", "BLOCK_N"))]
-    assert attn._prune_by_dtype(plain, {"Q": torch.empty(1, dtype=torch.float32)}) == plain
+    assert attn._dtype_pruner(half, fp32)(plain, {"Q": torch.empty(1, dtype=torch.float32)}) == plain
+
+
+def test_the_gpu_configurations_survive_tritons_autotuning_cache():
+    """Triton's on-disk autotuning cache (TRITON_CACHE_AUTOTUNING=1, which bench/run_all.py
+    sets) stores each configuration's attributes and rebuilds it as Config(**c.__dict__): an
+    attribute of ours on a configuration made every process after the first fail there. The
+    GPU tables are built where the interpreter is off (no GPU is needed to build them)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import importlib, pkgutil, triton, sslam.kernels as k\n"
+        "from triton.runtime.autotuner import Autotuner\n"
+        "tuned = [t for m in pkgutil.iter_modules(k.__path__) for t in vars(importlib.import_module("
+        "'sslam.kernels.' + m.name)).values() if isinstance(t, Autotuner)]\n"
+        "for t in tuned:\n"
+        "    for c in t.configs:\n"
+        "        assert str(triton.Config(**c.__dict__)) == str(c), c\n"
+        "print(len(tuned), sum(len(t.configs) for t in tuned))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    kernels, configs = map(int, result.stdout.split())
+    assert kernels >= 5 and configs > kernels  # the attention tables at least, with their GPU rows
 
 
 def test_torch_compile_traces_the_custom_ops(kernels_on_cpu):
