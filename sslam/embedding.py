@@ -233,7 +233,7 @@ def _log_mels(clips: list[torch.Tensor], device, max_frames: int | None = None) 
     cap = lambda n: min(num_frames(n), max_frames or num_frames(n))  # noqa: E731
     for group in length_groups([c.numel() for c in clips]):
         # The clips were checked when loaded (load_audio, check_waveform).
-        logmel = preprocess([clips[i].to(device) for i in group], SAMPLE_RATE,
+        logmel = preprocess([clips[i].to(device, non_blocking=True) for i in group], SAMPLE_RATE,
                             target_length=max(cap(clips[i].numel()) for i in group), norm=None, check_finite=False)
         for row, i in enumerate(group):
             logmels[i] = logmel[row, 0, : cap(clips[i].numel())]

@@ -223,8 +223,9 @@ def _collate_clips(items):
 def _features(encoder: Encoder, waves, lengths) -> torch.Tensor:
     frames, norm = encoder.input_window()
     device = next(encoder.parameters()).device
-    # The lengths stay on the CPU, where preprocess reads them without waiting for the GPU.
-    return preprocess(waves.to(device), 16000, frames, norm, lengths=lengths,
+    # The lengths stay on the CPU, where preprocess reads them without waiting for the GPU; a
+    # blocking copy of the waves would wait for the GPU's queued work too.
+    return preprocess(waves.to(device, non_blocking=True), 16000, frames, norm, lengths=lengths,
                       check_finite=False)  # checked when decoded
 
 
