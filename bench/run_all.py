@@ -38,14 +38,19 @@ HERE = Path(__file__).resolve().parent
 # ours_lowmem (bench_step.py --variants) are left out of the suite's time.
 STEP_VARIANTS = ["ours", "eager", "official", "compile", "ours_pure", "ours_minmem"]
 # The suite's time on a GPU unless --budget says otherwise: the 8 minutes it is meant to fit,
-# less a margin for starting the interpreter and writing the report.
-GPU_BUDGET_S = 470
+# less a margin for starting the interpreter (torch, triton, nvidia-smi) and writing the report.
+GPU_BUDGET_S = 450
+# How long a script stopped at its limit may take to print its summary before it is killed;
+# each script's limit leaves this much of the budget for it.
+STOP_GRACE_S = 15
 # What one script may take on a GPU (under --timeout and the budget): a slow compile or search
 # stops there, its rows so far kept, and leaves the rest of the budget to the others.
 GPU_SCRIPT_CAP_S = 90
 GPU_SCRIPT_CAPS = {"step-compile": 120, "step_stage1": 180}
-# The CUDA tests' share of a GPU run (--tests), before the benchmarks' budget.
+# The CUDA tests' share of a GPU run (--tests), before the benchmarks' budget; the whole of a
+# command of 10 minutes when they run alone (--tests --only).
 GPU_TESTS_BUDGET_S = 100
+GPU_TESTS_ALONE_BUDGET_S = 540
 
 
 def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
@@ -77,20 +82,20 @@ def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
                                                 variant])
                   for variant in STEP_VARIANTS}
         # In order of what matters most, so that a budget spent early (a GPU lent for minutes)
-        # loses the least: the step's main comparison and the two largest kernels, the rest of
-        # the step (stage 1 in one process, for the four implementations compared, without
-        # profiles; the compiled one is not searched, as in stage 2), the other kernels, then
+        # loses the least: the step's main comparison, every kernel once (the two largest
+        # first), the rest of the step (stage 1 in one process, for the four implementations
+        # compared, without profiles; the compiled one is not searched, as in stage 2), then
         # what runs on the host's CPU anyway.
         steps = [
             stage2["ours"], stage2["eager"],
             ("attention", ["bench_attention.py", "--case", "all", "--dtype", "bf16"]),
             ("fbank_patch", ["bench_fbank_patch.py", "--batch", "48"]),
+            ("mixture", ["bench_mixture.py"]),
+            ("decoder", ["bench_decoder.py"]),
+            ("regression", ["bench_regression.py"]),
             stage2["official"], stage2["compile"],
             ("step_stage1", ["bench_step.py", "--preset", "base", "--stage", "1", "--batch", "12", "--max-batch",
                              "--variants", *STEP_VARIANTS[:4]]),
-            ("decoder", ["bench_decoder.py"]),
-            ("mixture", ["bench_mixture.py"]),
-            ("regression", ["bench_regression.py"]),
             stage2["ours_pure"], stage2["ours_minmem"],
             ("launch", ["bench_launch.py", "--host-profile", "attention fwd+bwd", "grouped_conv fwd+bwd"]),
             ("encoder", ["bench_encoder.py", "--variant", "base", "--batch", "1", "16"]),
@@ -122,7 +127,7 @@ def run_logged(name: str, command: list[str], log_path: Path, env: dict, timeout
         except subprocess.TimeoutExpired:
             _signal_group(process, signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=15)
+                process.wait(timeout=STOP_GRACE_S)
             log.write(f"\nstopped after {timeout:.0f} s (its time limit)\n")
             code = None
         finally:
@@ -325,14 +330,15 @@ def main(argv=None) -> int:
                    help=f"seconds one script may run before it is stopped (default: {GPU_SCRIPT_CAP_S} on a GPU, "
                         f"{', '.join(f'{k} {v}' for k, v in GPU_SCRIPT_CAPS.items())}; 900 on the CPU)")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds for the whole suite: each script may run only for what is left, and none starts "
-                        f"with under 10 s left (default on a GPU: {GPU_BUDGET_S} for the benchmarks, i.e. "
-                        "within 8 minutes, after any --tests; none on the CPU)")
+                   help=f"seconds for the whole suite: each script may run only for what is left less {STOP_GRACE_S} s "
+                        "(for a stopped one's summary), and none starts with under 10 s of that (default on a GPU: "
+                        f"{GPU_BUDGET_S} for the benchmarks, i.e. within 8 minutes, after any --tests; none on the CPU)")
     p.add_argument("--tests", action="store_true",
                    help="run the CUDA tests first (tests.txt and a section of the report)")
     p.add_argument("--tests-budget", type=float, default=None,
                    help=f"seconds for all the CUDA tests, stopped there with their summary (default on a GPU: "
-                        f"{GPU_TESTS_BUDGET_S}; within --budget when one is given)")
+                        f"{GPU_TESTS_BUDGET_S}, or {GPU_TESTS_ALONE_BUDGET_S} for the tests alone, --only without "
+                        "names; within --budget when one is given)")
     p.add_argument("--test-timeout", type=float, default=120, help="seconds one test may run (with --tests)")
     args = p.parse_args(argv)
     if args.only == [] and not args.tests:
@@ -349,7 +355,7 @@ def main(argv=None) -> int:
         p.error(problem)
     for warning in warnings:
         print(f"warning: {warning}", flush=True)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the scripts run from the repository root
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # a script stopped at its time limit keeps its log
@@ -378,8 +384,8 @@ def main(argv=None) -> int:
     timings = {}
     deadline = time.monotonic() + args.budget if args.budget is not None else float("inf")
     if args.tests:
-        tests_budget = args.tests_budget if args.tests_budget is not None else (
-            GPU_TESTS_BUDGET_S if timed_gpu else float("inf"))
+        alone = GPU_TESTS_ALONE_BUDGET_S if args.only == [] else GPU_TESTS_BUDGET_S
+        tests_budget = args.tests_budget if args.tests_budget is not None else (alone if timed_gpu else float("inf"))
         left = min(deadline - time.monotonic(), tests_budget)
         limit = 900 if args.timeout is None else args.timeout
         timings["cuda tests"] = (run_tests(out, env, min(limit, left), args.test_timeout) if left >= 10
@@ -388,7 +394,7 @@ def main(argv=None) -> int:
     if args.budget is None and timed_gpu:  # the benchmarks' 8 minutes, after any tests
         deadline = time.monotonic() + GPU_BUDGET_S
     for name in chosen if args.only is None else only:  # --only runs in the order given
-        left = deadline - time.monotonic()
+        left = deadline - time.monotonic() - STOP_GRACE_S  # a script stopped at its limit ends within it
         limit = args.timeout if args.timeout is not None else (
             GPU_SCRIPT_CAPS.get(name, GPU_SCRIPT_CAP_S) if timed_gpu else 900)
         if left < 10:

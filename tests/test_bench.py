@@ -119,11 +119,12 @@ def test_the_gpu_plan_runs_each_step_variant_in_a_process_of_its_own(tmp_path):
 
 def test_the_gpu_plan_runs_what_matters_most_first(tmp_path):
     """A GPU lent for minutes: the step's main comparison and the largest kernels come first (the
-    training step came last, after every kernel, and a spent budget left it unmeasured), and
-    what runs on the host's CPU anyway comes last."""
+    training step came last, after every kernel, and a spent budget left it unmeasured), then
+    every other kernel once (the regression kernel was never reached), and what runs on the
+    host's CPU anyway comes last."""
     names = [name for name, _ in _run_all_module().plan(quick=False, gpu=True, out=tmp_path)]
     assert names[:4] == ["step-ours", "step-eager", "attention", "fbank_patch"]
-    assert names.index("step_stage1") < names.index("decoder")
+    assert {"mixture", "decoder", "regression"} == set(names[4:7])
     assert names[-3:] == ["memory", "masks", "cpu"]
 
 
@@ -324,3 +325,33 @@ def test_fbank_accuracy_reports_both_paths_against_float64():
     errors = re.findall(r"draw 0: (kernel|float32 reference) +max ([0-9.e+-]+), over 1e-4: (\d+) of 262144", done.stdout)
     assert [name for name, _, _ in errors] == ["kernel", "float32 reference"]
     assert all(0 < float(error) < 1e-3 for _, error, _ in errors)  # float32 rounding, not a broken path
+
+
+def test_on_a_gpu_the_tests_alone_get_a_command_of_their_own_and_the_scripts_leave_time_to_stop(
+        tmp_path, monkeypatch):
+    """On a GPU (faked here, nothing runs): --tests --only gives the CUDA tests 540 s, not the
+    100 s of a run with the benchmarks, which cut most of them; each script's limit leaves the
+    15 s a stopped one has to finish inside the budget; a relative --out names the folder it
+    names from here, not from the repository root where the scripts run."""
+    import torch
+
+    run_all = _run_all_module()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(run_all, "preflight", lambda: (None, []))
+    monkeypatch.setattr(run_all, "gpu_name", lambda: "a GPU")
+    monkeypatch.setattr(run_all, "run_tests", lambda out, env, timeout, per_test: calls.append(("tests", out, timeout))
+                        or ("ok", 0.0))
+    monkeypatch.setattr(run_all, "run", lambda name, args, out, csv_path, env, timeout: calls.append((name, out, timeout))
+                        or ("ok", 0.0))
+    monkeypatch.chdir(tmp_path)
+    assert run_all.main(["--tests", "--only", "--out", "alone"]) == 0
+    assert calls == [("tests", tmp_path / "alone", pytest.approx(run_all.GPU_TESTS_ALONE_BUDGET_S, abs=1))]
+    calls.clear()
+    assert run_all.main(["--tests", "--only", "masks", "--out", "with", "--budget", "50"]) == 0
+    (_, _, tests), (name, out, masks) = calls  # the faked tests took no time
+    assert tests == pytest.approx(50, abs=1) and name == "masks" and out == tmp_path / "with"
+    assert masks == pytest.approx(50 - run_all.STOP_GRACE_S, abs=1)
+    calls.clear()
+    assert run_all.main(["--tests", "--only", "masks", "--out", "default"]) == 0
+    assert calls[0][2] == pytest.approx(run_all.GPU_TESTS_BUDGET_S, abs=1)
