@@ -58,7 +58,7 @@ def spec_augment(spec: torch.Tensor, freq_mask: float, time_mask: float, rng: np
         pos = torch.arange(size)
         mask = (pos[None] >= lo[:, None]) & (pos[None] < hi[:, None])  # (B, size)
         shape = (b, 1, 1, size) if axis == 3 else (b, 1, size, 1)
-        out = out.masked_fill(mask.view(shape).to(out.device), 0.0)
+        out = out.masked_fill(mask.view(shape).to(out.device, non_blocking=True), 0.0)
     return out
 
 
@@ -68,7 +68,7 @@ def spectrogram_noise(spec: torch.Tensor, rng: np.random.Generator) -> torch.Ten
     [-10, 10). spec (B, 1, T, F) normalised -> same shape."""
     out = torch.empty_like(spec)
     for i in range(spec.shape[0]):
-        noise = torch.from_numpy(rng.random(tuple(spec.shape[2:]), dtype=np.float32)).to(spec.device)
+        noise = torch.from_numpy(rng.random(tuple(spec.shape[2:]), dtype=np.float32)).to(spec.device, non_blocking=True)
         scale = float(rng.random()) / 10
         out[i, 0] = torch.roll(spec[i, 0] + noise * scale, int(rng.integers(-10, 10)), dims=0)
     return out

@@ -335,7 +335,7 @@ def _augmented_spec(encoder, clips, targets, cfg, rng):
     spec = _features(encoder, waves, lengths)
     if cfg.noise:
         spec = spectrogram_noise(spec, rng)
-    targets = targets.to(spec.device)
+    targets = targets.to(spec.device, non_blocking=True)  # a blocking copy would wait for the features
     spec, targets = mixup(spec, targets, rng, cfg.mixup, cfg.mixup_prob)
     spec = spec_augment(spec, spec.shape[3] * cfg.mask_ratio, spec.shape[2] * cfg.mask_ratio, rng)
     return spec, targets

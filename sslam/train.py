@@ -681,9 +681,9 @@ class Trainer:
         """The loss terms of every micro-batch of the global batch (accum x processes, terms),
         in its slot order (micro-step k of process r is slot k * processes + r), the number of
         unreadable files all processes met, and of their micro-batches that are silent
-        stand-ins. So every process logs the global batch's loss, the same to the last bit
-        however the batch is split, skips the same steps and stops at the same one, for one
-        small all-gather before the host read that follows anyway."""
+        stand-ins. So every process logs the global batch's loss, summed in one order however
+        the batch is split, skips the same steps and stops at the same one, for one small
+        all-gather before the host read that follows anyway."""
         world = self.dist.world_size
         if world == 1:
             return rows.tolist(), failures, exhausted

@@ -53,17 +53,24 @@ def test_preprocess_never_waits_for_the_gpu():
 
 def test_fine_tuning_features_and_the_fused_kernels_reference_never_wait_for_the_gpu(monkeypatch):
     """Fine-tuning's and the probes' features, and fbank_patch with SSLAM_KERNELS=0, handed
-    preprocess lengths copied to the GPU, which it copied back: a wait per batch."""
+    preprocess lengths copied to the GPU, which it copied back: a wait per batch. The
+    augmentations of a training batch (noise, mixup, SpecAugment) copy their draws without
+    waiting either."""
+    import numpy as np
     from sslam.kernels import fbank_patch
 
-    from sslam.evaluate import _features
+    from sslam.evaluate import FinetuneConfig, _augmented_spec, _features
     from sslam.model import Encoder, EncoderConfig
 
     encoder = Encoder(EncoderConfig(embed_dim=32, depth=1, num_heads=2, max_length=64)).cuda()
     waves, lengths = 0.1 * torch.randn(4, 16000), torch.tensor([16000, 12000, 8000, 400])
     on_gpu = waves.cuda()  # a blocking copy, as the sync-debug mode counts it: outside the check
+    clips, targets = [wave[:n] for wave, n in zip(waves, lengths)], torch.eye(4)
+    augment = FinetuneConfig(noise=True, mixup_prob=1.0)
+    rng = np.random.default_rng(0)
     monkeypatch.setenv("SSLAM_KERNELS", "0")
-    for call in (lambda: _features(encoder, waves, lengths), lambda: fbank_patch(on_gpu, lengths)):
+    for call in (lambda: _features(encoder, waves, lengths), lambda: fbank_patch(on_gpu, lengths),
+                 lambda: _augmented_spec(encoder, clips, targets, augment, rng)):
         call()  # allocations, kernels loaded
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
