@@ -190,6 +190,13 @@ def test_the_command_reads_labels_first_and_notes_test_clips_it_trains_on(tmp_pa
                  "--test", str(tmp_path / "test.csv"), "--epochs=1", "--batch_size=2", "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "note: 2 test clip(s) are also training clips (e.g. " in err and "3.wav" in err, err
+    # --select=best prints the epoch each seed's score comes from (2 clips a batch: 2 an epoch)
+    assert main(["evaluate", "linear", "--checkpoint", str(tmp_path / "enc"), "--train", str(tmp_path / "train.csv"),
+                 "--test", str(tmp_path / "test.csv"), "--epochs=2", "--batch_size=2", "--select=best",
+                 "--seeds", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    epochs = json.loads(printed[-1])["per_seed_epoch"]
+    assert len(epochs) == 2 and set(epochs) <= {1, 2} and f"best epochs {epochs} on the test split" in printed[-2]
 
 
 def test_label_file_messages_say_where_names_and_paths_come_from(tmp_path):
@@ -521,18 +528,23 @@ def test_linear_probe_best_epoch_is_the_best_of_each_epochs_head(fast):
     assert last["mean"] == by_epoch[-1] and "per_seed_epoch" not in last
 
 
-def test_linear_probe_best_epoch_scores_each_epoch_and_the_cut_last_one(monkeypatch):
+@pytest.mark.parametrize("fast", [True, False])
+def test_linear_probe_best_epoch_scores_each_epoch_and_the_cut_last_one(monkeypatch, fast):
     """10 clips in batches of 4 for 3 epochs: floor(30 / 4) = 7 updates, so the heads after
     updates 3, 6 and 7 (the last epoch cut short) are scored, as fairseq validates at each
-    epoch's end and where max_update stops the run."""
+    epoch's end and where max_update stops the run. Equal scores pick the later epoch, as
+    fairseq's is_better (a >= b) does."""
     import sslam.evaluate as ev
 
     updates, scored, real_score = [], [], ev.score
     monkeypatch.setattr(ev, "set_lr", lambda opt, lr: updates.append(lr))
     monkeypatch.setattr(ev, "score", lambda *a, **k: scored.append(len(updates)) or real_score(*a, **k))
     train, test = synth_split("poly", True, 10, seconds=1.0), synth_split("poly", False, 4, seconds=1.0)
-    ev.linear_probe(tiny_encoder(), train, test, ProbeConfig(epochs=3, batch_size=4, select="best"))
+    cfg = ProbeConfig(epochs=3, batch_size=4, select="best", fast=fast)
+    ev.linear_probe(tiny_encoder(), train, test, cfg)
     assert scored == [3, 6, 7]
+    monkeypatch.setattr(ev, "score", lambda *a, **k: ("mAP", 0.5))
+    assert ev.linear_probe(tiny_encoder(), train, test, cfg)["per_seed_epoch"] == [3]
     with pytest.raises(ValueError, match="select='max'"):
         ev.linear_probe(tiny_encoder(), train, test, ProbeConfig(select="max"))
 

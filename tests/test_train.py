@@ -338,6 +338,27 @@ def test_accumulation_equals_two_processes(tmp_path, monkeypatch, parallel, bloc
     assert losses[1] == losses[0] if parallel == "ddp" else losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
+def test_the_processes_loss_terms_are_read_in_the_global_batchs_slot_order(monkeypatch):
+    """Micro-step k of process r is slot k * processes + r of the global batch (the sampler's
+    order): the gathered terms come back in that order, whatever process reads them, with the
+    processes' unreadable files and stand-ins added up."""
+    from types import SimpleNamespace
+
+    world, accum = 2, 3
+    local = {r: torch.tensor([[10.0 * (k * world + r), 1.0] for k in range(accum)]) for r in range(world)}
+    counts = {0: (1, 0), 1: (2, 1)}
+
+    def all_gather(outputs, tensor):  # what each process contributes, as gloo would hand it out
+        for r, out in enumerate(outputs):
+            out.copy_(torch.cat([local[r].flatten(), torch.tensor(counts[r], dtype=torch.float32)]))
+    monkeypatch.setattr(sslam.train.dist, "all_gather", all_gather)
+    for rank in range(world):
+        trainer = SimpleNamespace(dist=SimpleNamespace(world_size=world, rank=rank))
+        rows, failures, stand_ins = Trainer._across_processes(trainer, local[rank], *counts[rank])
+        assert [row[0] for row in rows] == [10.0 * slot for slot in range(world * accum)]
+        assert (failures, stand_ins) == (3, 1)
+
+
 def test_autocast_casts_the_matmul_weights_once_per_update_exactly(tmp_path, monkeypatch):
     """bf16 autocast in one process: the matmuls' weights are cast once per update, not at each
     use; the run's weights are those of autocast casting them itself, bit for bit."""
