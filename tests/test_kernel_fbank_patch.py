@@ -270,34 +270,36 @@ def truth_patches(waves: torch.Tensor, lens: torch.Tensor, target: int = 1024) -
     return patchify(torch.stack(rows)[:, None])
 
 
-# tf32x3, which is not the default, missed the 1e-4 tolerance here on an H200 (triton 3.6,
-# 2026-12-04; see the module doc): a known shortfall, reported without failing the suite.
-TF32X3_SHORTFALL = pytest.mark.xfail(reason="tf32x3 missed 1e-4 at real shapes on an H200", strict=False)
-
-
 @requires_cuda
-@pytest.mark.parametrize("precision", [pytest.param(p, marks=TF32X3_SHORTFALL) if p == "tf32x3" else p
-                                       for p in fp.DOT_PRECISIONS])
+@pytest.mark.parametrize("precision", fp.DOT_PRECISIONS)
 def test_cuda_real_shapes(monkeypatch, precision):
     """At full scale (48 x 131072 values) the float32 reference's own tail error reaches ~2e-4
     against float64 (pocketfft rounding; measured on random 10-s clips), so the kernel is held to
-    1e-4 against the float64 fbank instead, and to the reference's error + 1e-4 against it."""
+    1e-4 against the float64 fbank instead, and to the reference's error + 1e-4 against it.
+    tf32x3, which is not the default, missed that on an H200 (triton 3.6, 2026-12-04; see the
+    module doc): its accuracy shortfall is reported as an expected failure, with the errors,
+    after every other check has held."""
     monkeypatch.setenv("SSLAM_KERNELS", "1")
     monkeypatch.setattr(fp, "_new_buffer", lambda s, d, dev: torch.full(s, float("nan"),
                                                                          dtype=d, device=dev))
     waves, lens = real_batch("cuda")
     windows = sample_windows(generator=torch.Generator().manual_seed(1))
     out = fp.fbank_patch(waves, lens, mix=windows, dot_precision=precision)
-    assert out.shape == (96, 512, 256)
-    truth = truth_patches(waves, lens.cuda())
-    ref = fp.fbank_patch_ref(waves.cpu(), lens)  # the CPU chain, as official
-    ref_err = (ref - truth.cpu()).abs().max()
-    assert (out[:48] - truth).abs().max() <= TOL
-    assert (out[:48].cpu() - ref).abs().max() <= ref_err + TOL
-    assert (out[:48].cpu() - ref).abs().mean() <= 1e-6
+    assert out.shape == (96, 512, 256) and not out.isnan().any()
     assert torch.equal(out[48:], mix_patches(out[:48], windows))
     clean = fp.fbank_patch(waves, lens, dot_precision=precision)
     assert torch.equal(clean, out[:48])
+    truth = truth_patches(waves, lens.cuda())
+    ref = fp.fbank_patch_ref(waves.cpu(), lens)  # the CPU chain, as official
+    ref_err = (ref - truth.cpu()).abs().max().item()
+    # (error, bound) of each comparison
+    errors = {"max vs float64": ((out[:48] - truth).abs().max().item(), TOL),
+              "max vs reference": ((out[:48].cpu() - ref).abs().max().item(), ref_err + TOL),
+              "mean vs reference": ((out[:48].cpu() - ref).abs().mean().item(), 1e-6)}
+    missed = {name: error for name, (error, bound) in errors.items() if error > bound}
+    if precision == "tf32x3" and missed:
+        pytest.xfail(f"tf32x3 misses its bounds at real shapes (known, see the module doc): {errors}")
+    assert not missed, errors
 
 
 def test_the_op_called_directly_accepts_views_and_int64_lengths(kernels_on_cpu):
