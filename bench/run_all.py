@@ -52,7 +52,7 @@ GPU_SCRIPT_CAPS = {"step-ours": 150, "step-compile": 120, "step_stage1": 180}
 # The CUDA tests' share of a GPU run (--tests), before the benchmarks' budget; the whole of a
 # command of 10 minutes when they run alone (--tests --only).
 GPU_TESTS_BUDGET_S = 100
-GPU_TESTS_ALONE_BUDGET_S = 540
+GPU_TESTS_ALONE_BUDGET_S = 520
 
 
 def plan(quick: bool, gpu: bool, out: Path) -> list[tuple[str, list[str]]]:
@@ -388,7 +388,7 @@ def main(argv=None) -> int:
     if args.tests:
         alone = GPU_TESTS_ALONE_BUDGET_S if args.only == [] else GPU_TESTS_BUDGET_S
         tests_budget = args.tests_budget if args.tests_budget is not None else (alone if timed_gpu else float("inf"))
-        left = min(deadline - time.monotonic(), tests_budget)
+        left = min(deadline - time.monotonic() - STOP_GRACE_S, tests_budget)
         limit = 900 if args.timeout is None else args.timeout
         timings["cuda tests"] = (run_tests(out, env, min(limit, left), args.test_timeout) if left >= 10
                                  else ("not started (time budget)", 0.0))
