@@ -67,6 +67,7 @@ from .runs import (
     StopTraining,
     changed_settings,
     check_record,
+    check_same_start,
     finish_distributed,
     init_distributed,
     load_newest,
@@ -700,6 +701,7 @@ class Finetuner:
             self._load(existing[-1], load_newest(existing))
         else:
             self._check_no_other_record()
+        check_same_start(self.dist.world_size, self.step if existing else None, device, self.out)
 
     RECORD = "finetune.json"  # what a fresh start is: a restart of the same run may go on over it
 

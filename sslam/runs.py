@@ -59,6 +59,23 @@ def init_distributed(device_type: str) -> Dist:
     return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def check_same_start(world_size: int, step: int | None, device: torch.device, out: Path) -> None:
+    """Refuse processes that resume from different steps (``step``: this one's, None for a
+    fresh start). Each lists the run folder ``out`` itself; where one sees an older listing (a
+    shared filesystem's cache), DDP would keep their weights together but not their optimizer
+    states, steps or data positions, or their collectives would hang."""
+    if world_size == 1:
+        return
+    mine = torch.tensor([-1 if step is None else step], device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(gathered, mine)
+    steps = [int(s) for s in gathered]
+    if len(set(steps)) > 1:
+        found = ", ".join(f"{'no checkpoint' if s < 0 else f'step {s}'} (process {rank})" for rank, s in enumerate(steps))
+        raise ValueError(f"{out}: the processes found different checkpoints to resume: {found}. Each process must "
+                         "see the same files in the run folder (a shared filesystem's cache?)")
+
+
 def stop_distributed(exc: StopTraining) -> NoReturn:
     """A stop that every process of a distributed run takes together (what it must keep already
     written): said as the command line says it, then left as a finished run leaves, with the

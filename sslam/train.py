@@ -65,6 +65,7 @@ from .runs import (
     StopTraining,
     changed_settings,
     check_record,
+    check_same_start,
     finish_distributed,
     init_distributed,
     load_newest,
@@ -315,7 +316,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
         random.seed(cfg.run.seed)  # unused here, but saved with the checkpoints: from the seed too
         saved = self._checkpoint_to_resume()
-        self._check_same_start(saved)
+        check_same_start(self.dist.world_size, None if saved is None else int(saved["step"]), self.device, self.out)
         self.model = self._build_model(saved)
         self.mask_cfg = mask_config(cfg)
         self.step = 0
@@ -376,21 +377,6 @@ class Trainer:
         # (an --init given now names the same start, resume_conflicts checked).
         cfg.run.init = (saved.get("config") or {}).get("run", {}).get("init", "")
         return saved
-
-    def _check_same_start(self, saved: dict | None) -> None:
-        """Every process resumes from the same step (or starts afresh). Each lists the run
-        folder itself; where one sees an older listing (a shared filesystem's cache), DDP would
-        keep their weights together but not their optimizer states, steps or data positions."""
-        if self.dist.world_size == 1:
-            return
-        step = torch.tensor([-1 if saved is None else int(saved["step"])], device=self.device)
-        steps = [torch.empty_like(step) for _ in range(self.dist.world_size)]
-        dist.all_gather(steps, step)
-        steps = [int(s) for s in steps]
-        if len(set(steps)) > 1:
-            found = ", ".join(f"{'no checkpoint' if s < 0 else f'step {s}'} (process {rank})" for rank, s in enumerate(steps))
-            raise ValueError(f"{self.out}: the processes found different checkpoints to resume: {found}. Each "
-                             "process must see the same files in the run folder (a shared filesystem's cache?)")
 
     def _check_no_other_record(self) -> None:
         """A fresh start writes config.json and cuts metrics.jsonl to nothing: in a folder that

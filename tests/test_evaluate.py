@@ -1116,6 +1116,35 @@ def test_fine_tuning_under_two_processes_logs_the_global_batchs_loss(tmp_path):
     assert logged == pytest.approx([(a + b) / 2 for a, b in zip(*ranks)], rel=1e-6)
 
 
+def test_fine_tuning_processes_that_find_different_newest_checkpoints_are_refused(tmp_path):
+    """As pretraining's: each process lists the run folder itself, and one that sees an older
+    listing (a shared filesystem's cache) would resume from another step than the others."""
+    import os
+    import subprocess
+    import sys
+
+    from sslam.checkpoint import save_encoder
+    from sslam.files import checkpoints_in
+
+    save_encoder(tiny_encoder(), tmp_path / "enc")
+    out = tmp_path / "ft"
+    argv = ["evaluate", "finetune", "--checkpoint", str(tmp_path / "enc"), "--train", "synth:poly", "--test",
+            "synth:poly", "--device", "cpu", "--out", str(out), "--batch_size=4", "--ckpt_every=1", "--eval_every=1"]
+    stale_listing = ("import os, sslam.evaluate\n"
+                     "if os.environ['RANK'] == '1' and os.environ.get('STALE'):\n"
+                     "    listed = sslam.evaluate.checkpoints_in\n"
+                     "    sslam.evaluate.checkpoints_in = lambda out: listed(out)[:-1]\n")
+    for steps, stale in ((2, ""), (3, "1")):
+        script = tmp_path / "ft.py"
+        script.write_text(stale_listing + f"import sys\nfrom sslam.cli import main\nsys.exit(main({[*argv, f'--steps={steps}']!r}))\n")
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(script)], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "STALE": stale})
+        assert (result.returncode != 0) == bool(stale), result.stderr[-3000:]
+    assert "the processes found different checkpoints to resume: step 2 (process 0), step 1 (process 1)" in result.stderr
+    assert [path.name for path in checkpoints_in(out)] == ["checkpoint_00000001.pt", "checkpoint_00000002.pt"]
+
+
 def test_help_lists_the_full_probe_options_apart(capsys):
     """The options only --full reads are refused without it, so the help lists them apart."""
     from sslam.cli import main
